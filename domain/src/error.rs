@@ -1,0 +1,101 @@
+use serde::Serialize;
+
+/// A field that broke a rule of shape or range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: &str) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+/// Every way a command on an organization can be refused. Each variant is one error code of
+/// the contract; [`OrganizationError::code`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OrganizationError {
+    #[error("this command needs an acting user (X-Actor-Id)")]
+    ActorRequired,
+    #[error("the actor is not allowed to do this")]
+    PermissionDenied,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("the organization already exists")]
+    AlreadyExists,
+    #[error("an organization must keep at least one owner")]
+    LastOwner,
+    #[error("members cannot remove themselves; they leave instead")]
+    CannotRemoveSelf,
+    #[error("ownership can only be transferred to an admin")]
+    TargetNotAdmin,
+    #[error("the organization is deleted; only restore and purge are accepted")]
+    OrganizationDeleted,
+    #[error("the organization is not deleted")]
+    OrganizationNotDeleted,
+    #[error("the 30-day restore window has elapsed")]
+    RestoreWindowElapsed,
+    #[error("confirm_name does not match the organization's name")]
+    ConfirmationMismatch,
+    #[error("the slug is already taken")]
+    SlugTaken,
+    #[error("the user is already a member")]
+    AlreadyMember,
+    #[error("a pending invitation for this email already exists")]
+    InvitationPending,
+    #[error("the invitation has expired")]
+    InvitationExpired,
+    #[error("the invitation token is unknown, revoked, superseded or used")]
+    InvalidInvitation,
+    #[error("the accepting email differs from the invited one")]
+    EmailMismatch,
+    #[error("the field {0} is locked by an organization admin")]
+    FieldLocked(&'static str),
+    #[error("a personal organization has a single member and takes no invitations")]
+    PersonalOrganization,
+    #[error("the request is invalid")]
+    Validation(Vec<FieldError>),
+}
+
+impl OrganizationError {
+    /// The contract's error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ActorRequired => "actor_required",
+            Self::PermissionDenied => "permission_denied",
+            Self::NotFound(_) => "not_found",
+            Self::AlreadyExists => "organization_exists",
+            Self::LastOwner => "last_owner",
+            Self::CannotRemoveSelf => "cannot_remove_self",
+            Self::TargetNotAdmin => "target_not_admin",
+            Self::OrganizationDeleted => "organization_deleted",
+            Self::OrganizationNotDeleted => "organization_not_deleted",
+            Self::RestoreWindowElapsed => "restore_window_elapsed",
+            Self::ConfirmationMismatch => "confirmation_mismatch",
+            Self::SlugTaken => "slug_taken",
+            Self::AlreadyMember => "already_member",
+            Self::InvitationPending => "invitation_pending",
+            Self::InvitationExpired => "invitation_expired",
+            Self::InvalidInvitation => "invalid_invitation",
+            Self::EmailMismatch => "email_mismatch",
+            Self::FieldLocked(_) => "field_locked",
+            Self::PersonalOrganization => "personal_organization",
+            Self::Validation(_) => "validation_failed",
+        }
+    }
+
+    pub fn validation(field: &str, message: &str) -> Self {
+        Self::Validation(vec![FieldError::new(field, message)])
+    }
+}
+
+impl From<FieldError> for OrganizationError {
+    fn from(error: FieldError) -> Self {
+        Self::Validation(vec![error])
+    }
+}

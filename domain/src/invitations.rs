@@ -1,0 +1,196 @@
+//! Inviting people: send, resend, revoke, accept.
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::access::{Actor, Permission, Role};
+use crate::commands::{AcceptInvitation, ResendInvitation, RevokeInvitation, SendInvitation};
+use crate::error::OrganizationError;
+use crate::events::*;
+use crate::organization::{Decision, Organization, OrganizationKind};
+use crate::values::LockedField;
+
+impl Organization {
+    pub(crate) fn send_invitation(
+        &self,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        c: &SendInvitation,
+    ) -> Decision {
+        let (_, actor_role) = self.authorize(actor, Permission::InviteMembers)?;
+        if self.kind == OrganizationKind::Personal {
+            return Err(OrganizationError::PersonalOrganization);
+        }
+        if c.role == Role::Owner && actor_role != Role::Owner {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        if c.email.is_some() && c.max_uses.get() > 1 {
+            return Err(OrganizationError::validation(
+                "max_uses",
+                "only a shareable link invitation (no email) can be used more than once",
+            ));
+        }
+        validate_profile_text("first_name", c.first_name.as_deref())?;
+        validate_profile_text("last_name", c.last_name.as_deref())?;
+        validate_profile_text("title", c.title.as_deref())?;
+        if let Some(email) = &c.email {
+            let email = email.as_str();
+            if self.members.values().any(|member| member.email == email) {
+                return Err(OrganizationError::AlreadyMember);
+            }
+            let pending = self.invitations.values().any(|invitation| {
+                invitation.email.as_deref() == Some(email) && !invitation.is_expired(at)
+            });
+            if pending {
+                return Err(OrganizationError::InvitationPending);
+            }
+        }
+        let days = c
+            .expires_in_days
+            .map_or(self.settings.default_invite_expiry_days, |days| days.days());
+        Ok(vec![OrganizationEvent::InvitationSent(InvitationSent {
+            invitation_id: c.invitation_id,
+            email: c.email.as_ref().map(|email| email.as_str().to_owned()),
+            role: c.role,
+            first_name: c.first_name.clone(),
+            last_name: c.last_name.clone(),
+            title: c.title.clone(),
+            group_id: c.group_id,
+            max_uses: c.max_uses.get(),
+            token_sha256: c.token_sha256.clone(),
+            invited_by: actor.clone(),
+            sent_at: at,
+            expires_at: at + Duration::days(i64::from(days)),
+        })])
+    }
+
+    /// A new token and a restarted expiry of the same length; the old token is dead.
+    pub(crate) fn resend_invitation(
+        &self,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        c: &ResendInvitation,
+    ) -> Decision {
+        let (_, actor_role) = self.authorize(actor, Permission::InviteMembers)?;
+        let invitation = self
+            .invitations
+            .get(&c.invitation_id)
+            .ok_or(OrganizationError::NotFound("invitation"))?;
+        if invitation.role == Role::Owner && actor_role != Role::Owner {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        let lifetime = invitation.expires_at - invitation.sent_at;
+        Ok(vec![OrganizationEvent::InvitationResent(
+            InvitationResent {
+                invitation_id: c.invitation_id,
+                token_sha256: c.token_sha256.clone(),
+                sent_at: at,
+                expires_at: at + lifetime,
+            },
+        )])
+    }
+
+    pub(crate) fn revoke_invitation(
+        &self,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        c: &RevokeInvitation,
+    ) -> Decision {
+        self.authorize(actor, Permission::InviteMembers)?;
+        if !self.invitations.contains_key(&c.invitation_id) {
+            return Err(OrganizationError::NotFound("invitation"));
+        }
+        Ok(vec![OrganizationEvent::InvitationRevoked(
+            InvitationRevoked {
+                invitation_id: c.invitation_id,
+                revoked_at: at,
+            },
+        )])
+    }
+
+    /// The token proves the invitation; the actor must be the user who joins.
+    pub(crate) fn accept_invitation(
+        &self,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        c: &AcceptInvitation,
+    ) -> Decision {
+        if self.acting_user(actor)? != &c.user_id {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        let (invitation_id, invitation) = self
+            .invitations
+            .iter()
+            .find(|(_, invitation)| invitation.token_sha256 == c.token_sha256)
+            .ok_or(OrganizationError::InvalidInvitation)?;
+        if invitation.is_expired(at) {
+            return Err(OrganizationError::InvitationExpired);
+        }
+        let email = c.email.as_str();
+        if invitation
+            .email
+            .as_deref()
+            .is_some_and(|invited| invited != email)
+        {
+            return Err(OrganizationError::EmailMismatch);
+        }
+        let email_taken = self.members.values().any(|member| member.email == email);
+        if self.members.contains_key(&c.user_id) || email_taken {
+            return Err(OrganizationError::AlreadyMember);
+        }
+        validate_profile_text("first_name", c.first_name.as_deref())?;
+        validate_profile_text("last_name", c.last_name.as_deref())?;
+        // Names and title given on the invitation become managed, locked values.
+        let locked_fields = [
+            (LockedField::FirstName, invitation.first_name.is_some()),
+            (LockedField::LastName, invitation.last_name.is_some()),
+            (LockedField::Title, invitation.title.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, given)| given.then_some(field))
+        .collect();
+        Ok(vec![
+            OrganizationEvent::InvitationAccepted(InvitationAccepted {
+                invitation_id: *invitation_id,
+                user_id: c.user_id.clone(),
+                email: email.to_owned(),
+                accepted_at: at,
+            }),
+            OrganizationEvent::MemberJoined(MemberJoined {
+                user_id: c.user_id.clone(),
+                email: email.to_owned(),
+                first_name: invitation
+                    .first_name
+                    .clone()
+                    .or_else(|| c.first_name.clone()),
+                last_name: invitation.last_name.clone().or_else(|| c.last_name.clone()),
+                title: invitation.title.clone(),
+                image_url: None,
+                role: invitation.role,
+                locked_fields,
+                group_ids: invitation.group_id.into_iter().collect(),
+                invitation_id: Some(*invitation_id),
+                joined_at: at,
+            }),
+        ])
+    }
+}
+
+/// Names and titles: at most 200 characters, no control characters, not blank.
+pub(crate) fn validate_profile_text(
+    field: &str,
+    value: Option<&str>,
+) -> Result<(), OrganizationError> {
+    match value {
+        Some(text)
+            if text.trim().is_empty()
+                || text.chars().count() > 200
+                || text.chars().any(char::is_control) =>
+        {
+            Err(OrganizationError::validation(
+                field,
+                "must be 1 to 200 characters with no control characters (null clears it)",
+            ))
+        }
+        _ => Ok(()),
+    }
+}

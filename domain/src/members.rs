@@ -1,0 +1,167 @@
+//! Members: role changes, profile edits and locks, removal, leaving, ownership rules.
+
+use chrono::{DateTime, Utc};
+
+use crate::access::{Actor, Permission, Role};
+use crate::commands::{RemoveMember, UpdateMember};
+use crate::error::OrganizationError;
+use crate::events::*;
+use crate::invitations::validate_profile_text;
+use crate::organization::{Decision, Organization};
+use crate::values::LockedField;
+
+impl Organization {
+    /// Role, profile and locks in one atomic patch.
+    pub(crate) fn update_member(&self, actor: &Actor, c: &UpdateMember) -> Decision {
+        let actor_id = self.acting_user(actor)?;
+        let actor_role = self
+            .members
+            .get(actor_id)
+            .map(|member| member.role)
+            .ok_or(OrganizationError::PermissionDenied)?;
+        let target = self
+            .members
+            .get(&c.user_id)
+            .ok_or(OrganizationError::NotFound("member"))?;
+
+        let role = c.role.and_then(|role| Change::between(target.role, role));
+        let mut locked_fields = c.locked_fields.clone().map(|mut fields| {
+            fields.sort();
+            fields.dedup();
+            fields
+        });
+        let locked_change = locked_fields
+            .take()
+            .and_then(|fields| Change::between(target.locked_fields.clone(), fields));
+        let profile = MemberProfileUpdated {
+            user_id: c.user_id.clone(),
+            first_name: patch(&target.first_name, &c.first_name),
+            last_name: patch(&target.last_name, &c.last_name),
+            title: patch(&target.title, &c.title),
+            image_url: patch(&target.image_url, &c.image_url),
+            locked_fields: locked_change,
+        };
+
+        if actor_role.permits(Permission::ManageMembers) {
+            // Only an owner may touch an owner or make one.
+            let touches_owner = target.role == Role::Owner || c.role == Some(Role::Owner);
+            if touches_owner && actor_role != Role::Owner {
+                return Err(OrganizationError::PermissionDenied);
+            }
+        } else {
+            // Self-service: one's own profile, minus locked fields.
+            if *actor_id != c.user_id || role.is_some() || profile.locked_fields.is_some() {
+                return Err(OrganizationError::PermissionDenied);
+            }
+            for (field, change) in [
+                (LockedField::FirstName, &profile.first_name),
+                (LockedField::LastName, &profile.last_name),
+                (LockedField::Title, &profile.title),
+            ] {
+                if change.is_some() && target.locked_fields.contains(&field) {
+                    return Err(OrganizationError::FieldLocked(field.as_str()));
+                }
+            }
+        }
+        if let Some(change) = &role {
+            if change.from == Role::Owner && self.owner_count() == 1 {
+                return Err(OrganizationError::LastOwner);
+            }
+        }
+        for (field, value) in [
+            ("first_name", &c.first_name),
+            ("last_name", &c.last_name),
+            ("title", &c.title),
+        ] {
+            validate_profile_text(field, value.as_ref().and_then(|v| v.as_deref()))?;
+        }
+        if let Some(Some(url)) = &c.image_url {
+            validate_url("image_url", url)?;
+        }
+
+        let mut events = Vec::new();
+        if let Some(change) = role {
+            events.push(OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+                user_id: c.user_id.clone(),
+                from: change.from,
+                to: change.to,
+            }));
+        }
+        let profile_changed = profile.first_name.is_some()
+            || profile.last_name.is_some()
+            || profile.title.is_some()
+            || profile.image_url.is_some()
+            || profile.locked_fields.is_some();
+        if profile_changed {
+            events.push(OrganizationEvent::MemberProfileUpdated(profile));
+        }
+        Ok(events)
+    }
+
+    pub(crate) fn remove_member(
+        &self,
+        actor: &Actor,
+        at: DateTime<Utc>,
+        c: &RemoveMember,
+    ) -> Decision {
+        let actor_id = self.acting_user(actor)?;
+        if *actor_id == c.user_id && self.members.contains_key(actor_id) {
+            return Err(OrganizationError::CannotRemoveSelf);
+        }
+        let (_, actor_role) = self.authorize(actor, Permission::ManageMembers)?;
+        let target = self
+            .members
+            .get(&c.user_id)
+            .ok_or(OrganizationError::NotFound("member"))?;
+        if target.role == Role::Owner {
+            if actor_role != Role::Owner {
+                return Err(OrganizationError::PermissionDenied);
+            }
+            if self.owner_count() == 1 {
+                return Err(OrganizationError::LastOwner);
+            }
+        }
+        Ok(vec![OrganizationEvent::MemberRemoved(MemberRemoved {
+            user_id: c.user_id.clone(),
+            removed_at: at,
+        })])
+    }
+
+    pub(crate) fn leave(&self, actor: &Actor, at: DateTime<Utc>) -> Decision {
+        let actor_id = self.acting_user(actor)?;
+        let member = self
+            .members
+            .get(actor_id)
+            .ok_or(OrganizationError::PermissionDenied)?;
+        if member.role == Role::Owner && self.owner_count() == 1 {
+            return Err(OrganizationError::LastOwner);
+        }
+        Ok(vec![OrganizationEvent::MemberLeft(MemberLeft {
+            user_id: actor_id.clone(),
+            left_at: at,
+        })])
+    }
+}
+
+/// The change a patch field makes, if any: `None` leaves the value, `Some(v)` sets it.
+fn patch(
+    current: &Option<String>,
+    requested: &Option<Option<String>>,
+) -> Option<Change<Option<String>>> {
+    requested
+        .as_ref()
+        .and_then(|value| Change::between(current.clone(), value.clone()))
+}
+
+/// An absolute http(s) URL of at most 2048 characters.
+pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), OrganizationError> {
+    let has_scheme = url.starts_with("https://") || url.starts_with("http://");
+    let host_present = url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
+    if !has_scheme || !host_present || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+        return Err(OrganizationError::validation(
+            field,
+            "must be an absolute http(s) URL of at most 2048 characters",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,538 @@
+//! The organization aggregate: its state, how events change it ([`Organization::apply`]), and
+//! the entry point for decisions ([`Organization::decide`]).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::access::{Actor, Permission, Role};
+use crate::commands::{
+    Command, CreateOrganization, DeleteOrganization, OrganizationCommand, PurgeOrganization,
+    TransferOwnership, UpdateOrganization,
+};
+use crate::error::OrganizationError;
+use crate::events::*;
+use crate::values::{LockedField, UserId};
+
+/// Days a soft-deleted organization can still be restored.
+pub const RESTORE_WINDOW_DAYS: i64 = 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OrganizationKind {
+    #[default]
+    Team,
+    Personal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowMode {
+    Founder,
+    #[default]
+    Organization,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub timezone: String,
+    pub logo_url: Option<String>,
+    pub workflow_mode: WorkflowMode,
+    pub default_invite_expiry_days: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            timezone: "UTC".to_owned(),
+            logo_url: None,
+            workflow_mode: WorkflowMode::default(),
+            default_invite_expiry_days: 7,
+        }
+    }
+}
+
+/// Where an organization is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Lifecycle {
+    #[default]
+    Unborn,
+    Active,
+    Deleted {
+        deleted_at: DateTime<Utc>,
+        purge_after: DateTime<Utc>,
+    },
+    Purged,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub title: Option<String>,
+    pub image_url: Option<String>,
+    pub role: Role,
+    pub locked_fields: Vec<LockedField>,
+    pub group_ids: Vec<Uuid>,
+    pub joined_at: DateTime<Utc>,
+}
+
+/// An invitation that can still be accepted (or has expired without being revoked).
+/// Accepted, used-up and revoked invitations leave the state: only read models keep them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invitation {
+    pub email: Option<String>,
+    pub role: Role,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub title: Option<String>,
+    pub group_id: Option<Uuid>,
+    pub max_uses: u32,
+    pub uses: u32,
+    pub token_sha256: String,
+    pub sent_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Invitation {
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        now >= self.expires_at
+    }
+}
+
+/// The state the rules need, and no more: it stays small whatever the length of history.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Organization {
+    pub id: Option<Uuid>,
+    pub name: String,
+    pub slug: String,
+    pub kind: OrganizationKind,
+    pub settings: Settings,
+    pub lifecycle: Lifecycle,
+    pub created_at: Option<DateTime<Utc>>,
+    pub members: BTreeMap<UserId, Member>,
+    pub invitations: BTreeMap<Uuid, Invitation>,
+}
+
+impl Aggregate for Organization {
+    const TYPE: &'static str = "organization";
+    type Command = Command;
+    type Event = OrganizationEvent;
+    type Error = OrganizationError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Command,
+        _services: &(),
+        sink: &EventSink<Self>,
+    ) -> Result<(), OrganizationError> {
+        for event in self.decide(&command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: OrganizationEvent) {
+        match event {
+            OrganizationEvent::OrganizationCreated(e) => {
+                self.id = Some(e.organization_id);
+                self.name = e.name;
+                self.slug = e.slug;
+                self.kind = e.kind;
+                self.settings = e.settings;
+                self.lifecycle = Lifecycle::Active;
+                self.created_at = Some(e.created_at);
+            }
+            OrganizationEvent::OrganizationUpdated(e) => {
+                let settings = &mut self.settings;
+                if let Some(change) = e.name {
+                    self.name = change.to;
+                }
+                if let Some(change) = e.slug {
+                    self.slug = change.to;
+                }
+                if let Some(change) = e.timezone {
+                    settings.timezone = change.to;
+                }
+                if let Some(change) = e.logo_url {
+                    settings.logo_url = change.to;
+                }
+                if let Some(change) = e.workflow_mode {
+                    settings.workflow_mode = change.to;
+                }
+                if let Some(change) = e.default_invite_expiry_days {
+                    settings.default_invite_expiry_days = change.to;
+                }
+            }
+            OrganizationEvent::OrganizationDeleted(e) => {
+                self.lifecycle = Lifecycle::Deleted {
+                    deleted_at: e.deleted_at,
+                    purge_after: e.purge_after,
+                };
+            }
+            OrganizationEvent::OrganizationRestored(_) => self.lifecycle = Lifecycle::Active,
+            OrganizationEvent::OrganizationPurged(_) => {
+                self.lifecycle = Lifecycle::Purged;
+                self.members.clear();
+                self.invitations.clear();
+            }
+            OrganizationEvent::OwnershipTransferred(e) => {
+                if let Some(member) = self.members.get_mut(&e.to_user_id) {
+                    member.role = Role::Owner;
+                }
+                if let Some(member) = self.members.get_mut(&e.from_user_id) {
+                    member.role = Role::Admin;
+                }
+            }
+            OrganizationEvent::InvitationSent(e) => {
+                self.invitations.insert(
+                    e.invitation_id,
+                    Invitation {
+                        email: e.email,
+                        role: e.role,
+                        first_name: e.first_name,
+                        last_name: e.last_name,
+                        title: e.title,
+                        group_id: e.group_id,
+                        max_uses: e.max_uses,
+                        uses: 0,
+                        token_sha256: e.token_sha256,
+                        sent_at: e.sent_at,
+                        expires_at: e.expires_at,
+                    },
+                );
+            }
+            OrganizationEvent::InvitationResent(e) => {
+                if let Some(invitation) = self.invitations.get_mut(&e.invitation_id) {
+                    invitation.token_sha256 = e.token_sha256;
+                    invitation.sent_at = e.sent_at;
+                    invitation.expires_at = e.expires_at;
+                }
+            }
+            OrganizationEvent::InvitationRevoked(e) => {
+                self.invitations.remove(&e.invitation_id);
+            }
+            OrganizationEvent::InvitationAccepted(e) => {
+                if let Some(invitation) = self.invitations.get_mut(&e.invitation_id) {
+                    invitation.uses += 1;
+                    if invitation.uses >= invitation.max_uses {
+                        self.invitations.remove(&e.invitation_id);
+                    }
+                }
+            }
+            OrganizationEvent::MemberJoined(e) => {
+                self.members.insert(
+                    e.user_id,
+                    Member {
+                        email: e.email,
+                        first_name: e.first_name,
+                        last_name: e.last_name,
+                        title: e.title,
+                        image_url: e.image_url,
+                        role: e.role,
+                        locked_fields: e.locked_fields,
+                        group_ids: e.group_ids,
+                        joined_at: e.joined_at,
+                    },
+                );
+            }
+            OrganizationEvent::MemberRoleChanged(e) => {
+                if let Some(member) = self.members.get_mut(&e.user_id) {
+                    member.role = e.to;
+                }
+            }
+            OrganizationEvent::MemberProfileUpdated(e) => {
+                if let Some(member) = self.members.get_mut(&e.user_id) {
+                    if let Some(change) = e.first_name {
+                        member.first_name = change.to;
+                    }
+                    if let Some(change) = e.last_name {
+                        member.last_name = change.to;
+                    }
+                    if let Some(change) = e.title {
+                        member.title = change.to;
+                    }
+                    if let Some(change) = e.image_url {
+                        member.image_url = change.to;
+                    }
+                    if let Some(change) = e.locked_fields {
+                        member.locked_fields = change.to;
+                    }
+                }
+            }
+            OrganizationEvent::MemberRemoved(MemberRemoved { user_id, .. })
+            | OrganizationEvent::MemberLeft(MemberLeft { user_id, .. }) => {
+                self.members.remove(&user_id);
+            }
+        }
+    }
+}
+
+/// The result of a decision: the events to append, possibly none.
+pub(crate) type Decision = Result<Vec<OrganizationEvent>, OrganizationError>;
+
+impl Organization {
+    /// Decides what a command does to this organization. Pure: same state, same command,
+    /// same events.
+    pub fn decide(&self, command: &Command) -> Decision {
+        let (actor, at) = (&command.actor, command.at);
+        match &command.body {
+            OrganizationCommand::CreateOrganization(c) => self.create(actor, at, c),
+            OrganizationCommand::RestoreOrganization => self.restore(actor, at),
+            OrganizationCommand::PurgeOrganization(c) => self.purge(actor, at, c),
+            body => {
+                self.ensure_accepts_commands()?;
+                match body {
+                    OrganizationCommand::UpdateOrganization(c) => self.update(actor, c),
+                    OrganizationCommand::DeleteOrganization(c) => self.delete(actor, at, c),
+                    OrganizationCommand::TransferOwnership(c) => self.transfer_ownership(actor, c),
+                    OrganizationCommand::SendInvitation(c) => self.send_invitation(actor, at, c),
+                    OrganizationCommand::ResendInvitation(c) => {
+                        self.resend_invitation(actor, at, c)
+                    }
+                    OrganizationCommand::RevokeInvitation(c) => {
+                        self.revoke_invitation(actor, at, c)
+                    }
+                    OrganizationCommand::AcceptInvitation(c) => {
+                        self.accept_invitation(actor, at, c)
+                    }
+                    OrganizationCommand::UpdateMember(c) => self.update_member(actor, c),
+                    OrganizationCommand::RemoveMember(c) => self.remove_member(actor, at, c),
+                    OrganizationCommand::LeaveOrganization => self.leave(actor, at),
+                    OrganizationCommand::CreateOrganization(_)
+                    | OrganizationCommand::RestoreOrganization
+                    | OrganizationCommand::PurgeOrganization(_) => {
+                        unreachable!("handled by the outer match")
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        !matches!(self.lifecycle, Lifecycle::Unborn | Lifecycle::Purged)
+    }
+
+    pub fn owner_count(&self) -> usize {
+        self.members
+            .values()
+            .filter(|member| member.role == Role::Owner)
+            .count()
+    }
+
+    /// Refuses everything on an organization that is not live.
+    fn ensure_accepts_commands(&self) -> Result<(), OrganizationError> {
+        match self.lifecycle {
+            Lifecycle::Active => Ok(()),
+            Lifecycle::Deleted { .. } => Err(OrganizationError::OrganizationDeleted),
+            Lifecycle::Unborn | Lifecycle::Purged => {
+                Err(OrganizationError::NotFound("organization"))
+            }
+        }
+    }
+
+    /// The acting user's role, if they hold `permission`. Every command's authorization
+    /// goes through here, and through [`Role::permits`].
+    pub(crate) fn authorize<'a>(
+        &self,
+        actor: &'a Actor,
+        permission: Permission,
+    ) -> Result<(&'a UserId, Role), OrganizationError> {
+        let user_id = self.acting_user(actor)?;
+        let role = self
+            .members
+            .get(user_id)
+            .map(|member| member.role)
+            .ok_or(OrganizationError::PermissionDenied)?;
+        if role.permits(permission) {
+            Ok((user_id, role))
+        } else {
+            Err(OrganizationError::PermissionDenied)
+        }
+    }
+
+    /// The user behind a command; `system` must name one, service accounts (which act only
+    /// within scopes they are given) hold no user powers.
+    pub(crate) fn acting_user<'a>(
+        &self,
+        actor: &'a Actor,
+    ) -> Result<&'a UserId, OrganizationError> {
+        match actor {
+            Actor::User(user_id) => Ok(user_id),
+            Actor::System => Err(OrganizationError::ActorRequired),
+            Actor::ServiceAccount(_) => Err(OrganizationError::PermissionDenied),
+        }
+    }
+
+    fn create(&self, actor: &Actor, at: DateTime<Utc>, c: &CreateOrganization) -> Decision {
+        if self.lifecycle != Lifecycle::Unborn {
+            return Err(OrganizationError::AlreadyExists);
+        }
+        match actor {
+            Actor::System => {}
+            Actor::User(user_id) if *user_id == c.owner.user_id => {}
+            Actor::User(_) => {
+                return Err(OrganizationError::validation(
+                    "owner.user_id",
+                    "must be the acting user's own id",
+                ))
+            }
+            Actor::ServiceAccount(_) => return Err(OrganizationError::PermissionDenied),
+        }
+        Ok(vec![
+            OrganizationEvent::OrganizationCreated(OrganizationCreated {
+                organization_id: c.organization_id,
+                name: c.name.as_str().to_owned(),
+                slug: c.slug.as_str().to_owned(),
+                kind: c.kind,
+                settings: Settings::default(),
+                created_at: at,
+            }),
+            OrganizationEvent::MemberJoined(MemberJoined {
+                user_id: c.owner.user_id.clone(),
+                email: c.owner.email.as_str().to_owned(),
+                first_name: c.owner.first_name.clone(),
+                last_name: c.owner.last_name.clone(),
+                title: None,
+                image_url: None,
+                role: Role::Owner,
+                locked_fields: Vec::new(),
+                group_ids: Vec::new(),
+                invitation_id: None,
+                joined_at: at,
+            }),
+        ])
+    }
+
+    fn update(&self, actor: &Actor, c: &UpdateOrganization) -> Decision {
+        self.authorize(actor, Permission::ManageSettings)?;
+        if let Some(Some(url)) = &c.logo_url {
+            crate::members::validate_url("logo_url", url)?;
+        }
+        if let Some(timezone) = &c.timezone {
+            validate_timezone_shape(timezone)?;
+        }
+        let settings = &self.settings;
+        let update = OrganizationUpdated {
+            name: c
+                .name
+                .as_ref()
+                .and_then(|name| Change::between(self.name.clone(), name.as_str().to_owned())),
+            slug: c
+                .slug
+                .as_ref()
+                .and_then(|slug| Change::between(self.slug.clone(), slug.as_str().to_owned())),
+            timezone: c
+                .timezone
+                .as_ref()
+                .and_then(|tz| Change::between(settings.timezone.clone(), tz.clone())),
+            logo_url: c
+                .logo_url
+                .as_ref()
+                .and_then(|url| Change::between(settings.logo_url.clone(), url.clone())),
+            workflow_mode: c
+                .workflow_mode
+                .and_then(|mode| Change::between(settings.workflow_mode, mode)),
+            default_invite_expiry_days: c
+                .default_invite_expiry_days
+                .and_then(|days| Change::between(settings.default_invite_expiry_days, days.days())),
+        };
+        if update.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![OrganizationEvent::OrganizationUpdated(update)])
+    }
+
+    fn delete(&self, actor: &Actor, at: DateTime<Utc>, c: &DeleteOrganization) -> Decision {
+        self.authorize(actor, Permission::DeleteOrganization)?;
+        if c.confirm_name != self.name {
+            return Err(OrganizationError::ConfirmationMismatch);
+        }
+        Ok(vec![OrganizationEvent::OrganizationDeleted(
+            OrganizationDeleted {
+                deleted_at: at,
+                purge_after: at + Duration::days(RESTORE_WINDOW_DAYS),
+            },
+        )])
+    }
+
+    fn restore(&self, actor: &Actor, at: DateTime<Utc>) -> Decision {
+        let purge_after = match self.lifecycle {
+            Lifecycle::Deleted { purge_after, .. } => purge_after,
+            Lifecycle::Active => {
+                self.authorize(actor, Permission::DeleteOrganization)?;
+                return Err(OrganizationError::OrganizationNotDeleted);
+            }
+            Lifecycle::Unborn | Lifecycle::Purged => {
+                return Err(OrganizationError::NotFound("organization"))
+            }
+        };
+        self.authorize(actor, Permission::DeleteOrganization)?;
+        if at >= purge_after {
+            return Err(OrganizationError::RestoreWindowElapsed);
+        }
+        Ok(vec![OrganizationEvent::OrganizationRestored(
+            OrganizationRestored { restored_at: at },
+        )])
+    }
+
+    /// Force delete: by an owner at any time, or by `system` once the restore window of a
+    /// soft-deleted organization has elapsed (the scheduled purge).
+    fn purge(&self, actor: &Actor, at: DateTime<Utc>, c: &PurgeOrganization) -> Decision {
+        if !self.exists() {
+            return Err(OrganizationError::NotFound("organization"));
+        }
+        let window_elapsed =
+            matches!(self.lifecycle, Lifecycle::Deleted { purge_after, .. } if at >= purge_after);
+        if !(window_elapsed && *actor == Actor::System) {
+            self.authorize(actor, Permission::DeleteOrganization)?;
+        }
+        if c.confirm_name != self.name {
+            return Err(OrganizationError::ConfirmationMismatch);
+        }
+        Ok(vec![OrganizationEvent::OrganizationPurged(
+            OrganizationPurged { purged_at: at },
+        )])
+    }
+
+    fn transfer_ownership(&self, actor: &Actor, c: &TransferOwnership) -> Decision {
+        let (actor_id, role) = self.authorize(actor, Permission::TransferOwnership)?;
+        if role != Role::Owner {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        match self.members.get(&c.new_owner_id) {
+            Some(member) if member.role == Role::Admin => {}
+            _ => return Err(OrganizationError::TargetNotAdmin),
+        }
+        Ok(vec![OrganizationEvent::OwnershipTransferred(
+            OwnershipTransferred {
+                from_user_id: actor_id.clone(),
+                to_user_id: c.new_owner_id.clone(),
+            },
+        )])
+    }
+}
+
+/// An IANA zone name such as `Europe/Paris` or `UTC`. The service checks it against the
+/// zone database; here only its shape is checked, to keep the domain free of that table.
+fn validate_timezone_shape(timezone: &str) -> Result<(), OrganizationError> {
+    let valid = (1..=64).contains(&timezone.len())
+        && timezone
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-' | '+'));
+    if valid {
+        Ok(())
+    } else {
+        Err(OrganizationError::validation(
+            "timezone",
+            "must be an IANA time zone name such as Europe/Paris",
+        ))
+    }
+}

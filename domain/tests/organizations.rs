@@ -1,0 +1,378 @@
+//! Organization lifecycle: create, update, delete, restore, purge, transfer ownership.
+
+mod support;
+
+use orgledger_domain::*;
+use support::*;
+
+fn create(actor: Actor, owner: &str) -> Command {
+    command(
+        actor,
+        OrganizationCommand::CreateOrganization(CreateOrganization {
+            organization_id: org_id(),
+            name: OrganizationName::parse("name", "Acme").unwrap(),
+            slug: Slug::parse("slug", "acme").unwrap(),
+            kind: OrganizationKind::Team,
+            owner: NewMember {
+                user_id: uid(owner),
+                email: email(&format!("{owner}@example.com")),
+                first_name: None,
+                last_name: None,
+            },
+        }),
+    )
+}
+
+#[test]
+fn creating_an_organization_makes_the_creator_its_first_owner() {
+    test()
+        .given_no_previous_events()
+        .when(create(user("olivia"), "olivia"))
+        .then_expect_events(vec![created(), joined("olivia", Role::Owner)]);
+}
+
+#[test]
+fn system_may_create_an_organization_for_a_named_owner() {
+    test()
+        .given_no_previous_events()
+        .when(create(Actor::System, "olivia"))
+        .then_expect_events(vec![created(), joined("olivia", Role::Owner)]);
+}
+
+#[test]
+fn a_user_cannot_create_an_organization_owned_by_someone_else() {
+    let error = error_of(vec![], create(user("mallory"), "olivia"));
+    assert_eq!(error.code(), "validation_failed");
+}
+
+#[test]
+fn an_organization_cannot_be_created_twice() {
+    let error = error_of(acme(), create(user("olivia"), "olivia"));
+    assert_eq!(error, OrganizationError::AlreadyExists);
+}
+
+#[test]
+fn commands_on_an_unknown_organization_are_not_found() {
+    let error = error_of(
+        vec![],
+        command(user("olivia"), OrganizationCommand::LeaveOrganization),
+    );
+    assert_eq!(error, OrganizationError::NotFound("organization"));
+}
+
+fn update(patch: UpdateOrganization) -> OrganizationCommand {
+    OrganizationCommand::UpdateOrganization(patch)
+}
+
+#[test]
+fn an_admin_renames_the_organization_and_the_event_holds_from_and_to() {
+    let patch = UpdateOrganization {
+        name: Some(OrganizationName::parse("name", "Acme Inc").unwrap()),
+        default_invite_expiry_days: Some(ExpiryDays::new("d", 14).unwrap()),
+        ..Default::default()
+    };
+    test()
+        .given(acme())
+        .when(command(user("adam"), update(patch)))
+        .then_expect_events(vec![OrganizationEvent::OrganizationUpdated(
+            OrganizationUpdated {
+                name: Some(Change {
+                    from: "Acme".into(),
+                    to: "Acme Inc".into(),
+                }),
+                default_invite_expiry_days: Some(Change { from: 7, to: 14 }),
+                ..Default::default()
+            },
+        )]);
+}
+
+#[test]
+fn an_update_that_changes_nothing_appends_nothing() {
+    let patch = UpdateOrganization {
+        name: Some(OrganizationName::parse("name", "Acme").unwrap()),
+        timezone: Some("UTC".into()),
+        ..Default::default()
+    };
+    test()
+        .given(acme())
+        .when(command(user("adam"), update(patch)))
+        .then_expect_events(vec![]);
+}
+
+#[test]
+fn members_and_viewers_cannot_change_settings() {
+    for who in ["mia", "vic", "stranger"] {
+        let patch = UpdateOrganization {
+            workflow_mode: Some(WorkflowMode::Founder),
+            ..Default::default()
+        };
+        let error = error_of(acme(), command(user(who), update(patch)));
+        assert_eq!(error, OrganizationError::PermissionDenied, "{who}");
+    }
+}
+
+#[test]
+fn system_needs_an_actor_for_anything_but_create() {
+    let patch = UpdateOrganization {
+        workflow_mode: Some(WorkflowMode::Founder),
+        ..Default::default()
+    };
+    let error = error_of(acme(), command(Actor::System, update(patch)));
+    assert_eq!(error, OrganizationError::ActorRequired);
+    assert_eq!(error.code(), "actor_required");
+}
+
+#[test]
+fn malformed_logo_urls_and_timezones_are_validation_errors() {
+    let bad_logo = UpdateOrganization {
+        logo_url: Some(Some("javascript:alert(1)".into())),
+        ..Default::default()
+    };
+    assert_eq!(
+        error_of(acme(), command(user("adam"), update(bad_logo))).code(),
+        "validation_failed"
+    );
+    let bad_zone = UpdateOrganization {
+        timezone: Some("Mars Base; DROP".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        error_of(acme(), command(user("adam"), update(bad_zone))).code(),
+        "validation_failed"
+    );
+}
+
+fn delete(confirm: &str) -> OrganizationCommand {
+    OrganizationCommand::DeleteOrganization(DeleteOrganization {
+        confirm_name: confirm.into(),
+    })
+}
+
+#[test]
+fn an_owner_soft_deletes_with_a_thirty_day_restore_window() {
+    test()
+        .given(acme())
+        .when(command(user("olivia"), delete("Acme")))
+        .then_expect_events(vec![deleted()]);
+}
+
+#[test]
+fn deleting_needs_the_exact_name() {
+    let error = error_of(acme(), command(user("olivia"), delete("acme")));
+    assert_eq!(error, OrganizationError::ConfirmationMismatch);
+}
+
+#[test]
+fn only_an_owner_may_delete() {
+    let error = error_of(acme(), command(user("adam"), delete("Acme")));
+    assert_eq!(error, OrganizationError::PermissionDenied);
+}
+
+#[test]
+fn a_deleted_organization_accepts_no_command_but_restore_and_purge() {
+    let mut given = acme();
+    given.push(deleted());
+    let refused = [
+        delete("Acme"),
+        OrganizationCommand::LeaveOrganization,
+        OrganizationCommand::SendInvitation(send(1, Some("new@example.com"), Role::Member)),
+        OrganizationCommand::RemoveMember(RemoveMember {
+            user_id: uid("mia"),
+        }),
+    ];
+    for body in refused {
+        let error = error_of(given.clone(), command(user("olivia"), body));
+        assert_eq!(error, OrganizationError::OrganizationDeleted);
+    }
+}
+
+#[test]
+fn an_owner_restores_within_the_window() {
+    let mut given = acme();
+    given.push(deleted());
+    test()
+        .given(given)
+        .when(command_at(
+            user("olivia"),
+            days(29),
+            OrganizationCommand::RestoreOrganization,
+        ))
+        .then_expect_events(vec![OrganizationEvent::OrganizationRestored(
+            OrganizationRestored {
+                restored_at: days(29),
+            },
+        )]);
+}
+
+#[test]
+fn restoring_after_thirty_days_is_refused() {
+    let mut given = acme();
+    given.push(deleted());
+    let error = error_of(
+        given,
+        command_at(
+            user("olivia"),
+            days(30),
+            OrganizationCommand::RestoreOrganization,
+        ),
+    );
+    assert_eq!(error, OrganizationError::RestoreWindowElapsed);
+}
+
+#[test]
+fn restoring_an_active_organization_is_refused() {
+    let error = error_of(
+        acme(),
+        command(user("olivia"), OrganizationCommand::RestoreOrganization),
+    );
+    assert_eq!(error, OrganizationError::OrganizationNotDeleted);
+}
+
+#[test]
+fn an_admin_cannot_restore() {
+    let mut given = acme();
+    given.push(deleted());
+    let error = error_of(
+        given,
+        command(user("adam"), OrganizationCommand::RestoreOrganization),
+    );
+    assert_eq!(error, OrganizationError::PermissionDenied);
+}
+
+fn purge(confirm: &str) -> OrganizationCommand {
+    OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: confirm.into(),
+    })
+}
+
+fn purged(at: chrono::DateTime<chrono::Utc>) -> OrganizationEvent {
+    OrganizationEvent::OrganizationPurged(OrganizationPurged { purged_at: at })
+}
+
+#[test]
+fn an_owner_force_deletes_an_active_organization() {
+    test()
+        .given(acme())
+        .when(command(user("olivia"), purge("Acme")))
+        .then_expect_events(vec![purged(t0())]);
+}
+
+#[test]
+fn purging_needs_the_exact_name() {
+    let error = error_of(acme(), command(user("olivia"), purge("Acme ")));
+    assert_eq!(error, OrganizationError::ConfirmationMismatch);
+}
+
+#[test]
+fn system_purges_only_once_the_restore_window_has_elapsed() {
+    let mut given = acme();
+    given.push(deleted());
+    let early = error_of(
+        given.clone(),
+        command_at(Actor::System, days(29), purge("Acme")),
+    );
+    assert_eq!(early, OrganizationError::ActorRequired);
+    test()
+        .given(given)
+        .when(command_at(Actor::System, days(31), purge("Acme")))
+        .then_expect_events(vec![purged(days(31))]);
+}
+
+#[test]
+fn a_purged_organization_is_gone_for_every_command() {
+    let mut given = acme();
+    given.push(purged(t0()));
+    for body in [
+        purge("Acme"),
+        OrganizationCommand::RestoreOrganization,
+        delete("Acme"),
+    ] {
+        let error = error_of(given.clone(), command(user("olivia"), body));
+        assert_eq!(error, OrganizationError::NotFound("organization"));
+    }
+}
+
+fn transfer(to: &str) -> OrganizationCommand {
+    OrganizationCommand::TransferOwnership(TransferOwnership {
+        new_owner_id: uid(to),
+    })
+}
+
+#[test]
+fn transferring_ownership_makes_the_admin_owner_and_the_actor_admin() {
+    test()
+        .given(acme())
+        .when(command(user("olivia"), transfer("adam")))
+        .then_expect_events(vec![OrganizationEvent::OwnershipTransferred(
+            OwnershipTransferred {
+                from_user_id: uid("olivia"),
+                to_user_id: uid("adam"),
+            },
+        )]);
+
+    let mut state = Organization::default();
+    for event in acme() {
+        cqrs_es::Aggregate::apply(&mut state, event);
+    }
+    let events = state
+        .decide(&command(user("olivia"), transfer("adam")))
+        .unwrap();
+    for event in events {
+        cqrs_es::Aggregate::apply(&mut state, event);
+    }
+    assert_eq!(state.members[&uid("adam")].role, Role::Owner);
+    assert_eq!(state.members[&uid("olivia")].role, Role::Admin);
+}
+
+#[test]
+fn ownership_can_only_go_to_an_admin() {
+    for target in ["mia", "vic", "nobody"] {
+        let error = error_of(acme(), command(user("olivia"), transfer(target)));
+        assert_eq!(error, OrganizationError::TargetNotAdmin, "{target}");
+    }
+}
+
+#[test]
+fn only_an_owner_transfers_ownership() {
+    let error = error_of(acme(), command(user("adam"), transfer("adam")));
+    assert_eq!(error, OrganizationError::PermissionDenied);
+}
+
+#[test]
+fn every_error_maps_to_one_contract_code() {
+    let codes = [
+        (OrganizationError::ActorRequired, "actor_required"),
+        (OrganizationError::PermissionDenied, "permission_denied"),
+        (OrganizationError::NotFound("organization"), "not_found"),
+        (OrganizationError::LastOwner, "last_owner"),
+        (OrganizationError::CannotRemoveSelf, "cannot_remove_self"),
+        (OrganizationError::TargetNotAdmin, "target_not_admin"),
+        (
+            OrganizationError::OrganizationDeleted,
+            "organization_deleted",
+        ),
+        (
+            OrganizationError::RestoreWindowElapsed,
+            "restore_window_elapsed",
+        ),
+        (
+            OrganizationError::ConfirmationMismatch,
+            "confirmation_mismatch",
+        ),
+        (OrganizationError::SlugTaken, "slug_taken"),
+        (OrganizationError::AlreadyMember, "already_member"),
+        (OrganizationError::InvitationPending, "invitation_pending"),
+        (OrganizationError::InvitationExpired, "invitation_expired"),
+        (OrganizationError::InvalidInvitation, "invalid_invitation"),
+        (OrganizationError::EmailMismatch, "email_mismatch"),
+        (OrganizationError::FieldLocked("title"), "field_locked"),
+        (
+            OrganizationError::PersonalOrganization,
+            "personal_organization",
+        ),
+        (OrganizationError::Validation(vec![]), "validation_failed"),
+    ];
+    for (error, code) in codes {
+        assert_eq!(error.code(), code);
+    }
+}
