@@ -1,0 +1,148 @@
+//! Typed configuration: every setting is an environment variable and a flag of the same name.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::store::MasterKey;
+
+/// Where the data lives and the key that protects it.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// `postgres://...` for PostgreSQL, `sqlite://PATH` for the embedded store (created if
+    /// missing).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://orgledger.db")]
+    pub database_url: String,
+
+    /// Base64 of 32 random bytes (`orgledger master-key` makes one). It wraps every
+    /// organization's data key. Required with PostgreSQL; with SQLite it is generated on first
+    /// start and kept in `<database file>.master-key`.
+    #[arg(long, env = "ORGLEDGER_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+}
+
+impl StoreConfig {
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.starts_with("sqlite:")
+    }
+
+    /// The SQLite database file, if this is the embedded store.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self.database_url.strip_prefix("sqlite:")?;
+        let path = rest.trim_start_matches("//");
+        let path = path.split('?').next().unwrap_or(path);
+        (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+    }
+
+    /// A file kept beside the SQLite database: `orgledger.db` → `orgledger.db.<suffix>`.
+    pub fn beside_data(&self, suffix: &str) -> Option<PathBuf> {
+        self.sqlite_path().map(|path| {
+            let mut name = path.into_os_string();
+            name.push(format!(".{suffix}"));
+            PathBuf::from(name)
+        })
+    }
+
+    /// The configured master key; for SQLite, the one kept beside the data, created once.
+    pub fn master_key(&self) -> anyhow::Result<MasterKey> {
+        if let Some(encoded) = &self.master_key {
+            return MasterKey::from_base64(encoded)
+                .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes");
+        }
+        let Some(path) = self.beside_data("master-key") else {
+            bail!(
+                "ORGLEDGER_MASTER_KEY is required with {}: generate one with `orgledger master-key`",
+                redact_url(&self.database_url)
+            );
+        };
+        if path.exists() {
+            let encoded = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            return MasterKey::from_base64(&encoded)
+                .with_context(|| format!("{} does not hold a valid master key", path.display()));
+        }
+        let key = MasterKey::generate();
+        write_secret_file(&path, &key.to_base64())?;
+        tracing::warn!(path = %path.display(), "generated a new master key; back it up with the database");
+        Ok(key)
+    }
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let credentials = &url[scheme_end + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(url: &str) -> StoreConfig {
+        StoreConfig {
+            database_url: url.to_owned(),
+            master_key: None,
+        }
+    }
+
+    #[test]
+    fn files_beside_the_data_follow_the_sqlite_path() {
+        assert_eq!(
+            store("sqlite://data/org.db").beside_data("master-key"),
+            Some(PathBuf::from("data/org.db.master-key"))
+        );
+        assert_eq!(
+            store("sqlite:org.db?mode=rwc").sqlite_path(),
+            Some(PathBuf::from("org.db"))
+        );
+        assert_eq!(
+            store("postgres://localhost/x").beside_data("master-key"),
+            None
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn postgres_without_a_master_key_is_refused() {
+        let error = store("postgres://localhost/x").master_key().unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("ORGLEDGER_MASTER_KEY is required"));
+    }
+}

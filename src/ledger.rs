@@ -1,0 +1,637 @@
+//! The command path: load an organization (snapshot + newer events), decide, commit, retry on
+//! optimistic-concurrency conflicts, and keep slug reservations and data keys in step.
+//!
+//! Loading and committing go through the postgres-es / sqlite-es repository directly rather
+//! than cqrs-es's `PersistedEventStore`, whose 0.5 snapshots can disagree with the events:
+//! `CqrsFramework` applies new events through `EventSink` and the store applies them again,
+//! and a snapshot taken mid-commit is stored with the commit's last sequence. Here a snapshot
+//! is always the state after every event of the commit that crosses a multiple of
+//! [`SNAPSHOT_EVERY`], so loading it and the events after it equals a full replay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::{
+    EventUpcaster, PersistedEventRepository, PersistenceError, SerializedEvent,
+};
+use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
+use orgledger_domain::{
+    upcasters, Command, Lifecycle, Organization, OrganizationCommand, OrganizationError,
+    OrganizationEvent, Slug,
+};
+use rand::Rng;
+use uuid::Uuid;
+
+use crate::store::{
+    DataKeys, Database, MasterKey, OrganizationRepository, ReadStats, StoreError, SNAPSHOT_EVERY,
+};
+
+/// Attempts of one command before a persistent conflict is reported.
+const MAX_ATTEMPTS: u32 = 10;
+/// How long a slug reserved by an organization that has no events yet stays claimed: a
+/// create in flight. Past it, the reservation is a crash's leftover and may be taken.
+const RESERVATION_GRACE: chrono::Duration = chrono::Duration::seconds(60);
+
+/// Where a command came from; recorded in every event's metadata.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub request_id: Option<String>,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A command that was decided and, if it produced events, durably stored.
+#[derive(Debug)]
+pub struct Committed {
+    pub organization_id: Uuid,
+    /// The organization after the command.
+    pub state: Organization,
+    /// The last event sequence: the organization's version.
+    pub version: usize,
+    pub events: Vec<EventEnvelope<Organization>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Rejected(#[from] OrganizationError),
+    #[error("the organization is at version {actual}, not {expected}")]
+    VersionMismatch { expected: usize, actual: usize },
+    #[error("the organization changed concurrently {MAX_ATTEMPTS} times in a row")]
+    Contended,
+    #[error("event store failure: {0}")]
+    Store(String),
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error.to_string())
+    }
+}
+
+fn store_failure(error: PersistenceError) -> LedgerError {
+    LedgerError::Store(error.to_string())
+}
+
+/// An organization as loaded: its state, version and the number of its snapshot.
+struct Loaded {
+    state: Organization,
+    version: usize,
+    snapshot: Option<usize>,
+}
+
+pub struct Ledger {
+    database: Database,
+    repository: OrganizationRepository,
+    upcasters: Vec<Box<dyn EventUpcaster>>,
+    keys: DataKeys,
+    stats: Arc<ReadStats>,
+}
+
+impl Ledger {
+    pub fn new(database: Database, master_key: MasterKey) -> Self {
+        let keys = DataKeys::new(database.clone(), master_key);
+        let repository = OrganizationRepository::new(database.clone(), keys.clone());
+        let stats = repository.stats();
+        Self {
+            database,
+            repository,
+            upcasters: upcasters(),
+            keys,
+            stats,
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    pub fn keys(&self) -> &DataKeys {
+        &self.keys
+    }
+
+    pub fn read_stats(&self) -> Arc<ReadStats> {
+        self.stats.clone()
+    }
+
+    /// The organization as it stands now, and its version.
+    pub async fn load(&self, organization_id: Uuid) -> Result<(Organization, usize), LedgerError> {
+        let loaded = self.load_latest(organization_id).await?;
+        Ok((loaded.state, loaded.version))
+    }
+
+    /// The snapshot, if readable, plus every event after it.
+    async fn load_latest(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
+        let id = organization_id.to_string();
+        let snapshot = self
+            .repository
+            .get_snapshot::<Organization>(&id)
+            .await
+            .map_err(store_failure)?;
+        let mut loaded = match snapshot {
+            Some(snapshot) => match serde_json::from_value::<Organization>(snapshot.aggregate) {
+                Ok(state) => Loaded {
+                    state,
+                    version: snapshot.current_sequence,
+                    snapshot: Some(snapshot.current_snapshot),
+                },
+                Err(error) => {
+                    // An older state shape: replay everything; the next snapshot replaces it.
+                    tracing::warn!(%organization_id, %error, "unreadable snapshot ignored");
+                    Loaded {
+                        state: Organization::default(),
+                        version: 0,
+                        snapshot: Some(snapshot.current_snapshot),
+                    }
+                }
+            },
+            None => Loaded {
+                state: Organization::default(),
+                version: 0,
+                snapshot: None,
+            },
+        };
+        let newer = if loaded.version == 0 {
+            self.repository.get_events::<Organization>(&id).await
+        } else {
+            self.repository
+                .get_last_events::<Organization>(&id, loaded.version)
+                .await
+        }
+        .map_err(store_failure)?;
+        for stored in newer {
+            let event = self.decode(stored)?;
+            loaded.version = event.sequence;
+            loaded.state.apply(event.payload);
+        }
+        Ok(loaded)
+    }
+
+    /// Upcasts a stored event to the current schema and deserializes it.
+    fn decode(&self, stored: SerializedEvent) -> Result<EventEnvelope<Organization>, LedgerError> {
+        let upcast = self.upcasters.iter().fold(stored, |event, upcaster| {
+            if upcaster.can_upcast(&event.event_type, &event.event_version) {
+                upcaster.upcast(event)
+            } else {
+                event
+            }
+        });
+        EventEnvelope::try_from(upcast).map_err(store_failure)
+    }
+
+    /// Every stored event of the organization, opened (personal data erased if purged).
+    pub async fn events(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
+        self.repository
+            .get_events::<Organization>(&organization_id.to_string())
+            .await
+            .map_err(store_failure)?
+            .into_iter()
+            .map(|stored| self.decode(stored))
+            .collect()
+    }
+
+    /// Appends `events` after `loaded`, with a snapshot of `after` (the state once they are
+    /// applied) when the commit crosses a multiple of [`SNAPSHOT_EVERY`]. A concurrent
+    /// append of the same sequence fails with `OptimisticLockError` and nothing is stored.
+    async fn commit(
+        &self,
+        organization_id: Uuid,
+        loaded: &Loaded,
+        after: &Organization,
+        events: Vec<OrganizationEvent>,
+        metadata: &HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<Organization>>, PersistenceError> {
+        let id = organization_id.to_string();
+        let metadata_json = serde_json::to_value(metadata)?;
+        let mut stored = Vec::with_capacity(events.len());
+        for (offset, event) in events.iter().enumerate() {
+            stored.push(SerializedEvent::new(
+                id.clone(),
+                loaded.version + 1 + offset,
+                Organization::TYPE.to_owned(),
+                event.event_type(),
+                event.event_version(),
+                serde_json::to_value(event)?,
+                metadata_json.clone(),
+            ));
+        }
+        let last = loaded.version + events.len();
+        let snapshot = if last / SNAPSHOT_EVERY > loaded.version / SNAPSHOT_EVERY {
+            let number = loaded.snapshot.map_or(1, |n| n + 1);
+            Some((id.clone(), serde_json::to_value(after)?, number))
+        } else {
+            None
+        };
+        self.repository
+            .persist::<Organization>(&stored, snapshot)
+            .await?;
+        Ok(events
+            .into_iter()
+            .enumerate()
+            .map(|(offset, payload)| EventEnvelope {
+                aggregate_id: id.clone(),
+                sequence: loaded.version + 1 + offset,
+                payload,
+                metadata: metadata.clone(),
+            })
+            .collect())
+    }
+
+    /// Appends already-decided events without checking any rule: for importing history and
+    /// seeding benchmarks, never for requests.
+    pub async fn import(
+        &self,
+        organization_id: Uuid,
+        events: Vec<OrganizationEvent>,
+        metadata: HashMap<String, String>,
+    ) -> Result<usize, LedgerError> {
+        let loaded = self.load_latest(organization_id).await?;
+        let mut after = loaded.state.clone();
+        for event in &events {
+            after.apply(event.clone());
+        }
+        let committed = self
+            .commit(organization_id, &loaded, &after, events, &metadata)
+            .await
+            .map_err(store_failure)?;
+        Ok(committed
+            .last()
+            .map_or(loaded.version, |event| event.sequence))
+    }
+
+    /// Runs a command against the organization's latest state; conflicts with concurrent
+    /// writers are retried on fresh state, so the command fails only if its rules fail.
+    /// `expected_version` (If-Match) is checked against the state it is decided on.
+    pub async fn execute(
+        &self,
+        organization_id: Uuid,
+        command: Command,
+        context: &RequestContext,
+        expected_version: Option<usize>,
+    ) -> Result<Committed, LedgerError> {
+        let metadata = metadata_of(&command, context);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let loaded = self.load_latest(organization_id).await?;
+            if let Some(expected) = expected_version {
+                if expected != loaded.version {
+                    return Err(LedgerError::VersionMismatch {
+                        expected,
+                        actual: loaded.version,
+                    });
+                }
+            }
+            let events = loaded.state.decide(&command)?;
+            if events.is_empty() {
+                return Ok(Committed {
+                    organization_id,
+                    version: loaded.version,
+                    state: loaded.state,
+                    events: Vec::new(),
+                });
+            }
+            let mut after = loaded.state.clone();
+            for event in &events {
+                after.apply(event.clone());
+            }
+            match self
+                .commit(organization_id, &loaded, &after, events, &metadata)
+                .await
+            {
+                Ok(committed) => {
+                    let version = committed.last().map_or(loaded.version, |e| e.sequence);
+                    return Ok(Committed {
+                        organization_id,
+                        state: after,
+                        version,
+                        events: committed,
+                    });
+                }
+                Err(PersistenceError::OptimisticLockError) => {
+                    tracing::debug!(%organization_id, attempt, "concurrent change; retrying");
+                    let jitter = rand::thread_rng().gen_range(0..=(2u64 << attempt.min(6)));
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(error) => return Err(store_failure(error)),
+            }
+        }
+        Err(LedgerError::Contended)
+    }
+
+    /// Creates an organization, reserving its slug first. A slug derived from the name gets
+    /// a numeric suffix when taken; an explicit one fails with `slug_taken`.
+    pub async fn create_organization(
+        &self,
+        command: Command,
+        slug_was_given: bool,
+        context: &RequestContext,
+    ) -> Result<Committed, LedgerError> {
+        let OrganizationCommand::CreateOrganization(mut create) = command.body.clone() else {
+            return Err(LedgerError::Store(
+                "create_organization needs a create command".into(),
+            ));
+        };
+        let organization_id = create.organization_id;
+        let candidates: Vec<Slug> = if slug_was_given {
+            vec![create.slug.clone()]
+        } else {
+            std::iter::once(create.slug.clone())
+                .chain((2..=20).map(|n| create.slug.with_suffix(n)))
+                .collect()
+        };
+        let mut reserved = None;
+        for candidate in candidates {
+            if self
+                .reserve_slug(&candidate, organization_id, command.at)
+                .await?
+            {
+                reserved = Some(candidate);
+                break;
+            }
+        }
+        let Some(slug) = reserved else {
+            return Err(OrganizationError::SlugTaken.into());
+        };
+        create.slug = slug.clone();
+        let command = Command {
+            body: OrganizationCommand::CreateOrganization(create),
+            ..command
+        };
+        let result = self.execute(organization_id, command, context, None).await;
+        if result.is_err() {
+            self.release_slug(slug.as_str(), organization_id).await?;
+        }
+        result
+    }
+
+    /// Runs any command but create, keeping slug reservations in step with renames and
+    /// finishing purges.
+    pub async fn run(
+        &self,
+        organization_id: Uuid,
+        command: Command,
+        context: &RequestContext,
+        expected_version: Option<usize>,
+    ) -> Result<Committed, LedgerError> {
+        let new_slug = match &command.body {
+            OrganizationCommand::UpdateOrganization(update) => update.slug.clone(),
+            _ => None,
+        };
+        let Some(new_slug) = new_slug else {
+            let is_purge = matches!(command.body, OrganizationCommand::PurgeOrganization(_));
+            let committed = self
+                .execute(organization_id, command, context, expected_version)
+                .await?;
+            if is_purge && !committed.events.is_empty() {
+                self.finish_purge(organization_id).await?;
+            }
+            return Ok(committed);
+        };
+        let (current, _) = self.load(organization_id).await?;
+        if current.slug == new_slug.as_str() || !current.exists() {
+            return self
+                .execute(organization_id, command, context, expected_version)
+                .await;
+        }
+        if !self
+            .reserve_slug(&new_slug, organization_id, command.at)
+            .await?
+        {
+            return Err(OrganizationError::SlugTaken.into());
+        }
+        match self
+            .execute(organization_id, command, context, expected_version)
+            .await
+        {
+            Ok(committed) => {
+                if let Some(old) = committed
+                    .events
+                    .iter()
+                    .find_map(|event| match &event.payload {
+                        orgledger_domain::OrganizationEvent::OrganizationUpdated(update) => {
+                            update.slug.as_ref().map(|change| change.from.clone())
+                        }
+                        _ => None,
+                    })
+                {
+                    self.release_slug(&old, organization_id).await?;
+                }
+                Ok(committed)
+            }
+            Err(error) => {
+                self.release_slug(new_slug.as_str(), organization_id)
+                    .await?;
+                Err(error)
+            }
+        }
+    }
+
+    /// After `OrganizationPurged` is stored: destroy the data key (erasing personal data in
+    /// every event), drop the snapshot and free the slug. Idempotent; a crash before it ran
+    /// is repaired by [`Ledger::finish_interrupted_purges`].
+    pub async fn finish_purge(&self, organization_id: Uuid) -> Result<(), LedgerError> {
+        let id = organization_id.to_string();
+        self.keys.destroy(&id).await?;
+        match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query(
+                    "DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
+                )
+                .bind(Organization::TYPE)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
+                sqlx::query("DELETE FROM organization_slugs WHERE organization_id = $1")
+                    .bind(&id)
+                    .execute(pool)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query(
+                    "DELETE FROM snapshots WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+                )
+                .bind(Organization::TYPE)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
+                sqlx::query("DELETE FROM organization_slugs WHERE organization_id = ?1")
+                    .bind(&id)
+                    .execute(pool)
+                    .await
+                    .map_err(StoreError::from)?;
+            }
+        }
+        tracing::info!(%organization_id, "purge finished: data key destroyed");
+        Ok(())
+    }
+
+    /// Finishes purges whose key outlived a crash. Run at start-up.
+    pub async fn finish_interrupted_purges(&self) -> Result<usize, LedgerError> {
+        const QUERY: &str = "SELECT k.organization_id FROM organization_keys k
+              WHERE EXISTS (SELECT 1 FROM events e
+                             WHERE e.aggregate_type = 'organization'
+                               AND e.aggregate_id = k.organization_id
+                               AND e.event_type = 'OrganizationPurged')";
+        let ids: Vec<String> = match &self.database {
+            Database::Postgres(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
+            Database::Sqlite(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
+        }
+        .map_err(StoreError::from)?;
+        for id in &ids {
+            if let Ok(organization_id) = Uuid::parse_str(id) {
+                self.finish_purge(organization_id).await?;
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Claims `slug` for the organization. A claim held by another organization stands while
+    /// that organization lives under this slug, or is a create still in flight; otherwise it
+    /// is a leftover (renamed away, purged, crashed create) and is taken over.
+    async fn reserve_slug(
+        &self,
+        slug: &Slug,
+        organization_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, LedgerError> {
+        let id = organization_id.to_string();
+        for _ in 0..3 {
+            if self.insert_reservation(slug.as_str(), &id).await? {
+                return Ok(true);
+            }
+            let Some((holder, reserved_at)) = self.reservation(slug.as_str()).await? else {
+                continue;
+            };
+            if holder == id {
+                return Ok(true);
+            }
+            let holder_id = Uuid::parse_str(&holder).map_err(|_| {
+                LedgerError::Store(format!(
+                    "slug {slug:?} is held by a malformed id {holder:?}"
+                ))
+            })?;
+            let (holder_state, _) = self.load(holder_id).await?;
+            let stands = match holder_state.lifecycle {
+                Lifecycle::Unborn => now - reserved_at < RESERVATION_GRACE,
+                Lifecycle::Purged => false,
+                Lifecycle::Active | Lifecycle::Deleted { .. } => holder_state.slug == slug.as_str(),
+            };
+            if stands {
+                return Ok(false);
+            }
+            self.release_slug(slug.as_str(), holder_id).await?;
+        }
+        Ok(false)
+    }
+
+    async fn insert_reservation(
+        &self,
+        slug: &str,
+        organization_id: &str,
+    ) -> Result<bool, LedgerError> {
+        let inserted = match &self.database {
+            Database::Postgres(pool) => sqlx::query(
+                "INSERT INTO organization_slugs (slug, organization_id) VALUES ($1, $2)
+                 ON CONFLICT (slug) DO NOTHING",
+            )
+            .bind(slug)
+            .bind(organization_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+            Database::Sqlite(pool) => sqlx::query(
+                "INSERT INTO organization_slugs (slug, organization_id) VALUES (?1, ?2)
+                 ON CONFLICT (slug) DO NOTHING",
+            )
+            .bind(slug)
+            .bind(organization_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+        }
+        .map_err(StoreError::from)?;
+        Ok(inserted == 1)
+    }
+
+    async fn reservation(
+        &self,
+        slug: &str,
+    ) -> Result<Option<(String, DateTime<Utc>)>, LedgerError> {
+        let row: Option<(String, DateTime<Utc>)> =
+            match &self.database {
+                Database::Postgres(pool) => sqlx::query_as(
+                    "SELECT organization_id, reserved_at FROM organization_slugs WHERE slug = $1",
+                )
+                .bind(slug)
+                .fetch_optional(pool)
+                .await,
+                Database::Sqlite(pool) => sqlx::query_as(
+                    "SELECT organization_id, reserved_at FROM organization_slugs WHERE slug = ?1",
+                )
+                .bind(slug)
+                .fetch_optional(pool)
+                .await,
+            }
+            .map_err(StoreError::from)?;
+        Ok(row)
+    }
+
+    /// Releases `slug` only if `organization_id` still holds it.
+    async fn release_slug(&self, slug: &str, organization_id: Uuid) -> Result<(), LedgerError> {
+        let id = organization_id.to_string();
+        match &self.database {
+            Database::Postgres(pool) => sqlx::query(
+                "DELETE FROM organization_slugs WHERE slug = $1 AND organization_id = $2",
+            )
+            .bind(slug)
+            .bind(&id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+            Database::Sqlite(pool) => sqlx::query(
+                "DELETE FROM organization_slugs WHERE slug = ?1 AND organization_id = ?2",
+            )
+            .bind(slug)
+            .bind(&id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+        }
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+}
+
+/// Event metadata: who, when, and where the request came from.
+fn metadata_of(command: &Command, context: &RequestContext) -> HashMap<String, String> {
+    let mut metadata = HashMap::from([
+        ("actor_type".to_owned(), command.actor.kind().to_owned()),
+        ("actor_id".to_owned(), command.actor.id()),
+        (
+            "occurred_at".to_owned(),
+            command
+                .at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+    ]);
+    let optional = [
+        ("request_id", &context.request_id),
+        ("client_ip", &context.client_ip),
+        ("user_agent", &context.user_agent),
+        ("idempotency_key", &context.idempotency_key),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            metadata.insert(name.to_owned(), value.clone());
+        }
+    }
+    metadata
+}

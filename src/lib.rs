@@ -1,0 +1,11 @@
+//! orgledger: an event-sourced organization-management service.
+//!
+//! `domain` decides, this crate stores and serves: [`store`] (events, keys, slugs on
+//! PostgreSQL or SQLite), [`ledger`] (the command path), [`config`] and [`cli`].
+
+pub mod cli;
+pub mod config;
+pub mod ledger;
+pub mod store;
+pub mod telemetry;
+pub mod tokens;

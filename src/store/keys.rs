@@ -1,0 +1,174 @@
+//! Per-organization data keys, wrapped by the master key and stored in `organization_keys`.
+//! Destroying an organization's key is what erases its personal data (crypto-shredding).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
+use super::{DataKey, Database, StoreError};
+
+/// How long an unwrapped key is reused in this process. Purge evicts it here at once;
+/// another process may still hold it in memory (never on disk) for at most this long.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// The key that wraps every data key. It comes from configuration and never enters the
+/// database.
+#[derive(Clone, Debug)]
+pub struct MasterKey(DataKey);
+
+impl MasterKey {
+    pub fn generate() -> Self {
+        Self(DataKey::generate())
+    }
+
+    /// Parses 32 bytes in standard base64.
+    pub fn from_base64(encoded: &str) -> Option<Self> {
+        let bytes = BASE64.decode(encoded.trim()).ok()?;
+        DataKey::from_bytes(&bytes).map(Self)
+    }
+
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0.as_bytes())
+    }
+}
+
+#[derive(Clone)]
+pub struct DataKeys {
+    database: Database,
+    master: MasterKey,
+    cache: Arc<Mutex<HashMap<String, (Instant, DataKey)>>>,
+}
+
+impl DataKeys {
+    pub fn new(database: Database, master: MasterKey) -> Self {
+        Self {
+            database,
+            master,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The organization's key, or `None` once it has been destroyed (or never existed).
+    pub async fn get(&self, organization_id: &str) -> Result<Option<DataKey>, StoreError> {
+        if let Some(key) = self.cached(organization_id) {
+            return Ok(Some(key));
+        }
+        let wrapped = self.load_wrapped(organization_id).await?;
+        let Some(wrapped) = wrapped else {
+            return Ok(None);
+        };
+        let key = self.unwrap_key(organization_id, &wrapped)?;
+        self.remember(organization_id, &key);
+        Ok(Some(key))
+    }
+
+    /// The organization's key, created on first use. Only the first event of an
+    /// organization may create one: a destroyed key never comes back.
+    pub async fn get_or_create(&self, organization_id: &str) -> Result<DataKey, StoreError> {
+        if let Some(key) = self.get(organization_id).await? {
+            return Ok(key);
+        }
+        let key = DataKey::generate();
+        let wrapped = self
+            .master
+            .0
+            .encrypt(key.as_bytes(), organization_id.as_bytes());
+        match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO organization_keys (organization_id, wrapped_key) VALUES ($1, $2)
+                     ON CONFLICT (organization_id) DO NOTHING",
+                )
+                .bind(organization_id)
+                .bind(&wrapped)
+                .execute(pool)
+                .await?;
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query(
+                    "INSERT INTO organization_keys (organization_id, wrapped_key) VALUES (?1, ?2)
+                     ON CONFLICT (organization_id) DO NOTHING",
+                )
+                .bind(organization_id)
+                .bind(&wrapped)
+                .execute(pool)
+                .await?;
+            }
+        }
+        // A concurrent creator may have won; whichever key is stored is the key.
+        self.get(organization_id)
+            .await?
+            .ok_or_else(|| StoreError::Integrity(format!("data key of {organization_id} vanished")))
+    }
+
+    /// Destroys the organization's key. Idempotent.
+    pub async fn destroy(&self, organization_id: &str) -> Result<(), StoreError> {
+        self.cache
+            .lock()
+            .expect("key cache poisoned")
+            .remove(organization_id);
+        match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query("DELETE FROM organization_keys WHERE organization_id = $1")
+                    .bind(organization_id)
+                    .execute(pool)
+                    .await?;
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query("DELETE FROM organization_keys WHERE organization_id = ?1")
+                    .bind(organization_id)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cached(&self, organization_id: &str) -> Option<DataKey> {
+        let cache = self.cache.lock().expect("key cache poisoned");
+        cache
+            .get(organization_id)
+            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
+            .map(|(_, key)| key.clone())
+    }
+
+    fn remember(&self, organization_id: &str, key: &DataKey) {
+        let mut cache = self.cache.lock().expect("key cache poisoned");
+        if cache.len() > 10_000 {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        }
+        cache.insert(organization_id.to_owned(), (Instant::now(), key.clone()));
+    }
+
+    async fn load_wrapped(&self, organization_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let wrapped = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(
+                    "SELECT wrapped_key FROM organization_keys WHERE organization_id = $1",
+                )
+                .bind(organization_id)
+                .fetch_optional(pool)
+                .await?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "SELECT wrapped_key FROM organization_keys WHERE organization_id = ?1",
+                )
+                .bind(organization_id)
+                .fetch_optional(pool)
+                .await?
+            }
+        };
+        Ok(wrapped)
+    }
+
+    fn unwrap_key(&self, organization_id: &str, wrapped: &[u8]) -> Result<DataKey, StoreError> {
+        let bytes = self.master.0.decrypt(wrapped, organization_id.as_bytes())?;
+        DataKey::from_bytes(&bytes).ok_or_else(|| {
+            StoreError::Integrity(format!("data key of {organization_id} has a bad length"))
+        })
+    }
+}

@@ -1,0 +1,702 @@
+//! The event store on real PostgreSQL and real SQLite: append-only, sealed personal data,
+//! crypto-shredding on purge, optimistic concurrency, slugs, snapshots, upcasting.
+
+mod support;
+
+use std::collections::HashMap;
+
+use orgledger::ledger::{LedgerError, RequestContext};
+use orgledger::store::{seal_personal_data, SNAPSHOT_EVERY};
+use orgledger_domain::*;
+use support::*;
+use uuid::Uuid;
+
+on_both_backends!(
+    stored_events_cannot_be_updated_or_deleted,
+    personal_data_and_tokens_never_appear_in_clear_in_stored_rows,
+    event_metadata_records_actor_time_and_request,
+    purging_erases_personal_data_everywhere_and_frees_the_slug,
+    a_purge_interrupted_before_its_key_was_destroyed_is_finished_at_start_up,
+    racing_commands_on_one_organization_both_apply_on_distinct_versions,
+    racing_owners_removing_each_other_leave_exactly_one_owner,
+    two_concurrent_creates_with_one_slug_have_exactly_one_winner,
+    a_derived_slug_that_is_taken_gets_a_suffix,
+    renaming_a_slug_frees_the_old_one,
+    a_slug_reservation_left_by_a_crashed_create_is_taken_over,
+    a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
+    snapshots_equal_a_full_replay,
+    a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
+    committed_events_survive_a_new_process,
+    if_match_with_a_stale_version_is_refused_and_appends_nothing,
+    a_rejected_command_appends_nothing,
+);
+
+async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    create_org(&ledger, "Acme", "acme", "olivia").await;
+    for sql in [
+        "UPDATE events SET event_type = 'Tampered'",
+        "DELETE FROM events",
+    ] {
+        let error = try_execute(ledger.db(), sql).await.unwrap_err();
+        assert!(error.contains("append-only"), "{sql}: {error}");
+    }
+    if backend == Backend::Postgres {
+        let error = try_execute(ledger.db(), "TRUNCATE events")
+            .await
+            .unwrap_err();
+        assert!(error.contains("append-only"), "{error}");
+    } else {
+        let error = try_execute(ledger.db(), "DELETE FROM event_log")
+            .await
+            .unwrap_err();
+        assert!(error.contains("append-only"), "{error}");
+    }
+    assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 2);
+}
+
+async fn personal_data_and_tokens_never_appear_in_clear_in_stored_rows(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let token = orgledger::tokens::issue("inv");
+    let send = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: Some(Email::parse("email", "Nina.Secret@Example.com").unwrap()),
+        role: Role::Member,
+        first_name: Some("Ninotchka".into()),
+        last_name: Some("Zweistein".into()),
+        title: Some("Chief Whisperer".into()),
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::ONE,
+        token_sha256: token.sha256.clone(),
+    };
+    run(
+        &ledger,
+        org,
+        "olivia",
+        OrganizationCommand::SendInvitation(send),
+    )
+    .await;
+    let context = RequestContext {
+        request_id: Some("req-1".into()),
+        client_ip: Some("203.0.113.77".into()),
+        user_agent: Some("SecretBrowser/9".into()),
+        idempotency_key: None,
+    };
+    let accept = AcceptInvitation {
+        token_sha256: token.sha256.clone(),
+        user_id: uid("nina"),
+        email: Email::parse("email", "nina.secret@example.com").unwrap(),
+        first_name: None,
+        last_name: None,
+    };
+    ledger
+        .run(
+            org,
+            cmd(user("nina"), OrganizationCommand::AcceptInvitation(accept)),
+            &context,
+            None,
+        )
+        .await
+        .unwrap();
+    let profile = UpdateMember {
+        image_url: Some(Some("https://img.example.com/olivia-face.png".into())),
+        ..UpdateMember::of(uid("olivia"))
+    };
+    run(
+        &ledger,
+        org,
+        "olivia",
+        OrganizationCommand::UpdateMember(profile),
+    )
+    .await;
+    // Push past a snapshot so a snapshot row exists too.
+    for i in 0..SNAPSHOT_EVERY {
+        let role = if i % 2 == 0 {
+            Role::Admin
+        } else {
+            Role::Member
+        };
+        run(&ledger, org, "olivia", set_role("nina", role)).await;
+    }
+
+    let rows = raw_rows(ledger.db()).await;
+    assert!(count(ledger.db(), "SELECT count(*) FROM snapshots").await >= 1);
+    for secret in [
+        "nina.secret@example.com",
+        "olivia@example.com",
+        "Ninotchka",
+        "Zweistein",
+        "Chief Whisperer",
+        "olivia-first",
+        "olivia-face",
+        "203.0.113.77",
+        "SecretBrowser",
+        token.secret.as_str(),
+    ] {
+        assert!(!rows.contains(secret), "{secret:?} is stored in clear");
+    }
+    assert!(rows.contains("enc:v1:"), "personal data is stored sealed");
+    // ...and reads back in clear through the store.
+    let (state, _) = ledger.load(org).await.unwrap();
+    assert_eq!(state.members[&uid("nina")].email, "nina.secret@example.com");
+    assert_eq!(
+        state.members[&uid("nina")].first_name.as_deref(),
+        Some("Ninotchka")
+    );
+}
+
+async fn event_metadata_records_actor_time_and_request(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let context = RequestContext {
+        request_id: Some("req-42".into()),
+        client_ip: Some("198.51.100.1".into()),
+        user_agent: Some("curl/8".into()),
+        idempotency_key: Some("key-1".into()),
+    };
+    let update = UpdateOrganization {
+        workflow_mode: Some(WorkflowMode::Founder),
+        ..Default::default()
+    };
+    let committed = ledger
+        .run(
+            org,
+            cmd(
+                user("olivia"),
+                OrganizationCommand::UpdateOrganization(update),
+            ),
+            &context,
+            None,
+        )
+        .await
+        .unwrap();
+    let events = ledger.events(org).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.sequence, committed.version);
+    let m = &last.metadata;
+    assert_eq!(m["actor_type"], "user");
+    assert_eq!(m["actor_id"], "olivia");
+    assert_eq!(m["request_id"], "req-42");
+    assert_eq!(m["client_ip"], "198.51.100.1");
+    assert_eq!(m["user_agent"], "curl/8");
+    assert_eq!(m["idempotency_key"], "key-1");
+    assert!(chrono::DateTime::parse_from_rfc3339(&m["occurred_at"]).is_ok());
+}
+
+async fn purging_erases_personal_data_everywhere_and_frees_the_slug(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    for _ in 0..SNAPSHOT_EVERY {
+        run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+        run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
+    }
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Acme".into(),
+    });
+    run(&ledger, org, "olivia", purge).await;
+
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_keys").await,
+        0
+    );
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM snapshots").await,
+        0
+    );
+    // Another process that never saw the key reads the history as erased.
+    let other = ledger.reopen().await;
+    let events = other.events(org).await.unwrap();
+    assert!(
+        events.len() > 2 * SNAPSHOT_EVERY,
+        "history keeps its tombstone"
+    );
+    let OrganizationEvent::MemberJoined(owner) = &events[1].payload else {
+        panic!()
+    };
+    assert_eq!(owner.email, ERASED);
+    assert_eq!(owner.first_name.as_deref(), Some(ERASED));
+    assert!(matches!(
+        events.last().unwrap().payload,
+        OrganizationEvent::OrganizationPurged(_)
+    ));
+    let (state, _) = other.load(org).await.unwrap();
+    assert_eq!(state.lifecycle, Lifecycle::Purged);
+    assert!(state.members.is_empty());
+    // Every command is refused, and the slug is free for someone else.
+    let refused = other
+        .run(
+            org,
+            cmd(user("olivia"), OrganizationCommand::LeaveOrganization),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        LedgerError::Rejected(OrganizationError::NotFound(_))
+    ));
+    create_org(&other, "Acme Again", "acme", "zed").await;
+}
+
+async fn a_purge_interrupted_before_its_key_was_destroyed_is_finished_at_start_up(
+    backend: Backend,
+) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Acme".into(),
+    });
+    // `execute` stores the tombstone but, like a crash right after commit, does not finish.
+    ledger
+        .execute(
+            org,
+            cmd(user("olivia"), purge),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_keys").await,
+        1
+    );
+    let restarted = ledger.reopen().await;
+    assert_eq!(restarted.finish_interrupted_purges().await.unwrap(), 1);
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_keys").await,
+        0
+    );
+    assert_eq!(restarted.finish_interrupted_purges().await.unwrap(), 0);
+}
+
+async fn racing_commands_on_one_organization_both_apply_on_distinct_versions(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    add_member(&ledger, org, "olivia", "vic", Role::Member).await;
+    let other = ledger.reopen().await;
+    let context = RequestContext::default();
+    let (a, b) = tokio::join!(
+        ledger.run(
+            org,
+            cmd(user("olivia"), set_role("mia", Role::Admin)),
+            &context,
+            None
+        ),
+        other.run(
+            org,
+            cmd(user("olivia"), set_role("vic", Role::Viewer)),
+            &context,
+            None
+        ),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.version, b.version);
+    let (state, version) = ledger.load(org).await.unwrap();
+    assert_eq!(version, a.version.max(b.version));
+    assert_eq!(state.members[&uid("mia")].role, Role::Admin);
+    assert_eq!(state.members[&uid("vic")].role, Role::Viewer);
+}
+
+async fn racing_owners_removing_each_other_leave_exactly_one_owner(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "otto", Role::Owner).await;
+    let other = ledger.reopen().await;
+    let context = RequestContext::default();
+    let remove = |id: &str| OrganizationCommand::RemoveMember(RemoveMember { user_id: uid(id) });
+    let (a, b) = tokio::join!(
+        ledger.run(org, cmd(user("olivia"), remove("otto")), &context, None),
+        other.run(org, cmd(user("otto"), remove("olivia")), &context, None),
+    );
+    let loser = match (a, b) {
+        (Ok(_), Err(error)) | (Err(error), Ok(_)) => error,
+        other => panic!("expected one winner: {other:?}"),
+    };
+    assert!(
+        matches!(
+            loser,
+            LedgerError::Rejected(OrganizationError::PermissionDenied)
+        ),
+        "the loser, retried, is no longer a member: {loser:?}"
+    );
+    let (state, _) = ledger.load(org).await.unwrap();
+    assert_eq!(state.owner_count(), 1);
+}
+
+async fn two_concurrent_creates_with_one_slug_have_exactly_one_winner(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let other = ledger.reopen().await;
+    let context = RequestContext::default();
+    let (a, b) = tokio::join!(
+        ledger.create_organization(create_command("Acme", "acme", "olivia"), true, &context),
+        other.create_organization(create_command("Acme Two", "acme", "otto"), true, &context),
+    );
+    let loser = match (a, b) {
+        (Ok(_), Err(error)) | (Err(error), Ok(_)) => error,
+        other => panic!("expected one winner: {other:?}"),
+    };
+    assert!(matches!(
+        loser,
+        LedgerError::Rejected(OrganizationError::SlugTaken)
+    ));
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_slugs").await,
+        1
+    );
+    assert_eq!(
+        count(
+            ledger.db(),
+            "SELECT count(*) FROM events WHERE event_type = 'OrganizationCreated'"
+        )
+        .await,
+        1
+    );
+}
+
+async fn a_derived_slug_that_is_taken_gets_a_suffix(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    create_org(&ledger, "Acme", "acme", "olivia").await;
+    let second = ledger
+        .create_organization(
+            create_command("Acme", "acme", "otto"),
+            false,
+            &RequestContext::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.state.slug, "acme-2");
+    let explicit = ledger
+        .create_organization(
+            create_command("Acme", "acme", "zed"),
+            true,
+            &RequestContext::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        explicit,
+        LedgerError::Rejected(OrganizationError::SlugTaken)
+    ));
+}
+
+async fn renaming_a_slug_frees_the_old_one(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    create_org(&ledger, "Beta", "beta", "bob").await;
+    let to = |slug: &str| {
+        OrganizationCommand::UpdateOrganization(UpdateOrganization {
+            slug: Some(Slug::parse("slug", slug).unwrap()),
+            ..Default::default()
+        })
+    };
+    let taken = ledger
+        .run(
+            org,
+            cmd(user("olivia"), to("beta")),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        taken,
+        LedgerError::Rejected(OrganizationError::SlugTaken)
+    ));
+    let renamed = run(&ledger, org, "olivia", to("acme-corp")).await;
+    assert_eq!(renamed.state.slug, "acme-corp");
+    create_org(&ledger, "New Acme", "acme", "zed").await;
+    // A refused rename does not keep its reservation.
+    let refused = ledger
+        .run(
+            org,
+            cmd(user("stranger"), to("gamma")),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        LedgerError::Rejected(OrganizationError::PermissionDenied)
+    ));
+    create_org(&ledger, "Gamma", "gamma", "gus").await;
+}
+
+async fn a_slug_reservation_left_by_a_crashed_create_is_taken_over(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let ghost = Uuid::now_v7();
+    let (fresh, stale) = match backend {
+        Backend::Postgres => (
+            format!("INSERT INTO organization_slugs (slug, organization_id) VALUES ('inflight', '{ghost}')"),
+            format!("INSERT INTO organization_slugs (slug, organization_id, reserved_at) VALUES ('crashed', '{ghost}', now() - interval '1 hour')"),
+        ),
+        Backend::Sqlite => (
+            format!("INSERT INTO organization_slugs (slug, organization_id) VALUES ('inflight', '{ghost}')"),
+            format!("INSERT INTO organization_slugs (slug, organization_id, reserved_at) VALUES ('crashed', '{ghost}', '2020-01-01T00:00:00Z')"),
+        ),
+    };
+    try_execute(ledger.db(), &fresh).await.unwrap();
+    try_execute(ledger.db(), &stale).await.unwrap();
+    let inflight = ledger
+        .create_organization(
+            create_command("X", "inflight", "olivia"),
+            true,
+            &RequestContext::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        inflight,
+        LedgerError::Rejected(OrganizationError::SlugTaken)
+    ));
+    let taken_over = create_org(&ledger, "Y", "crashed", "olivia").await;
+    assert_eq!(taken_over.state.slug, "crashed");
+}
+
+async fn a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows(
+    backend: Backend,
+) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let (_, start) = ledger.load(org).await.unwrap();
+    let flips: Vec<OrganizationEvent> = (0..10_000)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 {
+                (Role::Member, Role::Admin)
+            } else {
+                (Role::Admin, Role::Member)
+            };
+            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+                user_id: uid("mia"),
+                from,
+                to,
+            })
+        })
+        .collect();
+    for chunk in flips.chunks(2_000) {
+        ledger
+            .import(org, chunk.to_vec(), HashMap::new())
+            .await
+            .unwrap();
+    }
+    // A few commands that do not reach the next snapshot.
+    run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+    run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
+    let snapshot_at = count(
+        ledger.db(),
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'organization'",
+    )
+    .await as usize;
+    let (_, version) = ledger.load(org).await.unwrap();
+    assert!(
+        snapshot_at >= start + 10_000,
+        "a snapshot covers the imported history"
+    );
+
+    let stats = ledger.read_stats();
+    let (events_before, snapshots_before) = (stats.events(), stats.snapshots());
+    let committed = run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+    assert_eq!(committed.version, start + 10_003);
+    let events_read = stats.events() - events_before;
+    assert_eq!(stats.snapshots() - snapshots_before, 1, "one snapshot read");
+    assert_eq!(
+        events_read,
+        (version - snapshot_at) as u64,
+        "only the events after the snapshot are read"
+    );
+    assert!(events_read < SNAPSHOT_EVERY as u64);
+}
+
+async fn snapshots_equal_a_full_replay(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    // A shareable link counts its uses: a state field that double application would break.
+    let token = orgledger::tokens::issue("inv");
+    let link = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: None,
+        role: Role::Viewer,
+        first_name: None,
+        last_name: None,
+        title: None,
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::new("max_uses", 1000).unwrap(),
+        token_sha256: token.sha256.clone(),
+    };
+    run(
+        &ledger,
+        org,
+        "olivia",
+        OrganizationCommand::SendInvitation(link),
+    )
+    .await;
+    for i in 0..(SNAPSHOT_EVERY + 7) {
+        let id = format!("guest{i}");
+        let accept = AcceptInvitation {
+            token_sha256: token.sha256.clone(),
+            user_id: uid(&id),
+            email: Email::parse("email", &format!("{id}@example.org")).unwrap(),
+            first_name: None,
+            last_name: None,
+        };
+        run(
+            &ledger,
+            org,
+            &id,
+            OrganizationCommand::AcceptInvitation(accept),
+        )
+        .await;
+    }
+    assert!(count(ledger.db(), "SELECT count(*) FROM snapshots").await >= 1);
+    let (from_snapshot, version) = ledger.reopen().await.load(org).await.unwrap();
+    let mut replayed = Organization::default();
+    let events = ledger.events(org).await.unwrap();
+    assert_eq!(events.len(), version);
+    for event in events {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(from_snapshot, replayed);
+    let uses = replayed.invitations.values().next().unwrap().uses as usize;
+    assert_eq!(uses, SNAPSHOT_EVERY + 7);
+}
+
+async fn a_stored_version_one_event_is_upcast_on_read_and_never_rewritten(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let key = ledger.keys().get(&org.to_string()).await.unwrap().unwrap();
+    let invitation_id = Uuid::now_v7();
+    let mut payload = serde_json::json!({"InvitationSent": {
+        "invitation_id": invitation_id,
+        "email": "legacy@example.com",
+        "role": "member",
+        "first_name": null, "last_name": null, "title": null, "group_id": null,
+        "token_sha256": "legacy-hash",
+        "invited_by": {"type": "user", "id": "olivia"},
+        "sent_at": "2026-11-01T09:00:00Z",
+        "expires_at": "2099-01-01T00:00:00Z"
+    }});
+    seal_personal_data(&mut payload, &key, org.to_string().as_bytes());
+    let sql = match backend {
+        Backend::Postgres => format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('organization', '{org}', 3, 'InvitationSent', '1', '{}', '{{}}')",
+            payload.to_string().replace('\'', "''")
+        ),
+        Backend::Sqlite => format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('organization', '{org}', 3, 'InvitationSent', '1', '{}', '{{}}')",
+            payload.to_string().replace('\'', "''")
+        ),
+    };
+    try_execute(ledger.db(), &sql).await.unwrap();
+    let (state, _) = ledger.load(org).await.unwrap();
+    let invitation = &state.invitations[&invitation_id];
+    assert_eq!(invitation.max_uses, 1);
+    assert_eq!(invitation.email.as_deref(), Some("legacy@example.com"));
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM events WHERE event_version = '1' AND event_type = 'InvitationSent'").await,
+        1,
+        "the stored row keeps its version"
+    );
+}
+
+async fn committed_events_survive_a_new_process(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Admin).await;
+    let (before, version) = ledger.load(org).await.unwrap();
+    ledger.db().close().await;
+    let restarted = ledger.reopen().await;
+    let (after, version_after) = restarted.load(org).await.unwrap();
+    assert_eq!((before, version), (after, version_after));
+}
+
+async fn if_match_with_a_stale_version_is_refused_and_appends_nothing(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let created = create_org(&ledger, "Acme", "acme", "olivia").await;
+    let org = created.organization_id;
+    let update = || {
+        OrganizationCommand::UpdateOrganization(UpdateOrganization {
+            workflow_mode: Some(WorkflowMode::Founder),
+            ..Default::default()
+        })
+    };
+    let stale = ledger
+        .run(
+            org,
+            cmd(user("olivia"), update()),
+            &RequestContext::default(),
+            Some(created.version - 1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        stale,
+        LedgerError::VersionMismatch {
+            expected: 1,
+            actual: 2
+        }
+    ));
+    let (_, version) = ledger.load(org).await.unwrap();
+    assert_eq!(version, created.version);
+    let ok = ledger
+        .run(
+            org,
+            cmd(user("olivia"), update()),
+            &RequestContext::default(),
+            Some(created.version),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.version, created.version + 1);
+}
+
+async fn a_rejected_command_appends_nothing(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let leave = ledger
+        .run(
+            org,
+            cmd(user("olivia"), OrganizationCommand::LeaveOrganization),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        leave,
+        LedgerError::Rejected(OrganizationError::LastOwner)
+    ));
+    assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 2);
+}

@@ -1,0 +1,272 @@
+//! The test harness: a fresh database per test, on PostgreSQL and on SQLite.
+#![allow(dead_code)]
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use orgledger::ledger::{Committed, Ledger, RequestContext};
+use orgledger::store::{Database, MasterKey};
+use orgledger_domain::*;
+use sqlx::Connection;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Runs `async fn name(backend: Backend)` once per backend, as `name::postgres` and
+/// `name::sqlite`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::support::Backend::Postgres).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::support::Backend::Sqlite).await
+            }
+        }
+    )*};
+}
+
+/// A database that exists for one test.
+pub struct TestDatabase {
+    pub url: String,
+    pub backend: Backend,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The PostgreSQL server tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("ORGLEDGER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub async fn fresh_database(backend: Backend) -> TestDatabase {
+    match backend {
+        Backend::Postgres => {
+            let admin = postgres_admin_url();
+            let name = format!("orgledger_test_{}", Uuid::now_v7().simple());
+            let mut connection = sqlx::PgConnection::connect(&admin)
+                .await
+                .unwrap_or_else(|error| panic!("PostgreSQL at {admin} is unreachable: {error}"));
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut connection)
+                .await
+                .expect("CREATE DATABASE");
+            let options = sqlx::postgres::PgConnectOptions::from_str(&admin).unwrap();
+            let url = format!(
+                "postgres://{}@{}:{}/{name}",
+                options.get_username(),
+                options.get_host(),
+                options.get_port()
+            );
+            TestDatabase {
+                url,
+                backend,
+                _dir: None,
+            }
+        }
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+            TestDatabase {
+                url,
+                backend,
+                _dir: Some(dir),
+            }
+        }
+    }
+}
+
+pub struct TestLedger {
+    pub ledger: Ledger,
+    pub database: TestDatabase,
+    pub master_key: MasterKey,
+}
+
+impl std::ops::Deref for TestLedger {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+impl TestLedger {
+    /// A second, independent process's view of the same database.
+    pub async fn reopen(&self) -> Ledger {
+        let database = Database::connect(&self.database.url).await.unwrap();
+        Ledger::new(database, self.master_key.clone())
+    }
+
+    pub fn db(&self) -> &Database {
+        self.ledger.database()
+    }
+}
+
+pub async fn spawn_ledger(backend: Backend) -> TestLedger {
+    let database = fresh_database(backend).await;
+    let db = Database::connect(&database.url).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let master_key = MasterKey::generate();
+    TestLedger {
+        ledger: Ledger::new(db, master_key.clone()),
+        database,
+        master_key,
+    }
+}
+
+pub fn uid(id: &str) -> UserId {
+    UserId::parse("user_id", id).unwrap()
+}
+
+pub fn user(id: &str) -> Actor {
+    Actor::User(uid(id))
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+pub fn cmd(actor: Actor, body: OrganizationCommand) -> Command {
+    Command::new(actor, now(), body)
+}
+
+pub fn create_command(name: &str, slug: &str, owner: &str) -> Command {
+    cmd(
+        user(owner),
+        OrganizationCommand::CreateOrganization(CreateOrganization {
+            organization_id: Uuid::now_v7(),
+            name: OrganizationName::parse("name", name).unwrap(),
+            slug: Slug::parse("slug", slug).unwrap(),
+            kind: OrganizationKind::Team,
+            owner: NewMember {
+                user_id: uid(owner),
+                email: Email::parse("email", &format!("{owner}@example.com")).unwrap(),
+                first_name: Some(format!("{owner}-first")),
+                last_name: Some(format!("{owner}-last")),
+            },
+        }),
+    )
+}
+
+pub async fn create_org(ledger: &Ledger, name: &str, slug: &str, owner: &str) -> Committed {
+    ledger
+        .create_organization(
+            create_command(name, slug, owner),
+            true,
+            &RequestContext::default(),
+        )
+        .await
+        .expect("create organization")
+}
+
+/// Invites `email` with `role` as `by` and accepts as `user_id`; returns the token used.
+pub async fn add_member(ledger: &Ledger, org: Uuid, by: &str, user_id: &str, role: Role) -> String {
+    let token = orgledger::tokens::issue("inv");
+    let address = format!("{user_id}@example.com");
+    let send = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: Some(Email::parse("email", &address).unwrap()),
+        role,
+        first_name: None,
+        last_name: None,
+        title: None,
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::ONE,
+        token_sha256: token.sha256.clone(),
+    };
+    run(ledger, org, by, OrganizationCommand::SendInvitation(send)).await;
+    let accept = AcceptInvitation {
+        token_sha256: token.sha256,
+        user_id: uid(user_id),
+        email: Email::parse("email", &address).unwrap(),
+        first_name: None,
+        last_name: None,
+    };
+    run(
+        ledger,
+        org,
+        user_id,
+        OrganizationCommand::AcceptInvitation(accept),
+    )
+    .await;
+    token.secret
+}
+
+pub async fn run(ledger: &Ledger, org: Uuid, actor: &str, body: OrganizationCommand) -> Committed {
+    ledger
+        .run(
+            org,
+            cmd(user(actor), body),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("command by {actor} failed: {error}"))
+}
+
+pub fn set_role(target: &str, role: Role) -> OrganizationCommand {
+    OrganizationCommand::UpdateMember(UpdateMember {
+        role: Some(role),
+        ..UpdateMember::of(uid(target))
+    })
+}
+
+/// Every stored row of events and snapshots, as text, for grepping.
+pub async fn raw_rows(db: &Database) -> String {
+    match db {
+        Database::Postgres(pool) => {
+            let events: Vec<String> =
+                sqlx::query_scalar("SELECT payload::text || ' ' || metadata::text FROM events")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let snapshots: Vec<String> = sqlx::query_scalar("SELECT payload::text FROM snapshots")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+            format!("{}\n{}", events.join("\n"), snapshots.join("\n"))
+        }
+        Database::Sqlite(pool) => {
+            let events: Vec<String> =
+                sqlx::query_scalar("SELECT payload || ' ' || metadata FROM events")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            let snapshots: Vec<String> = sqlx::query_scalar("SELECT payload FROM snapshots")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+            format!("{}\n{}", events.join("\n"), snapshots.join("\n"))
+        }
+    }
+}
+
+/// Runs a statement and returns its error message, if any.
+pub async fn try_execute(db: &Database, sql: &str) -> Result<u64, String> {
+    match db {
+        Database::Postgres(pool) => sqlx::query(sql)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+        Database::Sqlite(pool) => sqlx::query(sql)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+    }
+    .map_err(|error| error.to_string())
+}
+
+pub async fn count(db: &Database, sql: &str) -> i64 {
+    match db {
+        Database::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        Database::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
