@@ -2,9 +2,14 @@
 
 use clap::{Parser, Subcommand};
 
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::config::{redact_url, StoreConfig};
-use crate::ledger::Ledger;
+use crate::service::Orgledger;
 use crate::store::{Database, MasterKey};
+use orgledger_projections::PROJECTION_NAMES;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,10 +42,29 @@ pub enum Commands {
     },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
     MasterKey,
+    /// Inspect or rebuild the read models.
+    Projections {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(subcommand)]
+        action: ProjectionsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsAction {
+    /// Print each projection's position, backlog, lag and last error.
+    Status,
+    /// Replay the whole log into fresh tables and swap them in atomically (reads keep being
+    /// served meanwhile). Without NAME, rebuilds every projection.
+    Rebuild {
+        /// organizations, members, invitations or audit_log.
+        name: Option<String>,
+    },
 }
 
 /// Connects and migrates: what every command that touches data starts with.
-pub async fn open_store(store: &StoreConfig) -> anyhow::Result<Ledger> {
+pub async fn open_store(store: &StoreConfig) -> anyhow::Result<Orgledger> {
     let master_key = store.master_key()?;
     let database = Database::connect(&store.database_url)
         .await
@@ -48,28 +72,62 @@ pub async fn open_store(store: &StoreConfig) -> anyhow::Result<Ledger> {
             anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
         })?;
     database.migrate().await?;
-    Ok(Ledger::new(database, master_key))
+    Ok(Orgledger::open(database, master_key).await?)
 }
+
+/// How often the purge of organizations past their restore window runs.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Migrate { store } => {
-            let ledger = open_store(&store).await?;
+            let service = open_store(&store).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
-            ledger.database().close().await;
+            service.database().close().await;
         }
         Commands::Serve { store, bind } => {
-            let ledger = open_store(&store).await?;
-            let repaired = ledger.finish_interrupted_purges().await?;
+            let service = Arc::new(open_store(&store).await?);
+            let repaired = service.ledger.finish_interrupted_purges().await?;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let mut tasks = service.projector.spawn(stopped.clone());
+            tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));
             tracing::info!(
                 database = %redact_url(&store.database_url),
                 %bind,
                 repaired_purges = repaired,
-                "event store open"
+                "event store open; projections running"
             );
             shutdown_signal().await;
             tracing::info!("shutting down");
-            ledger.database().close().await;
+            let _ = stop.send(true);
+            for task in tasks {
+                let _ = task.await;
+            }
+            service.database().close().await;
+        }
+        Commands::Projections { store, action } => {
+            let service = open_store(&store).await?;
+            match action {
+                ProjectionsAction::Status => print_status(&service).await?,
+                ProjectionsAction::Rebuild { name } => {
+                    let names: Vec<String> = match name {
+                        Some(name) => vec![name],
+                        None => PROJECTION_NAMES.iter().map(|n| (*n).to_owned()).collect(),
+                    };
+                    let show_progress = std::io::stderr().is_terminal();
+                    for name in names {
+                        let report = service.projector.rebuild(&name, show_progress).await?;
+                        println!(
+                            "rebuilt {:<14} {:>9} events in {:>7.2} s  ({:.0} events/s)",
+                            report.projection,
+                            report.events,
+                            report.seconds,
+                            report.events_per_second
+                        );
+                    }
+                }
+            }
+            service.database().close().await;
         }
         Commands::MasterKey => println!("{}", MasterKey::generate().to_base64()),
     }
@@ -95,5 +153,45 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = interrupt => {},
         () = terminate => {},
+    }
+}
+
+async fn print_status(service: &Orgledger) -> anyhow::Result<()> {
+    println!(
+        "{:<14} {:>10} {:>12} {:>9} {:>9}  last error",
+        "projection", "position", "applied", "backlog", "lag (s)"
+    );
+    for status in service.projector.status().await? {
+        println!(
+            "{:<14} {:>10} {:>12} {:>9} {:>9.1}  {}",
+            status.name,
+            status.position,
+            status.events_applied,
+            status.backlog,
+            status.lag_seconds,
+            match (&status.failed_event, &status.last_error) {
+                (Some(event), Some(error)) => format!("{event}: {error}"),
+                (None, Some(error)) => error.clone(),
+                _ => "-".to_owned(),
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn purge_periodically(
+    service: Arc<Orgledger>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match service.purge_expired().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "scheduled purge finished"),
+            Err(error) => tracing::error!(%error, "scheduled purge failed; will retry"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PURGE_EVERY) => {}
+            _ = stopped.changed() => return,
+        }
     }
 }

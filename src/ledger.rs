@@ -172,14 +172,7 @@ impl Ledger {
 
     /// Upcasts a stored event to the current schema and deserializes it.
     fn decode(&self, stored: SerializedEvent) -> Result<EventEnvelope<Organization>, LedgerError> {
-        let upcast = self.upcasters.iter().fold(stored, |event, upcaster| {
-            if upcaster.can_upcast(&event.event_type, &event.event_version) {
-                upcaster.upcast(event)
-            } else {
-                event
-            }
-        });
-        EventEnvelope::try_from(upcast).map_err(store_failure)
+        crate::store::decode(&self.upcasters, stored).map_err(LedgerError::Store)
     }
 
     /// Every stored event of the organization, opened (personal data erased if purged).
@@ -194,6 +187,23 @@ impl Ledger {
             .into_iter()
             .map(|stored| self.decode(stored))
             .collect()
+    }
+
+    /// Raw stored events after `after_sequence`, opened, in sequence order.
+    pub async fn raw_events(
+        &self,
+        organization_id: Uuid,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<crate::history::RawEvent>, LedgerError> {
+        self.repository
+            .raw_page(
+                &organization_id.to_string(),
+                after_sequence as i64,
+                limit as i64,
+            )
+            .await
+            .map_err(LedgerError::from)
     }
 
     /// Appends `events` after `loaded`, with a snapshot of `after` (the state once they are

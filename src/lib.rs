@@ -5,7 +5,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod exports;
+pub mod history;
 pub mod ledger;
+pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;

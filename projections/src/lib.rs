@@ -1,1 +1,27 @@
-pub fn placeholder() {}
+//! The read side of orgledger: read models projected from the event log, the durable
+//! projector that keeps them current, and the queries and exports served from them.
+//!
+//! Read-model tables are owned by their projection (their DDL lives with it), so a rebuild
+//! can create fresh copies and swap them in. Every statement is one SQL text that runs on
+//! PostgreSQL and SQLite alike: ids are text, times are BIGINT microseconds since the epoch,
+//! JSON is text.
+
+pub mod audit;
+mod cursor;
+mod db;
+pub mod exports;
+mod feed;
+pub mod invitations;
+pub mod members;
+pub mod organizations;
+mod projector;
+mod time;
+
+pub use cursor::{Cursor, CursorError, Page};
+pub use db::{Arg, Backend, Conn, Database, DatabaseError, Transaction};
+pub use feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
+pub use projector::{
+    all_projections, projection_named, Projection, ProjectionError, ProjectionStatus, Projector,
+    RebuildReport, PROJECTION_NAMES,
+};
+pub use time::{from_micros, to_micros};

@@ -116,6 +116,72 @@ impl OrganizationRepository {
         Ok(())
     }
 
+    /// A page of one organization's stored events after `after_sequence`, opened.
+    pub async fn raw_page(
+        &self,
+        organization_id: &str,
+        after_sequence: i64,
+        limit: i64,
+    ) -> Result<Vec<crate::history::RawEvent>, StoreError> {
+        let rows: Vec<(SerializedEvent, chrono::DateTime<chrono::Utc>)> = match &self.database {
+            Database::Postgres(pool) => sqlx::query(
+                "SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
+                        payload, metadata, recorded_at
+                   FROM events
+                  WHERE aggregate_type = 'organization' AND aggregate_id = $1 AND sequence > $2
+                  ORDER BY sequence LIMIT $3",
+            )
+            .bind(organization_id)
+            .bind(after_sequence)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|row| (pg_event(row), row.get("recorded_at")))
+            .collect(),
+            Database::Sqlite(pool) => sqlx::query(
+                "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
+                        e.event_version, e.payload, e.metadata, l.recorded_at
+                   FROM events e
+                   JOIN event_log l USING (aggregate_type, aggregate_id, sequence)
+                  WHERE e.aggregate_type = 'organization' AND e.aggregate_id = $1
+                    AND e.sequence > $2
+                  ORDER BY e.sequence LIMIT $3",
+            )
+            .bind(organization_id)
+            .bind(after_sequence)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|row| {
+                let recorded: String = row.get("recorded_at");
+                let at = chrono::DateTime::parse_from_rfc3339(&recorded)
+                    .map(|at| at.with_timezone(&chrono::Utc))
+                    .unwrap_or_default();
+                (sqlite_event(row), at)
+            })
+            .collect(),
+        };
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = self.keys.get(organization_id).await?;
+        rows.into_iter()
+            .map(|(mut event, recorded_at)| {
+                open_event(&mut event, key.as_ref())?;
+                Ok(crate::history::RawEvent {
+                    sequence: event.sequence as i64,
+                    event_type: event.event_type,
+                    event_version: event.event_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    recorded_at,
+                })
+            })
+            .collect()
+    }
+
     /// One page of an aggregate type's events in position order.
     async fn page_by_position(
         database: &Database,

@@ -270,3 +270,189 @@ pub async fn count(db: &Database, sql: &str) -> i64 {
         Database::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
     }
 }
+
+use orgledger::service::Orgledger;
+use std::sync::Arc;
+
+/// The service (ledger + projector) over a fresh database. Projection runners start only
+/// with [`TestService::start_projections`]; otherwise tests drive them with `catch_up`.
+pub struct TestService {
+    pub service: Arc<Orgledger>,
+    pub database: TestDatabase,
+    pub master_key: MasterKey,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl std::ops::Deref for TestService {
+    type Target = Orgledger;
+    fn deref(&self) -> &Orgledger {
+        &self.service
+    }
+}
+
+impl TestService {
+    pub fn start_projections(&mut self) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        self.service.projector.spawn(stopped);
+        self.stop = Some(stop);
+    }
+
+    /// Stops this process's projection runners and waits until they release leadership.
+    pub async fn stop_projections(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+        while !self.service.projector.leading().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Another process's service over the same database.
+    pub async fn reopen(&self) -> Orgledger {
+        let database = Database::connect(&self.database.url).await.unwrap();
+        Orgledger::open(database, self.master_key.clone())
+            .await
+            .unwrap()
+    }
+
+    pub fn db(&self) -> &Database {
+        self.service.database()
+    }
+
+    pub async fn catch_up(&self) -> usize {
+        self.service
+            .projector
+            .catch_up()
+            .await
+            .expect("projections catch up")
+    }
+
+    pub async fn run_as(
+        &self,
+        org: Uuid,
+        actor: &str,
+        body: OrganizationCommand,
+    ) -> orgledger::service::Outcome {
+        self.service
+            .run(
+                org,
+                cmd(user(actor), body),
+                &RequestContext::default(),
+                None,
+            )
+            .await
+            .unwrap_or_else(|error| panic!("command by {actor} failed: {error}"))
+    }
+}
+
+pub async fn spawn_service(backend: Backend) -> TestService {
+    let database = fresh_database(backend).await;
+    let db = Database::connect(&database.url).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let master_key = MasterKey::generate();
+    let service = Orgledger::open(db, master_key.clone()).await.expect("open");
+    TestService {
+        service: Arc::new(service),
+        database,
+        master_key,
+        stop: None,
+    }
+}
+
+/// Every row of every read model, as text, in a stable order: for comparing two builds.
+pub async fn dump_read_models(db: &Database) -> Vec<String> {
+    let tables: [(&str, &[&str], &str); 4] = [
+        (
+            "rm_organizations",
+            &[
+                "id",
+                "name",
+                "slug",
+                "kind",
+                "status",
+                "created_at_us",
+                "deleted_at_us",
+                "purge_after_us",
+                "member_count",
+                "version",
+                "timezone",
+                "logo_url",
+                "workflow_mode",
+                "default_invite_expiry_days",
+            ],
+            "id",
+        ),
+        (
+            "rm_members",
+            &[
+                "organization_id",
+                "user_id",
+                "email",
+                "first_name",
+                "last_name",
+                "title",
+                "image_url",
+                "role",
+                "joined_at_us",
+                "group_ids",
+                "locked_fields",
+            ],
+            "organization_id, user_id",
+        ),
+        (
+            "rm_invitations",
+            &[
+                "id",
+                "organization_id",
+                "email",
+                "role",
+                "first_name",
+                "last_name",
+                "title",
+                "group_id",
+                "status",
+                "invited_by_type",
+                "invited_by_id",
+                "sent_at_us",
+                "expires_at_us",
+                "max_uses",
+                "uses",
+                "token_sha256",
+                "accepted_at_us",
+                "revoked_at_us",
+            ],
+            "id",
+        ),
+        (
+            "rm_audit_log",
+            &[
+                "organization_id",
+                "sequence",
+                "occurred_at_us",
+                "actor_type",
+                "actor_id",
+                "action",
+                "resource_type",
+                "resource_id",
+                "details",
+                "request_id",
+            ],
+            "organization_id, sequence",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (table, columns, order) in tables {
+        let expression = columns
+            .iter()
+            .map(|c| format!("coalesce(CAST({c} AS TEXT), '~')"))
+            .collect::<Vec<_>>()
+            .join(" || '|' || ");
+        let sql = format!("SELECT '{table}|' || {expression} FROM {table} ORDER BY {order}");
+        let table_rows: Vec<String> = match db {
+            Database::Postgres(pool) => sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap(),
+            Database::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap(),
+        };
+        rows.extend(table_rows);
+    }
+    rows
+}

@@ -1,0 +1,424 @@
+//! The audit log: one entry per event, in the contract's words.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orgledger_domain::OrganizationEvent as E;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::db::{Conn, Database};
+use crate::feed::RecordedEvent;
+use crate::invitations::ActorView;
+use crate::projector::Projection;
+use crate::{args, from_micros, to_micros, Page};
+
+/// What an event means to an auditor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Description {
+    pub action: &'static str,
+    pub resource_type: &'static str,
+    pub resource_id: String,
+    pub details: Value,
+}
+
+/// The contract's `action`, `resource` and `details` of an event.
+pub fn describe(organization_id: &str, event: &E) -> Description {
+    let org = || organization_id.to_owned();
+    let (action, resource_type, resource_id, details) = match event {
+        E::OrganizationCreated(e) => (
+            "organization.created",
+            "organization",
+            org(),
+            json!({"name": e.name, "slug": e.slug, "kind": e.kind}),
+        ),
+        E::OrganizationUpdated(e) => {
+            let mut details = Map::new();
+            let changes = [
+                ("name", e.name.as_ref().map(|c| json!(c))),
+                ("slug", e.slug.as_ref().map(|c| json!(c))),
+                ("timezone", e.timezone.as_ref().map(|c| json!(c))),
+                ("logo_url", e.logo_url.as_ref().map(|c| json!(c))),
+                ("workflow_mode", e.workflow_mode.as_ref().map(|c| json!(c))),
+                (
+                    "default_invite_expiry_days",
+                    e.default_invite_expiry_days.as_ref().map(|c| json!(c)),
+                ),
+            ];
+            for (field, change) in changes {
+                if let Some(change) = change {
+                    details.insert(field.to_owned(), change);
+                }
+            }
+            // Identity (name, slug) is the organization; the rest are its settings.
+            if e.name.is_some() || e.slug.is_some() {
+                (
+                    "organization.updated",
+                    "organization",
+                    org(),
+                    Value::Object(details),
+                )
+            } else {
+                (
+                    "settings.updated",
+                    "settings",
+                    org(),
+                    Value::Object(details),
+                )
+            }
+        }
+        E::OrganizationDeleted(e) => (
+            "organization.deleted",
+            "organization",
+            org(),
+            json!({"purge_after": e.purge_after}),
+        ),
+        E::OrganizationRestored(_) => ("organization.restored", "organization", org(), json!({})),
+        E::OrganizationPurged(_) => ("organization.purged", "organization", org(), json!({})),
+        E::OwnershipTransferred(e) => (
+            "organization.ownership_transferred",
+            "organization",
+            org(),
+            json!({"from": e.from_user_id, "to": e.to_user_id}),
+        ),
+        E::InvitationSent(e) => (
+            "invitation.sent",
+            "invitation",
+            e.invitation_id.to_string(),
+            json!({"email": e.email, "role": e.role, "expires_at": e.expires_at, "max_uses": e.max_uses}),
+        ),
+        E::InvitationResent(e) => (
+            "invitation.resent",
+            "invitation",
+            e.invitation_id.to_string(),
+            json!({"expires_at": e.expires_at}),
+        ),
+        E::InvitationRevoked(e) => (
+            "invitation.revoked",
+            "invitation",
+            e.invitation_id.to_string(),
+            json!({}),
+        ),
+        E::InvitationAccepted(e) => (
+            "invitation.accepted",
+            "invitation",
+            e.invitation_id.to_string(),
+            json!({"user_id": e.user_id, "email": e.email}),
+        ),
+        E::MemberJoined(e) => (
+            "member.joined",
+            "member",
+            e.user_id.to_string(),
+            json!({"email": e.email, "role": e.role, "invitation_id": e.invitation_id}),
+        ),
+        E::MemberRoleChanged(e) => (
+            "member.role_changed",
+            "member",
+            e.user_id.to_string(),
+            json!({"from": e.from, "to": e.to}),
+        ),
+        E::MemberProfileUpdated(e) => {
+            let mut details = serde_json::to_value(e).expect("events serialize");
+            if let Value::Object(map) = &mut details {
+                map.remove("user_id");
+            }
+            (
+                "member.profile_updated",
+                "member",
+                e.user_id.to_string(),
+                details,
+            )
+        }
+        E::MemberRemoved(e) => ("member.removed", "member", e.user_id.to_string(), json!({})),
+        E::MemberLeft(e) => ("member.left", "member", e.user_id.to_string(), json!({})),
+    };
+    Description {
+        action,
+        resource_type,
+        resource_id,
+        details,
+    }
+}
+
+pub struct AuditLogProjection {
+    name: String,
+    table: String,
+}
+
+impl AuditLogProjection {
+    pub fn new(suffix: &str) -> Self {
+        Self {
+            name: format!("audit_log{suffix}"),
+            table: format!("rm_audit_log{suffix}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Projection for AuditLogProjection {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn base_name(&self) -> &'static str {
+        "audit_log"
+    }
+
+    fn tables(&self) -> Vec<(&'static str, String)> {
+        vec![("rm_audit_log", self.table.clone())]
+    }
+
+    fn create_tables(&self) -> Vec<String> {
+        let t = &self.table;
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    organization_id TEXT NOT NULL,
+                    sequence BIGINT NOT NULL,
+                    occurred_at_us BIGINT NOT NULL,
+                    actor_type TEXT NOT NULL,
+                    actor_id TEXT NOT NULL,
+                    action TEXT NOT NULL,
+                    resource_type TEXT NOT NULL,
+                    resource_id TEXT NOT NULL,
+                    details TEXT NOT NULL,
+                    request_id TEXT,
+                    PRIMARY KEY (organization_id, sequence)
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_time ON {t} (organization_id, occurred_at_us, sequence)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_action ON {t} (organization_id, action, sequence)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_actor ON {t} (organization_id, actor_id, sequence)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_resource ON {t} (organization_id, resource_type, sequence)"),
+        ]
+    }
+
+    async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let org = event.organization_id.as_str();
+        if matches!(event.event, E::OrganizationPurged(_)) {
+            // Purge leaves no personal data behind: only the tombstone entry remains.
+            conn.execute(
+                &format!("DELETE FROM {t} WHERE organization_id = $1"),
+                &args![org],
+            )
+            .await?;
+        }
+        let description = describe(org, &event.event);
+        let sql = format!(
+            "INSERT INTO {t} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
+                              action, resource_type, resource_id, details, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (organization_id, sequence) DO NOTHING"
+        );
+        let args = args![
+            org,
+            event.sequence,
+            to_micros(event.occurred_at()),
+            event.actor_type(),
+            event.actor_id(),
+            description.action,
+            description.resource_type,
+            description.resource_id,
+            description.details.to_string(),
+            event.metadata.get("request_id").cloned()
+        ];
+        conn.execute(&sql, &args).await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceView {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub id: String,
+}
+
+/// An audit entry as the contract shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntryView {
+    pub id: String,
+    pub sequence: i64,
+    pub occurred_at: DateTime<Utc>,
+    pub actor: ActorView,
+    pub action: String,
+    pub resource: ResourceView,
+    pub details: Value,
+    pub request_id: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    organization_id: String,
+    sequence: i64,
+    occurred_at_us: i64,
+    actor_type: String,
+    actor_id: String,
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    details: String,
+    request_id: Option<String>,
+}
+
+impl From<AuditRow> for AuditEntryView {
+    fn from(row: AuditRow) -> Self {
+        Self {
+            id: format!("{}:{}", row.organization_id, row.sequence),
+            sequence: row.sequence,
+            occurred_at: from_micros(row.occurred_at_us),
+            actor: ActorView {
+                kind: row.actor_type,
+                id: row.actor_id,
+            },
+            action: row.action,
+            resource: ResourceView {
+                kind: row.resource_type,
+                id: row.resource_id,
+            },
+            details: serde_json::from_str(&row.details).unwrap_or(Value::Null),
+            request_id: row.request_id,
+        }
+    }
+}
+
+/// Filters of the audit log. `from` is inclusive, `to` exclusive; an `action` ending in
+/// `.*` matches a whole family (`group.*`).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub resource_type: Option<String>,
+    pub q: Option<String>,
+}
+
+pub async fn list(
+    database: &Database,
+    organization_id: &str,
+    filter: &AuditFilter,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Result<Page<AuditEntryView>, CursorError>, sqlx::Error> {
+    let after = match cursor.map(Cursor::<i64>::decode) {
+        Some(Ok(Cursor(sequence))) => sequence,
+        Some(Err(error)) => return Ok(Err(error)),
+        None => 0,
+    };
+    let rows = entries_after(database, organization_id, filter, after, limit + 1).await?;
+    let views: Vec<AuditEntryView> = rows.into_iter().map(Into::into).collect();
+    Ok(Ok(paginate(views, limit, |entry| entry.sequence)))
+}
+
+/// Entries after sequence `after`, in sequence order.
+pub async fn page(
+    database: &Database,
+    organization_id: &str,
+    filter: &AuditFilter,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<AuditEntryView>, sqlx::Error> {
+    let rows = entries_after(database, organization_id, filter, after, limit).await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+async fn entries_after(
+    database: &Database,
+    organization_id: &str,
+    filter: &AuditFilter,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
+    let (action_exact, action_prefix) = match filter.action.as_deref() {
+        Some(action) => match action.strip_suffix('*') {
+            Some(prefix) => (
+                None,
+                Some(format!(
+                    "{}%",
+                    prefix.replace('%', "\\%").replace('_', "\\_")
+                )),
+            ),
+            None => (Some(action.to_owned()), None),
+        },
+        None => (None, None),
+    };
+    let q = filter.q.as_deref().map(contains_pattern);
+    let sql = "SELECT organization_id, sequence, occurred_at_us, actor_type, actor_id, action,
+                      resource_type, resource_id, details, request_id
+                 FROM rm_audit_log
+                WHERE organization_id = $1 AND sequence > $2
+                  AND ($3 IS NULL OR occurred_at_us >= $3)
+                  AND ($4 IS NULL OR occurred_at_us < $4)
+                  AND ($5 IS NULL OR actor_id = $5)
+                  AND ($6 IS NULL OR action = $6)
+                  AND ($7 IS NULL OR action LIKE $7 ESCAPE '\\')
+                  AND ($8 IS NULL OR resource_type = $8)
+                  AND ($9 IS NULL OR lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details) LIKE $9 ESCAPE '\\')
+                ORDER BY sequence
+                LIMIT $10";
+    let rows: Vec<AuditRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(sql)
+            .bind(organization_id)
+            .bind(after)
+            .bind(filter.from.map(to_micros))
+            .bind(filter.to.map(to_micros))
+            .bind(&filter.actor)
+            .bind(&action_exact)
+            .bind(&action_prefix)
+            .bind(&filter.resource_type)
+            .bind(&q)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+    });
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orgledger_domain::{Change, MemberRoleChanged, OrganizationUpdated, Role, UserId};
+
+    #[test]
+    fn a_role_change_is_described_with_from_and_to() {
+        let event = E::MemberRoleChanged(MemberRoleChanged {
+            user_id: UserId::parse("user_id", "mia").unwrap(),
+            from: Role::Member,
+            to: Role::Admin,
+        });
+        let description = describe("org-1", &event);
+        assert_eq!(description.action, "member.role_changed");
+        assert_eq!(
+            (description.resource_type, description.resource_id.as_str()),
+            ("member", "mia")
+        );
+        assert_eq!(
+            description.details,
+            json!({"from": "member", "to": "admin"})
+        );
+    }
+
+    #[test]
+    fn settings_changes_are_settings_entries_and_renames_organization_entries() {
+        let settings = E::OrganizationUpdated(OrganizationUpdated {
+            default_invite_expiry_days: Some(Change { from: 7, to: 14 }),
+            ..Default::default()
+        });
+        assert_eq!(describe("o", &settings).action, "settings.updated");
+        let rename = E::OrganizationUpdated(OrganizationUpdated {
+            name: Some(Change {
+                from: "A".into(),
+                to: "B".into(),
+            }),
+            ..Default::default()
+        });
+        let description = describe("o", &rename);
+        assert_eq!(description.action, "organization.updated");
+        assert_eq!(
+            description.details,
+            json!({"name": {"from": "A", "to": "B"}})
+        );
+    }
+}

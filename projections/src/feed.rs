@@ -1,0 +1,76 @@
+//! The events a projector reads: the whole log, in commit order, opened and decoded.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orgledger_domain::OrganizationEvent;
+
+/// A place in the global log. On PostgreSQL, `(commit_txid, position)` orders events by
+/// transaction and stays below the oldest transaction in flight; on SQLite `commit_txid` is 0
+/// and `position` alone is commit order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Checkpoint {
+    pub commit_txid: i64,
+    pub position: i64,
+}
+
+/// One event as the projector sees it.
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    pub checkpoint: Checkpoint,
+    pub organization_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event: OrganizationEvent,
+    pub metadata: HashMap<String, String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl RecordedEvent {
+    /// When the command behind the event was decided (falls back to when it was stored).
+    pub fn occurred_at(&self) -> DateTime<Utc> {
+        self.metadata
+            .get("occurred_at")
+            .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+            .map_or(self.recorded_at, |at| at.with_timezone(&Utc))
+    }
+
+    pub fn actor_type(&self) -> &str {
+        self.metadata
+            .get("actor_type")
+            .map_or("system", String::as_str)
+    }
+
+    pub fn actor_id(&self) -> &str {
+        self.metadata
+            .get("actor_id")
+            .map_or("system", String::as_str)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} #{} of organization {} at {:?}",
+            self.event_type, self.sequence, self.organization_id, self.checkpoint
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FeedError(pub String);
+
+/// Reads the event log. Implemented by the store, which alone can open sealed personal data.
+#[async_trait]
+pub trait EventFeed: Send + Sync {
+    /// Up to `limit` events after `after`, in commit order, never skipping one whose
+    /// transaction commits later.
+    async fn read_after(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, FeedError>;
+
+    /// How many events lie after `after`, and when the oldest of them was recorded.
+    async fn backlog(&self, after: Checkpoint) -> Result<(u64, Option<DateTime<Utc>>), FeedError>;
+}

@@ -1,0 +1,355 @@
+//! Members of each organization, and each user's organizations.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orgledger_domain::OrganizationEvent as E;
+use serde::{Deserialize, Serialize};
+
+use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::db::{Conn, Database};
+use crate::feed::RecordedEvent;
+use crate::organizations::enum_text;
+use crate::projector::Projection;
+use crate::{args, from_micros, to_micros, Page};
+
+pub struct MembersProjection {
+    name: String,
+    table: String,
+}
+
+impl MembersProjection {
+    pub fn new(suffix: &str) -> Self {
+        Self {
+            name: format!("members{suffix}"),
+            table: format!("rm_members{suffix}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Projection for MembersProjection {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn base_name(&self) -> &'static str {
+        "members"
+    }
+
+    fn tables(&self) -> Vec<(&'static str, String)> {
+        vec![("rm_members", self.table.clone())]
+    }
+
+    fn create_tables(&self) -> Vec<String> {
+        let t = &self.table;
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    organization_id TEXT NOT NULL,
+                    user_id TEXT NOT NULL,
+                    email TEXT NOT NULL,
+                    first_name TEXT,
+                    last_name TEXT,
+                    title TEXT,
+                    image_url TEXT,
+                    role TEXT NOT NULL,
+                    joined_at_us BIGINT NOT NULL,
+                    group_ids TEXT NOT NULL,
+                    locked_fields TEXT NOT NULL,
+                    PRIMARY KEY (organization_id, user_id)
+                )"
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {t}_by_joined ON {t} (organization_id, joined_at_us, user_id)"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_user ON {t} (user_id, joined_at_us)"),
+        ]
+    }
+
+    async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let org = event.organization_id.as_str();
+        match &event.event {
+            E::MemberJoined(e) => {
+                let sql = format!(
+                    "INSERT INTO {t} (organization_id, user_id, email, first_name, last_name, title,
+                                      image_url, role, joined_at_us, group_ids, locked_fields)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     ON CONFLICT (organization_id, user_id) DO NOTHING"
+                );
+                let args = args![
+                    org,
+                    e.user_id.as_str(),
+                    &e.email,
+                    &e.first_name,
+                    &e.last_name,
+                    &e.title,
+                    &e.image_url,
+                    e.role.as_str(),
+                    to_micros(e.joined_at),
+                    json_text(&e.group_ids),
+                    json_text(&e.locked_fields)
+                ];
+                conn.execute(&sql, &args).await?;
+            }
+            E::MemberRoleChanged(e) => {
+                set_role(conn, t, org, e.user_id.as_str(), e.to.as_str()).await?;
+            }
+            E::OwnershipTransferred(e) => {
+                set_role(conn, t, org, e.to_user_id.as_str(), "owner").await?;
+                set_role(conn, t, org, e.from_user_id.as_str(), "admin").await?;
+            }
+            E::MemberProfileUpdated(e) => {
+                let user = e.user_id.as_str();
+                let fields = [
+                    ("first_name", &e.first_name),
+                    ("last_name", &e.last_name),
+                    ("title", &e.title),
+                    ("image_url", &e.image_url),
+                ];
+                for (column, change) in fields {
+                    if let Some(change) = change {
+                        let sql = format!(
+                            "UPDATE {t} SET {column} = $3 WHERE organization_id = $1 AND user_id = $2"
+                        );
+                        conn.execute(&sql, &args![org, user, &change.to]).await?;
+                    }
+                }
+                if let Some(change) = &e.locked_fields {
+                    let sql = format!(
+                        "UPDATE {t} SET locked_fields = $3 WHERE organization_id = $1 AND user_id = $2"
+                    );
+                    let locked: Vec<String> = change.to.iter().map(enum_text).collect();
+                    conn.execute(&sql, &args![org, user, json_text(&locked)])
+                        .await?;
+                }
+            }
+            E::MemberRemoved(orgledger_domain::MemberRemoved { user_id, .. })
+            | E::MemberLeft(orgledger_domain::MemberLeft { user_id, .. }) => {
+                let sql = format!("DELETE FROM {t} WHERE organization_id = $1 AND user_id = $2");
+                conn.execute(&sql, &args![org, user_id.as_str()]).await?;
+            }
+            E::OrganizationPurged(_) => {
+                let sql = format!("DELETE FROM {t} WHERE organization_id = $1");
+                conn.execute(&sql, &args![org]).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn set_role(
+    conn: &mut Conn<'_>,
+    table: &str,
+    org: &str,
+    user: &str,
+    role: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = format!("UPDATE {table} SET role = $3 WHERE organization_id = $1 AND user_id = $2");
+    conn.execute(&sql, &args![org, user, role]).await?;
+    Ok(())
+}
+
+pub(crate) fn json_text<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("read-model JSON serializes")
+}
+
+/// A member as the contract shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub user_id: String,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub title: Option<String>,
+    pub image_url: Option<String>,
+    pub role: String,
+    pub joined_at: DateTime<Utc>,
+    pub groups: Vec<String>,
+    pub locked_fields: Vec<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct MemberRow {
+    user_id: String,
+    email: String,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    title: Option<String>,
+    image_url: Option<String>,
+    role: String,
+    joined_at_us: i64,
+    group_ids: String,
+    locked_fields: String,
+}
+
+impl From<MemberRow> for MemberView {
+    fn from(row: MemberRow) -> Self {
+        Self {
+            user_id: row.user_id,
+            email: row.email,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            title: row.title,
+            image_url: row.image_url,
+            role: row.role,
+            joined_at: from_micros(row.joined_at_us),
+            groups: serde_json::from_str(&row.group_ids).unwrap_or_default(),
+            locked_fields: serde_json::from_str(&row.locked_fields).unwrap_or_default(),
+        }
+    }
+}
+
+const COLUMNS: &str = "user_id, email, first_name, last_name, title, image_url, role,
+    joined_at_us, group_ids, locked_fields";
+
+pub async fn get(
+    database: &Database,
+    organization_id: &str,
+    user_id: &str,
+) -> Result<Option<MemberView>, sqlx::Error> {
+    let sql =
+        format!("SELECT {COLUMNS} FROM rm_members WHERE organization_id = $1 AND user_id = $2");
+    let row: Option<MemberRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(&sql).bind(organization_id).bind(user_id).fetch_optional(pool).await?
+    });
+    Ok(row.map(Into::into))
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemberFilter {
+    pub role: Option<String>,
+    pub q: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// Members by `joined_at, user_id`; `q` matches name or email.
+pub async fn list(
+    database: &Database,
+    organization_id: &str,
+    filter: &MemberFilter,
+) -> Result<Result<Page<MemberView>, CursorError>, sqlx::Error> {
+    let after = match filter
+        .cursor
+        .as_deref()
+        .map(Cursor::<(i64, String)>::decode)
+    {
+        Some(Ok(Cursor(key))) => Some(key),
+        Some(Err(error)) => return Ok(Err(error)),
+        None => None,
+    };
+    let (after_at, after_user) = after.unwrap_or((i64::MIN, String::new()));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM rm_members
+          WHERE organization_id = $1
+            AND (joined_at_us > $2 OR (joined_at_us = $2 AND user_id > $3))
+            AND ($4 IS NULL OR role = $4)
+            AND ($5 IS NULL
+                 OR lower(email) LIKE $5 ESCAPE '\\'
+                 OR lower(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) LIKE $5 ESCAPE '\\')
+          ORDER BY joined_at_us, user_id
+          LIMIT $6"
+    );
+    let q = filter.q.as_deref().map(contains_pattern);
+    let rows: Vec<MemberRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(&sql)
+            .bind(organization_id)
+            .bind(after_at)
+            .bind(&after_user)
+            .bind(&filter.role)
+            .bind(&q)
+            .bind(filter.limit as i64 + 1)
+            .fetch_all(pool)
+            .await?
+    });
+    let views: Vec<MemberView> = rows.into_iter().map(Into::into).collect();
+    Ok(Ok(paginate(views, filter.limit, |member| {
+        (to_micros(member.joined_at), member.user_id.clone())
+    })))
+}
+
+/// The role of `user_id` in the organization, if a member.
+pub async fn role_of(
+    database: &Database,
+    organization_id: &str,
+    user_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let sql = "SELECT role FROM rm_members WHERE organization_id = $1 AND user_id = $2";
+    let role: Option<String> = crate::with_pool!(database, pool => {
+        sqlx::query_scalar(sql).bind(organization_id).bind(user_id).fetch_optional(pool).await?
+    });
+    Ok(role)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrganizationSummary {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub kind: String,
+}
+
+/// One organization of a user, with the user's role there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserOrganizationView {
+    pub organization: OrganizationSummary,
+    pub role: String,
+    pub joined_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct UserOrganizationRow {
+    id: String,
+    name: String,
+    slug: String,
+    kind: String,
+    role: String,
+    joined_at_us: i64,
+}
+
+pub async fn organizations_of(
+    database: &Database,
+    user_id: &str,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<Result<Page<UserOrganizationView>, CursorError>, sqlx::Error> {
+    let after = match cursor.map(Cursor::<(i64, String)>::decode) {
+        Some(Ok(Cursor(key))) => Some(key),
+        Some(Err(error)) => return Ok(Err(error)),
+        None => None,
+    };
+    let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+    let sql = "SELECT o.id, o.name, o.slug, o.kind, m.role, m.joined_at_us
+                 FROM rm_members m JOIN rm_organizations o ON o.id = m.organization_id
+                WHERE m.user_id = $1
+                  AND (m.joined_at_us > $2 OR (m.joined_at_us = $2 AND o.id > $3))
+                ORDER BY m.joined_at_us, o.id
+                LIMIT $4";
+    let rows: Vec<UserOrganizationRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(sql)
+            .bind(user_id)
+            .bind(after_at)
+            .bind(&after_id)
+            .bind(limit as i64 + 1)
+            .fetch_all(pool)
+            .await?
+    });
+    let views: Vec<UserOrganizationView> = rows
+        .into_iter()
+        .map(|row| UserOrganizationView {
+            organization: OrganizationSummary {
+                id: row.id,
+                name: row.name,
+                slug: row.slug,
+                kind: row.kind,
+            },
+            role: row.role,
+            joined_at: from_micros(row.joined_at_us),
+        })
+        .collect();
+    Ok(Ok(paginate(views, limit, |view| {
+        (to_micros(view.joined_at), view.organization.id.clone())
+    })))
+}

@@ -1,0 +1,310 @@
+//! The organization directory: one row per organization that is not purged.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use orgledger_domain::OrganizationEvent as E;
+use serde::{Deserialize, Serialize};
+
+use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::db::{Conn, Database};
+use crate::feed::RecordedEvent;
+use crate::projector::Projection;
+use crate::{args, from_micros, to_micros, Page};
+
+pub struct OrganizationsProjection {
+    name: String,
+    table: String,
+}
+
+impl OrganizationsProjection {
+    pub fn new(suffix: &str) -> Self {
+        Self {
+            name: format!("organizations{suffix}"),
+            table: format!("rm_organizations{suffix}"),
+        }
+    }
+}
+
+#[async_trait]
+impl Projection for OrganizationsProjection {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn base_name(&self) -> &'static str {
+        "organizations"
+    }
+
+    fn tables(&self) -> Vec<(&'static str, String)> {
+        vec![("rm_organizations", self.table.clone())]
+    }
+
+    fn create_tables(&self) -> Vec<String> {
+        let t = &self.table;
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    id TEXT PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    slug TEXT NOT NULL,
+                    kind TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    created_at_us BIGINT NOT NULL,
+                    deleted_at_us BIGINT,
+                    purge_after_us BIGINT,
+                    member_count BIGINT NOT NULL DEFAULT 0,
+                    version BIGINT NOT NULL,
+                    timezone TEXT NOT NULL,
+                    logo_url TEXT,
+                    workflow_mode TEXT NOT NULL,
+                    default_invite_expiry_days BIGINT NOT NULL
+                )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_created ON {t} (created_at_us, id)"),
+            format!("CREATE INDEX IF NOT EXISTS {t}_by_purge ON {t} (status, purge_after_us)"),
+        ]
+    }
+
+    async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let id = event.organization_id.as_str();
+        match &event.event {
+            E::OrganizationCreated(e) => {
+                let sql = format!(
+                    "INSERT INTO {t} (id, name, slug, kind, status, created_at_us, version,
+                                      timezone, logo_url, workflow_mode, default_invite_expiry_days)
+                     VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10)
+                     ON CONFLICT (id) DO NOTHING"
+                );
+                let args = args![
+                    id,
+                    &e.name,
+                    &e.slug,
+                    enum_text(&e.kind),
+                    to_micros(e.created_at),
+                    event.sequence,
+                    &e.settings.timezone,
+                    &e.settings.logo_url,
+                    enum_text(&e.settings.workflow_mode),
+                    i64::from(e.settings.default_invite_expiry_days)
+                ];
+                conn.execute(&sql, &args).await?;
+                return Ok(());
+            }
+            E::OrganizationUpdated(e) => {
+                if let Some(change) = &e.name {
+                    set(conn, t, id, "name", &change.to).await?;
+                }
+                if let Some(change) = &e.slug {
+                    set(conn, t, id, "slug", &change.to).await?;
+                }
+                if let Some(change) = &e.timezone {
+                    set(conn, t, id, "timezone", &change.to).await?;
+                }
+                if let Some(change) = &e.logo_url {
+                    let sql = format!("UPDATE {t} SET logo_url = $2 WHERE id = $1");
+                    conn.execute(&sql, &args![id, &change.to]).await?;
+                }
+                if let Some(change) = &e.workflow_mode {
+                    set(conn, t, id, "workflow_mode", &enum_text(&change.to)).await?;
+                }
+                if let Some(change) = &e.default_invite_expiry_days {
+                    let sql =
+                        format!("UPDATE {t} SET default_invite_expiry_days = $2 WHERE id = $1");
+                    conn.execute(&sql, &args![id, i64::from(change.to)]).await?;
+                }
+            }
+            E::OrganizationDeleted(e) => {
+                let sql = format!(
+                    "UPDATE {t} SET status = 'deleted', deleted_at_us = $2, purge_after_us = $3
+                      WHERE id = $1"
+                );
+                let args = args![id, to_micros(e.deleted_at), to_micros(e.purge_after)];
+                conn.execute(&sql, &args).await?;
+            }
+            E::OrganizationRestored(_) => {
+                let sql = format!(
+                    "UPDATE {t} SET status = 'active', deleted_at_us = NULL, purge_after_us = NULL
+                      WHERE id = $1"
+                );
+                conn.execute(&sql, &args![id]).await?;
+            }
+            E::OrganizationPurged(_) => {
+                conn.execute(&format!("DELETE FROM {t} WHERE id = $1"), &args![id])
+                    .await?;
+                return Ok(());
+            }
+            E::MemberJoined(_) => {
+                let sql = format!("UPDATE {t} SET member_count = member_count + 1 WHERE id = $1");
+                conn.execute(&sql, &args![id]).await?;
+            }
+            E::MemberRemoved(_) | E::MemberLeft(_) => {
+                let sql = format!("UPDATE {t} SET member_count = member_count - 1 WHERE id = $1");
+                conn.execute(&sql, &args![id]).await?;
+            }
+            _ => {}
+        }
+        let sql = format!("UPDATE {t} SET version = $2 WHERE id = $1");
+        conn.execute(&sql, &args![id, event.sequence]).await?;
+        Ok(())
+    }
+}
+
+async fn set(
+    conn: &mut Conn<'_>,
+    table: &str,
+    id: &str,
+    column: &str,
+    value: &str,
+) -> Result<(), sqlx::Error> {
+    let sql = format!("UPDATE {table} SET {column} = $2 WHERE id = $1");
+    conn.execute(&sql, &args![id, value]).await?;
+    Ok(())
+}
+
+/// A unit enum's serde name (`Team` → `team`).
+pub(crate) fn enum_text<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(text)) => text,
+        other => unreachable!("a unit enum serializes to a string, got {other:?}"),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingsView {
+    pub timezone: String,
+    pub logo_url: Option<String>,
+    pub workflow_mode: String,
+    pub default_invite_expiry_days: i64,
+}
+
+/// An organization as the contract shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrganizationView {
+    pub id: String,
+    pub name: String,
+    pub slug: String,
+    pub kind: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub purge_after: Option<DateTime<Utc>>,
+    pub member_count: i64,
+    pub version: i64,
+    pub settings: SettingsView,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrganizationRow {
+    id: String,
+    name: String,
+    slug: String,
+    kind: String,
+    status: String,
+    created_at_us: i64,
+    deleted_at_us: Option<i64>,
+    purge_after_us: Option<i64>,
+    member_count: i64,
+    version: i64,
+    timezone: String,
+    logo_url: Option<String>,
+    workflow_mode: String,
+    default_invite_expiry_days: i64,
+}
+
+impl From<OrganizationRow> for OrganizationView {
+    fn from(row: OrganizationRow) -> Self {
+        Self {
+            id: row.id,
+            name: row.name,
+            slug: row.slug,
+            kind: row.kind,
+            status: row.status,
+            created_at: from_micros(row.created_at_us),
+            deleted_at: row.deleted_at_us.map(from_micros),
+            purge_after: row.purge_after_us.map(from_micros),
+            member_count: row.member_count,
+            version: row.version,
+            settings: SettingsView {
+                timezone: row.timezone,
+                logo_url: row.logo_url,
+                workflow_mode: row.workflow_mode,
+                default_invite_expiry_days: row.default_invite_expiry_days,
+            },
+        }
+    }
+}
+
+const COLUMNS: &str = "id, name, slug, kind, status, created_at_us, deleted_at_us, purge_after_us,
+    member_count, version, timezone, logo_url, workflow_mode, default_invite_expiry_days";
+
+pub async fn get(database: &Database, id: &str) -> Result<Option<OrganizationView>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM rm_organizations WHERE id = $1");
+    let row: Option<OrganizationRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?
+    });
+    Ok(row.map(Into::into))
+}
+
+/// Filters of the organization directory.
+#[derive(Debug, Clone, Default)]
+pub struct OrganizationFilter {
+    pub q: Option<String>,
+    pub status: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+pub async fn list(
+    database: &Database,
+    filter: &OrganizationFilter,
+) -> Result<Result<Page<OrganizationView>, CursorError>, sqlx::Error> {
+    let after = match filter
+        .cursor
+        .as_deref()
+        .map(Cursor::<(i64, String)>::decode)
+    {
+        Some(Ok(Cursor(key))) => Some(key),
+        Some(Err(error)) => return Ok(Err(error)),
+        None => None,
+    };
+    let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+    let sql = format!(
+        "SELECT {COLUMNS} FROM rm_organizations
+          WHERE (created_at_us > $1 OR (created_at_us = $1 AND id > $2))
+            AND ($3 IS NULL OR status = $3)
+            AND ($4 IS NULL OR lower(name) LIKE $4 ESCAPE '\\' OR slug LIKE $4 ESCAPE '\\')
+          ORDER BY created_at_us, id
+          LIMIT $5"
+    );
+    let q = filter.q.as_deref().map(contains_pattern);
+    let rows: Vec<OrganizationRow> = crate::with_pool!(database, pool => {
+        sqlx::query_as(&sql)
+            .bind(after_at)
+            .bind(&after_id)
+            .bind(&filter.status)
+            .bind(&q)
+            .bind(filter.limit as i64 + 1)
+            .fetch_all(pool)
+            .await?
+    });
+    let views: Vec<OrganizationView> = rows.into_iter().map(Into::into).collect();
+    Ok(Ok(paginate(views, filter.limit, |org| {
+        (to_micros(org.created_at), org.id.clone())
+    })))
+}
+
+/// Soft-deleted organizations whose restore window has elapsed by `now`.
+pub async fn due_for_purge(
+    database: &Database,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let sql = "SELECT id, name FROM rm_organizations
+                WHERE status = 'deleted' AND purge_after_us <= $1
+                ORDER BY purge_after_us LIMIT $2";
+    let rows: Vec<(String, String)> = crate::with_pool!(database, pool => {
+        sqlx::query_as(sql).bind(to_micros(now)).bind(limit).fetch_all(pool).await?
+    });
+    Ok(rows)
+}

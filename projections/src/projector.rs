@@ -1,0 +1,711 @@
+//! The durable projector. Each projection reads the log from its checkpoint in batches; a
+//! batch's read-model changes, its per-organization versions and its new checkpoint commit in
+//! one transaction, so a crash anywhere is followed by a clean catch-up and nothing is applied
+//! twice. A batch that fails is rolled back, reported and retried; an event is never skipped.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::db::{Conn, Database, Transaction};
+use crate::feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
+use crate::{args, audit, invitations, members, organizations, to_micros};
+
+/// Every projection, in the order they are run.
+pub const PROJECTION_NAMES: &[&str] = &["organizations", "members", "invitations", "audit_log"];
+
+const LIVE_BATCH: usize = 500;
+const REBUILD_BATCH: usize = 2_000;
+/// Poll interval when no wake-up arrives: the fallback for lost notifications.
+const POLL: Duration = Duration::from_millis(1_000);
+const NOTIFY_CHANNEL: &str = "orgledger_events";
+
+/// One read model: its tables and how an event changes them. `apply` must be a pure
+/// function of the event and the rows it touches, so replaying the log rebuilds it.
+#[async_trait]
+pub trait Projection: Send + Sync {
+    /// The checkpoint name: the base name, plus the rebuild suffix on a shadow copy.
+    fn name(&self) -> &str;
+    fn base_name(&self) -> &'static str;
+    /// `(live table name, this copy's table name)` for each of its tables.
+    fn tables(&self) -> Vec<(&'static str, String)>;
+    /// Idempotent DDL for this copy's tables and indexes.
+    fn create_tables(&self) -> Vec<String>;
+    async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error>;
+}
+
+/// The projection `name` writing to tables with `suffix` (empty for the live tables).
+pub fn projection_named(name: &str, suffix: &str) -> Option<Arc<dyn Projection>> {
+    let projection: Arc<dyn Projection> = match name {
+        "organizations" => Arc::new(organizations::OrganizationsProjection::new(suffix)),
+        "members" => Arc::new(members::MembersProjection::new(suffix)),
+        "invitations" => Arc::new(invitations::InvitationsProjection::new(suffix)),
+        "audit_log" => Arc::new(audit::AuditLogProjection::new(suffix)),
+        _ => return None,
+    };
+    Some(projection)
+}
+
+pub fn all_projections(suffix: &str) -> Vec<Arc<dyn Projection>> {
+    PROJECTION_NAMES
+        .iter()
+        .filter_map(|name| projection_named(name, suffix))
+        .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("reading the event log failed: {0}")]
+    Feed(#[from] FeedError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("projection {projection} failed on {event}: {error}")]
+    Apply {
+        projection: String,
+        event: String,
+        error: sqlx::Error,
+    },
+    #[error("unknown projection {0:?}; known: organizations, members, invitations, audit_log")]
+    Unknown(String),
+}
+
+/// Where a projection stands, for `projections status`, `/readyz` and metrics.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub position: i64,
+    pub commit_txid: i64,
+    pub events_applied: i64,
+    /// Events committed but not yet applied.
+    pub backlog: u64,
+    /// Age of the oldest event not yet applied.
+    pub lag_seconds: f64,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub failed_event: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RebuildReport {
+    pub projection: String,
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+}
+
+/// Counters exported as metrics.
+#[derive(Debug, Default, Clone)]
+pub struct ProjectionCounters {
+    pub events_applied: u64,
+    pub failures: u64,
+}
+
+pub struct Projector {
+    database: Database,
+    feed: Arc<dyn EventFeed>,
+    projections: Vec<Arc<dyn Projection>>,
+    /// Bumped whenever events may have been committed.
+    commits: watch::Sender<u64>,
+    /// Bumped after every batch this process applies.
+    progress: watch::Sender<u64>,
+    counters: Mutex<HashMap<String, ProjectionCounters>>,
+    leading: Mutex<HashSet<String>>,
+}
+
+impl Projector {
+    pub fn new(database: Database, feed: Arc<dyn EventFeed>) -> Self {
+        Self {
+            database,
+            feed,
+            projections: all_projections(""),
+            commits: watch::channel(0).0,
+            progress: watch::channel(0).0,
+            counters: Mutex::default(),
+            leading: Mutex::default(),
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    /// Creates missing read-model tables and checkpoints.
+    pub async fn prepare(&self) -> Result<(), ProjectionError> {
+        for projection in &self.projections {
+            self.prepare_copy(projection.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    async fn prepare_copy(&self, projection: &dyn Projection) -> Result<(), ProjectionError> {
+        let mut tx = self.database.begin().await?;
+        let mut conn = tx.conn();
+        conn.execute_script(&projection.create_tables()).await?;
+        conn.execute(
+            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+            &args![projection.name()],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tells the runners in this process that events were committed.
+    pub fn wake(&self) {
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The projections whose active runner is in this process.
+    pub fn leading(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .leading
+            .lock()
+            .expect("leading poisoned")
+            .iter()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The live projections applied by this process and their counters.
+    pub fn counters(&self) -> HashMap<String, ProjectionCounters> {
+        self.counters.lock().expect("counters poisoned").clone()
+    }
+
+    /// Applies one batch of `projection`; returns how many events it read.
+    pub async fn run_batch(&self, projection: &dyn Projection) -> Result<usize, ProjectionError> {
+        self.run_batch_of(projection, LIVE_BATCH).await
+    }
+
+    async fn run_batch_of(
+        &self,
+        projection: &dyn Projection,
+        limit: usize,
+    ) -> Result<usize, ProjectionError> {
+        let mut tx = self.database.begin().await?;
+        match self.apply_batch(&mut tx, projection, limit).await {
+            Ok(0) => {
+                tx.rollback().await?;
+                Ok(0)
+            }
+            Ok(applied) => {
+                tx.commit().await?;
+                self.count(projection.name(), |c| c.events_applied += applied as u64);
+                self.progress.send_modify(|n| *n = n.wrapping_add(1));
+                Ok(applied)
+            }
+            Err(error) => {
+                drop(tx.rollback().await);
+                self.record_failure(projection.name(), &error).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Inside `tx`: lock the checkpoint, read the next events, apply each once, record the
+    /// organizations' versions and move the checkpoint.
+    async fn apply_batch(
+        &self,
+        tx: &mut Transaction,
+        projection: &dyn Projection,
+        limit: usize,
+    ) -> Result<usize, ProjectionError> {
+        let name = projection.name();
+        let mut conn = tx.conn();
+        // A write first: it takes the row lock (PostgreSQL) or the write lock (SQLite), so
+        // two runners of one projection never apply the same batch.
+        conn.execute(
+            "UPDATE projection_checkpoints SET name = name WHERE name = $1",
+            &args![name],
+        )
+        .await?;
+        let sql = "SELECT commit_txid FROM projection_checkpoints WHERE name = $1";
+        let commit_txid = conn.fetch_i64(sql, &args![name]).await?.unwrap_or(0);
+        let sql = "SELECT position FROM projection_checkpoints WHERE name = $1";
+        let position = conn.fetch_i64(sql, &args![name]).await?.unwrap_or(0);
+        let after = Checkpoint {
+            commit_txid,
+            position,
+        };
+        let events = self.feed.read_after(after, limit).await?;
+        let Some(last) = events.last().map(|event| event.checkpoint) else {
+            return Ok(0);
+        };
+        let mut versions: HashMap<&str, i64> = HashMap::new();
+        for event in &events {
+            let organization = event.organization_id.as_str();
+            let known = match versions.get(organization) {
+                Some(version) => *version,
+                None => conn
+                    .fetch_i64(
+                        "SELECT version FROM projected_versions
+                          WHERE projection = $1 AND organization_id = $2",
+                        &args![name, organization],
+                    )
+                    .await?
+                    .unwrap_or(0),
+            };
+            if event.sequence > known {
+                projection.apply(&mut conn, event).await.map_err(|error| {
+                    ProjectionError::Apply {
+                        projection: name.to_owned(),
+                        event: event.describe(),
+                        error,
+                    }
+                })?;
+            } else {
+                tracing::warn!(projection = name, event = %event.describe(), "already applied; skipped");
+            }
+            versions.insert(organization, known.max(event.sequence));
+        }
+        for (organization, version) in versions {
+            conn.execute(
+                "INSERT INTO projected_versions (projection, organization_id, version)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version",
+                &args![name, organization, version],
+            )
+            .await?;
+        }
+        conn.execute(
+            "UPDATE projection_checkpoints
+                SET commit_txid = $2, position = $3, events_applied = events_applied + $4,
+                    updated_at_us = $5, failed_at_us = NULL, failed_event = NULL, last_error = NULL
+              WHERE name = $1",
+            &args![
+                name,
+                last.commit_txid,
+                last.position,
+                events.len() as i64,
+                to_micros(Utc::now())
+            ],
+        )
+        .await?;
+        Ok(events.len())
+    }
+
+    async fn record_failure(&self, name: &str, error: &ProjectionError) {
+        self.count(name, |c| c.failures += 1);
+        let event = match error {
+            ProjectionError::Apply { event, .. } => Some(event.clone()),
+            _ => None,
+        };
+        tracing::error!(projection = name, failed_event = event.as_deref(), %error, "projection stopped on an error; it will retry and never skip the event");
+        let recorded = with_failure_args(&self.database, name, event, error.to_string()).await;
+        if let Err(record_error) = recorded {
+            tracing::error!(projection = name, %record_error, "could not record the failure");
+        }
+    }
+
+    fn count(&self, name: &str, change: impl FnOnce(&mut ProjectionCounters)) {
+        let mut counters = self.counters.lock().expect("counters poisoned");
+        change(counters.entry(name.to_owned()).or_default());
+    }
+
+    /// Applies every live projection until the log is exhausted.
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let mut total = 0;
+        for projection in &self.projections {
+            loop {
+                let applied = self.run_batch(projection.as_ref()).await?;
+                total += applied;
+                if applied == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Starts a runner per projection (and, on PostgreSQL, a LISTEN task); they stop when
+    /// `shutdown` turns true.
+    pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let Database::Postgres(pool) = &self.database {
+            let projector = self.clone();
+            let pool = pool.clone();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                projector.listen(pool, shutdown).await;
+            }));
+        }
+        for projection in self.projections.clone() {
+            let projector = self.clone();
+            let shutdown = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                projector.run_projection(projection, shutdown).await;
+            }));
+        }
+        tasks
+    }
+
+    /// Forwards PostgreSQL notifications of new events to this process's runners.
+    async fn listen(&self, pool: sqlx::PgPool, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let listener = async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                listener.listen(NOTIFY_CHANNEL).await?;
+                loop {
+                    listener.recv().await?;
+                    self.wake();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                result = listener => {
+                    if let Err(error) = result {
+                        tracing::warn!(%error, "event notifications lost; polling until reconnected");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn run_projection(
+        &self,
+        projection: Arc<dyn Projection>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let name = projection.name().to_owned();
+        // One active runner per projection across processes: the holder of its advisory lock.
+        // The lock dies with its session, so another process takes over.
+        let _leadership = match &self.database {
+            Database::Postgres(pool) => loop {
+                if *shutdown.borrow() {
+                    return;
+                }
+                match try_lead(pool, &name).await {
+                    Ok(Some(connection)) => break Some(connection),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(projection = %name, %error, "leader election failed")
+                    }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            },
+            Database::Sqlite(_) => None,
+        };
+        tracing::info!(projection = %name, "projection runner active");
+        self.leading
+            .lock()
+            .expect("leading poisoned")
+            .insert(name.clone());
+        let mut commits = self.commits.subscribe();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            match self.run_batch(projection.as_ref()).await {
+                Ok(0) => {
+                    backoff = Duration::from_millis(500);
+                    tokio::select! {
+                        _ = commits.changed() => {}
+                        () = tokio::time::sleep(POLL) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+                Ok(_) => backoff = Duration::from_millis(500),
+                Err(_) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        self.leading.lock().expect("leading poisoned").remove(&name);
+    }
+
+    /// Waits until every projection has applied `organization_id` up to `version`; false when
+    /// `timeout` passes first.
+    pub async fn wait_for(
+        &self,
+        organization_id: &str,
+        version: i64,
+        timeout: Duration,
+    ) -> Result<bool, ProjectionError> {
+        let deadline = Instant::now() + timeout;
+        let mut progress = self.progress.subscribe();
+        let names = PROJECTION_NAMES
+            .iter()
+            .map(|name| format!("'{name}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT count(*) FROM projected_versions
+              WHERE organization_id = $1 AND version >= $2 AND projection IN ({names})"
+        );
+        loop {
+            let applied: i64 = crate::with_pool!(&self.database, pool => {
+                sqlx::query_scalar(&sql)
+                    .bind(organization_id)
+                    .bind(version)
+                    .fetch_one(pool)
+                    .await?
+            });
+            if applied as usize >= PROJECTION_NAMES.len() {
+                return Ok(true);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            // Progress here wakes at once; a runner in another process is seen by polling.
+            let poll = (deadline - now).min(Duration::from_millis(20));
+            tokio::select! {
+                _ = progress.changed() => {}
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// Every live projection's position, backlog and last failure.
+    pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
+        let rows: Vec<CheckpointRow> = crate::with_pool!(&self.database, pool => {
+            sqlx::query_as(
+                "SELECT name, commit_txid, position, events_applied, updated_at_us,
+                        failed_event, last_error
+                   FROM projection_checkpoints",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        let mut statuses = Vec::new();
+        for name in PROJECTION_NAMES {
+            let row = rows.iter().find(|row| row.name == *name);
+            let after = row.map_or(Checkpoint::default(), |row| Checkpoint {
+                commit_txid: row.commit_txid,
+                position: row.position,
+            });
+            let (backlog, oldest) = self.feed.backlog(after).await?;
+            let lag_seconds = oldest.map_or(0.0, |at| {
+                (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            statuses.push(ProjectionStatus {
+                name: (*name).to_owned(),
+                position: after.position,
+                commit_txid: after.commit_txid,
+                events_applied: row.map_or(0, |row| row.events_applied),
+                backlog,
+                lag_seconds,
+                updated_at: row
+                    .filter(|row| row.updated_at_us > 0)
+                    .map(|row| crate::from_micros(row.updated_at_us)),
+                failed_event: row.and_then(|row| row.failed_event.clone()),
+                last_error: row.and_then(|row| row.last_error.clone()),
+            });
+        }
+        Ok(statuses)
+    }
+
+    /// Replays the whole log into fresh tables and swaps them in atomically; reads keep
+    /// being served from the old tables until the swap commits.
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        show_progress: bool,
+    ) -> Result<RebuildReport, ProjectionError> {
+        let started = Instant::now();
+        let suffix = format!("__rb{}", Utc::now().timestamp_micros());
+        let shadow = projection_named(name, &suffix)
+            .ok_or_else(|| ProjectionError::Unknown(name.to_owned()))?;
+        let live = projection_named(name, "").expect("a known projection");
+        self.prepare_copy(live.as_ref()).await?;
+        self.prepare_copy(shadow.as_ref()).await?;
+
+        let (total, _) = self.feed.backlog(Checkpoint::default()).await?;
+        let bar = if show_progress {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>14} [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(name.to_owned());
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let mut events = 0_u64;
+        let result = async {
+            loop {
+                let applied = self.run_batch_of(shadow.as_ref(), REBUILD_BATCH).await?;
+                events += applied as u64;
+                bar.inc(applied as u64);
+                if applied == 0 {
+                    break;
+                }
+            }
+            events += self.swap(live.as_ref(), shadow.as_ref()).await? as u64;
+            Ok::<(), ProjectionError>(())
+        }
+        .await;
+        bar.finish_and_clear();
+        if let Err(error) = result {
+            self.discard(shadow.as_ref()).await;
+            return Err(error);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(RebuildReport {
+            projection: name.to_owned(),
+            events,
+            seconds,
+            events_per_second: events as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// In one transaction: apply the shadow's tail, replace the live tables with it, and take
+    /// over its checkpoint and versions. Returns the tail's length.
+    async fn swap(
+        &self,
+        live: &dyn Projection,
+        shadow: &dyn Projection,
+    ) -> Result<usize, ProjectionError> {
+        let mut tx = self.database.begin().await?;
+        {
+            let mut conn = tx.conn();
+            let lock = "UPDATE projection_checkpoints SET name = name WHERE name = $1";
+            conn.execute(lock, &args![live.name()]).await?;
+        }
+        let mut tail = 0;
+        loop {
+            let applied = self.apply_batch(&mut tx, shadow, REBUILD_BATCH).await?;
+            tail += applied;
+            if applied == 0 {
+                break;
+            }
+        }
+        let mut conn = tx.conn();
+        for (live_table, shadow_table) in shadow.tables() {
+            conn.execute(&format!("DROP TABLE IF EXISTS {live_table}"), &[])
+                .await?;
+            conn.execute(
+                &format!("ALTER TABLE {shadow_table} RENAME TO {live_table}"),
+                &[],
+            )
+            .await?;
+        }
+        conn.execute(
+            "UPDATE projection_checkpoints
+                SET commit_txid = (SELECT commit_txid FROM projection_checkpoints WHERE name = $2),
+                    position = (SELECT position FROM projection_checkpoints WHERE name = $2),
+                    events_applied = (SELECT events_applied FROM projection_checkpoints WHERE name = $2),
+                    updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
+              WHERE name = $1",
+            &args![live.name(), shadow.name(), to_micros(Utc::now())],
+        )
+        .await?;
+        conn.execute(
+            "DELETE FROM projection_checkpoints WHERE name = $1",
+            &args![shadow.name()],
+        )
+        .await?;
+        conn.execute(
+            "DELETE FROM projected_versions WHERE projection = $1",
+            &args![live.name()],
+        )
+        .await?;
+        conn.execute(
+            "UPDATE projected_versions SET projection = $1 WHERE projection = $2",
+            &args![live.name(), shadow.name()],
+        )
+        .await?;
+        tx.commit().await?;
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(tail)
+    }
+
+    /// Drops a shadow copy left by a failed rebuild.
+    async fn discard(&self, shadow: &dyn Projection) {
+        let result = async {
+            let mut tx = self.database.begin().await?;
+            let mut conn = tx.conn();
+            for (_, table) in shadow.tables() {
+                conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
+                    .await?;
+            }
+            conn.execute(
+                "DELETE FROM projection_checkpoints WHERE name = $1",
+                &args![shadow.name()],
+            )
+            .await?;
+            conn.execute(
+                "DELETE FROM projected_versions WHERE projection = $1",
+                &args![shadow.name()],
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(projection = shadow.name(), %error, "could not drop an abandoned rebuild");
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    name: String,
+    commit_txid: i64,
+    position: i64,
+    events_applied: i64,
+    updated_at_us: i64,
+    failed_event: Option<String>,
+    last_error: Option<String>,
+}
+
+async fn with_failure_args(
+    database: &Database,
+    name: &str,
+    event: Option<String>,
+    error: String,
+) -> Result<(), sqlx::Error> {
+    crate::with_pool!(database, pool => {
+        sqlx::query(
+            "UPDATE projection_checkpoints
+                SET failed_at_us = $2, failed_event = $3, last_error = $4
+              WHERE name = $1",
+        )
+        .bind(name)
+        .bind(to_micros(Utc::now()))
+        .bind(event)
+        .bind(error)
+        .execute(pool)
+        .await?;
+    });
+    Ok(())
+}
+
+/// Takes the projection's advisory lock on a connection of its own, held while it leads.
+async fn try_lead(
+    pool: &sqlx::PgPool,
+    name: &str,
+) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
+        .bind(format!("orgledger.projection.{name}"))
+        .fetch_one(&mut *connection)
+        .await?;
+    // Detached, the connection closes when dropped, and the lock goes with it rather than
+    // back into the pool.
+    Ok(locked.then(|| connection.detach()))
+}

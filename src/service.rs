@@ -1,0 +1,143 @@
+//! The application service: commands through the ledger, then read-your-writes through the
+//! projector; and the scheduled purge of organizations past their restore window.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use orgledger_domain::{Actor, Command, OrganizationCommand, PurgeOrganization};
+use orgledger_projections::{organizations, Projector};
+use uuid::Uuid;
+
+use crate::ledger::{Committed, Ledger, LedgerError, RequestContext};
+use crate::store::{MasterKey, StoreFeed};
+use orgledger_projections::Database;
+
+/// How long a command waits for the read models by default.
+pub const DEFAULT_CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
+
+/// A committed command and whether the read models already show it.
+#[derive(Debug)]
+pub struct Outcome {
+    pub committed: Committed,
+    /// False when the projections were still behind after the bounded wait.
+    pub consistent: bool,
+}
+
+pub struct Orgledger {
+    pub ledger: Ledger,
+    pub projector: Arc<Projector>,
+    pub consistency_wait: Duration,
+}
+
+impl Orgledger {
+    /// Wires the ledger and projector over one database; creates missing read-model tables.
+    pub async fn open(database: Database, master_key: MasterKey) -> Result<Self, LedgerError> {
+        let ledger = Ledger::new(database.clone(), master_key);
+        let feed = Arc::new(StoreFeed::new(database.clone(), ledger.keys().clone()));
+        let projector = Arc::new(Projector::new(database, feed));
+        projector
+            .prepare()
+            .await
+            .map_err(|error| LedgerError::Store(error.to_string()))?;
+        Ok(Self {
+            ledger,
+            projector,
+            consistency_wait: DEFAULT_CONSISTENCY_WAIT,
+        })
+    }
+
+    pub fn database(&self) -> &Database {
+        self.ledger.database()
+    }
+
+    /// Creates an organization and waits for its read models.
+    pub async fn create_organization(
+        &self,
+        command: Command,
+        slug_was_given: bool,
+        context: &RequestContext,
+    ) -> Result<Outcome, LedgerError> {
+        let committed = self
+            .ledger
+            .create_organization(command, slug_was_given, context)
+            .await?;
+        self.settle(committed).await
+    }
+
+    /// Runs a command and waits for its read models.
+    pub async fn run(
+        &self,
+        organization_id: Uuid,
+        command: Command,
+        context: &RequestContext,
+        expected_version: Option<usize>,
+    ) -> Result<Outcome, LedgerError> {
+        let committed = self
+            .ledger
+            .run(organization_id, command, context, expected_version)
+            .await?;
+        self.settle(committed).await
+    }
+
+    async fn settle(&self, committed: Committed) -> Result<Outcome, LedgerError> {
+        if committed.events.is_empty() {
+            return Ok(Outcome {
+                committed,
+                consistent: true,
+            });
+        }
+        self.projector.wake();
+        let consistent = self
+            .projector
+            .wait_for(
+                &committed.organization_id.to_string(),
+                committed.version as i64,
+                self.consistency_wait,
+            )
+            .await
+            .map_err(|error| LedgerError::Store(error.to_string()))?;
+        if !consistent {
+            tracing::warn!(organization_id = %committed.organization_id, version = committed.version, "read models still behind after the consistency wait");
+        }
+        Ok(Outcome {
+            committed,
+            consistent,
+        })
+    }
+
+    /// Purges, as `system`, every soft-deleted organization whose restore window has
+    /// elapsed. Returns how many were purged.
+    pub async fn purge_expired(&self) -> Result<usize, LedgerError> {
+        let now = Utc::now();
+        let due = organizations::due_for_purge(self.database(), now, 100)
+            .await
+            .map_err(|error| LedgerError::Store(error.to_string()))?;
+        let mut purged = 0;
+        for (id, name) in due {
+            let Ok(organization_id) = Uuid::parse_str(&id) else {
+                continue;
+            };
+            let command = Command::new(
+                Actor::System,
+                now,
+                OrganizationCommand::PurgeOrganization(PurgeOrganization { confirm_name: name }),
+            );
+            match self
+                .run(organization_id, command, &RequestContext::default(), None)
+                .await
+            {
+                Ok(_) => {
+                    purged += 1;
+                    tracing::info!(%organization_id, "purged after its restore window");
+                }
+                // Restored or purged meanwhile by someone else: nothing to do.
+                Err(LedgerError::Rejected(rejection)) => {
+                    tracing::info!(%organization_id, %rejection, "scheduled purge skipped");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(purged)
+    }
+}

@@ -1,0 +1,966 @@
+//! Read models and the durable projector on real PostgreSQL and real SQLite.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use orgledger::exports::data_export;
+use orgledger::history::{raw_events, state_as_of, AsOf};
+use orgledger::ledger::RequestContext;
+use orgledger_domain::*;
+use orgledger_projections::audit::{self, AuditFilter};
+use orgledger_projections::exports::{audit_log, AuditFormat};
+use orgledger_projections::invitations::{self, InvitationFilter};
+use orgledger_projections::members::{self, MemberFilter};
+use orgledger_projections::{organizations, projection_named, Database};
+use support::*;
+use uuid::Uuid;
+
+on_both_backends!(
+    read_models_show_each_command_when_it_returns,
+    events_committed_while_no_projector_ran_are_applied_once_after_restart,
+    a_failing_projection_stops_reports_and_resumes_without_skipping,
+    a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
+    member_pages_are_stable_under_concurrent_inserts,
+    audit_log_filters_select_the_right_entries,
+    audit_exports_parse_back_as_csv_and_json,
+    the_data_export_is_complete_and_holds_no_secret,
+    raw_events_and_past_states_come_from_the_log,
+    organizations_past_their_restore_window_are_purged_by_system,
+    status_reports_positions_and_backlog,
+);
+
+fn member_filter() -> MemberFilter {
+    MemberFilter {
+        limit: 50,
+        ..MemberFilter::default()
+    }
+}
+
+async fn create(service: &TestService, name: &str, slug: &str, owner: &str) -> Uuid {
+    service
+        .create_organization(
+            create_command(name, slug, owner),
+            true,
+            &RequestContext::default(),
+        )
+        .await
+        .expect("create")
+        .committed
+        .organization_id
+}
+
+async fn read_models_show_each_command_when_it_returns(backend: Backend) {
+    let mut service = spawn_service(backend).await;
+    service.start_projections();
+    let org = create(&service, "Acme", "acme", "olivia").await;
+    let id = org.to_string();
+    let view = organizations::get(service.db(), &id)
+        .await
+        .unwrap()
+        .expect("the directory shows it");
+    assert_eq!(
+        (view.slug.as_str(), view.member_count, view.version),
+        ("acme", 1, 2)
+    );
+
+    let token = orgledger::tokens::issue("inv");
+    let send = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: Some(Email::parse("email", "nina@example.com").unwrap()),
+        role: Role::Member,
+        first_name: Some("Nina".into()),
+        last_name: None,
+        title: Some("CFO".into()),
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::ONE,
+        token_sha256: token.sha256.clone(),
+    };
+    let outcome = service
+        .run_as(org, "olivia", OrganizationCommand::SendInvitation(send))
+        .await;
+    assert!(outcome.consistent);
+    let pending = invitations::list(
+        service.db(),
+        &id,
+        &InvitationFilter {
+            status: Some("pending".into()),
+            limit: 50,
+            cursor: None,
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(pending.items.len(), 1);
+    assert_eq!(pending.items[0].email.as_deref(), Some("nina@example.com"));
+    assert_eq!(
+        invitations::organization_of_token(service.db(), &token.sha256)
+            .await
+            .unwrap(),
+        Some(id.clone()),
+        "the token hash finds the organization for acceptance"
+    );
+
+    let accept = AcceptInvitation {
+        token_sha256: token.sha256.clone(),
+        user_id: uid("nina"),
+        email: Email::parse("email", "nina@example.com").unwrap(),
+        first_name: None,
+        last_name: None,
+    };
+    service
+        .run_as(org, "nina", OrganizationCommand::AcceptInvitation(accept))
+        .await;
+    let nina = members::get(service.db(), &id, "nina")
+        .await
+        .unwrap()
+        .expect("nina is a member");
+    assert_eq!(nina.title.as_deref(), Some("CFO"));
+    assert_eq!(nina.locked_fields, vec!["first_name", "title"]);
+    let accepted = invitations::list(
+        service.db(),
+        &id,
+        &InvitationFilter {
+            status: Some("accepted".into()),
+            limit: 50,
+            cursor: None,
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(accepted.items.len(), 1);
+    assert_eq!(
+        invitations::organization_of_token(service.db(), &token.sha256)
+            .await
+            .unwrap(),
+        None
+    );
+
+    service
+        .run_as(org, "olivia", set_role("nina", Role::Admin))
+        .await;
+    let entries = audit::list(
+        service.db(),
+        &id,
+        &AuditFilter {
+            action: Some("member.role_changed".into()),
+            ..Default::default()
+        },
+        50,
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(entries.items.len(), 1);
+    assert_eq!(
+        entries.items[0].details,
+        serde_json::json!({"from": "member", "to": "admin"})
+    );
+    assert_eq!(entries.items[0].resource.id, "nina");
+    assert_eq!(entries.items[0].actor.id, "olivia");
+
+    let mine = members::organizations_of(service.db(), "nina", 50, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mine.items.len(), 1);
+    assert_eq!(
+        (
+            mine.items[0].organization.slug.as_str(),
+            mine.items[0].role.as_str()
+        ),
+        ("acme", "admin")
+    );
+    let view = organizations::get(service.db(), &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.member_count, 2);
+
+    let delete = OrganizationCommand::DeleteOrganization(DeleteOrganization {
+        confirm_name: "Acme".into(),
+    });
+    service.run_as(org, "olivia", delete).await;
+    let view = organizations::get(service.db(), &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        view.status, "deleted",
+        "soft-deleted organizations stay readable"
+    );
+    assert!(view.purge_after.is_some());
+}
+
+async fn events_committed_while_no_projector_ran_are_applied_once_after_restart(backend: Backend) {
+    let service = spawn_service(backend).await;
+    // Commands commit, but the process "dies" before any projection runs.
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    service.db().close().await;
+
+    let restarted = service.reopen().await;
+    let applied = restarted.projector.catch_up().await.unwrap();
+    assert_eq!(
+        applied,
+        4 * version,
+        "every projection read every event once"
+    );
+    assert_eq!(
+        restarted.projector.catch_up().await.unwrap(),
+        0,
+        "a second run finds nothing"
+    );
+    let id = org.to_string();
+    let page = members::list(restarted.database(), &id, &member_filter())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(page.items.len(), 2);
+    let log = audit::list(
+        restarted.database(),
+        &id,
+        &AuditFilter::default(),
+        500,
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        log.items.len(),
+        version,
+        "one audit entry per event, none doubled"
+    );
+    let org_view = organizations::get(restarted.database(), &id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (org_view.member_count, org_view.version),
+        (2, version as i64)
+    );
+}
+
+async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    service.catch_up().await;
+    try_execute(
+        service.db(),
+        "ALTER TABLE rm_members RENAME TO rm_members_away",
+    )
+    .await
+    .unwrap();
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+
+    let members_projection = projection_named("members", "").unwrap();
+    let error = service
+        .projector
+        .run_batch(members_projection.as_ref())
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("MemberJoined") || error.to_string().contains("rm_members"),
+        "{error}"
+    );
+    let statuses = service.projector.status().await.unwrap();
+    let status = statuses.iter().find(|s| s.name == "members").unwrap();
+    assert!(status.last_error.is_some(), "the failure is reported");
+    assert_eq!(
+        status.backlog, 3,
+        "nothing was skipped: the failed events are still ahead"
+    );
+    // Other projections carry on.
+    let audit_projection = projection_named("audit_log", "").unwrap();
+    assert!(
+        service
+            .projector
+            .run_batch(audit_projection.as_ref())
+            .await
+            .unwrap()
+            > 0
+    );
+
+    try_execute(
+        service.db(),
+        "ALTER TABLE rm_members_away RENAME TO rm_members",
+    )
+    .await
+    .unwrap();
+    service.catch_up().await;
+    let page = members::list(service.db(), &org.to_string(), &member_filter())
+        .await
+        .unwrap()
+        .unwrap();
+    let ids: Vec<_> = page.items.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(ids, ["olivia", "mia"]);
+    let status = service
+        .projector
+        .status()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "members")
+        .unwrap();
+    assert_eq!((status.backlog, status.last_error), (0, None));
+}
+
+async fn a_rebuild_swaps_in_fresh_tables_while_reads_keep_working(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for i in 0..15 {
+        add_member(
+            &service.ledger,
+            org,
+            "olivia",
+            &format!("m{i:02}"),
+            Role::Member,
+        )
+        .await;
+    }
+    service.catch_up().await;
+    let before = dump_read_models(service.db()).await;
+
+    let reader_db = service.db().clone();
+    let id = org.to_string();
+    let reader = tokio::spawn(async move {
+        let mut reads = 0;
+        for _ in 0..200 {
+            let page = members::list(&reader_db, &id, &member_filter())
+                .await
+                .expect("reads keep working");
+            assert_eq!(
+                page.unwrap().items.len(),
+                16,
+                "readers never see a half-built table"
+            );
+            reads += 1;
+            tokio::task::yield_now().await;
+        }
+        reads
+    });
+    for name in orgledger_projections::PROJECTION_NAMES {
+        let report = service.projector.rebuild(name, false).await.unwrap();
+        assert!(report.events > 0);
+        println!(
+            "rebuilt {name}: {} events, {:.0} events/s",
+            report.events, report.events_per_second
+        );
+    }
+    assert_eq!(reader.await.unwrap(), 200);
+    assert_eq!(dump_read_models(service.db()).await, before);
+    // The swapped-in tables keep being maintained.
+    add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
+    service.catch_up().await;
+    assert!(members::get(service.db(), &org.to_string(), "late")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for i in 0..5 {
+        add_member(
+            &service.ledger,
+            org,
+            "olivia",
+            &format!("a{i}"),
+            Role::Member,
+        )
+        .await;
+    }
+    service.catch_up().await;
+    let id = org.to_string();
+    let first = members::list(
+        service.db(),
+        &id,
+        &MemberFilter {
+            limit: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(first.items.len(), 3);
+    // Members join between the pages.
+    add_member(&service.ledger, org, "olivia", "z-late", Role::Member).await;
+    service.catch_up().await;
+    let mut seen: Vec<String> = first.items.iter().map(|m| m.user_id.clone()).collect();
+    let mut cursor = first.next_cursor;
+    while let Some(next) = cursor {
+        let page = members::list(
+            service.db(),
+            &id,
+            &MemberFilter {
+                limit: 3,
+                cursor: Some(next),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        seen.extend(page.items.iter().map(|m| m.user_id.clone()));
+        cursor = page.next_cursor;
+    }
+    assert_eq!(
+        seen,
+        ["olivia", "a0", "a1", "a2", "a3", "a4", "z-late"],
+        "no member skipped or repeated"
+    );
+    let bad = members::list(
+        service.db(),
+        &id,
+        &MemberFilter {
+            limit: 3,
+            cursor: Some("garbage".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(bad.is_err(), "a forged cursor is refused, not a crash");
+    let admins = members::list(
+        service.db(),
+        &id,
+        &MemberFilter {
+            limit: 50,
+            q: Some("A3@EXAMPLE".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(admins.items.len(), 1);
+}
+
+async fn audit_log_filters_select_the_right_entries(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    run(&service.ledger, org, "olivia", set_role("mia", Role::Admin)).await;
+    service.catch_up().await;
+    let id = org.to_string();
+    let all = audit::list(service.db(), &id, &AuditFilter::default(), 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let actions: Vec<_> = all.items.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "organization.created",
+            "member.joined",
+            "invitation.sent",
+            "invitation.accepted",
+            "member.joined",
+            "member.role_changed"
+        ]
+    );
+    let by = |filter: AuditFilter| {
+        let db = service.db().clone();
+        let id = id.clone();
+        async move {
+            audit::list(&db, &id, &filter, 100, None)
+                .await
+                .unwrap()
+                .unwrap()
+                .items
+                .into_iter()
+                .map(|e| e.sequence)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by(AuditFilter {
+            action: Some("member.*".into()),
+            ..Default::default()
+        })
+        .await,
+        [2, 5, 6]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            actor: Some("mia".into()),
+            ..Default::default()
+        })
+        .await,
+        [4, 5]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            resource_type: Some("invitation".into()),
+            ..Default::default()
+        })
+        .await,
+        [3, 4]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            q: Some("MIA@example".into()),
+            ..Default::default()
+        })
+        .await,
+        [3, 4, 5]
+    );
+    let sixth = all.items[5].occurred_at;
+    assert_eq!(
+        by(AuditFilter {
+            from: Some(sixth),
+            ..Default::default()
+        })
+        .await,
+        [6]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            to: Some(sixth),
+            ..Default::default()
+        })
+        .await,
+        [1, 2, 3, 4, 5]
+    );
+    let page = audit::list(service.db(), &id, &AuditFilter::default(), 4, None)
+        .await
+        .unwrap()
+        .unwrap();
+    let rest = audit::list(
+        service.db(),
+        &id,
+        &AuditFilter::default(),
+        4,
+        page.next_cursor.as_deref(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        rest.items.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [5, 6]
+    );
+}
+
+async fn collect(stream: orgledger_projections::exports::ByteStream) -> Vec<u8> {
+    let chunks: Vec<_> = stream.collect().await;
+    chunks
+        .into_iter()
+        .flat_map(|chunk| chunk.expect("export chunk"))
+        .collect()
+}
+
+async fn audit_exports_parse_back_as_csv_and_json(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme, \"Quoted\" Inc", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    let id = org.to_string();
+    let csv_bytes = collect(audit_log(
+        service.db().clone(),
+        id.clone(),
+        AuditFilter::default(),
+        AuditFormat::Csv,
+    ))
+    .await;
+    let mut reader = csv::Reader::from_reader(csv_bytes.as_slice());
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "sequence",
+            "occurred_at",
+            "actor_type",
+            "actor_id",
+            "action",
+            "resource_type",
+            "resource_id",
+            "details"
+        ]
+    );
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 5);
+    assert_eq!(&records[0][4], "organization.created");
+    let details: serde_json::Value = serde_json::from_str(&records[0][7]).unwrap();
+    assert_eq!(
+        details["name"], "Acme, \"Quoted\" Inc",
+        "quotes and commas survive RFC 4180 quoting"
+    );
+    assert!(csv_bytes.windows(2).any(|w| w == b"\r\n"), "CRLF line ends");
+
+    let json_bytes = collect(audit_log(
+        service.db().clone(),
+        id.clone(),
+        AuditFilter::default(),
+        AuditFormat::Json,
+    ))
+    .await;
+    let entries: Vec<audit::AuditEntryView> = serde_json::from_slice(&json_bytes).unwrap();
+    assert_eq!(entries.len(), 5);
+    let bounded = AuditFilter {
+        from: Some(entries[3].occurred_at),
+        ..Default::default()
+    };
+    let json_bytes = collect(audit_log(
+        service.db().clone(),
+        id,
+        bounded,
+        AuditFormat::Json,
+    ))
+    .await;
+    let entries: Vec<audit::AuditEntryView> = serde_json::from_slice(&json_bytes).unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [4, 5]
+    );
+}
+
+async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let secret = add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let pending = orgledger::tokens::issue("inv");
+    let send = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: Some(Email::parse("email", "zed@example.com").unwrap()),
+        role: Role::Viewer,
+        first_name: None,
+        last_name: None,
+        title: None,
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::ONE,
+        token_sha256: pending.sha256.clone(),
+    };
+    run(
+        &service.ledger,
+        org,
+        "olivia",
+        OrganizationCommand::SendInvitation(send),
+    )
+    .await;
+    service.catch_up().await;
+    let view = organizations::get(service.db(), &org.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let bytes = collect(data_export(service.service.clone(), view)).await;
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    for forbidden in [
+        secret.as_str(),
+        pending.secret.as_str(),
+        pending.sha256.as_str(),
+        "token_sha256",
+        "enc:v1:",
+    ] {
+        assert!(
+            !text.contains(forbidden),
+            "the export contains {forbidden:?}"
+        );
+    }
+    let export: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(export["format_version"], 1);
+    assert_eq!(export["organization"]["slug"], "acme");
+    assert_eq!(export["members"].as_array().unwrap().len(), 2);
+    assert_eq!(export["invitations"].as_array().unwrap().len(), 2);
+    assert_eq!(export["groups"], serde_json::json!([]));
+    assert_eq!(export["service_accounts"], serde_json::json!([]));
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    assert_eq!(export["audit_log"].as_array().unwrap().len(), version);
+    assert_eq!(export["events"].as_array().unwrap().len(), version);
+    assert_eq!(
+        export["events"][1]["payload"]["MemberJoined"]["email"],
+        "olivia@example.com"
+    );
+}
+
+async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let before_promotion = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    run(&service.ledger, org, "olivia", set_role("mia", Role::Admin)).await;
+
+    let events = raw_events(&service.ledger, org, 0, 100).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        events[1].payload["MemberJoined"]["email"],
+        "olivia@example.com"
+    );
+    assert_eq!(events[5].event_type, "MemberRoleChanged");
+    let page = raw_events(&service.ledger, org, 4, 1).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.sequence).collect::<Vec<_>>(), [5]);
+
+    let at_five = state_as_of(&service.ledger, org, AsOf::Sequence(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at_five.as_of_sequence, 5);
+    assert_eq!(at_five.organization.members[&uid("mia")].role, Role::Member);
+    let then = state_as_of(&service.ledger, org, AsOf::Time(before_promotion))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(then.as_of_sequence, 5);
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(365);
+    assert!(state_as_of(&service.ledger, org, AsOf::Time(long_ago))
+        .await
+        .unwrap()
+        .is_none());
+
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Acme".into(),
+    });
+    run(&service.ledger, org, "olivia", purge).await;
+    let erased = raw_events(&service.ledger, org, 0, 100).await.unwrap();
+    assert_eq!(erased[1].payload["MemberJoined"]["email"], ERASED);
+    assert_eq!(erased.last().unwrap().event_type, "OrganizationPurged");
+}
+
+async fn organizations_past_their_restore_window_are_purged_by_system(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let recent = create_org(&service.ledger, "Recent", "recent", "rita")
+        .await
+        .organization_id;
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(31);
+    let delete = |name: &str| {
+        OrganizationCommand::DeleteOrganization(DeleteOrganization {
+            confirm_name: name.into(),
+        })
+    };
+    service
+        .ledger
+        .run(
+            org,
+            Command::new(user("olivia"), long_ago, delete("Acme")),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    run(&service.ledger, recent, "rita", delete("Recent")).await;
+    service.catch_up().await;
+
+    assert_eq!(service.purge_expired().await.unwrap(), 1);
+    service.catch_up().await;
+    let id = org.to_string();
+    assert!(organizations::get(service.db(), &id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(members::list(service.db(), &id, &member_filter())
+        .await
+        .unwrap()
+        .unwrap()
+        .items
+        .is_empty());
+    let log = audit::list(service.db(), &id, &AuditFilter::default(), 100, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(log.items.len(), 1, "only the tombstone remains");
+    assert_eq!(
+        (
+            log.items[0].action.as_str(),
+            log.items[0].actor.kind.as_str()
+        ),
+        ("organization.purged", "system")
+    );
+    assert!(!dump_read_models(service.db())
+        .await
+        .join("\n")
+        .contains("mia@example.com"));
+    let recent_view = organizations::get(service.db(), &recent.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recent_view.status, "deleted", "inside its window, it waits");
+}
+
+async fn status_reports_positions_and_backlog(backend: Backend) {
+    let service = spawn_service(backend).await;
+    create_org(&service.ledger, "Acme", "acme", "olivia").await;
+    let statuses = service.projector.status().await.unwrap();
+    assert_eq!(statuses.len(), 4);
+    assert!(statuses
+        .iter()
+        .all(|s| s.backlog == 2 && s.events_applied == 0));
+    service.catch_up().await;
+    let statuses = service.projector.status().await.unwrap();
+    assert!(statuses
+        .iter()
+        .all(|s| s.backlog == 0 && s.events_applied == 2 && s.position > 0));
+}
+
+/// PostgreSQL assigns positions at insert, so a transaction can commit after a later one.
+/// (SQLite admits one writer at a time: no such interleaving exists there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
+    let service = spawn_service(Backend::Postgres).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    let Database::Postgres(pool) = service.db() else {
+        unreachable!()
+    };
+
+    // A writer takes the next position and holds its transaction open...
+    let mut slow = pool.begin().await.unwrap();
+    let payload = serde_json::json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "viewer"}});
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         VALUES ('organization', $1, $2, 'MemberRoleChanged', '1', $3, '{}'::jsonb)",
+    )
+    .bind(org.to_string())
+    .bind(version as i64 + 1)
+    .bind(&payload)
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    // ...while others commit later positions, and the projector runs.
+    let other = create_org(&service.ledger, "Beta", "beta", "bob")
+        .await
+        .organization_id;
+    service.catch_up().await;
+    let other_view = organizations::get(service.db(), &other.to_string())
+        .await
+        .unwrap();
+    assert!(
+        other_view.is_none(),
+        "events behind an open transaction wait for it"
+    );
+
+    slow.commit().await.unwrap();
+    service.catch_up().await;
+    let mia = members::get(service.db(), &org.to_string(), "mia")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        mia.role, "viewer",
+        "the late commit was applied, not skipped"
+    );
+    assert!(organizations::get(service.db(), &other.to_string())
+        .await
+        .unwrap()
+        .is_some());
+}
+
+/// One active runner per projection across processes; another takes over when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_takes_over_projections_when_the_first_stops() {
+    let mut first = spawn_service(Backend::Postgres).await;
+    first.start_projections();
+    let org = create(&first, "Acme", "acme", "olivia").await;
+    let second = first.reopen().await;
+    let second = std::sync::Arc::new(second);
+    let (stop_second, stopped) = tokio::sync::watch::channel(false);
+    second.projector.spawn(stopped);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        second.projector.leading().len(),
+        0,
+        "the first process leads every projection"
+    );
+    assert_eq!(first.projector.leading().len(), 4);
+
+    first.stop_projections().await;
+    first.db().close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while second.projector.leading().len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second process took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let outcome = second
+        .run(
+            org,
+            cmd(user("olivia"), set_role("olivia", Role::Owner)),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(outcome.consistent);
+    join_via(&second, org, "mia").await;
+    drop(stop_second);
+}
+
+async fn join_via(service: &orgledger::service::Orgledger, org: Uuid, user_id: &str) {
+    let token = orgledger::tokens::issue("inv");
+    let address = format!("{user_id}@example.com");
+    let send = SendInvitation {
+        invitation_id: Uuid::now_v7(),
+        email: Some(Email::parse("email", &address).unwrap()),
+        role: Role::Member,
+        first_name: None,
+        last_name: None,
+        title: None,
+        group_id: None,
+        expires_in_days: None,
+        max_uses: MaxUses::ONE,
+        token_sha256: token.sha256.clone(),
+    };
+    let outcome = service
+        .run(
+            org,
+            cmd(user("olivia"), OrganizationCommand::SendInvitation(send)),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        outcome.consistent,
+        "projected by the process that took over"
+    );
+    let found = members::get(service.database(), &org.to_string(), "olivia")
+        .await
+        .unwrap();
+    assert!(found.is_some());
+}
