@@ -6,7 +6,10 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{redact_url, StoreConfig};
+use anyhow::Context;
+
+use crate::config::{platform_tokens, redact_url, StoreConfig};
+use crate::http::{AppState, PlatformTokens};
 use crate::service::Orgledger;
 use crate::store::{Database, MasterKey};
 use orgledger_projections::PROJECTION_NAMES;
@@ -39,6 +42,10 @@ pub enum Commands {
         /// Listen address.
         #[arg(long, env = "ORGLEDGER_BIND", default_value = "127.0.0.1:8080")]
         bind: String,
+        /// Platform token(s), comma-separated. When unset, one is generated, printed once and
+        /// kept beside the data.
+        #[arg(long, env = "ORGLEDGER_API_TOKEN", hide_env_values = true)]
+        api_token: Option<String>,
     },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
     MasterKey,
@@ -85,20 +92,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
             service.database().close().await;
         }
-        Commands::Serve { store, bind } => {
+        Commands::Serve {
+            store,
+            bind,
+            api_token,
+        } => {
             let service = Arc::new(open_store(&store).await?);
+            let tokens = platform_tokens(&store, api_token.as_deref())?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));
+            let listener = tokio::net::TcpListener::bind(&bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind}"))?;
+            let address = listener.local_addr()?;
             tracing::info!(
                 database = %redact_url(&store.database_url),
-                %bind,
+                %address,
                 repaired_purges = repaired,
-                "event store open; projections running"
+                "orgledger listening"
             );
-            shutdown_signal().await;
-            tracing::info!("shutting down");
+            let state = AppState {
+                service: service.clone(),
+                tokens: Arc::new(PlatformTokens::new(tokens.iter().map(String::as_str))),
+                metrics: crate::telemetry::metrics_handle(),
+                started: std::time::Instant::now(),
+            };
+            crate::http::serve(listener, state, shutdown_signal()).await?;
+            tracing::info!("requests drained; stopping projections");
             let _ = stop.send(true);
             for task in tasks {
                 let _ = task.await;
@@ -188,6 +210,9 @@ async fn purge_periodically(
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "scheduled purge finished"),
             Err(error) => tracing::error!(%error, "scheduled purge failed; will retry"),
+        }
+        if let Err(error) = crate::http::idempotency::forget_expired(service.database()).await {
+            tracing::warn!(%error, "could not forget expired idempotency keys");
         }
         tokio::select! {
             () = tokio::time::sleep(PURGE_EVERY) => {}

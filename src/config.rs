@@ -69,6 +69,42 @@ impl StoreConfig {
     }
 }
 
+/// The platform tokens: configured, or generated once, printed once and kept beside the
+/// data (`<database file>.api-token`, or `orgledger.api-token` for PostgreSQL).
+pub fn platform_tokens(
+    store: &StoreConfig,
+    configured: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    if let Some(list) = configured {
+        let tokens: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if tokens.is_empty() {
+            bail!("ORGLEDGER_API_TOKEN is set but holds no token");
+        }
+        return Ok(tokens);
+    }
+    let path = store
+        .beside_data("api-token")
+        .unwrap_or_else(|| PathBuf::from("orgledger.api-token"));
+    if path.exists() {
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        tracing::info!(path = %path.display(), "using the platform token kept beside the data");
+        return Ok(vec![token.trim().to_owned()]);
+    }
+    let token = crate::tokens::issue("olg").secret;
+    write_secret_file(&path, &token)?;
+    println!(
+        "Generated a platform token (shown once; kept in {}):\n{token}",
+        path.display()
+    );
+    Ok(vec![token])
+}
+
 /// Writes a file readable by its owner only.
 pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;

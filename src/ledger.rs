@@ -314,6 +314,8 @@ impl Ledger {
                 .await
             {
                 Ok(committed) => {
+                    metrics::counter!("orgledger_events_appended_total")
+                        .increment(committed.len() as u64);
                     let version = committed.last().map_or(loaded.version, |e| e.sequence);
                     return Ok(Committed {
                         organization_id,

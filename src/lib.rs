@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod exports;
 pub mod history;
+pub mod http;
 pub mod ledger;
 pub mod service;
 pub mod store;

@@ -18,3 +18,17 @@ pub fn init() {
     // A second init (tests) keeps the first subscriber.
     drop(result);
 }
+
+static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+    std::sync::OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    METRICS
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("no other metrics recorder is installed")
+        })
+        .clone()
+}

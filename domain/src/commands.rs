@@ -43,7 +43,8 @@ pub enum OrganizationCommand {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMember {
     pub user_id: UserId,
-    pub email: Email,
+    /// Unknown when a user creates an organization without giving their profile.
+    pub email: Option<Email>,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
 }

@@ -96,6 +96,7 @@ pub struct Invitation {
     pub max_uses: u32,
     pub uses: u32,
     pub token_sha256: String,
+    pub invited_by: Actor,
     pub sent_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
 }
@@ -204,6 +205,7 @@ impl Aggregate for Organization {
                         max_uses: e.max_uses,
                         uses: 0,
                         token_sha256: e.token_sha256,
+                        invited_by: e.invited_by,
                         sent_at: e.sent_at,
                         expires_at: e.expires_at,
                     },
@@ -397,7 +399,11 @@ impl Organization {
             }),
             OrganizationEvent::MemberJoined(MemberJoined {
                 user_id: c.owner.user_id.clone(),
-                email: c.owner.email.as_str().to_owned(),
+                email: c
+                    .owner
+                    .email
+                    .as_ref()
+                    .map_or_else(String::new, |email| email.as_str().to_owned()),
                 first_name: c.owner.first_name.clone(),
                 last_name: c.owner.last_name.clone(),
                 title: None,

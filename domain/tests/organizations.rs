@@ -15,7 +15,7 @@ fn create(actor: Actor, owner: &str) -> Command {
             kind: OrganizationKind::Team,
             owner: NewMember {
                 user_id: uid(owner),
-                email: email(&format!("{owner}@example.com")),
+                email: Some(email(&format!("{owner}@example.com"))),
                 first_name: None,
                 last_name: None,
             },

@@ -147,7 +147,7 @@ pub fn create_command(name: &str, slug: &str, owner: &str) -> Command {
             kind: OrganizationKind::Team,
             owner: NewMember {
                 user_id: uid(owner),
-                email: Email::parse("email", &format!("{owner}@example.com")).unwrap(),
+                email: Some(Email::parse("email", &format!("{owner}@example.com")).unwrap()),
                 first_name: Some(format!("{owner}-first")),
                 last_name: Some(format!("{owner}-last")),
             },

@@ -1,0 +1,280 @@
+//! Audit log, exports, raw events and point-in-time state (owners and admins, and `system`).
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use futures::TryStreamExt;
+use orgledger_domain::Permission;
+use orgledger_projections::audit::{self, AuditFilter};
+use orgledger_projections::exports::{self, attachment_name, AuditFormat, ByteStream};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::dto::*;
+use super::error::{ApiError, ProblemResponses};
+use super::extract::{ActorHeaders, Caller, Query};
+use super::{authorize, instant, organization_id, page_limit, AppState};
+use crate::history::{self, AsOf};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(audit_log))
+        .routes(routes!(export_audit_log))
+        .routes(routes!(raw_events))
+        .routes(routes!(state_as_of))
+        .routes(routes!(export_organization))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// RFC 3339; inclusive bound of `occurred_at`.
+    from: Option<String>,
+    /// RFC 3339; exclusive bound of `occurred_at`.
+    to: Option<String>,
+    /// An actor id (a user id, service account id or `system`).
+    actor: Option<String>,
+    /// An action, or a family such as `member.*`.
+    action: Option<String>,
+    resource_type: Option<String>,
+    /// Free text over action, resource, actor and details.
+    q: Option<String>,
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+fn bounds(from: Option<&str>, to: Option<&str>) -> Result<AuditFilter, ApiError> {
+    Ok(AuditFilter {
+        from: instant("from", from)?,
+        to: instant("to", to)?,
+        ..AuditFilter::default()
+    })
+}
+
+/// The audit log, by sequence.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/audit-log", tag = "audit",
+    params(("org_id" = String, Path), ActorHeaders, AuditQuery),
+    responses((status = 200, body = AuditEntryPage), ProblemResponses))]
+async fn audit_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+    Query(query): Query<AuditQuery>,
+) -> Result<axum::Json<AuditEntryPage>, ApiError> {
+    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let filter = AuditFilter {
+        actor: query.actor,
+        action: query.action,
+        resource_type: query.resource_type,
+        q: query.q,
+        ..bounds(query.from.as_deref(), query.to.as_deref())?
+    };
+    let limit = page_limit(query.limit)?;
+    let page = audit::list(
+        state.service.database(),
+        &organization.id,
+        &filter,
+        limit,
+        query.cursor.as_deref(),
+    )
+    .await??;
+    Ok(axum::Json(AuditEntryPage {
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// `csv` (default) or `json`.
+    format: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn attachment(stream: ByteStream, content_type: &'static str, file_name: String) -> Response {
+    let body = Body::from_stream(stream.map_err(|error| std::io::Error::other(error.to_string())));
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(disposition) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\""))
+    {
+        headers.insert(header::CONTENT_DISPOSITION, disposition);
+    }
+    response
+}
+
+/// The audit log as CSV or JSON, streamed.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/audit-log/export", tag = "audit",
+    params(("org_id" = String, Path), ActorHeaders, ExportQuery),
+    responses(
+        (status = 200, description = "CSV columns sequence,occurred_at,actor_type,actor_id,action,resource_type,resource_id,details; or a JSON array of AuditEntry",
+            content((String = "text/csv"), (Vec<AuditEntryDto> = "application/json"))),
+        ProblemResponses))]
+async fn export_audit_log(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let (format, content_type, extension) = match query.format.as_deref().unwrap_or("csv") {
+        "csv" => (AuditFormat::Csv, "text/csv; charset=utf-8", "csv"),
+        "json" => (AuditFormat::Json, "application/json", "json"),
+        _ => return Err(ApiError::field("format", "must be csv or json")),
+    };
+    let filter = bounds(query.from.as_deref(), query.to.as_deref())?;
+    let file_name = attachment_name("audit-log", &organization.id, extension);
+    let stream = exports::audit_log(
+        state.service.database().clone(),
+        organization.id,
+        filter,
+        format,
+    );
+    Ok(attachment(stream, content_type, file_name))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Events after this sequence (default 0).
+    after_sequence: Option<i64>,
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+}
+
+/// Raw events by sequence; personal data of a purged organization reads as `[erased]`.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/events", tag = "audit",
+    params(("org_id" = String, Path), ActorHeaders, EventsQuery),
+    responses((status = 200, body = RawEventPage), ProblemResponses))]
+async fn raw_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<axum::Json<RawEventPage>, ApiError> {
+    let id = organization_id(&org_id)?;
+    authorize_history(&state, &caller, &org_id).await?;
+    let after = query.after_sequence.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::field("after_sequence", "must be 0 or more"));
+    }
+    let limit = page_limit(query.limit)?;
+    let events = history::raw_events(&state.service.ledger, id, after as usize, limit + 1).await?;
+    let more = events.len() > limit;
+    let items: Vec<RawEventDto> = events
+        .into_iter()
+        .take(limit)
+        .map(|event| RawEventDto {
+            sequence: event.sequence,
+            event_type: event.event_type,
+            event_version: event.event_version,
+            payload: event.payload,
+            metadata: event.metadata,
+            recorded_at: event.recorded_at,
+        })
+        .collect();
+    let next_cursor = more
+        .then(|| items.last().map(|e| e.sequence.to_string()))
+        .flatten();
+    Ok(axum::Json(RawEventPage { items, next_cursor }))
+}
+
+/// History stays readable after purge (a tombstone); `system` reads it, users need the
+/// audit permission while the organization is live.
+async fn authorize_history(
+    state: &AppState,
+    caller: &Caller,
+    org_id: &str,
+) -> Result<(), ApiError> {
+    match authorize(state, &caller.actor, org_id, Permission::ReadAudit).await {
+        Ok(_) => Ok(()),
+        Err(error) if caller.is_system() && error.code == "not_found" => {
+            let id = organization_id(org_id)?;
+            let (_, version) = state.service.ledger.load(id).await?;
+            if version == 0 {
+                Err(error)
+            } else {
+                Ok(())
+            }
+        }
+        Err(error) => Err(error),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StateQuery {
+    /// RFC 3339: the organization as it stood at this instant.
+    as_of: Option<String>,
+    /// Or: just after the event with this sequence.
+    sequence: Option<i64>,
+}
+
+/// The organization as it stood at a past moment, replayed from its events.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/state", tag = "audit",
+    params(("org_id" = String, Path), ActorHeaders, StateQuery),
+    responses((status = 200, body = PastStateDto), ProblemResponses))]
+async fn state_as_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+    Query(query): Query<StateQuery>,
+) -> Result<axum::Json<PastStateDto>, ApiError> {
+    let id = organization_id(&org_id)?;
+    authorize_history(&state, &caller, &org_id).await?;
+    let as_of = match (instant("as_of", query.as_of.as_deref())?, query.sequence) {
+        (Some(at), None) => AsOf::Time(at),
+        (None, Some(sequence)) if sequence >= 1 => AsOf::Sequence(sequence as usize),
+        (None, Some(_)) => return Err(ApiError::field("sequence", "must be 1 or more")),
+        (None, None) => AsOf::Time(Utc::now()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field("as_of", "give as_of or sequence, not both"))
+        }
+    };
+    let past = history::state_as_of(&state.service.ledger, id, as_of)
+        .await?
+        .ok_or_else(|| ApiError::not_found("organization at that moment"))?;
+    let at = match as_of {
+        AsOf::Time(at) => at,
+        AsOf::Sequence(_) => Utc::now(),
+    };
+    let organization = &past.organization;
+    Ok(axum::Json(PastStateDto {
+        organization: OrganizationDto::from_state(organization, past.as_of_sequence),
+        members: organization
+            .members
+            .iter()
+            .map(|(user_id, member)| MemberDto::from_state(user_id, member))
+            .collect(),
+        invitations: organization
+            .invitations
+            .iter()
+            .map(|(id, invitation)| InvitationDto::from_state(*id, invitation, at))
+            .collect(),
+        groups: Vec::new(),
+        as_of_sequence: past.as_of_sequence as i64,
+    }))
+}
+
+/// The JSON data export of the organization, streamed: no token, key, secret or hash of one.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/export", tag = "audit",
+    params(("org_id" = String, Path), ActorHeaders),
+    responses((status = 200, description = "{format_version, exported_at, organization, members, invitations, groups, service_accounts, audit_log, events}",
+        content_type = "application/json", body = Object), ProblemResponses))]
+async fn export_organization(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let file_name = attachment_name("organization", &organization.id, "json");
+    let stream = crate::exports::data_export(state.service.clone(), organization);
+    Ok(attachment(stream, "application/json", file_name))
+}

@@ -1,0 +1,295 @@
+//! One error type for the HTTP edge: every failure becomes an RFC 9457 problem+json with the
+//! contract's `code`. Causes of 5xx are logged, never shown.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use orgledger_domain::{FieldError, OrganizationError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::ledger::LedgerError;
+
+/// A field that broke a rule of shape or range.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FieldProblem {
+    pub field: String,
+    pub message: String,
+}
+
+/// RFC 9457 problem details.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `urn:orgledger:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The contract's error code, e.g. `last_owner`.
+    pub code: String,
+    /// For `validation_failed`: every offending field.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(nullable = false)]
+    pub errors: Vec<FieldProblem>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub errors: Vec<FieldProblem>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn validation(errors: Vec<FieldProblem>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "validation_failed",
+            detail,
+            errors,
+        }
+    }
+
+    pub fn field(field: &str, message: &str) -> Self {
+        Self::validation(vec![FieldProblem {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }])
+    }
+
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed_request", detail)
+    }
+
+    pub fn unauthenticated() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "a valid bearer token is required",
+        )
+    }
+
+    pub fn forbidden() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "the actor is not allowed to do this",
+        )
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+
+    /// A failure that is ours, not the caller's: logged in full, shown as a bare 500.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the server failed to handle this request; it has been logged",
+        )
+    }
+
+    fn title(&self) -> &'static str {
+        self.status.canonical_reason().unwrap_or("Error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            kind: format!("urn:orgledger:problem:{}", self.code),
+            title: self.title().to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            code: self.code.to_owned(),
+            errors: self.errors,
+        };
+        let mut response = (self.status, axum::Json(problem)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+impl From<Vec<FieldError>> for ApiError {
+    fn from(errors: Vec<FieldError>) -> Self {
+        Self::validation(
+            errors
+                .into_iter()
+                .map(|e| FieldProblem {
+                    field: e.field,
+                    message: e.message,
+                })
+                .collect(),
+        )
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> Self {
+        vec![error].into()
+    }
+}
+
+impl From<OrganizationError> for ApiError {
+    fn from(error: OrganizationError) -> Self {
+        use OrganizationError as E;
+        let status = match &error {
+            E::Validation(errors) => return errors.clone().into(),
+            E::ActorRequired => StatusCode::BAD_REQUEST,
+            E::PermissionDenied | E::FieldLocked(_) | E::EmailMismatch => StatusCode::FORBIDDEN,
+            E::NotFound(_) | E::InvalidInvitation => StatusCode::NOT_FOUND,
+            E::InvitationExpired => StatusCode::GONE,
+            E::CannotRemoveSelf
+            | E::TargetNotAdmin
+            | E::ConfirmationMismatch
+            | E::PersonalOrganization => StatusCode::UNPROCESSABLE_ENTITY,
+            E::AlreadyExists
+            | E::LastOwner
+            | E::OrganizationDeleted
+            | E::OrganizationNotDeleted
+            | E::RestoreWindowElapsed
+            | E::SlugTaken
+            | E::AlreadyMember
+            | E::InvitationPending => StatusCode::CONFLICT,
+        };
+        Self::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> Self {
+        match error {
+            LedgerError::Rejected(rejection) => rejection.into(),
+            LedgerError::VersionMismatch { expected, actual } => Self::new(
+                StatusCode::PRECONDITION_FAILED,
+                "version_mismatch",
+                format!(
+                    "If-Match names version {expected} but the organization is at version {actual}"
+                ),
+            ),
+            LedgerError::Contended => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the organization kept changing concurrently; retry the request",
+            ),
+            LedgerError::Store(cause) => Self::internal(cause),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::internal(error)
+    }
+}
+
+impl From<orgledger_projections::CursorError> for ApiError {
+    fn from(error: orgledger_projections::CursorError) -> Self {
+        Self::field("cursor", &error.to_string())
+    }
+}
+
+impl From<orgledger_projections::ProjectionError> for ApiError {
+    fn from(error: orgledger_projections::ProjectionError) -> Self {
+        Self::internal(error)
+    }
+}
+
+/// The problem responses every operation may give, for the OpenAPI description.
+pub struct ProblemResponses;
+
+impl utoipa::IntoResponses for ProblemResponses {
+    fn responses() -> std::collections::BTreeMap<
+        String,
+        utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+    > {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        [
+            ("400", "malformed_request (unparseable body) or actor_required"),
+            ("401", "unauthenticated: no or unknown token"),
+            ("403", "permission_denied, field_locked or email_mismatch"),
+            ("404", "not_found or invalid_invitation"),
+            ("405", "method_not_allowed"),
+            ("409", "a rule of state: last_owner, slug_taken, already_member, invitation_pending, organization_deleted, restore_window_elapsed, conflict, idempotency_key_in_use"),
+            ("410", "invitation_expired"),
+            ("412", "version_mismatch: If-Match names an older version"),
+            ("413", "payload_too_large"),
+            ("415", "unsupported_media_type: send application/json"),
+            ("422", "validation_failed (with errors per field), cannot_remove_self, target_not_admin, confirmation_mismatch, personal_organization, idempotency_key_reused"),
+            ("500", "internal_error: logged, never detailed"),
+            ("503", "not_ready"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build();
+            (status.to_owned(), response.into())
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_domain_error_maps_to_its_contract_status() {
+        use OrganizationError as E;
+        let cases = [
+            (E::ActorRequired, 400),
+            (E::PermissionDenied, 403),
+            (E::FieldLocked("title"), 403),
+            (E::EmailMismatch, 403),
+            (E::NotFound("member"), 404),
+            (E::InvalidInvitation, 404),
+            (E::InvitationExpired, 410),
+            (E::LastOwner, 409),
+            (E::SlugTaken, 409),
+            (E::AlreadyMember, 409),
+            (E::InvitationPending, 409),
+            (E::OrganizationDeleted, 409),
+            (E::RestoreWindowElapsed, 409),
+            (E::CannotRemoveSelf, 422),
+            (E::TargetNotAdmin, 422),
+            (E::ConfirmationMismatch, 422),
+            (E::PersonalOrganization, 422),
+        ];
+        for (error, status) in cases {
+            let code = error.code();
+            let api = ApiError::from(error);
+            assert_eq!((api.status.as_u16(), api.code), (status, code));
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Extractors: JSON bodies and queries that fail as problem+json, the caller behind a
+//! request, its metadata, and `If-Match`.
+
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use orgledger_domain::{Actor, UserId};
+use serde::de::DeserializeOwned;
+
+use super::error::{ApiError, FieldProblem};
+use super::AppState;
+use crate::ledger::RequestContext;
+
+/// A JSON body: unparseable is `400 malformed_request`; well-formed but of the wrong shape
+/// (types, unknown enum values, missing fields) is `422 validation_failed` naming the field.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| {
+                let mime = value
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            });
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large()
+                } else {
+                    ApiError::malformed(rejection.body_text())
+                }
+            })?;
+        if !is_json {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as Content-Type: application/json",
+            ));
+        }
+        parse_json(&bytes).map(Json)
+    }
+}
+
+pub fn too_large() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the body exceeds {} bytes", super::BODY_LIMIT),
+    )
+}
+
+/// Parses a JSON body, telling syntax errors (400) from shape errors (422).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Syntax first, so a truncated body is malformed even when a type error comes before
+    // its end.
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        return Err(ApiError::malformed(format!(
+            "the body is not valid JSON: {error}"
+        )));
+    }
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let field = if path == "." { "body".to_owned() } else { path };
+                ApiError::validation(vec![FieldProblem {
+                    field,
+                    message: strip_position(&inner.to_string()),
+                }])
+            }
+            _ => ApiError::malformed(format!("the body is not valid JSON: {inner}")),
+        }
+    })
+}
+
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// Query parameters: anything unparseable is `422 validation_failed`.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(Query)
+            .map_err(|error| {
+                let field = error.path().to_string();
+                ApiError::field(
+                    if field == "." { "query" } else { &field },
+                    &error.into_inner().to_string(),
+                )
+            })
+    }
+}
+
+/// Who is calling: a platform token with or without `X-Actor-Id`.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub actor: Actor,
+}
+
+impl Caller {
+    pub fn is_system(&self) -> bool {
+        self.actor == Actor::System
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(&parts.headers).ok_or_else(ApiError::unauthenticated)?;
+        if !state.tokens.accepts(token) {
+            return Err(ApiError::unauthenticated());
+        }
+        let actor = match parts.headers.get("x-actor-id") {
+            None => Actor::System,
+            Some(value) => {
+                let raw = value
+                    .to_str()
+                    .map_err(|_| ApiError::field("X-Actor-Id", "must be visible ASCII"))?;
+                Actor::User(UserId::parse("X-Actor-Id", raw)?)
+            }
+        };
+        Ok(Self { actor })
+    }
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Request id, client address, user agent and idempotency key, for event metadata.
+pub struct Meta(pub RequestContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Meta {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let text = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(|value| value.chars().take(512).collect::<String>())
+        };
+        let forwarded = text("x-forwarded-for")
+            .and_then(|list| list.split(',').next().map(|ip| ip.trim().to_owned()));
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(address)| address.ip().to_string());
+        Ok(Self(RequestContext {
+            request_id: text("x-request-id"),
+            client_ip: forwarded.or(peer),
+            user_agent: text("user-agent"),
+            idempotency_key: text("idempotency-key"),
+        }))
+    }
+}
+
+/// `If-Match: <version>` (bare or quoted); `*` or absent means no precondition.
+pub struct IfMatch(pub Option<usize>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(Self(None));
+        };
+        let raw = value.to_str().unwrap_or("").trim();
+        if raw == "*" {
+            return Ok(Self(None));
+        }
+        let bare = raw.trim_start_matches("W/").trim_matches('"');
+        bare.parse::<usize>()
+            .map(|version| Self(Some(version)))
+            .map_err(|_| {
+                ApiError::field("If-Match", "must be an organization version, e.g. \"12\"")
+            })
+    }
+}
+
+/// Headers of every authenticated request, for the OpenAPI description.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct ActorHeaders {
+    /// Act as this end user (1-128 characters); without it the request acts as `system`.
+    #[param(rename = "X-Actor-Id", max_length = 128, min_length = 1)]
+    x_actor_id: Option<String>,
+    /// Correlates logs and audit entries.
+    #[param(rename = "X-Request-Id")]
+    x_request_id: Option<String>,
+}
+
+/// Headers of commands, for the OpenAPI description.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct CommandHeaders {
+    /// A retry with the same key and body within 24 h replays the first response.
+    #[param(rename = "Idempotency-Key", max_length = 255)]
+    idempotency_key: Option<String>,
+    /// The organization version the command expects (bare or quoted).
+    #[param(rename = "If-Match")]
+    if_match: Option<String>,
+}

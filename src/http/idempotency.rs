@@ -1,0 +1,260 @@
+//! `Idempotency-Key` on POST, PUT, PATCH and DELETE: the first response is stored durably and
+//! replayed for 24 hours to a retry with the same key and body; the same key with another
+//! body is `422 idempotency_key_reused`. Keys are scoped to the caller (token and actor).
+
+use std::time::Duration;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use orgledger_projections::{to_micros, Database};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::extract::too_large;
+use super::{AppState, BODY_LIMIT};
+
+const KEEP_FOR: chrono::Duration = chrono::Duration::hours(24);
+/// How long a retry waits for the first request with its key to finish.
+const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
+const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
+
+#[derive(sqlx::FromRow)]
+struct Stored {
+    fingerprint: String,
+    status: Option<i64>,
+    content_type: Option<String>,
+    etag: Option<String>,
+    consistency: Option<String>,
+    body: Option<Vec<u8>>,
+    created_at_us: i64,
+}
+
+pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let is_command = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
+    let Some(key) = request.headers().get("idempotency-key").cloned() else {
+        return next.run(request).await;
+    };
+    if !is_command {
+        return next.run(request).await;
+    }
+    let key = match key.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) => key.to_owned(),
+        _ => {
+            return ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 visible ASCII characters",
+            )
+            .into_response()
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = to_bytes(body, BODY_LIMIT).await else {
+        return too_large().into_response();
+    };
+    let header_text = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let scope = hex::encode(Sha256::digest(
+        format!(
+            "{}\n{}",
+            header_text("authorization"),
+            header_text("x-actor-id")
+        )
+        .as_bytes(),
+    ));
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str().as_bytes());
+    hasher.update(b"\n");
+    hasher.update(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("", |p| p.as_str())
+            .as_bytes(),
+    );
+    hasher.update(b"\n");
+    hasher.update(&bytes);
+    let fingerprint = hex::encode(hasher.finalize());
+    let database = state.service.database().clone();
+
+    let claimed = match claim(&database, &scope, &key, &fingerprint).await {
+        Ok(claimed) => claimed,
+        Err(error) => return ApiError::internal(error).into_response(),
+    };
+    if !claimed {
+        return replay(&database, &scope, &key, &fingerprint).await;
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    let (parts, body) = response.into_parts();
+    let Ok(body) = to_bytes(body, LARGEST_STORED_RESPONSE).await else {
+        drop(release(&database, &scope, &key).await);
+        return ApiError::internal("a command response was too large to keep").into_response();
+    };
+    let stored = if parts.status.is_server_error() {
+        // Let a retry try again.
+        release(&database, &scope, &key).await
+    } else {
+        complete(&database, &scope, &key, &parts, &body).await
+    };
+    if let Err(error) = stored {
+        tracing::error!(%error, "could not record an idempotent response");
+    }
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Inserts the claim; false if the key is already held (an expired one is cleared first).
+async fn claim(
+    database: &Database,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = to_micros(Utc::now());
+    let expired_before = now - KEEP_FOR.num_microseconds().unwrap_or(i64::MAX);
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at_us < $3")
+            .bind(scope).bind(key).bind(expired_before)
+            .execute(pool).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (scope, key) DO NOTHING",
+        )
+        .bind(scope).bind(key).bind(fingerprint).bind(now)
+        .execute(pool).await?
+        .rows_affected();
+        Ok(inserted == 1)
+    })
+}
+
+async fn complete(
+    database: &Database,
+    scope: &str,
+    key: &str,
+    parts: &axum::http::response::Parts,
+    body: &[u8],
+) -> Result<(), sqlx::Error> {
+    let text = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let consistency = parts
+        .headers
+        .get("x-consistency")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(
+            "UPDATE idempotency_keys
+                SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
+                    completed_at_us = $8
+              WHERE scope = $1 AND key = $2",
+        )
+        .bind(scope).bind(key)
+        .bind(i64::from(parts.status.as_u16()))
+        .bind(text(header::CONTENT_TYPE))
+        .bind(text(header::ETAG))
+        .bind(consistency)
+        .bind(body.to_vec())
+        .bind(to_micros(Utc::now()))
+        .execute(pool).await?;
+    });
+    Ok(())
+}
+
+async fn release(database: &Database, scope: &str, key: &str) -> Result<(), sqlx::Error> {
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
+            .bind(scope).bind(key).execute(pool).await?;
+    });
+    Ok(())
+}
+
+async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stored>, sqlx::Error> {
+    let sql = "SELECT fingerprint, status, content_type, etag, consistency, body, created_at_us
+                 FROM idempotency_keys WHERE scope = $1 AND key = $2";
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query_as(sql).bind(scope).bind(key).fetch_optional(pool).await
+    })
+}
+
+/// Answers a request whose key is already held: the first response, once it is known.
+async fn replay(database: &Database, scope: &str, key: &str, fingerprint: &str) -> Response {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    loop {
+        let stored = match load(database, scope, key).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "the first request with this key failed; retry it",
+                )
+                .into_response()
+            }
+            Err(error) => return ApiError::internal(error).into_response(),
+        };
+        if stored.fingerprint != fingerprint {
+            return ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request",
+            )
+            .into_response();
+        }
+        if let Some(status) = stored.status {
+            let _ = stored.created_at_us;
+            let mut response = Response::new(Body::from(stored.body.unwrap_or_default()));
+            *response.status_mut() = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
+            let headers = response.headers_mut();
+            for (name, value) in [
+                (header::CONTENT_TYPE, stored.content_type),
+                (header::ETAG, stored.etag),
+                (
+                    header::HeaderName::from_static("x-consistency"),
+                    stored.consistency,
+                ),
+            ] {
+                if let Some(value) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                    headers.insert(name, value);
+                }
+            }
+            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return response;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still being processed",
+            )
+            .into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Deletes stored responses older than 24 hours.
+pub async fn forget_expired(database: &Database) -> Result<u64, sqlx::Error> {
+    let before = to_micros(Utc::now()) - KEEP_FOR.num_microseconds().unwrap_or(i64::MAX);
+    orgledger_projections::with_pool!(database, pool => {
+        Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at_us < $1")
+            .bind(before).execute(pool).await?.rows_affected())
+    })
+}

@@ -1,0 +1,239 @@
+//! Invitations: send, list, resend, revoke, accept. Tokens are returned once and kept only as
+//! their SHA-256.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::Utc;
+use orgledger_domain::{
+    AcceptInvitation, Command, Email, OrganizationCommand, OrganizationError, Permission,
+    ResendInvitation, RevokeInvitation, UserId,
+};
+use orgledger_projections::invitations::{self, InvitationFilter};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::dto::*;
+use super::error::{ApiError, ProblemResponses};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Query};
+use super::{authorize, committed, organization_id, page_limit, AppState};
+use crate::tokens;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(send_invitation, list_invitations))
+        .routes(routes!(resend_invitation))
+        .routes(routes!(revoke_invitation))
+        .routes(routes!(accept_invitation))
+}
+
+fn invitation_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("invitation"))
+}
+
+fn issued(
+    outcome: &crate::service::Outcome,
+    id: Uuid,
+    token: String,
+) -> Result<IssuedInvitationDto, ApiError> {
+    let invitation = outcome
+        .committed
+        .state
+        .invitations
+        .get(&id)
+        .ok_or_else(|| ApiError::internal("a just-sent invitation is missing from the state"))?;
+    Ok(IssuedInvitationDto {
+        invitation: InvitationDto::from_state(id, invitation, Utc::now()),
+        token,
+    })
+}
+
+/// Invite someone by email, or make a shareable link (no email, up to `max_uses`).
+#[utoipa::path(post, path = "/v1/organizations/{org_id}/invitations", tag = "invitations",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders),
+    request_body = SendInvitationRequest,
+    responses((status = 201, body = IssuedInvitationDto, description = "Sent; the token is shown this once"), ProblemResponses))]
+async fn send_invitation(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<SendInvitationRequest>,
+) -> Result<Response, ApiError> {
+    let id = organization_id(&org_id)?;
+    let invitation_id = Uuid::now_v7();
+    let token = tokens::issue("inv");
+    let send = request.into_command(invitation_id, token.sha256)?;
+    let command = Command::new(
+        caller.actor,
+        Utc::now(),
+        OrganizationCommand::SendInvitation(send),
+    );
+    let outcome = state.service.run(id, command, &context, expected).await?;
+    let body = issued(&outcome, invitation_id, token.secret)?;
+    Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListInvitationsQuery {
+    /// `pending` (default), `accepted`, `revoked`, `expired` or `all`.
+    status: Option<String>,
+    /// 1 to 500, default 50.
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// Invitations of one status, oldest first.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/invitations", tag = "invitations",
+    params(("org_id" = String, Path), ActorHeaders, ListInvitationsQuery),
+    responses((status = 200, body = InvitationPage), ProblemResponses))]
+async fn list_invitations(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+    Query(query): Query<ListInvitationsQuery>,
+) -> Result<axum::Json<InvitationPage>, ApiError> {
+    let organization =
+        authorize(&state, &caller.actor, &org_id, Permission::ViewOrganization).await?;
+    let status = match query.status.as_deref().unwrap_or("pending") {
+        "all" => None,
+        status @ ("pending" | "accepted" | "revoked" | "expired") => Some(status.to_owned()),
+        _ => {
+            return Err(ApiError::field(
+                "status",
+                "must be pending, accepted, revoked, expired or all",
+            ))
+        }
+    };
+    let filter = InvitationFilter {
+        status,
+        limit: page_limit(query.limit)?,
+        cursor: query.cursor,
+    };
+    let page = invitations::list(
+        state.service.database(),
+        &organization.id,
+        &filter,
+        Utc::now(),
+    )
+    .await??;
+    Ok(axum::Json(InvitationPage {
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// A new token (the old one dies) and a restarted expiry.
+#[utoipa::path(post, path = "/v1/organizations/{org_id}/invitations/{invitation_id}/resend", tag = "invitations",
+    params(("org_id" = String, Path), ("invitation_id" = String, Path), ActorHeaders, CommandHeaders),
+    responses((status = 200, body = IssuedInvitationDto), ProblemResponses))]
+async fn resend_invitation(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path((org_id, raw_invitation_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = organization_id(&org_id)?;
+    let invitation_id = invitation_id(&raw_invitation_id)?;
+    let token = tokens::issue("inv");
+    let body = OrganizationCommand::ResendInvitation(ResendInvitation {
+        invitation_id,
+        token_sha256: token.sha256,
+    });
+    let outcome = state
+        .service
+        .run(
+            id,
+            Command::new(caller.actor, Utc::now(), body),
+            &context,
+            expected,
+        )
+        .await?;
+    let body = issued(&outcome, invitation_id, token.secret)?;
+    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}
+
+/// Revoke an invitation; its token stops working.
+#[utoipa::path(delete, path = "/v1/organizations/{org_id}/invitations/{invitation_id}", tag = "invitations",
+    params(("org_id" = String, Path), ("invitation_id" = String, Path), ActorHeaders, CommandHeaders),
+    responses((status = 204, description = "Revoked"), ProblemResponses))]
+async fn revoke_invitation(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path((org_id, raw_invitation_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = organization_id(&org_id)?;
+    let invitation_id = invitation_id(&raw_invitation_id)?;
+    let body = OrganizationCommand::RevokeInvitation(RevokeInvitation { invitation_id });
+    let outcome = state
+        .service
+        .run(
+            id,
+            Command::new(caller.actor, Utc::now(), body),
+            &context,
+            expected,
+        )
+        .await?;
+    Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
+}
+
+/// Accept an invitation as the user named by `X-Actor-Id`.
+#[utoipa::path(post, path = "/v1/invitations/accept", tag = "invitations",
+    params(ActorHeaders, CommandHeaders),
+    request_body = AcceptInvitationRequest,
+    responses((status = 200, body = AcceptedInvitationDto), ProblemResponses))]
+async fn accept_invitation(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    Json(request): Json<AcceptInvitationRequest>,
+) -> Result<Response, ApiError> {
+    let mut problems = Problems::default();
+    let user_id = problems.check(UserId::parse("user_id", &request.user_id));
+    let email = problems.check(Email::parse("email", &request.email));
+    if request.token.is_empty() || request.token.len() > 256 {
+        problems.push("token", "must be the token of an invitation");
+    }
+    problems.finish()?;
+    let (user_id, email) = (user_id.expect("checked"), email.expect("checked"));
+    let token_sha256 = tokens::sha256_hex(&request.token);
+    let organization = invitations::organization_of_token(state.service.database(), &token_sha256)
+        .await?
+        .ok_or(OrganizationError::InvalidInvitation)?;
+    let id = organization_id(&organization)?;
+    let body = OrganizationCommand::AcceptInvitation(AcceptInvitation {
+        token_sha256,
+        user_id: user_id.clone(),
+        email,
+        first_name: request.first_name.filter(|name| !name.trim().is_empty()),
+        last_name: request.last_name.filter(|name| !name.trim().is_empty()),
+    });
+    let outcome = state
+        .service
+        .run(
+            id,
+            Command::new(caller.actor, Utc::now(), body),
+            &context,
+            None,
+        )
+        .await?;
+    let member = outcome
+        .committed
+        .state
+        .members
+        .get(&user_id)
+        .ok_or_else(|| ApiError::internal("an accepted member is missing from the state"))?;
+    let body = AcceptedInvitationDto {
+        organization_id: id.to_string(),
+        member: MemberDto::from_state(&user_id, member),
+    };
+    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}

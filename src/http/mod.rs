@@ -1,0 +1,268 @@
+//! The HTTP API of `../shared/api.md`, on axum. Each capability is a module with its own
+//! `router()`; they are merged here with the cross-cutting layers (request ids, logs,
+//! metrics, idempotency, body limit, panics as problem+json).
+
+mod audit;
+mod dto;
+mod error;
+mod extract;
+pub mod idempotency;
+mod invitations;
+mod members;
+mod operations;
+mod organizations;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use orgledger_domain::{Actor, Permission, Role};
+use orgledger_projections::organizations::OrganizationView;
+use sha2::{Digest, Sha256};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use uuid::Uuid;
+
+pub use error::{ApiError, Problem};
+
+use crate::service::{Orgledger, Outcome};
+
+/// Largest accepted request body.
+pub const BODY_LIMIT: usize = 256 * 1024;
+
+/// The platform tokens the API layer authenticates with, kept as SHA-256 only.
+pub struct PlatformTokens(Vec<[u8; 32]>);
+
+impl PlatformTokens {
+    pub fn new<'a>(tokens: impl IntoIterator<Item = &'a str>) -> Self {
+        Self(
+            tokens
+                .into_iter()
+                .map(str::trim)
+                .filter(|token| !token.is_empty())
+                .map(|token| Sha256::digest(token.as_bytes()).into())
+                .collect(),
+        )
+    }
+
+    /// Compares digests, so the comparison's timing says nothing about the token.
+    pub fn accepts(&self, token: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.0
+            .iter()
+            .fold(false, |found, known| found | (*known == digest))
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Orgledger>,
+    pub tokens: Arc<PlatformTokens>,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orgledger",
+        description = "Event-sourced organization management: organizations, members, invitations, audit, history and exports.",
+        version = "1"
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(Problem, error::FieldProblem))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "A platform token (ORGLEDGER_API_TOKEN); add X-Actor-Id to act as an end user.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Every route and its OpenAPI description, from one place.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(organizations::router())
+        .merge(members::router())
+        .merge(invitations::router())
+        .merge(audit::router())
+        .merge(operations::router())
+        .split_for_parts()
+}
+
+pub fn app(state: AppState) -> Router {
+    let (routes, openapi) = api();
+    let openapi = Arc::new(openapi);
+    let x_request_id = HeaderName::from_static("x-request-id");
+    routes
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let openapi = openapi.clone();
+                async move { axum::Json(openapi.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(operations::record_request))
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// A path's organization id; a malformed one cannot exist.
+pub(crate) fn organization_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("organization"))
+}
+
+/// The organization, if `actor` may exercise `permission` on it: `system` reads everything;
+/// a user through their role, by [`Role::permits`].
+pub(crate) async fn authorize(
+    state: &AppState,
+    actor: &Actor,
+    raw_id: &str,
+    permission: Permission,
+) -> Result<OrganizationView, ApiError> {
+    let id = organization_id(raw_id)?;
+    let database = state.service.database();
+    let organization = orgledger_projections::organizations::get(database, &id.to_string())
+        .await?
+        .ok_or_else(|| ApiError::not_found("organization"))?;
+    match actor {
+        Actor::System => Ok(organization),
+        Actor::User(user_id) => {
+            let role = orgledger_projections::members::role_of(
+                database,
+                &organization.id,
+                user_id.as_str(),
+            )
+            .await?
+            .and_then(|role| Role::parse(&role));
+            match role {
+                Some(role) if role.permits(permission) => Ok(organization),
+                _ => Err(ApiError::forbidden()),
+            }
+        }
+        Actor::ServiceAccount(_) => Err(ApiError::forbidden()),
+    }
+}
+
+/// A command's response: its status and body, `X-Consistency: pending` if the read models
+/// were still behind after the bounded wait, and the organization version as `ETag`.
+pub(crate) fn committed(
+    outcome: &Outcome,
+    status: StatusCode,
+    body: impl IntoResponse,
+) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    if !outcome.consistent {
+        headers.insert("x-consistency", HeaderValue::from_static("pending"));
+    }
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", outcome.committed.version)) {
+        headers.insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// An organization read with its version as `ETag`.
+pub(crate) fn with_etag(version: i64, body: impl IntoResponse) -> Response {
+    let mut response = body.into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// `limit` of a list: 1 to 500, default 50.
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(limit) if (1..=500).contains(&limit) => Ok(limit as usize),
+        Some(_) => Err(ApiError::field("limit", "must be between 1 and 500")),
+    }
+}
+
+/// An RFC 3339 instant from a query parameter.
+pub(crate) fn instant(
+    field: &str,
+    raw: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    raw.map(|raw| {
+        chrono::DateTime::parse_from_rfc3339(raw)
+            .map(|at| at.with_timezone(&chrono::Utc))
+            .map_err(|_| {
+                ApiError::field(
+                    field,
+                    "must be an RFC 3339 timestamp such as 2026-11-22T10:00:00Z",
+                )
+            })
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_tokens_accept_only_configured_ones() {
+        let tokens = PlatformTokens::new("alpha, beta ,".split(','));
+        assert!(tokens.accepts("alpha"));
+        assert!(tokens.accepts("beta"));
+        assert!(!tokens.accepts(""));
+        assert!(!tokens.accepts("gamma"));
+    }
+}

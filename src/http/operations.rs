@@ -1,0 +1,126 @@
+//! Health, readiness, Prometheus metrics, and the request metrics middleware.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::dto::HealthDto;
+use super::error::{ApiError, ProblemResponses};
+use super::AppState;
+
+/// Projections further behind than this make the service not ready.
+const READY_LAG_SECONDS: f64 = 5.0;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, body = HealthDto)))]
+async fn healthz() -> axum::Json<HealthDto> {
+    axum::Json(HealthDto {
+        status: "ok".to_owned(),
+    })
+}
+
+/// Database reachable, migrations applied, projections caught up within 5 s.
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses((status = 200, body = HealthDto), ProblemResponses))]
+async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, ApiError> {
+    let not_ready =
+        |detail: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", detail);
+    let database = state.service.database();
+    match database.is_migrated().await {
+        Ok(true) => {}
+        Ok(false) => return Err(not_ready("migrations are pending".into())),
+        Err(error) => return Err(not_ready(format!("database unreachable: {error}"))),
+    }
+    let statuses = state
+        .service
+        .projector
+        .status()
+        .await
+        .map_err(|error| not_ready(format!("projection status unavailable: {error}")))?;
+    if let Some(behind) = statuses.iter().find(|s| s.lag_seconds > READY_LAG_SECONDS) {
+        return Err(not_ready(format!(
+            "projection {} is {:.1} s behind",
+            behind.name, behind.lag_seconds
+        )));
+    }
+    Ok(axum::Json(HealthDto {
+        status: "ready".to_owned(),
+    }))
+}
+
+/// Prometheus text: requests, latency, commands by outcome, events appended, projection lag.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Ok(statuses) = state.service.projector.status().await {
+        for status in statuses {
+            let name = status.name.clone();
+            metrics::gauge!("orgledger_projection_backlog_events", "projection" => name.clone())
+                .set(status.backlog as f64);
+            metrics::gauge!("orgledger_projection_lag_seconds", "projection" => name.clone())
+                .set(status.lag_seconds);
+            metrics::gauge!("orgledger_projection_failing", "projection" => name).set(
+                if status.last_error.is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+        }
+    }
+    for (projection, counters) in state.service.projector.counters() {
+        metrics::gauge!("orgledger_projection_events_applied_here", "projection" => projection.clone())
+            .set(counters.events_applied as f64);
+        metrics::gauge!("orgledger_projection_failures_here", "projection" => projection)
+            .set(counters.failures as f64);
+    }
+    metrics::gauge!("orgledger_uptime_seconds").set(state.started.elapsed().as_secs_f64());
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// Counts requests and their latency by route, method and status; commands by outcome.
+pub async fn record_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics::counter!("orgledger_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.clone()).increment(1);
+    metrics::histogram!("orgledger_http_request_duration_seconds", "method" => method.to_string(), "route" => route).record(elapsed);
+    if method != axum::http::Method::GET {
+        let outcome = match response.status().as_u16() {
+            200..=299 => "committed",
+            500..=599 => "failed",
+            _ => "rejected",
+        };
+        metrics::counter!("orgledger_commands_total", "outcome" => outcome).increment(1);
+    }
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = elapsed * 1000.0,
+        "request finished"
+    );
+    response
+}

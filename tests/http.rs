@@ -1,0 +1,1152 @@
+//! The HTTP contract end to end: a real server on port 0 over a real database, on both
+//! backends.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orgledger::http::{AppState, PlatformTokens};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::*;
+
+const TOKEN: &str = "test-platform-token";
+
+struct TestApp {
+    address: String,
+    client: reqwest::Client,
+    _service: TestService,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+async fn spawn_app(backend: Backend) -> TestApp {
+    let mut service = spawn_service(backend).await;
+    service.start_projections();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState {
+        service: service.service.clone(),
+        tokens: Arc::new(PlatformTokens::new([TOKEN])),
+        metrics: orgledger::telemetry::metrics_handle(),
+        started: std::time::Instant::now(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(orgledger::http::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        _service: service,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl TestApp {
+    fn request(&self, method: Method, path: &str, actor: Option<&str>) -> reqwest::RequestBuilder {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.address))
+            .bearer_auth(TOKEN);
+        if let Some(actor) = actor {
+            request = request.header("X-Actor-Id", actor);
+        }
+        request
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if status.is_client_error() || status.is_server_error() {
+            assert_eq!(
+                headers["content-type"], "application/problem+json",
+                "errors are problem+json: {status} {body}"
+            );
+            assert_eq!(body["status"], status.as_u16(), "{body}");
+        }
+        assert_ne!(
+            status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "never a 500: {body}"
+        );
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        actor: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut request = self.request(method, path, actor);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(request).await
+    }
+
+    async fn create_org(&self, name: &str, owner: &str) -> String {
+        let reply = self
+            .call(Method::POST, "/v1/organizations", Some(owner), Some(json!({
+                "name": name,
+                "owner": {"user_id": owner, "email": format!("{owner}@example.com"), "first_name": owner}
+            })))
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        reply.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Invites and accepts; returns the member.
+    async fn add_member(&self, org: &str, by: &str, user: &str, role: &str) -> Value {
+        let invited = self
+            .call(
+                Method::POST,
+                &format!("/v1/organizations/{org}/invitations"),
+                Some(by),
+                Some(json!({"email": format!("{user}@example.com"), "role": role})),
+            )
+            .await;
+        assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+        let accepted = self
+            .call(Method::POST, "/v1/invitations/accept", Some(user), Some(json!({
+                "token": invited.body["token"], "user_id": user, "email": format!("{user}@example.com")
+            })))
+            .await;
+        assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.body);
+        accepted.body["member"].clone()
+    }
+
+    async fn event_count(&self, org: &str) -> usize {
+        let reply = self
+            .call(
+                Method::GET,
+                &format!("/v1/organizations/{org}/events?limit=500"),
+                None,
+                None,
+            )
+            .await;
+        reply.body["items"].as_array().map_or(0, Vec::len)
+    }
+}
+
+fn problem_code(reply: &Reply) -> &str {
+    reply.body["code"].as_str().unwrap_or("")
+}
+
+on_both_backends!(
+    requests_without_a_valid_token_are_unauthenticated,
+    actors_are_authorized_by_their_role,
+    the_invitation_flow_works_end_to_end,
+    bad_input_is_a_clear_4xx_and_appends_nothing,
+    idempotency_keys_replay_the_first_response,
+    if_match_guards_against_lost_updates,
+    concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
+    audit_history_and_exports_are_served,
+    deletion_restore_and_purge_follow_the_contract,
+    operations_endpoints_report_health_and_metrics,
+);
+
+async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let none = app
+        .send(app.client.get(format!("{}/v1/organizations", app.address)))
+        .await;
+    assert_eq!(
+        (none.status, problem_code(&none)),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
+    let wrong = app
+        .send(
+            app.client
+                .get(format!("{}/v1/organizations", app.address))
+                .bearer_auth("nope"),
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let create = app
+        .send(
+            app.client
+                .post(format!("{}/v1/organizations", app.address))
+                .json(&json!({"name": "X"})),
+        )
+        .await;
+    assert_eq!(create.status, StatusCode::UNAUTHORIZED);
+}
+
+async fn actors_are_authorized_by_their_role(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let path = format!("/v1/organizations/{org}");
+
+    let stranger = app.call(Method::GET, &path, Some("stranger"), None).await;
+    assert_eq!(
+        (stranger.status, problem_code(&stranger)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    let member = app.call(Method::GET, &path, Some("mia"), None).await;
+    assert_eq!(member.status, StatusCode::OK);
+    assert_eq!(
+        member.headers["etag"],
+        format!("\"{}\"", member.body["version"])
+    );
+    let member_audit = app
+        .call(Method::GET, &format!("{path}/audit-log"), Some("mia"), None)
+        .await;
+    assert_eq!(member_audit.status, StatusCode::FORBIDDEN);
+    let system = app
+        .call(Method::GET, &format!("{path}/audit-log"), None, None)
+        .await;
+    assert_eq!(system.status, StatusCode::OK, "system reads everything");
+    let directory_as_user = app
+        .call(Method::GET, "/v1/organizations", Some("olivia"), None)
+        .await;
+    assert_eq!(directory_as_user.status, StatusCode::FORBIDDEN);
+    let unknown = app
+        .call(
+            Method::GET,
+            "/v1/organizations/01900000-0000-7000-8000-000000000000",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, problem_code(&unknown)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let system_command = app
+        .call(
+            Method::POST,
+            &format!("{path}/invitations"),
+            None,
+            Some(json!({"email": "x@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(
+        (system_command.status, problem_code(&system_command)),
+        (StatusCode::BAD_REQUEST, "actor_required")
+    );
+    let member_invites = app
+        .call(
+            Method::POST,
+            &format!("{path}/invitations"),
+            Some("mia"),
+            Some(json!({"email": "x@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(member_invites.status, StatusCode::FORBIDDEN);
+    let admin_makes_owner = app
+        .call(
+            Method::PATCH,
+            &format!("{path}/members/mia"),
+            Some("mia"),
+            Some(json!({"role": "owner"})),
+        )
+        .await;
+    assert_eq!(admin_makes_owner.status, StatusCode::FORBIDDEN);
+    let others_orgs = app
+        .call(
+            Method::GET,
+            "/v1/users/olivia/organizations",
+            Some("mia"),
+            None,
+        )
+        .await;
+    assert_eq!(others_orgs.status, StatusCode::FORBIDDEN);
+    let own_orgs = app
+        .call(
+            Method::GET,
+            "/v1/users/mia/organizations",
+            Some("mia"),
+            None,
+        )
+        .await;
+    assert_eq!(own_orgs.body["items"][0]["role"], "member");
+    let created_by_system = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Sys", "owner": {"user_id": "sam", "email": "sam@example.com"}})),
+        )
+        .await;
+    assert_eq!(created_by_system.status, StatusCode::CREATED);
+    let system_without_owner = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Sys"})),
+        )
+        .await;
+    assert_eq!(problem_code(&system_without_owner), "actor_required");
+}
+
+async fn the_invitation_flow_works_end_to_end(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme Inc", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let invited = app
+        .call(Method::POST, &format!("{base}/invitations"), Some("olivia"), Some(json!({
+            "email": "Nina@Example.com", "role": "admin", "first_name": "Nina", "title": "CFO", "expires_in_days": 14
+        })))
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED);
+    assert_eq!(invited.body["invitation"]["email"], "nina@example.com");
+    assert_eq!(invited.body["invitation"]["status"], "pending");
+    let token = invited.body["token"].as_str().unwrap().to_owned();
+    let pending = app
+        .call(
+            Method::GET,
+            &format!("{base}/invitations"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        pending.body["items"].as_array().unwrap().len(),
+        1,
+        "read-your-writes"
+    );
+    assert!(
+        !pending.body.to_string().contains(&token),
+        "the token is never shown again"
+    );
+
+    let mismatch = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("nina"),
+            Some(json!({"token": token, "user_id": "nina", "email": "other@example.com"})),
+        )
+        .await;
+    assert_eq!(
+        (mismatch.status, problem_code(&mismatch)),
+        (StatusCode::FORBIDDEN, "email_mismatch")
+    );
+    let unknown = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("nina"),
+            Some(json!({"token": "inv_nope", "user_id": "nina", "email": "nina@example.com"})),
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, problem_code(&unknown)),
+        (StatusCode::NOT_FOUND, "invalid_invitation")
+    );
+    let accepted = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("nina"),
+            Some(json!({"token": token, "user_id": "nina", "email": "NINA@example.com"})),
+        )
+        .await;
+    assert_eq!(accepted.status, StatusCode::OK);
+    assert_eq!(accepted.body["organization_id"], org);
+    assert_eq!(accepted.body["member"]["role"], "admin");
+    assert_eq!(
+        accepted.body["member"]["locked_fields"],
+        json!(["first_name", "title"])
+    );
+    let again = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("nina"),
+            Some(json!({"token": token, "user_id": "nina", "email": "nina@example.com"})),
+        )
+        .await;
+    assert_eq!(problem_code(&again), "invalid_invitation");
+
+    let members = app
+        .call(
+            Method::GET,
+            &format!("{base}/members?role=admin"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(members.body["items"][0]["user_id"], "nina");
+    let locked = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/members/nina"),
+            Some("nina"),
+            Some(json!({"title": "CEO"})),
+        )
+        .await;
+    assert_eq!(
+        locked.status,
+        StatusCode::OK,
+        "admins edit locked fields, themselves included"
+    );
+    app.add_member(&org, "nina", "mia", "member").await;
+    app.call(
+        Method::PATCH,
+        &format!("{base}/members/mia"),
+        Some("olivia"),
+        Some(json!({"title": "Eng", "locked_fields": ["title"]})),
+    )
+    .await;
+    let own_locked = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/members/mia"),
+            Some("mia"),
+            Some(json!({"title": "Boss"})),
+        )
+        .await;
+    assert_eq!(
+        (own_locked.status, problem_code(&own_locked)),
+        (StatusCode::FORBIDDEN, "field_locked")
+    );
+    let promoted = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/members/mia"),
+            Some("nina"),
+            Some(json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(promoted.body["role"], "admin");
+    let self_remove = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/members/mia"),
+            Some("mia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (self_remove.status, problem_code(&self_remove)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "cannot_remove_self")
+    );
+    let last_owner = app
+        .call(Method::POST, &format!("{base}/leave"), Some("olivia"), None)
+        .await;
+    assert_eq!(
+        (last_owner.status, problem_code(&last_owner)),
+        (StatusCode::CONFLICT, "last_owner")
+    );
+    let not_admin = app
+        .call(
+            Method::POST,
+            &format!("{base}/transfer-ownership"),
+            Some("olivia"),
+            Some(json!({"new_owner_id": "ghost"})),
+        )
+        .await;
+    assert_eq!(
+        (not_admin.status, problem_code(&not_admin)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "target_not_admin")
+    );
+    let transferred = app
+        .call(
+            Method::POST,
+            &format!("{base}/transfer-ownership"),
+            Some("olivia"),
+            Some(json!({"new_owner_id": "nina"})),
+        )
+        .await;
+    assert_eq!(transferred.status, StatusCode::OK);
+    let olivia = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/olivia"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(olivia.body["role"], "admin");
+    let left = app
+        .call(Method::POST, &format!("{base}/leave"), Some("mia"), None)
+        .await;
+    assert_eq!(left.status, StatusCode::NO_CONTENT);
+    let removed = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/members/olivia"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    let gone = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/olivia"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+
+    let resent_target = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("nina"),
+            Some(json!({"email": "zed@example.com", "role": "viewer"})),
+        )
+        .await;
+    let id = resent_target.body["invitation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let resent = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations/{id}/resend"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(resent.status, StatusCode::OK);
+    assert_ne!(resent.body["token"], resent_target.body["token"]);
+    let old = app
+        .call(Method::POST, "/v1/invitations/accept", Some("zed"), Some(json!({"token": resent_target.body["token"], "user_id": "zed", "email": "zed@example.com"})))
+        .await;
+    assert_eq!(
+        problem_code(&old),
+        "invalid_invitation",
+        "the old token is dead"
+    );
+    let revoked = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/invitations/{id}"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let listed = app
+        .call(
+            Method::GET,
+            &format!("{base}/invitations?status=revoked"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(listed.body["items"][0]["id"], id);
+
+    let link = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("nina"),
+            Some(json!({"role": "viewer", "max_uses": 2})),
+        )
+        .await;
+    assert_eq!(link.body["invitation"]["email"], Value::Null);
+    for who in ["p1", "p2"] {
+        let joined = app
+            .call(Method::POST, "/v1/invitations/accept", Some(who), Some(json!({"token": link.body["token"], "user_id": who, "email": format!("{who}@else.org")})))
+            .await;
+        assert_eq!(joined.status, StatusCode::OK);
+    }
+    let third = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("p3"),
+            Some(json!({"token": link.body["token"], "user_id": "p3", "email": "p3@else.org"})),
+        )
+        .await;
+    assert_eq!(problem_code(&third), "invalid_invitation");
+}
+
+async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let before = app.event_count(&org).await;
+    let raw = |body: &'static str| {
+        app.request(Method::POST, &format!("{base}/invitations"), Some("olivia"))
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let malformed = app.send(raw("{\"email\": 5")).await;
+    assert_eq!(
+        (malformed.status, problem_code(&malformed)),
+        (StatusCode::BAD_REQUEST, "malformed_request")
+    );
+    let wrong_type = app.send(raw("{\"email\": 5, \"role\": \"member\"}")).await;
+    assert_eq!(
+        (wrong_type.status, problem_code(&wrong_type)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
+    assert_eq!(wrong_type.body["errors"][0]["field"], "email");
+    let many = app
+        .send(raw(
+            "{\"email\": \"not-an-email\", \"role\": \"emperor\", \"expires_in_days\": 91}",
+        ))
+        .await;
+    let fields: Vec<&str> = many.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["email", "role", "expires_in_days"],
+        "every bad field is listed"
+    );
+    let unknown_field = app
+        .send(raw(
+            "{\"email\": \"a@b.co\", \"role\": \"member\", \"colour\": \"red\"}",
+        ))
+        .await;
+    assert_eq!(unknown_field.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let unknown_enum = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "X", "kind": "club"})),
+        )
+        .await;
+    assert_eq!(unknown_enum.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_slug = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "X", "slug": "Not A Slug"})),
+        )
+        .await;
+    assert_eq!(bad_slug.body["errors"][0]["field"], "slug");
+    let text = app
+        .send(
+            app.request(Method::POST, &format!("{base}/invitations"), Some("olivia"))
+                .header("content-type", "text/plain")
+                .body("hi"),
+        )
+        .await;
+    assert_eq!(text.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let huge = format!(
+        "{{\"email\": \"a@b.co\", \"role\": \"member\", \"title\": \"{}\"}}",
+        "x".repeat(400_000)
+    );
+    let too_large = app
+        .send(
+            app.request(Method::POST, &format!("{base}/invitations"), Some("olivia"))
+                .header("content-type", "application/json")
+                .body(huge),
+        )
+        .await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let bad_cursor = app
+        .call(
+            Method::GET,
+            &format!("{base}/members?cursor=%%%"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (bad_cursor.status, problem_code(&bad_cursor)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
+    let bad_limit = app
+        .call(
+            Method::GET,
+            &format!("{base}/members?limit=0"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(bad_limit.body["errors"][0]["field"], "limit");
+    let bad_limit_type = app
+        .call(
+            Method::GET,
+            &format!("{base}/members?limit=many"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(bad_limit_type.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_time = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log?from=yesterday"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(bad_time.body["errors"][0]["field"], "from");
+    let bad_if_match = app
+        .send(
+            app.request(Method::PATCH, &base, Some("olivia"))
+                .header("If-Match", "banana")
+                .json(&json!({"name": "Y"})),
+        )
+        .await;
+    assert_eq!(bad_if_match.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_actor = app
+        .call(Method::GET, &base, Some(&"x".repeat(200)), None)
+        .await;
+    assert_eq!(bad_actor.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bad_zone = app
+        .call(
+            Method::PATCH,
+            &base,
+            Some("olivia"),
+            Some(json!({"timezone": "Mars/Olympus"})),
+        )
+        .await;
+    assert_eq!(bad_zone.body["errors"][0]["field"], "timezone");
+    let bad_id = app
+        .call(
+            Method::GET,
+            "/v1/organizations/not-a-uuid",
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(bad_id.status, StatusCode::NOT_FOUND);
+    let no_route = app.call(Method::GET, "/v2/nothing", None, None).await;
+    assert_eq!(no_route.status, StatusCode::NOT_FOUND);
+    assert_eq!(app.event_count(&org).await, before, "nothing was appended");
+}
+
+async fn idempotency_keys_replay_the_first_response(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let path = format!("/v1/organizations/{org}/invitations");
+    let send = |key: &str, email: &str| {
+        app.request(Method::POST, &path, Some("olivia"))
+            .header("Idempotency-Key", key)
+            .json(&json!({"email": email, "role": "member"}))
+    };
+    let first = app.send(send("key-1", "nina@example.com")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let before = app.event_count(&org).await;
+    let retry = app.send(send("key-1", "nina@example.com")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.body, first.body, "the same response, token included");
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(
+        app.event_count(&org).await,
+        before,
+        "the retry appended nothing"
+    );
+    let reused = app.send(send("key-1", "other@example.com")).await;
+    assert_eq!(
+        (reused.status, problem_code(&reused)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+    let other_key = app.send(send("key-2", "other@example.com")).await;
+    assert_eq!(other_key.status, StatusCode::CREATED);
+    // A rejected command is replayed too, as the same rejection.
+    let rejected = app.send(send("key-3", "nina@example.com")).await;
+    assert_eq!(problem_code(&rejected), "invitation_pending");
+    let rejected_again = app.send(send("key-3", "nina@example.com")).await;
+    assert_eq!(rejected_again.body, rejected.body);
+}
+
+async fn if_match_guards_against_lost_updates(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let path = format!("/v1/organizations/{org}");
+    let read = app.call(Method::GET, &path, Some("olivia"), None).await;
+    let etag = read.headers["etag"].to_str().unwrap().to_owned();
+    let first = app
+        .send(
+            app.request(Method::PATCH, &path, Some("olivia"))
+                .header("If-Match", &etag)
+                .json(&json!({"name": "Acme 2"})),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_ne!(first.headers["etag"].to_str().unwrap(), etag);
+    let stale = app
+        .send(
+            app.request(Method::PATCH, &path, Some("olivia"))
+                .header("If-Match", &etag)
+                .json(&json!({"name": "Acme 3"})),
+        )
+        .await;
+    assert_eq!(
+        (stale.status, problem_code(&stale)),
+        (StatusCode::PRECONDITION_FAILED, "version_mismatch")
+    );
+    let bare = first.body["version"].to_string();
+    let fresh = app
+        .send(
+            app.request(Method::PATCH, &path, Some("olivia"))
+                .header("If-Match", bare)
+                .json(&json!({"name": "Acme 3"})),
+        )
+        .await;
+    assert_eq!(fresh.body["name"], "Acme 3");
+}
+
+async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backend: Backend) {
+    let app = Arc::new(spawn_app(backend).await);
+    let org = app.create_org("Acme", "olivia").await;
+    for i in 0..6 {
+        app.add_member(&org, "olivia", &format!("m{i}"), "member")
+            .await;
+    }
+    let changes = (0..6).map(|i| {
+        let app = app.clone();
+        let org = org.clone();
+        tokio::spawn(async move {
+            app.call(
+                Method::PATCH,
+                &format!("/v1/organizations/{org}/members/m{i}"),
+                Some("olivia"),
+                Some(json!({"role": "viewer"})),
+            )
+            .await
+            .status
+        })
+    });
+    for change in changes {
+        assert_eq!(
+            change.await.unwrap(),
+            StatusCode::OK,
+            "independent changes all succeed"
+        );
+    }
+    let viewers = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/members?role=viewer"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(viewers.body["items"].as_array().unwrap().len(), 6);
+
+    let invites = (0..8).map(|_| {
+        let app = app.clone();
+        let org = org.clone();
+        tokio::spawn(async move {
+            let reply = app
+                .call(
+                    Method::POST,
+                    &format!("/v1/organizations/{org}/invitations"),
+                    Some("olivia"),
+                    Some(json!({"email": "dup@example.com", "role": "member"})),
+                )
+                .await;
+            (reply.status, problem_code(&reply).to_owned())
+        })
+    });
+    let mut created = 0;
+    for invite in invites {
+        match invite.await.unwrap() {
+            (StatusCode::CREATED, _) => created += 1,
+            (status, code) => assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::CONFLICT, "invitation_pending")
+            ),
+        }
+    }
+    assert_eq!(created, 1, "exactly one invitation for one email");
+}
+
+async fn audit_history_and_exports_are_served(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let changed = app
+        .send(
+            app.request(
+                Method::PATCH,
+                &format!("/v1/organizations/{org}/members/mia"),
+                Some("olivia"),
+            )
+            .header("X-Request-Id", "req-role")
+            .json(&json!({"role": "admin"})),
+        )
+        .await;
+    assert_eq!(changed.headers["x-request-id"], "req-role");
+    let base = format!("/v1/organizations/{org}");
+    let log = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log?action=member.role_changed"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let entry = &log.body["items"][0];
+    assert_eq!(entry["details"], json!({"from": "member", "to": "admin"}));
+    assert_eq!(entry["request_id"], "req-role");
+    assert_eq!(entry["resource"], json!({"type": "member", "id": "mia"}));
+
+    let csv = app
+        .request(
+            Method::GET,
+            &format!("{base}/audit-log/export?format=csv"),
+            Some("olivia"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), StatusCode::OK);
+    assert!(csv.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let bytes = csv.bytes().await.unwrap();
+    let mut reader = csv::Reader::from_reader(bytes.as_ref());
+    assert_eq!(reader.headers().unwrap().len(), 8);
+    assert_eq!(reader.records().count(), 6);
+    let json_export = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log/export?format=json"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(json_export.body.as_array().unwrap().len(), 6);
+    let bad_format = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log/export?format=xml"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(bad_format.status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let events = app
+        .call(
+            Method::GET,
+            &format!("{base}/events?after_sequence=4&limit=1"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(events.body["items"][0]["sequence"], 5);
+    assert_eq!(events.body["items"][0]["event_type"], "MemberJoined");
+    let state = app
+        .call(
+            Method::GET,
+            &format!("{base}/state?sequence=5"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(state.body["as_of_sequence"], 5);
+    let mia = state.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == "mia")
+        .unwrap()
+        .clone();
+    assert_eq!(mia["role"], "member", "before the promotion");
+
+    let export = app
+        .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
+        .await;
+    assert_eq!(export.body["format_version"], 1);
+    assert_eq!(export.body["members"].as_array().unwrap().len(), 2);
+    assert!(!export.body.to_string().contains("token_sha256"));
+}
+
+async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "adam", "admin").await;
+    let path = format!("/v1/organizations/{org}");
+    let wrong = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("olivia"),
+            Some(json!({"confirm_name": "acme"})),
+        )
+        .await;
+    assert_eq!(
+        (wrong.status, problem_code(&wrong)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "confirmation_mismatch")
+    );
+    let by_admin = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("adam"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(deleted.body["status"], "deleted");
+    assert!(deleted.body["purge_after"].is_string());
+    let refused = app
+        .call(Method::POST, &format!("{path}/leave"), Some("adam"), None)
+        .await;
+    assert_eq!(
+        (refused.status, problem_code(&refused)),
+        (StatusCode::CONFLICT, "organization_deleted")
+    );
+    let still_readable = app
+        .call(Method::GET, &format!("{path}/audit-log"), None, None)
+        .await;
+    assert_eq!(still_readable.status, StatusCode::OK);
+    let restored = app
+        .call(
+            Method::POST,
+            &format!("{path}/restore"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(restored.body["status"], "active");
+    let purged = app
+        .call(
+            Method::POST,
+            &format!("{path}/purge"),
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(
+        (purged.status, purged.body["status"].as_str()),
+        (StatusCode::OK, Some("purged"))
+    );
+    let gone = app.call(Method::GET, &path, None, None).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    let tombstone = app
+        .call(Method::GET, &format!("{path}/events?limit=500"), None, None)
+        .await;
+    let items = tombstone.body["items"].as_array().unwrap();
+    assert_eq!(items.last().unwrap()["event_type"], "OrganizationPurged");
+    assert_eq!(items[1]["payload"]["MemberJoined"]["email"], "[erased]");
+    app.create_org("Acme", "zed").await;
+}
+
+async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.create_org("Acme", "olivia").await;
+    let health = app
+        .send(app.client.get(format!("{}/healthz", app.address)))
+        .await;
+    assert_eq!(health.body["status"], "ok");
+    let ready = app
+        .send(app.client.get(format!("{}/readyz", app.address)))
+        .await;
+    assert_eq!(ready.body["status"], "ready");
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "orgledger_http_requests_total",
+        "orgledger_http_request_duration_seconds",
+        "orgledger_commands_total",
+        "orgledger_events_appended_total",
+        "orgledger_projection_lag_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let openapi = app
+        .send(app.client.get(format!("{}/openapi.json", app.address)))
+        .await;
+    let paths = openapi.body["paths"].as_object().unwrap();
+    for path in [
+        "/v1/organizations",
+        "/v1/organizations/{org_id}",
+        "/v1/organizations/{org_id}/restore",
+        "/v1/organizations/{org_id}/purge",
+        "/v1/organizations/{org_id}/transfer-ownership",
+        "/v1/organizations/{org_id}/members",
+        "/v1/organizations/{org_id}/members/{user_id}",
+        "/v1/organizations/{org_id}/leave",
+        "/v1/users/{user_id}/organizations",
+        "/v1/organizations/{org_id}/invitations",
+        "/v1/organizations/{org_id}/invitations/{invitation_id}/resend",
+        "/v1/organizations/{org_id}/invitations/{invitation_id}",
+        "/v1/invitations/accept",
+        "/v1/organizations/{org_id}/audit-log",
+        "/v1/organizations/{org_id}/audit-log/export",
+        "/v1/organizations/{org_id}/events",
+        "/v1/organizations/{org_id}/state",
+        "/v1/organizations/{org_id}/export",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from /openapi.json"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let mut app = spawn_app(Backend::Sqlite).await;
+    // An open keep-alive connection, so the command below is in flight when the signal lands.
+    app.send(app.client.get(format!("{}/healthz", app.address)))
+        .await;
+    let stop = app.stop.take().unwrap();
+    let request = app.call(
+        Method::POST,
+        "/v1/organizations",
+        Some("olivia"),
+        Some(json!({"name": "Acme"})),
+    );
+    let (reply, ()) = tokio::join!(request, async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _ = stop.send(());
+    });
+    assert_eq!(reply.status, StatusCode::CREATED);
+    let finished = tokio::time::timeout(Duration::from_secs(10), app.server.take().unwrap()).await;
+    assert!(finished.is_ok(), "the server stopped after draining");
+    let refused = app
+        .client
+        .get(format!("{}/healthz", app.address))
+        .send()
+        .await;
+    assert!(refused.is_err(), "no new connections after shutdown");
+}
