@@ -175,6 +175,29 @@ mod tests {
     }
 
     #[test]
+    fn a_generated_platform_token_is_kept_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&format!("sqlite://{}/org.db", dir.path().display()));
+        let first = platform_tokens(&store, None).unwrap();
+        let kept = dir.path().join("org.db.api-token");
+        assert_eq!(std::fs::read_to_string(&kept).unwrap(), first[0]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "only its owner reads it");
+        }
+        assert_eq!(
+            platform_tokens(&store, None).unwrap(),
+            first,
+            "reused on the next start"
+        );
+        let configured = platform_tokens(&store, Some(" a , b ,")).unwrap();
+        assert_eq!(configured, ["a", "b"]);
+        assert!(platform_tokens(&store, Some(" , ")).is_err());
+    }
+
+    #[test]
     fn postgres_without_a_master_key_is_refused() {
         let error = store("postgres://localhost/x").master_key().unwrap_err();
         assert!(error

@@ -267,11 +267,23 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
     add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
 
     let members_projection = projection_named("members", "").unwrap();
-    let error = service
-        .projector
-        .run_batch(members_projection.as_ref())
-        .await
-        .unwrap_err();
+    // On PostgreSQL a write in flight anywhere in the cluster can hold the feed back for a
+    // moment; the failing event is reached within a few batches.
+    let mut attempts = 0;
+    let error = loop {
+        match service
+            .projector
+            .run_batch(members_projection.as_ref())
+            .await
+        {
+            Err(error) => break error,
+            Ok(_) => {
+                attempts += 1;
+                assert!(attempts < 100, "the failing event was never reached");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     assert!(
         error.to_string().contains("MemberJoined") || error.to_string().contains("rm_members"),
         "{error}"
@@ -279,9 +291,12 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
     let statuses = service.projector.status().await.unwrap();
     let status = statuses.iter().find(|s| s.name == "members").unwrap();
     assert!(status.last_error.is_some(), "the failure is reported");
-    assert_eq!(
-        status.backlog, 3,
-        "nothing was skipped: the failed events are still ahead"
+    let failed_event = status.failed_event.clone().unwrap_or_default();
+    assert!(failed_event.contains("MemberJoined #5"), "{failed_event}");
+    assert!(
+        (1..=3).contains(&status.backlog),
+        "nothing was skipped: the failed event is still ahead ({})",
+        status.backlog
     );
     // Other projections carry on.
     let audit_projection = projection_named("audit_log", "").unwrap();

@@ -41,7 +41,10 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let Some(key) = request.headers().get("idempotency-key").cloned() else {
         return next.run(request).await;
     };
-    if !is_command {
+    // Unauthenticated requests get their 401 from the handler; nothing is stored for them.
+    let authenticated =
+        super::extract::bearer(request.headers()).is_some_and(|token| state.tokens.accepts(token));
+    if !is_command || !authenticated {
         return next.run(request).await;
     }
     let key = match key.to_str() {

@@ -117,7 +117,9 @@ pub fn app(state: AppState) -> Router {
     let (routes, openapi) = api();
     let openapi = Arc::new(openapi);
     let x_request_id = HeaderName::from_static("x-request-id");
+    // Per route, so requests that match no route or method never reach the idempotency store.
     routes
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -129,7 +131,6 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(operations::record_request))
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
