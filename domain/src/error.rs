@@ -58,6 +58,16 @@ pub enum OrganizationError {
     FieldLocked(&'static str),
     #[error("a personal organization has a single member and takes no invitations")]
     PersonalOrganization,
+    #[error("members and pending invitations would exceed the plan's seats")]
+    SeatLimitReached,
+    #[error("a group with this name already exists")]
+    GroupExists,
+    #[error("a role with this key already exists")]
+    RoleExists,
+    #[error("the role is held by a member or a pending invitation")]
+    RoleInUse,
+    #[error("the user already has a personal organization")]
+    PersonalOrganizationExists,
     #[error("the request is invalid")]
     Validation(Vec<FieldError>),
 }
@@ -85,6 +95,11 @@ impl OrganizationError {
             Self::EmailMismatch => "email_mismatch",
             Self::FieldLocked(_) => "field_locked",
             Self::PersonalOrganization => "personal_organization",
+            Self::SeatLimitReached => "seat_limit_reached",
+            Self::GroupExists => "group_exists",
+            Self::RoleExists => "role_exists",
+            Self::RoleInUse => "role_in_use",
+            Self::PersonalOrganizationExists => "personal_organization_exists",
             Self::Validation(_) => "validation_failed",
         }
     }

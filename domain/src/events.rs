@@ -10,8 +10,8 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::access::{Actor, Role};
-use crate::organization::{OrganizationKind, Settings, WorkflowMode};
+use crate::access::{Actor, Permission, Role, Scope};
+use crate::organization::{ClientAccess, OrganizationKind, Settings, WorkflowMode};
 use crate::values::{LockedField, UserId};
 
 /// Keys whose values are personal data, wherever they appear in a payload or metadata.
@@ -24,6 +24,9 @@ pub const PERSONAL_DATA_FIELDS: &[&str] = &[
     "client_ip",
     "user_agent",
 ];
+
+/// Keys whose values are secrets: sealed like personal data, never returned or exported.
+pub const SECRET_FIELDS: &[&str] = &["api_key"];
 
 /// What a personal-data string reads as once its organization's key is destroyed.
 pub const ERASED: &str = "[erased]";
@@ -188,6 +191,122 @@ pub struct MemberLeft {
     pub left_at: DateTime<Utc>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupCreated {
+    pub group_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupUpdated {
+    pub group_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Change<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Change<Option<String>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupDeleted {
+    pub group_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupMemberAdded {
+    pub group_id: Uuid,
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupMemberRemoved {
+    pub group_id: Uuid,
+    pub user_id: UserId,
+}
+
+/// A service account and the hash of its key (the key itself is never stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceAccountCreated {
+    pub service_account_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub key_prefix: String,
+    pub key_sha256: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceAccountKeyRotated {
+    pub service_account_id: Uuid,
+    pub key_prefix: String,
+    pub key_sha256: String,
+    pub rotated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceAccountDeleted {
+    pub service_account_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientRestrictionsChanged {
+    pub from: ClientAccess,
+    pub to: ClientAccess,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmartToolRoutingChanged {
+    pub enabled: Change<bool>,
+}
+
+/// `api_key` is a secret field: sealed with the organization's key, never shown again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AiProviderAdded {
+    pub provider_id: Uuid,
+    pub name: String,
+    pub kind: String,
+    pub enabled: bool,
+    pub api_key: String,
+    pub api_key_last4: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AiProviderUpdated {
+    pub provider_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<Change<bool>>,
+    /// A replaced key (sealed), and its new last four characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_last4: Option<Change<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AiProviderRemoved {
+    pub provider_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanChanged {
+    pub plan: Change<Option<String>>,
+    pub seats: Change<Option<u32>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleDefined {
+    pub key: String,
+    pub name: String,
+    pub permissions: Vec<Permission>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleDeleted {
+    pub key: String,
+}
+
 /// Everything that can happen to an organization, in the past tense.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OrganizationEvent {
@@ -206,6 +325,22 @@ pub enum OrganizationEvent {
     MemberProfileUpdated(MemberProfileUpdated),
     MemberRemoved(MemberRemoved),
     MemberLeft(MemberLeft),
+    GroupCreated(GroupCreated),
+    GroupUpdated(GroupUpdated),
+    GroupDeleted(GroupDeleted),
+    GroupMemberAdded(GroupMemberAdded),
+    GroupMemberRemoved(GroupMemberRemoved),
+    ServiceAccountCreated(ServiceAccountCreated),
+    ServiceAccountKeyRotated(ServiceAccountKeyRotated),
+    ServiceAccountDeleted(ServiceAccountDeleted),
+    ClientRestrictionsChanged(ClientRestrictionsChanged),
+    SmartToolRoutingChanged(SmartToolRoutingChanged),
+    AiProviderAdded(AiProviderAdded),
+    AiProviderUpdated(AiProviderUpdated),
+    AiProviderRemoved(AiProviderRemoved),
+    PlanChanged(PlanChanged),
+    RoleDefined(RoleDefined),
+    RoleDeleted(RoleDeleted),
 }
 
 impl OrganizationEvent {
@@ -237,6 +372,22 @@ impl DomainEvent for OrganizationEvent {
             Self::MemberProfileUpdated(_) => "MemberProfileUpdated",
             Self::MemberRemoved(_) => "MemberRemoved",
             Self::MemberLeft(_) => "MemberLeft",
+            Self::GroupCreated(_) => "GroupCreated",
+            Self::GroupUpdated(_) => "GroupUpdated",
+            Self::GroupDeleted(_) => "GroupDeleted",
+            Self::GroupMemberAdded(_) => "GroupMemberAdded",
+            Self::GroupMemberRemoved(_) => "GroupMemberRemoved",
+            Self::ServiceAccountCreated(_) => "ServiceAccountCreated",
+            Self::ServiceAccountKeyRotated(_) => "ServiceAccountKeyRotated",
+            Self::ServiceAccountDeleted(_) => "ServiceAccountDeleted",
+            Self::ClientRestrictionsChanged(_) => "ClientRestrictionsChanged",
+            Self::SmartToolRoutingChanged(_) => "SmartToolRoutingChanged",
+            Self::AiProviderAdded(_) => "AiProviderAdded",
+            Self::AiProviderUpdated(_) => "AiProviderUpdated",
+            Self::AiProviderRemoved(_) => "AiProviderRemoved",
+            Self::PlanChanged(_) => "PlanChanged",
+            Self::RoleDefined(_) => "RoleDefined",
+            Self::RoleDeleted(_) => "RoleDeleted",
         };
         name.to_owned()
     }

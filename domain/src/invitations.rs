@@ -16,12 +16,27 @@ impl Organization {
         at: DateTime<Utc>,
         c: &SendInvitation,
     ) -> Decision {
-        let (_, actor_role) = self.authorize(actor, Permission::InviteMembers)?;
+        let authority = self.authorize(actor, Permission::InviteMembers)?;
         if self.kind == OrganizationKind::Personal {
             return Err(OrganizationError::PersonalOrganization);
         }
-        if c.role == Role::Owner && actor_role != Role::Owner {
+        if c.role == Role::Owner && !authority.is_owner() {
             return Err(OrganizationError::PermissionDenied);
+        }
+        self.ensure_role_exists("role", &c.role)?;
+        if let Some(group_id) = c.group_id {
+            if !self.groups.contains_key(&group_id) {
+                return Err(OrganizationError::validation(
+                    "group_id",
+                    "is not a group of this organization",
+                ));
+            }
+        }
+        let requested = c.max_uses.get();
+        if let Some(seats) = self.plan.seats {
+            if self.seats_in_use(at) + requested > seats {
+                return Err(OrganizationError::SeatLimitReached);
+            }
         }
         if c.email.is_some() && c.max_uses.get() > 1 {
             return Err(OrganizationError::validation(
@@ -50,7 +65,7 @@ impl Organization {
         Ok(vec![OrganizationEvent::InvitationSent(InvitationSent {
             invitation_id: c.invitation_id,
             email: c.email.as_ref().map(|email| email.as_str().to_owned()),
-            role: c.role,
+            role: c.role.clone(),
             first_name: c.first_name.clone(),
             last_name: c.last_name.clone(),
             title: c.title.clone(),
@@ -70,12 +85,12 @@ impl Organization {
         at: DateTime<Utc>,
         c: &ResendInvitation,
     ) -> Decision {
-        let (_, actor_role) = self.authorize(actor, Permission::InviteMembers)?;
+        let authority = self.authorize(actor, Permission::InviteMembers)?;
         let invitation = self
             .invitations
             .get(&c.invitation_id)
             .ok_or(OrganizationError::NotFound("invitation"))?;
-        if invitation.role == Role::Owner && actor_role != Role::Owner {
+        if invitation.role == Role::Owner && !authority.is_owner() {
             return Err(OrganizationError::PermissionDenied);
         }
         let lifetime = invitation.expires_at - invitation.sent_at;
@@ -165,13 +180,31 @@ impl Organization {
                 last_name: invitation.last_name.clone().or_else(|| c.last_name.clone()),
                 title: invitation.title.clone(),
                 image_url: None,
-                role: invitation.role,
+                role: invitation.role.clone(),
                 locked_fields,
-                group_ids: invitation.group_id.into_iter().collect(),
+                // A group deleted since the invitation was sent is skipped.
+                group_ids: invitation
+                    .group_id
+                    .filter(|group| self.groups.contains_key(group))
+                    .into_iter()
+                    .collect(),
                 invitation_id: Some(*invitation_id),
                 joined_at: at,
             }),
         ])
+    }
+}
+
+impl Organization {
+    /// Members plus the seats pending invitations hold (a link holds its remaining uses).
+    pub fn seats_in_use(&self, now: DateTime<Utc>) -> u32 {
+        let pending: u32 = self
+            .invitations
+            .values()
+            .filter(|invitation| !invitation.is_expired(now))
+            .map(|invitation| invitation.max_uses.saturating_sub(invitation.uses))
+            .sum();
+        self.members.len() as u32 + pending
     }
 }
 

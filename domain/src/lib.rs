@@ -5,6 +5,7 @@
 //! decision depends on nothing but the aggregate's state and the command it is given.
 
 mod access;
+mod administration;
 mod commands;
 mod error;
 mod events;
@@ -14,21 +15,28 @@ mod organization;
 mod upcasting;
 mod values;
 
-pub use access::{Actor, Permission, Role};
+pub use access::{is_role_key, Actor, Grant, Permission, Role, Scope};
 pub use commands::{
-    AcceptInvitation, Command, CreateOrganization, DeleteOrganization, NewMember,
-    OrganizationCommand, PurgeOrganization, RemoveMember, ResendInvitation, RevokeInvitation,
-    SendInvitation, TransferOwnership, UpdateMember, UpdateOrganization,
+    AcceptInvitation, AddAiProvider, AiProviderRef, ChangePlan, Command, CreateGroup,
+    CreateOrganization, CreateServiceAccount, DefineRole, DeleteOrganization, GroupMembership,
+    GroupRef, NewMember, OrganizationCommand, PurgeOrganization, RemoveMember, ResendInvitation,
+    RevokeInvitation, RoleRef, RotateServiceAccountKey, SendInvitation, ServiceAccountRef,
+    TransferOwnership, UpdateAiProvider, UpdateGroup, UpdateMember, UpdateOrganization,
 };
 pub use error::{FieldError, OrganizationError};
 pub use events::{
-    Change, InvitationAccepted, InvitationResent, InvitationRevoked, InvitationSent, MemberJoined,
+    AiProviderAdded, AiProviderRemoved, AiProviderUpdated, Change, ClientRestrictionsChanged,
+    GroupCreated, GroupDeleted, GroupMemberAdded, GroupMemberRemoved, GroupUpdated,
+    InvitationAccepted, InvitationResent, InvitationRevoked, InvitationSent, MemberJoined,
     MemberLeft, MemberProfileUpdated, MemberRemoved, MemberRoleChanged, OrganizationCreated,
     OrganizationDeleted, OrganizationEvent, OrganizationPurged, OrganizationRestored,
-    OrganizationUpdated, OwnershipTransferred, ERASED, PERSONAL_DATA_FIELDS,
+    OrganizationUpdated, OwnershipTransferred, PlanChanged, RoleDefined, RoleDeleted,
+    ServiceAccountCreated, ServiceAccountDeleted, ServiceAccountKeyRotated,
+    SmartToolRoutingChanged, ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS,
 };
 pub use organization::{
-    Invitation, Lifecycle, Member, Organization, OrganizationKind, Settings, WorkflowMode,
+    Access, AiProvider, ClientAccess, CustomRole, Group, Invitation, Lifecycle, Member,
+    Organization, OrganizationKind, Plan, ServiceAccount, Settings, WorkflowMode,
     RESTORE_WINDOW_DAYS,
 };
 pub use upcasting::upcasters;

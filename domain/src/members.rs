@@ -13,18 +13,16 @@ use crate::values::LockedField;
 impl Organization {
     /// Role, profile and locks in one atomic patch.
     pub(crate) fn update_member(&self, actor: &Actor, c: &UpdateMember) -> Decision {
-        let actor_id = self.acting_user(actor)?;
-        let actor_role = self
-            .members
-            .get(actor_id)
-            .map(|member| member.role)
-            .ok_or(OrganizationError::PermissionDenied)?;
+        let authority = self.authority(actor)?;
         let target = self
             .members
             .get(&c.user_id)
             .ok_or(OrganizationError::NotFound("member"))?;
 
-        let role = c.role.and_then(|role| Change::between(target.role, role));
+        let role = c
+            .role
+            .clone()
+            .and_then(|role| Change::between(target.role.clone(), role));
         let mut locked_fields = c.locked_fields.clone().map(|mut fields| {
             fields.sort();
             fields.dedup();
@@ -42,15 +40,19 @@ impl Organization {
             locked_fields: locked_change,
         };
 
-        if actor_role.permits(Permission::ManageMembers) {
+        if self.grant(&authority).permits(Permission::ManageMembers) {
             // Only an owner may touch an owner or make one.
             let touches_owner = target.role == Role::Owner || c.role == Some(Role::Owner);
-            if touches_owner && actor_role != Role::Owner {
+            if touches_owner && !authority.is_owner() {
                 return Err(OrganizationError::PermissionDenied);
+            }
+            if let Some(change) = &role {
+                self.ensure_role_exists("role", &change.to)?;
             }
         } else {
             // Self-service: one's own profile, minus locked fields.
-            if *actor_id != c.user_id || role.is_some() || profile.locked_fields.is_some() {
+            let is_self = authority.user == Some(&c.user_id);
+            if !is_self || role.is_some() || profile.locked_fields.is_some() {
                 return Err(OrganizationError::PermissionDenied);
             }
             for (field, change) in [
@@ -104,17 +106,17 @@ impl Organization {
         at: DateTime<Utc>,
         c: &RemoveMember,
     ) -> Decision {
-        let actor_id = self.acting_user(actor)?;
-        if *actor_id == c.user_id && self.members.contains_key(actor_id) {
+        let authority = self.authority(actor)?;
+        if authority.user == Some(&c.user_id) && authority.role.is_some() {
             return Err(OrganizationError::CannotRemoveSelf);
         }
-        let (_, actor_role) = self.authorize(actor, Permission::ManageMembers)?;
+        let authority = self.authorize(actor, Permission::ManageMembers)?;
         let target = self
             .members
             .get(&c.user_id)
             .ok_or(OrganizationError::NotFound("member"))?;
         if target.role == Role::Owner {
-            if actor_role != Role::Owner {
+            if !authority.is_owner() {
                 return Err(OrganizationError::PermissionDenied);
             }
             if self.owner_count() == 1 {

@@ -9,7 +9,7 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::access::{Actor, Permission, Role};
+use crate::access::{Actor, Grant, Permission, Role, Scope};
 use crate::commands::{
     Command, CreateOrganization, DeleteOrganization, OrganizationCommand, PurgeOrganization,
     TransferOwnership, UpdateOrganization,
@@ -107,6 +107,62 @@ impl Invitation {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub description: Option<String>,
+    pub member_ids: std::collections::BTreeSet<UserId>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccount {
+    pub name: String,
+    pub description: Option<String>,
+    pub scopes: Vec<Scope>,
+    pub key_prefix: String,
+    pub key_sha256: String,
+    pub created_at: DateTime<Utc>,
+    pub last_rotated_at: Option<DateTime<Utc>>,
+}
+
+/// `allow` or `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    #[default]
+    Allow,
+    Block,
+}
+
+/// Which AI clients may reach the organization: a default and per-client overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClientAccess {
+    pub default: Access,
+    pub clients: BTreeMap<String, Access>,
+}
+
+/// An AI provider; its API key lives only (sealed) in events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AiProvider {
+    pub name: String,
+    pub kind: String,
+    pub enabled: bool,
+    pub api_key_last4: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Plan {
+    pub name: Option<String>,
+    pub seats: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomRole {
+    pub name: String,
+    pub permissions: Vec<Permission>,
+}
+
 /// The state the rules need, and no more: it stays small whatever the length of history.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Organization {
@@ -119,6 +175,33 @@ pub struct Organization {
     pub created_at: Option<DateTime<Utc>>,
     pub members: BTreeMap<UserId, Member>,
     pub invitations: BTreeMap<Uuid, Invitation>,
+    #[serde(default)]
+    pub groups: BTreeMap<Uuid, Group>,
+    #[serde(default)]
+    pub service_accounts: BTreeMap<Uuid, ServiceAccount>,
+    #[serde(default)]
+    pub client_restrictions: ClientAccess,
+    #[serde(default)]
+    pub smart_tool_routing: bool,
+    #[serde(default)]
+    pub ai_providers: BTreeMap<Uuid, AiProvider>,
+    #[serde(default)]
+    pub plan: Plan,
+    #[serde(default)]
+    pub roles: BTreeMap<String, CustomRole>,
+}
+
+/// What an actor may do here: a member's role, or a service account's scopes.
+pub(crate) struct Authority<'a> {
+    pub user: Option<&'a UserId>,
+    pub role: Option<&'a Role>,
+    account: Option<&'a ServiceAccount>,
+}
+
+impl Authority<'_> {
+    pub fn is_owner(&self) -> bool {
+        self.role == Some(&Role::Owner)
+    }
 }
 
 impl Aggregate for Organization {
@@ -180,9 +263,12 @@ impl Aggregate for Organization {
             }
             OrganizationEvent::OrganizationRestored(_) => self.lifecycle = Lifecycle::Active,
             OrganizationEvent::OrganizationPurged(_) => {
-                self.lifecycle = Lifecycle::Purged;
-                self.members.clear();
-                self.invitations.clear();
+                let id = self.id;
+                *self = Self {
+                    id,
+                    lifecycle: Lifecycle::Purged,
+                    ..Self::default()
+                };
             }
             OrganizationEvent::OwnershipTransferred(e) => {
                 if let Some(member) = self.members.get_mut(&e.to_user_id) {
@@ -272,6 +358,122 @@ impl Aggregate for Organization {
             OrganizationEvent::MemberRemoved(MemberRemoved { user_id, .. })
             | OrganizationEvent::MemberLeft(MemberLeft { user_id, .. }) => {
                 self.members.remove(&user_id);
+                for group in self.groups.values_mut() {
+                    group.member_ids.remove(&user_id);
+                }
+            }
+            OrganizationEvent::GroupCreated(e) => {
+                self.groups.insert(
+                    e.group_id,
+                    Group {
+                        name: e.name,
+                        description: e.description,
+                        member_ids: Default::default(),
+                        created_at: e.created_at,
+                    },
+                );
+            }
+            OrganizationEvent::GroupUpdated(e) => {
+                if let Some(group) = self.groups.get_mut(&e.group_id) {
+                    if let Some(change) = e.name {
+                        group.name = change.to;
+                    }
+                    if let Some(change) = e.description {
+                        group.description = change.to;
+                    }
+                }
+            }
+            OrganizationEvent::GroupDeleted(e) => {
+                self.groups.remove(&e.group_id);
+                for member in self.members.values_mut() {
+                    member.group_ids.retain(|id| *id != e.group_id);
+                }
+            }
+            OrganizationEvent::GroupMemberAdded(e) => {
+                if let Some(group) = self.groups.get_mut(&e.group_id) {
+                    group.member_ids.insert(e.user_id.clone());
+                }
+                if let Some(member) = self.members.get_mut(&e.user_id) {
+                    if !member.group_ids.contains(&e.group_id) {
+                        member.group_ids.push(e.group_id);
+                    }
+                }
+            }
+            OrganizationEvent::GroupMemberRemoved(e) => {
+                if let Some(group) = self.groups.get_mut(&e.group_id) {
+                    group.member_ids.remove(&e.user_id);
+                }
+                if let Some(member) = self.members.get_mut(&e.user_id) {
+                    member.group_ids.retain(|id| *id != e.group_id);
+                }
+            }
+            OrganizationEvent::ServiceAccountCreated(e) => {
+                self.service_accounts.insert(
+                    e.service_account_id,
+                    ServiceAccount {
+                        name: e.name,
+                        description: e.description,
+                        scopes: e.scopes,
+                        key_prefix: e.key_prefix,
+                        key_sha256: e.key_sha256,
+                        created_at: e.created_at,
+                        last_rotated_at: None,
+                    },
+                );
+            }
+            OrganizationEvent::ServiceAccountKeyRotated(e) => {
+                if let Some(account) = self.service_accounts.get_mut(&e.service_account_id) {
+                    account.key_prefix = e.key_prefix;
+                    account.key_sha256 = e.key_sha256;
+                    account.last_rotated_at = Some(e.rotated_at);
+                }
+            }
+            OrganizationEvent::ServiceAccountDeleted(e) => {
+                self.service_accounts.remove(&e.service_account_id);
+            }
+            OrganizationEvent::ClientRestrictionsChanged(e) => self.client_restrictions = e.to,
+            OrganizationEvent::SmartToolRoutingChanged(e) => self.smart_tool_routing = e.enabled.to,
+            OrganizationEvent::AiProviderAdded(e) => {
+                self.ai_providers.insert(
+                    e.provider_id,
+                    AiProvider {
+                        name: e.name,
+                        kind: e.kind,
+                        enabled: e.enabled,
+                        api_key_last4: e.api_key_last4,
+                    },
+                );
+            }
+            OrganizationEvent::AiProviderUpdated(e) => {
+                if let Some(provider) = self.ai_providers.get_mut(&e.provider_id) {
+                    if let Some(change) = e.enabled {
+                        provider.enabled = change.to;
+                    }
+                    if let Some(change) = e.api_key_last4 {
+                        provider.api_key_last4 = change.to;
+                    }
+                }
+            }
+            OrganizationEvent::AiProviderRemoved(e) => {
+                self.ai_providers.remove(&e.provider_id);
+            }
+            OrganizationEvent::PlanChanged(e) => {
+                self.plan = Plan {
+                    name: e.plan.to,
+                    seats: e.seats.to,
+                };
+            }
+            OrganizationEvent::RoleDefined(e) => {
+                self.roles.insert(
+                    e.key,
+                    CustomRole {
+                        name: e.name,
+                        permissions: e.permissions,
+                    },
+                );
+            }
+            OrganizationEvent::RoleDeleted(e) => {
+                self.roles.remove(&e.key);
             }
         }
     }
@@ -308,6 +510,7 @@ impl Organization {
                     OrganizationCommand::UpdateMember(c) => self.update_member(actor, c),
                     OrganizationCommand::RemoveMember(c) => self.remove_member(actor, at, c),
                     OrganizationCommand::LeaveOrganization => self.leave(actor, at),
+                    other => self.administer(actor, at, other),
                     OrganizationCommand::CreateOrganization(_)
                     | OrganizationCommand::RestoreOrganization
                     | OrganizationCommand::PurgeOrganization(_) => {
@@ -340,28 +543,59 @@ impl Organization {
         }
     }
 
-    /// The acting user's role, if they hold `permission`. Every command's authorization
-    /// goes through here, and through [`Role::permits`].
+    /// The actor's standing here: a user's role (if a member) or a service account's
+    /// scopes. `system` must name a user for any command but create and scheduled purge.
+    pub(crate) fn authority<'a>(
+        &'a self,
+        actor: &'a Actor,
+    ) -> Result<Authority<'a>, OrganizationError> {
+        match actor {
+            Actor::System => Err(OrganizationError::ActorRequired),
+            Actor::User(user_id) => Ok(Authority {
+                user: Some(user_id),
+                role: self.members.get(user_id).map(|member| &member.role),
+                account: None,
+            }),
+            Actor::ServiceAccount(id) => match self.service_accounts.get(id) {
+                Some(account) => Ok(Authority {
+                    user: None,
+                    role: None,
+                    account: Some(account),
+                }),
+                None => Err(OrganizationError::PermissionDenied),
+            },
+        }
+    }
+
+    /// What an authority holds, for [`Grant::permits`]: the one check for built-in roles,
+    /// custom roles and service-account scopes.
+    pub(crate) fn grant<'a>(&'a self, authority: &Authority<'a>) -> Grant<'a> {
+        match (authority.account, authority.role) {
+            (Some(account), _) => Grant::Scopes(&account.scopes),
+            (None, Some(Role::Custom(key))) => self
+                .roles
+                .get(key)
+                .map_or(Grant::Nothing, |role| Grant::Custom(&role.permissions)),
+            (None, Some(role)) => Grant::BuiltIn(role),
+            (None, None) => Grant::Nothing,
+        }
+    }
+
+    /// The actor's authority, if it holds `permission`.
     pub(crate) fn authorize<'a>(
-        &self,
+        &'a self,
         actor: &'a Actor,
         permission: Permission,
-    ) -> Result<(&'a UserId, Role), OrganizationError> {
-        let user_id = self.acting_user(actor)?;
-        let role = self
-            .members
-            .get(user_id)
-            .map(|member| member.role)
-            .ok_or(OrganizationError::PermissionDenied)?;
-        if role.permits(permission) {
-            Ok((user_id, role))
+    ) -> Result<Authority<'a>, OrganizationError> {
+        let authority = self.authority(actor)?;
+        if self.grant(&authority).permits(permission) {
+            Ok(authority)
         } else {
             Err(OrganizationError::PermissionDenied)
         }
     }
 
-    /// The user behind a command; `system` must name one, service accounts (which act only
-    /// within scopes they are given) hold no user powers.
+    /// The user behind a command that only users issue (accept, leave).
     pub(crate) fn acting_user<'a>(
         &self,
         actor: &'a Actor,
@@ -370,6 +604,23 @@ impl Organization {
             Actor::User(user_id) => Ok(user_id),
             Actor::System => Err(OrganizationError::ActorRequired),
             Actor::ServiceAccount(_) => Err(OrganizationError::PermissionDenied),
+        }
+    }
+
+    /// A role that can be held here: built in, or defined by this organization.
+    pub(crate) fn ensure_role_exists(
+        &self,
+        field: &str,
+        role: &Role,
+    ) -> Result<(), OrganizationError> {
+        match role {
+            Role::Custom(key) if !self.roles.contains_key(key) => {
+                Err(OrganizationError::validation(
+                    field,
+                    "is neither a built-in role nor one this organization defined",
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -509,10 +760,10 @@ impl Organization {
     }
 
     fn transfer_ownership(&self, actor: &Actor, c: &TransferOwnership) -> Decision {
-        let (actor_id, role) = self.authorize(actor, Permission::TransferOwnership)?;
-        if role != Role::Owner {
+        let authority = self.authorize(actor, Permission::TransferOwnership)?;
+        let Some(actor_id) = authority.user.filter(|_| authority.is_owner()) else {
             return Err(OrganizationError::PermissionDenied);
-        }
+        };
         match self.members.get(&c.new_owner_id) {
             Some(member) if member.role == Role::Admin => {}
             _ => return Err(OrganizationError::TargetNotAdmin),

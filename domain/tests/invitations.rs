@@ -306,7 +306,16 @@ fn names_and_title_given_on_the_invitation_become_locked_profile_fields() {
         group_id: Some(invitation_id(99)),
         ..invitation_sent(1, Some("nina@example.com"), Role::Member)
     };
-    let given = with(acme(), vec![OrganizationEvent::InvitationSent(invitation)]);
+    let group = OrganizationEvent::GroupCreated(GroupCreated {
+        group_id: invitation_id(99),
+        name: "Finance".into(),
+        description: None,
+        created_at: t0(),
+    });
+    let given = with(
+        acme(),
+        vec![group, OrganizationEvent::InvitationSent(invitation)],
+    );
     let acceptance = AcceptInvitation {
         first_name: Some("Nini".into()),
         last_name: Some("Sky".into()),

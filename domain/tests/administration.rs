@@ -1,0 +1,580 @@
+//! Groups, service accounts, settings, AI providers, plan and seats, custom roles.
+
+mod support;
+
+use orgledger_domain::*;
+use support::*;
+use uuid::Uuid;
+
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0002_0000 + n)
+}
+
+fn by(actor: &str, body: OrganizationCommand) -> Command {
+    command(user(actor), body)
+}
+
+fn group_created(n: u128, name: &str) -> OrganizationEvent {
+    OrganizationEvent::GroupCreated(GroupCreated {
+        group_id: id(n),
+        name: name.into(),
+        description: None,
+        created_at: t0(),
+    })
+}
+
+fn with(
+    mut events: Vec<OrganizationEvent>,
+    more: Vec<OrganizationEvent>,
+) -> Vec<OrganizationEvent> {
+    events.extend(more);
+    events
+}
+
+fn state_after(events: Vec<OrganizationEvent>) -> Organization {
+    let mut state = Organization::default();
+    for event in events {
+        cqrs_es::Aggregate::apply(&mut state, event);
+    }
+    state
+}
+
+#[test]
+fn an_admin_creates_a_group_and_names_are_unique() {
+    let create = |n, name: &str| {
+        OrganizationCommand::CreateGroup(CreateGroup {
+            group_id: id(n),
+            name: name.into(),
+            description: Some("People".into()),
+        })
+    };
+    test()
+        .given(acme())
+        .when(by("adam", create(1, "Engineering")))
+        .then_expect_events(vec![OrganizationEvent::GroupCreated(GroupCreated {
+            group_id: id(1),
+            name: "Engineering".into(),
+            description: Some("People".into()),
+            created_at: t0(),
+        })]);
+    let taken = error_of(
+        with(acme(), vec![group_created(1, "Engineering")]),
+        by("adam", create(2, "engineering")),
+    );
+    assert_eq!(taken.code(), "group_exists");
+    assert_eq!(
+        error_of(acme(), by("mia", create(1, "X"))),
+        OrganizationError::PermissionDenied
+    );
+    assert_eq!(
+        error_of(acme(), by("adam", create(1, " "))).code(),
+        "validation_failed"
+    );
+}
+
+#[test]
+fn group_membership_needs_a_member_and_follows_removal_and_deletion() {
+    let given = with(acme(), vec![group_created(1, "Eng")]);
+    let add = |user: &str| {
+        OrganizationCommand::AddGroupMember(GroupMembership {
+            group_id: id(1),
+            user_id: uid(user),
+        })
+    };
+    assert_eq!(
+        error_of(given.clone(), by("adam", add("ghost"))),
+        OrganizationError::NotFound("member")
+    );
+    let added = OrganizationEvent::GroupMemberAdded(GroupMemberAdded {
+        group_id: id(1),
+        user_id: uid("mia"),
+    });
+    test()
+        .given(given.clone())
+        .when(by("adam", add("mia")))
+        .then_expect_events(vec![added.clone()]);
+    test()
+        .given(with(given.clone(), vec![added.clone()]))
+        .when(by("adam", add("mia")))
+        .then_expect_events(vec![]);
+
+    let state = state_after(with(given.clone(), vec![added.clone()]));
+    assert_eq!(state.members[&uid("mia")].group_ids, vec![id(1)]);
+    let removed = state_after(with(
+        given.clone(),
+        vec![
+            added.clone(),
+            OrganizationEvent::MemberRemoved(MemberRemoved {
+                user_id: uid("mia"),
+                removed_at: t0(),
+            }),
+        ],
+    ));
+    assert!(
+        removed.groups[&id(1)].member_ids.is_empty(),
+        "a removed member leaves every group"
+    );
+    let deleted = state_after(with(
+        given,
+        vec![
+            added,
+            OrganizationEvent::GroupDeleted(GroupDeleted { group_id: id(1) }),
+        ],
+    ));
+    assert!(
+        deleted.members[&uid("mia")].group_ids.is_empty(),
+        "a deleted group leaves every member"
+    );
+}
+
+#[test]
+fn an_invitation_puts_the_new_member_in_its_group() {
+    let given = with(acme(), vec![group_created(1, "Eng")]);
+    let invite = SendInvitation {
+        group_id: Some(id(1)),
+        ..send(1, Some("nina@example.com"), Role::Member)
+    };
+    let events = test()
+        .given(given.clone())
+        .when(by("adam", OrganizationCommand::SendInvitation(invite)))
+        .inspect_result()
+        .unwrap();
+    let state = state_after(with(given, events));
+    let events = state
+        .decide(&command_at(
+            user("nina"),
+            days(1),
+            OrganizationCommand::AcceptInvitation(accept("hash-1", "nina", "nina@example.com")),
+        ))
+        .unwrap();
+    let OrganizationEvent::MemberJoined(joined) = &events[1] else {
+        panic!()
+    };
+    assert_eq!(joined.group_ids, vec![id(1)]);
+    let unknown = SendInvitation {
+        group_id: Some(id(9)),
+        ..send(2, Some("x@example.com"), Role::Member)
+    };
+    assert_eq!(
+        error_of(
+            acme(),
+            by("adam", OrganizationCommand::SendInvitation(unknown))
+        )
+        .code(),
+        "validation_failed"
+    );
+}
+
+fn account_created(scopes: Vec<Scope>) -> OrganizationEvent {
+    OrganizationEvent::ServiceAccountCreated(ServiceAccountCreated {
+        service_account_id: id(7),
+        name: "ci".into(),
+        description: None,
+        scopes,
+        key_prefix: "sa_abcd".into(),
+        key_sha256: "h".into(),
+        created_at: t0(),
+    })
+}
+
+#[test]
+fn service_accounts_are_created_rotated_and_deleted_by_admins() {
+    let create = OrganizationCommand::CreateServiceAccount(CreateServiceAccount {
+        service_account_id: id(7),
+        name: "ci".into(),
+        description: None,
+        scopes: vec![Scope::MembersRead, Scope::MembersRead],
+        key_prefix: "sa_abcd".into(),
+        key_sha256: "h".into(),
+    });
+    test()
+        .given(acme())
+        .when(by("adam", create.clone()))
+        .then_expect_events(vec![account_created(vec![Scope::MembersRead])]);
+    assert_eq!(
+        error_of(acme(), by("mia", create)),
+        OrganizationError::PermissionDenied
+    );
+    let given = with(acme(), vec![account_created(vec![Scope::MembersRead])]);
+    let rotate = OrganizationCommand::RotateServiceAccountKey(RotateServiceAccountKey {
+        service_account_id: id(7),
+        key_prefix: "sa_efgh".into(),
+        key_sha256: "h2".into(),
+    });
+    let events = test()
+        .given(given.clone())
+        .when(by("adam", rotate))
+        .inspect_result()
+        .unwrap();
+    let state = state_after(with(given.clone(), events));
+    assert_eq!(
+        state.service_accounts[&id(7)].key_sha256,
+        "h2",
+        "the old key hash is gone"
+    );
+    assert!(state.service_accounts[&id(7)].last_rotated_at.is_some());
+    let delete = OrganizationCommand::DeleteServiceAccount(ServiceAccountRef {
+        service_account_id: id(7),
+    });
+    let events = test()
+        .given(given)
+        .when(by("adam", delete.clone()))
+        .inspect_result()
+        .unwrap();
+    assert!(matches!(
+        events[0],
+        OrganizationEvent::ServiceAccountDeleted(_)
+    ));
+    assert_eq!(
+        error_of(acme(), by("adam", delete)),
+        OrganizationError::NotFound("service account")
+    );
+}
+
+#[test]
+fn a_service_account_acts_only_within_its_scopes() {
+    let given = with(acme(), vec![account_created(vec![Scope::InvitationsWrite])]);
+    let account = Actor::ServiceAccount(id(7));
+    let invite =
+        OrganizationCommand::SendInvitation(send(1, Some("new@example.com"), Role::Member));
+    test()
+        .given(given.clone())
+        .when(command(account.clone(), invite))
+        .inspect_result()
+        .expect("invitations:write allows inviting");
+    let owner_invite =
+        OrganizationCommand::SendInvitation(send(2, Some("boss@example.com"), Role::Owner));
+    assert_eq!(
+        error_of(given.clone(), command(account.clone(), owner_invite)),
+        OrganizationError::PermissionDenied
+    );
+    let remove = OrganizationCommand::RemoveMember(RemoveMember {
+        user_id: uid("mia"),
+    });
+    assert_eq!(
+        error_of(given.clone(), command(account.clone(), remove)),
+        OrganizationError::PermissionDenied
+    );
+    let delete = OrganizationCommand::DeleteOrganization(DeleteOrganization {
+        confirm_name: "Acme".into(),
+    });
+    assert_eq!(
+        error_of(given.clone(), command(account, delete)),
+        OrganizationError::PermissionDenied
+    );
+    let stranger =
+        OrganizationCommand::SendInvitation(send(3, Some("x@example.com"), Role::Member));
+    assert_eq!(
+        error_of(given, command(Actor::ServiceAccount(id(8)), stranger)),
+        OrganizationError::PermissionDenied,
+        "another organization's account"
+    );
+}
+
+#[test]
+fn client_restrictions_and_smart_tool_routing_are_settings() {
+    let access = ClientAccess {
+        default: Access::Block,
+        clients: [("cursor".to_owned(), Access::Allow)].into(),
+    };
+    let events = test()
+        .given(acme())
+        .when(by(
+            "adam",
+            OrganizationCommand::SetClientRestrictions(access.clone()),
+        ))
+        .inspect_result()
+        .unwrap();
+    assert_eq!(
+        events,
+        vec![OrganizationEvent::ClientRestrictionsChanged(
+            ClientRestrictionsChanged {
+                from: ClientAccess::default(),
+                to: access.clone()
+            }
+        )]
+    );
+    let state = state_after(with(acme(), events));
+    assert_eq!(state.client_restrictions, access);
+    test()
+        .given(acme())
+        .when(by("adam", OrganizationCommand::SetSmartToolRouting(true)))
+        .then_expect_events(vec![OrganizationEvent::SmartToolRoutingChanged(
+            SmartToolRoutingChanged {
+                enabled: Change {
+                    from: false,
+                    to: true,
+                },
+            },
+        )]);
+    test()
+        .given(acme())
+        .when(by("adam", OrganizationCommand::SetSmartToolRouting(false)))
+        .then_expect_events(vec![]);
+    assert_eq!(
+        error_of(
+            acme(),
+            by("mia", OrganizationCommand::SetSmartToolRouting(true))
+        ),
+        OrganizationError::PermissionDenied
+    );
+}
+
+#[test]
+fn ai_provider_keys_show_only_their_last_four_characters() {
+    let add = OrganizationCommand::AddAiProvider(AddAiProvider {
+        provider_id: id(3),
+        name: "OpenAI".into(),
+        kind: "openai".into(),
+        api_key: "sk-secret-1234".into(),
+        enabled: true,
+    });
+    let events = test()
+        .given(acme())
+        .when(by("adam", add))
+        .inspect_result()
+        .unwrap();
+    let state = state_after(with(acme(), events.clone()));
+    assert_eq!(state.ai_providers[&id(3)].api_key_last4, "1234");
+    assert!(
+        !format!("{state:?}").contains("sk-secret"),
+        "the state never holds the key"
+    );
+    let update = OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
+        provider_id: id(3),
+        enabled: Some(false),
+        api_key: Some("sk-other-9999".into()),
+    });
+    let updated = test()
+        .given(with(acme(), events.clone()))
+        .when(by("adam", update))
+        .inspect_result()
+        .unwrap();
+    let state = state_after(with(with(acme(), events.clone()), updated));
+    assert_eq!(
+        (
+            state.ai_providers[&id(3)].api_key_last4.as_str(),
+            state.ai_providers[&id(3)].enabled
+        ),
+        ("9999", false)
+    );
+    let short = OrganizationCommand::AddAiProvider(AddAiProvider {
+        provider_id: id(4),
+        name: "x".into(),
+        kind: "x".into(),
+        api_key: "k".into(),
+        enabled: true,
+    });
+    assert_eq!(
+        error_of(acme(), by("adam", short)).code(),
+        "validation_failed"
+    );
+    let remove = OrganizationCommand::RemoveAiProvider(AiProviderRef { provider_id: id(3) });
+    let removed = test()
+        .given(with(acme(), events))
+        .when(by("adam", remove))
+        .inspect_result()
+        .unwrap();
+    assert!(matches!(
+        removed[0],
+        OrganizationEvent::AiProviderRemoved(_)
+    ));
+}
+
+fn plan(seats: u32) -> OrganizationEvent {
+    OrganizationEvent::PlanChanged(PlanChanged {
+        plan: Change {
+            from: None,
+            to: Some("team".into()),
+        },
+        seats: Change {
+            from: None,
+            to: Some(seats),
+        },
+    })
+}
+
+#[test]
+fn only_owners_change_the_plan_and_seats_cannot_drop_below_use() {
+    let change = |seats| {
+        OrganizationCommand::ChangePlan(ChangePlan {
+            plan: "team".into(),
+            seats: Some(seats),
+        })
+    };
+    test()
+        .given(acme())
+        .when(by("olivia", change(10)))
+        .then_expect_events(vec![plan(10)]);
+    assert_eq!(
+        error_of(acme(), by("adam", change(10))),
+        OrganizationError::PermissionDenied
+    );
+    assert_eq!(
+        error_of(acme(), by("olivia", change(3))),
+        OrganizationError::SeatLimitReached,
+        "four members already"
+    );
+}
+
+#[test]
+fn members_plus_pending_invitations_never_exceed_the_seats() {
+    let given = with(acme(), vec![plan(5)]);
+    test()
+        .given(given.clone())
+        .when(by(
+            "adam",
+            OrganizationCommand::SendInvitation(send(1, Some("a@example.com"), Role::Member)),
+        ))
+        .inspect_result()
+        .expect("the fifth seat");
+    let full = with(given.clone(), vec![sent(1, "a@example.com", Role::Member)]);
+    let error = error_of(
+        full,
+        by(
+            "adam",
+            OrganizationCommand::SendInvitation(send(2, Some("b@example.com"), Role::Member)),
+        ),
+    );
+    assert_eq!(
+        (error.code(), error.clone()),
+        ("seat_limit_reached", OrganizationError::SeatLimitReached)
+    );
+    let link = SendInvitation {
+        max_uses: MaxUses::new("max_uses", 2).unwrap(),
+        ..send(3, None, Role::Viewer)
+    };
+    assert_eq!(
+        error_of(given, by("adam", OrganizationCommand::SendInvitation(link))),
+        OrganizationError::SeatLimitReached,
+        "a link holds its remaining uses"
+    );
+}
+
+fn organizer() -> OrganizationEvent {
+    OrganizationEvent::RoleDefined(RoleDefined {
+        key: "organizer".into(),
+        name: "Organizer".into(),
+        permissions: vec![Permission::ViewOrganization, Permission::InviteMembers],
+    })
+}
+
+#[test]
+fn owners_define_custom_roles_from_grantable_permissions() {
+    let define = |key: &str, permissions: Vec<Permission>| {
+        OrganizationCommand::DefineRole(DefineRole {
+            key: key.into(),
+            name: "Organizer".into(),
+            permissions,
+        })
+    };
+    test()
+        .given(acme())
+        .when(by(
+            "olivia",
+            define(
+                "organizer",
+                vec![Permission::InviteMembers, Permission::ViewOrganization],
+            ),
+        ))
+        .then_expect_events(vec![organizer()]);
+    assert_eq!(
+        error_of(acme(), by("adam", define("organizer", vec![]))),
+        OrganizationError::PermissionDenied
+    );
+    assert_eq!(
+        error_of(acme(), by("olivia", define("owner", vec![]))).code(),
+        "validation_failed",
+        "no shadowing"
+    );
+    assert_eq!(
+        error_of(acme(), by("olivia", define("Bad-Key", vec![]))).code(),
+        "validation_failed"
+    );
+    assert_eq!(
+        error_of(
+            acme(),
+            by("olivia", define("biller", vec![Permission::ManageBilling]))
+        )
+        .code(),
+        "validation_failed",
+        "owner-only powers cannot be granted"
+    );
+    assert_eq!(
+        error_of(
+            with(acme(), vec![organizer()]),
+            by("olivia", define("organizer", vec![]))
+        ),
+        OrganizationError::RoleExists
+    );
+}
+
+#[test]
+fn a_custom_role_grants_exactly_its_permissions() {
+    let given = with(
+        acme(),
+        vec![
+            organizer(),
+            joined("otis", Role::Custom("organizer".into())),
+        ],
+    );
+    test()
+        .given(given.clone())
+        .when(by(
+            "otis",
+            OrganizationCommand::SendInvitation(send(1, Some("x@example.com"), Role::Member)),
+        ))
+        .inspect_result()
+        .expect("organizers invite");
+    assert_eq!(
+        error_of(
+            given.clone(),
+            by(
+                "otis",
+                OrganizationCommand::RemoveMember(RemoveMember {
+                    user_id: uid("vic")
+                })
+            )
+        ),
+        OrganizationError::PermissionDenied
+    );
+    assert_eq!(
+        error_of(
+            given,
+            by("otis", OrganizationCommand::SetSmartToolRouting(true))
+        ),
+        OrganizationError::PermissionDenied
+    );
+}
+
+#[test]
+fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
+    let to_organizer = OrganizationCommand::UpdateMember(UpdateMember {
+        role: Some(Role::Custom("organizer".into())),
+        ..UpdateMember::of(uid("mia"))
+    });
+    assert_eq!(
+        error_of(acme(), by("adam", to_organizer.clone())).code(),
+        "validation_failed",
+        "undefined role"
+    );
+    let given = with(acme(), vec![organizer()]);
+    let events = test()
+        .given(given.clone())
+        .when(by("adam", to_organizer))
+        .inspect_result()
+        .unwrap();
+    let delete = OrganizationCommand::DeleteRole(RoleRef {
+        key: "organizer".into(),
+    });
+    assert_eq!(
+        error_of(with(given.clone(), events), by("olivia", delete.clone())),
+        OrganizationError::RoleInUse
+    );
+    test()
+        .given(given)
+        .when(by("olivia", delete))
+        .then_expect_events(vec![OrganizationEvent::RoleDeleted(RoleDeleted {
+            key: "organizer".into(),
+        })]);
+}
