@@ -22,14 +22,17 @@ const PAGE: usize = 500;
 /// Version of the export's shape.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Field names whose values are secrets or hashes of secrets; dropped from exported events.
+/// Field names whose values are secrets or hashes of secrets; dropped from exported and
+/// served events.
 fn is_secret_field(name: &str) -> bool {
     name.ends_with("_sha256")
         || name.ends_with("_hash")
-        || matches!(name, "token" | "key" | "api_key" | "secret")
+        || matches!(name, "token" | "key" | "secret")
+        || orgledger_domain::SECRET_FIELDS.contains(&name)
 }
 
-fn strip_secrets(value: &mut Value) {
+/// Removes every secret and hash of one, at any depth.
+pub fn strip_secrets(value: &mut Value) {
     match value {
         Value::Object(map) => {
             map.retain(|name, _| !is_secret_field(name));
@@ -123,12 +126,14 @@ async fn write_export(
         }
     }
 
-    if !send(
-        sender,
-        b"],\"groups\":[],\"service_accounts\":[],\"audit_log\":[".to_vec(),
-    )
-    .await
-    {
+    let groups = orgledger_projections::groups::list(database, id).await?;
+    let accounts = orgledger_projections::service_accounts::list(database, id).await?;
+    let mut chunk = b"],\"groups\":".to_vec();
+    chunk.extend(json(&groups));
+    chunk.extend(b",\"service_accounts\":");
+    chunk.extend(json(&accounts));
+    chunk.extend(b",\"audit_log\":[");
+    if !send(sender, chunk).await {
         return Ok(());
     }
     let mut after = 0;

@@ -381,6 +381,139 @@ impl Ledger {
         result
     }
 
+    /// The user's personal organization: created on the first call, returned as it is on
+    /// later ones (`created` false). One per user, also under concurrency.
+    pub async fn personal_organization(
+        &self,
+        command: Command,
+        context: &RequestContext,
+    ) -> Result<(Committed, bool), LedgerError> {
+        let OrganizationCommand::CreateOrganization(create) = &command.body else {
+            return Err(LedgerError::Store(
+                "personal_organization needs a create command".into(),
+            ));
+        };
+        let user_id = create.owner.user_id.to_string();
+        for _ in 0..50 {
+            let claimed = self
+                .claim_personal(&user_id, create.organization_id)
+                .await?;
+            if claimed == create.organization_id {
+                let result = self
+                    .create_organization(command.clone(), false, context)
+                    .await;
+                if result.is_err() {
+                    self.release_personal(&user_id, create.organization_id)
+                        .await?;
+                }
+                return result.map(|committed| (committed, true));
+            }
+            let (state, version) = self.load(claimed).await?;
+            if state.exists() {
+                return Ok((
+                    Committed {
+                        organization_id: claimed,
+                        state,
+                        version,
+                        events: Vec::new(),
+                    },
+                    false,
+                ));
+            }
+            // Purged, or a create that crashed: free the claim; in flight: wait for it.
+            if state.lifecycle == Lifecycle::Purged
+                || self.claim_is_stale(&user_id, command.at).await?
+            {
+                self.release_personal(&user_id, claimed).await?;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Err(LedgerError::Contended)
+    }
+
+    /// Claims the user's personal organization for `organization_id`; returns the holder.
+    async fn claim_personal(
+        &self,
+        user_id: &str,
+        organization_id: Uuid,
+    ) -> Result<Uuid, LedgerError> {
+        let id = organization_id.to_string();
+        let holder: String = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query("INSERT INTO personal_organizations (user_id, organization_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING")
+                    .bind(user_id).bind(&id).execute(pool).await.map_err(StoreError::from)?;
+                sqlx::query_scalar(
+                    "SELECT organization_id FROM personal_organizations WHERE user_id = $1",
+                )
+                .bind(user_id)
+                .fetch_one(pool)
+                .await
+                .map_err(StoreError::from)?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query("INSERT INTO personal_organizations (user_id, organization_id) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING")
+                    .bind(user_id).bind(&id).execute(pool).await.map_err(StoreError::from)?;
+                sqlx::query_scalar(
+                    "SELECT organization_id FROM personal_organizations WHERE user_id = $1",
+                )
+                .bind(user_id)
+                .fetch_one(pool)
+                .await
+                .map_err(StoreError::from)?
+            }
+        };
+        Uuid::parse_str(&holder).map_err(|error| LedgerError::Store(error.to_string()))
+    }
+
+    async fn claim_is_stale(&self, user_id: &str, now: DateTime<Utc>) -> Result<bool, LedgerError> {
+        let claimed_at: Option<DateTime<Utc>> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(
+                    "SELECT claimed_at FROM personal_organizations WHERE user_id = $1",
+                )
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "SELECT claimed_at FROM personal_organizations WHERE user_id = $1",
+                )
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await
+            }
+        }
+        .map_err(StoreError::from)?;
+        Ok(claimed_at.is_none_or(|at| now - at >= RESERVATION_GRACE))
+    }
+
+    async fn release_personal(
+        &self,
+        user_id: &str,
+        organization_id: Uuid,
+    ) -> Result<(), LedgerError> {
+        let id = organization_id.to_string();
+        let sql = "DELETE FROM personal_organizations WHERE user_id = $1 AND organization_id = $2";
+        match &self.database {
+            Database::Postgres(pool) => sqlx::query(sql)
+                .bind(user_id)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+            Database::Sqlite(pool) => sqlx::query(sql)
+                .bind(user_id)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+        }
+        .map_err(StoreError::from)?;
+        Ok(())
+    }
+
     /// Runs any command but create, keeping slug reservations in step with renames and
     /// finishing purges.
     pub async fn run(

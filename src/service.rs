@@ -65,6 +65,16 @@ impl Orgledger {
         self.settle(committed).await
     }
 
+    /// The user's personal organization, created once; `true` when this call created it.
+    pub async fn personal_organization(
+        &self,
+        command: Command,
+        context: &RequestContext,
+    ) -> Result<(Outcome, bool), LedgerError> {
+        let (committed, created) = self.ledger.personal_organization(command, context).await?;
+        Ok((self.settle(committed).await?, created))
+    }
+
     /// Runs a command and waits for its read models.
     pub async fn run(
         &self,

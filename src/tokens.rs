@@ -6,6 +6,9 @@ use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+/// Service account keys start with this, so a bearer token can be told apart cheaply.
+pub const SERVICE_ACCOUNT_PREFIX: &str = "sa_";
+
 /// A freshly generated secret and the hash that is stored in its place.
 pub struct IssuedSecret {
     pub secret: String,

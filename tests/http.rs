@@ -24,6 +24,10 @@ struct TestApp {
 async fn spawn_app(backend: Backend) -> TestApp {
     let mut service = spawn_service(backend).await;
     service.start_projections();
+    serve_app(service).await
+}
+
+async fn serve_app(service: TestService) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     let state = AppState {
@@ -165,7 +169,711 @@ on_both_backends!(
     audit_history_and_exports_are_served,
     deletion_restore_and_purge_follow_the_contract,
     operations_endpoints_report_health_and_metrics,
+    a_command_answers_with_consistency_pending_when_read_models_lag,
+    groups_follow_members_invitations_and_deletions,
+    service_accounts_act_only_within_their_scopes_and_organization,
+    settings_and_ai_providers_keep_keys_secret,
+    seats_hold_under_concurrent_invitations,
+    custom_roles_grant_exactly_their_permissions,
+    personal_organizations_are_one_per_user,
 );
+
+async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let created = app
+        .call(
+            Method::POST,
+            &format!("{base}/groups"),
+            Some("olivia"),
+            Some(json!({"name": "Engineering", "description": "Builders"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let group = created.body["id"].as_str().unwrap().to_owned();
+    let duplicate = app
+        .call(
+            Method::POST,
+            &format!("{base}/groups"),
+            Some("olivia"),
+            Some(json!({"name": "engineering"})),
+        )
+        .await;
+    assert_eq!(problem_code(&duplicate), "group_exists");
+    let invited = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("olivia"),
+            Some(json!({"email": "nina@example.com", "role": "member", "group_id": group})),
+        )
+        .await;
+    let accepted = app.call(Method::POST, "/v1/invitations/accept", Some("nina"), Some(json!({"token": invited.body["token"], "user_id": "nina", "email": "nina@example.com"}))).await;
+    assert_eq!(
+        accepted.body["member"]["groups"],
+        json!([group]),
+        "the invitation's group is joined on acceptance"
+    );
+    let listed = app
+        .call(
+            Method::GET,
+            &format!("{base}/groups/{group}"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(listed.body["member_ids"], json!(["nina"]));
+    let second = app
+        .call(
+            Method::POST,
+            &format!("{base}/groups"),
+            Some("olivia"),
+            Some(json!({"name": "Design"})),
+        )
+        .await;
+    let design = second.body["id"].as_str().unwrap().to_owned();
+    let put = app
+        .call(
+            Method::PUT,
+            &format!("{base}/groups/{design}/members/olivia"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::NO_CONTENT);
+    let missing = app
+        .call(
+            Method::PUT,
+            &format!("{base}/groups/{design}/members/ghost"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    let olivia = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/olivia"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(olivia.body["groups"], json!([design]));
+    let renamed = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/groups/{design}"),
+            Some("olivia"),
+            Some(json!({"name": "UX", "description": null})),
+        )
+        .await;
+    assert_eq!(
+        (
+            renamed.body["name"].as_str(),
+            renamed.body["description"].is_null()
+        ),
+        (Some("UX"), true)
+    );
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/groups/{design}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let olivia = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/olivia"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        olivia.body["groups"],
+        json!([]),
+        "a deleted group leaves its members"
+    );
+    let removed = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/members/nina"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    let engineering = app
+        .call(
+            Method::GET,
+            &format!("{base}/groups/{group}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        engineering.body["member_ids"],
+        json!([]),
+        "a removed member leaves its groups"
+    );
+    let by_member = app
+        .call(
+            Method::POST,
+            &format!("{base}/groups"),
+            Some("nobody"),
+            Some(json!({"name": "X"})),
+        )
+        .await;
+    assert_eq!(by_member.status, StatusCode::FORBIDDEN);
+    let log = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log?action=group.*"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let actions: Vec<&str> = log.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "group.created",
+            "group.created",
+            "group.member_added",
+            "group.updated",
+            "group.deleted"
+        ]
+    );
+    let export = app
+        .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
+        .await;
+    assert_eq!(export.body["groups"].as_array().unwrap().len(), 1);
+}
+
+async fn service_accounts_act_only_within_their_scopes_and_organization(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let other = app.create_org("Other", "otto").await;
+    let base = format!("/v1/organizations/{org}");
+    let created = app
+        .call(
+            Method::POST,
+            &format!("{base}/service-accounts"),
+            Some("olivia"),
+            Some(json!({"name": "ci", "scopes": ["members:read", "invitations:write"]})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let key = created.body["key"].as_str().unwrap().to_owned();
+    let account = created.body["service_account"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(key.starts_with(
+        created.body["service_account"]["key_prefix"]
+            .as_str()
+            .unwrap()
+    ));
+    let bad_scope = app
+        .call(
+            Method::POST,
+            &format!("{base}/service-accounts"),
+            Some("olivia"),
+            Some(json!({"name": "x", "scopes": ["root"]})),
+        )
+        .await;
+    assert_eq!(bad_scope.body["errors"][0]["field"], "scopes[0]");
+
+    let as_key = |method: Method, path: String| {
+        app.client
+            .request(method, format!("{}{path}", app.address))
+            .bearer_auth(key.clone())
+    };
+    let members = app
+        .send(as_key(Method::GET, format!("{base}/members")))
+        .await;
+    assert_eq!(members.status, StatusCode::OK);
+    let invited = app
+        .send(
+            as_key(Method::POST, format!("{base}/invitations"))
+                .json(&json!({"email": "bot@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED);
+    assert_eq!(
+        invited.body["invitation"]["invited_by"],
+        json!({"type": "service_account", "id": account})
+    );
+    let promote = app
+        .send(as_key(Method::PATCH, format!("{base}/members/olivia")).json(&json!({"title": "x"})))
+        .await;
+    assert_eq!(
+        promote.status,
+        StatusCode::FORBIDDEN,
+        "members:write is not granted"
+    );
+    let audit = app
+        .send(as_key(Method::GET, format!("{base}/audit-log")))
+        .await;
+    assert_eq!(audit.status, StatusCode::FORBIDDEN);
+    let elsewhere = app
+        .send(as_key(
+            Method::GET,
+            format!("/v1/organizations/{other}/members"),
+        ))
+        .await;
+    assert_eq!(
+        elsewhere.status,
+        StatusCode::FORBIDDEN,
+        "only inside its own organization"
+    );
+    let log = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log?action=invitation.sent"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(log.body["items"][0]["actor"]["type"], "service_account");
+
+    let listed = app
+        .call(
+            Method::GET,
+            &format!("{base}/service-accounts"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert!(
+        !listed.body.to_string().contains(&key),
+        "the key is shown once"
+    );
+    let rotated = app
+        .call(
+            Method::POST,
+            &format!("{base}/service-accounts/{account}/rotate"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let new_key = rotated.body["key"].as_str().unwrap().to_owned();
+    let old = app
+        .send(as_key(Method::GET, format!("{base}/members")))
+        .await;
+    assert_eq!(
+        old.status,
+        StatusCode::UNAUTHORIZED,
+        "the old key fails at once"
+    );
+    let fresh = app
+        .send(
+            app.client
+                .get(format!("{}{base}/members", app.address))
+                .bearer_auth(&new_key),
+        )
+        .await;
+    assert_eq!(fresh.status, StatusCode::OK);
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/service-accounts/{account}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let dead = app
+        .send(
+            app.client
+                .get(format!("{}{base}/members", app.address))
+                .bearer_auth(&new_key),
+        )
+        .await;
+    assert_eq!(
+        dead.status,
+        StatusCode::UNAUTHORIZED,
+        "a deleted account's key fails at once"
+    );
+    let events = app
+        .call(
+            Method::GET,
+            &format!("{base}/events?limit=500"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let export = app
+        .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
+        .await;
+    for text in [events.body.to_string(), export.body.to_string()] {
+        assert!(!text.contains(&key) && !text.contains(&new_key) && !text.contains("key_sha256"));
+    }
+}
+
+async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let restrictions = app
+        .call(
+            Method::PUT,
+            &format!("{base}/client-restrictions"),
+            Some("olivia"),
+            Some(json!({"default": "block", "clients": {"cursor": "allow"}})),
+        )
+        .await;
+    assert_eq!(restrictions.status, StatusCode::OK);
+    let bad = app
+        .call(
+            Method::PUT,
+            &format!("{base}/client-restrictions"),
+            Some("olivia"),
+            Some(json!({"default": "maybe"})),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let routing = app
+        .call(
+            Method::PUT,
+            &format!("{base}/smart-tool-routing"),
+            Some("olivia"),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(routing.body["enabled"], true);
+    let shown = app.call(Method::GET, &base, Some("olivia"), None).await;
+    assert_eq!(
+        shown.body["settings"]["client_restrictions"],
+        json!({"default": "block", "clients": {"cursor": "allow"}})
+    );
+    assert_eq!(shown.body["settings"]["smart_tool_routing"], true);
+
+    let secret = "sk-live-TOPSECRET-4242";
+    let added = app
+        .call(
+            Method::POST,
+            &format!("{base}/ai-providers"),
+            Some("olivia"),
+            Some(json!({"name": "OpenAI", "kind": "openai", "api_key": secret})),
+        )
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED);
+    assert_eq!(added.body["api_key_last4"], "4242");
+    let provider = added.body["id"].as_str().unwrap().to_owned();
+    let disabled = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/ai-providers/{provider}"),
+            Some("olivia"),
+            Some(json!({"enabled": false, "api_key": "sk-live-OTHER-0007"})),
+        )
+        .await;
+    assert_eq!(
+        (
+            disabled.body["enabled"].as_bool(),
+            disabled.body["api_key_last4"].as_str()
+        ),
+        (Some(false), Some("0007"))
+    );
+    let listed = app
+        .call(
+            Method::GET,
+            &format!("{base}/ai-providers"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    let log = app
+        .call(
+            Method::GET,
+            &format!("{base}/audit-log?action=settings.*"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let actions: Vec<&str> = log.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "settings.client_restrictions_changed",
+            "settings.smart_tool_routing_changed",
+            "settings.ai_provider_added",
+            "settings.ai_provider_updated"
+        ]
+    );
+    let events = app
+        .call(
+            Method::GET,
+            &format!("{base}/events?limit=500"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let export = app
+        .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
+        .await;
+    let stored = raw_rows(app._service.db()).await;
+    for text in [
+        listed.body.to_string(),
+        log.body.to_string(),
+        events.body.to_string(),
+        export.body.to_string(),
+        stored,
+    ] {
+        assert!(
+            !text.contains("TOPSECRET") && !text.contains("sk-live-OTHER"),
+            "an API key leaked"
+        );
+    }
+    let removed = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/ai-providers/{provider}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    let member_edits = app
+        .call(
+            Method::PUT,
+            &format!("{base}/smart-tool-routing"),
+            Some("stranger"),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(member_edits.status, StatusCode::FORBIDDEN);
+}
+
+async fn seats_hold_under_concurrent_invitations(backend: Backend) {
+    let app = Arc::new(spawn_app(backend).await);
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "adam", "admin").await;
+    let base = format!("/v1/organizations/{org}");
+    let by_admin = app
+        .call(
+            Method::PUT,
+            &format!("{base}/plan"),
+            Some("adam"),
+            Some(json!({"plan": "team", "seats": 4})),
+        )
+        .await;
+    assert_eq!(
+        by_admin.status,
+        StatusCode::FORBIDDEN,
+        "billing is owner-only"
+    );
+    let too_few = app
+        .call(
+            Method::PUT,
+            &format!("{base}/plan"),
+            Some("olivia"),
+            Some(json!({"plan": "team", "seats": 1})),
+        )
+        .await;
+    assert_eq!(problem_code(&too_few), "seat_limit_reached");
+    let plan = app
+        .call(
+            Method::PUT,
+            &format!("{base}/plan"),
+            Some("olivia"),
+            Some(json!({"plan": "team", "seats": 4})),
+        )
+        .await;
+    assert_eq!(plan.body, json!({"plan": "team", "seats": 4}));
+    let invites = (0..6).map(|i| {
+        let app = app.clone();
+        let base = base.clone();
+        tokio::spawn(async move {
+            let reply = app
+                .call(
+                    Method::POST,
+                    &format!("{base}/invitations"),
+                    Some("olivia"),
+                    Some(json!({"email": format!("s{i}@example.com"), "role": "member"})),
+                )
+                .await;
+            (reply.status, problem_code(&reply).to_owned())
+        })
+    });
+    let mut created = 0;
+    for invite in invites {
+        match invite.await.unwrap() {
+            (StatusCode::CREATED, _) => created += 1,
+            (status, code) => assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::CONFLICT, "seat_limit_reached")
+            ),
+        }
+    }
+    assert_eq!(created, 2, "2 members + 2 pending invitations fill 4 seats");
+}
+
+async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "adam", "admin").await;
+    let base = format!("/v1/organizations/{org}/roles");
+    let role = json!({"key": "organizer", "name": "Organizer", "permissions": ["members:read", "members:invite"]});
+    let by_admin = app
+        .call(Method::POST, &base, Some("adam"), Some(role.clone()))
+        .await;
+    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    let owner_power = app
+        .call(
+            Method::POST,
+            &base,
+            Some("olivia"),
+            Some(json!({"key": "biller", "name": "B", "permissions": ["billing:manage"]})),
+        )
+        .await;
+    assert_eq!(owner_power.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let shadow = app
+        .call(
+            Method::POST,
+            &base,
+            Some("olivia"),
+            Some(json!({"key": "admin", "name": "A", "permissions": []})),
+        )
+        .await;
+    assert_eq!(shadow.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let created = app
+        .call(Method::POST, &base, Some("olivia"), Some(role))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let roles = app.call(Method::GET, &base, Some("adam"), None).await;
+    let keys: Vec<&str> = roles.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["owner", "admin", "member", "viewer", "organizer"]);
+    app.add_member(&org, "olivia", "otis", "organizer").await;
+    let invites = app
+        .call(
+            Method::POST,
+            &format!("/v1/organizations/{org}/invitations"),
+            Some("otis"),
+            Some(json!({"email": "z@example.com", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(
+        invites.status,
+        StatusCode::CREATED,
+        "members:invite granted"
+    );
+    let audit = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/audit-log"),
+            Some("otis"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        audit.status,
+        StatusCode::FORBIDDEN,
+        "audit:read not granted"
+    );
+    let in_use = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/organizer"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(problem_code(&in_use), "role_in_use");
+}
+
+async fn personal_organizations_are_one_per_user(backend: Backend) {
+    let app = Arc::new(spawn_app(backend).await);
+    let path = "/v1/users/nina/personal-organization";
+    let body = json!({"email": "nina@example.com", "first_name": "Nina"});
+    let racing = (0..4).map(|_| {
+        let app = app.clone();
+        let body = body.clone();
+        tokio::spawn(async move { app.call(Method::POST, path, Some("nina"), Some(body)).await })
+    });
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for reply in racing {
+        let reply = reply.await.unwrap();
+        assert!(
+            matches!(reply.status, StatusCode::CREATED | StatusCode::OK),
+            "{}",
+            reply.body
+        );
+        created += usize::from(reply.status == StatusCode::CREATED);
+        ids.insert(reply.body["id"].as_str().unwrap().to_owned());
+        assert_eq!(reply.body["kind"], "personal");
+    }
+    assert_eq!(
+        (created, ids.len()),
+        (1, 1),
+        "one personal organization, created once"
+    );
+    let org = ids.into_iter().next().unwrap();
+    let again = app
+        .call(Method::POST, path, Some("nina"), Some(body.clone()))
+        .await;
+    assert_eq!(
+        (again.status, again.body["id"].as_str()),
+        (StatusCode::OK, Some(org.as_str()))
+    );
+    let invite = app
+        .call(
+            Method::POST,
+            &format!("/v1/organizations/{org}/invitations"),
+            Some("nina"),
+            Some(json!({"email": "x@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(
+        (invite.status, problem_code(&invite)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "personal_organization")
+    );
+    let someone_else = app
+        .call(Method::POST, path, Some("mallory"), Some(body))
+        .await;
+    assert_eq!(someone_else.status, StatusCode::FORBIDDEN);
+}
+
+async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend: Backend) {
+    // No projection runs: the bounded wait must end, and the command still succeeds.
+    let service = spawn_service_waiting(backend, Duration::from_millis(100)).await;
+    let app = serve_app(service).await;
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.headers["x-consistency"], "pending");
+    assert_eq!(
+        created.body["member_count"], 1,
+        "the response comes from the committed state"
+    );
+}
 
 async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -604,7 +1312,7 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
     assert_eq!(wrong_type.body["errors"][0]["field"], "email");
     let many = app
         .send(raw(
-            "{\"email\": \"not-an-email\", \"role\": \"emperor\", \"expires_in_days\": 91}",
+            "{\"email\": \"not-an-email\", \"role\": \"Emperor!\", \"expires_in_days\": 91}",
         ))
         .await;
     let fields: Vec<&str> = many.body["errors"]

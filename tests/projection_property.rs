@@ -26,6 +26,10 @@ enum Op {
     Settings { days: u8 },
     DeleteAndMaybeRestore { restore: bool },
     Transfer { who: u8 },
+    CreateGroup { n: u8 },
+    JoinGroup { n: u8, who: u8 },
+    LeaveGroup { n: u8, who: u8 },
+    DeleteGroup { n: u8 },
     CatchUp,
 }
 
@@ -43,9 +47,18 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(|n| Op::Rename { n }),
         1 => (1u8..90).prop_map(|days| Op::Settings { days }),
         1 => any::<bool>().prop_map(|restore| Op::DeleteAndMaybeRestore { restore }),
-        1 => who.prop_map(|who| Op::Transfer { who }),
+        1 => who.clone().prop_map(|who| Op::Transfer { who }),
+        1 => (0u8..3).prop_map(|n| Op::CreateGroup { n }),
+        2 => (0u8..3, who.clone()).prop_map(|(n, who)| Op::JoinGroup { n, who }),
+        1 => (0u8..3, who).prop_map(|(n, who)| Op::LeaveGroup { n, who }),
+        1 => (0u8..3).prop_map(|n| Op::DeleteGroup { n }),
         2 => Just(Op::CatchUp),
     ]
+}
+
+/// Group `n` of an organization: stable, so ops can refer to it before and after deletion.
+fn group_id(org: Uuid, n: u8) -> Uuid {
+    Uuid::from_u128(org.as_u128() ^ (u128::from(n) + 1))
 }
 
 fn name(who: u8) -> String {
@@ -69,7 +82,7 @@ async fn apply(ledger: &Ledger, org: Uuid, tokens: &mut HashMap<u8, (Uuid, Strin
                     email: Some(
                         Email::parse("email", &format!("{}@example.com", name(*who))).unwrap(),
                     ),
-                    role: Role::ALL[*role as usize],
+                    role: Role::BUILT_IN[*role as usize].clone(),
                     first_name: (*who % 2 == 0).then(|| format!("First{who}")),
                     last_name: None,
                     title: None,
@@ -120,7 +133,7 @@ async fn apply(ledger: &Ledger, org: Uuid, tokens: &mut HashMap<u8, (Uuid, Strin
         }
         Op::ChangeRole { who, role } => as_user(
             "olivia".into(),
-            set_role(&name(*who), Role::ALL[*role as usize]),
+            set_role(&name(*who), Role::BUILT_IN[*role as usize].clone()),
         ),
         Op::Retitle { who, lock } => as_user(
             "olivia".into(),
@@ -174,6 +187,34 @@ async fn apply(ledger: &Ledger, org: Uuid, tokens: &mut HashMap<u8, (Uuid, Strin
             "olivia".into(),
             OrganizationCommand::TransferOwnership(TransferOwnership {
                 new_owner_id: uid(&name(*who)),
+            }),
+        ),
+        Op::CreateGroup { n } => as_user(
+            "olivia".into(),
+            OrganizationCommand::CreateGroup(CreateGroup {
+                group_id: group_id(org, *n),
+                name: format!("Group {n}"),
+                description: None,
+            }),
+        ),
+        Op::JoinGroup { n, who } => as_user(
+            "olivia".into(),
+            OrganizationCommand::AddGroupMember(GroupMembership {
+                group_id: group_id(org, *n),
+                user_id: uid(&name(*who)),
+            }),
+        ),
+        Op::LeaveGroup { n, who } => as_user(
+            "olivia".into(),
+            OrganizationCommand::RemoveGroupMember(GroupMembership {
+                group_id: group_id(org, *n),
+                user_id: uid(&name(*who)),
+            }),
+        ),
+        Op::DeleteGroup { n } => as_user(
+            "olivia".into(),
+            OrganizationCommand::DeleteGroup(GroupRef {
+                group_id: group_id(org, *n),
             }),
         ),
         Op::CatchUp => return,

@@ -510,12 +510,12 @@ impl Organization {
                     OrganizationCommand::UpdateMember(c) => self.update_member(actor, c),
                     OrganizationCommand::RemoveMember(c) => self.remove_member(actor, at, c),
                     OrganizationCommand::LeaveOrganization => self.leave(actor, at),
-                    other => self.administer(actor, at, other),
                     OrganizationCommand::CreateOrganization(_)
                     | OrganizationCommand::RestoreOrganization
                     | OrganizationCommand::PurgeOrganization(_) => {
                         unreachable!("handled by the outer match")
                     }
+                    other => self.administer(actor, at, other),
                 }
             }
         }

@@ -131,6 +131,98 @@ pub fn describe(organization_id: &str, event: &E) -> Description {
         }
         E::MemberRemoved(e) => ("member.removed", "member", e.user_id.to_string(), json!({})),
         E::MemberLeft(e) => ("member.left", "member", e.user_id.to_string(), json!({})),
+        E::GroupCreated(e) => (
+            "group.created",
+            "group",
+            e.group_id.to_string(),
+            json!({"name": e.name, "description": e.description}),
+        ),
+        E::GroupUpdated(e) => {
+            let mut details = serde_json::to_value(e).expect("events serialize");
+            if let Value::Object(map) = &mut details {
+                map.remove("group_id");
+            }
+            ("group.updated", "group", e.group_id.to_string(), details)
+        }
+        E::GroupDeleted(e) => ("group.deleted", "group", e.group_id.to_string(), json!({})),
+        E::GroupMemberAdded(e) => (
+            "group.member_added",
+            "group",
+            e.group_id.to_string(),
+            json!({"user_id": e.user_id}),
+        ),
+        E::GroupMemberRemoved(e) => (
+            "group.member_removed",
+            "group",
+            e.group_id.to_string(),
+            json!({"user_id": e.user_id}),
+        ),
+        E::ServiceAccountCreated(e) => (
+            "service_account.created",
+            "service_account",
+            e.service_account_id.to_string(),
+            json!({"name": e.name, "scopes": e.scopes, "key_prefix": e.key_prefix}),
+        ),
+        E::ServiceAccountKeyRotated(e) => (
+            "service_account.rotated",
+            "service_account",
+            e.service_account_id.to_string(),
+            json!({"key_prefix": e.key_prefix}),
+        ),
+        E::ServiceAccountDeleted(e) => (
+            "service_account.deleted",
+            "service_account",
+            e.service_account_id.to_string(),
+            json!({}),
+        ),
+        E::ClientRestrictionsChanged(e) => (
+            "settings.client_restrictions_changed",
+            "settings",
+            org(),
+            json!({"from": e.from, "to": e.to}),
+        ),
+        E::SmartToolRoutingChanged(e) => (
+            "settings.smart_tool_routing_changed",
+            "settings",
+            org(),
+            json!({"from": e.enabled.from, "to": e.enabled.to}),
+        ),
+        E::AiProviderAdded(e) => (
+            "settings.ai_provider_added",
+            "settings",
+            e.provider_id.to_string(),
+            json!({"name": e.name, "kind": e.kind, "enabled": e.enabled, "api_key_last4": e.api_key_last4}),
+        ),
+        E::AiProviderUpdated(e) => (
+            "settings.ai_provider_updated",
+            "settings",
+            e.provider_id.to_string(),
+            json!({"enabled": e.enabled, "api_key_last4": e.api_key_last4}),
+        ),
+        E::AiProviderRemoved(e) => (
+            "settings.ai_provider_removed",
+            "settings",
+            e.provider_id.to_string(),
+            json!({}),
+        ),
+        E::PlanChanged(e) => (
+            "settings.plan_changed",
+            "settings",
+            org(),
+            json!({"plan": e.plan, "seats": e.seats}),
+        ),
+        E::RoleDefined(e) => (
+            "settings.role_defined",
+            "settings",
+            e.key.clone(),
+            json!({"name": e.name, "permissions": e.permissions.iter().filter_map(|p| p.grantable_name()).collect::<Vec<_>>()}),
+        ),
+        E::RoleDeleted(e) => (
+            "settings.role_deleted",
+            "settings",
+            e.key.clone(),
+            json!({}),
+        ),
     };
     Description {
         action,

@@ -11,10 +11,12 @@ mod cursor;
 mod db;
 pub mod exports;
 mod feed;
+pub mod groups;
 pub mod invitations;
 pub mod members;
 pub mod organizations;
 mod projector;
+pub mod service_accounts;
 mod time;
 
 pub use cursor::{Cursor, CursorError, Page};

@@ -87,7 +87,12 @@ impl Projection for MembersProjection {
                     &e.image_url,
                     e.role.as_str(),
                     to_micros(e.joined_at),
-                    json_text(&e.group_ids),
+                    json_text(
+                        &e.group_ids
+                            .iter()
+                            .map(|id| id.to_string())
+                            .collect::<Vec<_>>()
+                    ),
                     json_text(&e.locked_fields)
                 ];
                 conn.execute(&sql, &args).await?;
@@ -133,7 +138,60 @@ impl Projection for MembersProjection {
                 let sql = format!("DELETE FROM {t} WHERE organization_id = $1");
                 conn.execute(&sql, &args![org]).await?;
             }
+            E::GroupMemberAdded(e) => {
+                let group = e.group_id.to_string();
+                self.edit_groups(conn, org, Some(e.user_id.as_str()), |groups| {
+                    if !groups.contains(&group) {
+                        groups.push(group.clone());
+                    }
+                })
+                .await?;
+            }
+            E::GroupMemberRemoved(e) => {
+                let group = e.group_id.to_string();
+                self.edit_groups(conn, org, Some(e.user_id.as_str()), |groups| {
+                    groups.retain(|g| *g != group)
+                })
+                .await?;
+            }
+            E::GroupDeleted(e) => {
+                let group = e.group_id.to_string();
+                self.edit_groups(conn, org, None, |groups| groups.retain(|g| *g != group))
+                    .await?;
+            }
             _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl MembersProjection {
+    /// Rewrites the group list of one member, or of every member of the organization.
+    async fn edit_groups(
+        &self,
+        conn: &mut Conn<'_>,
+        org: &str,
+        user: Option<&str>,
+        edit: impl Fn(&mut Vec<String>),
+    ) -> Result<(), sqlx::Error> {
+        let t = &self.table;
+        let sql = format!(
+            "SELECT user_id, group_ids FROM {t} WHERE organization_id = $1 AND ($2 IS NULL OR user_id = $2)"
+        );
+        for (user_id, groups) in conn
+            .fetch_pairs(&sql, &args![org, user.map(str::to_owned)])
+            .await?
+        {
+            let mut groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
+            let before = groups.clone();
+            edit(&mut groups);
+            if groups != before {
+                let sql = format!(
+                    "UPDATE {t} SET group_ids = $3 WHERE organization_id = $1 AND user_id = $2"
+                );
+                conn.execute(&sql, &args![org, user_id, json_text(&groups)])
+                    .await?;
+            }
         }
         Ok(())
     }

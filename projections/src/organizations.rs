@@ -14,6 +14,8 @@ use crate::{args, from_micros, to_micros, Page};
 pub struct OrganizationsProjection {
     name: String,
     table: String,
+    providers: String,
+    roles: String,
 }
 
 impl OrganizationsProjection {
@@ -21,9 +23,13 @@ impl OrganizationsProjection {
         Self {
             name: format!("organizations{suffix}"),
             table: format!("rm_organizations{suffix}"),
+            providers: format!("rm_ai_providers{suffix}"),
+            roles: format!("rm_roles{suffix}"),
         }
     }
 }
+
+const DEFAULT_CLIENT_ACCESS: &str = r#"{"default":"allow","clients":{}}"#;
 
 #[async_trait]
 impl Projection for OrganizationsProjection {
@@ -36,7 +42,15 @@ impl Projection for OrganizationsProjection {
     }
 
     fn tables(&self) -> Vec<(&'static str, String)> {
-        vec![("rm_organizations", self.table.clone())]
+        vec![
+            ("rm_organizations", self.table.clone()),
+            ("rm_ai_providers", self.providers.clone()),
+            ("rm_roles", self.roles.clone()),
+        ]
+    }
+
+    fn schema_version(&self) -> i64 {
+        2
     }
 
     fn create_tables(&self) -> Vec<String> {
@@ -57,8 +71,34 @@ impl Projection for OrganizationsProjection {
                     timezone TEXT NOT NULL,
                     logo_url TEXT,
                     workflow_mode TEXT NOT NULL,
-                    default_invite_expiry_days BIGINT NOT NULL
+                    default_invite_expiry_days BIGINT NOT NULL,
+                    client_restrictions TEXT NOT NULL DEFAULT '{DEFAULT_CLIENT_ACCESS}',
+                    smart_tool_routing BIGINT NOT NULL DEFAULT 0,
+                    plan TEXT,
+                    seats BIGINT
                 )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {providers} (
+                    organization_id TEXT NOT NULL,
+                    id TEXT NOT NULL,
+                    name TEXT NOT NULL,
+                    kind TEXT NOT NULL,
+                    enabled BIGINT NOT NULL,
+                    api_key_last4 TEXT NOT NULL,
+                    PRIMARY KEY (organization_id, id)
+                )",
+                providers = self.providers
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {roles} (
+                    organization_id TEXT NOT NULL,
+                    key TEXT NOT NULL,
+                    name TEXT NOT NULL,
+                    permissions TEXT NOT NULL,
+                    PRIMARY KEY (organization_id, key)
+                )",
+                roles = self.roles
             ),
             format!("CREATE INDEX IF NOT EXISTS {t}_by_created ON {t} (created_at_us, id)"),
             format!("CREATE INDEX IF NOT EXISTS {t}_by_purge ON {t} (status, purge_after_us)"),
@@ -132,7 +172,97 @@ impl Projection for OrganizationsProjection {
             E::OrganizationPurged(_) => {
                 conn.execute(&format!("DELETE FROM {t} WHERE id = $1"), &args![id])
                     .await?;
+                for table in [&self.providers, &self.roles] {
+                    let sql = format!("DELETE FROM {table} WHERE organization_id = $1");
+                    conn.execute(&sql, &args![id]).await?;
+                }
                 return Ok(());
+            }
+            E::ClientRestrictionsChanged(e) => {
+                let sql = format!("UPDATE {t} SET client_restrictions = $2 WHERE id = $1");
+                let json = serde_json::to_string(&e.to).expect("settings serialize");
+                conn.execute(&sql, &args![id, json]).await?;
+            }
+            E::SmartToolRoutingChanged(e) => {
+                let sql = format!("UPDATE {t} SET smart_tool_routing = $2 WHERE id = $1");
+                conn.execute(&sql, &args![id, i64::from(e.enabled.to)])
+                    .await?;
+            }
+            E::PlanChanged(e) => {
+                let sql = format!("UPDATE {t} SET plan = $2, seats = $3 WHERE id = $1");
+                let args = args![id, e.plan.to.clone(), e.seats.to.map(i64::from)];
+                conn.execute(&sql, &args).await?;
+            }
+            E::AiProviderAdded(e) => {
+                let sql = format!(
+                    "INSERT INTO {} (organization_id, id, name, kind, enabled, api_key_last4)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (organization_id, id) DO NOTHING",
+                    self.providers
+                );
+                let args = args![
+                    id,
+                    e.provider_id.to_string(),
+                    &e.name,
+                    &e.kind,
+                    i64::from(e.enabled),
+                    &e.api_key_last4
+                ];
+                conn.execute(&sql, &args).await?;
+            }
+            E::AiProviderUpdated(e) => {
+                if let Some(change) = &e.enabled {
+                    let sql = format!(
+                        "UPDATE {} SET enabled = $3 WHERE organization_id = $1 AND id = $2",
+                        self.providers
+                    );
+                    conn.execute(
+                        &sql,
+                        &args![id, e.provider_id.to_string(), i64::from(change.to)],
+                    )
+                    .await?;
+                }
+                if let Some(change) = &e.api_key_last4 {
+                    let sql = format!(
+                        "UPDATE {} SET api_key_last4 = $3 WHERE organization_id = $1 AND id = $2",
+                        self.providers
+                    );
+                    conn.execute(&sql, &args![id, e.provider_id.to_string(), &change.to])
+                        .await?;
+                }
+            }
+            E::AiProviderRemoved(e) => {
+                let sql = format!(
+                    "DELETE FROM {} WHERE organization_id = $1 AND id = $2",
+                    self.providers
+                );
+                conn.execute(&sql, &args![id, e.provider_id.to_string()])
+                    .await?;
+            }
+            E::RoleDefined(e) => {
+                let permissions: Vec<&str> = e
+                    .permissions
+                    .iter()
+                    .filter_map(|p| p.grantable_name())
+                    .collect();
+                let sql = format!(
+                    "INSERT INTO {} (organization_id, key, name, permissions) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (organization_id, key) DO NOTHING",
+                    self.roles
+                );
+                let args = args![
+                    id,
+                    &e.key,
+                    &e.name,
+                    serde_json::to_string(&permissions).expect("names serialize")
+                ];
+                conn.execute(&sql, &args).await?;
+            }
+            E::RoleDeleted(e) => {
+                let sql = format!(
+                    "DELETE FROM {} WHERE organization_id = $1 AND key = $2",
+                    self.roles
+                );
+                conn.execute(&sql, &args![id, &e.key]).await?;
             }
             E::MemberJoined(_) => {
                 let sql = format!("UPDATE {t} SET member_count = member_count + 1 WHERE id = $1");
@@ -176,6 +306,10 @@ pub struct SettingsView {
     pub logo_url: Option<String>,
     pub workflow_mode: String,
     pub default_invite_expiry_days: i64,
+    pub client_restrictions: serde_json::Value,
+    pub smart_tool_routing: bool,
+    pub plan: Option<String>,
+    pub seats: Option<i64>,
 }
 
 /// An organization as the contract shows it.
@@ -210,6 +344,10 @@ struct OrganizationRow {
     logo_url: Option<String>,
     workflow_mode: String,
     default_invite_expiry_days: i64,
+    client_restrictions: String,
+    smart_tool_routing: i64,
+    plan: Option<String>,
+    seats: Option<i64>,
 }
 
 impl From<OrganizationRow> for OrganizationView {
@@ -230,13 +368,19 @@ impl From<OrganizationRow> for OrganizationView {
                 logo_url: row.logo_url,
                 workflow_mode: row.workflow_mode,
                 default_invite_expiry_days: row.default_invite_expiry_days,
+                client_restrictions: serde_json::from_str(&row.client_restrictions)
+                    .unwrap_or(serde_json::Value::Null),
+                smart_tool_routing: row.smart_tool_routing != 0,
+                plan: row.plan,
+                seats: row.seats,
             },
         }
     }
 }
 
 const COLUMNS: &str = "id, name, slug, kind, status, created_at_us, deleted_at_us, purge_after_us,
-    member_count, version, timezone, logo_url, workflow_mode, default_invite_expiry_days";
+    member_count, version, timezone, logo_url, workflow_mode, default_invite_expiry_days,
+    client_restrictions, smart_tool_routing, plan, seats";
 
 pub async fn get(database: &Database, id: &str) -> Result<Option<OrganizationView>, sqlx::Error> {
     let sql = format!("SELECT {COLUMNS} FROM rm_organizations WHERE id = $1");
@@ -307,4 +451,77 @@ pub async fn due_for_purge(
         sqlx::query_as(sql).bind(to_micros(now)).bind(limit).fetch_all(pool).await?
     });
     Ok(rows)
+}
+
+/// An AI provider as shown: never its key, only the key's last four characters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct AiProviderView {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    #[sqlx(try_from = "i64")]
+    pub enabled: IntBool,
+    pub api_key_last4: String,
+}
+
+/// A boolean stored as 0/1 on both backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct IntBool(pub bool);
+
+impl From<i64> for IntBool {
+    fn from(value: i64) -> Self {
+        Self(value != 0)
+    }
+}
+
+pub async fn ai_providers(
+    database: &Database,
+    organization_id: &str,
+) -> Result<Vec<AiProviderView>, sqlx::Error> {
+    let sql = "SELECT id, name, kind, enabled, api_key_last4 FROM rm_ai_providers
+                WHERE organization_id = $1 ORDER BY id";
+    let rows: Vec<AiProviderView> = crate::with_pool!(database, pool => {
+        sqlx::query_as(sql).bind(organization_id).fetch_all(pool).await?
+    });
+    Ok(rows)
+}
+
+/// A custom role and the contract names of its permissions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomRoleView {
+    pub key: String,
+    pub name: String,
+    pub permissions: Vec<String>,
+}
+
+pub async fn custom_roles(
+    database: &Database,
+    organization_id: &str,
+) -> Result<Vec<CustomRoleView>, sqlx::Error> {
+    let sql = "SELECT key, name, permissions FROM rm_roles WHERE organization_id = $1 ORDER BY key";
+    let rows: Vec<(String, String, String)> = crate::with_pool!(database, pool => {
+        sqlx::query_as(sql).bind(organization_id).fetch_all(pool).await?
+    });
+    Ok(rows
+        .into_iter()
+        .map(|(key, name, permissions)| CustomRoleView {
+            key,
+            name,
+            permissions: serde_json::from_str(&permissions).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// The permissions of one custom role, if the organization defines it.
+pub async fn custom_role_permissions(
+    database: &Database,
+    organization_id: &str,
+    key: &str,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let sql = "SELECT permissions FROM rm_roles WHERE organization_id = $1 AND key = $2";
+    let row: Option<String> = crate::with_pool!(database, pool => {
+        sqlx::query_scalar(sql).bind(organization_id).bind(key).fetch_optional(pool).await?
+    });
+    Ok(row.map(|permissions| serde_json::from_str(&permissions).unwrap_or_default()))
 }

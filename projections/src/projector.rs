@@ -17,7 +17,14 @@ use crate::feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
 use crate::{args, audit, invitations, members, organizations, to_micros};
 
 /// Every projection, in the order they are run.
-pub const PROJECTION_NAMES: &[&str] = &["organizations", "members", "invitations", "audit_log"];
+pub const PROJECTION_NAMES: &[&str] = &[
+    "organizations",
+    "members",
+    "invitations",
+    "audit_log",
+    "groups",
+    "service_accounts",
+];
 
 const LIVE_BATCH: usize = 500;
 const REBUILD_BATCH: usize = 2_000;
@@ -36,6 +43,10 @@ pub trait Projection: Send + Sync {
     fn tables(&self) -> Vec<(&'static str, String)>;
     /// Idempotent DDL for this copy's tables and indexes.
     fn create_tables(&self) -> Vec<String>;
+    /// Bumped whenever the tables' shape changes: older tables are dropped and replayed.
+    fn schema_version(&self) -> i64 {
+        1
+    }
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error>;
 }
 
@@ -46,6 +57,10 @@ pub fn projection_named(name: &str, suffix: &str) -> Option<Arc<dyn Projection>>
         "members" => Arc::new(members::MembersProjection::new(suffix)),
         "invitations" => Arc::new(invitations::InvitationsProjection::new(suffix)),
         "audit_log" => Arc::new(audit::AuditLogProjection::new(suffix)),
+        "groups" => Arc::new(crate::groups::GroupsProjection::new(suffix)),
+        "service_accounts" => Arc::new(crate::service_accounts::ServiceAccountsProjection::new(
+            suffix,
+        )),
         _ => return None,
     };
     Some(projection)
@@ -70,7 +85,9 @@ pub enum ProjectionError {
         event: String,
         error: sqlx::Error,
     },
-    #[error("unknown projection {0:?}; known: organizations, members, invitations, audit_log")]
+    #[error("projections did not catch up within 60 s: {0}")]
+    Stalled(String),
+    #[error("unknown projection {0:?}; known: organizations, members, invitations, audit_log, groups, service_accounts")]
     Unknown(String),
 }
 
@@ -145,10 +162,40 @@ impl Projector {
     async fn prepare_copy(&self, projection: &dyn Projection) -> Result<(), ProjectionError> {
         let mut tx = self.database.begin().await?;
         let mut conn = tx.conn();
+        let name = projection.name();
+        let version = projection.schema_version();
+        let stored = conn
+            .fetch_i64(
+                "SELECT schema_version FROM projection_checkpoints WHERE name = $1",
+                &args![name],
+            )
+            .await?;
+        if stored.is_some_and(|stored| stored < version) {
+            tracing::warn!(
+                projection = name,
+                version,
+                "read-model schema changed: replaying the log into new tables"
+            );
+            for (_, table) in projection.tables() {
+                conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
+                    .await?;
+            }
+            conn.execute(
+                "DELETE FROM projection_checkpoints WHERE name = $1",
+                &args![name],
+            )
+            .await?;
+            conn.execute(
+                "DELETE FROM projected_versions WHERE projection = $1",
+                &args![name],
+            )
+            .await?;
+        }
         conn.execute_script(&projection.create_tables()).await?;
         conn.execute(
-            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-            &args![projection.name()],
+            "INSERT INTO projection_checkpoints (name, schema_version) VALUES ($1, $2)
+             ON CONFLICT (name) DO NOTHING",
+            &args![name, version],
         )
         .await?;
         tx.commit().await?;
@@ -308,8 +355,9 @@ impl Projector {
         change(counters.entry(name.to_owned()).or_default());
     }
 
-    /// Applies every live projection until the log is exhausted.
-    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+    /// One pass: applies every live projection until a batch finds nothing to read. Events
+    /// held back behind a transaction still in flight wait for a later pass.
+    pub async fn apply_available(&self) -> Result<usize, ProjectionError> {
         let mut total = 0;
         for projection in &self.projections {
             loop {
@@ -321,6 +369,25 @@ impl Projector {
             }
         }
         Ok(total)
+    }
+
+    /// Applies every live projection until each has applied every committed event. On
+    /// PostgreSQL an in-flight write anywhere on the server can briefly hold events back, so
+    /// an empty batch is not enough: the backlog must be zero.
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut total = 0;
+        loop {
+            total += self.apply_available().await?;
+            let statuses = self.status().await?;
+            if statuses.iter().all(|status| status.backlog == 0) {
+                return Ok(total);
+            }
+            if Instant::now() >= deadline {
+                return Err(ProjectionError::Stalled(format!("{statuses:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Starts a runner per projection (and, on PostgreSQL, a LISTEN task); they stop when

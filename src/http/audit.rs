@@ -66,7 +66,7 @@ async fn audit_log(
     Path(org_id): Path<String>,
     Query(query): Query<AuditQuery>,
 ) -> Result<axum::Json<AuditEntryPage>, ApiError> {
-    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
     let filter = AuditFilter {
         actor: query.actor,
         action: query.action,
@@ -123,7 +123,7 @@ async fn export_audit_log(
     Path(org_id): Path<String>,
     Query(query): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
-    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
     let (format, content_type, extension) = match query.format.as_deref().unwrap_or("csv") {
         "csv" => (AuditFormat::Csv, "text/csv; charset=utf-8", "csv"),
         "json" => (AuditFormat::Json, "application/json", "json"),
@@ -149,7 +149,8 @@ pub struct EventsQuery {
     limit: Option<i64>,
 }
 
-/// Raw events by sequence; personal data of a purged organization reads as `[erased]`.
+/// Raw events by sequence; personal data of a purged organization reads as `[erased]`;
+/// secrets and hashes of secrets are left out.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/events", tag = "audit",
     params(("org_id" = String, Path), ActorHeaders, EventsQuery),
     responses((status = 200, body = RawEventPage), ProblemResponses))]
@@ -171,13 +172,17 @@ async fn raw_events(
     let items: Vec<RawEventDto> = events
         .into_iter()
         .take(limit)
-        .map(|event| RawEventDto {
-            sequence: event.sequence,
-            event_type: event.event_type,
-            event_version: event.event_version,
-            payload: event.payload,
-            metadata: event.metadata,
-            recorded_at: event.recorded_at,
+        .map(|mut event| {
+            crate::exports::strip_secrets(&mut event.payload);
+            crate::exports::strip_secrets(&mut event.metadata);
+            RawEventDto {
+                sequence: event.sequence,
+                event_type: event.event_type,
+                event_version: event.event_version,
+                payload: event.payload,
+                metadata: event.metadata,
+                recorded_at: event.recorded_at,
+            }
         })
         .collect();
     let next_cursor = more
@@ -193,7 +198,7 @@ async fn authorize_history(
     caller: &Caller,
     org_id: &str,
 ) -> Result<(), ApiError> {
-    match authorize(state, &caller.actor, org_id, Permission::ReadAudit).await {
+    match authorize(state, caller, org_id, Permission::ReadAudit).await {
         Ok(_) => Ok(()),
         Err(error) if caller.is_system() && error.code == "not_found" => {
             let id = organization_id(org_id)?;
@@ -258,7 +263,16 @@ async fn state_as_of(
             .iter()
             .map(|(id, invitation)| InvitationDto::from_state(*id, invitation, at))
             .collect(),
-        groups: Vec::new(),
+        groups: organization
+            .groups
+            .iter()
+            .map(|(id, group)| {
+                serde_json::json!({
+                    "id": id, "name": group.name, "description": group.description,
+                    "member_ids": group.member_ids, "created_at": group.created_at,
+                })
+            })
+            .collect(),
         as_of_sequence: past.as_of_sequence as i64,
     }))
 }
@@ -273,7 +287,7 @@ async fn export_organization(
     caller: Caller,
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let organization = authorize(&state, &caller.actor, &org_id, Permission::ReadAudit).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
     let file_name = attachment_name("organization", &organization.id, "json");
     let stream = crate::exports::data_export(state.service.clone(), organization);
     Ok(attachment(stream, "application/json", file_name))

@@ -69,6 +69,61 @@ pub struct SettingsDto {
     /// `founder` or `organization`.
     pub workflow_mode: String,
     pub default_invite_expiry_days: i64,
+    pub client_restrictions: ClientRestrictionsDto,
+    pub smart_tool_routing: bool,
+    pub plan: Option<String>,
+    pub seats: Option<i64>,
+}
+
+/// `allow` or `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessDto {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRestrictionsDto {
+    pub default: AccessDto,
+    /// Per-client overrides, by client name (e.g. `cursor`).
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, AccessDto>,
+}
+
+impl From<&orgledger_domain::ClientAccess> for ClientRestrictionsDto {
+    fn from(access: &orgledger_domain::ClientAccess) -> Self {
+        let dto = |access: &orgledger_domain::Access| match access {
+            orgledger_domain::Access::Allow => AccessDto::Allow,
+            orgledger_domain::Access::Block => AccessDto::Block,
+        };
+        Self {
+            default: dto(&access.default),
+            clients: access
+                .clients
+                .iter()
+                .map(|(name, access)| (name.clone(), dto(access)))
+                .collect(),
+        }
+    }
+}
+
+impl From<ClientRestrictionsDto> for orgledger_domain::ClientAccess {
+    fn from(dto: ClientRestrictionsDto) -> Self {
+        let access = |access: AccessDto| match access {
+            AccessDto::Allow => orgledger_domain::Access::Allow,
+            AccessDto::Block => orgledger_domain::Access::Block,
+        };
+        Self {
+            default: access(dto.default),
+            clients: dto
+                .clients
+                .into_iter()
+                .map(|(name, a)| (name, access(a)))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -122,6 +177,10 @@ impl OrganizationDto {
                 logo_url: state.settings.logo_url.clone(),
                 workflow_mode: enum_name(&state.settings.workflow_mode),
                 default_invite_expiry_days: i64::from(state.settings.default_invite_expiry_days),
+                client_restrictions: (&state.client_restrictions).into(),
+                smart_tool_routing: state.smart_tool_routing,
+                plan: state.plan.name.clone(),
+                seats: state.plan.seats.map(i64::from),
             },
         }
     }
@@ -145,6 +204,14 @@ impl From<OrganizationView> for OrganizationDto {
                 logo_url: view.settings.logo_url,
                 workflow_mode: view.settings.workflow_mode,
                 default_invite_expiry_days: view.settings.default_invite_expiry_days,
+                client_restrictions: serde_json::from_value(view.settings.client_restrictions)
+                    .unwrap_or(ClientRestrictionsDto {
+                        default: AccessDto::Allow,
+                        clients: Default::default(),
+                    }),
+                smart_tool_routing: view.settings.smart_tool_routing,
+                plan: view.settings.plan,
+                seats: view.settings.seats,
             },
         }
     }

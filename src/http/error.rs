@@ -174,7 +174,12 @@ impl From<OrganizationError> for ApiError {
             | E::RestoreWindowElapsed
             | E::SlugTaken
             | E::AlreadyMember
-            | E::InvitationPending => StatusCode::CONFLICT,
+            | E::InvitationPending
+            | E::SeatLimitReached
+            | E::GroupExists
+            | E::RoleExists
+            | E::RoleInUse
+            | E::PersonalOrganizationExists => StatusCode::CONFLICT,
         };
         Self::new(status, error.code(), error.to_string())
     }
@@ -285,6 +290,8 @@ mod tests {
             (E::TargetNotAdmin, 422),
             (E::ConfirmationMismatch, 422),
             (E::PersonalOrganization, 422),
+            (E::SeatLimitReached, 409),
+            (E::RoleInUse, 409),
         ];
         for (error, status) in cases {
             let code = error.code();

@@ -118,10 +118,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     }
 }
 
-/// Who is calling: a platform token with or without `X-Actor-Id`.
+/// Who is calling: a platform token with or without `X-Actor-Id`, or a service account key.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub actor: Actor,
+    /// For a service account: its organization and scopes.
+    pub account: Option<AccountCaller>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountCaller {
+    pub organization_id: String,
+    pub scopes: Vec<orgledger_domain::Scope>,
 }
 
 impl Caller {
@@ -136,7 +144,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthenticated)?;
         if !state.tokens.accepts(token) {
-            return Err(ApiError::unauthenticated());
+            return service_account(state, token, &parts.headers).await;
         }
         let actor = match parts.headers.get("x-actor-id") {
             None => Actor::System,
@@ -147,8 +155,46 @@ impl FromRequestParts<AppState> for Caller {
                 Actor::User(UserId::parse("X-Actor-Id", raw)?)
             }
         };
-        Ok(Self { actor })
+        Ok(Self {
+            actor,
+            account: None,
+        })
     }
+}
+
+/// A service account key: one indexed lookup of its hash.
+async fn service_account(
+    state: &AppState,
+    token: &str,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    if !token.starts_with(crate::tokens::SERVICE_ACCOUNT_PREFIX) || token.len() > 200 {
+        return Err(ApiError::unauthenticated());
+    }
+    let hash = crate::tokens::sha256_hex(token);
+    let (organization_id, account) =
+        orgledger_projections::service_accounts::by_key(state.service.database(), &hash)
+            .await?
+            .ok_or_else(ApiError::unauthenticated)?;
+    if headers.contains_key("x-actor-id") {
+        return Err(ApiError::field(
+            "X-Actor-Id",
+            "a service account acts as itself; send no X-Actor-Id with its key",
+        ));
+    }
+    let id = uuid::Uuid::parse_str(&account.id).map_err(ApiError::internal)?;
+    let scopes = account
+        .scopes
+        .iter()
+        .filter_map(|scope| orgledger_domain::Scope::parse("scopes", scope).ok())
+        .collect();
+    Ok(Caller {
+        actor: Actor::ServiceAccount(id),
+        account: Some(AccountCaller {
+            organization_id,
+            scopes,
+        }),
+    })
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {

@@ -98,8 +98,7 @@ async fn list_invitations(
     Path(org_id): Path<String>,
     Query(query): Query<ListInvitationsQuery>,
 ) -> Result<axum::Json<InvitationPage>, ApiError> {
-    let organization =
-        authorize(&state, &caller.actor, &org_id, Permission::ViewOrganization).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let status = match query.status.as_deref().unwrap_or("pending") {
         "all" => None,
         status @ ("pending" | "accepted" | "revoked" | "expired") => Some(status.to_owned()),

@@ -46,8 +46,7 @@ async fn list_members(
     Path(org_id): Path<String>,
     Query(query): Query<ListMembersQuery>,
 ) -> Result<axum::Json<MemberPage>, ApiError> {
-    let organization =
-        authorize(&state, &caller.actor, &org_id, Permission::ViewOrganization).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     if let Some(role) = &query.role {
         parse_role("role", role)?;
     }
@@ -73,8 +72,7 @@ async fn get_member(
     caller: Caller,
     Path((org_id, user_id)): Path<(String, String)>,
 ) -> Result<axum::Json<MemberDto>, ApiError> {
-    let organization =
-        authorize(&state, &caller.actor, &org_id, Permission::ViewOrganization).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let member = members::get(state.service.database(), &organization.id, &user_id)
         .await?
         .ok_or_else(|| ApiError::not_found("member"))?;

@@ -6,11 +6,14 @@ mod audit;
 mod dto;
 mod error;
 mod extract;
+mod groups;
 pub mod idempotency;
 mod invitations;
 mod members;
 mod operations;
 mod organizations;
+mod service_accounts;
+mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +23,9 @@ use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use orgledger_domain::{Actor, Permission, Role};
+use orgledger_domain::{Actor, Grant, Permission, Role};
+
+use extract::Caller;
 use orgledger_projections::organizations::OrganizationView;
 use sha2::{Digest, Sha256};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -109,6 +114,9 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(members::router())
         .merge(invitations::router())
         .merge(audit::router())
+        .merge(groups::router())
+        .merge(service_accounts::router())
+        .merge(settings::router())
         .merge(operations::router())
         .split_for_parts()
 }
@@ -168,11 +176,12 @@ pub(crate) fn organization_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::not_found("organization"))
 }
 
-/// The organization, if `actor` may exercise `permission` on it: `system` reads everything;
-/// a user through their role, by [`Role::permits`].
+/// The organization, if the caller may exercise `permission` on it: `system` reads
+/// everything; a user through their role, a service account through its scopes, both by
+/// [`Grant::permits`].
 pub(crate) async fn authorize(
     state: &AppState,
-    actor: &Actor,
+    caller: &Caller,
     raw_id: &str,
     permission: Permission,
 ) -> Result<OrganizationView, ApiError> {
@@ -181,9 +190,13 @@ pub(crate) async fn authorize(
     let organization = orgledger_projections::organizations::get(database, &id.to_string())
         .await?
         .ok_or_else(|| ApiError::not_found("organization"))?;
-    match actor {
-        Actor::System => Ok(organization),
-        Actor::User(user_id) => {
+    let allowed = match (&caller.actor, &caller.account) {
+        (Actor::System, _) => true,
+        (Actor::ServiceAccount(_), Some(account)) => {
+            account.organization_id == organization.id
+                && Grant::Scopes(&account.scopes).permits(permission)
+        }
+        (Actor::User(user_id), _) => {
             let role = orgledger_projections::members::role_of(
                 database,
                 &organization.id,
@@ -192,11 +205,30 @@ pub(crate) async fn authorize(
             .await?
             .and_then(|role| Role::parse(&role));
             match role {
-                Some(role) if role.permits(permission) => Ok(organization),
-                _ => Err(ApiError::forbidden()),
+                Some(Role::Custom(key)) => {
+                    let names = orgledger_projections::organizations::custom_role_permissions(
+                        database,
+                        &organization.id,
+                        &key,
+                    )
+                    .await?
+                    .unwrap_or_default();
+                    let permissions: Vec<Permission> = names
+                        .iter()
+                        .filter_map(|name| Permission::parse_grantable(name))
+                        .collect();
+                    Grant::Custom(&permissions).permits(permission)
+                }
+                Some(role) => Grant::BuiltIn(&role).permits(permission),
+                None => false,
             }
         }
-        Actor::ServiceAccount(_) => Err(ApiError::forbidden()),
+        (Actor::ServiceAccount(_), None) => false,
+    };
+    if allowed {
+        Ok(organization)
+    } else {
+        Err(ApiError::forbidden())
     }
 }
 

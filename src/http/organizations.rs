@@ -138,8 +138,7 @@ async fn get_organization(
     caller: Caller,
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let organization =
-        authorize(&state, &caller.actor, &org_id, Permission::ViewOrganization).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let version = organization.version;
     Ok(with_etag(
         version,

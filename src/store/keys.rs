@@ -1,7 +1,7 @@
 //! Per-organization data keys, wrapped by the master key and stored in `organization_keys`.
 //! Destroying an organization's key is what erases its personal data (crypto-shredding).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,11 +35,19 @@ impl MasterKey {
     }
 }
 
+/// Unwrapped keys, and the organizations whose key this process destroyed: a destroyed key
+/// never comes back into the cache, even from a read that raced with its destruction.
+#[derive(Default)]
+struct KeyCache {
+    keys: HashMap<String, (Instant, DataKey)>,
+    destroyed: HashSet<String>,
+}
+
 #[derive(Clone)]
 pub struct DataKeys {
     database: Database,
     master: MasterKey,
-    cache: Arc<Mutex<HashMap<String, (Instant, DataKey)>>>,
+    cache: Arc<Mutex<KeyCache>>,
 }
 
 impl DataKeys {
@@ -53,6 +61,9 @@ impl DataKeys {
 
     /// The organization's key, or `None` once it has been destroyed (or never existed).
     pub async fn get(&self, organization_id: &str) -> Result<Option<DataKey>, StoreError> {
+        if self.is_destroyed(organization_id) {
+            return Ok(None);
+        }
         if let Some(key) = self.cached(organization_id) {
             return Ok(Some(key));
         }
@@ -106,10 +117,11 @@ impl DataKeys {
 
     /// Destroys the organization's key. Idempotent.
     pub async fn destroy(&self, organization_id: &str) -> Result<(), StoreError> {
-        self.cache
-            .lock()
-            .expect("key cache poisoned")
-            .remove(organization_id);
+        {
+            let mut cache = self.cache.lock().expect("key cache poisoned");
+            cache.keys.remove(organization_id);
+            cache.destroyed.insert(organization_id.to_owned());
+        }
         match &self.database {
             Database::Postgres(pool) => {
                 sqlx::query("DELETE FROM organization_keys WHERE organization_id = $1")
@@ -127,9 +139,15 @@ impl DataKeys {
         Ok(())
     }
 
+    fn is_destroyed(&self, organization_id: &str) -> bool {
+        let cache = self.cache.lock().expect("key cache poisoned");
+        cache.destroyed.contains(organization_id)
+    }
+
     fn cached(&self, organization_id: &str) -> Option<DataKey> {
         let cache = self.cache.lock().expect("key cache poisoned");
         cache
+            .keys
             .get(organization_id)
             .filter(|(at, _)| at.elapsed() < CACHE_TTL)
             .map(|(_, key)| key.clone())
@@ -137,10 +155,15 @@ impl DataKeys {
 
     fn remember(&self, organization_id: &str, key: &DataKey) {
         let mut cache = self.cache.lock().expect("key cache poisoned");
-        if cache.len() > 10_000 {
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        if cache.destroyed.contains(organization_id) {
+            return;
         }
-        cache.insert(organization_id.to_owned(), (Instant::now(), key.clone()));
+        if cache.keys.len() > 10_000 {
+            cache.keys.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        }
+        cache
+            .keys
+            .insert(organization_id.to_owned(), (Instant::now(), key.clone()));
     }
 
     async fn load_wrapped(&self, organization_id: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -1,6 +1,7 @@
 //! Sealing personal data with an organization's data key (XChaCha20-Poly1305).
 //!
-//! Every string under a key named in [`orgledger_domain::PERSONAL_DATA_FIELDS`] is replaced
+//! Every string under a key named in [`orgledger_domain::PERSONAL_DATA_FIELDS`] or
+//! [`orgledger_domain::SECRET_FIELDS`] is replaced
 //! by `enc:v1:<base64(nonce || ciphertext)>`, bound to the organization id as associated data
 //! so ciphertext cannot be moved between organizations. The JSON shape is kept, so a payload
 //! whose key is destroyed still deserializes, with [`orgledger_domain::ERASED`] in each field.
@@ -9,7 +10,7 @@ use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
-use orgledger_domain::{ERASED, PERSONAL_DATA_FIELDS};
+use orgledger_domain::{ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS};
 use serde_json::Value;
 
 pub const SEALED_PREFIX: &str = "enc:v1:";
@@ -128,11 +129,9 @@ fn visit_personal_strings(
     match value {
         Value::String(text) if personal => f(text),
         Value::Object(map) => map.iter_mut().try_for_each(|(name, child)| {
-            visit_personal_strings(
-                child,
-                personal || PERSONAL_DATA_FIELDS.contains(&name.as_str()),
-                f,
-            )
+            let sealed_key = PERSONAL_DATA_FIELDS.contains(&name.as_str())
+                || SECRET_FIELDS.contains(&name.as_str());
+            visit_personal_strings(child, personal || sealed_key, f)
         }),
         Value::Array(items) => items
             .iter_mut()
@@ -169,6 +168,17 @@ mod tests {
         assert!(text.contains("[\"title\"]"));
         open_personal_data(&mut sealed, Some(&key), b"org-1").unwrap();
         assert_eq!(sealed, original);
+    }
+
+    #[test]
+    fn secrets_are_sealed_like_personal_data() {
+        let key = DataKey::generate();
+        let mut value =
+            json!({"AiProviderAdded": {"api_key": "sk-live-123456", "api_key_last4": "3456"}});
+        seal_personal_data(&mut value, &key, b"org-1");
+        let text = value.to_string();
+        assert!(!text.contains("sk-live"), "{text}");
+        assert!(text.contains("3456"), "the last four stay readable");
     }
 
     #[test]

@@ -346,11 +346,20 @@ impl TestService {
 }
 
 pub async fn spawn_service(backend: Backend) -> TestService {
+    spawn_service_waiting(backend, orgledger::service::DEFAULT_CONSISTENCY_WAIT).await
+}
+
+/// A service whose commands wait at most `consistency_wait` for the read models.
+pub async fn spawn_service_waiting(
+    backend: Backend,
+    consistency_wait: std::time::Duration,
+) -> TestService {
     let database = fresh_database(backend).await;
     let db = Database::connect(&database.url).await.expect("connect");
     db.migrate().await.expect("migrate");
     let master_key = MasterKey::generate();
-    let service = Orgledger::open(db, master_key.clone()).await.expect("open");
+    let mut service = Orgledger::open(db, master_key.clone()).await.expect("open");
+    service.consistency_wait = consistency_wait;
     TestService {
         service: Arc::new(service),
         database,
@@ -361,7 +370,7 @@ pub async fn spawn_service(backend: Backend) -> TestService {
 
 /// Every row of every read model, as text, in a stable order: for comparing two builds.
 pub async fn dump_read_models(db: &Database) -> Vec<String> {
-    let tables: [(&str, &[&str], &str); 4] = [
+    let tables: [(&str, &[&str], &str); 8] = [
         (
             "rm_organizations",
             &[
@@ -379,6 +388,10 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
                 "logo_url",
                 "workflow_mode",
                 "default_invite_expiry_days",
+                "client_restrictions",
+                "smart_tool_routing",
+                "plan",
+                "seats",
             ],
             "id",
         ),
@@ -438,6 +451,50 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
                 "request_id",
             ],
             "organization_id, sequence",
+        ),
+        (
+            "rm_groups",
+            &[
+                "organization_id",
+                "id",
+                "name",
+                "description",
+                "member_ids",
+                "created_at_us",
+            ],
+            "organization_id, id",
+        ),
+        (
+            "rm_service_accounts",
+            &[
+                "id",
+                "organization_id",
+                "name",
+                "description",
+                "scopes",
+                "key_prefix",
+                "key_sha256",
+                "created_at_us",
+                "last_rotated_at_us",
+            ],
+            "id",
+        ),
+        (
+            "rm_ai_providers",
+            &[
+                "organization_id",
+                "id",
+                "name",
+                "kind",
+                "enabled",
+                "api_key_last4",
+            ],
+            "organization_id, id",
+        ),
+        (
+            "rm_roles",
+            &["organization_id", "key", "name", "permissions"],
+            "organization_id, key",
         ),
     ];
     let mut rows = Vec::new();

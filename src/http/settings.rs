@@ -1,0 +1,505 @@
+//! Security and billing settings: client restrictions, smart tool routing, AI providers,
+//! plan and seats, custom roles; and personal organizations.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::Utc;
+use orgledger_domain::{
+    Actor, AddAiProvider, AiProviderRef, ChangePlan, Command, CreateOrganization, DefineRole,
+    Email, NewMember, OrganizationCommand, OrganizationKind, OrganizationName, Permission, Role,
+    RoleRef, Slug, UpdateAiProvider, UserId,
+};
+use orgledger_projections::organizations;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::dto::{ClientRestrictionsDto, OrganizationDto, Problems};
+use super::error::{ApiError, ProblemResponses};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta};
+use super::{authorize, committed, organization_id, AppState};
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(set_client_restrictions))
+        .routes(routes!(set_smart_tool_routing))
+        .routes(routes!(add_ai_provider, list_ai_providers))
+        .routes(routes!(update_ai_provider, remove_ai_provider))
+        .routes(routes!(change_plan))
+        .routes(routes!(list_roles, define_role))
+        .routes(routes!(delete_role))
+        .routes(routes!(personal_organization))
+}
+
+async fn run(
+    state: &AppState,
+    caller: Caller,
+    context: &crate::ledger::RequestContext,
+    expected: Option<usize>,
+    org_id: &str,
+    body: OrganizationCommand,
+) -> Result<crate::service::Outcome, ApiError> {
+    let id = organization_id(org_id)?;
+    Ok(state
+        .service
+        .run(
+            id,
+            Command::new(caller.actor, Utc::now(), body),
+            context,
+            expected,
+        )
+        .await?)
+}
+
+/// Which AI clients may reach the organization.
+#[utoipa::path(put, path = "/v1/organizations/{org_id}/client-restrictions", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = ClientRestrictionsDto,
+    responses((status = 200, body = ClientRestrictionsDto), ProblemResponses))]
+async fn set_client_restrictions(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<ClientRestrictionsDto>,
+) -> Result<Response, ApiError> {
+    let body = OrganizationCommand::SetClientRestrictions(request.into());
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let body = ClientRestrictionsDto::from(&outcome.committed.state.client_restrictions);
+    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SmartToolRouting {
+    pub enabled: bool,
+}
+
+/// Expose one routing tool to external clients instead of every tool.
+#[utoipa::path(put, path = "/v1/organizations/{org_id}/smart-tool-routing", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = SmartToolRouting,
+    responses((status = 200, body = SmartToolRouting), ProblemResponses))]
+async fn set_smart_tool_routing(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<SmartToolRouting>,
+) -> Result<Response, ApiError> {
+    let body = OrganizationCommand::SetSmartToolRouting(request.enabled);
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let enabled = outcome.committed.state.smart_tool_routing;
+    Ok(committed(
+        &outcome,
+        StatusCode::OK,
+        axum::Json(SmartToolRouting { enabled }),
+    ))
+}
+
+/// An AI provider: never its key, only the key's last four characters.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AiProviderDto {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub enabled: bool,
+    pub api_key_last4: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AiProviderList {
+    pub items: Vec<AiProviderDto>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddAiProviderRequest {
+    pub name: String,
+    /// e.g. `openai`, `anthropic`.
+    pub kind: String,
+    /// Encrypted at rest; never returned.
+    pub api_key: String,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAiProviderRequest {
+    pub enabled: Option<bool>,
+    /// Replaces the key.
+    pub api_key: Option<String>,
+}
+
+fn provider_of(outcome: &crate::service::Outcome, id: Uuid) -> Result<AiProviderDto, ApiError> {
+    let provider = outcome
+        .committed
+        .state
+        .ai_providers
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found("ai provider"))?;
+    Ok(AiProviderDto {
+        id: id.to_string(),
+        name: provider.name.clone(),
+        kind: provider.kind.clone(),
+        enabled: provider.enabled,
+        api_key_last4: provider.api_key_last4.clone(),
+    })
+}
+
+fn provider_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found("ai provider"))
+}
+
+/// Configure an AI provider; the key is never shown again.
+#[utoipa::path(post, path = "/v1/organizations/{org_id}/ai-providers", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = AddAiProviderRequest,
+    responses((status = 201, body = AiProviderDto), ProblemResponses))]
+async fn add_ai_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<AddAiProviderRequest>,
+) -> Result<Response, ApiError> {
+    let provider_id = Uuid::now_v7();
+    let body = OrganizationCommand::AddAiProvider(AddAiProvider {
+        provider_id,
+        name: request.name,
+        kind: request.kind,
+        api_key: request.api_key,
+        enabled: request.enabled.unwrap_or(true),
+    });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let body = provider_of(&outcome, provider_id)?;
+    Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
+}
+
+/// The organization's AI providers.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/ai-providers", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders),
+    responses((status = 200, body = AiProviderList), ProblemResponses))]
+async fn list_ai_providers(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+) -> Result<axum::Json<AiProviderList>, ApiError> {
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
+    let items = organizations::ai_providers(state.service.database(), &organization.id).await?;
+    Ok(axum::Json(AiProviderList {
+        items: items
+            .into_iter()
+            .map(|view| AiProviderDto {
+                id: view.id,
+                name: view.name,
+                kind: view.kind,
+                enabled: view.enabled.0,
+                api_key_last4: view.api_key_last4,
+            })
+            .collect(),
+        next_cursor: None,
+    }))
+}
+
+/// Enable, disable, or replace the key.
+#[utoipa::path(patch, path = "/v1/organizations/{org_id}/ai-providers/{id}", tag = "settings",
+    params(("org_id" = String, Path), ("id" = String, Path), ActorHeaders, CommandHeaders),
+    request_body = UpdateAiProviderRequest,
+    responses((status = 200, body = AiProviderDto), ProblemResponses))]
+async fn update_ai_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path((org_id, raw_id)): Path<(String, String)>,
+    Json(request): Json<UpdateAiProviderRequest>,
+) -> Result<Response, ApiError> {
+    let provider_id = provider_id(&raw_id)?;
+    let body = OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
+        provider_id,
+        enabled: request.enabled,
+        api_key: request.api_key,
+    });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let body = provider_of(&outcome, provider_id)?;
+    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}
+
+/// Remove an AI provider.
+#[utoipa::path(delete, path = "/v1/organizations/{org_id}/ai-providers/{id}", tag = "settings",
+    params(("org_id" = String, Path), ("id" = String, Path), ActorHeaders, CommandHeaders),
+    responses((status = 204, description = "Removed"), ProblemResponses))]
+async fn remove_ai_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path((org_id, raw_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let body = OrganizationCommand::RemoveAiProvider(AiProviderRef {
+        provider_id: provider_id(&raw_id)?,
+    });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDto {
+    pub plan: String,
+    /// 1 to 1000000; members plus pending invitations may not exceed it. `null`: no limit.
+    pub seats: Option<i64>,
+}
+
+/// Change plan and seats (owners only).
+#[utoipa::path(put, path = "/v1/organizations/{org_id}/plan", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = PlanDto,
+    responses((status = 200, body = PlanDto), ProblemResponses))]
+async fn change_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<PlanDto>,
+) -> Result<Response, ApiError> {
+    let seats = match request.seats {
+        None => None,
+        Some(seats) if (1..=1_000_000).contains(&seats) => Some(seats as u32),
+        Some(_) => return Err(ApiError::field("seats", "must be between 1 and 1000000")),
+    };
+    let body = OrganizationCommand::ChangePlan(ChangePlan {
+        plan: request.plan,
+        seats,
+    });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let plan = &outcome.committed.state.plan;
+    let body = PlanDto {
+        plan: plan.name.clone().unwrap_or_default(),
+        seats: plan.seats.map(i64::from),
+    };
+    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RoleDto {
+    pub key: String,
+    pub name: String,
+    pub built_in: bool,
+    /// Contract permission names; an owner also holds billing, ownership transfer,
+    /// deletion and role management.
+    pub permissions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RoleList {
+    pub items: Vec<RoleDto>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefineRoleRequest {
+    /// `^[a-z][a-z0-9_]{1,31}$`, not a built-in role.
+    pub key: String,
+    pub name: String,
+    pub permissions: Vec<String>,
+}
+
+fn built_in_roles() -> Vec<RoleDto> {
+    Role::BUILT_IN
+        .iter()
+        .map(|role| {
+            let grant = orgledger_domain::Grant::BuiltIn(role);
+            let mut permissions: Vec<String> = Permission::GRANTABLE
+                .iter()
+                .filter(|(permission, _)| grant.permits(*permission))
+                .map(|(_, name)| (*name).to_owned())
+                .collect();
+            if *role == Role::Owner {
+                permissions.extend(
+                    [
+                        "billing:manage",
+                        "ownership:transfer",
+                        "organization:delete",
+                        "roles:manage",
+                    ]
+                    .map(str::to_owned),
+                );
+            }
+            let mut name = role.as_str().to_owned();
+            name[..1].make_ascii_uppercase();
+            RoleDto {
+                key: role.as_str().to_owned(),
+                name,
+                built_in: true,
+                permissions,
+            }
+        })
+        .collect()
+}
+
+/// Built-in and custom roles with their permissions.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/roles", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders),
+    responses((status = 200, body = RoleList), ProblemResponses))]
+async fn list_roles(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+) -> Result<axum::Json<RoleList>, ApiError> {
+    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
+    let mut items = built_in_roles();
+    for role in organizations::custom_roles(state.service.database(), &organization.id).await? {
+        items.push(RoleDto {
+            key: role.key,
+            name: role.name,
+            built_in: false,
+            permissions: role.permissions,
+        });
+    }
+    Ok(axum::Json(RoleList {
+        items,
+        next_cursor: None,
+    }))
+}
+
+/// Define a custom role from grantable permissions (owners only).
+#[utoipa::path(post, path = "/v1/organizations/{org_id}/roles", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = DefineRoleRequest,
+    responses((status = 201, body = RoleDto), ProblemResponses))]
+async fn define_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path(org_id): Path<String>,
+    Json(request): Json<DefineRoleRequest>,
+) -> Result<Response, ApiError> {
+    let mut problems = Problems::default();
+    let mut permissions = Vec::new();
+    for (i, name) in request.permissions.iter().enumerate() {
+        match Permission::parse_grantable(name) {
+            Some(permission) => permissions.push(permission),
+            None => problems.push(
+                &format!("permissions[{i}]"),
+                "must be one of members:read, members:invite, members:manage, groups:manage, service_accounts:manage, settings:manage, audit:read, export:read (owner-only powers cannot be granted)",
+            ),
+        }
+    }
+    problems.finish()?;
+    let key = request.key.clone();
+    let body = OrganizationCommand::DefineRole(DefineRole {
+        key: request.key,
+        name: request.name,
+        permissions,
+    });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    let role = outcome
+        .committed
+        .state
+        .roles
+        .get(&key)
+        .ok_or_else(|| ApiError::not_found("role"))?;
+    let body = RoleDto {
+        key,
+        name: role.name.clone(),
+        built_in: false,
+        permissions: role
+            .permissions
+            .iter()
+            .filter_map(|p| p.grantable_name())
+            .map(str::to_owned)
+            .collect(),
+    };
+    Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
+}
+
+/// Delete a custom role no member or pending invitation holds (owners only).
+#[utoipa::path(delete, path = "/v1/organizations/{org_id}/roles/{key}", tag = "settings",
+    params(("org_id" = String, Path), ("key" = String, Path), ActorHeaders, CommandHeaders),
+    responses((status = 204, description = "Deleted"), ProblemResponses))]
+async fn delete_role(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    IfMatch(expected): IfMatch,
+    Path((org_id, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let body = OrganizationCommand::DeleteRole(RoleRef { key });
+    let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
+    Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PersonalOrganizationRequest {
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+}
+
+/// The user's personal organization: created once (`201`), then returned (`200`).
+#[utoipa::path(post, path = "/v1/users/{user_id}/personal-organization", tag = "organizations",
+    params(("user_id" = String, Path), ActorHeaders, CommandHeaders), request_body = PersonalOrganizationRequest,
+    responses((status = 201, body = OrganizationDto, description = "Created"),
+              (status = 200, body = OrganizationDto, description = "The existing one"), ProblemResponses))]
+async fn personal_organization(
+    State(state): State<AppState>,
+    caller: Caller,
+    Meta(context): Meta,
+    Path(raw_user): Path<String>,
+    Json(request): Json<PersonalOrganizationRequest>,
+) -> Result<Response, ApiError> {
+    let mut problems = Problems::default();
+    let user_id = problems.check(UserId::parse("user_id", &raw_user));
+    let email = problems.check(Email::parse("email", &request.email));
+    problems.finish()?;
+    let user_id = user_id.expect("checked");
+    match &caller.actor {
+        Actor::System => {}
+        Actor::User(actor) if *actor == user_id => {}
+        _ => return Err(ApiError::forbidden()),
+    }
+    let first_name = request.first_name.filter(|name| !name.trim().is_empty());
+    let display = first_name.clone().unwrap_or_else(|| user_id.to_string());
+    let name = OrganizationName::parse("name", &format!("{display}'s workspace"))
+        .or_else(|_| OrganizationName::parse("name", "Personal workspace"))?;
+    let organization_id = Uuid::now_v7();
+    let slug = Slug::derive(
+        &format!("personal {}", user_id),
+        &organization_id.simple().to_string()[..8],
+    );
+    let command = Command::new(
+        caller.actor,
+        Utc::now(),
+        OrganizationCommand::CreateOrganization(CreateOrganization {
+            organization_id,
+            name,
+            slug,
+            kind: OrganizationKind::Personal,
+            owner: NewMember {
+                user_id,
+                email,
+                first_name,
+                last_name: request.last_name.filter(|name| !name.trim().is_empty()),
+            },
+        }),
+    );
+    let (outcome, created) = state
+        .service
+        .personal_organization(command, &context)
+        .await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
+    Ok(committed(&outcome, status, axum::Json(body)))
+}
