@@ -131,22 +131,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = open_store(&store).await?;
             match action {
                 ProjectionsAction::Status => print_status(&service).await?,
-                ProjectionsAction::Rebuild { name } => {
-                    let names: Vec<String> = match name {
-                        Some(name) => vec![name],
-                        None => PROJECTION_NAMES.iter().map(|n| (*n).to_owned()).collect(),
-                    };
+                ProjectionsAction::Rebuild { name: Some(name) } => {
                     let show_progress = std::io::stderr().is_terminal();
-                    for name in names {
-                        let report = service.projector.rebuild(&name, show_progress).await?;
+                    let report = service.projector.rebuild(&name, show_progress).await?;
+                    println!(
+                        "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s)",
+                        report.projection, report.events, report.seconds, report.events_per_second
+                    );
+                }
+                ProjectionsAction::Rebuild { name: None } => {
+                    eprintln!(
+                        "rebuilding {} projections concurrently...",
+                        PROJECTION_NAMES.len()
+                    );
+                    let (reports, seconds) = service.projector.rebuild_all().await?;
+                    for report in &reports {
                         println!(
-                            "rebuilt {:<14} {:>9} events in {:>7.2} s  ({:.0} events/s)",
+                            "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s)",
                             report.projection,
                             report.events,
                             report.seconds,
                             report.events_per_second
                         );
                     }
+                    println!("all projections rebuilt in {seconds:.2} s");
                 }
             }
             service.database().close().await;

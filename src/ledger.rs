@@ -77,14 +77,53 @@ fn store_failure(error: PersistenceError) -> LedgerError {
 }
 
 /// An organization as loaded: its state, version and the number of its snapshot.
+#[derive(Clone)]
 struct Loaded {
     state: Organization,
     version: usize,
     snapshot: Option<usize>,
 }
 
+/// Organizations kept in memory after a load or commit.
+const CACHED_ORGANIZATIONS: usize = 10_000;
+
+/// Loaded organizations, most recently used kept. An entry is never trusted as it is: every
+/// load reads the events after its version (one indexed query, usually empty), so another
+/// process's commits are always seen, and a decision made on an entry that is stale anyway
+/// cannot commit (the sequence's primary key refuses it) and is retried.
+#[derive(Default)]
+struct AggregateCache {
+    entries: HashMap<Uuid, (std::time::Instant, Arc<Loaded>)>,
+}
+
+impl AggregateCache {
+    fn get(&mut self, id: Uuid) -> Option<Arc<Loaded>> {
+        let entry = self.entries.get_mut(&id)?;
+        entry.0 = std::time::Instant::now();
+        Some(entry.1.clone())
+    }
+
+    fn put(&mut self, id: Uuid, loaded: Loaded) {
+        if self.entries.len() >= CACHED_ORGANIZATIONS && !self.entries.contains_key(&id) {
+            // Drop the least recently used half: rare, and O(n) only then.
+            let mut ages: Vec<_> = self
+                .entries
+                .iter()
+                .map(|(id, (at, _))| (*at, *id))
+                .collect();
+            ages.sort();
+            for (_, old) in ages.into_iter().take(CACHED_ORGANIZATIONS / 2) {
+                self.entries.remove(&old);
+            }
+        }
+        self.entries
+            .insert(id, (std::time::Instant::now(), Arc::new(loaded)));
+    }
+}
+
 pub struct Ledger {
     database: Database,
+    cache: std::sync::Mutex<AggregateCache>,
     repository: OrganizationRepository,
     upcasters: Vec<Box<dyn EventUpcaster>>,
     keys: DataKeys,
@@ -98,6 +137,7 @@ impl Ledger {
         let stats = repository.stats();
         Self {
             database,
+            cache: std::sync::Mutex::default(),
             repository,
             upcasters: upcasters(),
             keys,
@@ -123,15 +163,54 @@ impl Ledger {
         Ok((loaded.state, loaded.version))
     }
 
-    /// The snapshot, if readable, plus every event after it.
+    /// The latest state: the cached one brought up to date, or the snapshot (if readable)
+    /// plus every event after it.
     async fn load_latest(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
+        let cached = self
+            .cache
+            .lock()
+            .expect("aggregate cache poisoned")
+            .get(organization_id);
+        let mut loaded = match cached {
+            Some(cached) => (*cached).clone(),
+            None => self.load_from_snapshot(organization_id).await?,
+        };
+        let id = organization_id.to_string();
+        let newer = if loaded.version == 0 {
+            self.repository.get_events::<Organization>(&id).await
+        } else {
+            self.repository
+                .get_last_events::<Organization>(&id, loaded.version)
+                .await
+        }
+        .map_err(store_failure)?;
+        for stored in newer {
+            let event = self.decode(stored)?;
+            loaded.version = event.sequence;
+            loaded.state.apply(event.payload);
+        }
+        if loaded.version > 0 {
+            self.remember(organization_id, &loaded);
+        }
+        Ok(loaded)
+    }
+
+    fn remember(&self, organization_id: Uuid, loaded: &Loaded) {
+        self.cache
+            .lock()
+            .expect("aggregate cache poisoned")
+            .put(organization_id, loaded.clone());
+    }
+
+    /// The snapshot if there is a readable one; the events after it are read by the caller.
+    async fn load_from_snapshot(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
         let id = organization_id.to_string();
         let snapshot = self
             .repository
             .get_snapshot::<Organization>(&id)
             .await
             .map_err(store_failure)?;
-        let mut loaded = match snapshot {
+        Ok(match snapshot {
             Some(snapshot) => match serde_json::from_value::<Organization>(snapshot.aggregate) {
                 Ok(state) => Loaded {
                     state,
@@ -153,21 +232,7 @@ impl Ledger {
                 version: 0,
                 snapshot: None,
             },
-        };
-        let newer = if loaded.version == 0 {
-            self.repository.get_events::<Organization>(&id).await
-        } else {
-            self.repository
-                .get_last_events::<Organization>(&id, loaded.version)
-                .await
-        }
-        .map_err(store_failure)?;
-        for stored in newer {
-            let event = self.decode(stored)?;
-            loaded.version = event.sequence;
-            loaded.state.apply(event.payload);
-        }
-        Ok(loaded)
+        })
     }
 
     /// Upcasts a stored event to the current schema and deserializes it.
@@ -238,9 +303,20 @@ impl Ledger {
         } else {
             None
         };
+        let snapshot_number = snapshot
+            .as_ref()
+            .map_or(loaded.snapshot, |(_, _, n)| Some(*n));
         self.repository
             .persist::<Organization>(&stored, snapshot)
             .await?;
+        self.remember(
+            organization_id,
+            &Loaded {
+                state: after.clone(),
+                version: last,
+                snapshot: snapshot_number,
+            },
+        );
         Ok(events
             .into_iter()
             .enumerate()

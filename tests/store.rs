@@ -515,18 +515,33 @@ async fn a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_w
         "a snapshot covers the imported history"
     );
 
-    let stats = ledger.read_stats();
-    let (events_before, snapshots_before) = (stats.events(), stats.snapshots());
-    let committed = run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+    // A process that never saw the organization reads one snapshot and what follows it.
+    let cold = ledger.reopen().await;
+    let stats = cold.read_stats();
+    let committed = run(&cold, org, "olivia", set_role("mia", Role::Viewer)).await;
     assert_eq!(committed.version, start + 10_003);
-    let events_read = stats.events() - events_before;
-    assert_eq!(stats.snapshots() - snapshots_before, 1, "one snapshot read");
+    assert_eq!(stats.snapshots(), 1, "one snapshot read");
     assert_eq!(
-        events_read,
+        stats.events(),
         (version - snapshot_at) as u64,
         "only the events after the snapshot are read"
     );
-    assert!(events_read < SNAPSHOT_EVERY as u64);
+    assert!(stats.events() < SNAPSHOT_EVERY as u64);
+
+    // Once loaded, the next command reads no snapshot and only events newer than its cache.
+    let (events_before, snapshots_before) = (stats.events(), stats.snapshots());
+    run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
+    run(&cold, org, "olivia", set_role("mia", Role::Admin)).await;
+    assert_eq!(
+        stats.snapshots(),
+        snapshots_before,
+        "no snapshot read when warm"
+    );
+    assert_eq!(
+        stats.events() - events_before,
+        1,
+        "only the other process's new event"
+    );
 }
 
 async fn snapshots_equal_a_full_replay(backend: Backend) {

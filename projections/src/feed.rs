@@ -71,6 +71,9 @@ pub trait EventFeed: Send + Sync {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, FeedError>;
 
+    /// Whether any committed event lies after `after` (cheap: one indexed probe).
+    async fn has_events_after(&self, after: Checkpoint) -> Result<bool, FeedError>;
+
     /// How many events lie after `after`, and when the oldest of them was recorded.
     async fn backlog(&self, after: Checkpoint) -> Result<(u64, Option<DateTime<Utc>>), FeedError>;
 }

@@ -132,6 +132,9 @@ pub struct Projector {
     progress: watch::Sender<u64>,
     counters: Mutex<HashMap<String, ProjectionCounters>>,
     leading: Mutex<HashSet<String>>,
+    /// Versions this process's batches applied, by organization and projection: lets
+    /// read-your-writes waits finish without asking the database.
+    applied: Mutex<HashMap<String, HashMap<String, i64>>>,
 }
 
 impl Projector {
@@ -144,6 +147,7 @@ impl Projector {
             progress: watch::channel(0).0,
             counters: Mutex::default(),
             leading: Mutex::default(),
+            applied: Mutex::default(),
         }
     }
 
@@ -237,12 +241,21 @@ impl Projector {
     ) -> Result<usize, ProjectionError> {
         let mut tx = self.database.begin().await?;
         match self.apply_batch(&mut tx, projection, limit).await {
-            Ok(0) => {
+            Ok((0, _)) => {
                 tx.rollback().await?;
                 Ok(0)
             }
-            Ok(applied) => {
+            Ok((applied, versions)) => {
                 tx.commit().await?;
+                {
+                    let mut known = self.applied.lock().expect("applied poisoned");
+                    for (organization, version) in versions {
+                        known
+                            .entry(organization)
+                            .or_default()
+                            .insert(projection.name().to_owned(), version);
+                    }
+                }
                 self.count(projection.name(), |c| c.events_applied += applied as u64);
                 self.progress.send_modify(|n| *n = n.wrapping_add(1));
                 Ok(applied)
@@ -262,7 +275,7 @@ impl Projector {
         tx: &mut Transaction,
         projection: &dyn Projection,
         limit: usize,
-    ) -> Result<usize, ProjectionError> {
+    ) -> Result<(usize, HashMap<String, i64>), ProjectionError> {
         let name = projection.name();
         let mut conn = tx.conn();
         // A write first: it takes the row lock (PostgreSQL) or the write lock (SQLite), so
@@ -282,7 +295,7 @@ impl Projector {
         };
         let events = self.feed.read_after(after, limit).await?;
         let Some(last) = events.last().map(|event| event.checkpoint) else {
-            return Ok(0);
+            return Ok((0, HashMap::new()));
         };
         let mut versions: HashMap<&str, i64> = HashMap::new();
         for event in &events {
@@ -311,6 +324,10 @@ impl Projector {
             }
             versions.insert(organization, known.max(event.sequence));
         }
+        let applied_versions: HashMap<String, i64> = versions
+            .iter()
+            .map(|(organization, version)| ((*organization).to_owned(), *version))
+            .collect();
         for (organization, version) in versions {
             conn.execute(
                 "INSERT INTO projected_versions (projection, organization_id, version)
@@ -334,7 +351,7 @@ impl Projector {
             ],
         )
         .await?;
-        Ok(events.len())
+        Ok((events.len(), applied_versions))
     }
 
     async fn record_failure(&self, name: &str, error: &ProjectionError) {
@@ -481,9 +498,20 @@ impl Projector {
             match self.run_batch(projection.as_ref()).await {
                 Ok(0) => {
                     backoff = Duration::from_millis(500);
+                    // Committed events a transaction in flight holds back (PostgreSQL): the
+                    // wake-up for them is already spent, so look again in a moment.
+                    let held_back = self
+                        .has_unread_events(projection.name())
+                        .await
+                        .unwrap_or(false);
+                    let wait = if held_back {
+                        Duration::from_millis(2)
+                    } else {
+                        POLL
+                    };
                     tokio::select! {
                         _ = commits.changed() => {}
-                        () = tokio::time::sleep(POLL) => {}
+                        () = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => break,
                     }
                 }
@@ -498,6 +526,26 @@ impl Projector {
             }
         }
         self.leading.lock().expect("leading poisoned").remove(&name);
+    }
+
+    /// True when committed events lie past the projection's checkpoint.
+    async fn has_unread_events(&self, name: &str) -> Result<bool, ProjectionError> {
+        let row: Option<(i64, i64)> = crate::with_pool!(&self.database, pool => {
+            sqlx::query_as("SELECT commit_txid, position FROM projection_checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await?
+        });
+        let Some((commit_txid, position)) = row else {
+            return Ok(false);
+        };
+        Ok(self
+            .feed
+            .has_events_after(Checkpoint {
+                commit_txid,
+                position,
+            })
+            .await?)
     }
 
     /// Waits until every projection has applied `organization_id` up to `version`; false when
@@ -519,28 +567,48 @@ impl Projector {
             "SELECT count(*) FROM projected_versions
               WHERE organization_id = $1 AND version >= $2 AND projection IN ({names})"
         );
+        let mut next_database_check = Instant::now();
         loop {
-            let applied: i64 = crate::with_pool!(&self.database, pool => {
-                sqlx::query_scalar(&sql)
-                    .bind(organization_id)
-                    .bind(version)
-                    .fetch_one(pool)
-                    .await?
-            });
-            if applied as usize >= PROJECTION_NAMES.len() {
+            if self.applied_here(organization_id, version) {
                 return Ok(true);
             }
             let now = Instant::now();
+            // Runners in other processes are seen through the database, at most every 50 ms.
+            if now >= next_database_check {
+                let applied: i64 = crate::with_pool!(&self.database, pool => {
+                    sqlx::query_scalar(&sql)
+                        .bind(organization_id)
+                        .bind(version)
+                        .fetch_one(pool)
+                        .await?
+                });
+                if applied as usize >= PROJECTION_NAMES.len() {
+                    return Ok(true);
+                }
+                next_database_check = now + Duration::from_millis(50);
+            }
             if now >= deadline {
                 return Ok(false);
             }
-            // Progress here wakes at once; a runner in another process is seen by polling.
-            let poll = (deadline - now).min(Duration::from_millis(20));
+            let pause = (deadline - now).min(next_database_check.saturating_duration_since(now));
             tokio::select! {
                 _ = progress.changed() => {}
-                () = tokio::time::sleep(poll) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// True when this process's own batches applied the organization up to `version` in
+    /// every projection.
+    fn applied_here(&self, organization_id: &str, version: i64) -> bool {
+        let applied = self.applied.lock().expect("applied poisoned");
+        applied.get(organization_id).is_some_and(|by_projection| {
+            PROJECTION_NAMES.iter().all(|name| {
+                by_projection
+                    .get(*name)
+                    .is_some_and(|applied| *applied >= version)
+            })
+        })
     }
 
     /// Every live projection's position, backlog and last failure.
@@ -640,6 +708,19 @@ impl Projector {
         })
     }
 
+    /// Rebuilds every projection at once: each replays the log into its own fresh tables and
+    /// swaps them in its own transaction. Returns the reports and the wall time.
+    pub async fn rebuild_all(&self) -> Result<(Vec<RebuildReport>, f64), ProjectionError> {
+        let started = Instant::now();
+        let reports = futures::future::try_join_all(
+            PROJECTION_NAMES
+                .iter()
+                .map(|name| self.rebuild(name, false)),
+        )
+        .await?;
+        Ok((reports, started.elapsed().as_secs_f64()))
+    }
+
     /// In one transaction: apply the shadow's tail, replace the live tables with it, and take
     /// over its checkpoint and versions. Returns the tail's length.
     async fn swap(
@@ -655,7 +736,7 @@ impl Projector {
         }
         let mut tail = 0;
         loop {
-            let applied = self.apply_batch(&mut tx, shadow, REBUILD_BATCH).await?;
+            let (applied, _) = self.apply_batch(&mut tx, shadow, REBUILD_BATCH).await?;
             tail += applied;
             if applied == 0 {
                 break;

@@ -126,15 +126,7 @@ async fn create_group(
         name: request.name,
         description: request.description,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let group = group_of(&outcome, group_id)?;
     Ok(committed(&outcome, StatusCode::CREATED, axum::Json(group)))
 }
@@ -192,15 +184,7 @@ async fn update_group(
         name: request.name,
         description: request.description,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let group = group_of(&outcome, group_id)?;
     Ok(committed(&outcome, StatusCode::OK, axum::Json(group)))
 }
@@ -220,15 +204,7 @@ async fn delete_group(
     let body = OrganizationCommand::DeleteGroup(GroupRef {
         group_id: group_id(&raw_group)?,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 

@@ -145,15 +145,7 @@ async fn resend_invitation(
         invitation_id,
         token_sha256: token.sha256,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = issued(&outcome, invitation_id, token.secret)?;
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }
@@ -172,15 +164,7 @@ async fn revoke_invitation(
     let id = organization_id(&org_id)?;
     let invitation_id = invitation_id(&raw_invitation_id)?;
     let body = OrganizationCommand::RevokeInvitation(RevokeInvitation { invitation_id });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 

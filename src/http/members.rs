@@ -126,15 +126,7 @@ async fn remove_member(
     let id = organization_id(&org_id)?;
     let user_id = UserId::parse("user_id", &user_id).map_err(|_| ApiError::not_found("member"))?;
     let body = OrganizationCommand::RemoveMember(RemoveMember { user_id });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 

@@ -232,6 +232,22 @@ pub(crate) async fn authorize(
     }
 }
 
+/// Runs `body` as the caller, now, against the organization; waits for the read models.
+pub(crate) async fn execute(
+    state: &AppState,
+    caller: Caller,
+    context: &crate::ledger::RequestContext,
+    expected: Option<usize>,
+    organization_id: Uuid,
+    body: orgledger_domain::OrganizationCommand,
+) -> Result<Outcome, ApiError> {
+    let command = orgledger_domain::Command::new(caller.actor, chrono::Utc::now(), body);
+    Ok(state
+        .service
+        .run(organization_id, command, context, expected)
+        .await?)
+}
+
 /// A command's response: its status and body, `X-Consistency: pending` if the read models
 /// were still behind after the bounded wait, and the organization version as `ETag`.
 pub(crate) fn committed(

@@ -188,15 +188,7 @@ async fn delete_organization(
     let body = OrganizationCommand::DeleteOrganization(DeleteOrganization {
         confirm_name: request.confirm_name,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }
@@ -240,15 +232,7 @@ async fn purge_organization(
     let body = OrganizationCommand::PurgeOrganization(PurgeOrganization {
         confirm_name: request.confirm_name,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = PurgedDto {
         id: id.to_string(),
         status: "purged".to_owned(),
@@ -273,15 +257,7 @@ async fn transfer_ownership(
     let id = organization_id(&org_id)?;
     let new_owner_id = UserId::parse("new_owner_id", &request.new_owner_id)?;
     let body = OrganizationCommand::TransferOwnership(TransferOwnership { new_owner_id });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }

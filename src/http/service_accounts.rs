@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use orgledger_domain::{
-    Command, CreateServiceAccount, OrganizationCommand, Permission, RotateServiceAccountKey, Scope,
+    CreateServiceAccount, OrganizationCommand, Permission, RotateServiceAccountKey, Scope,
     ServiceAccountRef,
 };
 use orgledger_projections::service_accounts::{self, ServiceAccountView};
@@ -144,15 +144,7 @@ async fn create_service_account(
         key_prefix,
         key_sha256,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = issued(&outcome, account_id, key)?;
     Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
 }
@@ -198,15 +190,7 @@ async fn rotate_service_account(
         key_prefix,
         key_sha256,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let body = issued(&outcome, account_id, key)?;
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }
@@ -226,14 +210,6 @@ async fn delete_service_account(
     let body = OrganizationCommand::DeleteServiceAccount(ServiceAccountRef {
         service_account_id: account_id(&raw_id)?,
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }

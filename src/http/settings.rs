@@ -42,16 +42,15 @@ async fn run(
     org_id: &str,
     body: OrganizationCommand,
 ) -> Result<crate::service::Outcome, ApiError> {
-    let id = organization_id(org_id)?;
-    Ok(state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            context,
-            expected,
-        )
-        .await?)
+    super::execute(
+        state,
+        caller,
+        context,
+        expected,
+        organization_id(org_id)?,
+        body,
+    )
+    .await
 }
 
 /// Which AI clients may reach the organization.

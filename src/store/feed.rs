@@ -150,6 +150,30 @@ impl EventFeed for StoreFeed {
         Ok(events)
     }
 
+    async fn has_events_after(&self, after: Checkpoint) -> Result<bool, FeedError> {
+        let found = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM events
+                                 WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2))",
+                )
+                .bind(after.commit_txid)
+                .bind(after.position)
+                .fetch_one(pool)
+                .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM event_log WHERE position > $1)",
+                )
+                .bind(after.position)
+                .fetch_one(pool)
+                .await
+            }
+        };
+        found.map_err(|error| FeedError(error.to_string()))
+    }
+
     async fn backlog(&self, after: Checkpoint) -> Result<(u64, Option<DateTime<Utc>>), FeedError> {
         let result = match &self.database {
             Database::Postgres(pool) => {

@@ -1,0 +1,788 @@
+//! orgledger-bench: measures orgledger on real PostgreSQL, side by side in one run, against
+//! the physical ceiling of the same database and against vanilla cqrs-es + postgres-es.
+//! Prints medians and ratios; asserts nothing (CI runs `--quick` only to keep it working).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use cqrs_es::persist::{GenericQuery, PersistedEventStore};
+use cqrs_es::{CqrsFramework, EventEnvelope, View};
+use futures::StreamExt;
+use orgledger::http::{AppState, PlatformTokens};
+use orgledger::ledger::RequestContext;
+use orgledger::service::Orgledger;
+use orgledger::store::{Database, MasterKey};
+use orgledger_domain::*;
+use postgres_es::{PostgresEventRepository, PostgresViewRepository};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(about = "Benchmarks orgledger against the database's ceiling and vanilla cqrs-es")]
+struct Args {
+    /// A reduced run (under 2 minutes) that exercises every measurement.
+    #[arg(long)]
+    quick: bool,
+    /// Internal: stream one organization's data export and report bytes and peak RSS (run
+    /// in a child process, so the peak is the export's own).
+    #[arg(long, hide = true, num_args = 3, value_names = ["DATABASE_URL", "MASTER_KEY", "ORG_ID"])]
+    export_only: Option<Vec<String>>,
+    /// The PostgreSQL server; a fresh database is created on it and dropped afterwards.
+    #[arg(
+        long,
+        env = "ORGLEDGER_BENCH_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres: String,
+}
+
+struct Scale {
+    seconds: f64,
+    history_events: usize,
+    history_samples: usize,
+    vanilla_big_samples: usize,
+    rebuild_events: usize,
+    lag_seconds: f64,
+    export_members: usize,
+}
+
+const TOKEN: &str = "bench-token";
+
+fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index]
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+struct Report(Vec<String>);
+
+impl Report {
+    fn line(&mut self, text: String) {
+        println!("{text}");
+        self.0.push(text);
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(export) = &args.export_only {
+        return export_child(&export[0], &export[1], &export[2]).await;
+    }
+    let scale = if args.quick {
+        Scale {
+            seconds: 1.0,
+            history_events: 10_000,
+            history_samples: 30,
+            vanilla_big_samples: 3,
+            rebuild_events: 50_000,
+            lag_seconds: 2.0,
+            export_members: 5_000,
+        }
+    } else {
+        Scale {
+            seconds: 4.0,
+            history_events: 100_000,
+            history_samples: 100,
+            vanilla_big_samples: 5,
+            rebuild_events: 1_000_000,
+            lag_seconds: 5.0,
+            export_members: 100_000,
+        }
+    };
+    let name = format!("orgledger_bench_{}", Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&args.postgres)
+        .await
+        .context("connecting to PostgreSQL")?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    let url = replace_database(&args.postgres, &name);
+    let result = run(&url, &scale, args.quick).await;
+    drop(
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await,
+    );
+    result
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    match url.rfind('/') {
+        Some(slash) if slash > "postgres://".len() => format!("{}/{name}", &url[..slash]),
+        _ => format!("{url}/{name}"),
+    }
+}
+
+async fn run(url: &str, scale: &Scale, quick: bool) -> anyhow::Result<()> {
+    let database = Database::connect(url).await?;
+    database.migrate().await?;
+    let Database::Postgres(pool) = database.clone() else {
+        unreachable!()
+    };
+    let master_key = MasterKey::generate();
+    let service = Arc::new(Orgledger::open(database.clone(), master_key.clone()).await?);
+    let mut report = Report(Vec::new());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    report.line(format!(
+        "orgledger-bench {} on PostgreSQL, {} cores, {}",
+        if quick { "--quick" } else { "full" },
+        cores,
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    ));
+
+    // 1. The physical ceiling.
+    report.line("\n## 1. Physical ceiling (sqlx, durable commits)".into());
+    let mut ceiling = HashMap::new();
+    for concurrency in [1, 8, 32] {
+        let rate = one_row_inserts(&pool, concurrency, scale.seconds).await?;
+        ceiling.insert(concurrency, rate);
+        report.line(format!(
+            "one-row INSERT per transaction, {concurrency:>2} clients: {rate:>9.0} rows/s"
+        ));
+    }
+    let batched = batched_inserts(&pool, scale.seconds).await?;
+    report.line(format!(
+        "1,000-row INSERT per transaction:              {batched:>9.0} rows/s"
+    ));
+
+    // 2. Commands over real HTTP.
+    report.line(
+        "\n## 2. Commands over HTTP (invitations and role changes, one organization per client)"
+            .into(),
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    service.projector.spawn(stopped);
+    let address = serve(service.clone()).await?;
+    for concurrency in [1, 8, 32] {
+        let (rate, p50, p99) = http_commands(&address, concurrency, scale.seconds).await?;
+        let ratio = rate / ceiling[&concurrency];
+        report.line(format!(
+            "{concurrency:>2} clients: {rate:>7.0} commands/s  p50 {p50:>6.1} ms  p99 {p99:>6.1} ms  = {:>5.1}% of the one-row ceiling{}",
+            ratio * 100.0,
+            if concurrency == 32 { if ratio >= 0.5 { "  (target >= 50%: met)" } else { "  (target >= 50%: NOT met)" } } else { "" }
+        ));
+    }
+
+    // 3. Cost versus history.
+    report.line(format!(
+        "\n## 3. Role change p50 versus history (10 events vs {} events)",
+        scale.history_events
+    ));
+    let (small, big) = history_cost(&service, scale).await?;
+    report.line(format!("orgledger:                 10 events {small:>8.2} ms   {} events {big:>8.2} ms   ratio {:.2} (target <= 1.5: {})",
+        scale.history_events, big / small, if big / small <= 1.5 { "met" } else { "NOT met" }));
+    let (vanilla_small, vanilla_big) = vanilla_history_cost(&pool, scale).await?;
+    report.line(format!("vanilla cqrs-es+postgres-es: 10 events {vanilla_small:>8.2} ms   {} events {vanilla_big:>8.2} ms   ratio {:.1}",
+        scale.history_events, vanilla_big / vanilla_small));
+
+    // 5. Projection lag (runners are live now).
+    report.line("\n## 5. Projection lag at a sustained 1,000 commands/s".into());
+    let (achieved, lag50, lag99) = projection_lag(&service, scale.lag_seconds).await?;
+    report.line(format!("offered 1000/s, committed {achieved:.0}/s; commit -> read model p50 {lag50:.1} ms, p99 {lag99:.1} ms (target p99 < 100 ms: {})",
+        if lag99 < 100.0 { "met" } else { "NOT met" }));
+    let _ = stop.send(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 6. Export.
+    report.line(format!(
+        "\n## 6. JSON data export of a {}-member organization",
+        scale.export_members
+    ));
+    let (megabytes, seconds, peak) =
+        export(&service, url, &master_key, scale.export_members).await?;
+    report.line(format!("{megabytes:.1} MB in {seconds:.2} s = {:.1} MB/s; peak RSS of the exporting process {peak:.1} MB (target < 64 MB: {})",
+        megabytes / seconds, if peak < 64.0 { "met" } else { "NOT met" }));
+
+    // 4. Rebuild (last: it needs the most data).
+    report.line(format!(
+        "\n## 4. Rebuild of every read model from {} events",
+        scale.rebuild_events
+    ));
+    let (events, seconds, per_projection) = rebuild(&service, scale.rebuild_events).await?;
+    let rate = events as f64 / seconds;
+    report.line(format!("{events} events in the log, all {} projections rebuilt concurrently in {seconds:.1} s = {rate:.0} events/s = {:.1}% of the batched-insert ceiling (target >= 50%: {})",
+        per_projection.len(), rate / batched * 100.0, if rate >= batched * 0.5 { "met" } else { "NOT met" }));
+    for (name, rate) in per_projection {
+        report.line(format!("  {name:<17} {rate:>9.0} events/s"));
+    }
+    Ok(())
+}
+
+async fn one_row_inserts(pool: &PgPool, concurrency: usize, seconds: f64) -> anyhow::Result<f64> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_ceiling (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        aggregate_id text NOT NULL, sequence bigint NOT NULL, event_type text NOT NULL, payload jsonb NOT NULL,
+        metadata jsonb NOT NULL, recorded_at timestamptz NOT NULL DEFAULT now())").execute(pool).await?;
+    let payload =
+        json!({"MemberRoleChanged": {"user_id": "user-00042", "from": "member", "to": "admin"}});
+    let metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00.000000Z", "request_id": "0b7e4a3c-5d1f-4d8e-9a51-1f0c2b3d4e5f"});
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..concurrency).map(|client| {
+        let pool = pool.clone();
+        let (payload, metadata) = (payload.clone(), metadata.clone());
+        tokio::spawn(async move {
+            let mut count = 0u64;
+            while Instant::now() < deadline {
+                sqlx::query("INSERT INTO bench_ceiling (aggregate_id, sequence, event_type, payload, metadata) VALUES ($1, $2, 'MemberRoleChanged', $3, $4)")
+                    .bind(format!("client-{client}")).bind(count as i64).bind(&payload).bind(&metadata)
+                    .execute(&pool).await?;
+                count += 1;
+            }
+            Ok::<u64, sqlx::Error>(count)
+        })
+    }).collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / seconds)
+}
+
+async fn batched_inserts(pool: &PgPool, seconds: f64) -> anyhow::Result<f64> {
+    let payload =
+        json!({"MemberRoleChanged": {"user_id": "user-00042", "from": "member", "to": "admin"}})
+            .to_string();
+    let metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00.000000Z"}).to_string();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut total = 0u64;
+    while Instant::now() < deadline {
+        sqlx::query("INSERT INTO bench_ceiling (aggregate_id, sequence, event_type, payload, metadata)
+                     SELECT 'batch', s, 'MemberRoleChanged', $1::jsonb, $2::jsonb FROM generate_series($3::bigint, $3 + 999) s")
+            .bind(&payload).bind(&metadata).bind(total as i64)
+            .execute(pool).await?;
+        total += 1000;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = format!("http://{}", listener.local_addr()?);
+    let state = AppState {
+        service,
+        tokens: Arc::new(PlatformTokens::new([TOKEN])),
+        metrics: orgledger::telemetry::metrics_handle(),
+        started: Instant::now(),
+    };
+    tokio::spawn(orgledger::http::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    Ok(address)
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: String,
+    actor: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let response = client
+        .post(url)
+        .bearer_auth(TOKEN)
+        .header("X-Actor-Id", actor)
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{status}: {body}");
+    Ok(body)
+}
+
+async fn http_commands(
+    address: &str,
+    concurrency: usize,
+    seconds: f64,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let mut orgs = Vec::new();
+    for i in 0..concurrency {
+        let owner = format!("owner{i}");
+        let org = post(
+            &client,
+            format!("{address}/v1/organizations"),
+            &owner,
+            json!({"name": format!("Load {i} {}", Uuid::now_v7().simple())}),
+        )
+        .await?;
+        let org = org["id"].as_str().unwrap_or_default().to_owned();
+        let invited = post(
+            &client,
+            format!("{address}/v1/organizations/{org}/invitations"),
+            &owner,
+            json!({"email": format!("m{i}@example.com"), "role": "member"}),
+        )
+        .await?;
+        post(&client, format!("{address}/v1/invitations/accept"), &format!("m{i}"), json!({"token": invited["token"], "user_id": format!("m{i}"), "email": format!("m{i}@example.com")})).await?;
+        orgs.push((org, owner, format!("m{i}")));
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = orgs.into_iter().enumerate().map(|(client_id, (org, owner, member))| {
+        let client = client.clone();
+        let address = address.to_owned();
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                if n % 2 == 0 {
+                    post(&client, format!("{address}/v1/organizations/{org}/invitations"), &owner,
+                        json!({"email": format!("g{client_id}-{n}@example.com"), "role": "viewer"})).await?;
+                } else {
+                    let role = if n % 4 == 1 { "viewer" } else { "member" };
+                    let response = client.patch(format!("{address}/v1/organizations/{org}/members/{member}"))
+                        .bearer_auth(TOKEN).header("X-Actor-Id", &owner).json(&json!({"role": role})).send().await?;
+                    anyhow::ensure!(response.status().is_success(), "role change: {}", response.status());
+                }
+                latencies.push(ms(start.elapsed()));
+                n += 1;
+            }
+            Ok::<Vec<f64>, anyhow::Error>(latencies)
+        })
+    }).collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    let p50 = percentile(&mut latencies, 0.5);
+    let p99 = percentile(&mut latencies, 0.99);
+    Ok((rate, p50, p99))
+}
+
+fn role_flips(count: usize, user: &str) -> Vec<OrganizationEvent> {
+    (0..count)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 {
+                (Role::Member, Role::Admin)
+            } else {
+                (Role::Admin, Role::Member)
+            };
+            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+                user_id: UserId::parse("user_id", user).unwrap(),
+                from,
+                to,
+            })
+        })
+        .collect()
+}
+
+fn create_command(
+    name: &str,
+    owner: &str,
+    extra_member: bool,
+) -> (Uuid, Command, Option<OrganizationEvent>) {
+    let id = Uuid::now_v7();
+    let command = Command::new(
+        Actor::System,
+        chrono::Utc::now(),
+        OrganizationCommand::CreateOrganization(CreateOrganization {
+            organization_id: id,
+            name: OrganizationName::parse("name", name).unwrap(),
+            slug: Slug::derive(name, &id.simple().to_string()),
+            kind: OrganizationKind::Team,
+            owner: NewMember {
+                user_id: UserId::parse("user_id", owner).unwrap(),
+                email: Some(Email::parse("email", &format!("{owner}@example.com")).unwrap()),
+                first_name: None,
+                last_name: None,
+            },
+        }),
+    );
+    let member = extra_member.then(|| {
+        OrganizationEvent::MemberJoined(MemberJoined {
+            user_id: UserId::parse("user_id", "mia").unwrap(),
+            email: "mia@example.com".into(),
+            first_name: None,
+            last_name: None,
+            title: None,
+            image_url: None,
+            role: Role::Member,
+            locked_fields: vec![],
+            group_ids: vec![],
+            invitation_id: None,
+            joined_at: chrono::Utc::now(),
+        })
+    });
+    (id, command, member)
+}
+
+async fn organization_with_history(service: &Orgledger, events: usize) -> anyhow::Result<Uuid> {
+    let (id, create, member) = create_command(
+        &format!("History {events} {}", Uuid::now_v7().simple()),
+        "olivia",
+        true,
+    );
+    service
+        .ledger
+        .create_organization(create, false, &RequestContext::default())
+        .await?;
+    service
+        .ledger
+        .import(id, member.into_iter().collect(), HashMap::new())
+        .await?;
+    let mut remaining = events.saturating_sub(3);
+    while remaining > 0 {
+        let chunk = remaining.min(5_000);
+        service
+            .ledger
+            .import(id, role_flips(chunk, "mia"), HashMap::new())
+            .await?;
+        remaining -= chunk;
+    }
+    Ok(id)
+}
+
+async fn time_role_changes(service: &Orgledger, org: Uuid, samples: usize) -> anyhow::Result<f64> {
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let role = if i % 2 == 0 {
+            Role::Viewer
+        } else {
+            Role::Member
+        };
+        let command = Command::new(
+            Actor::User(UserId::parse("user_id", "olivia").unwrap()),
+            chrono::Utc::now(),
+            OrganizationCommand::UpdateMember(UpdateMember {
+                role: Some(role),
+                ..UpdateMember::of(UserId::parse("user_id", "mia").unwrap())
+            }),
+        );
+        let start = Instant::now();
+        service
+            .ledger
+            .run(org, command, &RequestContext::default(), None)
+            .await?;
+        latencies.push(ms(start.elapsed()));
+    }
+    Ok(percentile(&mut latencies, 0.5))
+}
+
+async fn history_cost(service: &Orgledger, scale: &Scale) -> anyhow::Result<(f64, f64)> {
+    let small = organization_with_history(service, 10).await?;
+    let big = organization_with_history(service, scale.history_events).await?;
+    // A fresh process for each: the first command pays the cold load, the rest are warm.
+    let cold = Orgledger::open(service.database().clone(), MasterKey::generate()).await;
+    drop(cold);
+    let small_p50 = time_role_changes(service, small, scale.history_samples).await?;
+    let big_p50 = time_role_changes(service, big, scale.history_samples).await?;
+    Ok((small_p50, big_p50))
+}
+
+/// The baseline: cqrs-es's CqrsFramework over postgres-es, no snapshots, an inline
+/// GenericQuery view, the same domain.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct MemberCountView {
+    members: i64,
+}
+
+impl View<Organization> for MemberCountView {
+    fn update(&mut self, event: &EventEnvelope<Organization>) {
+        match &event.payload {
+            OrganizationEvent::MemberJoined(_) => self.members += 1,
+            OrganizationEvent::MemberRemoved(_) | OrganizationEvent::MemberLeft(_) => {
+                self.members -= 1
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn vanilla_history_cost(pool: &PgPool, scale: &Scale) -> anyhow::Result<(f64, f64)> {
+    for ddl in [
+        "CREATE TABLE vanilla_events (aggregate_type text NOT NULL, aggregate_id text NOT NULL, sequence bigint NOT NULL,
+            event_type text NOT NULL, event_version text NOT NULL, payload json NOT NULL, metadata json NOT NULL,
+            PRIMARY KEY (aggregate_type, aggregate_id, sequence))",
+        "CREATE TABLE vanilla_snapshots (aggregate_type text NOT NULL, aggregate_id text NOT NULL, last_sequence bigint NOT NULL,
+            current_snapshot bigint NOT NULL, payload json NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id, last_sequence))",
+        "CREATE TABLE vanilla_view (view_id text NOT NULL PRIMARY KEY, version bigint NOT NULL, payload json NOT NULL)",
+    ] {
+        sqlx::query(ddl).execute(pool).await?;
+    }
+    let repository = PostgresEventRepository::new(pool.clone())
+        .with_tables("vanilla_events", "vanilla_snapshots");
+    let store = PersistedEventStore::new_event_store(repository);
+    let view = Arc::new(
+        PostgresViewRepository::<MemberCountView, Organization>::new("vanilla_view", pool.clone()),
+    );
+    let cqrs = CqrsFramework::new(store, vec![Box::new(GenericQuery::new(view))], ());
+    let mut p50 = Vec::new();
+    for (events, samples) in [(10, 30), (scale.history_events, scale.vanilla_big_samples)] {
+        let (id, create, member) = create_command(&format!("Vanilla {events}"), "olivia", true);
+        let aggregate = id.to_string();
+        cqrs.execute(&aggregate, create)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut seed: Vec<OrganizationEvent> = member.into_iter().collect();
+        seed.extend(role_flips(events.saturating_sub(3), "mia"));
+        for (chunk_index, chunk) in seed.chunks(1_000).enumerate() {
+            let mut builder = sqlx::QueryBuilder::new("INSERT INTO vanilla_events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ");
+            builder.push_values(chunk.iter().enumerate(), |mut row, (i, event)| {
+                use cqrs_es::DomainEvent;
+                row.push_bind("organization")
+                    .push_bind(&aggregate)
+                    .push_bind((3 + chunk_index * 1_000 + i) as i64)
+                    .push_bind(event.event_type())
+                    .push_bind(event.event_version())
+                    .push_bind(serde_json::to_value(event).unwrap())
+                    .push_bind(json!({}));
+            });
+            builder.build().execute(pool).await?;
+        }
+        let mut latencies = Vec::new();
+        for i in 0..samples {
+            let role = if i % 2 == 0 {
+                Role::Viewer
+            } else {
+                Role::Member
+            };
+            let command = Command::new(
+                Actor::User(UserId::parse("user_id", "olivia").unwrap()),
+                chrono::Utc::now(),
+                OrganizationCommand::UpdateMember(UpdateMember {
+                    role: Some(role),
+                    ..UpdateMember::of(UserId::parse("user_id", "mia").unwrap())
+                }),
+            );
+            let start = Instant::now();
+            cqrs.execute(&aggregate, command)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            latencies.push(ms(start.elapsed()));
+        }
+        p50.push(percentile(&mut latencies, 0.5));
+    }
+    Ok((p50[0], p50[1]))
+}
+
+async fn projection_lag(service: &Arc<Orgledger>, seconds: f64) -> anyhow::Result<(f64, f64, f64)> {
+    let mut orgs = Vec::new();
+    for _ in 0..64 {
+        orgs.push(organization_with_history(service, 3).await?);
+    }
+    service.projector.catch_up().await?;
+    let rate = 1000.0;
+    let total = (rate * seconds) as usize;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for n in 0..total {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let service = service.clone();
+        let org = orgs[n % orgs.len()];
+        tasks.push(tokio::spawn(async move {
+            let role = if (n / orgs_len()) % 2 == 0 {
+                Role::Viewer
+            } else {
+                Role::Member
+            };
+            let command = Command::new(
+                Actor::User(UserId::parse("user_id", "olivia").unwrap()),
+                chrono::Utc::now(),
+                OrganizationCommand::UpdateMember(UpdateMember {
+                    role: Some(role),
+                    ..UpdateMember::of(UserId::parse("user_id", "mia").unwrap())
+                }),
+            );
+            let committed = service
+                .ledger
+                .run(org, command, &RequestContext::default(), None)
+                .await?;
+            let at = Instant::now();
+            service.projector.wake();
+            let visible = service
+                .projector
+                .wait_for(
+                    &org.to_string(),
+                    committed.version as i64,
+                    Duration::from_secs(10),
+                )
+                .await?;
+            anyhow::ensure!(visible, "not visible within 10 s");
+            Ok::<f64, anyhow::Error>(ms(at.elapsed()))
+        }));
+    }
+    let mut lags = Vec::new();
+    for task in tasks {
+        lags.push(task.await??);
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let p50 = percentile(&mut lags, 0.5);
+    let p99 = percentile(&mut lags, 0.99);
+    Ok((achieved, p50, p99))
+}
+
+fn orgs_len() -> usize {
+    64
+}
+
+fn rss_megabytes(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with(field))
+                .map(str::to_owned)
+        })
+        .and_then(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+async fn export(
+    service: &Arc<Orgledger>,
+    url: &str,
+    master_key: &MasterKey,
+    members: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (id, create, _) =
+        create_command(&format!("Big {}", Uuid::now_v7().simple()), "olivia", false);
+    service
+        .ledger
+        .create_organization(create, false, &RequestContext::default())
+        .await?;
+    let mut joined = 0;
+    while joined < members {
+        let chunk: Vec<OrganizationEvent> = (joined..(joined + 2_000).min(members))
+            .map(|n| {
+                OrganizationEvent::MemberJoined(MemberJoined {
+                    user_id: UserId::parse("user_id", &format!("user-{n:06}")).unwrap(),
+                    email: format!("user-{n:06}@example.com"),
+                    first_name: Some(format!("First{n}")),
+                    last_name: Some(format!("Last{n}")),
+                    title: None,
+                    image_url: None,
+                    role: Role::Member,
+                    locked_fields: vec![],
+                    group_ids: vec![],
+                    invitation_id: None,
+                    joined_at: chrono::Utc::now(),
+                })
+            })
+            .collect();
+        joined += chunk.len();
+        service.ledger.import(id, chunk, HashMap::new()).await?;
+    }
+    service.projector.catch_up().await?;
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("--export-only")
+        .arg(url)
+        .arg(master_key.to_base64())
+        .arg(id.to_string())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "export child failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = String::from_utf8_lossy(&output.stdout);
+    let numbers: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    anyhow::ensure!(numbers.len() == 3, "unexpected export child output: {line}");
+    Ok((numbers[0], numbers[1], numbers[2]))
+}
+
+/// The child: opens the store like `serve` would, streams the export, prints
+/// `megabytes seconds peak_rss_megabytes`.
+async fn export_child(url: &str, master_key: &str, organization_id: &str) -> anyhow::Result<()> {
+    let database = Database::connect(url).await?;
+    let key = MasterKey::from_base64(master_key).context("master key")?;
+    let service = Arc::new(Orgledger::open(database, key).await?);
+    let organization =
+        orgledger_projections::organizations::get(service.database(), organization_id)
+            .await?
+            .context("organization")?;
+    let started = Instant::now();
+    let mut stream = orgledger::exports::data_export(service.clone(), organization);
+    let mut bytes = 0usize;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk?.len();
+    }
+    println!(
+        "{} {} {}",
+        bytes as f64 / 1_000_000.0,
+        started.elapsed().as_secs_f64(),
+        rss_megabytes("VmHWM:")
+    );
+    Ok(())
+}
+
+async fn rebuild(
+    service: &Arc<Orgledger>,
+    events: usize,
+) -> anyhow::Result<(i64, f64, Vec<(String, f64)>)> {
+    let Database::Postgres(pool) = service.database() else {
+        unreachable!()
+    };
+    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let per_org = 1_000;
+    let mut remaining = (events as i64 - existing).max(0) as usize;
+    while remaining > 0 {
+        let (id, create, member) = create_command(
+            &format!("Rebuild {}", Uuid::now_v7().simple()),
+            "olivia",
+            true,
+        );
+        service
+            .ledger
+            .create_organization(create, false, &RequestContext::default())
+            .await?;
+        service
+            .ledger
+            .import(id, member.into_iter().collect(), HashMap::new())
+            .await?;
+        let flips = remaining.min(per_org).saturating_sub(3);
+        // Role changes carry no personal data: written straight in, 1,000 rows a statement.
+        let payloads: Vec<String> = role_flips(flips, "mia")
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap())
+            .collect();
+        for (chunk_index, chunk) in payloads.chunks(1_000).enumerate() {
+            let mut builder = sqlx::QueryBuilder::new("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ");
+            builder.push_values(chunk.iter().enumerate(), |mut row, (i, payload)| {
+                row.push_bind("organization").push_bind(id.to_string()).push_bind((4 + chunk_index * 1_000 + i) as i64)
+                    .push_bind("MemberRoleChanged").push_bind("1").push("CAST(").push_bind_unseparated(payload).push_unseparated(" AS jsonb)")
+                    .push(r#"'{"actor_type":"user","actor_id":"olivia","occurred_at":"2026-11-22T10:00:00Z"}'::jsonb"#);
+            });
+            builder.build().execute(pool).await?;
+        }
+        remaining = remaining.saturating_sub(flips + 3);
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let (reports, seconds) = service.projector.rebuild_all().await?;
+    let per_projection = reports
+        .into_iter()
+        .map(|r| (r.projection, r.events_per_second))
+        .collect();
+    Ok((total, seconds, per_projection))
+}
