@@ -30,7 +30,6 @@ struct Stored {
     etag: Option<String>,
     consistency: Option<String>,
     body: Option<Vec<u8>>,
-    created_at_us: i64,
 }
 
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -190,7 +189,7 @@ async fn release(database: &Database, scope: &str, key: &str) -> Result<(), sqlx
 }
 
 async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stored>, sqlx::Error> {
-    let sql = "SELECT fingerprint, status, content_type, etag, consistency, body, created_at_us
+    let sql = "SELECT fingerprint, status, content_type, etag, consistency, body
                  FROM idempotency_keys WHERE scope = $1 AND key = $2";
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query_as(sql).bind(scope).bind(key).fetch_optional(pool).await
@@ -222,7 +221,6 @@ async fn replay(database: &Database, scope: &str, key: &str, fingerprint: &str) 
             .into_response();
         }
         if let Some(status) = stored.status {
-            let _ = stored.created_at_us;
             let mut response = Response::new(Body::from(stored.body.unwrap_or_default()));
             *response.status_mut() = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
             let headers = response.headers_mut();
