@@ -1460,6 +1460,28 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(retry.body, first.body, "the same response, token included");
     assert_eq!(retry.headers["idempotent-replayed"], "true");
+    let token = first.body["token"].as_str().unwrap();
+    let stored: Vec<Vec<u8>> = match app._service.db() {
+        orgledger_projections::Database::Postgres(pool) => {
+            sqlx::query_scalar("SELECT body FROM idempotency_keys")
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        }
+        orgledger_projections::Database::Sqlite(pool) => {
+            sqlx::query_scalar("SELECT body FROM idempotency_keys")
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!stored.is_empty());
+    for body in stored {
+        assert!(
+            !String::from_utf8_lossy(&body).contains(token),
+            "the stored response is sealed"
+        );
+    }
     assert_eq!(
         app.event_count(&org).await,
         before,

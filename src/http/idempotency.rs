@@ -21,6 +21,7 @@ const KEEP_FOR: chrono::Duration = chrono::Duration::hours(24);
 /// How long a retry waits for the first request with its key to finish.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
+const SEAL_PURPOSE: &str = "orgledger.idempotent-response";
 
 #[derive(sqlx::FromRow)]
 struct Stored {
@@ -96,7 +97,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         Err(error) => return ApiError::internal(error).into_response(),
     };
     if !claimed {
-        return replay(&database, &scope, &key, &fingerprint).await;
+        return replay(&state, &database, &scope, &key, &fingerprint).await;
     }
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
@@ -110,7 +111,10 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         // Let a retry try again.
         release(&database, &scope, &key).await
     } else {
-        complete(&database, &scope, &key, &parts, &body).await
+        // Responses can hold a secret shown once (an invitation token, a service-account
+        // key): the stored copy is sealed.
+        let sealed = state.service.ledger.keys().seal_blob(SEAL_PURPOSE, &body);
+        complete(&database, &scope, &key, &parts, &sealed).await
     };
     if let Err(error) = stored {
         tracing::error!(%error, "could not record an idempotent response");
@@ -197,7 +201,13 @@ async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stor
 }
 
 /// Answers a request whose key is already held: the first response, once it is known.
-async fn replay(database: &Database, scope: &str, key: &str, fingerprint: &str) -> Response {
+async fn replay(
+    state: &AppState,
+    database: &Database,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+) -> Response {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
         let stored = match load(database, scope, key).await {
@@ -221,7 +231,16 @@ async fn replay(database: &Database, scope: &str, key: &str, fingerprint: &str) 
             .into_response();
         }
         if let Some(status) = stored.status {
-            let mut response = Response::new(Body::from(stored.body.unwrap_or_default()));
+            let body = match state
+                .service
+                .ledger
+                .keys()
+                .open_blob(SEAL_PURPOSE, &stored.body.unwrap_or_default())
+            {
+                Ok(body) => body,
+                Err(error) => return ApiError::internal(error).into_response(),
+            };
+            let mut response = Response::new(Body::from(body));
             *response.status_mut() = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
             let headers = response.headers_mut();
             for (name, value) in [

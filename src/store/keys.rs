@@ -115,6 +115,16 @@ impl DataKeys {
             .ok_or_else(|| StoreError::Integrity(format!("data key of {organization_id} vanished")))
     }
 
+    /// Seals a blob that is not an organization's (e.g. a stored response holding a token
+    /// shown once) with the master key itself, bound to `purpose`.
+    pub fn seal_blob(&self, purpose: &str, plaintext: &[u8]) -> Vec<u8> {
+        self.master.0.encrypt(plaintext, purpose.as_bytes())
+    }
+
+    pub fn open_blob(&self, purpose: &str, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        Ok(self.master.0.decrypt(sealed, purpose.as_bytes())?)
+    }
+
     /// Destroys the organization's key. Idempotent.
     pub async fn destroy(&self, organization_id: &str) -> Result<(), StoreError> {
         {
