@@ -286,36 +286,88 @@ impl Projection for AuditLogProjection {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
-        let t = &self.table;
-        let org = event.organization_id.as_str();
-        if matches!(event.event, E::OrganizationPurged(_)) {
-            // Purge leaves no personal data behind: only the tombstone entry remains.
-            conn.execute(
-                &format!("DELETE FROM {t} WHERE organization_id = $1"),
-                &args![org],
-            )
-            .await?;
+        self.apply_all(conn, &[event])
+            .await
+            .map_err(|(_, error)| error)
+    }
+
+    /// Entries go in as multi-row INSERTs; a purge first flushes, then deletes the
+    /// organization's entries, so its tombstone is the only one left.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let mut pending: Vec<(usize, &RecordedEvent)> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            if matches!(event.event, E::OrganizationPurged(_)) {
+                self.insert(conn, &pending).await?;
+                pending.clear();
+                let sql = format!("DELETE FROM {} WHERE organization_id = $1", self.table);
+                conn.execute(&sql, &args![event.organization_id.as_str()])
+                    .await
+                    .map_err(|error| (index, error))?;
+            }
+            pending.push((index, event));
+            if pending.len() == INSERT_ROWS {
+                self.insert(conn, &pending).await?;
+                pending.clear();
+            }
         }
-        let description = describe(org, &event.event);
-        let sql = format!(
-            "INSERT INTO {t} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
-                              action, resource_type, resource_id, details, request_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (organization_id, sequence) DO NOTHING"
+        self.insert(conn, &pending).await
+    }
+}
+
+/// Rows per INSERT: 10 parameters each, within both backends' limits.
+const INSERT_ROWS: usize = 500;
+
+impl AuditLogProjection {
+    async fn insert(
+        &self,
+        conn: &mut Conn<'_>,
+        rows: &[(usize, &RecordedEvent)],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let Some((first, _)) = rows.first() else {
+            return Ok(());
+        };
+        let mut sql = format!(
+            "INSERT INTO {} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
+                              action, resource_type, resource_id, details, request_id) VALUES ",
+            self.table
         );
-        let args = args![
-            org,
-            event.sequence,
-            to_micros(event.occurred_at()),
-            event.actor_type(),
-            event.actor_id(),
-            description.action,
-            description.resource_type,
-            description.resource_id,
-            description.details.to_string(),
-            event.metadata.get("request_id").cloned()
-        ];
-        conn.execute(&sql, &args).await?;
+        let mut args = Vec::with_capacity(rows.len() * 10);
+        for (row, (_, event)) in rows.iter().enumerate() {
+            let base = row * 10;
+            if row > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            sql.push_str(
+                &(1..=10)
+                    .map(|n| format!("${}", base + n))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            sql.push(')');
+            let org = event.organization_id.as_str();
+            let description = describe(org, &event.event);
+            args.extend(args![
+                org,
+                event.sequence,
+                to_micros(event.occurred_at()),
+                event.actor_type(),
+                event.actor_id(),
+                description.action,
+                description.resource_type,
+                description.resource_id,
+                description.details.to_string(),
+                event.metadata.get("request_id").cloned()
+            ]);
+        }
+        sql.push_str(" ON CONFLICT (organization_id, sequence) DO NOTHING");
+        conn.execute(&sql, &args)
+            .await
+            .map_err(|error| (*first, error))?;
         Ok(())
     }
 }

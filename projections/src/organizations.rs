@@ -106,6 +106,41 @@ impl Projection for OrganizationsProjection {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+        self.apply_all(conn, &[event])
+            .await
+            .map_err(|(_, error)| error)
+    }
+
+    /// Applies each event, then sets each organization's `version` once for the batch.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let mut versions: Vec<(&str, i64, usize)> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            self.change(conn, event)
+                .await
+                .map_err(|error| (index, error))?;
+            let id = event.organization_id.as_str();
+            match versions.iter_mut().find(|(org, _, _)| *org == id) {
+                Some(entry) => *entry = (id, event.sequence, index),
+                None => versions.push((id, event.sequence, index)),
+            }
+        }
+        let sql = format!("UPDATE {} SET version = $2 WHERE id = $1", self.table);
+        for (id, version, index) in versions {
+            conn.execute(&sql, &args![id, version])
+                .await
+                .map_err(|error| (index, error))?;
+        }
+        Ok(())
+    }
+}
+
+impl OrganizationsProjection {
+    /// What one event changes, except `version` (set per batch by `apply_all`).
+    async fn change(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
         let t = &self.table;
         let id = event.organization_id.as_str();
         match &event.event {
@@ -274,8 +309,6 @@ impl Projection for OrganizationsProjection {
             }
             _ => {}
         }
-        let sql = format!("UPDATE {t} SET version = $2 WHERE id = $1");
-        conn.execute(&sql, &args![id, event.sequence]).await?;
         Ok(())
     }
 }

@@ -48,6 +48,21 @@ pub trait Projection: Send + Sync {
         1
     }
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error>;
+
+    /// Applies a batch in order. The default applies event by event; a projection may write
+    /// set-based instead. On failure: the index of the (first) event that failed.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        for (index, event) in events.iter().enumerate() {
+            self.apply(conn, event)
+                .await
+                .map_err(|error| (index, error))?;
+        }
+        Ok(())
+    }
 }
 
 /// The projection `name` writing to tables with `suffix` (empty for the live tables).
@@ -298,6 +313,7 @@ impl Projector {
             return Ok((0, HashMap::new()));
         };
         let mut versions: HashMap<&str, i64> = HashMap::new();
+        let mut to_apply = Vec::with_capacity(events.len());
         for event in &events {
             let organization = event.organization_id.as_str();
             let known = match versions.get(organization) {
@@ -312,18 +328,22 @@ impl Projector {
                     .unwrap_or(0),
             };
             if event.sequence > known {
-                projection.apply(&mut conn, event).await.map_err(|error| {
-                    ProjectionError::Apply {
-                        projection: name.to_owned(),
-                        event: event.describe(),
-                        error,
-                    }
-                })?;
+                to_apply.push(event);
             } else {
                 tracing::warn!(projection = name, event = %event.describe(), "already applied; skipped");
             }
             versions.insert(organization, known.max(event.sequence));
         }
+        projection
+            .apply_all(&mut conn, &to_apply)
+            .await
+            .map_err(|(index, error)| ProjectionError::Apply {
+                projection: name.to_owned(),
+                event: to_apply
+                    .get(index)
+                    .map_or_else(String::new, |event| event.describe()),
+                error,
+            })?;
         let applied_versions: HashMap<String, i64> = versions
             .iter()
             .map(|(organization, version)| ((*organization).to_owned(), *version))
