@@ -252,10 +252,6 @@ impl Projection for AuditLogProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "audit_log"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_audit_log", self.table.clone())]
     }

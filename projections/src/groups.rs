@@ -52,10 +52,6 @@ impl Projection for GroupsProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "groups"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_groups", self.table.clone())]
     }

@@ -32,10 +32,6 @@ impl Projection for InvitationsProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "invitations"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_invitations", self.table.clone())]
     }

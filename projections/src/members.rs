@@ -32,10 +32,6 @@ impl Projection for MembersProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "members"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_members", self.table.clone())]
     }

@@ -37,10 +37,6 @@ impl Projection for OrganizationsProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "organizations"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![
             ("rm_organizations", self.table.clone()),

@@ -38,7 +38,6 @@ const NOTIFY_CHANNEL: &str = "orgledger_events";
 pub trait Projection: Send + Sync {
     /// The checkpoint name: the base name, plus the rebuild suffix on a shadow copy.
     fn name(&self) -> &str;
-    fn base_name(&self) -> &'static str;
     /// `(live table name, this copy's table name)` for each of its tables.
     fn tables(&self) -> Vec<(&'static str, String)>;
     /// Idempotent DDL for this copy's tables and indexes.

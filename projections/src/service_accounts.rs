@@ -31,10 +31,6 @@ impl Projection for ServiceAccountsProjection {
         &self.name
     }
 
-    fn base_name(&self) -> &'static str {
-        "service_accounts"
-    }
-
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_service_accounts", self.table.clone())]
     }

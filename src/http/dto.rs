@@ -478,6 +478,7 @@ pub struct HealthDto {
     pub status: String,
 }
 
+/// A `{items, next_cursor}` list type, for every list of the API.
 macro_rules! page_type {
     ($name:ident, $item:ty) => {
         /// A page of a list; pass `next_cursor` as `cursor` for the next one.
@@ -494,6 +495,7 @@ page_type!(InvitationPage, InvitationDto);
 page_type!(UserOrganizationPage, UserOrganizationDto);
 page_type!(AuditEntryPage, AuditEntryDto);
 page_type!(RawEventPage, RawEventDto);
+pub(crate) use page_type;
 
 // ---------------------------------------------------------------- requests
 

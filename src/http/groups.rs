@@ -63,11 +63,7 @@ impl GroupDto {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct GroupList {
-    pub items: Vec<GroupDto>,
-    pub next_cursor: Option<String>,
-}
+super::dto::page_type!(GroupList, GroupDto);
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -61,11 +61,7 @@ pub struct IssuedKeyDto {
     pub key: String,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ServiceAccountList {
-    pub items: Vec<ServiceAccountDto>,
-    pub next_cursor: Option<String>,
-}
+super::dto::page_type!(ServiceAccountList, ServiceAccountDto);
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

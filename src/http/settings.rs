@@ -109,11 +109,7 @@ pub struct AiProviderDto {
     pub api_key_last4: String,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct AiProviderList {
-    pub items: Vec<AiProviderDto>,
-    pub next_cursor: Option<String>,
-}
+super::dto::page_type!(AiProviderList, AiProviderDto);
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -295,11 +291,7 @@ pub struct RoleDto {
     pub permissions: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct RoleList {
-    pub items: Vec<RoleDto>,
-    pub next_cursor: Option<String>,
-}
+super::dto::page_type!(RoleList, RoleDto);
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
