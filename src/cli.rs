@@ -140,21 +140,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
                 ProjectionsAction::Rebuild { name: None } => {
-                    eprintln!(
-                        "rebuilding {} projections concurrently...",
-                        PROJECTION_NAMES.len()
+                    let show_progress = std::io::stderr().is_terminal();
+                    let report = service.projector.rebuild_all(show_progress).await?;
+                    println!(
+                        "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s)",
+                        PROJECTION_NAMES.len(),
+                        report.events,
+                        report.seconds,
+                        report.events_per_second
                     );
-                    let (reports, seconds) = service.projector.rebuild_all().await?;
-                    for report in &reports {
-                        println!(
-                            "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s)",
-                            report.projection,
-                            report.events,
-                            report.seconds,
-                            report.events_per_second
-                        );
-                    }
-                    println!("all projections rebuilt in {seconds:.2} s");
                 }
             }
             service.database().close().await;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{Conn, Database};
+use crate::db::{value_rows, Conn, Database};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -326,25 +326,15 @@ impl AuditLogProjection {
         let Some((first, _)) = rows.first() else {
             return Ok(());
         };
-        let mut sql = format!(
+        let sql = format!(
             "INSERT INTO {} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
-                              action, resource_type, resource_id, details, request_id) VALUES ",
-            self.table
+                              action, resource_type, resource_id, details, request_id) VALUES {}
+             ON CONFLICT (organization_id, sequence) DO NOTHING",
+            self.table,
+            value_rows(rows.len(), 10, 1)
         );
         let mut args = Vec::with_capacity(rows.len() * 10);
-        for (row, (_, event)) in rows.iter().enumerate() {
-            let base = row * 10;
-            if row > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            sql.push_str(
-                &(1..=10)
-                    .map(|n| format!("${}", base + n))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-            sql.push(')');
+        for (_, event) in rows {
             let org = event.organization_id.as_str();
             let description = describe(org, &event.event);
             args.extend(args![
@@ -360,7 +350,6 @@ impl AuditLogProjection {
                 event.metadata.get("request_id").cloned()
             ]);
         }
-        sql.push_str(" ON CONFLICT (organization_id, sequence) DO NOTHING");
         conn.execute(&sql, &args)
             .await
             .map_err(|error| (*first, error))?;

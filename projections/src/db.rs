@@ -280,11 +280,91 @@ impl Conn<'_> {
         })
     }
 
+    /// All rows, each decoded as `T` (a tuple or a `FromRow` struct).
+    pub async fn fetch_all<T>(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        match self {
+            Self::Postgres(conn) => bind_all!(sql, args)
+                .fetch_all(&mut **conn)
+                .await?
+                .iter()
+                .map(T::from_row)
+                .collect(),
+            Self::Sqlite(conn) => bind_all!(sql, args)
+                .fetch_all(&mut **conn)
+                .await?
+                .iter()
+                .map(T::from_row)
+                .collect(),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Postgres(_) => Backend::Postgres,
+            Self::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
     /// Runs several statements of DDL.
     pub async fn execute_script(&mut self, statements: &[String]) -> Result<(), sqlx::Error> {
         for statement in statements {
             self.execute(statement, &[]).await?;
         }
         Ok(())
+    }
+}
+
+/// `($first, ..), (..)`: placeholders for `rows` rows of `columns` parameters each, numbered
+/// from `first`; both backends take `$n`.
+pub fn value_rows(rows: usize, columns: usize, first: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(first + row * columns + column).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// `$first, .., $(first + count - 1)`: the inside of an `IN (...)` list.
+pub fn in_list(count: usize, first: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Most rows one multi-row statement carries: keeps every statement within both backends'
+/// parameter limits (SQLite: 32,766) for up to 16 columns.
+pub const MAX_ROWS_PER_STATEMENT: usize = 2_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_rows_numbers_parameters_row_by_row() {
+        assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(value_rows(1, 2, 4), "($4, $5)");
+        assert_eq!(value_rows(0, 2, 1), "");
+    }
+
+    #[test]
+    fn in_list_numbers_parameters_from_first() {
+        assert_eq!(in_list(3, 2), "$2, $3, $4");
+        assert_eq!(in_list(0, 1), "");
     }
 }

@@ -76,4 +76,10 @@ pub trait EventFeed: Send + Sync {
 
     /// How many events lie after `after`, and when the oldest of them was recorded.
     async fn backlog(&self, after: Checkpoint) -> Result<(u64, Option<DateTime<Utc>>), FeedError>;
+
+    /// Called before reading the whole log (a rebuild): refreshes whatever the store's query
+    /// planner knows of the log's size.
+    async fn prepare_full_read(&self) -> Result<(), FeedError> {
+        Ok(())
+    }
 }

@@ -1,12 +1,14 @@
 //! Members of each organization, and each user's organizations.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{Conn, Database};
+use crate::db::{value_rows, Arg, Conn, Database, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
 use crate::projector::Projection;
@@ -159,9 +161,73 @@ impl Projection for MembersProjection {
         }
         Ok(())
     }
+
+    /// Role changes only set one column, so a run of them is written as one statement with
+    /// the last role per member; any other event first flushes the run, keeping the order.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let mut roles: RoleChanges<'_> = HashMap::new();
+        for (index, event) in events.iter().enumerate() {
+            let org = event.organization_id.as_str();
+            match &event.event {
+                E::MemberRoleChanged(e) => {
+                    roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
+                }
+                E::OwnershipTransferred(e) => {
+                    roles.insert((org, e.to_user_id.as_str()), ("owner", index));
+                    roles.insert((org, e.from_user_id.as_str()), ("admin", index));
+                }
+                _ => {
+                    self.set_roles(conn, &roles).await?;
+                    roles.clear();
+                    self.apply(conn, event)
+                        .await
+                        .map_err(|error| (index, error))?;
+                }
+            }
+        }
+        self.set_roles(conn, &roles).await
+    }
 }
 
+/// `(organization, user)` to `(role, index of the event that set it)`.
+type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
+
 impl MembersProjection {
+    async fn set_roles(
+        &self,
+        conn: &mut Conn<'_>,
+        roles: &RoleChanges<'_>,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let rows: Vec<_> = roles.iter().collect();
+        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+            let t = &self.table;
+            let sql = format!(
+                "WITH changed (organization_id, user_id, role) AS (VALUES {})
+                 UPDATE {t} SET role = changed.role FROM changed
+                  WHERE {t}.organization_id = changed.organization_id
+                    AND {t}.user_id = changed.user_id",
+                value_rows(chunk.len(), 3, 1)
+            );
+            let args: Vec<Arg> = chunk
+                .iter()
+                .flat_map(|((org, user), (role, _))| args![*org, *user, *role])
+                .collect();
+            let first = chunk
+                .iter()
+                .map(|(_, (_, index))| *index)
+                .min()
+                .unwrap_or(0);
+            conn.execute(&sql, &args)
+                .await
+                .map_err(|error| (first, error))?;
+        }
+        Ok(())
+    }
+
     /// Rewrites the group list of one member, or of every member of the organization.
     async fn edit_groups(
         &self,

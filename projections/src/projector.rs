@@ -1,7 +1,9 @@
-//! The durable projector. Each projection reads the log from its checkpoint in batches; a
-//! batch's read-model changes, its per-organization versions and its new checkpoint commit in
+//! The durable projector. The projections run together: each batch reads and decodes the log
+//! once, from the furthest-behind checkpoint, and gives every projection the events past its
+//! own. A batch's read-model changes, per-organization versions and new checkpoints commit in
 //! one transaction, so a crash anywhere is followed by a clean catch-up and nothing is applied
-//! twice. A batch that fails is rolled back, reported and retried; an event is never skipped.
+//! twice. A batch that fails is rolled back and reported; the failing projection is retried
+//! on its own backoff while the others carry on, and an event is never skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,7 +14,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::db::{Conn, Database, Transaction};
+use crate::db::{
+    in_list, value_rows, Arg, Backend, Conn, Database, Transaction, MAX_ROWS_PER_STATEMENT,
+};
 use crate::feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
 use crate::{args, audit, invitations, members, organizations, to_micros};
 
@@ -27,7 +31,7 @@ pub const PROJECTION_NAMES: &[&str] = &[
 ];
 
 const LIVE_BATCH: usize = 500;
-const REBUILD_BATCH: usize = 2_000;
+const REBUILD_BATCH: usize = 5_000;
 /// Poll interval when no wake-up arrives: the fallback for lost notifications.
 const POLL: Duration = Duration::from_millis(1_000);
 const NOTIFY_CHANNEL: &str = "orgledger_events";
@@ -98,6 +102,11 @@ pub enum ProjectionError {
         projection: String,
         event: String,
         error: sqlx::Error,
+    },
+    #[error("a rebuild read ahead from {read_from:?} but its checkpoints stand at {checkpoint:?}")]
+    ReadAhead {
+        read_from: Checkpoint,
+        checkpoint: Checkpoint,
     },
     #[error("projections did not catch up within 60 s: {0}")]
     Stalled(String),
@@ -243,134 +252,163 @@ impl Projector {
         self.counters.lock().expect("counters poisoned").clone()
     }
 
-    /// Applies one batch of `projection`; returns how many events it read.
+    /// Applies one batch of `projection` alone; returns how many events it read.
     pub async fn run_batch(&self, projection: &dyn Projection) -> Result<usize, ProjectionError> {
-        self.run_batch_of(projection, LIVE_BATCH).await
+        self.run_group(&[projection], BatchSource::Feed(LIVE_BATCH))
+            .await
     }
 
-    async fn run_batch_of(
+    /// Applies the next batch to every projection of `group` in one transaction: the log is
+    /// read and decoded once for all of them. Returns how many events were read.
+    async fn run_group(
         &self,
-        projection: &dyn Projection,
-        limit: usize,
+        group: &[&dyn Projection],
+        source: BatchSource,
     ) -> Result<usize, ProjectionError> {
         let mut tx = self.database.begin().await?;
-        match self.apply_batch(&mut tx, projection, limit).await {
-            Ok((0, _)) => {
+        match self.apply_batch(&mut tx, group, source).await {
+            Ok(batch) if batch.read == 0 => {
                 tx.rollback().await?;
                 Ok(0)
             }
-            Ok((applied, versions)) => {
+            Ok(batch) => {
                 tx.commit().await?;
                 {
                     let mut known = self.applied.lock().expect("applied poisoned");
-                    for (organization, version) in versions {
-                        known
-                            .entry(organization)
-                            .or_default()
-                            .insert(projection.name().to_owned(), version);
+                    for (name, versions) in &batch.versions {
+                        for (organization, version) in versions {
+                            known
+                                .entry(organization.clone())
+                                .or_default()
+                                .insert(name.clone(), *version);
+                        }
                     }
                 }
-                self.count(projection.name(), |c| c.events_applied += applied as u64);
+                for (name, applied) in &batch.applied {
+                    self.count(name, |c| c.events_applied += *applied as u64);
+                }
                 self.progress.send_modify(|n| *n = n.wrapping_add(1));
-                Ok(applied)
+                Ok(batch.read)
             }
             Err(error) => {
                 drop(tx.rollback().await);
-                self.record_failure(projection.name(), &error).await;
+                match &error {
+                    ProjectionError::Apply { projection, .. } => {
+                        self.record_failure(projection, &error).await;
+                    }
+                    _ => {
+                        for projection in group {
+                            self.record_failure(projection.name(), &error).await;
+                        }
+                    }
+                }
                 Err(error)
             }
         }
     }
 
-    /// Inside `tx`: lock the checkpoint, read the next events, apply each once, record the
-    /// organizations' versions and move the checkpoint.
+    /// Inside `tx`: lock the group's checkpoints, read the events past the furthest-behind
+    /// one, give each projection the events past its own checkpoint and not yet applied to
+    /// their organization, record the organizations' versions and move the checkpoints.
     async fn apply_batch(
         &self,
         tx: &mut Transaction,
-        projection: &dyn Projection,
-        limit: usize,
-    ) -> Result<(usize, HashMap<String, i64>), ProjectionError> {
-        let name = projection.name();
+        group: &[&dyn Projection],
+        source: BatchSource,
+    ) -> Result<GroupBatch, ProjectionError> {
         let mut conn = tx.conn();
-        // A write first: it takes the row lock (PostgreSQL) or the write lock (SQLite), so
-        // two runners of one projection never apply the same batch.
-        conn.execute(
-            "UPDATE projection_checkpoints SET name = name WHERE name = $1",
-            &args![name],
-        )
-        .await?;
-        let sql = "SELECT commit_txid FROM projection_checkpoints WHERE name = $1";
-        let commit_txid = conn.fetch_i64(sql, &args![name]).await?.unwrap_or(0);
-        let sql = "SELECT position FROM projection_checkpoints WHERE name = $1";
-        let position = conn.fetch_i64(sql, &args![name]).await?.unwrap_or(0);
-        let after = Checkpoint {
-            commit_txid,
-            position,
-        };
-        let events = self.feed.read_after(after, limit).await?;
-        let Some(last) = events.last().map(|event| event.checkpoint) else {
-            return Ok((0, HashMap::new()));
-        };
-        let mut versions: HashMap<&str, i64> = HashMap::new();
-        let mut to_apply = Vec::with_capacity(events.len());
-        for event in &events {
-            let organization = event.organization_id.as_str();
-            let known = match versions.get(organization) {
-                Some(version) => *version,
-                None => conn
-                    .fetch_i64(
-                        "SELECT version FROM projected_versions
-                          WHERE projection = $1 AND organization_id = $2",
-                        &args![name, organization],
-                    )
-                    .await?
-                    .unwrap_or(0),
-            };
-            if event.sequence > known {
-                to_apply.push(event);
-            } else {
-                tracing::warn!(projection = name, event = %event.describe(), "already applied; skipped");
+        let names: Vec<&str> = group.iter().map(|projection| projection.name()).collect();
+        let checkpoints = lock_checkpoints(&mut conn, &names).await?;
+        let after = checkpoints.values().copied().min().unwrap_or_default();
+        let events = match source {
+            BatchSource::Feed(limit) => self.feed.read_after(after, limit).await?,
+            BatchSource::ReadAhead {
+                after: read_from,
+                events,
+            } => {
+                if read_from != after {
+                    return Err(ProjectionError::ReadAhead {
+                        read_from,
+                        checkpoint: after,
+                    });
+                }
+                events
             }
-            versions.insert(organization, known.max(event.sequence));
-        }
-        projection
-            .apply_all(&mut conn, &to_apply)
-            .await
-            .map_err(|(index, error)| ProjectionError::Apply {
-                projection: name.to_owned(),
-                event: to_apply
-                    .get(index)
-                    .map_or_else(String::new, |event| event.describe()),
-                error,
-            })?;
-        let applied_versions: HashMap<String, i64> = versions
-            .iter()
-            .map(|(organization, version)| ((*organization).to_owned(), *version))
-            .collect();
-        for (organization, version) in versions {
+        };
+        let Some(last) = events.last().map(|event| event.checkpoint) else {
+            return Ok(GroupBatch::default());
+        };
+        let known = projected_versions(&mut conn, &names, &events).await?;
+        let mut batch = GroupBatch {
+            read: events.len(),
+            ..GroupBatch::default()
+        };
+        let mut version_rows: Vec<(&str, &str, i64)> = Vec::new();
+        for projection in group {
+            let name = projection.name();
+            let from = checkpoints.get(name).copied().unwrap_or_default();
+            let mut versions: HashMap<&str, i64> = HashMap::new();
+            let mut to_apply = Vec::with_capacity(events.len());
+            for event in events.iter().filter(|event| event.checkpoint > from) {
+                let organization = event.organization_id.as_str();
+                let applied = *versions.entry(organization).or_insert_with(|| {
+                    known
+                        .get(&(name.to_owned(), organization.to_owned()))
+                        .copied()
+                        .unwrap_or(0)
+                });
+                if event.sequence > applied {
+                    to_apply.push(event);
+                    versions.insert(organization, event.sequence);
+                } else {
+                    tracing::warn!(projection = name, event = %event.describe(), "already applied; skipped");
+                }
+            }
+            projection
+                .apply_all(&mut conn, &to_apply)
+                .await
+                .map_err(|(index, error)| ProjectionError::Apply {
+                    projection: name.to_owned(),
+                    event: to_apply
+                        .get(index)
+                        .map_or_else(String::new, |event| event.describe()),
+                    error,
+                })?;
+            let passed = events
+                .iter()
+                .filter(|event| event.checkpoint > from)
+                .count();
             conn.execute(
-                "INSERT INTO projected_versions (projection, organization_id, version)
-                 VALUES ($1, $2, $3)
-                 ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version",
-                &args![name, organization, version],
+                "UPDATE projection_checkpoints
+                    SET commit_txid = $2, position = $3, events_applied = events_applied + $4,
+                        updated_at_us = $5, failed_at_us = NULL, failed_event = NULL,
+                        last_error = NULL
+                  WHERE name = $1",
+                &args![
+                    name,
+                    last.commit_txid,
+                    last.position,
+                    passed as i64,
+                    to_micros(Utc::now())
+                ],
             )
             .await?;
+            version_rows.extend(
+                versions
+                    .iter()
+                    .map(|(organization, version)| (name, *organization, *version)),
+            );
+            batch.applied.push((name.to_owned(), passed));
+            batch.versions.push((
+                name.to_owned(),
+                versions
+                    .into_iter()
+                    .map(|(organization, version)| (organization.to_owned(), version))
+                    .collect(),
+            ));
         }
-        conn.execute(
-            "UPDATE projection_checkpoints
-                SET commit_txid = $2, position = $3, events_applied = events_applied + $4,
-                    updated_at_us = $5, failed_at_us = NULL, failed_event = NULL, last_error = NULL
-              WHERE name = $1",
-            &args![
-                name,
-                last.commit_txid,
-                last.position,
-                events.len() as i64,
-                to_micros(Utc::now())
-            ],
-        )
-        .await?;
-        Ok((events.len(), applied_versions))
+        record_versions(&mut conn, &version_rows).await?;
+        Ok(batch)
     }
 
     async fn record_failure(&self, name: &str, error: &ProjectionError) {
@@ -391,20 +429,20 @@ impl Projector {
         change(counters.entry(name.to_owned()).or_default());
     }
 
-    /// One pass: applies every live projection until a batch finds nothing to read. Events
-    /// held back behind a transaction still in flight wait for a later pass.
+    /// One pass: applies every live projection, together, until a batch finds nothing to
+    /// read. Events held back behind a transaction still in flight wait for a later pass.
     pub async fn apply_available(&self) -> Result<usize, ProjectionError> {
+        let group: Vec<&dyn Projection> = self.projections.iter().map(AsRef::as_ref).collect();
         let mut total = 0;
-        for projection in &self.projections {
-            loop {
-                let applied = self.run_batch(projection.as_ref()).await?;
-                total += applied;
-                if applied == 0 {
-                    break;
-                }
+        loop {
+            let applied = self
+                .run_group(&group, BatchSource::Feed(LIVE_BATCH))
+                .await?;
+            total += applied;
+            if applied == 0 {
+                return Ok(total);
             }
         }
-        Ok(total)
     }
 
     /// Applies every live projection until each has applied every committed event. On
@@ -426,7 +464,7 @@ impl Projector {
         }
     }
 
-    /// Starts a runner per projection (and, on PostgreSQL, a LISTEN task); they stop when
+    /// Starts the projection runner (and, on PostgreSQL, a LISTEN task); they stop when
     /// `shutdown` turns true.
     pub fn spawn(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
@@ -438,17 +476,14 @@ impl Projector {
                 projector.listen(pool, shutdown).await;
             }));
         }
-        for projection in self.projections.clone() {
-            let projector = self.clone();
-            let shutdown = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                projector.run_projection(projection, shutdown).await;
-            }));
-        }
+        let projector = self.clone();
+        tasks.push(tokio::spawn(async move {
+            projector.run_projections(shutdown).await;
+        }));
         tasks
     }
 
-    /// Forwards PostgreSQL notifications of new events to this process's runners.
+    /// Forwards PostgreSQL notifications of new events to this process's runner.
     async fn listen(&self, pool: sqlx::PgPool, mut shutdown: watch::Receiver<bool>) {
         loop {
             let listener = async {
@@ -476,25 +511,21 @@ impl Projector {
         }
     }
 
-    async fn run_projection(
-        &self,
-        projection: Arc<dyn Projection>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let name = projection.name().to_owned();
-        // One active runner per projection across processes: the holder of its advisory lock.
-        // The lock dies with its session, so another process takes over.
+    /// The runner: applies every live projection in shared batches. A projection that fails
+    /// is left out of the batches, with a growing backoff, and tried again from its own
+    /// checkpoint; the others carry on meanwhile.
+    async fn run_projections(&self, mut shutdown: watch::Receiver<bool>) {
+        // One active runner across processes: the holder of the advisory lock. The lock dies
+        // with its session, so another process takes over.
         let _leadership = match &self.database {
             Database::Postgres(pool) => loop {
                 if *shutdown.borrow() {
                     return;
                 }
-                match try_lead(pool, &name).await {
+                match try_lead(pool).await {
                     Ok(Some(connection)) => break Some(connection),
                     Ok(None) => {}
-                    Err(error) => {
-                        tracing::warn!(projection = %name, %error, "leader election failed")
-                    }
+                    Err(error) => tracing::warn!(%error, "projector leader election failed"),
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -503,57 +534,80 @@ impl Projector {
             },
             Database::Sqlite(_) => None,
         };
-        tracing::info!(projection = %name, "projection runner active");
+        tracing::info!("projection runner active");
         self.leading
             .lock()
             .expect("leading poisoned")
-            .insert(name.clone());
+            .extend(self.projections.iter().map(|p| p.name().to_owned()));
         let mut commits = self.commits.subscribe();
+        // Failed projections: when to try again, and the backoff after that.
+        let mut failing: HashMap<String, (Instant, Duration)> = HashMap::new();
         let mut backoff = Duration::from_millis(500);
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            match self.run_batch(projection.as_ref()).await {
-                Ok(0) => {
+        while !*shutdown.borrow() {
+            let now = Instant::now();
+            let group: Vec<&dyn Projection> = self
+                .projections
+                .iter()
+                .map(AsRef::as_ref)
+                .filter(|p| failing.get(p.name()).is_none_or(|(retry, _)| now >= *retry))
+                .collect();
+            let next_retry = failing.values().map(|(retry, _)| *retry).min();
+            let wait = match self.run_group(&group, BatchSource::Feed(LIVE_BATCH)).await {
+                Ok(read) => {
                     backoff = Duration::from_millis(500);
+                    for projection in &group {
+                        failing.remove(projection.name());
+                    }
+                    if read > 0 {
+                        continue;
+                    }
                     // Committed events a transaction in flight holds back (PostgreSQL): the
                     // wake-up for them is already spent, so look again in a moment.
-                    let held_back = self
-                        .has_unread_events(projection.name())
-                        .await
-                        .unwrap_or(false);
-                    let wait = if held_back {
+                    let held_back = self.has_unread_events(&group).await.unwrap_or(false);
+                    if held_back {
                         Duration::from_millis(2)
                     } else {
                         POLL
-                    };
-                    tokio::select! {
-                        _ = commits.changed() => {}
-                        () = tokio::time::sleep(wait) => {}
-                        _ = shutdown.changed() => break,
                     }
                 }
-                Ok(_) => backoff = Duration::from_millis(500),
+                Err(ProjectionError::Apply { projection, .. }) => {
+                    let previous = failing.get(&projection).map(|(_, backoff)| *backoff);
+                    let next = previous.map_or(Duration::from_millis(500), |b| {
+                        (b * 2).min(Duration::from_secs(30))
+                    });
+                    failing.insert(projection, (Instant::now() + next, next));
+                    continue;
+                }
                 Err(_) => {
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => break,
-                    }
+                    let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait
                 }
+            };
+            let wait = next_retry.map_or(wait, |retry| {
+                wait.min(retry.saturating_duration_since(Instant::now()))
+            });
+            tokio::select! {
+                _ = commits.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break,
             }
         }
-        self.leading.lock().expect("leading poisoned").remove(&name);
+        self.leading.lock().expect("leading poisoned").clear();
     }
 
-    /// True when committed events lie past the projection's checkpoint.
-    async fn has_unread_events(&self, name: &str) -> Result<bool, ProjectionError> {
+    /// True when committed events lie past the checkpoint of any projection of `group`.
+    async fn has_unread_events(&self, group: &[&dyn Projection]) -> Result<bool, ProjectionError> {
+        let names: Vec<&str> = group.iter().map(|projection| projection.name()).collect();
+        let sql = format!(
+            "SELECT commit_txid, position FROM projection_checkpoints
+              WHERE name IN ({}) ORDER BY commit_txid, position LIMIT 1",
+            in_list(names.len(), 1)
+        );
         let row: Option<(i64, i64)> = crate::with_pool!(&self.database, pool => {
-            sqlx::query_as("SELECT commit_txid, position FROM projection_checkpoints WHERE name = $1")
-                .bind(name)
-                .fetch_optional(pool)
-                .await?
+            let query = sqlx::query_as::<_, (i64, i64)>(&sql);
+            let query = names.iter().fold(query, |query, name| query.bind(*name));
+            query.fetch_optional(pool).await?
         });
         let Some((commit_txid, position)) = row else {
             return Ok(false);
@@ -676,14 +730,35 @@ impl Projector {
         name: &str,
         show_progress: bool,
     ) -> Result<RebuildReport, ProjectionError> {
+        self.rebuild_group(&[name], show_progress).await
+    }
+
+    /// Rebuilds every projection at once: one read of the log feeds every fresh copy; each
+    /// copy is then swapped in by its own transaction.
+    pub async fn rebuild_all(&self, show_progress: bool) -> Result<RebuildReport, ProjectionError> {
+        self.rebuild_group(PROJECTION_NAMES, show_progress).await
+    }
+
+    async fn rebuild_group(
+        &self,
+        names: &[&str],
+        show_progress: bool,
+    ) -> Result<RebuildReport, ProjectionError> {
         let started = Instant::now();
         let suffix = format!("__rb{}", Utc::now().timestamp_micros());
-        let shadow = projection_named(name, &suffix)
-            .ok_or_else(|| ProjectionError::Unknown(name.to_owned()))?;
-        let live = projection_named(name, "").expect("a known projection");
-        self.prepare_copy(live.as_ref()).await?;
-        self.prepare_copy(shadow.as_ref()).await?;
+        let mut copies = Vec::with_capacity(names.len());
+        for name in names {
+            let shadow = projection_named(name, &suffix)
+                .ok_or_else(|| ProjectionError::Unknown((*name).to_owned()))?;
+            let live = projection_named(name, "").expect("a known projection");
+            copies.push((live, shadow));
+        }
+        for (live, shadow) in &copies {
+            self.prepare_copy(live.as_ref()).await?;
+            self.prepare_copy(shadow.as_ref()).await?;
+        }
 
+        self.feed.prepare_full_read().await?;
         let (total, _) = self.feed.backlog(Checkpoint::default()).await?;
         let bar = if show_progress {
             let bar = indicatif::ProgressBar::new(total);
@@ -694,50 +769,78 @@ impl Projector {
                 .expect("a valid template")
                 .progress_chars("=> "),
             );
-            bar.set_message(name.to_owned());
+            bar.set_message(names.join(", "));
             bar
         } else {
             indicatif::ProgressBar::hidden()
         };
+        let shadows: Vec<&dyn Projection> =
+            copies.iter().map(|(_, shadow)| shadow.as_ref()).collect();
         let mut events = 0_u64;
-        let result = async {
+        // The next batch is read and decoded while this one is applied.
+        let (ahead, mut batches) = tokio::sync::mpsc::channel(2);
+        let feed = self.feed.clone();
+        let reader = tokio::spawn(async move {
+            let mut after = Checkpoint::default();
             loop {
-                let applied = self.run_batch_of(shadow.as_ref(), REBUILD_BATCH).await?;
-                events += applied as u64;
-                bar.inc(applied as u64);
-                if applied == 0 {
+                let read = feed.read_after(after, REBUILD_BATCH).await;
+                let last = match &read {
+                    Ok(events) => events.last().map(|event| event.checkpoint),
+                    Err(_) => None,
+                };
+                let stop = last.is_none();
+                if ahead
+                    .send(read.map(|events| (after, events)))
+                    .await
+                    .is_err()
+                    || stop
+                {
+                    return;
+                }
+                after = last.unwrap_or(after);
+            }
+        });
+        let result = async {
+            while let Some(read) = batches.recv().await {
+                let (after, batch) = read?;
+                let read = batch.len();
+                if read == 0 {
                     break;
                 }
+                self.run_group(
+                    &shadows,
+                    BatchSource::ReadAhead {
+                        after,
+                        events: batch,
+                    },
+                )
+                .await?;
+                events += read as u64;
+                bar.inc(read as u64);
             }
-            events += self.swap(live.as_ref(), shadow.as_ref()).await? as u64;
+            let mut tail = 0;
+            for (live, shadow) in &copies {
+                tail = tail.max(self.swap(live.as_ref(), shadow.as_ref()).await?);
+            }
+            events += tail as u64;
             Ok::<(), ProjectionError>(())
         }
         .await;
+        reader.abort();
         bar.finish_and_clear();
         if let Err(error) = result {
-            self.discard(shadow.as_ref()).await;
+            for (_, shadow) in &copies {
+                self.discard(shadow.as_ref()).await;
+            }
             return Err(error);
         }
         let seconds = started.elapsed().as_secs_f64();
         Ok(RebuildReport {
-            projection: name.to_owned(),
+            projection: names.join(","),
             events,
             seconds,
             events_per_second: events as f64 / seconds.max(1e-9),
         })
-    }
-
-    /// Rebuilds every projection at once: each replays the log into its own fresh tables and
-    /// swaps them in its own transaction. Returns the reports and the wall time.
-    pub async fn rebuild_all(&self) -> Result<(Vec<RebuildReport>, f64), ProjectionError> {
-        let started = Instant::now();
-        let reports = futures::future::try_join_all(
-            PROJECTION_NAMES
-                .iter()
-                .map(|name| self.rebuild(name, false)),
-        )
-        .await?;
-        Ok((reports, started.elapsed().as_secs_f64()))
     }
 
     /// In one transaction: apply the shadow's tail, replace the live tables with it, and take
@@ -750,14 +853,15 @@ impl Projector {
         let mut tx = self.database.begin().await?;
         {
             let mut conn = tx.conn();
-            let lock = "UPDATE projection_checkpoints SET name = name WHERE name = $1";
-            conn.execute(lock, &args![live.name()]).await?;
+            lock_checkpoints(&mut conn, &[live.name()]).await?;
         }
         let mut tail = 0;
         loop {
-            let (applied, _) = self.apply_batch(&mut tx, shadow, REBUILD_BATCH).await?;
-            tail += applied;
-            if applied == 0 {
+            let batch = self
+                .apply_batch(&mut tx, &[shadow], BatchSource::Feed(REBUILD_BATCH))
+                .await?;
+            tail += batch.read;
+            if batch.read == 0 {
                 break;
             }
         }
@@ -862,17 +966,130 @@ async fn with_failure_args(
     Ok(())
 }
 
-/// Takes the projection's advisory lock on a connection of its own, held while it leads.
-async fn try_lead(
-    pool: &sqlx::PgPool,
-    name: &str,
-) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
+/// Takes the projector's advisory lock on a connection of its own, held while it leads.
+async fn try_lead(pool: &sqlx::PgPool) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
     let mut connection = pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
-        .bind(format!("orgledger.projection.{name}"))
+        .bind("orgledger.projector")
         .fetch_one(&mut *connection)
         .await?;
     // Detached, the connection closes when dropped, and the lock goes with it rather than
     // back into the pool.
     Ok(locked.then(|| connection.detach()))
+}
+
+/// Where a batch's events come from.
+enum BatchSource {
+    /// Up to this many, read from the feed past the group's furthest-behind checkpoint.
+    Feed(usize),
+    /// Already read, by a rebuild reading ahead, past `after`.
+    ReadAhead {
+        after: Checkpoint,
+        events: Vec<RecordedEvent>,
+    },
+}
+
+/// What one batch did: events read, and per projection the events past its checkpoint and
+/// the organizations' versions it reached.
+#[derive(Default)]
+struct GroupBatch {
+    read: usize,
+    applied: Vec<(String, usize)>,
+    versions: Vec<(String, HashMap<String, i64>)>,
+}
+
+/// Locks the named checkpoints for the transaction and returns where each stands. PostgreSQL
+/// locks the rows in name order, so two groups sharing a projection never deadlock; SQLite's
+/// first write takes the database's one write lock.
+async fn lock_checkpoints(
+    conn: &mut Conn<'_>,
+    names: &[&str],
+) -> Result<HashMap<String, Checkpoint>, sqlx::Error> {
+    let list = in_list(names.len(), 1);
+    let select = format!(
+        "SELECT name, commit_txid, position FROM projection_checkpoints
+          WHERE name IN ({list}) ORDER BY name"
+    );
+    let args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
+    let rows: Vec<(String, i64, i64)> = match conn.backend() {
+        Backend::Postgres => {
+            conn.fetch_all(&format!("{select} FOR UPDATE"), &args)
+                .await?
+        }
+        Backend::Sqlite => {
+            let lock =
+                format!("UPDATE projection_checkpoints SET name = name WHERE name IN ({list})");
+            conn.execute(&lock, &args).await?;
+            conn.fetch_all(&select, &args).await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(name, commit_txid, position)| {
+            (
+                name,
+                Checkpoint {
+                    commit_txid,
+                    position,
+                },
+            )
+        })
+        .collect())
+}
+
+/// The versions already applied, by (projection, organization), for the organizations in
+/// `events`.
+async fn projected_versions(
+    conn: &mut Conn<'_>,
+    names: &[&str],
+    events: &[RecordedEvent],
+) -> Result<HashMap<(String, String), i64>, sqlx::Error> {
+    let organizations: Vec<&str> = events
+        .iter()
+        .map(|event| event.organization_id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut known = HashMap::new();
+    for chunk in organizations.chunks(MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT projection, organization_id, version FROM projected_versions
+              WHERE projection IN ({}) AND organization_id IN ({})",
+            in_list(names.len(), 1),
+            in_list(chunk.len(), names.len() + 1)
+        );
+        let args: Vec<Arg> = names
+            .iter()
+            .chain(chunk)
+            .map(|text| Arg::from(*text))
+            .collect();
+        let rows: Vec<(String, String, i64)> = conn.fetch_all(&sql, &args).await?;
+        known.extend(
+            rows.into_iter()
+                .map(|(projection, organization, version)| ((projection, organization), version)),
+        );
+    }
+    Ok(known)
+}
+
+/// Upserts `(projection, organization, version)` rows, many per statement.
+async fn record_versions(
+    conn: &mut Conn<'_>,
+    rows: &[(&str, &str, i64)],
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO projected_versions (projection, organization_id, version) VALUES {}
+             ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version",
+            value_rows(chunk.len(), 3, 1)
+        );
+        let args: Vec<Arg> = chunk
+            .iter()
+            .flat_map(|(projection, organization, version)| {
+                args![*projection, *organization, *version]
+            })
+            .collect();
+        conn.execute(&sql, &args).await?;
+    }
+    Ok(())
 }
