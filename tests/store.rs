@@ -29,6 +29,7 @@ on_both_backends!(
     committed_events_survive_a_new_process,
     if_match_with_a_stale_version_is_refused_and_appends_nothing,
     a_rejected_command_appends_nothing,
+    a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -714,4 +715,80 @@ async fn a_rejected_command_appends_nothing(backend: Backend) {
         LedgerError::Rejected(OrganizationError::LastOwner)
     ));
     assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 2);
+}
+
+async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(backend: Backend) {
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
+    use orgledger::store::{DataKeys, OrganizationRepository};
+    use serde_json::json;
+
+    let ledger = spawn_ledger(backend).await;
+    let repository = OrganizationRepository::new(
+        ledger.db().clone(),
+        DataKeys::new(ledger.db().clone(), ledger.master_key.clone()),
+    );
+    let id = Uuid::now_v7().to_string();
+    let event = |sequence: usize| {
+        SerializedEvent::new(
+            id.clone(),
+            sequence,
+            "organization".into(),
+            "OrganizationSettingsChanged".into(),
+            "1".into(),
+            json!({ "note": sequence }),
+            json!({}),
+        )
+    };
+    let state = json!({ "state": "opaque to the store" });
+    repository
+        .persist::<Organization>(&[event(1), event(2)], Some((id.clone(), state.clone(), 1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        repository
+            .get_events::<Organization>(&id)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "both events of one command are stored"
+    );
+    // Loaded before snapshot 1 existed: the events would be fine, the snapshot is stale.
+    let stale = repository
+        .persist::<Organization>(&[event(3)], Some((id.clone(), state.clone(), 3)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, PersistenceError::OptimisticLockError),
+        "{stale:?}"
+    );
+    assert_eq!(
+        repository
+            .get_events::<Organization>(&id)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "the refused command's event was rolled back with its snapshot"
+    );
+    let taken = repository
+        .persist::<Organization>(&[event(2)], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(taken, PersistenceError::OptimisticLockError),
+        "{taken:?}"
+    );
+    repository
+        .persist::<Organization>(&[event(3)], Some((id.clone(), state, 2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        repository
+            .get_events::<Organization>(&id)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
 }

@@ -44,6 +44,82 @@ pub struct OrganizationRepository {
     stats: Arc<ReadStats>,
 }
 
+enum AppendError {
+    /// The snapshot moved since the organization was loaded.
+    Conflict,
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for AppendError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error)
+    }
+}
+
+/// Appends a command's events and its snapshot in one transaction: the events in one
+/// multi-row INSERT (postgres-es and sqlite-es send one statement per event), and a snapshot
+/// that moved since the load rolls back the events too (postgres-es 0.5 commits them first).
+macro_rules! append {
+    ($pool:expr, $aggregate_type:expr, $events:expr, $snapshot:expr) => {
+        async {
+            let events: &[SerializedEvent] = $events;
+            let mut tx = $pool.begin().await?;
+            if !events.is_empty() {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                         event_version, payload, metadata) ",
+                );
+                insert.push_values(events, |mut row, event| {
+                    row.push_bind(event.aggregate_type.as_str())
+                        .push_bind(event.aggregate_id.as_str())
+                        .push_bind(event.sequence as i64)
+                        .push_bind(event.event_type.as_str())
+                        .push_bind(event.event_version.as_str())
+                        .push_bind(&event.payload)
+                        .push_bind(&event.metadata);
+                });
+                insert.build().execute(&mut *tx).await?;
+            }
+            if let Some((aggregate_id, payload, number)) = $snapshot {
+                let last_sequence = events.last().map_or(0, |event| event.sequence as i64);
+                if number == 1 {
+                    sqlx::query(
+                        "INSERT INTO snapshots
+                                (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind($aggregate_type)
+                    .bind(&aggregate_id)
+                    .bind(last_sequence)
+                    .bind(number as i64)
+                    .bind(&payload)
+                    .execute(&mut *tx)
+                    .await?;
+                } else {
+                    let updated = sqlx::query(
+                        "UPDATE snapshots SET last_sequence = $3, current_snapshot = $4, payload = $5
+                          WHERE aggregate_type = $1 AND aggregate_id = $2 AND current_snapshot = $6",
+                    )
+                    .bind($aggregate_type)
+                    .bind(&aggregate_id)
+                    .bind(last_sequence)
+                    .bind(number as i64)
+                    .bind(&payload)
+                    .bind(number as i64 - 1)
+                    .execute(&mut *tx)
+                    .await?;
+                    if updated.rows_affected() != 1 {
+                        return Err(AppendError::Conflict);
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok::<(), AppendError>(())
+        }
+        .await
+    };
+}
+
 fn failure(error: impl Into<StoreError>) -> PersistenceError {
     PersistenceError::UnknownError(Box::new(error.into()))
 }
@@ -369,10 +445,21 @@ impl PersistedEventRepository for OrganizationRepository {
             }
             None => None,
         };
-        match &self.engine {
-            Engine::Postgres(repo) => repo.persist::<A>(&sealed_events, sealed_snapshot).await,
-            Engine::Sqlite(repo) => repo.persist::<A>(&sealed_events, sealed_snapshot).await,
-        }
+        let appended = match &self.database {
+            Database::Postgres(pool) => append!(pool, A::TYPE, &sealed_events, sealed_snapshot),
+            Database::Sqlite(pool) => append!(pool, A::TYPE, &sealed_events, sealed_snapshot),
+        };
+        appended.map_err(|error| match error {
+            AppendError::Conflict => PersistenceError::OptimisticLockError,
+            AppendError::Database(error)
+                if error
+                    .as_database_error()
+                    .is_some_and(|error| error.is_unique_violation()) =>
+            {
+                PersistenceError::OptimisticLockError
+            }
+            AppendError::Database(error) => failure(error),
+        })
     }
 
     async fn stream_events<A: Aggregate>(
