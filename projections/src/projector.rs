@@ -640,7 +640,15 @@ impl Projector {
             "SELECT count(*) FROM projected_versions
               WHERE organization_id = $1 AND version >= $2 AND projection IN ({names})"
         );
-        let mut next_database_check = Instant::now();
+        // When this process runs the projections its own batches report progress, and the
+        // database is asked only as a fallback; otherwise another process's runner is seen
+        // through the database alone.
+        let leads = !self.leading.lock().expect("leading poisoned").is_empty();
+        let mut next_database_check = if leads {
+            Instant::now() + Duration::from_millis(50)
+        } else {
+            Instant::now()
+        };
         loop {
             if self.applied_here(organization_id, version) {
                 return Ok(true);

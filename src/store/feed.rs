@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
-use cqrs_es::EventEnvelope;
+use cqrs_es::{Aggregate, EventEnvelope};
 use orgledger_domain::{upcasters, Organization};
 use orgledger_projections::{Checkpoint, EventFeed, FeedError, RecordedEvent};
 use sqlx::Row;
@@ -55,23 +55,22 @@ impl StoreFeed {
         limit: usize,
     ) -> Result<Vec<(Checkpoint, DateTime<Utc>, SerializedEvent)>, sqlx::Error> {
         Ok(match &self.database {
-            // The limit is written into the statement, not bound: under a generic plan an
-            // unknown limit made PostgreSQL sort every event past the checkpoint (a bitmap
-            // scan and an on-disk sort, ~100 ms a batch at 200,000 events) instead of walking
-            // `events_commit_order` and stopping early. There are two limits, so two plans.
-            Database::Postgres(pool) => sqlx::query(&format!(
+            // No `aggregate_type` predicate: organizations are the log's one aggregate type
+            // (`read_after` refuses any other), and with it the planner AND-ed a scan of the
+            // whole primary key into every read, so each batch cost grew with the log.
+            Database::Postgres(pool) => sqlx::query(
                 "SELECT transaction_id::text::bigint AS txid, position, recorded_at,
                         aggregate_type, aggregate_id, sequence, event_type, event_version,
                         payload, metadata
                    FROM events
-                  WHERE aggregate_type = 'organization'
-                    AND (transaction_id, position) > ($1::bigint::text::xid8, $2)
+                  WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2)
                     AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
                   ORDER BY transaction_id, position
-                  LIMIT {limit}"
-            ))
+                  LIMIT $3",
+            )
             .bind(after.commit_txid)
             .bind(after.position)
+            .bind(limit as i64)
             .fetch_all(pool)
             .await?
             .iter()
@@ -128,6 +127,12 @@ impl EventFeed for StoreFeed {
         let mut keys = HashMap::new();
         let mut events = Vec::with_capacity(rows.len());
         for (checkpoint, recorded_at, mut stored) in rows {
+            if stored.aggregate_type != Organization::TYPE {
+                return Err(FeedError(format!(
+                    "the log holds a {:?} event, and the projections read organizations only",
+                    stored.aggregate_type
+                )));
+            }
             let organization_id = stored.aggregate_id.clone();
             if !keys.contains_key(&organization_id) {
                 let key = self
@@ -196,8 +201,7 @@ impl EventFeed for StoreFeed {
             Database::Postgres(pool) => {
                 sqlx::query_as::<_, (i64, Option<DateTime<Utc>>)>(
                     "SELECT count(*), min(recorded_at) FROM events
-                      WHERE aggregate_type = 'organization'
-                        AND (transaction_id, position) > ($1::bigint::text::xid8, $2)",
+                      WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2)",
                 )
                 .bind(after.commit_txid)
                 .bind(after.position)
