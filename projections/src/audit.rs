@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{value_rows, Conn, Database};
+use crate::db::{value_rows, Conn, Database, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -305,7 +305,7 @@ impl Projection for AuditLogProjection {
                     .map_err(|error| (index, error))?;
             }
             pending.push((index, event));
-            if pending.len() == INSERT_ROWS {
+            if pending.len() == MAX_ROWS_PER_STATEMENT {
                 self.insert(conn, &pending).await?;
                 pending.clear();
             }
@@ -313,9 +313,6 @@ impl Projection for AuditLogProjection {
         self.insert(conn, &pending).await
     }
 }
-
-/// Rows per INSERT: 10 parameters each, within both backends' limits.
-const INSERT_ROWS: usize = 500;
 
 impl AuditLogProjection {
     async fn insert(
