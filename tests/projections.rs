@@ -22,7 +22,9 @@ on_both_backends!(
     events_committed_while_no_projector_ran_are_applied_once_after_restart,
     a_failing_projection_stops_reports_and_resumes_without_skipping,
     while_one_projection_fails_the_runner_keeps_the_others_current,
+    a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint,
     a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
+    rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     member_pages_are_stable_under_concurrent_inserts,
     audit_log_filters_select_the_right_entries,
     audit_exports_parse_back_as_csv_and_json,
@@ -420,15 +422,141 @@ async fn while_one_projection_fails_the_runner_keeps_the_others_current(backend:
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     service.stop_projections().await;
-    let status = service
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    for status in service.projector.status().await.unwrap() {
+        assert_eq!(
+            (status.backlog, status.last_error.as_deref()),
+            (0, None),
+            "{}",
+            status.name
+        );
+        assert_eq!(
+            status.events_applied, version as i64,
+            "{} read each event once: the projections ahead kept their checkpoints while \
+             members caught up",
+            status.name
+        );
+    }
+}
+
+async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for i in 0..12 {
+        let user = format!("m{i:02}");
+        add_member(&service.ledger, org, "olivia", &user, Role::Member).await;
+        service
+            .run_as(
+                org,
+                "olivia",
+                OrganizationCommand::UpdateMember(UpdateMember {
+                    role: Some(Role::Admin),
+                    ..UpdateMember::of(uid(&user))
+                }),
+            )
+            .await;
+    }
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    service.catch_up().await;
+    let before = dump_read_models(service.db()).await;
+
+    let report = service.projector.rebuild_all(false).await.unwrap();
+    assert_eq!(
+        report.events, version as u64,
+        "the log was read once for all six read models"
+    );
+    assert_eq!(dump_read_models(service.db()).await, before);
+    let statuses = service.projector.status().await.unwrap();
+    assert!(
+        statuses
+            .iter()
+            .all(|status| status.backlog == 0 && status.last_error.is_none()),
+        "{statuses:?}"
+    );
+    add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
+    service.catch_up().await;
+    assert!(members::get(service.db(), &org.to_string(), "late")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    // More events than one live batch holds.
+    let flips: Vec<OrganizationEvent> = (0..1_200)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 {
+                (Role::Member, Role::Admin)
+            } else {
+                (Role::Admin, Role::Member)
+            };
+            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+                user_id: uid("mia"),
+                from,
+                to,
+            })
+        })
+        .collect();
+    service
+        .ledger
+        .import(org, flips, std::collections::HashMap::new())
+        .await
+        .unwrap();
+    // The audit log alone runs ahead to the end of the log...
+    let audit_projection = projection_named("audit_log", "").unwrap();
+    let mut waited = 0;
+    while service
         .projector
         .status()
         .await
         .unwrap()
-        .into_iter()
-        .find(|s| s.name == "members")
+        .iter()
+        .any(|s| s.name == "audit_log" && s.backlog > 0)
+    {
+        service
+            .projector
+            .run_batch(audit_projection.as_ref())
+            .await
+            .unwrap();
+        waited += 1;
+        assert!(waited < 200, "the audit log never caught up");
+    }
+    // ...then shared batches bring the others level, passing it by.
+    service.catch_up().await;
+    let (_, version) = service.ledger.load(org).await.unwrap();
+    for status in service.projector.status().await.unwrap() {
+        assert_eq!(
+            status.events_applied, version as i64,
+            "{} read each event once",
+            status.name
+        );
+    }
+    let entries = audit::list(
+        service.db(),
+        &org.to_string(),
+        &AuditFilter::default(),
+        5,
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(!entries.items.is_empty());
+    let member = members::get(service.db(), &org.to_string(), "mia")
+        .await
+        .unwrap()
         .unwrap();
-    assert_eq!((status.backlog, status.last_error), (0, None));
+    assert_eq!(member.role, "member", "the last of the flips wins");
 }
 
 async fn a_rebuild_swaps_in_fresh_tables_while_reads_keep_working(backend: Backend) {

@@ -75,24 +75,7 @@ impl Projection for MembersProjection {
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (organization_id, user_id) DO NOTHING"
                 );
-                let args = args![
-                    org,
-                    e.user_id.as_str(),
-                    &e.email,
-                    &e.first_name,
-                    &e.last_name,
-                    &e.title,
-                    &e.image_url,
-                    e.role.as_str(),
-                    to_micros(e.joined_at),
-                    json_text(
-                        &e.group_ids
-                            .iter()
-                            .map(|id| id.to_string())
-                            .collect::<Vec<_>>()
-                    ),
-                    json_text(&e.locked_fields)
-                ];
+                let args = joined_row(org, e);
                 conn.execute(&sql, &args).await?;
             }
             E::MemberRoleChanged(e) => {
@@ -162,34 +145,43 @@ impl Projection for MembersProjection {
         Ok(())
     }
 
-    /// Role changes only set one column, so a run of them is written as one statement with
-    /// the last role per member; any other event first flushes the run, keeping the order.
+    /// Runs of joins go in as multi-row INSERTs, and runs of role changes (which only set one
+    /// column) as one UPDATE with the last role per member. Any other event, or a change of
+    /// kind, first flushes the run, so the order of the log holds.
     async fn apply_all(
         &self,
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
+        let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
         let mut roles: RoleChanges<'_> = HashMap::new();
         for (index, event) in events.iter().enumerate() {
             let org = event.organization_id.as_str();
             match &event.event {
+                E::MemberJoined(_) => {
+                    self.set_roles(conn, &mut roles).await?;
+                    joins.push((index, event));
+                }
                 E::MemberRoleChanged(e) => {
+                    self.insert_joins(conn, &mut joins).await?;
                     roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
                 }
                 E::OwnershipTransferred(e) => {
+                    self.insert_joins(conn, &mut joins).await?;
                     roles.insert((org, e.to_user_id.as_str()), ("owner", index));
                     roles.insert((org, e.from_user_id.as_str()), ("admin", index));
                 }
                 _ => {
-                    self.set_roles(conn, &roles).await?;
-                    roles.clear();
+                    self.insert_joins(conn, &mut joins).await?;
+                    self.set_roles(conn, &mut roles).await?;
                     self.apply(conn, event)
                         .await
                         .map_err(|error| (index, error))?;
                 }
             }
         }
-        self.set_roles(conn, &roles).await
+        self.insert_joins(conn, &mut joins).await?;
+        self.set_roles(conn, &mut roles).await
     }
 }
 
@@ -197,12 +189,43 @@ impl Projection for MembersProjection {
 type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
 
 impl MembersProjection {
+    /// Inserts and clears a run of `MemberJoined` events.
+    async fn insert_joins(
+        &self,
+        conn: &mut Conn<'_>,
+        joins: &mut Vec<(usize, &RecordedEvent)>,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        for chunk in joins.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {} (organization_id, user_id, email, first_name, last_name, title,
+                                 image_url, role, joined_at_us, group_ids, locked_fields)
+                 VALUES {}
+                 ON CONFLICT (organization_id, user_id) DO NOTHING",
+                self.table,
+                value_rows(chunk.len(), 11, 1)
+            );
+            let mut args = Vec::with_capacity(chunk.len() * 11);
+            for (_, event) in chunk {
+                if let E::MemberJoined(e) = &event.event {
+                    args.extend(joined_row(event.organization_id.as_str(), e));
+                }
+            }
+            let first = chunk.first().map_or(0, |(index, _)| *index);
+            conn.execute(&sql, &args)
+                .await
+                .map_err(|error| (first, error))?;
+        }
+        joins.clear();
+        Ok(())
+    }
+
+    /// Writes and clears a run of role changes.
     async fn set_roles(
         &self,
         conn: &mut Conn<'_>,
-        roles: &RoleChanges<'_>,
+        roles: &mut RoleChanges<'_>,
     ) -> Result<(), (usize, sqlx::Error)> {
-        let rows: Vec<_> = roles.iter().collect();
+        let rows: Vec<_> = roles.drain().collect();
         for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
             let t = &self.table;
             let sql = format!(
@@ -269,6 +292,28 @@ async fn set_role(
     let sql = format!("UPDATE {table} SET role = $3 WHERE organization_id = $1 AND user_id = $2");
     conn.execute(&sql, &args![org, user, role]).await?;
     Ok(())
+}
+
+/// The row a `MemberJoined` inserts, in column order.
+fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; 11] {
+    args![
+        org,
+        e.user_id.as_str(),
+        &e.email,
+        &e.first_name,
+        &e.last_name,
+        &e.title,
+        &e.image_url,
+        e.role.as_str(),
+        to_micros(e.joined_at),
+        json_text(
+            &e.group_ids
+                .iter()
+                .map(|id| id.to_string())
+                .collect::<Vec<_>>()
+        ),
+        json_text(&e.locked_fields)
+    ]
 }
 
 pub(crate) fn json_text<T: Serialize>(value: &T) -> String {

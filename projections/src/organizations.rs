@@ -107,23 +107,41 @@ impl Projection for OrganizationsProjection {
             .map_err(|(_, error)| error)
     }
 
-    /// Applies each event, then sets each organization's `version` once for the batch.
+    /// Applies each event, then sets each organization's `version` once for the batch. A run
+    /// of joins and departures moves `member_count` once per organization; any other event
+    /// first flushes the run, so a count never lands before its organization's row exists
+    /// or after it is gone.
     async fn apply_all(
         &self,
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
         let mut versions: Vec<(&str, i64, usize)> = Vec::new();
+        let mut counts: Vec<(&str, i64, usize)> = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            self.change(conn, event)
-                .await
-                .map_err(|error| (index, error))?;
             let id = event.organization_id.as_str();
+            let delta = match &event.event {
+                E::MemberJoined(_) => 1,
+                E::MemberRemoved(_) | E::MemberLeft(_) => -1,
+                _ => 0,
+            };
+            if delta == 0 {
+                self.move_member_counts(conn, &mut counts).await?;
+                self.change(conn, event)
+                    .await
+                    .map_err(|error| (index, error))?;
+            } else {
+                match counts.iter_mut().find(|(org, _, _)| *org == id) {
+                    Some(entry) => entry.1 += delta,
+                    None => counts.push((id, delta, index)),
+                }
+            }
             match versions.iter_mut().find(|(org, _, _)| *org == id) {
                 Some(entry) => *entry = (id, event.sequence, index),
                 None => versions.push((id, event.sequence, index)),
             }
         }
+        self.move_member_counts(conn, &mut counts).await?;
         let sql = format!("UPDATE {} SET version = $2 WHERE id = $1", self.table);
         for (id, version, index) in versions {
             conn.execute(&sql, &args![id, version])
@@ -135,7 +153,26 @@ impl Projection for OrganizationsProjection {
 }
 
 impl OrganizationsProjection {
-    /// What one event changes, except `version` (set per batch by `apply_all`).
+    /// Applies and clears pending `(organization, member_count delta, first event index)`.
+    async fn move_member_counts(
+        &self,
+        conn: &mut Conn<'_>,
+        counts: &mut Vec<(&str, i64, usize)>,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let sql = format!(
+            "UPDATE {} SET member_count = member_count + $2 WHERE id = $1",
+            self.table
+        );
+        for (id, delta, index) in counts.drain(..) {
+            conn.execute(&sql, &args![id, delta])
+                .await
+                .map_err(|error| (index, error))?;
+        }
+        Ok(())
+    }
+
+    /// What one event changes, except `version` (set per batch by `apply_all`) and
+    /// `member_count` (moved per run by `apply_all`).
     async fn change(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
         let t = &self.table;
         let id = event.organization_id.as_str();
@@ -294,14 +331,6 @@ impl OrganizationsProjection {
                     self.roles
                 );
                 conn.execute(&sql, &args![id, &e.key]).await?;
-            }
-            E::MemberJoined(_) => {
-                let sql = format!("UPDATE {t} SET member_count = member_count + 1 WHERE id = $1");
-                conn.execute(&sql, &args![id]).await?;
-            }
-            E::MemberRemoved(_) | E::MemberLeft(_) => {
-                let sql = format!("UPDATE {t} SET member_count = member_count - 1 WHERE id = $1");
-                conn.execute(&sql, &args![id]).await?;
             }
             _ => {}
         }

@@ -265,6 +265,9 @@ impl Projector {
         group: &[&dyn Projection],
         source: BatchSource,
     ) -> Result<usize, ProjectionError> {
+        if group.is_empty() {
+            return Ok(0);
+        }
         let mut tx = self.database.begin().await?;
         match self.apply_batch(&mut tx, group, source).await {
             Ok(batch) if batch.read == 0 => {
@@ -347,9 +350,17 @@ impl Projector {
         for projection in group {
             let name = projection.name();
             let from = checkpoints.get(name).copied().unwrap_or_default();
+            let past: Vec<&RecordedEvent> = events
+                .iter()
+                .filter(|event| event.checkpoint > from)
+                .collect();
+            // A projection ahead of the batch has nothing in it; its checkpoint stays put.
+            if past.is_empty() {
+                continue;
+            }
             let mut versions: HashMap<&str, i64> = HashMap::new();
-            let mut to_apply = Vec::with_capacity(events.len());
-            for event in events.iter().filter(|event| event.checkpoint > from) {
+            let mut to_apply = Vec::with_capacity(past.len());
+            for event in past.iter().copied() {
                 let organization = event.organization_id.as_str();
                 let applied = *versions.entry(organization).or_insert_with(|| {
                     known
@@ -374,10 +385,6 @@ impl Projector {
                         .map_or_else(String::new, |event| event.describe()),
                     error,
                 })?;
-            let passed = events
-                .iter()
-                .filter(|event| event.checkpoint > from)
-                .count();
             conn.execute(
                 "UPDATE projection_checkpoints
                     SET commit_txid = $2, position = $3, events_applied = events_applied + $4,
@@ -388,7 +395,7 @@ impl Projector {
                     name,
                     last.commit_txid,
                     last.position,
-                    passed as i64,
+                    past.len() as i64,
                     to_micros(Utc::now())
                 ],
             )
@@ -398,7 +405,7 @@ impl Projector {
                     .iter()
                     .map(|(organization, version)| (name, *organization, *version)),
             );
-            batch.applied.push((name.to_owned(), passed));
+            batch.applied.push((name.to_owned(), past.len()));
             batch.versions.push((
                 name.to_owned(),
                 versions
@@ -598,6 +605,9 @@ impl Projector {
 
     /// True when committed events lie past the checkpoint of any projection of `group`.
     async fn has_unread_events(&self, group: &[&dyn Projection]) -> Result<bool, ProjectionError> {
+        if group.is_empty() {
+            return Ok(false);
+        }
         let names: Vec<&str> = group.iter().map(|projection| projection.name()).collect();
         let sql = format!(
             "SELECT commit_txid, position FROM projection_checkpoints
