@@ -447,18 +447,22 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
         .await
         .organization_id;
     for i in 0..12 {
-        let user = format!("m{i:02}");
-        add_member(&service.ledger, org, "olivia", &user, Role::Member).await;
+        let member = format!("m{i:02}");
+        add_member(&service.ledger, org, "olivia", &member, Role::Member).await;
+        let promote = OrganizationCommand::UpdateMember(UpdateMember {
+            role: Some(Role::Admin),
+            ..UpdateMember::of(uid(&member))
+        });
         service
-            .run_as(
+            .ledger
+            .run(
                 org,
-                "olivia",
-                OrganizationCommand::UpdateMember(UpdateMember {
-                    role: Some(Role::Admin),
-                    ..UpdateMember::of(uid(&user))
-                }),
+                cmd(user("olivia"), promote),
+                &RequestContext::default(),
+                None,
             )
-            .await;
+            .await
+            .unwrap();
     }
     let (_, version) = service.ledger.load(org).await.unwrap();
     service.catch_up().await;

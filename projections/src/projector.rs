@@ -385,21 +385,6 @@ impl Projector {
                         .map_or_else(String::new, |event| event.describe()),
                     error,
                 })?;
-            conn.execute(
-                "UPDATE projection_checkpoints
-                    SET commit_txid = $2, position = $3, events_applied = events_applied + $4,
-                        updated_at_us = $5, failed_at_us = NULL, failed_event = NULL,
-                        last_error = NULL
-                  WHERE name = $1",
-                &args![
-                    name,
-                    last.commit_txid,
-                    last.position,
-                    past.len() as i64,
-                    to_micros(Utc::now())
-                ],
-            )
-            .await?;
             version_rows.extend(
                 versions
                     .iter()
@@ -415,6 +400,7 @@ impl Projector {
             ));
         }
         record_versions(&mut conn, &version_rows).await?;
+        move_checkpoints(&mut conn, last, &batch.applied).await?;
         Ok(batch)
     }
 
@@ -1088,6 +1074,33 @@ async fn projected_versions(
         );
     }
     Ok(known)
+}
+
+/// Moves the checkpoints of the projections that took part in a batch to `to`, adding to
+/// each its count of events passed, in one statement.
+async fn move_checkpoints(
+    conn: &mut Conn<'_>,
+    to: Checkpoint,
+    applied: &[(String, usize)],
+) -> Result<(), sqlx::Error> {
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "WITH moved (name, events) AS (VALUES {})
+         UPDATE projection_checkpoints
+            SET commit_txid = $1, position = $2, events_applied = events_applied + moved.events,
+                updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
+           FROM moved
+          WHERE projection_checkpoints.name = moved.name",
+        value_rows(applied.len(), 2, 4)
+    );
+    let mut args = args![to.commit_txid, to.position, to_micros(Utc::now())].to_vec();
+    for (name, events) in applied {
+        args.extend(args![name, *events as i64]);
+    }
+    conn.execute(&sql, &args).await?;
+    Ok(())
 }
 
 /// Upserts `(projection, organization, version)` rows, many per statement.

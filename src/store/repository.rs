@@ -350,15 +350,34 @@ impl PersistedEventRepository for OrganizationRepository {
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        let events = match &self.engine {
-            Engine::Postgres(repo) => {
-                repo.get_last_events::<A>(aggregate_id, last_sequence)
-                    .await?
-            }
-            Engine::Sqlite(repo) => {
-                repo.get_last_events::<A>(aggregate_id, last_sequence)
-                    .await?
-            }
+        // postgres-es and sqlite-es write the sequence into the SQL text: a new statement to
+        // parse and cache for every command. Bound, it is prepared once per connection.
+        const AFTER: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                    event_version, payload, metadata
+                               FROM events
+                              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+                              ORDER BY sequence";
+        let events = match &self.database {
+            Database::Postgres(pool) => sqlx::query(AFTER)
+                .bind(A::TYPE)
+                .bind(aggregate_id)
+                .bind(last_sequence as i64)
+                .fetch_all(pool)
+                .await
+                .map_err(failure)?
+                .iter()
+                .map(pg_event)
+                .collect(),
+            Database::Sqlite(pool) => sqlx::query(AFTER)
+                .bind(A::TYPE)
+                .bind(aggregate_id)
+                .bind(last_sequence as i64)
+                .fetch_all(pool)
+                .await
+                .map_err(failure)?
+                .iter()
+                .map(sqlite_event)
+                .collect(),
         };
         self.open_events(aggregate_id, events).await
     }
