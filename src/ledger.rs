@@ -47,8 +47,8 @@ pub struct RequestContext {
 #[derive(Debug)]
 pub struct Committed {
     pub organization_id: Uuid,
-    /// The organization after the command.
-    pub state: Organization,
+    /// The organization after the command (shared with the ledger's cache).
+    pub state: Arc<Organization>,
     /// The last event sequence: the organization's version.
     pub version: usize,
     pub events: Vec<EventEnvelope<Organization>>,
@@ -76,10 +76,11 @@ fn store_failure(error: PersistenceError) -> LedgerError {
     LedgerError::Store(error.to_string())
 }
 
-/// An organization as loaded: its state, version and the number of its snapshot.
+/// An organization as loaded: its state, version and the number of its snapshot. The state
+/// is shared with the cache: a command clones it once, to apply its events to.
 #[derive(Clone)]
 struct Loaded {
-    state: Organization,
+    state: Arc<Organization>,
     version: usize,
     snapshot: Option<usize>,
 }
@@ -93,11 +94,11 @@ const CACHED_ORGANIZATIONS: usize = 10_000;
 /// cannot commit (the sequence's primary key refuses it) and is retried.
 #[derive(Default)]
 struct AggregateCache {
-    entries: HashMap<Uuid, (std::time::Instant, Arc<Loaded>)>,
+    entries: HashMap<Uuid, (std::time::Instant, Loaded)>,
 }
 
 impl AggregateCache {
-    fn get(&mut self, id: Uuid) -> Option<Arc<Loaded>> {
+    fn get(&mut self, id: Uuid) -> Option<Loaded> {
         let entry = self.entries.get_mut(&id)?;
         entry.0 = std::time::Instant::now();
         Some(entry.1.clone())
@@ -116,8 +117,7 @@ impl AggregateCache {
                 self.entries.remove(&old);
             }
         }
-        self.entries
-            .insert(id, (std::time::Instant::now(), Arc::new(loaded)));
+        self.entries.insert(id, (std::time::Instant::now(), loaded));
     }
 }
 
@@ -160,7 +160,7 @@ impl Ledger {
     /// The organization as it stands now, and its version.
     pub async fn load(&self, organization_id: Uuid) -> Result<(Organization, usize), LedgerError> {
         let loaded = self.load_latest(organization_id).await?;
-        Ok((loaded.state, loaded.version))
+        Ok((Arc::unwrap_or_clone(loaded.state), loaded.version))
     }
 
     /// The latest state: the cached one brought up to date, or the snapshot (if readable)
@@ -171,8 +171,9 @@ impl Ledger {
             .lock()
             .expect("aggregate cache poisoned")
             .get(organization_id);
+        let cached_miss = cached.is_none();
         let mut loaded = match cached {
-            Some(cached) => (*cached).clone(),
+            Some(cached) => cached,
             None => self.load_from_snapshot(organization_id).await?,
         };
         let id = organization_id.to_string();
@@ -184,12 +185,14 @@ impl Ledger {
                 .await
         }
         .map_err(store_failure)?;
+        let changed = cached_miss || !newer.is_empty();
         for stored in newer {
             let event = self.decode(stored)?;
             loaded.version = event.sequence;
-            loaded.state.apply(event.payload);
+            // Clones the state only if the cache shares it.
+            Arc::make_mut(&mut loaded.state).apply(event.payload);
         }
-        if loaded.version > 0 {
+        if changed && loaded.version > 0 {
             self.remember(organization_id, &loaded);
         }
         Ok(loaded)
@@ -213,7 +216,7 @@ impl Ledger {
         Ok(match snapshot {
             Some(snapshot) => match serde_json::from_value::<Organization>(snapshot.aggregate) {
                 Ok(state) => Loaded {
-                    state,
+                    state: Arc::new(state),
                     version: snapshot.current_sequence,
                     snapshot: Some(snapshot.current_snapshot),
                 },
@@ -221,14 +224,14 @@ impl Ledger {
                     // An older state shape: replay everything; the next snapshot replaces it.
                     tracing::warn!(%organization_id, %error, "unreadable snapshot ignored");
                     Loaded {
-                        state: Organization::default(),
+                        state: Arc::default(),
                         version: 0,
                         snapshot: Some(snapshot.current_snapshot),
                     }
                 }
             },
             None => Loaded {
-                state: Organization::default(),
+                state: Arc::default(),
                 version: 0,
                 snapshot: None,
             },
@@ -278,7 +281,7 @@ impl Ledger {
         &self,
         organization_id: Uuid,
         loaded: &Loaded,
-        after: &Organization,
+        after: &Arc<Organization>,
         events: Vec<OrganizationEvent>,
         metadata: &HashMap<String, String>,
     ) -> Result<Vec<EventEnvelope<Organization>>, PersistenceError> {
@@ -299,7 +302,7 @@ impl Ledger {
         let last = loaded.version + events.len();
         let snapshot = if last / SNAPSHOT_EVERY > loaded.version / SNAPSHOT_EVERY {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
-            Some((id.clone(), serde_json::to_value(after)?, number))
+            Some((id.clone(), serde_json::to_value(&**after)?, number))
         } else {
             None
         };
@@ -338,10 +341,11 @@ impl Ledger {
         metadata: HashMap<String, String>,
     ) -> Result<usize, LedgerError> {
         let loaded = self.load_latest(organization_id).await?;
-        let mut after = loaded.state.clone();
+        let mut after = (*loaded.state).clone();
         for event in &events {
             after.apply(event.clone());
         }
+        let after = Arc::new(after);
         let committed = self
             .commit(organization_id, &loaded, &after, events, &metadata)
             .await
@@ -381,10 +385,11 @@ impl Ledger {
                     events: Vec::new(),
                 });
             }
-            let mut after = loaded.state.clone();
+            let mut after = (*loaded.state).clone();
             for event in &events {
                 after.apply(event.clone());
             }
+            let after = Arc::new(after);
             match self
                 .commit(organization_id, &loaded, &after, events, &metadata)
                 .await
@@ -484,20 +489,20 @@ impl Ledger {
                 }
                 return result.map(|committed| (committed, true));
             }
-            let (state, version) = self.load(claimed).await?;
-            if state.exists() {
+            let loaded = self.load_latest(claimed).await?;
+            if loaded.state.exists() {
                 return Ok((
                     Committed {
                         organization_id: claimed,
-                        state,
-                        version,
+                        state: loaded.state,
+                        version: loaded.version,
                         events: Vec::new(),
                     },
                     false,
                 ));
             }
             // Purged, or a create that crashed: free the claim; in flight: wait for it.
-            if state.lifecycle == Lifecycle::Purged
+            if loaded.state.lifecycle == Lifecycle::Purged
                 || self.claim_is_stale(&user_id, command.at).await?
             {
                 self.release_personal(&user_id, claimed).await?;
