@@ -63,54 +63,59 @@ macro_rules! append {
     ($pool:expr, $aggregate_type:expr, $events:expr, $snapshot:expr) => {
         async {
             let events: &[SerializedEvent] = $events;
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                     event_version, payload, metadata) ",
+            );
+            insert.push_values(events, |mut row, event| {
+                row.push_bind(event.aggregate_type.as_str())
+                    .push_bind(event.aggregate_id.as_str())
+                    .push_bind(event.sequence as i64)
+                    .push_bind(event.event_type.as_str())
+                    .push_bind(event.event_version.as_str())
+                    .push_bind(&event.payload)
+                    .push_bind(&event.metadata);
+            });
+            let Some((aggregate_id, payload, number)) = $snapshot else {
+                // One statement is atomic on its own: no BEGIN and COMMIT round trips.
+                if !events.is_empty() {
+                    insert.build().execute($pool).await?;
+                }
+                return Ok(());
+            };
             let mut tx = $pool.begin().await?;
             if !events.is_empty() {
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                         event_version, payload, metadata) ",
-                );
-                insert.push_values(events, |mut row, event| {
-                    row.push_bind(event.aggregate_type.as_str())
-                        .push_bind(event.aggregate_id.as_str())
-                        .push_bind(event.sequence as i64)
-                        .push_bind(event.event_type.as_str())
-                        .push_bind(event.event_version.as_str())
-                        .push_bind(&event.payload)
-                        .push_bind(&event.metadata);
-                });
                 insert.build().execute(&mut *tx).await?;
             }
-            if let Some((aggregate_id, payload, number)) = $snapshot {
-                let last_sequence = events.last().map_or(0, |event| event.sequence as i64);
-                if number == 1 {
-                    sqlx::query(
-                        "INSERT INTO snapshots
-                                (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind($aggregate_type)
-                    .bind(&aggregate_id)
-                    .bind(last_sequence)
-                    .bind(number as i64)
-                    .bind(&payload)
-                    .execute(&mut *tx)
-                    .await?;
-                } else {
-                    let updated = sqlx::query(
-                        "UPDATE snapshots SET last_sequence = $3, current_snapshot = $4, payload = $5
-                          WHERE aggregate_type = $1 AND aggregate_id = $2 AND current_snapshot = $6",
-                    )
-                    .bind($aggregate_type)
-                    .bind(&aggregate_id)
-                    .bind(last_sequence)
-                    .bind(number as i64)
-                    .bind(&payload)
-                    .bind(number as i64 - 1)
-                    .execute(&mut *tx)
-                    .await?;
-                    if updated.rows_affected() != 1 {
-                        return Err(AppendError::Conflict);
-                    }
+            let last_sequence = events.last().map_or(0, |event| event.sequence as i64);
+            if number == 1 {
+                sqlx::query(
+                    "INSERT INTO snapshots
+                            (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind($aggregate_type)
+                .bind(&aggregate_id)
+                .bind(last_sequence)
+                .bind(number as i64)
+                .bind(&payload)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                let updated = sqlx::query(
+                    "UPDATE snapshots SET last_sequence = $3, current_snapshot = $4, payload = $5
+                      WHERE aggregate_type = $1 AND aggregate_id = $2 AND current_snapshot = $6",
+                )
+                .bind($aggregate_type)
+                .bind(&aggregate_id)
+                .bind(last_sequence)
+                .bind(number as i64)
+                .bind(&payload)
+                .bind(number as i64 - 1)
+                .execute(&mut *tx)
+                .await?;
+                if updated.rows_affected() != 1 {
+                    return Err(AppendError::Conflict);
                 }
             }
             tx.commit().await?;
