@@ -279,7 +279,7 @@ pub async fn list(
     let sql = format!(
         "SELECT {COLUMNS} FROM rm_invitations
           WHERE organization_id = $1
-            AND (sent_at_us > $2 OR (sent_at_us = $2 AND id > $3))
+            AND (sent_at_us, id) > ($2, $3)
             AND ($4 IS NULL OR status = $4)
             {expiry}
           ORDER BY sent_at_us, id

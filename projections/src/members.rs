@@ -409,7 +409,7 @@ pub async fn list(
     let sql = format!(
         "SELECT {COLUMNS} FROM rm_members
           WHERE organization_id = $1
-            AND (joined_at_us > $2 OR (joined_at_us = $2 AND user_id > $3))
+            AND (joined_at_us, user_id) > ($2, $3)
             AND ($4 IS NULL OR role = $4)
             AND ($5 IS NULL
                  OR lower(email) LIKE $5 ESCAPE '\\'
@@ -489,7 +489,7 @@ pub async fn organizations_of(
     let sql = "SELECT o.id, o.name, o.slug, o.kind, m.role, m.joined_at_us
                  FROM rm_members m JOIN rm_organizations o ON o.id = m.organization_id
                 WHERE m.user_id = $1
-                  AND (m.joined_at_us > $2 OR (m.joined_at_us = $2 AND o.id > $3))
+                  AND (m.joined_at_us, m.organization_id) > ($2, $3)
                 ORDER BY m.joined_at_us, o.id
                 LIMIT $4";
     let rows: Vec<UserOrganizationRow> = crate::with_pool!(database, pool => {

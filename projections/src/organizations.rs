@@ -473,7 +473,7 @@ pub async fn list(
     let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
     let sql = format!(
         "SELECT {COLUMNS} FROM rm_organizations
-          WHERE (created_at_us > $1 OR (created_at_us = $1 AND id > $2))
+          WHERE (created_at_us, id) > ($1, $2)
             AND ($3 IS NULL OR status = $3)
             AND ($4 IS NULL OR lower(name) LIKE $4 ESCAPE '\\' OR slug LIKE $4 ESCAPE '\\')
           ORDER BY created_at_us, id

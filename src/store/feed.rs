@@ -162,14 +162,19 @@ impl EventFeed for StoreFeed {
     async fn has_events_after(&self, after: Checkpoint) -> Result<bool, FeedError> {
         let found = match &self.database {
             Database::Postgres(pool) => {
-                sqlx::query_scalar::<_, bool>(
-                    "SELECT EXISTS (SELECT 1 FROM events
-                                 WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2))",
+                // Ordered and limited, not `EXISTS`: EXPLAIN showed `EXISTS` scan the whole
+                // log (the planner expected a match early); this walks events_commit_order.
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT position FROM events
+                      WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2)
+                      ORDER BY transaction_id, position
+                      LIMIT 1",
                 )
                 .bind(after.commit_txid)
                 .bind(after.position)
-                .fetch_one(pool)
+                .fetch_optional(pool)
                 .await
+                .map(|found| found.is_some())
             }
             Database::Sqlite(pool) => {
                 sqlx::query_scalar::<_, bool>(
