@@ -481,6 +481,26 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
             .all(|status| status.backlog == 0 && status.last_error.is_none()),
         "{statuses:?}"
     );
+    // The rebuilt tables carry the live index names, and a restart adds no second set.
+    let reopened = service.reopen().await;
+    let pkey = if backend == Backend::Postgres {
+        vec!["rm_audit_log_pkey"]
+    } else {
+        vec![]
+    };
+    let mut expected: Vec<&str> = pkey;
+    expected.extend([
+        "rm_audit_log_by_action",
+        "rm_audit_log_by_actor",
+        "rm_audit_log_by_resource",
+        "rm_audit_log_by_time",
+    ]);
+    expected.sort();
+    assert_eq!(
+        index_names(reopened.database(), "rm_audit_log").await,
+        expected
+    );
+    drop(reopened);
     add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
     service.catch_up().await;
     assert!(members::get(service.db(), &org.to_string(), "late")

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{value_rows, Conn, Database, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, value_rows, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -258,9 +258,8 @@ impl Projection for AuditLogProjection {
 
     fn create_tables(&self) -> Vec<String> {
         let t = &self.table;
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
                     organization_id TEXT NOT NULL,
                     sequence BIGINT NOT NULL,
                     occurred_at_us BIGINT NOT NULL,
@@ -273,11 +272,20 @@ impl Projection for AuditLogProjection {
                     request_id TEXT,
                     PRIMARY KEY (organization_id, sequence)
                 )"
+        )]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![
+            index(t, "_by_time", "organization_id, occurred_at_us, sequence"),
+            index(t, "_by_action", "organization_id, action, sequence"),
+            index(t, "_by_actor", "organization_id, actor_id, sequence"),
+            index(
+                t,
+                "_by_resource",
+                "organization_id, resource_type, sequence",
             ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_time ON {t} (organization_id, occurred_at_us, sequence)"),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_action ON {t} (organization_id, action, sequence)"),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_actor ON {t} (organization_id, actor_id, sequence)"),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_resource ON {t} (organization_id, resource_type, sequence)"),
         ]
     }
 

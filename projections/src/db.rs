@@ -347,6 +347,38 @@ pub fn in_list(count: usize, first: usize) -> String {
         .join(", ")
 }
 
+/// A secondary index of one copy of a read-model table.
+pub struct Index {
+    pub table: String,
+    /// Appended to the table's name to name the index, so each copy's index has its own name
+    /// and a swapped-in copy's can take the live one's.
+    pub suffix: &'static str,
+    pub columns: &'static str,
+}
+
+impl Index {
+    pub fn name(&self) -> String {
+        format!("{}{}", self.table, self.suffix)
+    }
+
+    pub fn create(&self) -> String {
+        format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+            self.name(),
+            self.table,
+            self.columns
+        )
+    }
+}
+
+pub fn index(table: &str, suffix: &'static str, columns: &'static str) -> Index {
+    Index {
+        table: table.to_owned(),
+        suffix,
+        columns,
+    }
+}
+
 /// Most rows one multi-row statement carries: keeps every statement within both backends'
 /// parameter limits (SQLite: 32,766) for up to 16 columns.
 pub const MAX_ROWS_PER_STATEMENT: usize = 2_000;

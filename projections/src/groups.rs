@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Conn, Database};
+use crate::db::{index, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::members::json_text;
 use crate::projector::Projection;
@@ -58,9 +58,8 @@ impl Projection for GroupsProjection {
 
     fn create_tables(&self) -> Vec<String> {
         let t = &self.table;
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
                     organization_id TEXT NOT NULL,
                     id TEXT NOT NULL,
                     name TEXT NOT NULL,
@@ -69,9 +68,16 @@ impl Projection for GroupsProjection {
                     created_at_us BIGINT NOT NULL,
                     PRIMARY KEY (organization_id, id)
                 )"
-            ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_created ON {t} (organization_id, created_at_us, id)"),
-        ]
+        )]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![index(
+            t,
+            "_by_created",
+            "organization_id, created_at_us, id",
+        )]
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {

@@ -7,7 +7,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{paginate, Cursor, CursorError};
-use crate::db::{Conn, Database};
+use crate::db::{index, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
 use crate::{args, from_micros, to_micros, Page};
@@ -38,9 +38,8 @@ impl Projection for InvitationsProjection {
 
     fn create_tables(&self) -> Vec<String> {
         let t = &self.table;
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
                     id TEXT PRIMARY KEY,
                     organization_id TEXT NOT NULL,
                     email TEXT,
@@ -60,11 +59,14 @@ impl Projection for InvitationsProjection {
                     accepted_at_us BIGINT,
                     revoked_at_us BIGINT
                 )"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {t}_by_status ON {t} (organization_id, status, sent_at_us, id)"
-            ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_token ON {t} (token_sha256)"),
+        )]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![
+            index(t, "_by_status", "organization_id, status, sent_at_us, id"),
+            index(t, "_by_token", "token_sha256"),
         ]
     }
 

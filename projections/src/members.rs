@@ -8,7 +8,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{value_rows, Arg, Conn, Database, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, value_rows, Arg, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
 use crate::projector::Projection;
@@ -40,9 +40,8 @@ impl Projection for MembersProjection {
 
     fn create_tables(&self) -> Vec<String> {
         let t = &self.table;
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
                     organization_id TEXT NOT NULL,
                     user_id TEXT NOT NULL,
                     email TEXT NOT NULL,
@@ -56,11 +55,14 @@ impl Projection for MembersProjection {
                     locked_fields TEXT NOT NULL,
                     PRIMARY KEY (organization_id, user_id)
                 )"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {t}_by_joined ON {t} (organization_id, joined_at_us, user_id)"
-            ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_user ON {t} (user_id, joined_at_us)"),
+        )]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![
+            index(t, "_by_joined", "organization_id, joined_at_us, user_id"),
+            index(t, "_by_user", "user_id, joined_at_us"),
         ]
     }
 

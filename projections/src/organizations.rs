@@ -6,7 +6,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{Conn, Database};
+use crate::db::{index, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
 use crate::{args, from_micros, to_micros, Page};
@@ -96,8 +96,14 @@ impl Projection for OrganizationsProjection {
                 )",
                 roles = self.roles
             ),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_created ON {t} (created_at_us, id)"),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_purge ON {t} (status, purge_after_us)"),
+        ]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![
+            index(t, "_by_created", "created_at_us, id"),
+            index(t, "_by_purge", "status, purge_after_us"),
         ]
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::db::{
-    in_list, value_rows, Arg, Backend, Conn, Database, Transaction, MAX_ROWS_PER_STATEMENT,
+    in_list, value_rows, Arg, Backend, Conn, Database, Index, Transaction, MAX_ROWS_PER_STATEMENT,
 };
 use crate::feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
 use crate::{args, audit, invitations, members, organizations, to_micros};
@@ -44,8 +44,13 @@ pub trait Projection: Send + Sync {
     fn name(&self) -> &str;
     /// `(live table name, this copy's table name)` for each of its tables.
     fn tables(&self) -> Vec<(&'static str, String)>;
-    /// Idempotent DDL for this copy's tables and indexes.
+    /// Idempotent DDL for this copy's tables (with their primary keys).
     fn create_tables(&self) -> Vec<String>;
+    /// This copy's secondary indexes. A rebuild builds them once its replay is done, rather
+    /// than maintaining them row by row during it.
+    fn indexes(&self) -> Vec<Index> {
+        Vec::new()
+    }
     /// Bumped whenever the tables' shape changes: older tables are dropped and replayed.
     fn schema_version(&self) -> i64 {
         1
@@ -181,12 +186,17 @@ impl Projector {
     /// Creates missing read-model tables and checkpoints.
     pub async fn prepare(&self) -> Result<(), ProjectionError> {
         for projection in &self.projections {
-            self.prepare_copy(projection.as_ref()).await?;
+            self.prepare_copy(projection.as_ref(), true).await?;
         }
         Ok(())
     }
 
-    async fn prepare_copy(&self, projection: &dyn Projection) -> Result<(), ProjectionError> {
+    /// Creates a copy's tables (and, with `indexed`, its secondary indexes) and checkpoint.
+    async fn prepare_copy(
+        &self,
+        projection: &dyn Projection,
+        indexed: bool,
+    ) -> Result<(), ProjectionError> {
         let mut tx = self.database.begin().await?;
         let mut conn = tx.conn();
         let name = projection.name();
@@ -219,6 +229,10 @@ impl Projector {
             .await?;
         }
         conn.execute_script(&projection.create_tables()).await?;
+        if indexed {
+            let indexes: Vec<String> = projection.indexes().iter().map(Index::create).collect();
+            conn.execute_script(&indexes).await?;
+        }
         conn.execute(
             "INSERT INTO projection_checkpoints (name, schema_version) VALUES ($1, $2)
              ON CONFLICT (name) DO NOTHING",
@@ -758,8 +772,8 @@ impl Projector {
             copies.push((live, shadow));
         }
         for (live, shadow) in &copies {
-            self.prepare_copy(live.as_ref()).await?;
-            self.prepare_copy(shadow.as_ref()).await?;
+            self.prepare_copy(live.as_ref(), true).await?;
+            self.prepare_copy(shadow.as_ref(), false).await?;
         }
 
         self.feed.prepare_full_read().await?;
@@ -822,6 +836,9 @@ impl Projector {
                 events += read as u64;
                 bar.inc(read as u64);
             }
+            for (_, shadow) in &copies {
+                self.index_copy(shadow.as_ref()).await?;
+            }
             let mut tail = 0;
             for (live, shadow) in &copies {
                 tail = tail.max(self.swap(live.as_ref(), shadow.as_ref()).await?);
@@ -879,6 +896,32 @@ impl Projector {
             )
             .await?;
         }
+        // The live names go with the live tables, so the next start's `CREATE INDEX IF NOT
+        // EXISTS` finds them instead of building duplicates.
+        match conn.backend() {
+            Backend::Postgres => {
+                for (live_table, shadow_table) in shadow.tables() {
+                    let sql = format!(
+                        "ALTER INDEX IF EXISTS {shadow_table}_pkey RENAME TO {live_table}_pkey"
+                    );
+                    conn.execute(&sql, &[]).await?;
+                }
+                for (built, wanted) in shadow.indexes().iter().zip(live.indexes()) {
+                    let sql = format!(
+                        "ALTER INDEX IF EXISTS {} RENAME TO {}",
+                        built.name(),
+                        wanted.name()
+                    );
+                    conn.execute(&sql, &[]).await?;
+                }
+            }
+            // SQLite cannot rename an index; its readers are not blocked by this writer, so
+            // the indexes are built here, on the renamed tables.
+            Backend::Sqlite => {
+                let indexes: Vec<String> = live.indexes().iter().map(Index::create).collect();
+                conn.execute_script(&indexes).await?;
+            }
+        }
         conn.execute(
             "UPDATE projection_checkpoints
                 SET commit_txid = (SELECT commit_txid FROM projection_checkpoints WHERE name = $2),
@@ -907,6 +950,17 @@ impl Projector {
         tx.commit().await?;
         self.progress.send_modify(|n| *n = n.wrapping_add(1));
         Ok(tail)
+    }
+
+    /// Builds a replayed copy's secondary indexes before its swap (PostgreSQL; SQLite builds
+    /// them during the swap), so readers of the live tables are not held up by the build.
+    async fn index_copy(&self, shadow: &dyn Projection) -> Result<(), ProjectionError> {
+        if let Database::Postgres(pool) = &self.database {
+            for index in shadow.indexes() {
+                sqlx::query(&index.create()).execute(pool).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops a shadow copy left by a failed rebuild.

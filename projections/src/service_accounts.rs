@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Conn, Database};
+use crate::db::{index, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::members::json_text;
 use crate::projector::Projection;
@@ -52,8 +52,16 @@ impl Projection for ServiceAccountsProjection {
                 )"
             ),
             format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_by_key ON {t} (key_sha256)"),
-            format!("CREATE INDEX IF NOT EXISTS {t}_by_organization ON {t} (organization_id, created_at_us)"),
         ]
+    }
+
+    fn indexes(&self) -> Vec<Index> {
+        let t = &self.table;
+        vec![index(
+            t,
+            "_by_organization",
+            "organization_id, created_at_us",
+        )]
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {

@@ -271,6 +271,29 @@ pub async fn count(db: &Database, sql: &str) -> i64 {
     }
 }
 
+/// The names of `table`'s indexes, sorted (SQLite's automatic primary-key index excluded).
+pub async fn index_names(db: &Database, table: &str) -> Vec<String> {
+    let mut names: Vec<String> = match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE tablename = $1")
+                .bind(table)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        }
+        Database::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT name FROM sqlite_master
+              WHERE type = 'index' AND tbl_name = $1 AND name NOT LIKE 'sqlite_autoindex%'",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await
+        .unwrap(),
+    };
+    names.sort();
+    names
+}
+
 use orgledger::service::Orgledger;
 use std::sync::Arc;
 
