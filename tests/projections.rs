@@ -439,6 +439,15 @@ async fn while_one_projection_fails_the_runner_keeps_the_others_current(backend:
     }
 }
 
+async fn the_swapped_in_tables_keep_being_maintained(service: &TestService, org: Uuid) {
+    add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
+    service.catch_up().await;
+    assert!(members::get(service.db(), &org.to_string(), "late")
+        .await
+        .unwrap()
+        .is_some());
+}
+
 async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log(
     backend: Backend,
 ) {
@@ -501,12 +510,7 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
         expected
     );
     drop(reopened);
-    add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
-    service.catch_up().await;
-    assert!(members::get(service.db(), &org.to_string(), "late")
-        .await
-        .unwrap()
-        .is_some());
+    the_swapped_in_tables_keep_being_maintained(&service, org).await;
 }
 
 async fn a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint(backend: Backend) {
@@ -517,20 +521,7 @@ async fn a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint(backend: Ba
     add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
     service.catch_up().await;
     // More events than one live batch holds.
-    let flips: Vec<OrganizationEvent> = (0..1_200)
-        .map(|i| {
-            let (from, to) = if i % 2 == 0 {
-                (Role::Member, Role::Admin)
-            } else {
-                (Role::Admin, Role::Member)
-            };
-            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
-                user_id: uid("mia"),
-                from,
-                to,
-            })
-        })
-        .collect();
+    let flips = role_flips(1_200, "mia");
     service
         .ledger
         .import(org, flips, std::collections::HashMap::new())
@@ -629,13 +620,7 @@ async fn a_rebuild_swaps_in_fresh_tables_while_reads_keep_working(backend: Backe
     }
     assert_eq!(reader.await.unwrap(), 200);
     assert_eq!(dump_read_models(service.db()).await, before);
-    // The swapped-in tables keep being maintained.
-    add_member(&service.ledger, org, "olivia", "late", Role::Viewer).await;
-    service.catch_up().await;
-    assert!(members::get(service.db(), &org.to_string(), "late")
-        .await
-        .unwrap()
-        .is_some());
+    the_swapped_in_tables_keep_being_maintained(&service, org).await;
 }
 
 async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {

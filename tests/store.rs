@@ -482,20 +482,7 @@ async fn a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_w
         .organization_id;
     add_member(&ledger, org, "olivia", "mia", Role::Member).await;
     let (_, start) = ledger.load(org).await.unwrap();
-    let flips: Vec<OrganizationEvent> = (0..10_000)
-        .map(|i| {
-            let (from, to) = if i % 2 == 0 {
-                (Role::Member, Role::Admin)
-            } else {
-                (Role::Admin, Role::Member)
-            };
-            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
-                user_id: uid("mia"),
-                from,
-                to,
-            })
-        })
-        .collect();
+    let flips = role_flips(10_000, "mia");
     for chunk in flips.chunks(2_000) {
         ledger
             .import(org, chunk.to_vec(), HashMap::new())

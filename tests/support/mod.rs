@@ -271,6 +271,24 @@ pub async fn count(db: &Database, sql: &str) -> i64 {
     }
 }
 
+/// `count` role changes of `user`, member to admin and back: history made fast.
+pub fn role_flips(count: usize, user: &str) -> Vec<OrganizationEvent> {
+    (0..count)
+        .map(|i| {
+            let (from, to) = if i % 2 == 0 {
+                (Role::Member, Role::Admin)
+            } else {
+                (Role::Admin, Role::Member)
+            };
+            OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+                user_id: uid(user),
+                from,
+                to,
+            })
+        })
+        .collect()
+}
+
 /// The names of `table`'s indexes, sorted (SQLite's automatic primary-key index excluded).
 pub async fn index_names(db: &Database, table: &str) -> Vec<String> {
     let mut names: Vec<String> = match db {
