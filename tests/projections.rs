@@ -259,8 +259,9 @@ async fn events_committed_while_no_projector_ran_are_applied_once_after_restart(
     );
 }
 
-async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend: Backend) {
-    let service = spawn_service(backend).await;
+/// An organization, projected; then the members table is moved away, so the members
+/// projection fails on the organization's next event.
+async fn with_members_table_away(service: &TestService) -> Uuid {
     let org = create_org(&service.ledger, "Acme", "acme", "olivia")
         .await
         .organization_id;
@@ -271,6 +272,21 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
     )
     .await
     .unwrap();
+    org
+}
+
+async fn bring_members_table_back(service: &TestService) {
+    try_execute(
+        service.db(),
+        "ALTER TABLE rm_members_away RENAME TO rm_members",
+    )
+    .await
+    .unwrap();
+}
+
+async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = with_members_table_away(&service).await;
     add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
 
     let members_projection = projection_named("members", "").unwrap();
@@ -316,12 +332,7 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
             > 0
     );
 
-    try_execute(
-        service.db(),
-        "ALTER TABLE rm_members_away RENAME TO rm_members",
-    )
-    .await
-    .unwrap();
+    bring_members_table_back(&service).await;
     service.catch_up().await;
     let page = members::list(service.db(), &org.to_string(), &member_filter())
         .await
@@ -342,16 +353,7 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
 
 async fn while_one_projection_fails_the_runner_keeps_the_others_current(backend: Backend) {
     let mut service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    service.catch_up().await;
-    try_execute(
-        service.db(),
-        "ALTER TABLE rm_members RENAME TO rm_members_away",
-    )
-    .await
-    .unwrap();
+    let org = with_members_table_away(&service).await;
     let id = org.to_string();
     let audited = |service: &TestService| {
         let db = service.db().clone();
@@ -401,12 +403,7 @@ async fn while_one_projection_fails_the_runner_keeps_the_others_current(backend:
         "the failed event stays ahead of the members checkpoint"
     );
 
-    try_execute(
-        service.db(),
-        "ALTER TABLE rm_members_away RENAME TO rm_members",
-    )
-    .await
-    .unwrap();
+    bring_members_table_back(&service).await;
     let mut waited = 0;
     loop {
         let page = members::list(service.db(), &id, &member_filter())

@@ -726,21 +726,21 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
             json!({}),
         )
     };
+    let stored = || async {
+        repository
+            .get_events::<Organization>(&id)
+            .await
+            .unwrap()
+            .len()
+    };
     let state = json!({ "state": "opaque to the store" });
     repository
         .persist::<Organization>(&[event(1), event(2)], Some((id.clone(), state.clone(), 1)))
         .await
         .unwrap();
-    assert_eq!(
-        repository
-            .get_events::<Organization>(&id)
-            .await
-            .unwrap()
-            .len(),
-        2,
-        "both events of one command are stored"
-    );
-    // Loaded before snapshot 1 existed: the events would be fine, the snapshot is stale.
+    assert_eq!(stored().await, 2, "both events of one command are stored");
+    // A writer that expects snapshot 2 (there is only 1): its event would fit, its snapshot
+    // is stale.
     let stale = repository
         .persist::<Organization>(&[event(3)], Some((id.clone(), state.clone(), 3)))
         .await
@@ -750,11 +750,7 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
         "{stale:?}"
     );
     assert_eq!(
-        repository
-            .get_events::<Organization>(&id)
-            .await
-            .unwrap()
-            .len(),
+        stored().await,
         2,
         "the refused command's event was rolled back with its snapshot"
     );
@@ -770,12 +766,5 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
         .persist::<Organization>(&[event(3)], Some((id.clone(), state, 2)))
         .await
         .unwrap();
-    assert_eq!(
-        repository
-            .get_events::<Organization>(&id)
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(stored().await, 3);
 }
