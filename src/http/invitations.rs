@@ -68,12 +68,15 @@ async fn send_invitation(
     let invitation_id = Uuid::now_v7();
     let token = tokens::issue("inv");
     let send = request.into_command(invitation_id, token.sha256)?;
-    let command = Command::new(
-        caller.actor,
-        Utc::now(),
+    let outcome = super::execute(
+        &state,
+        caller,
+        &context,
+        expected,
+        id,
         OrganizationCommand::SendInvitation(send),
-    );
-    let outcome = state.service.run(id, command, &context, expected).await?;
+    )
+    .await?;
     let body = issued(&outcome, invitation_id, token.secret)?;
     Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
 }

@@ -3,8 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
-use orgledger_domain::{Actor, Command, OrganizationCommand, Permission, RemoveMember, UserId};
+use orgledger_domain::{Actor, OrganizationCommand, Permission, RemoveMember, UserId};
 use orgledger_projections::members::{self, MemberFilter};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -96,12 +95,15 @@ async fn update_member(
     let id = organization_id(&org_id)?;
     let user_id = UserId::parse("user_id", &user_id).map_err(|_| ApiError::not_found("member"))?;
     let update = request.into_command(user_id.clone())?;
-    let command = Command::new(
-        caller.actor,
-        Utc::now(),
+    let outcome = super::execute(
+        &state,
+        caller,
+        &context,
+        expected,
+        id,
         OrganizationCommand::UpdateMember(update),
-    );
-    let outcome = state.service.run(id, command, &context, expected).await?;
+    )
+    .await?;
     let member = outcome
         .committed
         .state
@@ -142,12 +144,15 @@ async fn leave_organization(
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
-    let command = Command::new(
-        caller.actor,
-        Utc::now(),
+    let outcome = super::execute(
+        &state,
+        caller,
+        &context,
+        expected,
+        id,
         OrganizationCommand::LeaveOrganization,
-    );
-    let outcome = state.service.run(id, command, &context, expected).await?;
+    )
+    .await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 

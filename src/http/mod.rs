@@ -266,6 +266,13 @@ pub(crate) fn committed(
     response
 }
 
+/// A command's response whose body is the organization after it.
+pub(crate) fn organization_response(outcome: &Outcome, status: StatusCode) -> Response {
+    let body =
+        dto::OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
+    committed(outcome, status, axum::Json(body))
+}
+
 /// An organization read with its version as `ETag`.
 pub(crate) fn with_etag(version: i64, body: impl IntoResponse) -> Response {
     let mut response = body.into_response();

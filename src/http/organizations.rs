@@ -19,7 +19,9 @@ use uuid::Uuid;
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Query};
-use super::{authorize, committed, organization_id, page_limit, with_etag, AppState};
+use super::{
+    authorize, committed, organization_id, organization_response, page_limit, with_etag, AppState,
+};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -83,8 +85,7 @@ async fn create_organization(
         .service
         .create_organization(command, slug_was_given, &context)
         .await?;
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
+    Ok(organization_response(&outcome, StatusCode::CREATED))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -161,14 +162,16 @@ async fn update_organization(
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let update = UpdateOrganization::try_from(request)?;
-    let command = Command::new(
-        caller.actor,
-        Utc::now(),
+    let outcome = super::execute(
+        &state,
+        caller,
+        &context,
+        expected,
+        id,
         OrganizationCommand::UpdateOrganization(update),
-    );
-    let outcome = state.service.run(id, command, &context, expected).await?;
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+    )
+    .await?;
+    Ok(organization_response(&outcome, StatusCode::OK))
 }
 
 /// Soft delete (owner): recoverable for 30 days.
@@ -189,8 +192,7 @@ async fn delete_organization(
         confirm_name: request.confirm_name,
     });
     let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+    Ok(organization_response(&outcome, StatusCode::OK))
 }
 
 /// Restore a soft-deleted organization within 30 days (owner).
@@ -205,14 +207,16 @@ async fn restore_organization(
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
-    let command = Command::new(
-        caller.actor,
-        Utc::now(),
+    let outcome = super::execute(
+        &state,
+        caller,
+        &context,
+        expected,
+        id,
         OrganizationCommand::RestoreOrganization,
-    );
-    let outcome = state.service.run(id, command, &context, expected).await?;
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+    )
+    .await?;
+    Ok(organization_response(&outcome, StatusCode::OK))
 }
 
 /// Force delete (owner): read models dropped, personal data erased, a tombstone kept.
@@ -258,6 +262,5 @@ async fn transfer_ownership(
     let new_owner_id = UserId::parse("new_owner_id", &request.new_owner_id)?;
     let body = OrganizationCommand::TransferOwnership(TransferOwnership { new_owner_id });
     let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+    Ok(organization_response(&outcome, StatusCode::OK))
 }

@@ -491,6 +491,5 @@ async fn personal_organization(
     } else {
         StatusCode::OK
     };
-    let body = OrganizationDto::from_state(&outcome.committed.state, outcome.committed.version);
-    Ok(committed(&outcome, status, axum::Json(body)))
+    Ok(super::organization_response(&outcome, status))
 }
