@@ -83,6 +83,10 @@ impl TestApp {
                 "errors are problem+json: {status} {body}"
             );
             assert_eq!(body["status"], status.as_u16(), "{body}");
+            assert!(
+                body["code"].as_str().is_some_and(|code| !code.is_empty()),
+                "every problem names its contract code: {body}"
+            );
         }
         assert_ne!(
             status,
@@ -150,7 +154,11 @@ impl TestApp {
                 None,
             )
             .await;
-        reply.body["items"].as_array().map_or(0, Vec::len)
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["items"]
+            .as_array()
+            .expect("a page of events")
+            .len()
     }
 }
 
@@ -453,6 +461,7 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
             None,
         )
         .await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
     assert!(
         !listed.body.to_string().contains(&key),
         "the key is shown once"
@@ -514,6 +523,11 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
     let export = app
         .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
         .await;
+    assert_eq!(
+        (events.status, export.status),
+        (StatusCode::OK, StatusCode::OK),
+        "the leak checks read real pages"
+    );
     for text in [events.body.to_string(), export.body.to_string()] {
         assert!(!text.contains(&key) && !text.contains(&new_key) && !text.contains("key_sha256"));
     }
@@ -627,6 +641,11 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
     let export = app
         .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
         .await;
+    assert_eq!(
+        (events.status, export.status),
+        (StatusCode::OK, StatusCode::OK),
+        "the leak checks read real pages"
+    );
     let stored = raw_rows(app._service.db()).await;
     for text in [
         listed.body.to_string(),
@@ -1235,6 +1254,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
         )
         .await;
     assert_eq!(resent.status, StatusCode::OK);
+    assert!(resent.body["token"].is_string(), "{}", resent.body);
     assert_ne!(resent.body["token"], resent_target.body["token"]);
     let old = app
         .call(Method::POST, "/v1/invitations/accept", Some("zed"), Some(json!({"token": resent_target.body["token"], "user_id": "zed", "email": "zed@example.com"})))
@@ -1271,6 +1291,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             Some(json!({"role": "viewer", "max_uses": 2})),
         )
         .await;
+    assert_eq!(link.status, StatusCode::CREATED, "{}", link.body);
     assert_eq!(link.body["invitation"]["email"], Value::Null);
     for who in ["p1", "p2"] {
         let joined = app
