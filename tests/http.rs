@@ -1320,6 +1320,23 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             .header("content-type", "application/json")
             .body(body)
     };
+    // URLs that cannot be decoded, or that carry a NUL byte (which PostgreSQL refuses in
+    // text), in a path segment or a query value.
+    for url in [
+        "/v1/organizations/%FF".to_owned(),
+        format!("{base}/members?q=a%00b"),
+        format!("{base}/members/ab%00c"),
+        format!("{base}/audit-log?actor=%00"),
+        format!("{base}/groups/%00"),
+    ] {
+        let reply = app.call(Method::GET, &url, Some("olivia"), None).await;
+        assert_eq!(
+            (reply.status, problem_code(&reply)),
+            (StatusCode::BAD_REQUEST, "malformed_request"),
+            "{url}: {}",
+            reply.body
+        );
+    }
     let malformed = app.send(raw("{\"email\": 5")).await;
     assert_eq!(
         (malformed.status, problem_code(&malformed)),

@@ -1,7 +1,7 @@
 //! Audit log, exports, raw events and point-in-time state (owners and admins, and `system`).
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, Query};
+use super::extract::{ActorHeaders, Caller, Path, Query};
 use super::{authorize, instant, organization_id, page_limit, AppState};
 use crate::history::{self, AsOf};
 

@@ -56,7 +56,7 @@ pub fn parse_role(field: &str, raw: &str) -> Result<Role, FieldError> {
 }
 
 /// An optional name or title: trimmed; empty means absent.
-fn optional_text(value: Option<String>) -> Option<String> {
+pub(super) fn optional_text(value: Option<String>) -> Option<String> {
     value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 

@@ -96,6 +96,40 @@ fn strip_position(message: &str) -> String {
     }
 }
 
+/// Path parameters: a segment that does not decode (invalid UTF-8, say) is
+/// `400 malformed_request` as problem+json, not axum's plain-text rejection.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|rejection| ApiError::malformed(rejection.body_text()))
+    }
+}
+
+/// Refuses a URL holding an encoded NUL byte (`%00`) as `400 malformed_request`: no id,
+/// name or filter contains one, and PostgreSQL refuses it in text, which would otherwise
+/// surface as a 500 from whichever query received it.
+pub async fn refuse_nul_in_url(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let url = request
+        .uri()
+        .path_and_query()
+        .map_or("", |url| url.as_str());
+    if url.contains("%00") {
+        return axum::response::IntoResponse::into_response(ApiError::malformed(
+            "the URL contains an encoded NUL byte (%00)",
+        ));
+    }
+    next.run(request).await
+}
+
 /// Query parameters: anything unparseable is `422 validation_failed`.
 pub struct Query<T>(pub T);
 

@@ -1,12 +1,11 @@
 //! Groups: create, list, read, rename, delete, and their members.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use orgledger_domain::{
-    Command, CreateGroup, GroupMembership, GroupRef, OrganizationCommand, Permission, UpdateGroup,
-    UserId,
+    CreateGroup, GroupMembership, GroupRef, OrganizationCommand, Permission, UpdateGroup, UserId,
 };
 use orgledger_projections::groups::{self, GroupView};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -16,7 +15,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
 use super::{authorize, committed, organization_id, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -222,15 +221,7 @@ async fn membership(
     } else {
         OrganizationCommand::RemoveGroupMember(membership)
     };
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            context,
-            expected,
-        )
-        .await?;
+    let outcome = super::execute(state, caller, context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 

@@ -1,13 +1,13 @@
 //! Invitations: send, list, resend, revoke, accept. Tokens are returned once and kept only as
 //! their SHA-256.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
 use orgledger_domain::{
-    AcceptInvitation, Command, Email, OrganizationCommand, OrganizationError, Permission,
-    ResendInvitation, RevokeInvitation, UserId,
+    AcceptInvitation, Email, OrganizationCommand, OrganizationError, Permission, ResendInvitation,
+    RevokeInvitation, UserId,
 };
 use orgledger_projections::invitations::{self, InvitationFilter};
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Query};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
 use super::{authorize, committed, organization_id, page_limit, AppState};
 use crate::tokens;
 
@@ -199,18 +199,10 @@ async fn accept_invitation(
         token_sha256,
         user_id: user_id.clone(),
         email,
-        first_name: request.first_name.filter(|name| !name.trim().is_empty()),
-        last_name: request.last_name.filter(|name| !name.trim().is_empty()),
+        first_name: super::dto::optional_text(request.first_name),
+        last_name: super::dto::optional_text(request.last_name),
     });
-    let outcome = state
-        .service
-        .run(
-            id,
-            Command::new(caller.actor, Utc::now(), body),
-            &context,
-            None,
-        )
-        .await?;
+    let outcome = super::execute(&state, caller, &context, None, id, body).await?;
     let member = outcome
         .committed
         .state

@@ -1,6 +1,6 @@
 //! Members: list, read, update (role, profile, locks), remove, leave; a user's organizations.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use orgledger_domain::{Actor, OrganizationCommand, Permission, RemoveMember, UserId};
@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Query};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
 use super::{authorize, committed, organization_id, page_limit, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {

@@ -1,6 +1,6 @@
 //! Organizations: create, list, read, update, soft delete, restore, purge, transfer.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Query};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
 use super::{
     authorize, committed, organization_id, organization_response, page_limit, with_etag, AppState,
 };

@@ -1,6 +1,6 @@
 //! Service accounts: the key is returned once and kept only as its SHA-256.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::dto::Problems;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
 use super::{authorize, committed, organization_id, AppState};
 use crate::tokens::{self, SERVICE_ACCOUNT_PREFIX};
 

@@ -1,7 +1,7 @@
 //! Security and billing settings: client restrictions, smart tool routing, AI providers,
 //! plan and seats, custom roles; and personal organizations.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::dto::{ClientRestrictionsDto, OrganizationDto, Problems};
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
 use super::{authorize, committed, organization_id, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -457,7 +457,7 @@ async fn personal_organization(
         Actor::User(actor) if *actor == user_id => {}
         _ => return Err(ApiError::forbidden()),
     }
-    let first_name = request.first_name.filter(|name| !name.trim().is_empty());
+    let first_name = super::dto::optional_text(request.first_name);
     let display = first_name.clone().unwrap_or_else(|| user_id.to_string());
     let name = OrganizationName::parse("name", &format!("{display}'s workspace"))
         .or_else(|_| OrganizationName::parse("name", "Personal workspace"))?;
@@ -478,7 +478,7 @@ async fn personal_organization(
                 user_id,
                 email,
                 first_name,
-                last_name: request.last_name.filter(|name| !name.trim().is_empty()),
+                last_name: super::dto::optional_text(request.last_name),
             },
         }),
     );
