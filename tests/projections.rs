@@ -23,6 +23,7 @@ on_both_backends!(
     a_failing_projection_stops_reports_and_resumes_without_skipping,
     while_one_projection_fails_the_runner_keeps_the_others_current,
     a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint,
+    a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_start,
     a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     member_pages_are_stable_under_concurrent_inserts,
@@ -473,6 +474,15 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
     let (_, version) = service.ledger.load(org).await.unwrap();
     service.catch_up().await;
     let before = dump_read_models(service.db()).await;
+    let tables: Vec<String> = PROJECTION_NAMES
+        .iter()
+        .flat_map(|name| projection_named(name, "").unwrap().tables())
+        .map(|(live, _)| live.to_owned())
+        .collect();
+    let mut indexes_before = Vec::new();
+    for table in &tables {
+        indexes_before.push(index_names(service.db(), table).await);
+    }
 
     let report = service.projector.rebuild_all(false).await.unwrap();
     assert_eq!(
@@ -480,6 +490,13 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
         "the log was read once for all six read models"
     );
     assert_eq!(dump_read_models(service.db()).await, before);
+    let counted: Vec<String> = service.projector.counters().into_keys().collect();
+    assert!(
+        counted
+            .iter()
+            .all(|name| PROJECTION_NAMES.contains(&name.as_str())),
+        "the rebuild's copies never become metric labels: {counted:?}"
+    );
     let statuses = service.projector.status().await.unwrap();
     assert!(
         statuses
@@ -506,8 +523,34 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
         index_names(reopened.database(), "rm_audit_log").await,
         expected
     );
+    for (table, before) in tables.iter().zip(&indexes_before) {
+        assert_eq!(
+            &index_names(reopened.database(), table).await,
+            before,
+            "{table} keeps exactly its indexes through a rebuild and a restart"
+        );
+    }
     drop(reopened);
     the_swapped_in_tables_keep_being_maintained(&service, org).await;
+}
+
+async fn a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_start(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    create_org(&service.ledger, "Acme", "acme", "olivia").await;
+    let unprepared = projection_named("members", "__never_prepared").unwrap();
+    let error = service
+        .projector
+        .run_batch(unprepared.as_ref())
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("members__never_prepared has no checkpoint"),
+        "{error}"
+    );
 }
 
 async fn a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint(backend: Backend) {

@@ -354,6 +354,7 @@ pub struct Index {
     /// and a swapped-in copy's can take the live one's.
     pub suffix: &'static str,
     pub columns: &'static str,
+    pub unique: bool,
 }
 
 impl Index {
@@ -363,7 +364,8 @@ impl Index {
 
     pub fn create(&self) -> String {
         format!(
-            "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+            "CREATE {}INDEX IF NOT EXISTS {} ON {} ({})",
+            if self.unique { "UNIQUE " } else { "" },
             self.name(),
             self.table,
             self.columns
@@ -376,6 +378,14 @@ pub fn index(table: &str, suffix: &'static str, columns: &'static str) -> Index 
         table: table.to_owned(),
         suffix,
         columns,
+        unique: false,
+    }
+}
+
+pub fn unique_index(table: &str, suffix: &'static str, columns: &'static str) -> Index {
+    Index {
+        unique: true,
+        ..index(table, suffix, columns)
     }
 }
 

@@ -32,6 +32,10 @@ pub const PROJECTION_NAMES: &[&str] = &[
 
 const LIVE_BATCH: usize = 500;
 const REBUILD_BATCH: usize = 5_000;
+/// First and longest pause before looking again at events held back behind a transaction in
+/// flight.
+const HELD_BACK_FIRST_LOOK: Duration = Duration::from_millis(2);
+const HELD_BACK_LAST_LOOK: Duration = Duration::from_millis(64);
 /// Poll interval when no wake-up arrives: the fallback for lost notifications.
 const POLL: Duration = Duration::from_millis(1_000);
 const NOTIFY_CHANNEL: &str = "orgledger_events";
@@ -113,6 +117,8 @@ pub enum ProjectionError {
         read_from: Checkpoint,
         checkpoint: Checkpoint,
     },
+    #[error("projection {0} has no checkpoint: its tables were never prepared")]
+    Unprepared(String),
     #[error("projections did not catch up within 60 s: {0}")]
     Stalled(String),
     #[error("unknown projection {0:?}; known: organizations, members, invitations, audit_log, groups, service_accounts")]
@@ -290,9 +296,12 @@ impl Projector {
             }
             Ok(batch) => {
                 tx.commit().await?;
+                // Only the live projections: a rebuild's copies must not become metric
+                // labels or linger in the read-your-writes map.
+                let live = |name: &String| PROJECTION_NAMES.contains(&name.as_str());
                 {
                     let mut known = self.applied.lock().expect("applied poisoned");
-                    for (name, versions) in &batch.versions {
+                    for (name, versions) in batch.versions.iter().filter(|(name, _)| live(name)) {
                         for (organization, version) in versions {
                             known
                                 .entry(organization.clone())
@@ -301,7 +310,7 @@ impl Projector {
                         }
                     }
                 }
-                for (name, applied) in &batch.applied {
+                for (name, applied) in batch.applied.iter().filter(|(name, _)| live(name)) {
                     self.count(name, |c| c.events_applied += *applied as u64);
                 }
                 self.progress.send_modify(|n| *n = n.wrapping_add(1));
@@ -550,6 +559,7 @@ impl Projector {
         // Failed projections: when to try again, and the backoff after that.
         let mut failing: HashMap<String, (Instant, Duration)> = HashMap::new();
         let mut backoff = Duration::from_millis(500);
+        let mut held_back_wait = HELD_BACK_FIRST_LOOK;
         while !*shutdown.borrow() {
             let now = Instant::now();
             let group: Vec<&dyn Projection> = self
@@ -566,13 +576,17 @@ impl Projector {
                         failing.remove(projection.name());
                     }
                     if read > 0 {
+                        held_back_wait = HELD_BACK_FIRST_LOOK;
                         continue;
                     }
                     // Committed events a transaction in flight holds back (PostgreSQL): the
-                    // wake-up for them is already spent, so look again in a moment.
+                    // wake-up for them is already spent, so look again in a moment, and less
+                    // often while a long transaction anywhere on the server holds them.
                     let held_back = self.has_unread_events(&group).await.unwrap_or(false);
                     if held_back {
-                        Duration::from_millis(2)
+                        let wait = held_back_wait;
+                        held_back_wait = (held_back_wait * 2).min(HELD_BACK_LAST_LOOK);
+                        wait
                     } else {
                         POLL
                     }
@@ -1062,7 +1076,7 @@ struct GroupBatch {
 async fn lock_checkpoints(
     conn: &mut Conn<'_>,
     names: &[&str],
-) -> Result<HashMap<String, Checkpoint>, sqlx::Error> {
+) -> Result<HashMap<String, Checkpoint>, ProjectionError> {
     let list = in_list(names.len(), 1);
     let select = format!(
         "SELECT name, commit_txid, position FROM projection_checkpoints
@@ -1081,6 +1095,12 @@ async fn lock_checkpoints(
             conn.fetch_all(&select, &args).await?
         }
     };
+    if let Some(missing) = names
+        .iter()
+        .find(|name| !rows.iter().any(|(row, _, _)| row == *name))
+    {
+        return Err(ProjectionError::Unprepared((*missing).to_owned()));
+    }
     Ok(rows
         .into_iter()
         .map(|(name, commit_txid, position)| {

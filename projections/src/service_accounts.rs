@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{index, Conn, Database, Index};
+use crate::db::{index, unique_index, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::members::json_text;
 use crate::projector::Projection;
@@ -37,9 +37,8 @@ impl Projection for ServiceAccountsProjection {
 
     fn create_tables(&self) -> Vec<String> {
         let t = &self.table;
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
                     id TEXT PRIMARY KEY,
                     organization_id TEXT NOT NULL,
                     name TEXT NOT NULL,
@@ -50,18 +49,15 @@ impl Projection for ServiceAccountsProjection {
                     created_at_us BIGINT NOT NULL,
                     last_rotated_at_us BIGINT
                 )"
-            ),
-            format!("CREATE UNIQUE INDEX IF NOT EXISTS {t}_by_key ON {t} (key_sha256)"),
-        ]
+        )]
     }
 
     fn indexes(&self) -> Vec<Index> {
         let t = &self.table;
-        vec![index(
-            t,
-            "_by_organization",
-            "organization_id, created_at_us",
-        )]
+        vec![
+            index(t, "_by_organization", "organization_id, created_at_us"),
+            unique_index(t, "_by_key", "key_sha256"),
+        ]
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
