@@ -1,8 +1,8 @@
 //! The command path: load an organization (snapshot + newer events), decide, commit, retry on
 //! optimistic-concurrency conflicts, and keep slug reservations and data keys in step.
 //!
-//! Loading and committing go through the postgres-es / sqlite-es repository directly rather
-//! than cqrs-es's `PersistedEventStore`, whose 0.5 snapshots can disagree with the events:
+//! Loading and committing go through `OrganizationRepository` directly rather than cqrs-es's
+//! `PersistedEventStore`, whose 0.5 snapshots can disagree with the events:
 //! `CqrsFramework` applies new events through `EventSink` and the store applies them again,
 //! and a snapshot taken mid-commit is stored with the commit's last sequence. Here a snapshot
 //! is always the state after every event of the commit that crosses a multiple of

@@ -1,5 +1,7 @@
-//! The organization event repository: postgres-es or sqlite-es underneath, with personal data
-//! sealed on the way in and opened on the way out, and every read counted.
+//! The organization event repository, with personal data sealed on the way in and opened on
+//! the way out, and every read counted. Full reads and snapshots go through postgres-es or
+//! sqlite-es; appends and the catch-up read after a version are its own SQL (see `append!`
+//! and `get_last_events` for why).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
