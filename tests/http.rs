@@ -420,6 +420,38 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
         invited.body["invitation"]["invited_by"],
         json!({"type": "service_account", "id": account})
     );
+    // Idempotency keys hold for service accounts too: the retry replays, appends nothing.
+    let before = app.event_count(&org).await;
+    let keyed = || {
+        as_key(Method::POST, format!("{base}/invitations"))
+            .header("Idempotency-Key", "bot-invite-1")
+            .json(&json!({"email": "bot2@example.com", "role": "member"}))
+    };
+    let first = app.send(keyed()).await;
+    let retry = app.send(keyed()).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    assert_eq!(
+        (retry.status, &retry.body["invitation"]["id"]),
+        (StatusCode::CREATED, &first.body["invitation"]["id"])
+    );
+    assert_eq!(app.event_count(&org).await, before + 1);
+    let held = "SELECT count(*) FROM idempotency_keys";
+    let keys_before = count(app._service.db(), held).await;
+    let forged = app
+        .send(
+            app.client
+                .request(Method::POST, format!("{}{base}/invitations", app.address))
+                .bearer_auth("sa_not-a-real-key")
+                .header("Idempotency-Key", "forged-1")
+                .json(&json!({"email": "x@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        count(app._service.db(), held).await,
+        keys_before,
+        "a bad key holds no idempotency slot"
+    );
     let promote = app
         .send(as_key(Method::PATCH, format!("{base}/members/olivia")).json(&json!({"title": "x"})))
         .await;

@@ -41,9 +41,11 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let Some(key) = request.headers().get("idempotency-key").cloned() else {
         return next.run(request).await;
     };
-    // Unauthenticated requests get their 401 from the handler; nothing is stored for them.
-    let authenticated =
-        super::extract::bearer(request.headers()).is_some_and(|token| state.tokens.accepts(token));
+    // Platform tokens and service-account keys (checked by the handler; a 401 is never
+    // stored). Other requests get their 401 from the handler and nothing is claimed.
+    let authenticated = super::extract::bearer(request.headers()).is_some_and(|token| {
+        state.tokens.accepts(token) || token.starts_with(crate::tokens::SERVICE_ACCOUNT_PREFIX)
+    });
     if !is_command || !authenticated {
         return next.run(request).await;
     }
@@ -99,16 +101,22 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     if !claimed {
         return replay(&state, &database, &scope, &key, &fingerprint).await;
     }
+    let mut claim = Claim {
+        database: Some(database.clone()),
+        scope: scope.clone(),
+        key: key.clone(),
+    };
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
+    claim.database = None;
     let (parts, body) = response.into_parts();
     let Ok(body) = to_bytes(body, LARGEST_STORED_RESPONSE).await else {
         drop(release(&database, &scope, &key).await);
         return ApiError::internal("a command response was too large to keep").into_response();
     };
-    let stored = if parts.status.is_server_error() {
-        // Let a retry try again.
+    let stored = if parts.status.is_server_error() || parts.status == StatusCode::UNAUTHORIZED {
+        // Let a retry try again; and a bad key must not hold a key's slot.
         release(&database, &scope, &key).await
     } else {
         // Responses can hold a secret shown once (an invitation token, a service-account
@@ -120,6 +128,31 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         tracing::error!(%error, "could not record an idempotent response");
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// A claimed key whose request never produced a response (the handler panicked, or the
+/// client went away and the request was dropped): released, so a retry is not made to wait
+/// out the claim.
+struct Claim {
+    database: Option<Database>,
+    scope: String,
+    key: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(database) = self.database.take() {
+            let (scope, key) = (
+                std::mem::take(&mut self.scope),
+                std::mem::take(&mut self.key),
+            );
+            tokio::spawn(async move {
+                if let Err(error) = release(&database, &scope, &key).await {
+                    tracing::error!(%error, "could not release an abandoned idempotency key");
+                }
+            });
+        }
+    }
 }
 
 /// Inserts the claim; false if the key is already held (an expired one is cleared first).
@@ -277,4 +310,32 @@ pub async fn forget_expired(database: &Database) -> Result<u64, sqlx::Error> {
         Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at_us < $1")
             .bind(before).execute(pool).await?.rows_affected())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_claim_dropped_without_a_response_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+        let database = Database::connect(&url).await.unwrap();
+        database.migrate().await.unwrap();
+        assert!(claim(&database, "scope", "key", "print").await.unwrap());
+        drop(Claim {
+            database: Some(database.clone()),
+            scope: "scope".into(),
+            key: "key".into(),
+        });
+        let mut released = false;
+        for _ in 0..100 {
+            if claim(&database, "scope", "key", "print").await.unwrap() {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(released, "a retry may claim the key again");
+    }
 }
