@@ -252,34 +252,6 @@ impl Conn<'_> {
         })
     }
 
-    /// Rows of two text columns.
-    pub async fn fetch_pairs(
-        &mut self,
-        sql: &str,
-        args: &[Arg],
-    ) -> Result<Vec<(String, String)>, sqlx::Error> {
-        Ok(match self {
-            Self::Postgres(conn) => bind_all!(sql, args)
-                .fetch_all(&mut **conn)
-                .await?
-                .iter()
-                .map(|row| {
-                    use sqlx::Row;
-                    (row.get(0), row.get(1))
-                })
-                .collect(),
-            Self::Sqlite(conn) => bind_all!(sql, args)
-                .fetch_all(&mut **conn)
-                .await?
-                .iter()
-                .map(|row| {
-                    use sqlx::Row;
-                    (row.get(0), row.get(1))
-                })
-                .collect(),
-        })
-    }
-
     /// All rows, each decoded as `T` (a tuple or a `FromRow` struct).
     pub async fn fetch_all<T>(&mut self, sql: &str, args: &[Arg]) -> Result<Vec<T>, sqlx::Error>
     where

@@ -34,7 +34,10 @@ impl GroupsProjection {
     ) -> Result<(), sqlx::Error> {
         let t = &self.table;
         let sql = format!("SELECT id, member_ids FROM {t} WHERE organization_id = $1 AND id = $2");
-        for (id, members) in conn.fetch_pairs(&sql, &args![org, group]).await? {
+        for (id, members) in conn
+            .fetch_all::<(String, String)>(&sql, &args![org, group])
+            .await?
+        {
             let mut members: Vec<String> = serde_json::from_str(&members).unwrap_or_default();
             edit(&mut members);
             let sql =
@@ -149,7 +152,10 @@ impl Projection for GroupsProjection {
             | E::MemberLeft(orgledger_domain::MemberLeft { user_id, .. }) => {
                 let user = user_id.to_string();
                 let sql = format!("SELECT id, member_ids FROM {t} WHERE organization_id = $1");
-                for (group, _) in conn.fetch_pairs(&sql, &args![org]).await? {
+                for (group, _) in conn
+                    .fetch_all::<(String, String)>(&sql, &args![org])
+                    .await?
+                {
                     self.edit_members(conn, org, &group, |members| members.retain(|m| *m != user))
                         .await?;
                 }

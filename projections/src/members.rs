@@ -67,26 +67,64 @@ impl Projection for MembersProjection {
     }
 
     async fn apply(&self, conn: &mut Conn<'_>, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+        self.apply_all(conn, &[event])
+            .await
+            .map_err(|(_, error)| error)
+    }
+
+    /// Runs of joins go in as multi-row INSERTs, and runs of role changes (which only set one
+    /// column) as one UPDATE with the last role per member. Any other event, or a change of
+    /// kind, first flushes the run, so the order of the log holds.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
+        let mut roles: RoleChanges<'_> = HashMap::new();
+        for (index, event) in events.iter().enumerate() {
+            let org = event.organization_id.as_str();
+            match &event.event {
+                E::MemberJoined(_) => {
+                    self.set_roles(conn, &mut roles).await?;
+                    joins.push((index, event));
+                }
+                E::MemberRoleChanged(e) => {
+                    self.insert_joins(conn, &mut joins).await?;
+                    roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
+                }
+                E::OwnershipTransferred(e) => {
+                    self.insert_joins(conn, &mut joins).await?;
+                    roles.insert((org, e.to_user_id.as_str()), ("owner", index));
+                    roles.insert((org, e.from_user_id.as_str()), ("admin", index));
+                }
+                _ => {
+                    self.insert_joins(conn, &mut joins).await?;
+                    self.set_roles(conn, &mut roles).await?;
+                    self.apply_other(conn, event)
+                        .await
+                        .map_err(|error| (index, error))?;
+                }
+            }
+        }
+        self.insert_joins(conn, &mut joins).await?;
+        self.set_roles(conn, &mut roles).await
+    }
+}
+
+/// `(organization, user)` to `(role, index of the event that set it)`.
+type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
+
+impl MembersProjection {
+    /// Every event but joins and role changes, which `apply_all` writes in runs.
+    async fn apply_other(
+        &self,
+        conn: &mut Conn<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), sqlx::Error> {
         let t = &self.table;
         let org = event.organization_id.as_str();
         match &event.event {
-            E::MemberJoined(e) => {
-                let sql = format!(
-                    "INSERT INTO {t} (organization_id, user_id, email, first_name, last_name, title,
-                                      image_url, role, joined_at_us, group_ids, locked_fields)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     ON CONFLICT (organization_id, user_id) DO NOTHING"
-                );
-                let args = joined_row(org, e);
-                conn.execute(&sql, &args).await?;
-            }
-            E::MemberRoleChanged(e) => {
-                set_role(conn, t, org, e.user_id.as_str(), e.to.as_str()).await?;
-            }
-            E::OwnershipTransferred(e) => {
-                set_role(conn, t, org, e.to_user_id.as_str(), "owner").await?;
-                set_role(conn, t, org, e.from_user_id.as_str(), "admin").await?;
-            }
             E::MemberProfileUpdated(e) => {
                 let user = e.user_id.as_str();
                 let fields = [
@@ -147,50 +185,6 @@ impl Projection for MembersProjection {
         Ok(())
     }
 
-    /// Runs of joins go in as multi-row INSERTs, and runs of role changes (which only set one
-    /// column) as one UPDATE with the last role per member. Any other event, or a change of
-    /// kind, first flushes the run, so the order of the log holds.
-    async fn apply_all(
-        &self,
-        conn: &mut Conn<'_>,
-        events: &[&RecordedEvent],
-    ) -> Result<(), (usize, sqlx::Error)> {
-        let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
-        let mut roles: RoleChanges<'_> = HashMap::new();
-        for (index, event) in events.iter().enumerate() {
-            let org = event.organization_id.as_str();
-            match &event.event {
-                E::MemberJoined(_) => {
-                    self.set_roles(conn, &mut roles).await?;
-                    joins.push((index, event));
-                }
-                E::MemberRoleChanged(e) => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
-                }
-                E::OwnershipTransferred(e) => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    roles.insert((org, e.to_user_id.as_str()), ("owner", index));
-                    roles.insert((org, e.from_user_id.as_str()), ("admin", index));
-                }
-                _ => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    self.set_roles(conn, &mut roles).await?;
-                    self.apply(conn, event)
-                        .await
-                        .map_err(|error| (index, error))?;
-                }
-            }
-        }
-        self.insert_joins(conn, &mut joins).await?;
-        self.set_roles(conn, &mut roles).await
-    }
-}
-
-/// `(organization, user)` to `(role, index of the event that set it)`.
-type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
-
-impl MembersProjection {
     /// Inserts and clears a run of `MemberJoined` events.
     async fn insert_joins(
         &self,
@@ -266,7 +260,7 @@ impl MembersProjection {
             "SELECT user_id, group_ids FROM {t} WHERE organization_id = $1 AND ($2 IS NULL OR user_id = $2)"
         );
         for (user_id, groups) in conn
-            .fetch_pairs(&sql, &args![org, user.map(str::to_owned)])
+            .fetch_all::<(String, String)>(&sql, &args![org, user.map(str::to_owned)])
             .await?
         {
             let mut groups: Vec<String> = serde_json::from_str(&groups).unwrap_or_default();
@@ -282,18 +276,6 @@ impl MembersProjection {
         }
         Ok(())
     }
-}
-
-async fn set_role(
-    conn: &mut Conn<'_>,
-    table: &str,
-    org: &str,
-    user: &str,
-    role: &str,
-) -> Result<(), sqlx::Error> {
-    let sql = format!("UPDATE {table} SET role = $3 WHERE organization_id = $1 AND user_id = $2");
-    conn.execute(&sql, &args![org, user, role]).await?;
-    Ok(())
 }
 
 /// The row a `MemberJoined` inserts, in column order.
