@@ -90,7 +90,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Migrate { store } => {
             let service = open_store(&store).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
-            service.database().close().await;
+            service.close().await;
         }
         Commands::Serve {
             store,
@@ -125,7 +125,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             for task in tasks {
                 let _ = task.await;
             }
-            service.database().close().await;
+            service.close().await;
         }
         Commands::Projections { store, action } => {
             let service = open_store(&store).await?;
@@ -151,7 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
-            service.database().close().await;
+            service.close().await;
         }
         Commands::MasterKey => println!("{}", MasterKey::generate().to_base64()),
     }

@@ -88,10 +88,11 @@ struct Loaded {
 /// Organizations kept in memory after a load or commit.
 const CACHED_ORGANIZATIONS: usize = 10_000;
 
-/// Loaded organizations, most recently used kept. An entry is never trusted as it is: every
-/// load reads the events after its version (one indexed query, usually empty), so another
-/// process's commits are always seen, and a decision made on an entry that is stale anyway
-/// cannot commit (the sequence's primary key refuses it) and is retried.
+/// Loaded organizations, most recently used kept. Only a command's first decision trusts an
+/// entry as it is, because a stale one cannot commit (another process took the next
+/// sequence, and the primary key refuses it) and is decided again on the latest state. Every
+/// other load reads the events after the entry's version (one indexed query, usually empty),
+/// so another process's commits are always seen.
 #[derive(Default)]
 struct AggregateCache {
     entries: HashMap<Uuid, (std::time::Instant, Loaded)>,
@@ -166,11 +167,7 @@ impl Ledger {
     /// The latest state: the cached one brought up to date, or the snapshot (if readable)
     /// plus every event after it.
     async fn load_latest(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
-        let cached = self
-            .cache
-            .lock()
-            .expect("aggregate cache poisoned")
-            .get(organization_id);
+        let cached = self.cached(organization_id);
         let cached_miss = cached.is_none();
         let mut loaded = match cached {
             Some(cached) => cached,
@@ -196,6 +193,14 @@ impl Ledger {
             self.remember(organization_id, &loaded);
         }
         Ok(loaded)
+    }
+
+    /// The cached state as it is, without asking the store for newer events.
+    fn cached(&self, organization_id: Uuid) -> Option<Loaded> {
+        self.cache
+            .lock()
+            .expect("aggregate cache poisoned")
+            .get(organization_id)
     }
 
     fn remember(&self, organization_id: Uuid, loaded: &Loaded) {
@@ -366,25 +371,36 @@ impl Ledger {
         expected_version: Option<usize>,
     ) -> Result<Committed, LedgerError> {
         let metadata = metadata_of(&command, context);
+        // The first attempt decides on the cached state without reading the store: if
+        // another process appended since, the commit's sequence is taken and the command is
+        // decided again on the latest state. A refusal or a no-op commits nothing that could
+        // fail, so one decided on an unread cache entry is confirmed on the latest state.
+        let mut cached = self.cached(organization_id);
         for attempt in 1..=MAX_ATTEMPTS {
-            let loaded = self.load_latest(organization_id).await?;
-            if let Some(expected) = expected_version {
-                if expected != loaded.version {
-                    return Err(LedgerError::VersionMismatch {
-                        expected,
-                        actual: loaded.version,
-                    });
+            let (loaded, unconfirmed) = match cached.take() {
+                Some(loaded) => (loaded, true),
+                None => (self.load_latest(organization_id).await?, false),
+            };
+            let decision = match expected_version {
+                Some(expected) if expected != loaded.version => Err(LedgerError::VersionMismatch {
+                    expected,
+                    actual: loaded.version,
+                }),
+                _ => loaded.state.decide(&command).map_err(LedgerError::from),
+            };
+            let events = match decision {
+                Ok(events) if !events.is_empty() => events,
+                _ if unconfirmed => continue,
+                Ok(_) => {
+                    return Ok(Committed {
+                        organization_id,
+                        version: loaded.version,
+                        state: loaded.state,
+                        events: Vec::new(),
+                    })
                 }
-            }
-            let events = loaded.state.decide(&command)?;
-            if events.is_empty() {
-                return Ok(Committed {
-                    organization_id,
-                    version: loaded.version,
-                    state: loaded.state,
-                    events: Vec::new(),
-                });
-            }
+                Err(error) => return Err(error),
+            };
             let mut after = (*loaded.state).clone();
             for event in &events {
                 after.apply(event.clone());
@@ -405,6 +421,8 @@ impl Ledger {
                         events: committed,
                     });
                 }
+                // Another process appended since the cache was filled: no contention yet.
+                Err(PersistenceError::OptimisticLockError) if unconfirmed => {}
                 Err(PersistenceError::OptimisticLockError) => {
                     tracing::debug!(%organization_id, attempt, "concurrent change; retrying");
                     let jitter = rand::thread_rng().gen_range(0..=(2u64 << attempt.min(6)));

@@ -16,6 +16,10 @@ use orgledger_projections::Database;
 /// How long a command waits for the read models by default.
 pub const DEFAULT_CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
 
+/// The runner's connections: its batch transaction, the feed read inside it, the held-back
+/// probe, the leader's advisory lock and the notification listener.
+const RUNNER_CONNECTIONS: u32 = 5;
+
 /// A committed command and whether the read models already show it.
 #[derive(Debug)]
 pub struct Outcome {
@@ -34,8 +38,13 @@ impl Orgledger {
     /// Wires the ledger and projector over one database; creates missing read-model tables.
     pub async fn open(database: Database, master_key: MasterKey) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(database.clone(), master_key);
-        let feed = Arc::new(StoreFeed::new(database.clone(), ledger.keys().clone()));
-        let projector = Arc::new(Projector::new(database, feed));
+        // Commands wait for the runner; with a pool of its own it never queues behind them.
+        let runner_database = database.separate_pool(RUNNER_CONNECTIONS);
+        let feed = Arc::new(StoreFeed::new(
+            runner_database.clone(),
+            ledger.keys().clone(),
+        ));
+        let projector = Arc::new(Projector::new(runner_database, feed));
         projector
             .prepare()
             .await
@@ -45,6 +54,12 @@ impl Orgledger {
             projector,
             consistency_wait: DEFAULT_CONSISTENCY_WAIT,
         })
+    }
+
+    /// Closes the connections of the ledger and of the projection runner.
+    pub async fn close(&self) {
+        self.ledger.database().close().await;
+        self.projector.database().close().await;
     }
 
     pub fn database(&self) -> &Database {

@@ -30,6 +30,10 @@ on_both_backends!(
     if_match_with_a_stale_version_is_refused_and_appends_nothing,
     a_rejected_command_appends_nothing,
     a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it,
+    a_refusal_decided_on_a_cache_another_process_outdated_is_decided_again,
+    a_no_op_decided_on_a_cache_another_process_outdated_is_decided_again,
+    a_commit_decided_on_an_outdated_cache_lands_after_the_other_process_commits,
+    if_match_is_checked_against_the_latest_version_not_an_outdated_cache,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -767,4 +771,93 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
         .await
         .unwrap();
     assert_eq!(stored().await, 3);
+}
+
+/// `ledger` caches the organization at creation; `other` (a second process) changes it.
+async fn two_processes_one_outdated(
+    backend: Backend,
+) -> (TestLedger, orgledger::ledger::Ledger, Uuid) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let other = ledger.reopen().await;
+    (ledger, other, org)
+}
+
+async fn a_refusal_decided_on_a_cache_another_process_outdated_is_decided_again(backend: Backend) {
+    let (ledger, other, org) = two_processes_one_outdated(backend).await;
+    add_member(&other, org, "olivia", "mia", Role::Member).await;
+    let (_, latest) = other.load(org).await.unwrap();
+    // On the cache alone mia is no member, and the change would be refused.
+    let changed = run(&ledger, org, "olivia", set_role("mia", Role::Admin)).await;
+    assert_eq!(changed.version, latest + 1);
+    assert_eq!(changed.state.members[&uid("mia")].role, Role::Admin);
+    let (state, version) = other.load(org).await.unwrap();
+    assert_eq!(
+        (state.members[&uid("mia")].role.clone(), version),
+        (Role::Admin, latest + 1)
+    );
+}
+
+async fn a_no_op_decided_on_a_cache_another_process_outdated_is_decided_again(backend: Backend) {
+    let (ledger, other, org) = two_processes_one_outdated(backend).await;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let latest = run(&other, org, "olivia", set_role("mia", Role::Admin))
+        .await
+        .version;
+    // On the cache mia is still a member, and making her one would change nothing.
+    let changed = run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
+    assert_eq!(changed.events.len(), 1, "{:?}", changed.events);
+    assert_eq!(changed.version, latest + 1);
+    let (state, _) = other.load(org).await.unwrap();
+    assert_eq!(state.members[&uid("mia")].role, Role::Member);
+}
+
+async fn a_commit_decided_on_an_outdated_cache_lands_after_the_other_process_commits(
+    backend: Backend,
+) {
+    let (ledger, other, org) = two_processes_one_outdated(backend).await;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    add_member(&other, org, "olivia", "vic", Role::Member).await;
+    let (_, latest) = other.load(org).await.unwrap();
+    // Valid on the cache too, but its next sequence is vic's invitation's: decided again.
+    let changed = run(&ledger, org, "olivia", set_role("mia", Role::Admin)).await;
+    assert_eq!(changed.version, latest + 1);
+    let (state, version) = other.load(org).await.unwrap();
+    assert_eq!(version, latest + 1);
+    assert_eq!(state.members[&uid("mia")].role, Role::Admin);
+    assert_eq!(state.members[&uid("vic")].role, Role::Member);
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM events").await,
+        latest as i64 + 1
+    );
+}
+
+async fn if_match_is_checked_against_the_latest_version_not_an_outdated_cache(backend: Backend) {
+    let (ledger, other, org) = two_processes_one_outdated(backend).await;
+    let (_, cached) = ledger.load(org).await.unwrap();
+    add_member(&other, org, "olivia", "mia", Role::Member).await;
+    let (_, latest) = other.load(org).await.unwrap();
+    let context = RequestContext::default();
+    let update = || {
+        OrganizationCommand::UpdateOrganization(UpdateOrganization {
+            workflow_mode: Some(WorkflowMode::Founder),
+            ..Default::default()
+        })
+    };
+    let stale = ledger
+        .run(org, cmd(user("olivia"), update()), &context, Some(cached))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, LedgerError::VersionMismatch { expected, actual }
+            if expected == cached && actual == latest),
+        "{stale:?}"
+    );
+    let current = ledger
+        .run(org, cmd(user("olivia"), update()), &context, Some(latest))
+        .await
+        .unwrap();
+    assert_eq!(current.version, latest + 1);
 }

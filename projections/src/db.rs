@@ -117,6 +117,29 @@ impl Database {
         })
     }
 
+    /// A pool of its own over the same PostgreSQL database, for the projection runner: the
+    /// requests wait on it, so it must not queue behind them for a connection. Its commits
+    /// are asynchronous: read models are derived from the log, a batch's rows, versions and
+    /// checkpoints commit together, so a server crash loses at most the last few batches,
+    /// whole, and the runner applies them again from its checkpoints; visibility does not
+    /// wait for the flush, so read-your-writes holds. Events are never written through it.
+    /// SQLite has one writer whatever the pool, so it shares the pool.
+    pub fn separate_pool(&self, max_connections: u32) -> Self {
+        match self {
+            Self::Postgres(pool) => Self::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_lazy_with(
+                        (*pool.connect_options())
+                            .clone()
+                            .options([("synchronous_commit", "off")]),
+                    ),
+            ),
+            Self::Sqlite(_) => self.clone(),
+        }
+    }
+
     pub async fn close(&self) {
         match self {
             Self::Postgres(pool) => pool.close().await,

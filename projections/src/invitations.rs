@@ -7,7 +7,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{paginate, Cursor, CursorError};
-use crate::db::{index, Conn, Database, Index};
+use crate::db::{index, value_rows, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
 use crate::{args, from_micros, to_micros, Page};
@@ -74,32 +74,7 @@ impl Projection for InvitationsProjection {
         let t = &self.table;
         let org = event.organization_id.as_str();
         match &event.event {
-            E::InvitationSent(e) => {
-                let sql = format!(
-                    "INSERT INTO {t} (id, organization_id, email, role, first_name, last_name, title,
-                                      group_id, status, invited_by_type, invited_by_id, sent_at_us,
-                                      expires_at_us, max_uses, token_sha256)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $11, $12, $13, $14)
-                     ON CONFLICT (id) DO NOTHING"
-                );
-                let args = args![
-                    e.invitation_id.to_string(),
-                    org,
-                    &e.email,
-                    e.role.as_str(),
-                    &e.first_name,
-                    &e.last_name,
-                    &e.title,
-                    e.group_id.map(|id| id.to_string()),
-                    e.invited_by.kind(),
-                    e.invited_by.id(),
-                    to_micros(e.sent_at),
-                    to_micros(e.expires_at),
-                    i64::from(e.max_uses),
-                    &e.token_sha256
-                ];
-                conn.execute(&sql, &args).await?;
-            }
+            E::InvitationSent(_) => self.insert_sent(conn, &[event]).await?,
             E::InvitationResent(e) => {
                 let sql = format!(
                     "UPDATE {t} SET token_sha256 = $2, sent_at_us = $3, expires_at_us = $4 WHERE id = $1"
@@ -140,6 +115,75 @@ impl Projection for InvitationsProjection {
                 .await?;
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Runs of `InvitationSent` become one multi-row INSERT; other events apply one by one.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn<'_>,
+        events: &[&RecordedEvent],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let mut run_start = 0;
+        for (index, event) in events.iter().enumerate() {
+            if matches!(event.event, E::InvitationSent(_)) {
+                continue;
+            }
+            self.insert_sent(conn, &events[run_start..index])
+                .await
+                .map_err(|error| (run_start, error))?;
+            self.apply(conn, event)
+                .await
+                .map_err(|error| (index, error))?;
+            run_start = index + 1;
+        }
+        self.insert_sent(conn, &events[run_start..])
+            .await
+            .map_err(|error| (run_start, error))
+    }
+}
+
+impl InvitationsProjection {
+    /// Inserts the invitations of `sent`, which are all `InvitationSent` events.
+    async fn insert_sent(
+        &self,
+        conn: &mut Conn<'_>,
+        sent: &[&RecordedEvent],
+    ) -> Result<(), sqlx::Error> {
+        for chunk in sent.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {} (id, organization_id, email, role, first_name, last_name, title,
+                                 group_id, invited_by_type, invited_by_id, sent_at_us,
+                                 expires_at_us, max_uses, token_sha256, status)
+                 VALUES {}
+                 ON CONFLICT (id) DO NOTHING",
+                self.table,
+                value_rows(chunk.len(), 15, 1)
+            );
+            let mut args = Vec::with_capacity(chunk.len() * 15);
+            for event in chunk {
+                if let E::InvitationSent(e) = &event.event {
+                    args.extend(args![
+                        e.invitation_id.to_string(),
+                        event.organization_id.as_str(),
+                        &e.email,
+                        e.role.as_str(),
+                        &e.first_name,
+                        &e.last_name,
+                        &e.title,
+                        e.group_id.map(|id| id.to_string()),
+                        e.invited_by.kind(),
+                        e.invited_by.id(),
+                        to_micros(e.sent_at),
+                        to_micros(e.expires_at),
+                        i64::from(e.max_uses),
+                        &e.token_sha256,
+                        "pending"
+                    ]);
+                }
+            }
+            conn.execute(&sql, &args).await?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{index, Conn, Database, Index};
+use crate::db::{index, value_rows, Arg, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
 use crate::{args, from_micros, to_micros, Page};
@@ -148,13 +148,8 @@ impl Projection for OrganizationsProjection {
             }
         }
         self.move_member_counts(conn, &mut counts).await?;
-        let sql = format!("UPDATE {} SET version = $2 WHERE id = $1", self.table);
-        for (id, version, index) in versions {
-            conn.execute(&sql, &args![id, version])
-                .await
-                .map_err(|error| (index, error))?;
-        }
-        Ok(())
+        self.update_each(conn, "version = moved.value", &versions)
+            .await
     }
 }
 
@@ -165,14 +160,35 @@ impl OrganizationsProjection {
         conn: &mut Conn<'_>,
         counts: &mut Vec<(&str, i64, usize)>,
     ) -> Result<(), (usize, sqlx::Error)> {
-        let sql = format!(
-            "UPDATE {} SET member_count = member_count + $2 WHERE id = $1",
-            self.table
-        );
-        for (id, delta, index) in counts.drain(..) {
-            conn.execute(&sql, &args![id, delta])
+        self.update_each(conn, "member_count = member_count + moved.value", counts)
+            .await?;
+        counts.clear();
+        Ok(())
+    }
+
+    /// Applies `assignment` (over `moved.value`) to each `(organization, value, first event
+    /// index)` in one statement per chunk, not one per organization.
+    async fn update_each(
+        &self,
+        conn: &mut Conn<'_>,
+        assignment: &str,
+        rows: &[(&str, i64, usize)],
+    ) -> Result<(), (usize, sqlx::Error)> {
+        let t = &self.table;
+        for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "WITH moved (id, value) AS (VALUES {})
+                 UPDATE {t} SET {assignment} FROM moved WHERE {t}.id = moved.id",
+                value_rows(chunk.len(), 2, 1)
+            );
+            let args: Vec<Arg> = chunk
+                .iter()
+                .flat_map(|(id, value, _)| args![*id, *value])
+                .collect();
+            let first = chunk.iter().map(|(_, _, index)| *index).min().unwrap_or(0);
+            conn.execute(&sql, &args)
                 .await
-                .map_err(|error| (index, error))?;
+                .map_err(|error| (first, error))?;
         }
         Ok(())
     }

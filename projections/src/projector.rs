@@ -274,25 +274,28 @@ impl Projector {
 
     /// Applies one batch of `projection` alone; returns how many events it read.
     pub async fn run_batch(&self, projection: &dyn Projection) -> Result<usize, ProjectionError> {
-        self.run_group(&[projection], BatchSource::Feed(LIVE_BATCH))
-            .await
+        Ok(self
+            .run_group(&[projection], BatchSource::Feed(LIVE_BATCH))
+            .await?
+            .0)
     }
 
     /// Applies the next batch to every projection of `group` in one transaction: the log is
-    /// read and decoded once for all of them. Returns how many events were read.
+    /// read and decoded once for all of them. Returns how many events were read and the
+    /// group's furthest-behind checkpoint afterwards.
     async fn run_group(
         &self,
         group: &[&dyn Projection],
         source: BatchSource,
-    ) -> Result<usize, ProjectionError> {
+    ) -> Result<(usize, Checkpoint), ProjectionError> {
         if group.is_empty() {
-            return Ok(0);
+            return Ok((0, Checkpoint::default()));
         }
         let mut tx = self.database.begin().await?;
         match self.apply_batch(&mut tx, group, source).await {
             Ok(batch) if batch.read == 0 => {
                 tx.rollback().await?;
-                Ok(0)
+                Ok((0, batch.lowest))
             }
             Ok(batch) => {
                 tx.commit().await?;
@@ -314,7 +317,7 @@ impl Projector {
                     self.count(name, |c| c.events_applied += *applied as u64);
                 }
                 self.progress.send_modify(|n| *n = n.wrapping_add(1));
-                Ok(batch.read)
+                Ok((batch.read, batch.lowest))
             }
             Err(error) => {
                 drop(tx.rollback().await);
@@ -360,13 +363,29 @@ impl Projector {
                 }
                 events
             }
+            BatchSource::Prefetched {
+                after: read_from,
+                events,
+                limit,
+            } => {
+                if read_from == after {
+                    events
+                } else {
+                    self.feed.read_after(after, limit).await?
+                }
+            }
         };
         let Some(last) = events.last().map(|event| event.checkpoint) else {
-            return Ok(GroupBatch::default());
+            return Ok(GroupBatch {
+                lowest: after,
+                ..GroupBatch::default()
+            });
         };
         let known = projected_versions(&mut conn, &names, &events).await?;
+        // Every projection either reaches `last` or already stood past it.
         let mut batch = GroupBatch {
             read: events.len(),
+            lowest: last,
             ..GroupBatch::default()
         };
         let mut version_rows: Vec<(&str, &str, i64)> = Vec::new();
@@ -451,7 +470,7 @@ impl Projector {
         let group: Vec<&dyn Projection> = self.projections.iter().map(AsRef::as_ref).collect();
         let mut total = 0;
         loop {
-            let applied = self
+            let (applied, _) = self
                 .run_group(&group, BatchSource::Feed(LIVE_BATCH))
                 .await?;
             total += applied;
@@ -560,6 +579,9 @@ impl Projector {
         let mut failing: HashMap<String, (Instant, Duration)> = HashMap::new();
         let mut backoff = Duration::from_millis(500);
         let mut held_back_wait = HELD_BACK_FIRST_LOOK;
+        // Where the group's checkpoints stood after its last batch, and the group: the next
+        // batch is read from there before any transaction is opened.
+        let mut lowest: Option<(Vec<&str>, Checkpoint)> = None;
         while !*shutdown.borrow() {
             let now = Instant::now();
             let group: Vec<&dyn Projection> = self
@@ -569,8 +591,13 @@ impl Projector {
                 .filter(|p| failing.get(p.name()).is_none_or(|(retry, _)| now >= *retry))
                 .collect();
             let next_retry = failing.values().map(|(retry, _)| *retry).min();
-            let wait = match self.run_group(&group, BatchSource::Feed(LIVE_BATCH)).await {
-                Ok(read) => {
+            let names: Vec<&str> = group.iter().map(|projection| projection.name()).collect();
+            if lowest.as_ref().is_some_and(|(of, _)| *of != names) {
+                lowest = None;
+            }
+            let wait = match self.run_live_batch(&group, lowest.map(|(_, at)| at)).await {
+                Ok((read, now_lowest)) => {
+                    lowest = Some((names, now_lowest));
                     backoff = Duration::from_millis(500);
                     for projection in &group {
                         failing.remove(projection.name());
@@ -584,6 +611,9 @@ impl Projector {
                     // often while a long transaction anywhere on the server holds them.
                     let held_back = self.has_unread_events(&group).await.unwrap_or(false);
                     if held_back {
+                        // Or the checkpoints moved back under this runner (a rebuild's swap):
+                        // the next batch reads from where they stand.
+                        lowest = None;
                         let wait = held_back_wait;
                         held_back_wait = (held_back_wait * 2).min(HELD_BACK_LAST_LOOK);
                         wait
@@ -592,6 +622,7 @@ impl Projector {
                     }
                 }
                 Err(ProjectionError::Apply { projection, .. }) => {
+                    lowest = None;
                     let previous = failing.get(&projection).map(|(_, backoff)| *backoff);
                     let next = previous.map_or(Duration::from_millis(500), |b| {
                         (b * 2).min(Duration::from_secs(30))
@@ -600,6 +631,7 @@ impl Projector {
                     continue;
                 }
                 Err(_) => {
+                    lowest = None;
                     let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     wait
@@ -615,6 +647,31 @@ impl Projector {
             }
         }
         self.leading.lock().expect("leading poisoned").clear();
+    }
+
+    /// One batch of the live runner. Knowing where the group stood after its last batch, it
+    /// reads first and opens no transaction when there is nothing to apply (most wake-ups
+    /// at low load: every command wakes the runner twice, in process and by NOTIFY).
+    async fn run_live_batch(
+        &self,
+        group: &[&dyn Projection],
+        lowest: Option<Checkpoint>,
+    ) -> Result<(usize, Checkpoint), ProjectionError> {
+        let source = match lowest {
+            Some(after) => {
+                let events = self.feed.read_after(after, LIVE_BATCH).await?;
+                if events.is_empty() {
+                    return Ok((0, after));
+                }
+                BatchSource::Prefetched {
+                    after,
+                    events,
+                    limit: LIVE_BATCH,
+                }
+            }
+            None => BatchSource::Feed(LIVE_BATCH),
+        };
+        self.run_group(group, source).await
     }
 
     /// True when committed events lie past the checkpoint of any projection of `group`.
@@ -888,6 +945,12 @@ impl Projector {
         let mut tx = self.database.begin().await?;
         {
             let mut conn = tx.conn();
+            // The runner's connections commit asynchronously (see `Database::separate_pool`);
+            // a swap the operator was told of must survive a server crash.
+            if conn.backend() == Backend::Postgres {
+                conn.execute("SET LOCAL synchronous_commit = on", &[])
+                    .await?;
+            }
             lock_checkpoints(&mut conn, &[live.name()]).await?;
         }
         let mut tail = 0;
@@ -1059,6 +1122,14 @@ enum BatchSource {
         after: Checkpoint,
         events: Vec<RecordedEvent>,
     },
+    /// Already read by the live runner, before its transaction, past where the group's
+    /// checkpoints stood after its last batch. If they moved since (another runner on the
+    /// same SQLite file), this many are read again from where they stand now.
+    Prefetched {
+        after: Checkpoint,
+        events: Vec<RecordedEvent>,
+        limit: usize,
+    },
 }
 
 /// What one batch did: events read, and per projection the events past its checkpoint and
@@ -1066,6 +1137,8 @@ enum BatchSource {
 #[derive(Default)]
 struct GroupBatch {
     read: usize,
+    /// The group's furthest-behind checkpoint once the batch commits.
+    lowest: Checkpoint,
     applied: Vec<(String, usize)>,
     versions: Vec<(String, HashMap<String, i64>)>,
 }
