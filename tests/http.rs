@@ -16,7 +16,7 @@ const TOKEN: &str = "test-platform-token";
 struct TestApp {
     address: String,
     client: reqwest::Client,
-    _service: TestService,
+    service: TestService,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -43,7 +43,7 @@ async fn serve_app(service: TestService) -> TestApp {
     TestApp {
         address,
         client: reqwest::Client::new(),
-        _service: service,
+        service: service,
         stop: Some(stop),
         server: Some(server),
     }
@@ -436,7 +436,7 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
     );
     assert_eq!(app.event_count(&org).await, before + 1);
     let held = "SELECT count(*) FROM idempotency_keys";
-    let keys_before = count(app._service.db(), held).await;
+    let keys_before = count(app.service.db(), held).await;
     let forged = app
         .send(
             app.client
@@ -448,7 +448,7 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
         .await;
     assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        count(app._service.db(), held).await,
+        count(app.service.db(), held).await,
         keys_before,
         "a bad key holds no idempotency slot"
     );
@@ -678,7 +678,7 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
         (StatusCode::OK, StatusCode::OK),
         "the leak checks read real pages"
     );
-    let stored = raw_rows(app._service.db()).await;
+    let stored = raw_rows(app.service.db()).await;
     for text in [
         listed.body.to_string(),
         log.body.to_string(),
@@ -1531,7 +1531,7 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     assert_eq!(retry.body, first.body, "the same response, token included");
     assert_eq!(retry.headers["idempotent-replayed"], "true");
     let token = first.body["token"].as_str().unwrap();
-    let stored: Vec<Vec<u8>> = match app._service.db() {
+    let stored: Vec<Vec<u8>> = match app.service.db() {
         orgledger_projections::Database::Postgres(pool) => {
             sqlx::query_scalar("SELECT body FROM idempotency_keys")
                 .fetch_all(pool)
@@ -1925,10 +1925,11 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_requests_finish() {
-    let mut app = spawn_app(Backend::Sqlite).await;
-    // An open keep-alive connection, so the command below is in flight when the signal lands.
-    app.send(app.client.get(format!("{}/healthz", app.address)))
-        .await;
+    // No projections run, so the command below commits and then waits out its 1 s
+    // read-your-writes wait inside the server: once its event is stored it is provably in
+    // flight, and that is when the stop signal lands.
+    let service = spawn_service_waiting(Backend::Sqlite, Duration::from_secs(1)).await;
+    let mut app = serve_app(service).await;
     let stop = app.stop.take().unwrap();
     let request = app.call(
         Method::POST,
@@ -1936,11 +1937,18 @@ async fn shutdown_lets_in_flight_requests_finish() {
         Some("olivia"),
         Some(json!({"name": "Acme"})),
     );
+    let db = app.service.db().clone();
     let (reply, ()) = tokio::join!(request, async {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        while count(&db, "SELECT count(*) FROM events").await == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let _ = stop.send(());
     });
-    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(
+        reply.headers["x-consistency"], "pending",
+        "the request was still waiting when the signal landed"
+    );
     let finished = tokio::time::timeout(Duration::from_secs(10), app.server.take().unwrap()).await;
     assert!(finished.is_ok(), "the server stopped after draining");
     let refused = app

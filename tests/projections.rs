@@ -959,6 +959,43 @@ async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
         OrganizationCommand::SendInvitation(send),
     )
     .await;
+    let group_id = Uuid::now_v7();
+    run(
+        &service.ledger,
+        org,
+        "olivia",
+        OrganizationCommand::CreateGroup(CreateGroup {
+            group_id,
+            name: "Design".into(),
+            description: None,
+        }),
+    )
+    .await;
+    run(
+        &service.ledger,
+        org,
+        "olivia",
+        OrganizationCommand::AddGroupMember(GroupMembership {
+            group_id,
+            user_id: uid("mia"),
+        }),
+    )
+    .await;
+    let key = orgledger::tokens::issue("sa");
+    run(
+        &service.ledger,
+        org,
+        "olivia",
+        OrganizationCommand::CreateServiceAccount(CreateServiceAccount {
+            service_account_id: Uuid::now_v7(),
+            name: "CI".into(),
+            description: None,
+            scopes: vec![Scope::MembersRead],
+            key_prefix: key.secret.chars().take(11).collect(),
+            key_sha256: key.sha256.clone(),
+        }),
+    )
+    .await;
     service.catch_up().await;
     let view = organizations::get(service.db(), &org.to_string())
         .await
@@ -970,7 +1007,10 @@ async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
         secret.as_str(),
         pending.secret.as_str(),
         pending.sha256.as_str(),
+        key.secret.as_str(),
+        key.sha256.as_str(),
         "token_sha256",
+        "key_sha256",
         "enc:v1:",
     ] {
         assert!(
@@ -983,8 +1023,14 @@ async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
     assert_eq!(export["organization"]["slug"], "acme");
     assert_eq!(export["members"].as_array().unwrap().len(), 2);
     assert_eq!(export["invitations"].as_array().unwrap().len(), 2);
-    assert_eq!(export["groups"], serde_json::json!([]));
-    assert_eq!(export["service_accounts"], serde_json::json!([]));
+    let groups = export["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["name"], "Design");
+    assert_eq!(groups[0]["member_ids"], serde_json::json!(["mia"]));
+    let accounts = export["service_accounts"].as_array().unwrap();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(accounts[0]["name"], "CI");
+    assert_eq!(accounts[0]["scopes"], serde_json::json!(["members:read"]));
     let (_, version) = service.ledger.load(org).await.unwrap();
     assert_eq!(export["audit_log"].as_array().unwrap().len(), version);
     assert_eq!(export["events"].as_array().unwrap().len(), version);

@@ -163,6 +163,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
     ));
 
     // 1. The physical ceiling.
+    checkpoint(&pool).await;
     report.line("\n## 1. Physical ceiling (sqlx, durable commits)".into());
     let mut ceiling = HashMap::new();
     for concurrency in [1, 8, 32] {
@@ -179,6 +180,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
 
     // 2. Commands over real HTTP.
     if runs(Section::Commands) {
+        checkpoint(&pool).await;
         report.line(
             "\n## 2. Commands over HTTP (invitations and role changes, one organization per client)"
                 .into(),
@@ -218,6 +220,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
 
     // 5. Projection lag, with the runners live again.
     if runs(Section::Lag) {
+        checkpoint(&pool).await;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         service.projector.spawn(stopped);
         report.line("\n## 5. Projection lag at a sustained 1,000 commands/s".into());
@@ -230,6 +233,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
 
     // 6. Export.
     if runs(Section::Export) {
+        checkpoint(&pool).await;
         report.line(format!(
             "\n## 6. JSON data export of a {}-member organization",
             scale.export_members
@@ -252,6 +256,15 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             orgledger_projections::PROJECTION_NAMES.len(), rate / batched * 100.0, if rate >= batched * 0.5 { "met" } else { "NOT met" }));
     }
     Ok(())
+}
+
+/// Starts a measurement with no checkpoint in progress, as pgbench does: seeding writes
+/// enough WAL to set off checkpoints whose writes and full-page images would otherwise land
+/// in whichever section runs next.
+async fn checkpoint(pool: &PgPool) {
+    if let Err(error) = sqlx::query("CHECKPOINT").execute(pool).await {
+        println!("(CHECKPOINT refused, measuring without it: {error})");
+    }
 }
 
 async fn one_row_inserts(pool: &PgPool, concurrency: usize, seconds: f64) -> anyhow::Result<f64> {
@@ -520,6 +533,9 @@ async fn history_cost(
 ) -> anyhow::Result<[f64; 4]> {
     let small = organization_with_history(service, 10).await?;
     let big = organization_with_history(service, scale.history_events).await?;
+    if let Database::Postgres(pool) = service.database() {
+        checkpoint(pool).await;
+    }
     let small_warm = time_role_changes(service, small, scale.history_samples).await?;
     let big_warm = time_role_changes(service, big, scale.history_samples).await?;
     let mut cold = [Vec::new(), Vec::new()];
@@ -824,6 +840,7 @@ async fn rebuild(service: &Arc<Orgledger>, events: usize) -> anyhow::Result<(i64
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
+    checkpoint(pool).await;
     let report = service.projector.rebuild_all(false).await?;
     Ok((total, report.seconds))
 }
