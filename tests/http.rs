@@ -43,7 +43,7 @@ async fn serve_app(service: TestService) -> TestApp {
     TestApp {
         address,
         client: reqwest::Client::new(),
-        service: service,
+        service,
         stop: Some(stop),
         server: Some(server),
     }
