@@ -203,6 +203,24 @@ impl Ledger {
             .get(organization_id)
     }
 
+    /// The latest state, with the number of the snapshot stored now (another process may
+    /// have stored one since this process loaded the organization).
+    async fn load_with_stored_snapshot_number(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Loaded, LedgerError> {
+        let mut loaded = self.load_latest(organization_id).await?;
+        let stored = self
+            .repository
+            .snapshot_number(Organization::TYPE, &organization_id.to_string())
+            .await?;
+        if loaded.snapshot != stored {
+            loaded.snapshot = stored;
+            self.remember(organization_id, &loaded);
+        }
+        Ok(loaded)
+    }
+
     fn remember(&self, organization_id: Uuid, loaded: &Loaded) {
         self.cache
             .lock()
@@ -376,9 +394,15 @@ impl Ledger {
         // decided again on the latest state. A refusal or a no-op commits nothing that could
         // fail, so one decided on an unread cache entry is confirmed on the latest state.
         let mut cached = self.cached(organization_id);
+        let mut snapshot_number_unsure = false;
         for attempt in 1..=MAX_ATTEMPTS {
             let (loaded, unconfirmed) = match cached.take() {
                 Some(loaded) => (loaded, true),
+                None if snapshot_number_unsure => (
+                    self.load_with_stored_snapshot_number(organization_id)
+                        .await?,
+                    false,
+                ),
                 None => (self.load_latest(organization_id).await?, false),
             };
             let decision = match expected_version {
@@ -421,9 +445,14 @@ impl Ledger {
                         events: committed,
                     });
                 }
-                // Another process appended since the cache was filled: no contention yet.
-                Err(PersistenceError::OptimisticLockError) if unconfirmed => {}
+                // The sequence or the snapshot number was taken. Catching the events up
+                // does not tell which snapshot another writer stored since, so the retry
+                // also reads the stored snapshot's number.
+                Err(PersistenceError::OptimisticLockError) if unconfirmed => {
+                    snapshot_number_unsure = true;
+                }
                 Err(PersistenceError::OptimisticLockError) => {
+                    snapshot_number_unsure = true;
                     tracing::debug!(%organization_id, attempt, "concurrent change; retrying");
                     let jitter = rand::thread_rng().gen_range(0..=(2u64 << attempt.min(6)));
                     tokio::time::sleep(Duration::from_millis(jitter)).await;

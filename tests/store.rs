@@ -34,6 +34,8 @@ on_both_backends!(
     a_no_op_decided_on_a_cache_another_process_outdated_is_decided_again,
     a_commit_decided_on_an_outdated_cache_lands_after_the_other_process_commits,
     if_match_is_checked_against_the_latest_version_not_an_outdated_cache,
+    a_snapshot_another_process_wrote_since_does_not_block_the_next_one,
+    a_command_on_a_cached_organization_reads_nothing_before_it_commits,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -860,4 +862,73 @@ async fn if_match_is_checked_against_the_latest_version_not_an_outdated_cache(ba
         .await
         .unwrap();
     assert_eq!(current.version, latest + 1);
+}
+
+async fn a_snapshot_another_process_wrote_since_does_not_block_the_next_one(backend: Backend) {
+    let (ledger, other, org) = two_processes_one_outdated(backend).await;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let (_, version) = ledger.load(org).await.unwrap();
+    // This process writes snapshot 1, the other snapshot 2 up to just before the third...
+    let to_first = SNAPSHOT_EVERY + 1 - version;
+    ledger
+        .import(org, role_flips(to_first, "mia"), HashMap::new())
+        .await
+        .unwrap();
+    other
+        .import(
+            org,
+            role_flips(2 * SNAPSHOT_EVERY - 2, "mia"),
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+    // ...and this one catches its cached state up, still knowing only of snapshot 1.
+    let (state, version) = ledger.load(org).await.unwrap();
+    assert_eq!(version, 3 * SNAPSHOT_EVERY - 1);
+    let target = if state.members[&uid("mia")].role == Role::Admin {
+        Role::Member
+    } else {
+        Role::Admin
+    };
+    let changed = ledger
+        .run(
+            org,
+            cmd(user("olivia"), set_role("mia", target)),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .expect("the third snapshot is written after the other process's second");
+    assert_eq!(changed.version, 3 * SNAPSHOT_EVERY);
+    assert_eq!(
+        count(ledger.db(), "SELECT max(current_snapshot) FROM snapshots").await,
+        3
+    );
+}
+
+async fn a_command_on_a_cached_organization_reads_nothing_before_it_commits(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let stats = ledger.read_stats();
+    let (catch_ups, events) = (stats.catch_ups(), stats.events());
+    run(&ledger, org, "olivia", set_role("mia", Role::Admin)).await;
+    assert_eq!(
+        (stats.catch_ups(), stats.events()),
+        (catch_ups, events),
+        "decided on the cached state, as it was"
+    );
+    // A refusal is confirmed on the latest state: one catch-up read.
+    let refused = ledger
+        .run(
+            org,
+            cmd(user("olivia"), set_role("nobody", Role::Admin)),
+            &RequestContext::default(),
+            None,
+        )
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(stats.catch_ups(), catch_ups + 1);
 }

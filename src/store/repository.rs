@@ -22,6 +22,7 @@ use super::{open_personal_data, seal_personal_data, DataKey, DataKeys, Database,
 pub struct ReadStats {
     events: AtomicU64,
     snapshots: AtomicU64,
+    catch_ups: AtomicU64,
 }
 
 impl ReadStats {
@@ -31,6 +32,11 @@ impl ReadStats {
 
     pub fn snapshots(&self) -> u64 {
         self.snapshots.load(Ordering::Relaxed)
+    }
+
+    /// Reads of the events after a known version (a cached state or a snapshot caught up).
+    pub fn catch_ups(&self) -> u64 {
+        self.catch_ups.load(Ordering::Relaxed)
     }
 }
 
@@ -169,6 +175,26 @@ impl OrganizationRepository {
             open_event(event, key.as_ref()).map_err(failure)?;
         }
         Ok(events)
+    }
+
+    /// The number of the organization's stored snapshot, without reading it: what a commit
+    /// that crosses the next boundary must replace.
+    pub async fn snapshot_number(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<usize>, StoreError> {
+        let number: Option<i64> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_scalar(
+                "SELECT current_snapshot FROM snapshots
+                  WHERE aggregate_type = $1 AND aggregate_id = $2",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        Ok(number.map(|number| number as usize))
     }
 
     async fn remove_snapshot(
@@ -357,6 +383,7 @@ impl PersistedEventRepository for OrganizationRepository {
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.stats.catch_ups.fetch_add(1, Ordering::Relaxed);
         // postgres-es and sqlite-es write the sequence into the SQL text: a new statement to
         // parse and cache for every command. Bound, it is prepared once per connection.
         const AFTER: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
@@ -462,8 +489,8 @@ impl PersistedEventRepository for OrganizationRepository {
         let sealed_snapshot = match snapshot_update {
             Some((id, state, number)) => {
                 if number == 1 {
-                    // A first snapshot after an unreadable one: clear the stale row so the
-                    // insert does not read as a concurrency conflict.
+                    // This process knew of no snapshot, yet another may have written one
+                    // since (its number unknown here): it is replaced, not conflicted with.
                     self.remove_snapshot(A::TYPE, &id).await.map_err(failure)?;
                 }
                 let sealed = key.seal_str(&state.to_string(), aad);
