@@ -101,17 +101,36 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     if !claimed {
         return replay(&state, &database, &scope, &key, &fingerprint).await;
     }
+    // In a task of its own: a client that goes away must not cancel the command midway,
+    // after its events are stored but before its response is, or a retry would run it again.
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let recorded = tokio::spawn(run_and_record(state, database, scope, key, next, request));
+    recorded.await.unwrap_or_else(|_| {
+        // The handler panicked; `Claim` released the key as the task unwound.
+        ApiError::internal("a handler panicked").into_response()
+    })
+}
+
+/// Runs the claimed command and stores its response under the key (or releases the key on
+/// a 5xx or 401, so a retry may try again).
+async fn run_and_record(
+    state: AppState,
+    database: Database,
+    scope: String,
+    key: String,
+    next: Next,
+    request: Request,
+) -> Response {
     let mut claim = Claim {
         database: Some(database.clone()),
         scope: scope.clone(),
         key: key.clone(),
     };
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
-    claim.database = None;
+    let response = next.run(request).await;
     let (parts, body) = response.into_parts();
-    let Ok(body) = to_bytes(body, LARGEST_STORED_RESPONSE).await else {
+    let body = to_bytes(body, LARGEST_STORED_RESPONSE).await;
+    claim.database = None;
+    let Ok(body) = body else {
         drop(release(&database, &scope, &key).await);
         return ApiError::internal("a command response was too large to keep").into_response();
     };
@@ -130,9 +149,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     Response::from_parts(parts, Body::from(body))
 }
 
-/// A claimed key whose request never produced a response (the handler panicked, or the
-/// client went away and the request was dropped): released, so a retry is not made to wait
-/// out the claim.
+/// A claimed key whose request never produced a response (the handler panicked and the
+/// task unwound): released, so a retry is not made to wait out the claim.
 struct Claim {
     database: Option<Database>,
     scope: String,
