@@ -44,7 +44,7 @@ impl Orgledger {
             runner_database.clone(),
             ledger.keys().clone(),
         ));
-        let projector = Arc::new(Projector::new(runner_database, feed));
+        let projector = Arc::new(Projector::new(runner_database, feed).with_request_pool(database));
         projector
             .prepare()
             .await

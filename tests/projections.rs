@@ -456,20 +456,13 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
     for i in 0..12 {
         let member = format!("m{i:02}");
         add_member(&service.ledger, org, "olivia", &member, Role::Member).await;
-        let promote = OrganizationCommand::UpdateMember(UpdateMember {
-            role: Some(Role::Admin),
-            ..UpdateMember::of(uid(&member))
-        });
-        service
-            .ledger
-            .run(
-                org,
-                cmd(user("olivia"), promote),
-                &RequestContext::default(),
-                None,
-            )
-            .await
-            .unwrap();
+        run(
+            &service.ledger,
+            org,
+            "olivia",
+            set_role(&member, Role::Admin),
+        )
+        .await;
     }
     let (_, version) = service.ledger.load(org).await.unwrap();
     service.catch_up().await;
@@ -1299,4 +1292,25 @@ async fn join_via(service: &orgledger::service::Orgledger, org: Uuid, user_id: &
         .await
         .unwrap();
     assert!(found.is_some());
+}
+
+/// Only the runner's own connections commit asynchronously: the ledger's, which write the
+/// events, keys and idempotency records, stay durable at commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_runners_connections_commit_asynchronously() {
+    let service = spawn_service(Backend::Postgres).await;
+    let setting = |db: Database| async move {
+        let Database::Postgres(pool) = db else {
+            unreachable!("a PostgreSQL service")
+        };
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(setting(service.db().clone()).await, "on");
+    assert_eq!(
+        setting(service.service.projector.database().clone()).await,
+        "off"
+    );
 }

@@ -74,7 +74,10 @@ impl Projection for InvitationsProjection {
         let t = &self.table;
         let org = event.organization_id.as_str();
         match &event.event {
-            E::InvitationSent(_) => self.insert_sent(conn, &[event]).await?,
+            E::InvitationSent(_) => self
+                .insert_sent(conn, &[event], 0)
+                .await
+                .map_err(|(_, error)| error)?,
             E::InvitationResent(e) => {
                 let sql = format!(
                     "UPDATE {t} SET token_sha256 = $2, sent_at_us = $3, expires_at_us = $4 WHERE id = $1"
@@ -130,28 +133,28 @@ impl Projection for InvitationsProjection {
             if matches!(event.event, E::InvitationSent(_)) {
                 continue;
             }
-            self.insert_sent(conn, &events[run_start..index])
-                .await
-                .map_err(|error| (run_start, error))?;
+            self.insert_sent(conn, &events[run_start..index], run_start)
+                .await?;
             self.apply(conn, event)
                 .await
                 .map_err(|error| (index, error))?;
             run_start = index + 1;
         }
-        self.insert_sent(conn, &events[run_start..])
+        self.insert_sent(conn, &events[run_start..], run_start)
             .await
-            .map_err(|error| (run_start, error))
     }
 }
 
 impl InvitationsProjection {
-    /// Inserts the invitations of `sent`, which are all `InvitationSent` events.
+    /// Inserts the invitations of `sent`, which are all `InvitationSent` events and start at
+    /// index `first` of the batch; a failing statement names its first event.
     async fn insert_sent(
         &self,
         conn: &mut Conn<'_>,
         sent: &[&RecordedEvent],
-    ) -> Result<(), sqlx::Error> {
-        for chunk in sent.chunks(MAX_ROWS_PER_STATEMENT) {
+        first: usize,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        for (chunk_index, chunk) in sent.chunks(MAX_ROWS_PER_STATEMENT).enumerate() {
             let sql = format!(
                 "INSERT INTO {} (id, organization_id, email, role, first_name, last_name, title,
                                  group_id, invited_by_type, invited_by_id, sent_at_us,
@@ -183,7 +186,9 @@ impl InvitationsProjection {
                     ]);
                 }
             }
-            conn.execute(&sql, &args).await?;
+            conn.execute(&sql, &args)
+                .await
+                .map_err(|error| (first + chunk_index * MAX_ROWS_PER_STATEMENT, error))?;
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! The organization directory: one row per organization that is not purged.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
@@ -122,8 +124,9 @@ impl Projection for OrganizationsProjection {
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
-        let mut versions: Vec<(&str, i64, usize)> = Vec::new();
-        let mut counts: Vec<(&str, i64, usize)> = Vec::new();
+        // By organization: (value, index of the event it came from).
+        let mut versions: HashMap<&str, (i64, usize)> = HashMap::new();
+        let mut counts: HashMap<&str, (i64, usize)> = HashMap::new();
         for (index, event) in events.iter().enumerate() {
             let id = event.organization_id.as_str();
             let delta = match &event.event {
@@ -137,15 +140,9 @@ impl Projection for OrganizationsProjection {
                     .await
                     .map_err(|error| (index, error))?;
             } else {
-                match counts.iter_mut().find(|(org, _, _)| *org == id) {
-                    Some(entry) => entry.1 += delta,
-                    None => counts.push((id, delta, index)),
-                }
+                counts.entry(id).or_insert((0, index)).0 += delta;
             }
-            match versions.iter_mut().find(|(org, _, _)| *org == id) {
-                Some(entry) => *entry = (id, event.sequence, index),
-                None => versions.push((id, event.sequence, index)),
-            }
+            versions.insert(id, (event.sequence, index));
         }
         self.move_member_counts(conn, &mut counts).await?;
         self.update_each(conn, "version = moved.value", &versions)
@@ -154,11 +151,11 @@ impl Projection for OrganizationsProjection {
 }
 
 impl OrganizationsProjection {
-    /// Applies and clears pending `(organization, member_count delta, first event index)`.
+    /// Applies and clears pending member_count deltas (with their first event's index).
     async fn move_member_counts(
         &self,
         conn: &mut Conn<'_>,
-        counts: &mut Vec<(&str, i64, usize)>,
+        counts: &mut HashMap<&str, (i64, usize)>,
     ) -> Result<(), (usize, sqlx::Error)> {
         self.update_each(conn, "member_count = member_count + moved.value", counts)
             .await?;
@@ -166,15 +163,19 @@ impl OrganizationsProjection {
         Ok(())
     }
 
-    /// Applies `assignment` (over `moved.value`) to each `(organization, value, first event
+    /// Applies `assignment` (over `moved.value`) to each organization's `(value, event
     /// index)` in one statement per chunk, not one per organization.
     async fn update_each(
         &self,
         conn: &mut Conn<'_>,
         assignment: &str,
-        rows: &[(&str, i64, usize)],
+        rows: &HashMap<&str, (i64, usize)>,
     ) -> Result<(), (usize, sqlx::Error)> {
         let t = &self.table;
+        let rows: Vec<(&str, i64, usize)> = rows
+            .iter()
+            .map(|(id, (value, index))| (*id, *value, *index))
+            .collect();
         for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
                 "WITH moved (id, value) AS (VALUES {})

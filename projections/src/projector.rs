@@ -158,6 +158,9 @@ pub struct ProjectionCounters {
 
 pub struct Projector {
     database: Database,
+    /// Where read-your-writes checks and status reads go: requests wait on them, and they
+    /// must not take the runner's connections (see `Database::separate_pool`).
+    requests: Database,
     feed: Arc<dyn EventFeed>,
     projections: Vec<Arc<dyn Projection>>,
     /// Bumped whenever events may have been committed.
@@ -174,6 +177,7 @@ pub struct Projector {
 impl Projector {
     pub fn new(database: Database, feed: Arc<dyn EventFeed>) -> Self {
         Self {
+            requests: database.clone(),
             database,
             feed,
             projections: all_projections(""),
@@ -183,6 +187,13 @@ impl Projector {
             leading: Mutex::default(),
             applied: Mutex::default(),
         }
+    }
+
+    /// Sends read-your-writes checks and status reads to `requests` instead of the
+    /// runner's own database.
+    pub fn with_request_pool(mut self, requests: Database) -> Self {
+        self.requests = requests;
+        self
     }
 
     pub fn database(&self) -> &Database {
@@ -447,7 +458,10 @@ impl Projector {
     }
 
     async fn record_failure(&self, name: &str, error: &ProjectionError) {
-        self.count(name, |c| c.failures += 1);
+        // A rebuild's copies stay out of the metrics, as in `run_group`.
+        if PROJECTION_NAMES.contains(&name) {
+            self.count(name, |c| c.failures += 1);
+        }
         let event = match error {
             ProjectionError::Apply { event, .. } => Some(event.clone()),
             _ => None,
@@ -597,7 +611,8 @@ impl Projector {
             }
             let wait = match self.run_live_batch(&group, lowest.map(|(_, at)| at)).await {
                 Ok((read, now_lowest)) => {
-                    lowest = Some((names, now_lowest));
+                    // An empty group (every projection failing) read nothing and stands nowhere.
+                    lowest = (!group.is_empty()).then_some((names, now_lowest));
                     backoff = Duration::from_millis(500);
                     for projection in &group {
                         failing.remove(projection.name());
@@ -609,11 +624,16 @@ impl Projector {
                     // Committed events a transaction in flight holds back (PostgreSQL): the
                     // wake-up for them is already spent, so look again in a moment, and less
                     // often while a long transaction anywhere on the server holds them.
-                    let held_back = self.has_unread_events(&group).await.unwrap_or(false);
+                    let held_back = match &lowest {
+                        Some((_, at)) => self
+                            .feed
+                            .has_events_after(*at)
+                            .await
+                            .map_err(ProjectionError::from),
+                        None => self.has_unread_events(&group).await,
+                    }
+                    .unwrap_or(false);
                     if held_back {
-                        // Or the checkpoints moved back under this runner (a rebuild's swap):
-                        // the next batch reads from where they stand.
-                        lowest = None;
                         let wait = held_back_wait;
                         held_back_wait = (held_back_wait * 2).min(HELD_BACK_LAST_LOOK);
                         wait
@@ -737,7 +757,7 @@ impl Projector {
             let now = Instant::now();
             // Runners in other processes are seen through the database, at most every 50 ms.
             if now >= next_database_check {
-                let applied: i64 = crate::with_pool!(&self.database, pool => {
+                let applied: i64 = crate::with_pool!(&self.requests, pool => {
                     sqlx::query_scalar(&sql)
                         .bind(organization_id)
                         .bind(version)
@@ -775,7 +795,7 @@ impl Projector {
 
     /// Every live projection's position, backlog and last failure.
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
-        let rows: Vec<CheckpointRow> = crate::with_pool!(&self.database, pool => {
+        let rows: Vec<CheckpointRow> = crate::with_pool!(&self.requests, pool => {
             sqlx::query_as(
                 "SELECT name, commit_txid, position, events_applied, updated_at_us,
                         failed_event, last_error
