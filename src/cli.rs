@@ -65,7 +65,7 @@ pub enum ProjectionsAction {
     /// Replay the whole log into fresh tables and swap them in atomically (reads keep being
     /// served meanwhile). Without NAME, rebuilds every projection.
     Rebuild {
-        /// organizations, members, invitations or audit_log.
+        /// organizations, members, invitations, audit_log, groups or service_accounts.
         name: Option<String>,
     },
 }
