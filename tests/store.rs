@@ -36,6 +36,8 @@ on_both_backends!(
     if_match_is_checked_against_the_latest_version_not_an_outdated_cache,
     a_snapshot_another_process_wrote_since_does_not_block_the_next_one,
     a_command_on_a_cached_organization_reads_nothing_before_it_commits,
+    an_import_larger_than_one_statement_is_stored_whole_in_one_transaction,
+    an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -477,6 +479,87 @@ async fn a_slug_reservation_left_by_a_crashed_create_is_taken_over(backend: Back
     ));
     let taken_over = create_org(&ledger, "Y", "crashed", "olivia").await;
     assert_eq!(taken_over.state.slug, "crashed");
+}
+
+/// 5,000 events are 35,000 parameters: more than SQLite takes in one statement.
+async fn an_import_larger_than_one_statement_is_stored_whole_in_one_transaction(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let (_, start) = ledger.load(org).await.unwrap();
+    let version = ledger
+        .import(org, role_flips(5_000, "mia"), HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(version, start + 5_000);
+    let stored = format!("SELECT count(*) FROM events WHERE aggregate_id = '{org}'");
+    assert_eq!(count(ledger.db(), &stored).await as usize, start + 5_000);
+    let last = format!("SELECT max(sequence) FROM events WHERE aggregate_id = '{org}'");
+    assert_eq!(count(ledger.db(), &last).await as usize, start + 5_000);
+    // The history replays: an even number of flips leaves mia a member.
+    let (state, _) = ledger.reopen().await.load(org).await.unwrap();
+    assert_eq!(
+        state.members.get(&uid("mia")).map(|member| &member.role),
+        Some(&Role::Member)
+    );
+}
+
+async fn an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them(
+    backend: Backend,
+) {
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
+    use orgledger::store::{DataKeys, OrganizationRepository};
+    use serde_json::json;
+
+    let ledger = spawn_ledger(backend).await;
+    let repository = OrganizationRepository::new(
+        ledger.db().clone(),
+        DataKeys::new(ledger.db().clone(), ledger.master_key.clone()),
+    );
+    let id = Uuid::now_v7().to_string();
+    let events = |sequences: std::ops::RangeInclusive<usize>| -> Vec<SerializedEvent> {
+        sequences
+            .map(|sequence| {
+                SerializedEvent::new(
+                    id.clone(),
+                    sequence,
+                    "organization".into(),
+                    "OrganizationSettingsChanged".into(),
+                    "1".into(),
+                    json!({ "note": sequence }),
+                    json!({}),
+                )
+            })
+            .collect()
+    };
+    let stored = || async {
+        repository
+            .get_events::<Organization>(&id)
+            .await
+            .unwrap()
+            .len()
+    };
+    let state = json!({ "state": "opaque to the store" });
+    repository
+        .persist::<Organization>(&events(1..=2_500), Some((id.clone(), state.clone(), 1)))
+        .await
+        .unwrap();
+    assert_eq!(stored().await, 2_500, "three statements, one transaction");
+    let stale = repository
+        .persist::<Organization>(&events(2_501..=5_000), Some((id.clone(), state, 3)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, PersistenceError::OptimisticLockError),
+        "{stale:?}"
+    );
+    assert_eq!(
+        stored().await,
+        2_500,
+        "no chunk of the refused append remains"
+    );
 }
 
 async fn a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows(

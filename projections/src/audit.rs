@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{index, value_rows, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, Arg, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -331,36 +331,43 @@ impl AuditLogProjection {
         let Some((first, _)) = rows.first() else {
             return Ok(());
         };
-        let sql = format!(
-            "INSERT INTO {} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
-                              action, resource_type, resource_id, details, request_id) VALUES {}
-             ON CONFLICT (organization_id, sequence) DO NOTHING",
-            self.table,
-            value_rows(rows.len(), 10, 1)
-        );
-        let mut args = Vec::with_capacity(rows.len() * 10);
-        for (_, event) in rows {
-            let org = event.organization_id.as_str();
-            let description = describe(org, &event.event);
-            args.extend(args![
-                org,
-                event.sequence,
-                to_micros(event.occurred_at()),
-                event.actor_type(),
-                event.actor_id(),
-                description.action,
-                description.resource_type,
-                description.resource_id,
-                description.details.to_string(),
-                event.metadata.get("request_id").cloned()
-            ]);
-        }
-        conn.execute(&sql, &args)
+        let entries: Vec<Vec<Arg>> = rows
+            .iter()
+            .map(|(_, event)| {
+                let org = event.organization_id.as_str();
+                let description = describe(org, &event.event);
+                Vec::from(args![
+                    org,
+                    event.sequence,
+                    to_micros(event.occurred_at()),
+                    event.actor_type(),
+                    event.actor_id(),
+                    description.action,
+                    description.resource_type,
+                    description.resource_id,
+                    description.details.to_string(),
+                    event.metadata.get("request_id").cloned()
+                ])
+            })
+            .collect();
+        conn.append_rows(&self.table, &COLUMNS, &entries)
             .await
-            .map_err(|error| (*first, error))?;
-        Ok(())
+            .map_err(|(row, error)| (rows.get(row).map_or(*first, |(index, _)| *index), error))
     }
 }
+
+const COLUMNS: [&str; 10] = [
+    "organization_id",
+    "sequence",
+    "occurred_at_us",
+    "actor_type",
+    "actor_id",
+    "action",
+    "resource_type",
+    "resource_id",
+    "details",
+    "request_id",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceView {

@@ -64,37 +64,51 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
-/// Appends a command's events and its snapshot in one transaction: the events in one
-/// multi-row INSERT (postgres-es and sqlite-es send one statement per event), and a snapshot
-/// that moved since the load rolls back the events too (postgres-es 0.5 commits them first).
+/// Most events one INSERT carries: 7 parameters each keeps a statement within SQLite's
+/// 32,766 parameters (PostgreSQL allows 65,535).
+const EVENTS_PER_STATEMENT: usize = 1_000;
+
+/// Appends a command's events and its snapshot in one transaction: the events in multi-row
+/// INSERTs (postgres-es and sqlite-es send one statement per event), and a snapshot that
+/// moved since the load rolls back the events too (postgres-es 0.5 commits them first).
 macro_rules! append {
     ($pool:expr, $aggregate_type:expr, $events:expr, $snapshot:expr) => {
         async {
             let events: &[SerializedEvent] = $events;
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                     event_version, payload, metadata) ",
-            );
-            insert.push_values(events, |mut row, event| {
-                row.push_bind(event.aggregate_type.as_str())
-                    .push_bind(event.aggregate_id.as_str())
-                    .push_bind(event.sequence as i64)
-                    .push_bind(event.event_type.as_str())
-                    .push_bind(event.event_version.as_str())
-                    .push_bind(&event.payload)
-                    .push_bind(&event.metadata);
-            });
-            let Some((aggregate_id, payload, number)) = $snapshot else {
+            // By range rather than by slice, so the statement borrows from `events` itself.
+            let insert = |rows: std::ops::Range<usize>| {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                         event_version, payload, metadata) ",
+                );
+                insert.push_values(&events[rows], |mut row, event| {
+                    row.push_bind(event.aggregate_type.as_str())
+                        .push_bind(event.aggregate_id.as_str())
+                        .push_bind(event.sequence as i64)
+                        .push_bind(event.event_type.as_str())
+                        .push_bind(event.event_version.as_str())
+                        .push_bind(&event.payload)
+                        .push_bind(&event.metadata);
+                });
+                insert
+            };
+            let snapshot = $snapshot;
+            if snapshot.is_none() && events.len() <= EVENTS_PER_STATEMENT {
                 // One statement is atomic on its own: no BEGIN and COMMIT round trips.
                 if !events.is_empty() {
-                    insert.build().execute($pool).await?;
+                    insert(0..events.len()).build().execute($pool).await?;
                 }
                 return Ok(());
-            };
-            let mut tx = $pool.begin().await?;
-            if !events.is_empty() {
-                insert.build().execute(&mut *tx).await?;
             }
+            let mut tx = $pool.begin().await?;
+            for start in (0..events.len()).step_by(EVENTS_PER_STATEMENT) {
+                let end = events.len().min(start + EVENTS_PER_STATEMENT);
+                insert(start..end).build().execute(&mut *tx).await?;
+            }
+            let Some((aggregate_id, payload, number)) = snapshot else {
+                tx.commit().await?;
+                return Ok(());
+            };
             let last_sequence = events.last().map_or(0, |event| event.sequence as i64);
             if number == 1 {
                 sqlx::query(
