@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 
+use cqrs_es::persist::SerializedEvent;
 use orgledger::ledger::{LedgerError, RequestContext};
 use orgledger::store::{seal_personal_data, SNAPSHOT_EVERY};
 use orgledger_domain::*;
@@ -509,38 +510,18 @@ async fn an_import_larger_than_one_statement_is_stored_whole_in_one_transaction(
 async fn an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them(
     backend: Backend,
 ) {
-    use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
-    use orgledger::store::{DataKeys, OrganizationRepository};
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
     use serde_json::json;
 
     let ledger = spawn_ledger(backend).await;
-    let repository = OrganizationRepository::new(
-        ledger.db().clone(),
-        DataKeys::new(ledger.db().clone(), ledger.master_key.clone()),
-    );
+    let repository = bare_repository(&ledger);
     let id = Uuid::now_v7().to_string();
     let events = |sequences: std::ops::RangeInclusive<usize>| -> Vec<SerializedEvent> {
         sequences
-            .map(|sequence| {
-                SerializedEvent::new(
-                    id.clone(),
-                    sequence,
-                    "organization".into(),
-                    "OrganizationSettingsChanged".into(),
-                    "1".into(),
-                    json!({ "note": sequence }),
-                    json!({}),
-                )
-            })
+            .map(|sequence| opaque_event(&id, sequence))
             .collect()
     };
-    let stored = || async {
-        repository
-            .get_events::<Organization>(&id)
-            .await
-            .unwrap()
-            .len()
-    };
+    let stored = || stored_count(&repository, &id);
     let state = json!({ "state": "opaque to the store" });
     repository
         .persist::<Organization>(&events(1..=2_500), Some((id.clone(), state.clone(), 1)))
@@ -793,35 +774,46 @@ async fn a_rejected_command_appends_nothing(backend: Backend) {
     assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 2);
 }
 
-async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(backend: Backend) {
-    use cqrs_es::persist::{PersistedEventRepository, PersistenceError, SerializedEvent};
+/// A repository of its own over the ledger's database, for appends the ledger would not make.
+fn bare_repository(ledger: &TestLedger) -> orgledger::store::OrganizationRepository {
     use orgledger::store::{DataKeys, OrganizationRepository};
+    OrganizationRepository::new(
+        ledger.db().clone(),
+        DataKeys::new(ledger.db().clone(), ledger.master_key.clone()),
+    )
+}
+
+/// An event whose payload the store does not look into.
+fn opaque_event(id: &str, sequence: usize) -> SerializedEvent {
+    SerializedEvent::new(
+        id.to_owned(),
+        sequence,
+        "organization".into(),
+        "OrganizationSettingsChanged".into(),
+        "1".into(),
+        serde_json::json!({ "note": sequence }),
+        serde_json::json!({}),
+    )
+}
+
+async fn stored_count(repository: &orgledger::store::OrganizationRepository, id: &str) -> usize {
+    use cqrs_es::persist::PersistedEventRepository;
+    repository
+        .get_events::<Organization>(id)
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(backend: Backend) {
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
     use serde_json::json;
 
     let ledger = spawn_ledger(backend).await;
-    let repository = OrganizationRepository::new(
-        ledger.db().clone(),
-        DataKeys::new(ledger.db().clone(), ledger.master_key.clone()),
-    );
+    let repository = bare_repository(&ledger);
     let id = Uuid::now_v7().to_string();
-    let event = |sequence: usize| {
-        SerializedEvent::new(
-            id.clone(),
-            sequence,
-            "organization".into(),
-            "OrganizationSettingsChanged".into(),
-            "1".into(),
-            json!({ "note": sequence }),
-            json!({}),
-        )
-    };
-    let stored = || async {
-        repository
-            .get_events::<Organization>(&id)
-            .await
-            .unwrap()
-            .len()
-    };
+    let event = |sequence: usize| opaque_event(&id, sequence);
+    let stored = || stored_count(&repository, &id);
     let state = json!({ "state": "opaque to the store" });
     repository
         .persist::<Organization>(&[event(1), event(2)], Some((id.clone(), state.clone(), 1)))

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{index, Arg, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, Arg, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -295,8 +295,9 @@ impl Projection for AuditLogProjection {
             .map_err(|(_, error)| error)
     }
 
-    /// Entries go in as multi-row INSERTs; a purge first flushes, then deletes the
-    /// organization's entries, so its tombstone is the only one left.
+    /// Entries go in by `Conn::append_rows` (one COPY on PostgreSQL for a long run); a purge
+    /// first flushes, then deletes the organization's entries, so its tombstone is the only
+    /// one left.
     async fn apply_all(
         &self,
         conn: &mut Conn<'_>,
@@ -313,10 +314,6 @@ impl Projection for AuditLogProjection {
                     .map_err(|error| (index, error))?;
             }
             pending.push((index, event));
-            if pending.len() == MAX_ROWS_PER_STATEMENT {
-                self.insert(conn, &pending).await?;
-                pending.clear();
-            }
         }
         self.insert(conn, &pending).await
     }
@@ -350,7 +347,7 @@ impl AuditLogProjection {
                 ])
             })
             .collect();
-        conn.append_rows(&self.table, &COLUMNS, &entries)
+        conn.append_rows(&self.table, &COLUMNS, entries)
             .await
             .map_err(|(row, error)| (rows.get(row).map_or(*first, |(index, _)| *index), error))
     }

@@ -314,31 +314,36 @@ impl Conn<'_> {
         &mut self,
         table: &str,
         columns: &[&str],
-        rows: &[Vec<Arg>],
+        rows: Vec<Vec<Arg>>,
     ) -> Result<(), (usize, sqlx::Error)> {
         if let Self::Postgres(conn) = self {
             if rows.len() >= COPY_MIN_ROWS {
                 let mut text = CopyText::default();
-                for row in rows {
+                for row in &rows {
                     text.row(row);
                 }
                 let statement = format!("COPY {table} ({}) FROM STDIN", columns.join(", "));
-                return copy_in(conn, &statement, text.into_bytes())
+                return copy_in(conn, &statement, text.bytes)
                     .await
                     .map_err(|error| (0, error));
             }
         }
         let chunk_rows = MAX_ROWS_PER_STATEMENT.min(32_766 / columns.len().max(1));
-        for (chunk_index, chunk) in rows.chunks(chunk_rows).enumerate() {
+        let mut rows = rows.into_iter().peekable();
+        let mut first = 0;
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Arg>> = rows.by_ref().take(chunk_rows).collect();
             let sql = format!(
                 "INSERT INTO {table} ({}) VALUES {}",
                 columns.join(", "),
                 value_rows(chunk.len(), columns.len(), 1)
             );
-            let args: Vec<Arg> = chunk.iter().flatten().cloned().collect();
+            let count = chunk.len();
+            let args: Vec<Arg> = chunk.into_iter().flatten().collect();
             self.execute(&sql, &args)
                 .await
-                .map_err(|error| (chunk_index * chunk_rows, error))?;
+                .map_err(|error| (first, error))?;
+            first += count;
         }
         Ok(())
     }
@@ -371,12 +376,12 @@ async fn copy_in(
 /// Rows in the text format of PostgreSQL's `COPY`: tab-separated, `\N` for NULL, and
 /// backslash escapes for the characters that would end a field or a row.
 #[derive(Default)]
-pub struct CopyText {
+struct CopyText {
     bytes: Vec<u8>,
 }
 
 impl CopyText {
-    pub fn row(&mut self, values: &[Arg]) {
+    fn row(&mut self, values: &[Arg]) {
         for (index, value) in values.iter().enumerate() {
             if index > 0 {
                 self.bytes.push(b'\t');
@@ -384,7 +389,8 @@ impl CopyText {
             match value {
                 Arg::Text(Some(text)) => self.escaped(text),
                 Arg::Int(Some(number)) => {
-                    self.bytes.extend_from_slice(number.to_string().as_bytes())
+                    use std::io::Write;
+                    write!(self.bytes, "{number}").expect("writing to a Vec cannot fail");
                 }
                 Arg::Text(None) | Arg::Int(None) => self.bytes.extend_from_slice(b"\\N"),
             }
@@ -402,10 +408,6 @@ impl CopyText {
                 other => self.bytes.push(other),
             }
         }
-    }
-
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
     }
 }
 
@@ -505,7 +507,7 @@ mod tests {
         text.row(&args!["a\tb\nc\\d\re", 7_i64, None::<String>]);
         text.row(&args!["", Some(-1_i64)]);
         assert_eq!(
-            String::from_utf8(text.into_bytes()).unwrap(),
+            String::from_utf8(text.bytes).unwrap(),
             "a\\tb\\nc\\\\d\\re\t7\t\\N\n\t-1\n"
         );
     }
