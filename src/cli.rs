@@ -12,7 +12,7 @@ use crate::config::{platform_tokens, redact_url, StoreConfig};
 use crate::http::{AppState, PlatformTokens};
 use crate::service::Orgledger;
 use crate::store::{Database, MasterKey};
-use orgledger_projections::PROJECTION_NAMES;
+use orgledger_projections::{RebuildReport, PROJECTION_NAMES};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -135,19 +135,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let show_progress = std::io::stderr().is_terminal();
                     let report = service.projector.rebuild(&name, show_progress).await?;
                     println!(
-                        "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s)",
-                        report.projection, report.events, report.seconds, report.events_per_second
+                        "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
+                        report.projection,
+                        report.events,
+                        report.seconds,
+                        report.events_per_second,
+                        phases(&report)
                     );
                 }
                 ProjectionsAction::Rebuild { name: None } => {
                     let show_progress = std::io::stderr().is_terminal();
                     let report = service.projector.rebuild_all(show_progress).await?;
                     println!(
-                        "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s)",
+                        "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s; {})",
                         PROJECTION_NAMES.len(),
                         report.events,
                         report.seconds,
-                        report.events_per_second
+                        report.events_per_second,
+                        phases(&report)
                     );
                 }
             }
@@ -178,6 +183,13 @@ pub async fn shutdown_signal() {
         () = interrupt => {},
         () = terminate => {},
     }
+}
+
+fn phases(report: &RebuildReport) -> String {
+    format!(
+        "replay {:.2} s, indexes {:.2} s, swap {:.2} s",
+        report.replay_seconds, report.index_seconds, report.swap_seconds
+    )
 }
 
 async fn print_status(service: &Orgledger) -> anyhow::Result<()> {

@@ -1,5 +1,7 @@
 //! The audit log: one entry per event, in the contract's words.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
@@ -7,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{index, Arg, Conn, Database, Index};
+use crate::db::{index, unique_index, Arg, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
@@ -235,6 +237,12 @@ pub fn describe(organization_id: &str, event: &E) -> Description {
 pub struct AuditLogProjection {
     name: String,
     table: String,
+    /// Whether the table has its key yet. A rebuild's copy (any suffix) is replayed without
+    /// it, since maintaining it row by row cost more than building it afterwards; until
+    /// `replay_done` a purge therefore leaves the organization's entries for one pass at
+    /// the end, rather than scanning the copy once per purge.
+    keyed: AtomicBool,
+    purges_deferred: AtomicBool,
 }
 
 impl AuditLogProjection {
@@ -242,6 +250,8 @@ impl AuditLogProjection {
         Self {
             name: format!("audit_log{suffix}"),
             table: format!("rm_audit_log{suffix}"),
+            keyed: AtomicBool::new(suffix.is_empty()),
+            purges_deferred: AtomicBool::new(false),
         }
     }
 }
@@ -254,6 +264,11 @@ impl Projection for AuditLogProjection {
 
     fn tables(&self) -> Vec<(&'static str, String)> {
         vec![("rm_audit_log", self.table.clone())]
+    }
+
+    /// 2: the key became a unique index, built after a rebuild's replay.
+    fn schema_version(&self) -> i64 {
+        2
     }
 
     fn create_tables(&self) -> Vec<String> {
@@ -269,15 +284,17 @@ impl Projection for AuditLogProjection {
                     resource_type TEXT NOT NULL,
                     resource_id TEXT NOT NULL,
                     details TEXT NOT NULL,
-                    request_id TEXT,
-                    PRIMARY KEY (organization_id, sequence)
+                    request_id TEXT
                 )"
         )]
     }
 
+    /// The key is among them (not in `create_tables`), so a rebuild builds it after its
+    /// replay: an append-only table needs no key until then.
     fn indexes(&self) -> Vec<Index> {
         let t = &self.table;
         vec![
+            unique_index(t, "_key", "organization_id, sequence"),
             index(t, "_by_time", "organization_id, occurred_at_us, sequence"),
             index(t, "_by_action", "organization_id, action, sequence"),
             index(t, "_by_actor", "organization_id, actor_id, sequence"),
@@ -306,16 +323,38 @@ impl Projection for AuditLogProjection {
         let mut pending: Vec<(usize, &RecordedEvent)> = Vec::new();
         for (index, event) in events.iter().enumerate() {
             if matches!(event.event, E::OrganizationPurged(_)) {
-                self.insert(conn, &pending).await?;
-                pending.clear();
-                let sql = format!("DELETE FROM {} WHERE organization_id = $1", self.table);
-                conn.execute(&sql, &args![event.organization_id.as_str()])
-                    .await
-                    .map_err(|error| (index, error))?;
+                if !self.keyed.load(Ordering::Acquire) {
+                    self.purges_deferred.store(true, Ordering::Release);
+                } else {
+                    self.insert(conn, &pending).await?;
+                    pending.clear();
+                    let sql = format!("DELETE FROM {} WHERE organization_id = $1", self.table);
+                    conn.execute(&sql, &args![event.organization_id.as_str()])
+                        .await
+                        .map_err(|error| (index, error))?;
+                }
             }
             pending.push((index, event));
         }
         self.insert(conn, &pending).await
+    }
+
+    /// Removes every entry older than its organization's purge tombstone, in one pass: what
+    /// each purge would have deleted had the copy had its key.
+    async fn replay_done(&self, conn: &mut Conn<'_>) -> Result<(), sqlx::Error> {
+        if self.purges_deferred.swap(false, Ordering::AcqRel) {
+            let t = &self.table;
+            let sql = format!(
+                "DELETE FROM {t} WHERE EXISTS (
+                    SELECT 1 FROM {t} AS tombstone
+                     WHERE tombstone.action = 'organization.purged'
+                       AND tombstone.organization_id = {t}.organization_id
+                       AND tombstone.sequence > {t}.sequence)"
+            );
+            conn.execute(&sql, &[]).await?;
+        }
+        self.keyed.store(true, Ordering::Release);
+        Ok(())
     }
 }
 

@@ -75,7 +75,7 @@ impl Projection for InvitationsProjection {
         let org = event.organization_id.as_str();
         match &event.event {
             E::InvitationSent(_) => self
-                .insert_sent(conn, &[event], 0)
+                .insert_sent(conn, &[(0, event)])
                 .await
                 .map_err(|(_, error)| error)?,
             E::InvitationResent(e) => {
@@ -128,33 +128,47 @@ impl Projection for InvitationsProjection {
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
-        let mut run_start = 0;
+        let mut sent: Vec<(usize, &RecordedEvent)> = Vec::new();
         for (index, event) in events.iter().enumerate() {
             if matches!(event.event, E::InvitationSent(_)) {
+                sent.push((index, event));
                 continue;
             }
-            self.insert_sent(conn, &events[run_start..index], run_start)
-                .await?;
+            // Only an event that writes invitations must wait for the run before it: one
+            // that does not (most of a busy log) leaves the run growing.
+            if changes_invitations(&event.event) {
+                self.insert_sent(conn, &sent).await?;
+                sent.clear();
+            }
             self.apply(conn, event)
                 .await
                 .map_err(|error| (index, error))?;
-            run_start = index + 1;
         }
-        self.insert_sent(conn, &events[run_start..], run_start)
-            .await
+        self.insert_sent(conn, &sent).await
     }
 }
 
+/// Whether `apply` writes invitations for an event other than `InvitationSent`: each of its
+/// arms must be listed here.
+fn changes_invitations(event: &E) -> bool {
+    matches!(
+        event,
+        E::InvitationResent(_)
+            | E::InvitationRevoked(_)
+            | E::InvitationAccepted(_)
+            | E::OrganizationPurged(_)
+    )
+}
+
 impl InvitationsProjection {
-    /// Inserts the invitations of `sent`, which are all `InvitationSent` events and start at
-    /// index `first` of the batch; a failing statement names its first event.
+    /// Inserts the invitations of `sent`, `InvitationSent` events with their index in the
+    /// batch; a failing statement names its first event.
     async fn insert_sent(
         &self,
         conn: &mut Conn<'_>,
-        sent: &[&RecordedEvent],
-        first: usize,
+        sent: &[(usize, &RecordedEvent)],
     ) -> Result<(), (usize, sqlx::Error)> {
-        for (chunk_index, chunk) in sent.chunks(MAX_ROWS_PER_STATEMENT).enumerate() {
+        for chunk in sent.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {} (id, organization_id, email, role, first_name, last_name, title,
                                  group_id, invited_by_type, invited_by_id, sent_at_us,
@@ -165,7 +179,7 @@ impl InvitationsProjection {
                 value_rows(chunk.len(), 15, 1)
             );
             let mut args = Vec::with_capacity(chunk.len() * 15);
-            for event in chunk {
+            for (_, event) in chunk {
                 if let E::InvitationSent(e) = &event.event {
                     args.extend(args![
                         e.invitation_id.to_string(),
@@ -188,7 +202,7 @@ impl InvitationsProjection {
             }
             conn.execute(&sql, &args)
                 .await
-                .map_err(|error| (first + chunk_index * MAX_ROWS_PER_STATEMENT, error))?;
+                .map_err(|error| (chunk[0].0, error))?;
         }
         Ok(())
     }

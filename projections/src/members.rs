@@ -98,9 +98,13 @@ impl Projection for MembersProjection {
                     roles.insert((org, e.to_user_id.as_str()), ("owner", index));
                     roles.insert((org, e.from_user_id.as_str()), ("admin", index));
                 }
-                _ => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    self.set_roles(conn, &mut roles).await?;
+                other => {
+                    // Only an event that writes members must wait for the runs before it:
+                    // one that does not (an invitation, say) leaves them growing.
+                    if changes_members(other) {
+                        self.insert_joins(conn, &mut joins).await?;
+                        self.set_roles(conn, &mut roles).await?;
+                    }
                     self.apply_other(conn, event)
                         .await
                         .map_err(|error| (index, error))?;
@@ -112,11 +116,26 @@ impl Projection for MembersProjection {
     }
 }
 
+/// Whether `apply_other` writes members for `event`: each of its arms must be listed here.
+fn changes_members(event: &E) -> bool {
+    matches!(
+        event,
+        E::MemberProfileUpdated(_)
+            | E::MemberRemoved(_)
+            | E::MemberLeft(_)
+            | E::OrganizationPurged(_)
+            | E::GroupMemberAdded(_)
+            | E::GroupMemberRemoved(_)
+            | E::GroupDeleted(_)
+    )
+}
+
 /// `(organization, user)` to `(role, index of the event that set it)`.
 type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
 
 impl MembersProjection {
-    /// Every event but joins and role changes, which `apply_all` writes in runs.
+    /// Every event but joins and role changes, which `apply_all` writes in runs. An event it
+    /// writes for must be in `changes_members`.
     async fn apply_other(
         &self,
         conn: &mut Conn<'_>,

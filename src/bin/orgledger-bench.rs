@@ -19,6 +19,7 @@ use orgledger_domain::*;
 use postgres_es::{PostgresEventRepository, PostgresViewRepository};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
@@ -177,9 +178,22 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             "one-row INSERT per transaction, {concurrency:>2} clients: {rate:>9.0} rows/s"
         ));
     }
-    let batched = batched_inserts(&pool, scale.seconds).await?;
+    let ceilings = batched_inserts(&pool, scale.seconds).await?;
     report.line(format!(
-        "1,000-row INSERT per transaction:              {batched:>9.0} rows/s"
+        "1,000 rows per transaction, sent by this process, multi-row INSERT: {:>9.0} rows/s",
+        ceilings.insert
+    ));
+    report.line(format!(
+        "1,000 rows per transaction, sent by this process, COPY FROM STDIN:  {:>9.0} rows/s",
+        ceilings.copy
+    ));
+    report.line(format!(
+        "1,000 rows per transaction, made by the server (generate_series):  {:>9.0} rows/s (reference: no row crosses the wire)",
+        ceilings.server_generated
+    ));
+    let batched = ceilings.ceiling();
+    report.line(format!(
+        "batched-insert ceiling (the faster of the two a client can use):   {batched:>9.0} rows/s"
     ));
 
     // 2. Commands over real HTTP.
@@ -254,15 +268,20 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             "\n## 4. Rebuild of every read model from {} events",
             scale.rebuild_events
         ));
-        let (events, seconds) = rebuild(&service, scale.rebuild_events).await?;
+        let (events, rebuilt) = rebuild(&service, scale.rebuild_events).await?;
+        let seconds = rebuilt.seconds;
         let rate = events as f64 / seconds;
-        report.line(format!("{events} events in the log, all {} projections rebuilt from one read of it in {seconds:.1} s = {rate:.0} events/s = {:.1}% of the batched-insert ceiling (target >= 50%: {})",
-            orgledger_projections::PROJECTION_NAMES.len(), rate / batched * 100.0, if rate >= batched * 0.5 { "met" } else { "NOT met" }));
+        report.line(format!("{events} events in the log, all {} projections rebuilt from one read of it in {seconds:.1} s = {rate:.0} events/s = {:.1}% of the batched-insert ceiling (target >= 50%: {}); {:.1}% of the server-generated rows",
+            orgledger_projections::PROJECTION_NAMES.len(), rate / batched * 100.0, if rate >= batched * 0.5 { "met" } else { "NOT met" }, rate / ceilings.server_generated * 100.0));
+        report.line(format!(
+            "of which: replay {:.1} s, index builds {:.1} s, swap {:.1} s",
+            rebuilt.replay_seconds, rebuilt.index_seconds, rebuilt.swap_seconds
+        ));
         checkpoint(&pool).await;
         let (written, indexed) = audit_log_floor(&pool, events).await?;
         let floor = events as f64 / (written + indexed);
-        report.line(format!("floor: the audit log alone (one entry per event), rows made by the server, no client: {events} rows in {written:.1} s + its 4 indexes in {indexed:.1} s = {floor:.0} rows/s = {:.1}% of the batched-insert ceiling",
-            floor / batched * 100.0));
+        report.line(format!("floor: the audit log alone (one entry per event), rows made by the server, no client: {events} rows in {written:.1} s + its key and 4 indexes in {indexed:.1} s = {floor:.0} rows/s = {:.1}% of the batched-insert ceiling, {:.1}% of the server-generated rows",
+            floor / batched * 100.0, floor / ceilings.server_generated * 100.0));
     }
     Ok(())
 }
@@ -305,22 +324,111 @@ async fn one_row_inserts(pool: &PgPool, concurrency: usize, seconds: f64) -> any
     Ok(total as f64 / seconds)
 }
 
-async fn batched_inserts(pool: &PgPool, seconds: f64) -> anyhow::Result<f64> {
-    let payload =
-        json!({"MemberRoleChanged": {"user_id": "user-00042", "from": "member", "to": "admin"}})
-            .to_string();
-    let metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00.000000Z"}).to_string();
+/// The batched ceiling: 1,000 event-sized rows per durable transaction, measured three ways.
+/// `insert` and `copy` send 1,000 distinct rows from this process through sqlx, as a client
+/// must (one multi-row INSERT, as the store's imports do; one `COPY ... FROM STDIN`, as the
+/// projector's audit log does); the faster of the two is the ceiling the targets use.
+/// `server_generated` has the server repeat one row (`generate_series`): no row crosses the
+/// wire or is parsed, so it is the database's own limit, printed beside it for reference.
+struct BatchedCeiling {
+    insert: f64,
+    copy: f64,
+    server_generated: f64,
+}
+
+impl BatchedCeiling {
+    fn ceiling(&self) -> f64 {
+        self.insert.max(self.copy)
+    }
+}
+
+const BATCH_ROWS: usize = 1_000;
+
+/// One batch's payloads and metadata, distinct per row, serialized once: the measurement is
+/// the database's, not serde's.
+fn ceiling_rows() -> Vec<(String, String)> {
+    (0..BATCH_ROWS)
+        .map(|i| {
+            let payload = json!({"MemberRoleChanged": {"user_id": format!("user-{i:05}"), "from": "member", "to": "admin"}});
+            let metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00.000000Z", "request_id": Uuid::new_v4().to_string()});
+            (payload.to_string(), metadata.to_string())
+        })
+        .collect()
+}
+
+/// Rows per second of `batch`, called back to back for `seconds`, each call one durable
+/// transaction of [`BATCH_ROWS`] rows; it gets the number of batches before it.
+async fn batch_rate<F, Fut>(seconds: f64, mut batch: F) -> anyhow::Result<f64>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let mut total = 0u64;
+    let mut batches = 0u64;
     while Instant::now() < deadline {
+        batch(batches).await?;
+        batches += 1;
+    }
+    Ok((batches * BATCH_ROWS as u64) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn batched_inserts(pool: &PgPool, seconds: f64) -> anyhow::Result<BatchedCeiling> {
+    let rows = ceiling_rows();
+    let insert = batch_rate(seconds, |_| async {
+        let aggregate_id = Uuid::now_v7().to_string();
+        let mut query = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            "INSERT INTO bench_ceiling (aggregate_id, sequence, event_type, payload, metadata) ",
+        );
+        query.push_values(
+            rows.iter().enumerate(),
+            |mut row, (sequence, (payload, metadata))| {
+                row.push_bind(aggregate_id.clone())
+                    .push_bind(sequence as i64)
+                    .push_bind("MemberRoleChanged")
+                    .push_bind(payload.as_str())
+                    .push_unseparated("::jsonb")
+                    .push_bind(metadata.as_str())
+                    .push_unseparated("::jsonb");
+            },
+        );
+        query.build().execute(pool).await?;
+        Ok(())
+    })
+    .await?;
+    let copy = batch_rate(seconds, |_| async {
+        let aggregate_id = Uuid::now_v7().to_string();
+        let mut text = String::with_capacity(rows.len() * 256);
+        for (sequence, (payload, metadata)) in rows.iter().enumerate() {
+            // Plain JSON with no backslash, tab or newline: nothing to escape.
+            text.push_str(&format!(
+                "{aggregate_id}\t{sequence}\tMemberRoleChanged\t{payload}\t{metadata}\n"
+            ));
+        }
+        let mut copy = pool
+            .copy_in_raw(
+                "COPY bench_ceiling (aggregate_id, sequence, event_type, payload, metadata) FROM STDIN",
+            )
+            .await?;
+        copy.send(text.into_bytes()).await?;
+        copy.finish().await?;
+        Ok(())
+    })
+    .await?;
+    let (payload, metadata) = &rows[0];
+    let server_generated = batch_rate(seconds, |batch| async move {
         sqlx::query("INSERT INTO bench_ceiling (aggregate_id, sequence, event_type, payload, metadata)
                      SELECT 'batch', s, 'MemberRoleChanged', $1::jsonb, $2::jsonb FROM generate_series($3::bigint, $3 + 999) s")
-            .bind(&payload).bind(&metadata).bind(total as i64)
+            .bind(payload).bind(metadata).bind((batch * BATCH_ROWS as u64) as i64)
             .execute(pool).await?;
-        total += 1000;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+        Ok(())
+    })
+    .await?;
+    Ok(BatchedCeiling {
+        insert,
+        copy,
+        server_generated,
+    })
 }
 
 async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
@@ -850,7 +958,10 @@ async fn audit_log_floor(pool: &PgPool, rows: i64) -> anyhow::Result<(f64, f64)>
     Ok((written, indexed))
 }
 
-async fn rebuild(service: &Arc<Orgledger>, events: usize) -> anyhow::Result<(i64, f64)> {
+async fn rebuild(
+    service: &Arc<Orgledger>,
+    events: usize,
+) -> anyhow::Result<(i64, orgledger_projections::RebuildReport)> {
     let Database::Postgres(pool) = service.database() else {
         unreachable!()
     };
@@ -893,7 +1004,10 @@ async fn rebuild(service: &Arc<Orgledger>, events: usize) -> anyhow::Result<(i64
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(pool)
         .await?;
+    // As pgbench vacuums before it measures: the seeding's inserts would otherwise set off
+    // autovacuum on the log, and its scan would run inside the rebuild's timing.
+    sqlx::query("VACUUM (ANALYZE) events").execute(pool).await?;
     checkpoint(pool).await;
     let report = service.projector.rebuild_all(false).await?;
-    Ok((total, report.seconds))
+    Ok((total, report))
 }
