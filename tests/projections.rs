@@ -27,6 +27,7 @@ on_both_backends!(
     a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time,
+    a_read_model_of_an_older_schema_is_dropped_and_replayed_at_start,
     member_pages_are_stable_under_concurrent_inserts,
     audit_log_filters_select_the_right_entries,
     audit_exports_parse_back_as_csv_and_json,
@@ -505,6 +506,42 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
     assert_eq!(renamed.items[0].details["name"]["to"], awkward);
 }
 
+/// The audit log's schema 2 made its key an index: tables of schema 1 are dropped and
+/// replayed, not kept beside a second, redundant key.
+async fn a_read_model_of_an_older_schema_is_dropped_and_replayed_at_start(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    let before = dump_read_models(service.db()).await;
+    orgledger_projections::with_pool!(service.db(), pool => {
+        sqlx::query("UPDATE projection_checkpoints SET schema_version = 1 WHERE name = 'audit_log'")
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+
+    let reopened = service.reopen().await;
+    // Replayed from the start into the new table: an entry applied on top of the old rows
+    // would break the key.
+    assert!(reopened.projector.catch_up().await.unwrap() > 0);
+    assert_eq!(dump_read_models(reopened.database()).await, before);
+    let status = reopened.projector.status().await.unwrap();
+    assert!(status.iter().all(|s| s.last_error.is_none()), "{status:?}");
+    assert_eq!(
+        index_names(reopened.database(), "rm_audit_log").await,
+        [
+            "rm_audit_log_by_action",
+            "rm_audit_log_by_actor",
+            "rm_audit_log_by_resource",
+            "rm_audit_log_by_time",
+            "rm_audit_log_key",
+        ]
+    );
+}
+
 async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log(
     backend: Backend,
 ) {
@@ -540,6 +577,13 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
     assert_eq!(
         report.events, version as u64,
         "the log was read once for all six read models"
+    );
+    let phases = report.replay_seconds + report.index_seconds + report.swap_seconds;
+    assert!(
+        report.replay_seconds > 0.0
+            && report.swap_seconds > 0.0
+            && (phases - report.seconds).abs() < 1e-6,
+        "{report:?}"
     );
     assert_eq!(dump_read_models(service.db()).await, before);
     let counted: Vec<String> = service.projector.counters().into_keys().collect();

@@ -966,7 +966,8 @@ impl Projector {
             }
             return Err(error);
         }
-        let seconds = started.elapsed().as_secs_f64();
+        let finished = Instant::now();
+        let seconds = (finished - started).as_secs_f64();
         Ok(RebuildReport {
             projection: names.join(","),
             events,
@@ -974,7 +975,7 @@ impl Projector {
             events_per_second: events as f64 / seconds.max(1e-9),
             replay_seconds: (replayed - started).as_secs_f64(),
             index_seconds: (indexed - replayed).as_secs_f64(),
-            swap_seconds: indexed.elapsed().as_secs_f64(),
+            swap_seconds: (finished - indexed).as_secs_f64(),
         })
     }
 

@@ -3,6 +3,7 @@
 //! Prints medians and ratios; asserts nothing (CI runs `--quick` only to keep it working).
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -401,9 +402,10 @@ async fn batched_inserts(pool: &PgPool, seconds: f64) -> anyhow::Result<BatchedC
         let mut text = String::with_capacity(rows.len() * 256);
         for (sequence, (payload, metadata)) in rows.iter().enumerate() {
             // Plain JSON with no backslash, tab or newline: nothing to escape.
-            text.push_str(&format!(
-                "{aggregate_id}\t{sequence}\tMemberRoleChanged\t{payload}\t{metadata}\n"
-            ));
+            writeln!(
+                text,
+                "{aggregate_id}\t{sequence}\tMemberRoleChanged\t{payload}\t{metadata}"
+            )?;
         }
         let mut copy = pool
             .copy_in_raw(
