@@ -112,7 +112,7 @@ impl Orgledger {
                 consistent: true,
             });
         }
-        self.projector.wake();
+        self.projector.committed();
         let consistent = self
             .projector
             .wait_for(

@@ -1362,6 +1362,60 @@ async fn a_second_process_takes_over_projections_when_the_first_stops() {
     drop(stop_second);
 }
 
+/// An append notifies nobody inside its own transaction (PostgreSQL would then commit every
+/// append alone, one at a time); the process that appended notifies after its commit when the
+/// active runner is another process's, which then applies the event at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_active_runner_notifies_it_after_each_commit() {
+    let mut first = spawn_service(Backend::Postgres).await;
+    first.start_projections();
+    let org = create(&first, "Acme", "acme", "olivia").await;
+    let Database::Postgres(pool) = first.db().clone() else {
+        unreachable!("a PostgreSQL service")
+    };
+    let notifying_triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events'::regclass AND NOT tgisinternal
+           AND tgfoid IN (SELECT oid FROM pg_proc WHERE prosrc ILIKE '%notify%')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        notifying_triggers, 0,
+        "no trigger notifies inside an append"
+    );
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("orgledger_events").await.unwrap();
+
+    // The second process runs no projections: the first leads them all.
+    let second = first.reopen().await;
+    join_via(&second, org, "mia").await;
+    let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification after the commit")
+        .unwrap();
+    assert_eq!(notification.channel(), "orgledger_events");
+    let invited = invitations::list(
+        first.db(),
+        &org.to_string(),
+        &InvitationFilter {
+            limit: 50,
+            ..InvitationFilter::default()
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        invited.items.len(),
+        1,
+        "the first process's runner applied the second's invitation"
+    );
+}
+
 async fn join_via(service: &orgledger::service::Orgledger, org: Uuid, user_id: &str) {
     let token = orgledger::tokens::issue("inv");
     let address = format!("{user_id}@example.com");

@@ -388,26 +388,32 @@ impl CopyText {
             }
             match value {
                 Arg::Text(Some(text)) => self.escaped(text),
-                Arg::Int(Some(number)) => {
-                    use std::io::Write;
-                    write!(self.bytes, "{number}").expect("writing to a Vec cannot fail");
-                }
+                Arg::Int(Some(number)) => self
+                    .bytes
+                    .extend_from_slice(itoa::Buffer::new().format(*number).as_bytes()),
                 Arg::Text(None) | Arg::Int(None) => self.bytes.extend_from_slice(b"\\N"),
             }
         }
         self.bytes.push(b'\n');
     }
 
+    /// Copies the text in runs between the bytes that need escaping (most texts have none).
     fn escaped(&mut self, text: &str) {
-        for byte in text.bytes() {
-            match byte {
-                b'\\' => self.bytes.extend_from_slice(b"\\\\"),
-                b'\n' => self.bytes.extend_from_slice(b"\\n"),
-                b'\r' => self.bytes.extend_from_slice(b"\\r"),
-                b'\t' => self.bytes.extend_from_slice(b"\\t"),
-                other => self.bytes.push(other),
-            }
+        let bytes = text.as_bytes();
+        let mut run = 0;
+        for (at, byte) in bytes.iter().enumerate() {
+            let escape: &[u8] = match byte {
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                _ => continue,
+            };
+            self.bytes.extend_from_slice(&bytes[run..at]);
+            self.bytes.extend_from_slice(escape);
+            run = at + 1;
         }
+        self.bytes.extend_from_slice(&bytes[run..]);
     }
 }
 
@@ -506,9 +512,10 @@ mod tests {
         let mut text = CopyText::default();
         text.row(&args!["a\tb\nc\\d\re", 7_i64, None::<String>]);
         text.row(&args!["", Some(-1_i64)]);
+        text.row(&args!["\\ünï\ncode\t", i64::MIN]);
         assert_eq!(
             String::from_utf8(text.bytes).unwrap(),
-            "a\\tb\\nc\\\\d\\re\t7\t\\N\n\t-1\n"
+            "a\\tb\\nc\\\\d\\re\t7\t\\N\n\t-1\n\\\\ünï\\ncode\\t\t-9223372036854775808\n"
         );
     }
 

@@ -6,7 +6,7 @@
 //! on its own backoff while the others carry on, and an event is never skipped.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -166,6 +166,9 @@ pub struct RebuildReport {
 #[derive(Debug, Default, Clone)]
 pub struct ProjectionCounters {
     pub events_applied: u64,
+    /// Batches that applied events to it: events per batch is what a batch's fixed
+    /// statements are shared by.
+    pub batches_applied: u64,
     pub failures: u64,
 }
 
@@ -185,6 +188,9 @@ pub struct Projector {
     /// Versions this process's batches applied, by organization and projection: lets
     /// read-your-writes waits finish without asking the database.
     applied: Mutex<HashMap<String, HashMap<String, i64>>>,
+    /// Asks the task that notifies other processes' runners (PostgreSQL), started by the
+    /// first commit that needs it.
+    notifier: OnceLock<watch::Sender<u64>>,
 }
 
 impl Projector {
@@ -199,6 +205,7 @@ impl Projector {
             counters: Mutex::default(),
             leading: Mutex::default(),
             applied: Mutex::default(),
+            notifier: OnceLock::new(),
         }
     }
 
@@ -278,6 +285,21 @@ impl Projector {
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// This process committed events: wakes its own runner and, on PostgreSQL while the
+    /// active runner is another process's, that one too, by a NOTIFY sent after the commit
+    /// (see [`spawn_notifier`]).
+    pub fn committed(&self) {
+        self.wake();
+        if !self.leading.lock().expect("leading poisoned").is_empty() {
+            return;
+        }
+        if let Database::Postgres(pool) = &self.database {
+            self.notifier
+                .get_or_init(|| spawn_notifier(pool.clone()))
+                .send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     /// The projections whose active runner is in this process.
     pub fn leading(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -338,7 +360,10 @@ impl Projector {
                     }
                 }
                 for (name, applied) in batch.applied.iter().filter(|(name, _)| live(name)) {
-                    self.count(name, |c| c.events_applied += *applied as u64);
+                    self.count(name, |c| {
+                        c.events_applied += *applied as u64;
+                        c.batches_applied += 1;
+                    });
                 }
                 self.progress.send_modify(|n| *n = n.wrapping_add(1));
                 Ok((batch.read, batch.lowest))
@@ -684,8 +709,8 @@ impl Projector {
     }
 
     /// One batch of the live runner. Knowing where the group stood after its last batch, it
-    /// reads first and opens no transaction when there is nothing to apply (most wake-ups
-    /// at low load: every command wakes the runner twice, in process and by NOTIFY).
+    /// reads first and opens no transaction when there is nothing to apply (many wake-ups
+    /// find the events already applied by the batch before).
     async fn run_live_batch(
         &self,
         group: &[&dyn Projection],
@@ -1158,6 +1183,28 @@ async fn with_failure_args(
 }
 
 /// Takes the projector's advisory lock on a connection of its own, held while it leads.
+/// Sends `NOTIFY orgledger_events` each time it is asked, one at a time: asks made while one
+/// is in flight are answered by the next. It runs after the append has committed, in a
+/// transaction of its own, and never inside the append: PostgreSQL holds a database-wide lock
+/// from a notifying transaction's pre-commit until its commit is flushed, which made every
+/// append commit alone (no group commit). `pool` is the runner's, whose transactions commit
+/// asynchronously, so this one holds that lock for no flush. The task ends with the sender.
+fn spawn_notifier(pool: sqlx::PgPool) -> watch::Sender<u64> {
+    let (asks, mut asked) = watch::channel(0u64);
+    tokio::spawn(async move {
+        while asked.changed().await.is_ok() {
+            if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(NOTIFY_CHANNEL)
+                .execute(&pool)
+                .await
+            {
+                tracing::warn!(%error, "could not notify the projection runner of new events; it polls every second");
+            }
+        }
+    });
+    asks
+}
+
 async fn try_lead(pool: &sqlx::PgPool) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
     let mut connection = pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")

@@ -207,11 +207,23 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let (stop, stopped) = tokio::sync::watch::channel(false);
         service.projector.spawn(stopped);
         let address = serve(service.clone()).await?;
+        // Events per runner batch: the share of a batch's fixed statements each command pays.
+        let audit_batches = || {
+            service
+                .projector
+                .counters()
+                .get("audit_log")
+                .map_or((0, 0), |c| (c.events_applied, c.batches_applied))
+        };
         for concurrency in [1, 8, 32] {
+            let (events_before, batches_before) = audit_batches();
             let (rate, p50, p99) = http_commands(&address, concurrency, scale.seconds).await?;
+            let (events_after, batches_after) = audit_batches();
+            let per_batch = (events_after - events_before) as f64
+                / (batches_after - batches_before).max(1) as f64;
             let ratio = rate / ceiling[&concurrency];
             report.line(format!(
-                "{concurrency:>2} clients: {rate:>7.0} commands/s  p50 {p50:>6.1} ms  p99 {p99:>6.1} ms  = {:>5.1}% of the one-row ceiling{}",
+                "{concurrency:>2} clients: {rate:>7.0} commands/s  p50 {p50:>6.1} ms  p99 {p99:>6.1} ms  {per_batch:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling{}",
                 ratio * 100.0,
                 if concurrency == 32 { if ratio >= 0.5 { "  (target >= 50%: met)" } else { "  (target >= 50%: NOT met)" } } else { "" }
             ));
@@ -469,6 +481,7 @@ async fn post(
     Ok(body)
 }
 
+/// Commands/s, p50 and p99 of `concurrency` clients, each in a loop.
 async fn http_commands(
     address: &str,
     concurrency: usize,

@@ -84,6 +84,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     for (projection, counters) in state.service.projector.counters() {
         metrics::gauge!("orgledger_projection_events_applied_here", "projection" => projection.clone())
             .set(counters.events_applied as f64);
+        metrics::gauge!("orgledger_projection_batches_applied_here", "projection" => projection.clone())
+            .set(counters.batches_applied as f64);
         metrics::gauge!("orgledger_projection_failures_here", "projection" => projection)
             .set(counters.failures as f64);
     }
