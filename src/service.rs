@@ -17,7 +17,8 @@ use orgledger_projections::Database;
 pub const DEFAULT_CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
 
 /// The runner's connections: its batch transaction, the feed read inside it, the held-back
-/// probe, the leader's advisory lock and the notification listener.
+/// probe, the leader's advisory lock and the notification listener; in a process that does
+/// not lead, the NOTIFY sent after its commits.
 const RUNNER_CONNECTIONS: u32 = 5;
 
 /// A committed command and whether the read models already show it.
@@ -73,10 +74,11 @@ impl Orgledger {
         slug_was_given: bool,
         context: &RequestContext,
     ) -> Result<Outcome, LedgerError> {
-        let committed = self
-            .ledger
-            .create_organization(command, slug_was_given, context)
-            .await?;
+        let committed = self.wake_on_failure(
+            self.ledger
+                .create_organization(command, slug_was_given, context)
+                .await,
+        )?;
         self.settle(committed).await
     }
 
@@ -86,7 +88,8 @@ impl Orgledger {
         command: Command,
         context: &RequestContext,
     ) -> Result<(Outcome, bool), LedgerError> {
-        let (committed, created) = self.ledger.personal_organization(command, context).await?;
+        let (committed, created) =
+            self.wake_on_failure(self.ledger.personal_organization(command, context).await)?;
         Ok((self.settle(committed).await?, created))
     }
 
@@ -98,11 +101,21 @@ impl Orgledger {
         context: &RequestContext,
         expected_version: Option<usize>,
     ) -> Result<Outcome, LedgerError> {
-        let committed = self
-            .ledger
-            .run(organization_id, command, context, expected_version)
-            .await?;
+        let committed = self.wake_on_failure(
+            self.ledger
+                .run(organization_id, command, context, expected_version)
+                .await,
+        )?;
         self.settle(committed).await
+    }
+
+    /// A store failure can come after the events were committed (finishing a purge, freeing
+    /// a slug): the runners are told, as after a success, rather than left to their poll.
+    fn wake_on_failure<T>(&self, result: Result<T, LedgerError>) -> Result<T, LedgerError> {
+        if let Err(LedgerError::Store(_)) = &result {
+            self.projector.committed();
+        }
+        result
     }
 
     async fn settle(&self, committed: Committed) -> Result<Outcome, LedgerError> {

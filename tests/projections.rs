@@ -1364,11 +1364,15 @@ async fn a_second_process_takes_over_projections_when_the_first_stops() {
 
 /// An append notifies nobody inside its own transaction (PostgreSQL would then commit every
 /// append alone, one at a time); the process that appended notifies after its commit when the
-/// active runner is another process's, which then applies the event at once.
+/// active runner is another process's, which is then woken without waiting for its poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_without_the_active_runner_notifies_it_after_each_commit() {
     let mut first = spawn_service(Backend::Postgres).await;
     first.start_projections();
+    // Once it leads, the first process wakes its own runner and notifies nobody.
+    while first.projector.leading().len() < PROJECTION_NAMES.len() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let org = create(&first, "Acme", "acme", "olivia").await;
     let Database::Postgres(pool) = first.db().clone() else {
         unreachable!("a PostgreSQL service")

@@ -627,6 +627,9 @@ impl Projector {
             .lock()
             .expect("leading poisoned")
             .extend(self.projections.iter().map(|p| p.name().to_owned()));
+        // However the loop ends, a panic included, this process no longer leads: its commits
+        // must then notify whichever process takes over.
+        let _no_longer_leading = NoLongerLeading(&self.leading);
         let mut commits = self.commits.subscribe();
         // Failed projections: when to try again, and the backoff after that.
         let mut failing: HashMap<String, (Instant, Duration)> = HashMap::new();
@@ -705,7 +708,6 @@ impl Projector {
                 _ = shutdown.changed() => break,
             }
         }
-        self.leading.lock().expect("leading poisoned").clear();
     }
 
     /// One batch of the live runner. Knowing where the group stood after its last batch, it
@@ -1182,13 +1184,26 @@ async fn with_failure_args(
     Ok(())
 }
 
-/// Takes the projector's advisory lock on a connection of its own, held while it leads.
+/// Empties the set of projections this process leads when dropped.
+struct NoLongerLeading<'a>(&'a Mutex<HashSet<String>>);
+
+impl Drop for NoLongerLeading<'_> {
+    fn drop(&mut self) {
+        // A poisoned lock still holds the set; clearing it is right either way.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
 /// Sends `NOTIFY orgledger_events` each time it is asked, one at a time: asks made while one
 /// is in flight are answered by the next. It runs after the append has committed, in a
-/// transaction of its own, and never inside the append: PostgreSQL holds a database-wide lock
+/// transaction of its own, and never inside the append: PostgreSQL holds a cluster-wide lock
 /// from a notifying transaction's pre-commit until its commit is flushed, which made every
 /// append commit alone (no group commit). `pool` is the runner's, whose transactions commit
 /// asynchronously, so this one holds that lock for no flush. The task ends with the sender.
+/// Needs a Tokio runtime, as every caller of [`Projector::committed`] has.
 fn spawn_notifier(pool: sqlx::PgPool) -> watch::Sender<u64> {
     let (asks, mut asked) = watch::channel(0u64);
     tokio::spawn(async move {
@@ -1205,6 +1220,7 @@ fn spawn_notifier(pool: sqlx::PgPool) -> watch::Sender<u64> {
     asks
 }
 
+/// Takes the projector's advisory lock on a connection of its own, held while it leads.
 async fn try_lead(pool: &sqlx::PgPool) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
     let mut connection = pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")

@@ -17,10 +17,10 @@ use orgledger_domain::{
     upcasters, Organization, OrganizationEvent, PERSONAL_DATA_FIELDS, SECRET_FIELDS,
 };
 use orgledger_projections::{Checkpoint, EventFeed, FeedError, RecordedEvent};
+use serde_json::Value;
 use sqlx::Row;
 
-use super::repository::open_event;
-use super::{DataKey, DataKeys, Database};
+use super::{open_personal_data, DataKey, DataKeys, Database};
 
 /// Upcasts a stored event to the current schema and deserializes it.
 pub fn decode(
@@ -72,52 +72,66 @@ fn sealed_field_names() -> &'static [String] {
 }
 
 /// True when no sealed field's name appears anywhere in `json`, so it holds nothing to open.
+/// Stored JSON is written by serde_json or PostgreSQL's jsonb output, neither of which
+/// escapes a letter, so a name cannot hide as `\u0065mail`.
 fn names_no_sealed_field(json: &str) -> bool {
     !sealed_field_names()
         .iter()
         .any(|name| json.contains(name.as_str()))
 }
 
-/// Decodes straight from the stored text an event that holds nothing sealed and needs no
-/// upcasting: most of the log (role changes, settings), and the bulk of a rebuild's CPU
-/// when it went through `serde_json::Value`. `None` sends the event the general way.
-fn decode_plain(
-    upcasters: &[Box<dyn EventUpcaster>],
-    row: &StoredRow,
-) -> Option<Result<Decoded, String>> {
-    let upcast = upcasters
-        .iter()
-        .any(|upcaster| upcaster.can_upcast(&row.event_type, &row.event_version));
-    if upcast || !names_no_sealed_field(&row.payload) || !names_no_sealed_field(&row.metadata) {
-        return None;
-    }
-    Some(
-        serde_json::from_str(&row.payload)
-            .and_then(|event| Ok((event, serde_json::from_str(&row.metadata)?)))
-            .map_err(|error| error.to_string()),
-    )
+/// True when the payload can be decoded straight from its text: it names no sealed field and
+/// no upcaster applies to its type and version.
+fn plain_payload(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> bool {
+    names_no_sealed_field(&row.payload)
+        && !upcasters
+            .iter()
+            .any(|upcaster| upcaster.can_upcast(&row.event_type, &row.event_version))
 }
 
-/// Opens the sealed fields with the organization's key (or erases them), upcasts and
-/// decodes.
-fn decode_sealed(
+/// True when decoding `row` needs its organization's data key.
+fn needs_key(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> bool {
+    !plain_payload(upcasters, row) || !names_no_sealed_field(&row.metadata)
+}
+
+/// Decodes a stored row. Payload and metadata are each read straight from their JSON text when
+/// they name no sealed field (and, for the payload, no upcaster applies): going through
+/// `serde_json::Value` was most of a rebuild's CPU. The others are parsed into a `Value`,
+/// their sealed strings opened with `key` (erased when it is `None`: the organization was
+/// purged), the payload upcast, then decoded. `key` is consulted only when [`needs_key`].
+fn decode_row(
     upcasters: &[Box<dyn EventUpcaster>],
     row: &StoredRow,
     key: Option<&DataKey>,
 ) -> Result<Decoded, String> {
-    let json = |text: &str| serde_json::from_str(text).map_err(|error| error.to_string());
-    let mut stored = SerializedEvent::new(
-        row.aggregate_id.clone(),
-        row.sequence as usize,
-        row.aggregate_type.clone(),
-        row.event_type.clone(),
-        row.event_version.clone(),
-        json(&row.payload)?,
-        json(&row.metadata)?,
-    );
-    open_event(&mut stored, key).map_err(|error| error.to_string())?;
-    let envelope = decode(upcasters, stored)?;
-    Ok((envelope.payload, envelope.metadata))
+    let text = |json: &str| serde_json::from_str::<Value>(json).map_err(|e| e.to_string());
+    let opened = |json: &str| {
+        let mut value = text(json)?;
+        open_personal_data(&mut value, key, row.aggregate_id.as_bytes())
+            .map_err(|error| error.to_string())?;
+        Ok::<Value, String>(value)
+    };
+    let event = if plain_payload(upcasters, row) {
+        serde_json::from_str(&row.payload).map_err(|error| error.to_string())?
+    } else {
+        let stored = SerializedEvent::new(
+            row.aggregate_id.clone(),
+            row.sequence as usize,
+            row.aggregate_type.clone(),
+            row.event_type.clone(),
+            row.event_version.clone(),
+            opened(&row.payload)?,
+            Value::Object(serde_json::Map::new()),
+        );
+        decode(upcasters, stored)?.payload
+    };
+    let metadata = if names_no_sealed_field(&row.metadata) {
+        serde_json::from_str(&row.metadata)
+    } else {
+        serde_json::from_value(opened(&row.metadata)?)
+    }
+    .map_err(|error| error.to_string())?;
+    Ok((event, metadata))
 }
 
 impl StoreFeed {
@@ -228,22 +242,22 @@ impl EventFeed for StoreFeed {
                     row.aggregate_type
                 )));
             }
-            let event = match decode_plain(&self.upcasters, &row) {
-                Some(decoded) => decoded,
-                None => {
-                    let organization_id = row.aggregate_id.as_str();
-                    if !keys.contains_key(organization_id) {
-                        let key = self
-                            .keys
-                            .get(organization_id)
-                            .await
-                            .map_err(|error| FeedError(error.to_string()))?;
-                        keys.insert(organization_id.to_owned(), key);
-                    }
-                    decode_sealed(&self.upcasters, &row, keys[organization_id].as_ref())
+            let key = if needs_key(&self.upcasters, &row) {
+                let organization_id = row.aggregate_id.as_str();
+                if !keys.contains_key(organization_id) {
+                    let key = self
+                        .keys
+                        .get(organization_id)
+                        .await
+                        .map_err(|error| FeedError(error.to_string()))?;
+                    keys.insert(organization_id.to_owned(), key);
                 }
-            }
-            .map_err(|error| FeedError(format!("{}: {error}", row.aggregate_id)))?;
+                keys[organization_id].as_ref()
+            } else {
+                None
+            };
+            let event = decode_row(&self.upcasters, &row, key)
+                .map_err(|error| FeedError(format!("{}: {error}", row.aggregate_id)))?;
             events.push(RecordedEvent {
                 checkpoint: row.checkpoint,
                 organization_id: row.aggregate_id,
@@ -335,8 +349,8 @@ impl EventFeed for StoreFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::seal_personal_data;
-    use serde_json::{json, Value};
+    use crate::store::{open_event, seal_personal_data};
+    use serde_json::json;
 
     fn row(event_type: &str, event_version: &str, payload: &Value, metadata: &Value) -> StoredRow {
         StoredRow {
@@ -357,64 +371,111 @@ mod tests {
         value
     }
 
-    #[test]
-    fn an_event_with_nothing_sealed_decodes_directly_as_the_general_way_does() {
-        let key = DataKey::generate();
-        let metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00Z"});
-        let role_change = row(
-            "MemberRoleChanged",
-            "1",
-            &json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}}),
-            &metadata,
+    /// The general way, for every row: both parts through `Value`, opened, upcast, decoded.
+    fn general(row: &StoredRow, key: Option<&DataKey>) -> Decoded {
+        let mut stored = SerializedEvent::new(
+            row.aggregate_id.clone(),
+            row.sequence as usize,
+            row.aggregate_type.clone(),
+            row.event_type.clone(),
+            row.event_version.clone(),
+            serde_json::from_str(&row.payload).unwrap(),
+            serde_json::from_str(&row.metadata).unwrap(),
         );
-        let upcasters = upcasters();
-        let direct = decode_plain(&upcasters, &role_change)
-            .expect("nothing sealed, nothing to upcast")
-            .unwrap();
-        let general = decode_sealed(&upcasters, &role_change, Some(&key)).unwrap();
-        assert_eq!(format!("{:?}", direct.0), format!("{:?}", general.0));
-        assert_eq!(direct.1, general.1);
-        assert_eq!(direct.1["actor_id"], "olivia");
+        open_event(&mut stored, key).unwrap();
+        let envelope = decode(&upcasters(), stored).unwrap();
+        (envelope.payload, envelope.metadata)
+    }
+
+    fn assert_same(left: &Decoded, right: &Decoded) {
+        assert_eq!(format!("{:?}", left.0), format!("{:?}", right.0));
+        assert_eq!(left.1, right.1);
     }
 
     #[test]
-    fn sealed_fields_and_old_versions_take_the_general_way() {
+    fn every_row_decodes_as_the_general_way_does_with_its_key_and_after_purge() {
+        let key = DataKey::generate();
+        let upcasters = upcasters();
+        let plain_metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00Z"});
+        let sealed_metadata = sealed(
+            json!({"actor_id": "olivia", "client_ip": "10.0.0.1", "user_agent": "curl/8"}),
+            &key,
+        );
+        let role_change =
+            json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}});
+        let profile = sealed(
+            json!({"MemberProfileUpdated": {"user_id": "mia", "first_name": {"from": null, "to": "Mia"}}}),
+            &key,
+        );
+        let invitation_v1 = sealed(
+            json!({"InvitationSent": {
+                "invitation_id": "01900000-0000-7000-8000-000000010001",
+                "email": "nina@example.com", "role": "member",
+                "first_name": null, "last_name": null, "title": null, "group_id": null,
+                "token_sha256": "abc", "invited_by": {"type": "user", "id": "olivia"},
+                "sent_at": "2026-11-01T09:00:00Z", "expires_at": "2026-11-08T09:00:00Z"
+            }}),
+            &key,
+        );
+        let rows = [
+            row("MemberRoleChanged", "1", &role_change, &plain_metadata),
+            row("MemberRoleChanged", "1", &role_change, &sealed_metadata),
+            row("MemberProfileUpdated", "1", &profile, &plain_metadata),
+            row("MemberProfileUpdated", "1", &profile, &sealed_metadata),
+            row("InvitationSent", "1", &invitation_v1, &plain_metadata),
+        ];
+        for stored in &rows {
+            for key in [Some(&key), None] {
+                let decoded = decode_row(&upcasters, stored, key).unwrap();
+                assert_same(&decoded, &general(stored, key));
+            }
+        }
+        let opened = decode_row(&upcasters, &rows[1], Some(&key)).unwrap();
+        assert_eq!(opened.1["client_ip"], "10.0.0.1");
+        let erased = decode_row(&upcasters, &rows[3], None).unwrap();
+        assert!(format!("{:?}", erased.0).contains(orgledger_domain::ERASED));
+    }
+
+    #[test]
+    fn only_rows_that_name_a_sealed_field_need_their_key() {
         let key = DataKey::generate();
         let upcasters = upcasters();
         let plain_metadata = json!({"actor_type": "user", "actor_id": "olivia"});
-        let joined = row(
-            "MemberJoined",
-            "1",
-            &sealed(
-                json!({"MemberJoined": {"user_id": "mia", "email": "mia@example.com", "role": "member"}}),
-                &key,
-            ),
-            &plain_metadata,
-        );
-        assert!(decode_plain(&upcasters, &joined).is_none());
-        let with_client_ip = row(
-            "MemberRoleChanged",
-            "1",
-            &json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}}),
-            &sealed(json!({"actor_id": "olivia", "client_ip": "10.0.0.1"}), &key),
-        );
-        assert!(decode_plain(&upcasters, &with_client_ip).is_none());
-        let opened = decode_sealed(&upcasters, &with_client_ip, Some(&key)).unwrap();
-        assert_eq!(opened.1["client_ip"], "10.0.0.1");
-        let erased = decode_sealed(&upcasters, &with_client_ip, None).unwrap();
-        assert_eq!(erased.1["client_ip"], orgledger_domain::ERASED);
+        let role_change =
+            json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}});
+        assert!(!needs_key(
+            &upcasters,
+            &row("MemberRoleChanged", "1", &role_change, &plain_metadata)
+        ));
+        assert!(needs_key(
+            &upcasters,
+            &row(
+                "MemberRoleChanged",
+                "1",
+                &role_change,
+                &sealed(json!({"client_ip": "10.0.0.1"}), &key)
+            )
+        ));
+        assert!(needs_key(
+            &upcasters,
+            &row(
+                "MemberJoined",
+                "1",
+                &sealed(json!({"MemberJoined": {"email": "mia@example.com"}}), &key),
+                &plain_metadata
+            )
+        ));
         assert!(
-            upcasters
-                .iter()
-                .any(|upcaster| upcaster.can_upcast("InvitationSent", "1")),
-            "InvitationSent 1 is upcast"
+            !plain_payload(
+                &upcasters,
+                &row(
+                    "InvitationSent",
+                    "1",
+                    &json!({"InvitationSent": {}}),
+                    &plain_metadata
+                )
+            ),
+            "version 1 of InvitationSent is upcast"
         );
-        let old = row(
-            "InvitationSent",
-            "1",
-            &json!({"InvitationSent": {}}),
-            &plain_metadata,
-        );
-        assert!(decode_plain(&upcasters, &old).is_none());
     }
 }
