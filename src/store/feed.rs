@@ -56,6 +56,24 @@ struct StoredRow {
     metadata: String,
 }
 
+/// A [`StoredRow`] from a row of either backend (a function generic over sqlx's `Row` would
+/// need a decode bound for every column type).
+macro_rules! stored_row {
+    ($row:expr, $checkpoint:expr, $recorded_at:expr) => {
+        StoredRow {
+            checkpoint: $checkpoint,
+            recorded_at: $recorded_at,
+            aggregate_type: $row.get("aggregate_type"),
+            aggregate_id: $row.get("aggregate_id"),
+            sequence: $row.get("sequence"),
+            event_type: $row.get("event_type"),
+            event_version: $row.get("event_version"),
+            payload: $row.get("payload"),
+            metadata: $row.get("metadata"),
+        }
+    };
+}
+
 /// A decoded payload and its metadata.
 type Decoded = (OrganizationEvent, HashMap<String, String>);
 
@@ -168,19 +186,12 @@ impl StoreFeed {
             .fetch_all(pool)
             .await?
             .iter()
-            .map(|row| StoredRow {
-                checkpoint: Checkpoint {
+            .map(|row| {
+                let checkpoint = Checkpoint {
                     commit_txid: row.get("txid"),
                     position: row.get("position"),
-                },
-                recorded_at: row.get("recorded_at"),
-                aggregate_type: row.get("aggregate_type"),
-                aggregate_id: row.get("aggregate_id"),
-                sequence: row.get("sequence"),
-                event_type: row.get("event_type"),
-                event_version: row.get("event_version"),
-                payload: row.get("payload"),
-                metadata: row.get("metadata"),
+                };
+                stored_row!(row, checkpoint, row.get("recorded_at"))
             })
             .collect(),
             Database::Sqlite(pool) => sqlx::query(
@@ -198,23 +209,15 @@ impl StoreFeed {
             .await?
             .iter()
             .map(|row| {
+                let checkpoint = Checkpoint {
+                    commit_txid: 0,
+                    position: row.get("position"),
+                };
                 let recorded: String = row.get("recorded_at");
-                StoredRow {
-                    checkpoint: Checkpoint {
-                        commit_txid: 0,
-                        position: row.get("position"),
-                    },
-                    recorded_at: DateTime::parse_from_rfc3339(&recorded)
-                        .map(|at| at.with_timezone(&Utc))
-                        .unwrap_or_else(|_| Utc::now()),
-                    aggregate_type: row.get("aggregate_type"),
-                    aggregate_id: row.get("aggregate_id"),
-                    sequence: row.get("sequence"),
-                    event_type: row.get("event_type"),
-                    event_version: row.get("event_version"),
-                    payload: row.get("payload"),
-                    metadata: row.get("metadata"),
-                }
+                let recorded_at = DateTime::parse_from_rfc3339(&recorded)
+                    .map(|at| at.with_timezone(&Utc))
+                    .unwrap_or_else(|_| Utc::now());
+                stored_row!(row, checkpoint, recorded_at)
             })
             .collect(),
         })
