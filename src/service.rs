@@ -74,11 +74,10 @@ impl Orgledger {
         slug_was_given: bool,
         context: &RequestContext,
     ) -> Result<Outcome, LedgerError> {
-        let committed = self.wake_on_failure(
-            self.ledger
-                .create_organization(command, slug_was_given, context)
-                .await,
-        )?;
+        let committed = self
+            .ledger
+            .create_organization(command, slug_was_given, context)
+            .await?;
         self.settle(committed).await
     }
 
@@ -88,8 +87,7 @@ impl Orgledger {
         command: Command,
         context: &RequestContext,
     ) -> Result<(Outcome, bool), LedgerError> {
-        let (committed, created) =
-            self.wake_on_failure(self.ledger.personal_organization(command, context).await)?;
+        let (committed, created) = self.ledger.personal_organization(command, context).await?;
         Ok((self.settle(committed).await?, created))
     }
 
@@ -101,21 +99,11 @@ impl Orgledger {
         context: &RequestContext,
         expected_version: Option<usize>,
     ) -> Result<Outcome, LedgerError> {
-        let committed = self.wake_on_failure(
-            self.ledger
-                .run(organization_id, command, context, expected_version)
-                .await,
-        )?;
+        let committed = self
+            .ledger
+            .run(organization_id, command, context, expected_version)
+            .await?;
         self.settle(committed).await
-    }
-
-    /// A store failure can come after the events were committed (finishing a purge, freeing
-    /// a slug): the runners are told, as after a success, rather than left to their poll.
-    fn wake_on_failure<T>(&self, result: Result<T, LedgerError>) -> Result<T, LedgerError> {
-        if let Err(LedgerError::Store(_)) = &result {
-            self.projector.committed();
-        }
-        result
     }
 
     async fn settle(&self, committed: Committed) -> Result<Outcome, LedgerError> {

@@ -225,6 +225,11 @@ async fn events_committed_while_no_projector_ran_are_applied_once_after_restart(
             Some(version as u64),
             "{name} read every event once"
         );
+        assert_eq!(
+            counters.get(*name).map(|c| c.batches_applied),
+            Some(1),
+            "{name} applied them in one batch"
+        );
     }
     assert_eq!(
         restarted.projector.catch_up().await.unwrap(),

@@ -98,38 +98,49 @@ fn names_no_sealed_field(json: &str) -> bool {
         .any(|name| json.contains(name.as_str()))
 }
 
-/// True when the payload can be decoded straight from its text: it names no sealed field and
-/// no upcaster applies to its type and version.
-fn plain_payload(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> bool {
-    names_no_sealed_field(&row.payload)
-        && !upcasters
-            .iter()
-            .any(|upcaster| upcaster.can_upcast(&row.event_type, &row.event_version))
+/// Which parts of a row can be decoded straight from their text: those that name no sealed
+/// field (and, for the payload, to which no upcaster applies).
+#[derive(Clone, Copy)]
+struct PlainParts {
+    payload: bool,
+    metadata: bool,
 }
 
-/// True when decoding `row` needs its organization's data key.
-fn needs_key(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> bool {
-    !plain_payload(upcasters, row) || !names_no_sealed_field(&row.metadata)
+impl PlainParts {
+    fn of(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> Self {
+        Self {
+            payload: names_no_sealed_field(&row.payload)
+                && !upcasters
+                    .iter()
+                    .any(|upcaster| upcaster.can_upcast(&row.event_type, &row.event_version)),
+            metadata: names_no_sealed_field(&row.metadata),
+        }
+    }
+
+    /// True when decoding the row needs its organization's data key.
+    fn need_key(self) -> bool {
+        !(self.payload && self.metadata)
+    }
 }
 
-/// Decodes a stored row. Payload and metadata are each read straight from their JSON text when
-/// they name no sealed field (and, for the payload, no upcaster applies): going through
-/// `serde_json::Value` was most of a rebuild's CPU. The others are parsed into a `Value`,
-/// their sealed strings opened with `key` (erased when it is `None`: the organization was
-/// purged), the payload upcast, then decoded. `key` is consulted only when [`needs_key`].
+/// Decodes a stored row. The parts that `plain` allows are read straight from their JSON
+/// text: going through `serde_json::Value` was most of a rebuild's CPU. The others are parsed
+/// into a `Value`, their sealed strings opened with `key` (erased when it is `None`: the
+/// organization was purged), the payload upcast, then decoded. `key` is consulted only when
+/// [`PlainParts::need_key`].
 fn decode_row(
     upcasters: &[Box<dyn EventUpcaster>],
     row: &StoredRow,
+    plain: PlainParts,
     key: Option<&DataKey>,
 ) -> Result<Decoded, String> {
-    let text = |json: &str| serde_json::from_str::<Value>(json).map_err(|e| e.to_string());
     let opened = |json: &str| {
-        let mut value = text(json)?;
+        let mut value: Value = serde_json::from_str(json).map_err(|error| error.to_string())?;
         open_personal_data(&mut value, key, row.aggregate_id.as_bytes())
             .map_err(|error| error.to_string())?;
         Ok::<Value, String>(value)
     };
-    let event = if plain_payload(upcasters, row) {
+    let event = if plain.payload {
         serde_json::from_str(&row.payload).map_err(|error| error.to_string())?
     } else {
         let stored = SerializedEvent::new(
@@ -143,7 +154,7 @@ fn decode_row(
         );
         decode(upcasters, stored)?.payload
     };
-    let metadata = if names_no_sealed_field(&row.metadata) {
+    let metadata = if plain.metadata {
         serde_json::from_str(&row.metadata)
     } else {
         serde_json::from_value(opened(&row.metadata)?)
@@ -245,7 +256,8 @@ impl EventFeed for StoreFeed {
                     row.aggregate_type
                 )));
             }
-            let key = if needs_key(&self.upcasters, &row) {
+            let plain = PlainParts::of(&self.upcasters, &row);
+            let key = if plain.need_key() {
                 let organization_id = row.aggregate_id.as_str();
                 if !keys.contains_key(organization_id) {
                     let key = self
@@ -259,7 +271,7 @@ impl EventFeed for StoreFeed {
             } else {
                 None
             };
-            let event = decode_row(&self.upcasters, &row, key)
+            let event = decode_row(&self.upcasters, &row, plain, key)
                 .map_err(|error| FeedError(format!("{}: {error}", row.aggregate_id)))?;
             events.push(RecordedEvent {
                 checkpoint: row.checkpoint,
@@ -429,13 +441,17 @@ mod tests {
         ];
         for stored in &rows {
             for key in [Some(&key), None] {
-                let decoded = decode_row(&upcasters, stored, key).unwrap();
+                let plain = PlainParts::of(&upcasters, stored);
+                let decoded = decode_row(&upcasters, stored, plain, key).unwrap();
                 assert_same(&decoded, &general(stored, key));
             }
         }
-        let opened = decode_row(&upcasters, &rows[1], Some(&key)).unwrap();
+        let decoded = |row: &StoredRow, key| {
+            decode_row(&upcasters, row, PlainParts::of(&upcasters, row), key).unwrap()
+        };
+        let opened = decoded(&rows[1], Some(&key));
         assert_eq!(opened.1["client_ip"], "10.0.0.1");
-        let erased = decode_row(&upcasters, &rows[3], None).unwrap();
+        let erased = decoded(&rows[3], None);
         assert!(format!("{:?}", erased.0).contains(orgledger_domain::ERASED));
     }
 
@@ -446,38 +462,32 @@ mod tests {
         let plain_metadata = json!({"actor_type": "user", "actor_id": "olivia"});
         let role_change =
             json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}});
-        assert!(!needs_key(
-            &upcasters,
-            &row("MemberRoleChanged", "1", &role_change, &plain_metadata)
-        ));
-        assert!(needs_key(
-            &upcasters,
-            &row(
-                "MemberRoleChanged",
-                "1",
-                &role_change,
-                &sealed(json!({"client_ip": "10.0.0.1"}), &key)
-            )
-        ));
-        assert!(needs_key(
-            &upcasters,
-            &row(
-                "MemberJoined",
-                "1",
-                &sealed(json!({"MemberJoined": {"email": "mia@example.com"}}), &key),
-                &plain_metadata
-            )
-        ));
+        let parts = |event_type: &str, payload: &Value, metadata: &Value| {
+            PlainParts::of(&upcasters, &row(event_type, "1", payload, metadata))
+        };
+
+        let plain = parts("MemberRoleChanged", &role_change, &plain_metadata);
+        assert!(plain.payload && plain.metadata && !plain.need_key());
+
+        let sealed_ip = sealed(json!({"client_ip": "10.0.0.1"}), &key);
+        let metadata_sealed = parts("MemberRoleChanged", &role_change, &sealed_ip);
         assert!(
-            !plain_payload(
-                &upcasters,
-                &row(
-                    "InvitationSent",
-                    "1",
-                    &json!({"InvitationSent": {}}),
-                    &plain_metadata
-                )
-            ),
+            metadata_sealed.payload,
+            "the payload is still read straight"
+        );
+        assert!(!metadata_sealed.metadata && metadata_sealed.need_key());
+
+        let joined = sealed(json!({"MemberJoined": {"email": "mia@example.com"}}), &key);
+        let payload_sealed = parts("MemberJoined", &joined, &plain_metadata);
+        assert!(!payload_sealed.payload && payload_sealed.need_key());
+
+        let version_one = parts(
+            "InvitationSent",
+            &json!({"InvitationSent": {}}),
+            &plain_metadata,
+        );
+        assert!(
+            !version_one.payload,
             "version 1 of InvitationSent is upcast"
         );
     }
