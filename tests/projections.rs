@@ -1325,6 +1325,133 @@ async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
         .is_some());
 }
 
+/// The live runner reads an organization's versions in the statement that locks the
+/// checkpoints, so in a snapshot taken before the lock was granted. When the holder of the
+/// lock changed the checkpoint, the versions it recorded must be read again: here it marked
+/// the waiting event as applied to members, so members skips it and the others apply it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() {
+    let mut service = spawn_service(Backend::Postgres).await;
+    service.start_projections();
+    while service.projector.leading().len() < PROJECTION_NAMES.len() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let org = create(&service, "Acme", "acme", "olivia").await;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let (_, joined) = service.ledger.load(org).await.unwrap();
+    service.projector.committed();
+    assert!(service
+        .projector
+        .wait_for(&org.to_string(), joined as i64, Duration::from_secs(10))
+        .await
+        .unwrap());
+    let Database::Postgres(pool) = service.db().clone() else {
+        unreachable!("a PostgreSQL service")
+    };
+
+    // A role change committed before the lock is taken (a lock holder's transaction would
+    // hold it back from the feed). Should the runner's poll apply it first, try another.
+    let mut imported = 0;
+    let (mut holder, version, before) = loop {
+        service
+            .ledger
+            .import(org, role_flips(1, "mia"), std::collections::HashMap::new())
+            .await
+            .unwrap();
+        imported += 1;
+        let (_, version) = service.ledger.load(org).await.unwrap();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'members' FOR UPDATE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT version FROM projected_versions
+              WHERE projection = 'members' AND organization_id = $1",
+        )
+        .bind(org.to_string())
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+        if applied < version as i64 {
+            let mia = members::get(service.db(), &org.to_string(), "mia")
+                .await
+                .unwrap()
+                .unwrap();
+            break (holder, version, mia.role);
+        }
+        holder.rollback().await.unwrap();
+    };
+    service.projector.committed();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE '%FOR UPDATE%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runner's batch waits for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query(
+        "UPDATE projected_versions SET version = $1
+          WHERE projection = 'members' AND organization_id = $2",
+    )
+    .bind(version as i64)
+    .bind(org.to_string())
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE projection_checkpoints SET updated_at_us = updated_at_us WHERE name = 'members'",
+    )
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+
+    assert!(service
+        .projector
+        .wait_for(&org.to_string(), version as i64, Duration::from_secs(10))
+        .await
+        .unwrap());
+    let mia = members::get(service.db(), &org.to_string(), "mia")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        mia.role, before,
+        "members skipped the event its re-read versions show as applied"
+    );
+    let changes = audit::list(
+        service.db(),
+        &org.to_string(),
+        &AuditFilter {
+            action: Some("member.role_changed".into()),
+            ..AuditFilter::default()
+        },
+        50,
+        None,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        changes.items.len(),
+        imported,
+        "the audit log applied the event"
+    );
+}
+
 /// One active runner per projection across processes; another takes over when it stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_takes_over_projections_when_the_first_stops() {

@@ -367,29 +367,29 @@ impl AuditLogProjection {
         let Some((first, _)) = rows.first() else {
             return Ok(());
         };
-        let entries: Vec<Vec<Arg>> = rows
-            .iter()
-            .map(|(_, event)| {
-                let org = event.organization_id.as_str();
-                let description = describe(org, &event.event);
-                Vec::from(args![
-                    org,
-                    event.sequence,
-                    to_micros(event.occurred_at()),
-                    event.actor_type(),
-                    event.actor_id(),
-                    description.action,
-                    description.resource_type,
-                    description.resource_id,
-                    description.details.to_string(),
-                    event.metadata.get("request_id").cloned()
-                ])
-            })
-            .collect();
-        conn.append_rows(&self.table, &COLUMNS, entries)
+        conn.append_rows(&self.table, &COLUMNS, rows.iter().map(entry))
             .await
             .map_err(|(row, error)| (rows.get(row).map_or(*first, |(index, _)| *index), error))
     }
+}
+
+/// The entry of the event at `(index, event)`, in [`COLUMNS`] order. A function rather
+/// than a closure: rows are made lazily inside the `Send` future of `append_rows`.
+fn entry((_, event): &(usize, &RecordedEvent)) -> Vec<Arg> {
+    let org = event.organization_id.as_str();
+    let description = describe(org, &event.event);
+    Vec::from(args![
+        org,
+        event.sequence,
+        to_micros(event.occurred_at()),
+        event.actor_type(),
+        event.actor_id(),
+        description.action,
+        description.resource_type,
+        description.resource_id,
+        description.details.to_string(),
+        event.metadata.get("request_id").cloned()
+    ])
 }
 
 const COLUMNS: [&str; 10] = [

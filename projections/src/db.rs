@@ -123,13 +123,17 @@ impl Database {
     /// checkpoints commit together, so a server crash loses at most the last few batches,
     /// whole, and the runner applies them again from its checkpoints; visibility does not
     /// wait for the flush, so read-your-writes holds. Events are never written through it.
-    /// SQLite has one writer whatever the pool, so it shares the pool.
+    /// Its connections are not pinged before each use (sqlx's default): that would cost
+    /// every batch two more round trips, and a batch on a dead connection fails, is rolled
+    /// back and tried again by the runner. SQLite has one writer whatever the pool, so it
+    /// shares the pool.
     pub fn separate_pool(&self, max_connections: u32) -> Self {
         match self {
             Self::Postgres(pool) => Self::Postgres(
                 PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(10))
+                    .test_before_acquire(false)
                     .connect_lazy_with(
                         (*pool.connect_options())
                             .clone()
@@ -304,32 +308,32 @@ impl Conn<'_> {
         }
     }
 
-    /// Appends `rows` (each `columns.len()` values) to `table`: on PostgreSQL a run of at
-    /// least [`COPY_MIN_ROWS`] goes in by `COPY ... FROM STDIN`, which skips parsing and
-    /// planning a statement of thousands of parameters; otherwise multi-row INSERTs. A row
-    /// whose key exists fails the call (there is no `ON CONFLICT` for `COPY`): callers append
-    /// only what their checkpoint and versions say is new. Returns the index of the first
-    /// row of the failing chunk with the error.
-    pub async fn append_rows(
+    /// Appends `rows` (each `columns.len()` values) to `table`, making each row only when it
+    /// is sent: on PostgreSQL a run of at least [`COPY_MIN_ROWS`] goes in by `COPY ... FROM
+    /// STDIN`, which skips parsing and planning a statement of thousands of parameters, in
+    /// chunks, so the server inserts one chunk while the next is made; otherwise multi-row
+    /// INSERTs. A row whose key exists fails the call (there is no `ON CONFLICT` for `COPY`):
+    /// callers append only what their checkpoint and versions say is new. Returns the index of
+    /// the first row of the failing chunk with the error.
+    pub async fn append_rows<R>(
         &mut self,
         table: &str,
         columns: &[&str],
-        rows: Vec<Vec<Arg>>,
-    ) -> Result<(), (usize, sqlx::Error)> {
+        rows: R,
+    ) -> Result<(), (usize, sqlx::Error)>
+    where
+        R: ExactSizeIterator<Item = Vec<Arg>> + Send,
+    {
         if let Self::Postgres(conn) = self {
             if rows.len() >= COPY_MIN_ROWS {
-                let mut text = CopyText::default();
-                for row in &rows {
-                    text.row(row);
-                }
                 let statement = format!("COPY {table} ({}) FROM STDIN", columns.join(", "));
-                return copy_in(conn, &statement, text.bytes)
+                return copy_in(conn, &statement, rows)
                     .await
                     .map_err(|error| (0, error));
             }
         }
         let chunk_rows = MAX_ROWS_PER_STATEMENT.min(32_766 / columns.len().max(1));
-        let mut rows = rows.into_iter().peekable();
+        let mut rows = rows.peekable();
         let mut first = 0;
         while rows.peek().is_some() {
             let chunk: Vec<Vec<Arg>> = rows.by_ref().take(chunk_rows).collect();
@@ -357,17 +361,25 @@ impl Conn<'_> {
     }
 }
 
-/// Streams `data` into `statement` (a `COPY ... FROM STDIN`); a failed send aborts the copy
-/// so the connection stays usable for the rollback.
+/// Streams `rows` into `statement` (a `COPY ... FROM STDIN`), [`COPY_CHUNK_ROWS`] at a time;
+/// a failed send aborts the copy so the connection stays usable for the rollback.
 async fn copy_in(
     conn: &mut sqlx::PgConnection,
     statement: &str,
-    data: Vec<u8>,
+    rows: impl Iterator<Item = Vec<Arg>> + Send,
 ) -> Result<(), sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
-    if let Err(error) = copy.send(data).await {
-        drop(copy.abort("send failed").await);
-        return Err(error);
+    let mut rows = rows.peekable();
+    let mut text = CopyText::default();
+    while rows.peek().is_some() {
+        text.bytes.clear();
+        for row in rows.by_ref().take(COPY_CHUNK_ROWS) {
+            text.row(&row);
+        }
+        if let Err(error) = copy.send(text.bytes.as_slice()).await {
+            drop(copy.abort("send failed").await);
+            return Err(error);
+        }
     }
     copy.finish().await?;
     Ok(())
@@ -420,6 +432,10 @@ impl CopyText {
 /// The fewest rows [`Conn::append_rows`] sends by `COPY`: below it, the extra round trip
 /// of starting a copy costs more than the parse it saves (a live batch is a few dozen rows).
 pub const COPY_MIN_ROWS: usize = 256;
+
+/// Rows per message of a `COPY`: small enough that the server starts on the first while
+/// the rest are made, large enough that a message carries many rows.
+const COPY_CHUNK_ROWS: usize = 250;
 
 /// `($first, ..), (..)`: placeholders for `rows` rows of `columns` parameters each, numbered
 /// from `first`; both backends take `$n`.

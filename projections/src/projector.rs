@@ -396,7 +396,15 @@ impl Projector {
     ) -> Result<GroupBatch, ProjectionError> {
         let mut conn = tx.conn();
         let names: Vec<&str> = group.iter().map(|projection| projection.name()).collect();
-        let checkpoints = lock_checkpoints(&mut conn, &names).await?;
+        // Events already in hand: PostgreSQL reads their organizations' versions with the
+        // lock, in one round trip.
+        let in_hand = match &source {
+            BatchSource::Feed(_) => None,
+            BatchSource::ReadAhead { events, .. } | BatchSource::Prefetched { events, .. } => {
+                Some(events.as_slice())
+            }
+        };
+        let (checkpoints, mut known) = lock_checkpoints(&mut conn, &names, in_hand).await?;
         let after = checkpoints.values().copied().min().unwrap_or_default();
         let events = match source {
             BatchSource::Feed(limit) => self.feed.read_after(after, limit).await?,
@@ -420,6 +428,7 @@ impl Projector {
                 if read_from == after {
                     events
                 } else {
+                    known = None;
                     self.feed.read_after(after, limit).await?
                 }
             }
@@ -430,7 +439,10 @@ impl Projector {
                 ..GroupBatch::default()
             });
         };
-        let known = projected_versions(&mut conn, &names, &events).await?;
+        let known = match known {
+            Some(known) => known,
+            None => projected_versions(&mut conn, &names, &events).await?,
+        };
         // Every projection either reaches `last` or already stood past it.
         let mut batch = GroupBatch {
             read: events.len(),
@@ -491,8 +503,8 @@ impl Projector {
                     .collect(),
             ));
         }
-        record_versions(&mut conn, &version_rows).await?;
-        move_checkpoints(&mut conn, last, &batch.applied).await?;
+        record_versions_and_move_checkpoints(&mut conn, &version_rows, last, &batch.applied)
+            .await?;
         Ok(batch)
     }
 
@@ -1022,7 +1034,7 @@ impl Projector {
                 conn.execute("SET LOCAL synchronous_commit = on", &[])
                     .await?;
             }
-            lock_checkpoints(&mut conn, &[live.name()]).await?;
+            lock_checkpoints(&mut conn, &[live.name()], None).await?;
         }
         let mut tail = 0;
         loop {
@@ -1262,25 +1274,78 @@ struct GroupBatch {
     versions: Vec<(String, HashMap<String, i64>)>,
 }
 
+/// Versions already applied, by projection and then organization.
+type Versions = HashMap<String, HashMap<String, i64>>;
+
 /// Locks the named checkpoints for the transaction and returns where each stands. PostgreSQL
 /// locks the rows in name order, so two groups sharing a projection never deadlock; SQLite's
 /// first write takes the database's one write lock.
+///
+/// On PostgreSQL, with `events` in hand, the same statement also reads their organizations'
+/// versions (one round trip, not two). Those are read in the statement's snapshot, taken
+/// before the lock was granted: they are returned only if no checkpoint row changed in
+/// between (the locked row is the one the snapshot sees, by `xmin`), since every batch and
+/// swap that writes versions also moves its checkpoints under the same lock. Otherwise, and
+/// without `events`, the versions are `None`: read them under the lock.
 async fn lock_checkpoints(
     conn: &mut Conn<'_>,
     names: &[&str],
-) -> Result<HashMap<String, Checkpoint>, ProjectionError> {
+    events: Option<&[RecordedEvent]>,
+) -> Result<(HashMap<String, Checkpoint>, Option<Versions>), ProjectionError> {
     let list = in_list(names.len(), 1);
     let select = format!(
         "SELECT name, commit_txid, position FROM projection_checkpoints
           WHERE name IN ({list}) ORDER BY name"
     );
-    let args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
-    let rows: Vec<(String, i64, i64)> = match conn.backend() {
-        Backend::Postgres => {
+    let mut args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
+    let mut versions = None;
+    let rows: Vec<(String, i64, i64)> = match (conn.backend(), events) {
+        (Backend::Postgres, Some(events))
+            if organizations_of(events).len() <= MAX_ROWS_PER_STATEMENT =>
+        {
+            let organizations = organizations_of(events);
+            let sql = format!(
+                "WITH locked AS MATERIALIZED (
+                     SELECT name, commit_txid, position, xmin FROM projection_checkpoints
+                      WHERE name IN ({list}) ORDER BY name FOR UPDATE)
+                 SELECT name, NULL::text, commit_txid, position,
+                        xmin = (SELECT seen.xmin FROM projection_checkpoints seen
+                                 WHERE seen.name = locked.name)
+                   FROM locked
+                 UNION ALL
+                 SELECT projection, organization_id, version, 0, true FROM projected_versions
+                  WHERE projection IN ({list}) AND organization_id IN ({})",
+                in_list(organizations.len(), names.len() + 1)
+            );
+            args.extend(
+                organizations
+                    .iter()
+                    .map(|organization| Arg::from(*organization)),
+            );
+            let mixed: Vec<(String, Option<String>, i64, i64, bool)> =
+                conn.fetch_all(&sql, &args).await?;
+            let mut checkpoints = Vec::with_capacity(names.len());
+            let mut known = Versions::new();
+            let mut unchanged = true;
+            for (name, organization, first, second, current) in mixed {
+                match organization {
+                    None => {
+                        unchanged &= current;
+                        checkpoints.push((name, first, second));
+                    }
+                    Some(organization) => {
+                        known.entry(name).or_default().insert(organization, first);
+                    }
+                }
+            }
+            versions = unchanged.then_some(known);
+            checkpoints
+        }
+        (Backend::Postgres, _) => {
             conn.fetch_all(&format!("{select} FOR UPDATE"), &args)
                 .await?
         }
-        Backend::Sqlite => {
+        (Backend::Sqlite, _) => {
             let lock =
                 format!("UPDATE projection_checkpoints SET name = name WHERE name IN ({list})");
             conn.execute(&lock, &args).await?;
@@ -1293,7 +1358,7 @@ async fn lock_checkpoints(
     {
         return Err(ProjectionError::Unprepared((*missing).to_owned()));
     }
-    Ok(rows
+    let checkpoints = rows
         .into_iter()
         .map(|(name, commit_txid, position)| {
             (
@@ -1304,7 +1369,18 @@ async fn lock_checkpoints(
                 },
             )
         })
-        .collect())
+        .collect();
+    Ok((checkpoints, versions))
+}
+
+/// The organizations of `events`, each once.
+fn organizations_of(events: &[RecordedEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|event| event.organization_id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// The versions already applied, by projection and then organization (looked up per event
@@ -1313,14 +1389,9 @@ async fn projected_versions(
     conn: &mut Conn<'_>,
     names: &[&str],
     events: &[RecordedEvent],
-) -> Result<HashMap<String, HashMap<String, i64>>, sqlx::Error> {
-    let organizations: Vec<&str> = events
-        .iter()
-        .map(|event| event.organization_id.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let mut known: HashMap<String, HashMap<String, i64>> = HashMap::new();
+) -> Result<Versions, sqlx::Error> {
+    let organizations = organizations_of(events);
+    let mut known = Versions::new();
     for chunk in organizations.chunks(MAX_ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT projection, organization_id, version FROM projected_versions
@@ -1344,18 +1415,42 @@ async fn projected_versions(
     Ok(known)
 }
 
-/// Moves the checkpoints of the projections that took part in a batch to `to`, adding to
-/// each its count of events passed, in one statement.
-async fn move_checkpoints(
+/// Upserts the `(projection, organization, version)` rows of a batch and moves the
+/// checkpoints of the projections that took part in it to `to`, adding to each its count of
+/// events passed. On PostgreSQL one statement does both when the rows fit in one.
+async fn record_versions_and_move_checkpoints(
     conn: &mut Conn<'_>,
+    rows: &[(&str, &str, i64)],
     to: Checkpoint,
     applied: &[(String, usize)],
 ) -> Result<(), sqlx::Error> {
     if applied.is_empty() {
-        return Ok(());
+        return record_versions(conn, rows).await;
     }
+    let merge = conn.backend() == Backend::Postgres && rows.len() <= MAX_ROWS_PER_STATEMENT;
+    if !merge {
+        record_versions(conn, rows).await?;
+    }
+    let mut args = args![to.commit_txid, to.position, to_micros(Utc::now())].to_vec();
+    for (name, events) in applied {
+        args.extend(args![name, *events as i64]);
+    }
+    let recorded = if merge && !rows.is_empty() {
+        let first = args.len() + 1;
+        args.extend(rows.iter().flat_map(|(projection, organization, version)| {
+            args![*projection, *organization, *version]
+        }));
+        format!(
+            "recorded AS (
+                 INSERT INTO projected_versions (projection, organization_id, version) VALUES {}
+                 ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version),",
+            value_rows(rows.len(), 3, first)
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
-        "WITH moved (name, events) AS (VALUES {})
+        "WITH {recorded} moved (name, events) AS (VALUES {})
          UPDATE projection_checkpoints
             SET commit_txid = $1, position = $2, events_applied = events_applied + moved.events,
                 updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
@@ -1363,10 +1458,6 @@ async fn move_checkpoints(
           WHERE projection_checkpoints.name = moved.name",
         value_rows(applied.len(), 2, 4)
     );
-    let mut args = args![to.commit_txid, to.position, to_micros(Utc::now())].to_vec();
-    for (name, events) in applied {
-        args.extend(args![name, *events as i64]);
-    }
     conn.execute(&sql, &args).await?;
     Ok(())
 }
