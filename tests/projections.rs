@@ -1352,10 +1352,26 @@ async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() 
     // A role change committed before the lock is taken (a lock holder's transaction would
     // hold it back from the feed). Should the runner's poll apply it first, try another.
     let mut imported = 0;
-    let (mut holder, version, before) = loop {
+    let (mut holder, version, before, changed_to) = loop {
+        // Nothing of this organization is pending here (a retry's event was applied), so the
+        // read model shows mia's role, and the change goes away from it.
+        let current = members::get(service.db(), &org.to_string(), "mia")
+            .await
+            .unwrap()
+            .unwrap()
+            .role;
+        let (flip, changed_to) = if current == "admin" {
+            (1, "member")
+        } else {
+            (0, "admin")
+        };
         service
             .ledger
-            .import(org, role_flips(1, "mia"), std::collections::HashMap::new())
+            .import(
+                org,
+                vec![role_flips(2, "mia").swap_remove(flip)],
+                std::collections::HashMap::new(),
+            )
             .await
             .unwrap();
         imported += 1;
@@ -1374,11 +1390,7 @@ async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() 
         .await
         .unwrap();
         if applied < version as i64 {
-            let mia = members::get(service.db(), &org.to_string(), "mia")
-                .await
-                .unwrap()
-                .unwrap();
-            break (holder, version, mia.role);
+            break (holder, version, current, changed_to);
         }
         holder.rollback().await.unwrap();
     };
@@ -1388,7 +1400,7 @@ async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() 
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
               WHERE datname = current_database() AND wait_event_type = 'Lock'
-                AND query LIKE '%FOR UPDATE%'",
+                AND query LIKE '%WITH locked AS MATERIALIZED%'",
         )
         .fetch_one(&pool)
         .await
@@ -1428,6 +1440,7 @@ async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() 
         .await
         .unwrap()
         .unwrap();
+    assert_ne!(before, changed_to);
     assert_eq!(
         mia.role, before,
         "members skipped the event its re-read versions show as applied"

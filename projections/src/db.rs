@@ -123,17 +123,13 @@ impl Database {
     /// checkpoints commit together, so a server crash loses at most the last few batches,
     /// whole, and the runner applies them again from its checkpoints; visibility does not
     /// wait for the flush, so read-your-writes holds. Events are never written through it.
-    /// Its connections are not pinged before each use (sqlx's default): that would cost
-    /// every batch two more round trips, and a batch on a dead connection fails, is rolled
-    /// back and tried again by the runner. SQLite has one writer whatever the pool, so it
-    /// shares the pool.
+    /// SQLite has one writer whatever the pool, so it shares the pool.
     pub fn separate_pool(&self, max_connections: u32) -> Self {
         match self {
             Self::Postgres(pool) => Self::Postgres(
                 PgPoolOptions::new()
                     .max_connections(max_connections)
                     .acquire_timeout(Duration::from_secs(10))
-                    .test_before_acquire(false)
                     .connect_lazy_with(
                         (*pool.connect_options())
                             .clone()
@@ -313,8 +309,9 @@ impl Conn<'_> {
     /// STDIN`, which skips parsing and planning a statement of thousands of parameters, in
     /// chunks, so the server inserts one chunk while the next is made; otherwise multi-row
     /// INSERTs. A row whose key exists fails the call (there is no `ON CONFLICT` for `COPY`):
-    /// callers append only what their checkpoint and versions say is new. Returns the index of
-    /// the first row of the failing chunk with the error.
+    /// callers append only what their checkpoint and versions say is new. Returns, with the
+    /// error, the index of the first row of the failing statement (0 for a `COPY`, which is
+    /// one statement).
     pub async fn append_rows<R>(
         &mut self,
         table: &str,

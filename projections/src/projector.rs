@@ -1284,9 +1284,11 @@ type Versions = HashMap<String, HashMap<String, i64>>;
 /// On PostgreSQL, with `events` in hand, the same statement also reads their organizations'
 /// versions (one round trip, not two). Those are read in the statement's snapshot, taken
 /// before the lock was granted: they are returned only if no checkpoint row changed in
-/// between (the locked row is the one the snapshot sees, by `xmin`), since every batch and
-/// swap that writes versions also moves its checkpoints under the same lock. Otherwise, and
-/// without `events`, the versions are `None`: read them under the lock.
+/// between (the locked row is the one the snapshot sees, by `xmin`), since every writer of
+/// versions (a batch, a swap) updates its checkpoint row under the same lock, and the ones
+/// that delete versions (a schema reset, a discarded copy) delete the row, which a batch then
+/// finds missing. Otherwise, and without `events`, the versions are `None`: read them under
+/// the lock.
 async fn lock_checkpoints(
     conn: &mut Conn<'_>,
     names: &[&str],
@@ -1299,18 +1301,21 @@ async fn lock_checkpoints(
     );
     let mut args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
     let mut versions = None;
-    let rows: Vec<(String, i64, i64)> = match (conn.backend(), events) {
-        (Backend::Postgres, Some(events))
-            if organizations_of(events).len() <= MAX_ROWS_PER_STATEMENT =>
+    let organizations = match (conn.backend(), events) {
+        (Backend::Postgres, Some(events)) => organizations_of(events),
+        _ => Vec::new(),
+    };
+    let rows: Vec<(String, i64, i64)> = match conn.backend() {
+        Backend::Postgres
+            if !organizations.is_empty() && organizations.len() <= MAX_ROWS_PER_STATEMENT =>
         {
-            let organizations = organizations_of(events);
             let sql = format!(
                 "WITH locked AS MATERIALIZED (
                      SELECT name, commit_txid, position, xmin FROM projection_checkpoints
                       WHERE name IN ({list}) ORDER BY name FOR UPDATE)
                  SELECT name, NULL::text, commit_txid, position,
-                        xmin = (SELECT seen.xmin FROM projection_checkpoints seen
-                                 WHERE seen.name = locked.name)
+                        coalesce(xmin = (SELECT seen.xmin FROM projection_checkpoints seen
+                                          WHERE seen.name = locked.name), false)
                    FROM locked
                  UNION ALL
                  SELECT projection, organization_id, version, 0, true FROM projected_versions
@@ -1341,11 +1346,11 @@ async fn lock_checkpoints(
             versions = unchanged.then_some(known);
             checkpoints
         }
-        (Backend::Postgres, _) => {
+        Backend::Postgres => {
             conn.fetch_all(&format!("{select} FOR UPDATE"), &args)
                 .await?
         }
-        (Backend::Sqlite, _) => {
+        Backend::Sqlite => {
             let lock =
                 format!("UPDATE projection_checkpoints SET name = name WHERE name IN ({list})");
             conn.execute(&lock, &args).await?;
