@@ -358,8 +358,9 @@ impl Conn<'_> {
     }
 }
 
-/// Streams `rows` into `statement` (a `COPY ... FROM STDIN`), [`COPY_CHUNK_ROWS`] at a time;
-/// a failed send aborts the copy so the connection stays usable for the rollback.
+/// Streams `rows` into `statement` (a `COPY ... FROM STDIN`), [`COPY_CHUNK_ROWS`] at a time.
+/// A failed send aborts the copy, so that a connection that still works can roll back; a row
+/// the server refuses fails `finish`, which reads the server's reply to the end.
 async fn copy_in(
     conn: &mut sqlx::PgConnection,
     statement: &str,
