@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -173,22 +174,22 @@ pub struct Organization {
     pub settings: Settings,
     pub lifecycle: Lifecycle,
     pub created_at: Option<DateTime<Utc>>,
-    pub members: BTreeMap<UserId, Member>,
-    pub invitations: BTreeMap<Uuid, Invitation>,
+    pub members: OrdMap<UserId, Member>,
+    pub invitations: OrdMap<Uuid, Invitation>,
     #[serde(default)]
-    pub groups: BTreeMap<Uuid, Group>,
+    pub groups: OrdMap<Uuid, Group>,
     #[serde(default)]
-    pub service_accounts: BTreeMap<Uuid, ServiceAccount>,
+    pub service_accounts: OrdMap<Uuid, ServiceAccount>,
     #[serde(default)]
     pub client_restrictions: ClientAccess,
     #[serde(default)]
     pub smart_tool_routing: bool,
     #[serde(default)]
-    pub ai_providers: BTreeMap<Uuid, AiProvider>,
+    pub ai_providers: OrdMap<Uuid, AiProvider>,
     #[serde(default)]
     pub plan: Plan,
     #[serde(default)]
-    pub roles: BTreeMap<String, CustomRole>,
+    pub roles: OrdMap<String, CustomRole>,
 }
 
 /// What an actor may do here: a member's role, or a service account's scopes.
@@ -358,8 +359,17 @@ impl Aggregate for Organization {
             OrganizationEvent::MemberRemoved(MemberRemoved { user_id, .. })
             | OrganizationEvent::MemberLeft(MemberLeft { user_id, .. }) => {
                 self.members.remove(&user_id);
-                for group in self.groups.values_mut() {
-                    group.member_ids.remove(&user_id);
+                // Persistent maps: only the groups that change are copied.
+                let holding: Vec<Uuid> = self
+                    .groups
+                    .iter()
+                    .filter(|(_, group)| group.member_ids.contains(&user_id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in holding {
+                    if let Some(group) = self.groups.get_mut(&id) {
+                        group.member_ids.remove(&user_id);
+                    }
                 }
             }
             OrganizationEvent::GroupCreated(e) => {
@@ -385,8 +395,16 @@ impl Aggregate for Organization {
             }
             OrganizationEvent::GroupDeleted(e) => {
                 self.groups.remove(&e.group_id);
-                for member in self.members.values_mut() {
-                    member.group_ids.retain(|id| *id != e.group_id);
+                let in_group: Vec<UserId> = self
+                    .members
+                    .iter()
+                    .filter(|(_, member)| member.group_ids.contains(&e.group_id))
+                    .map(|(user_id, _)| user_id.clone())
+                    .collect();
+                for user_id in in_group {
+                    if let Some(member) = self.members.get_mut(&user_id) {
+                        member.group_ids.retain(|id| *id != e.group_id);
+                    }
                 }
             }
             OrganizationEvent::GroupMemberAdded(e) => {

@@ -578,3 +578,42 @@ fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
             key: "organizer".into(),
         })]);
 }
+
+/// The state's collections are persistent maps: a command copies the state in constant time
+/// and applies its events to the copy, and the copy a cache holds must not see them.
+#[test]
+fn a_copy_of_the_state_is_unchanged_by_events_applied_to_the_original() {
+    let mut state = state_after(with(acme(), vec![group_created(1, "Eng")]));
+    let before = state.clone();
+    for event in [
+        OrganizationEvent::MemberRoleChanged(MemberRoleChanged {
+            user_id: uid("mia"),
+            from: Role::Member,
+            to: Role::Admin,
+        }),
+        OrganizationEvent::GroupDeleted(GroupDeleted { group_id: id(1) }),
+        joined("noah", Role::Member),
+    ] {
+        cqrs_es::Aggregate::apply(&mut state, event);
+    }
+    assert_eq!(before.members[&uid("mia")].role, Role::Member);
+    assert!(!before.members.contains_key(&uid("noah")));
+    assert!(before.groups.contains_key(&id(1)));
+    assert_eq!(state.members[&uid("mia")].role, Role::Admin);
+    assert_eq!(state.members.len(), before.members.len() + 1);
+    assert!(state.groups.is_empty());
+}
+
+/// Snapshots store the state as JSON: its collections stay objects keyed and ordered by id,
+/// as they were before they became persistent maps, so snapshots written then still load.
+#[test]
+fn the_state_keeps_the_json_shape_its_snapshots_were_written_in() {
+    let state = state_after(acme());
+    let json = serde_json::to_value(&state).unwrap();
+    let members = json["members"].as_object().expect("members is an object");
+    let ids: Vec<&str> = members.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["adam", "mia", "olivia", "vic"]);
+    assert_eq!(members["mia"]["role"], serde_json::json!("member"));
+    let loaded: Organization = serde_json::from_value(json).unwrap();
+    assert_eq!(loaded, state);
+}
