@@ -5,8 +5,9 @@
 //! `PersistedEventStore`, whose 0.5 snapshots can disagree with the events:
 //! `CqrsFramework` applies new events through `EventSink` and the store applies them again,
 //! and a snapshot taken mid-commit is stored with the commit's last sequence. Here a snapshot
-//! is always the state after every event of the commit that crosses a multiple of
-//! [`SNAPSHOT_EVERY`], so loading it and the events after it equals a full replay.
+//! is always the state after every event of the commit that crosses a multiple of the
+//! organization's [`snapshot_interval`] (at least [`crate::store::SNAPSHOT_EVERY`]), so
+//! loading it and the events after it equals a full replay.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::store::{
-    DataKeys, Database, MasterKey, OrganizationRepository, ReadStats, StoreError, SNAPSHOT_EVERY,
+    snapshot_interval, DataKeys, Database, MasterKey, OrganizationRepository, ReadStats, StoreError,
 };
 
 /// Attempts of one command before a persistent conflict is reported.
@@ -298,7 +299,7 @@ impl Ledger {
     }
 
     /// Appends `events` after `loaded`, with a snapshot of `after` (the state once they are
-    /// applied) when the commit crosses a multiple of [`SNAPSHOT_EVERY`]. A concurrent
+    /// applied) when the commit crosses a multiple of its [`snapshot_interval`]. A concurrent
     /// append of the same sequence fails with `OptimisticLockError` and nothing is stored.
     async fn commit(
         &self,
@@ -323,7 +324,13 @@ impl Ledger {
             ));
         }
         let last = loaded.version + events.len();
-        let snapshot = if last / SNAPSHOT_EVERY > loaded.version / SNAPSHOT_EVERY {
+        let interval = snapshot_interval(
+            after.members.len()
+                + after.invitations.len()
+                + after.groups.len()
+                + after.service_accounts.len(),
+        );
+        let snapshot = if last / interval > loaded.version / interval {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
             Some((id.clone(), serde_json::to_value(&**after)?, number))
         } else {

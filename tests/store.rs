@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use cqrs_es::persist::SerializedEvent;
 use orgledger::ledger::{LedgerError, RequestContext};
-use orgledger::store::{seal_personal_data, SNAPSHOT_EVERY};
+use orgledger::store::{seal_personal_data, snapshot_interval, SNAPSHOT_EVERY};
 use orgledger_domain::*;
 use support::*;
 use uuid::Uuid;
@@ -39,6 +39,7 @@ on_both_backends!(
     a_command_on_a_cached_organization_reads_nothing_before_it_commits,
     an_import_larger_than_one_statement_is_stored_whole_in_one_transaction,
     an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them,
+    a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_replay,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -1006,4 +1007,70 @@ async fn a_command_on_a_cached_organization_reads_nothing_before_it_commits(back
         .await;
     assert!(refused.is_err());
     assert_eq!(stats.catch_ups(), catch_ups + 1);
+}
+
+/// A snapshot's cost grows with the organization, an event's replay does not: a 1,000-member
+/// organization is snapshotted every 400 events, not every 50, and a process that never saw
+/// it still loads exactly what a full replay gives.
+async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_replay(
+    backend: Backend,
+) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let joins: Vec<OrganizationEvent> = (0..1_000)
+        .map(|n| {
+            OrganizationEvent::MemberJoined(MemberJoined {
+                user_id: uid(&format!("user-{n:04}")),
+                email: format!("user-{n:04}@example.com"),
+                first_name: Some(format!("First{n}")),
+                last_name: None,
+                title: None,
+                image_url: None,
+                role: Role::Member,
+                locked_fields: vec![],
+                group_ids: vec![],
+                invitation_id: None,
+                joined_at: chrono::Utc::now(),
+            })
+        })
+        .collect();
+    ledger.import(org, joins, HashMap::new()).await.unwrap();
+    let (state, imported) = ledger.load(org).await.unwrap();
+    let interval = snapshot_interval(state.members.len() + state.invitations.len());
+    assert_eq!(interval, 400);
+    let snapshot_at = || async {
+        count(
+            ledger.db(),
+            "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'organization'",
+        )
+        .await as usize
+    };
+    assert_eq!(
+        snapshot_at().await,
+        imported,
+        "the import crossed a multiple of 400"
+    );
+
+    // Twice the small organizations' interval, short of the next multiple of 400.
+    let commands = 2 * SNAPSHOT_EVERY;
+    assert!(imported % interval + commands < interval);
+    for i in 0..commands {
+        let role = if i % 2 == 0 { Role::Viewer } else { Role::Member };
+        run(&ledger, org, "olivia", set_role("mia", role)).await;
+    }
+    assert_eq!(snapshot_at().await, imported, "no snapshot since the import");
+
+    let cold = ledger.reopen().await;
+    let (loaded, version) = cold.load(org).await.unwrap();
+    assert_eq!(version, imported + commands);
+    assert_eq!(cold.read_stats().events(), commands as u64);
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(loaded, replayed);
+    assert_eq!(loaded.members.len(), 1_002);
 }

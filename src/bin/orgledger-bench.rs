@@ -244,6 +244,13 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             scale.history_events, big / small, if big / small <= 1.5 { "met" } else { "NOT met" }));
         report.line(format!("orgledger, cold (a fresh process's first command): 10 events {small_cold:>8.2} ms   {} events {big_cold:>8.2} ms   ratio {:.2}",
             scale.history_events, big_cold / small_cold));
+        // The same role change where the history is members joining: the state holds them all.
+        let crowded = organization_with_members(&service, scale.history_events).await?;
+        checkpoint(&pool).await;
+        let (crowded, crowded_p99) =
+            role_change_latencies(&service, crowded, scale.history_samples).await?;
+        report.line(format!("orgledger, {} members (as many joins):       {crowded:>8.2} ms   ratio to 10 events {:.2}; p99 {crowded_p99:.2} ms (a snapshot of the whole state every {} events)",
+            scale.history_events, crowded / small, orgledger::store::snapshot_interval(scale.history_events + 2)));
         let (vanilla_small, vanilla_big) = vanilla_history_cost(&pool, scale).await?;
         report.line(format!("vanilla cqrs-es+postgres-es: 10 events {vanilla_small:>8.2} ms   {} events {vanilla_big:>8.2} ms   ratio {:.1}",
             scale.history_events, vanilla_big / vanilla_small));
@@ -629,7 +636,59 @@ async fn organization_with_history(service: &Orgledger, events: usize) -> anyhow
     Ok(id)
 }
 
+/// An organization whose owner, olivia, has `members` members besides mia.
+async fn organization_with_members(service: &Orgledger, members: usize) -> anyhow::Result<Uuid> {
+    let (id, create, mia) = create_command(
+        &format!("Crowded {members} {}", Uuid::now_v7().simple()),
+        "olivia",
+        true,
+    );
+    service
+        .ledger
+        .create_organization(create, false, &RequestContext::default())
+        .await?;
+    service
+        .ledger
+        .import(id, mia.into_iter().collect(), HashMap::new())
+        .await?;
+    for start in (0..members).step_by(2_000) {
+        let joins = member_joins(start..members.min(start + 2_000));
+        service.ledger.import(id, joins, HashMap::new()).await?;
+    }
+    Ok(id)
+}
+
+/// `user-NNNNNN` joining as members, one event each.
+fn member_joins(numbers: std::ops::Range<usize>) -> Vec<OrganizationEvent> {
+    numbers
+        .map(|n| {
+            OrganizationEvent::MemberJoined(MemberJoined {
+                user_id: UserId::parse("user_id", &format!("user-{n:06}")).unwrap(),
+                email: format!("user-{n:06}@example.com"),
+                first_name: Some(format!("First{n}")),
+                last_name: Some(format!("Last{n}")),
+                title: None,
+                image_url: None,
+                role: Role::Member,
+                locked_fields: vec![],
+                group_ids: vec![],
+                invitation_id: None,
+                joined_at: chrono::Utc::now(),
+            })
+        })
+        .collect()
+}
+
 async fn time_role_changes(service: &Orgledger, org: Uuid, samples: usize) -> anyhow::Result<f64> {
+    Ok(role_change_latencies(service, org, samples).await?.0)
+}
+
+/// p50 and p99 of `samples` role changes of mia, in ms.
+async fn role_change_latencies(
+    service: &Orgledger,
+    org: Uuid,
+    samples: usize,
+) -> anyhow::Result<(f64, f64)> {
     let mut latencies = Vec::new();
     for i in 0..samples {
         let role = if i % 2 == 0 {
@@ -652,7 +711,10 @@ async fn time_role_changes(service: &Orgledger, org: Uuid, samples: usize) -> an
             .await?;
         latencies.push(ms(start.elapsed()));
     }
-    Ok(percentile(&mut latencies, 0.5))
+    Ok((
+        percentile(&mut latencies, 0.5),
+        percentile(&mut latencies, 0.99),
+    ))
 }
 
 /// p50 of a role change on a 10-event and on a long organization: warm (the process that
@@ -862,23 +924,7 @@ async fn export(
         .await?;
     let mut joined = 0;
     while joined < members {
-        let chunk: Vec<OrganizationEvent> = (joined..(joined + 2_000).min(members))
-            .map(|n| {
-                OrganizationEvent::MemberJoined(MemberJoined {
-                    user_id: UserId::parse("user_id", &format!("user-{n:06}")).unwrap(),
-                    email: format!("user-{n:06}@example.com"),
-                    first_name: Some(format!("First{n}")),
-                    last_name: Some(format!("Last{n}")),
-                    title: None,
-                    image_url: None,
-                    role: Role::Member,
-                    locked_fields: vec![],
-                    group_ids: vec![],
-                    invitation_id: None,
-                    joined_at: chrono::Utc::now(),
-                })
-            })
-            .collect();
+        let chunk = member_joins(joined..(joined + 2_000).min(members));
         joined += chunk.len();
         service.ledger.import(id, chunk, HashMap::new()).await?;
     }
