@@ -324,12 +324,7 @@ impl Ledger {
             ));
         }
         let last = loaded.version + events.len();
-        let interval = snapshot_interval(
-            after.members.len()
-                + after.invitations.len()
-                + after.groups.len()
-                + after.service_accounts.len(),
-        );
+        let interval = snapshot_interval(after);
         let snapshot = if last / interval > loaded.version / interval {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
             Some((id.clone(), serde_json::to_value(&**after)?, number))

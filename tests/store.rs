@@ -1039,7 +1039,7 @@ async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_repl
         .collect();
     ledger.import(org, joins, HashMap::new()).await.unwrap();
     let (state, imported) = ledger.load(org).await.unwrap();
-    let interval = snapshot_interval(state.members.len() + state.invitations.len());
+    let interval = snapshot_interval(&state);
     assert_eq!(interval, 400);
     let snapshot_at = || async {
         count(
@@ -1058,10 +1058,18 @@ async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_repl
     let commands = 2 * SNAPSHOT_EVERY;
     assert!(imported % interval + commands < interval);
     for i in 0..commands {
-        let role = if i % 2 == 0 { Role::Viewer } else { Role::Member };
+        let role = if i % 2 == 0 {
+            Role::Viewer
+        } else {
+            Role::Member
+        };
         run(&ledger, org, "olivia", set_role("mia", role)).await;
     }
-    assert_eq!(snapshot_at().await, imported, "no snapshot since the import");
+    assert_eq!(
+        snapshot_at().await,
+        imported,
+        "no snapshot since the import"
+    );
 
     let cold = ledger.reopen().await;
     let (loaded, version) = cold.load(org).await.unwrap();

@@ -245,12 +245,18 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         report.line(format!("orgledger, cold (a fresh process's first command): 10 events {small_cold:>8.2} ms   {} events {big_cold:>8.2} ms   ratio {:.2}",
             scale.history_events, big_cold / small_cold));
         // The same role change where the history is members joining: the state holds them all.
-        let crowded = organization_with_members(&service, scale.history_events).await?;
-        checkpoint(&pool).await;
-        let (crowded, crowded_p99) =
-            role_change_latencies(&service, crowded, scale.history_samples).await?;
-        report.line(format!("orgledger, {} members (as many joins):       {crowded:>8.2} ms   ratio to 10 events {:.2}; p99 {crowded_p99:.2} ms (a snapshot of the whole state every {} events)",
-            scale.history_events, crowded / small, orgledger::store::snapshot_interval(scale.history_events + 2)));
+        let crowded = crowded_cost(
+            &service,
+            &master_key,
+            &pool,
+            scale.history_events,
+            scale.history_samples,
+        )
+        .await?;
+        report.line(format!("orgledger, {} members (as many joins):       {:>8.2} ms   ratio to 10 events {:.2}; p99 {:.2} ms",
+            scale.history_events, crowded.p50, crowded.p50 / small, crowded.p99));
+        report.line(format!("  its snapshot every {} events: the command that writes one {:.0} ms; a cold load just before it (snapshot + {} events) {:.0} ms",
+            crowded.interval, crowded.snapshot_commit, crowded.replayed, crowded.cold_load));
         let (vanilla_small, vanilla_big) = vanilla_history_cost(&pool, scale).await?;
         report.line(format!("vanilla cqrs-es+postgres-es: 10 events {vanilla_small:>8.2} ms   {} events {vanilla_big:>8.2} ms   ratio {:.1}",
             scale.history_events, vanilla_big / vanilla_small));
@@ -677,6 +683,59 @@ fn member_joins(numbers: std::ops::Range<usize>) -> Vec<OrganizationEvent> {
             })
         })
         .collect()
+}
+
+struct CrowdedCost {
+    p50: f64,
+    p99: f64,
+    interval: usize,
+    snapshot_commit: f64,
+    cold_load: f64,
+    replayed: usize,
+}
+
+/// Role changes on an organization of `members` members: warm p50 and p99, then, one event
+/// short of its next snapshot, a fresh process's load (its snapshot and the most events that
+/// can follow it) and the command that writes the snapshot.
+async fn crowded_cost(
+    service: &Orgledger,
+    master_key: &MasterKey,
+    pool: &PgPool,
+    members: usize,
+    samples: usize,
+) -> anyhow::Result<CrowdedCost> {
+    let org = organization_with_members(service, members).await?;
+    checkpoint(pool).await;
+    let (p50, p99) = role_change_latencies(service, org, samples).await?;
+    let (state, version) = service.ledger.load(org).await?;
+    let interval = orgledger::store::snapshot_interval(&state);
+    let short = (version / interval + 1) * interval - 1 - version;
+    for start in (0..short).step_by(5_000) {
+        let flips = role_flips(short.min(start + 5_000) - start, "mia");
+        service.ledger.import(org, flips, HashMap::new()).await?;
+    }
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'organization' AND aggregate_id = $1",
+    )
+    .bind(org.to_string())
+    .fetch_one(pool)
+    .await?;
+    let mut loads = Vec::new();
+    for _ in 0..3 {
+        let fresh = Orgledger::open(service.database().clone(), master_key.clone()).await?;
+        let start = Instant::now();
+        fresh.ledger.load(org).await?;
+        loads.push(ms(start.elapsed()));
+    }
+    let snapshot_commit = time_role_changes(service, org, 1).await?;
+    Ok(CrowdedCost {
+        p50,
+        p99,
+        interval,
+        snapshot_commit,
+        cold_load: percentile(&mut loads, 0.5),
+        replayed: (version + short) - stored as usize,
+    })
 }
 
 async fn time_role_changes(service: &Orgledger, org: Uuid, samples: usize) -> anyhow::Result<f64> {

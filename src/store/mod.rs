@@ -14,17 +14,28 @@ pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SE
 
 /// Events after which a new snapshot of an organization is written, for an organization of
 /// up to `4 * SNAPSHOT_EVERY` members, invitations, groups and service accounts; larger ones
-/// are snapshotted less often (see [`snapshot_interval`]).
+/// are snapshotted less often (see [`interval_for`]).
 pub const SNAPSHOT_EVERY: usize = 50;
+
+/// Events between snapshots of `state`: see [`interval_for`].
+pub fn snapshot_interval(state: &orgledger_domain::Organization) -> usize {
+    interval_for(
+        state.members.len()
+            + state.invitations.len()
+            + state.groups.len()
+            + state.service_accounts.len(),
+    )
+}
 
 /// Events between snapshots of an organization holding `entries` members, invitations,
 /// groups and service accounts: [`SNAPSHOT_EVERY`], doubled until it reaches a quarter of
 /// the entries. Writing a snapshot costs in proportion to the state and replaying an event
 /// does not, so a large organization's snapshots stay rare (a 100,000-member one's every
-/// 25,600 events, not every 50, when each took most of a second inside a command) while a
-/// cold load still replays no more events than the snapshot holds entries. Doubling keeps
-/// the intervals multiples of one another as an organization grows.
-pub fn snapshot_interval(entries: usize) -> usize {
+/// 25,600 events, not every 50, when each took most of a second inside a command). Every
+/// interval is `SNAPSHOT_EVERY` times a power of two, so each divides the larger ones: the
+/// events after the last snapshot are fewer than the largest interval the organization had
+/// since it was taken.
+pub fn interval_for(entries: usize) -> usize {
     let mut interval = SNAPSHOT_EVERY;
     while interval * 4 < entries {
         interval *= 2;
@@ -50,13 +61,10 @@ mod tests {
 
     #[test]
     fn snapshots_grow_rarer_only_past_a_quarter_of_the_state() {
-        assert_eq!(snapshot_interval(0), SNAPSHOT_EVERY);
-        assert_eq!(snapshot_interval(4 * SNAPSHOT_EVERY), SNAPSHOT_EVERY);
-        assert_eq!(
-            snapshot_interval(4 * SNAPSHOT_EVERY + 1),
-            2 * SNAPSHOT_EVERY
-        );
-        assert_eq!(snapshot_interval(1_000), 400);
-        assert_eq!(snapshot_interval(100_000), 25_600);
+        assert_eq!(interval_for(0), SNAPSHOT_EVERY);
+        assert_eq!(interval_for(4 * SNAPSHOT_EVERY), SNAPSHOT_EVERY);
+        assert_eq!(interval_for(4 * SNAPSHOT_EVERY + 1), 2 * SNAPSHOT_EVERY);
+        assert_eq!(interval_for(1_000), 400);
+        assert_eq!(interval_for(100_000), 25_600);
     }
 }
