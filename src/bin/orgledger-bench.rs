@@ -617,35 +617,29 @@ fn create_command(
 }
 
 async fn organization_with_history(service: &Orgledger, events: usize) -> anyhow::Result<Uuid> {
-    let (id, create, member) = create_command(
-        &format!("History {events} {}", Uuid::now_v7().simple()),
-        "olivia",
-        true,
-    );
-    service
-        .ledger
-        .create_organization(create, false, &RequestContext::default())
-        .await?;
-    service
-        .ledger
-        .import(id, member.into_iter().collect(), HashMap::new())
-        .await?;
-    let mut remaining = events.saturating_sub(3);
-    while remaining > 0 {
-        let chunk = remaining.min(5_000);
-        service
-            .ledger
-            .import(id, role_flips(chunk, "mia"), HashMap::new())
-            .await?;
-        remaining -= chunk;
-    }
-    Ok(id)
+    let remaining = events.saturating_sub(3);
+    let flips = (0..remaining)
+        .step_by(5_000)
+        .map(|start| role_flips(remaining.min(start + 5_000) - start, "mia"));
+    organization_with(service, &format!("History {events}"), flips).await
 }
 
 /// An organization whose owner, olivia, has `members` members besides mia.
 async fn organization_with_members(service: &Orgledger, members: usize) -> anyhow::Result<Uuid> {
+    let joins = (0..members)
+        .step_by(2_000)
+        .map(|start| member_joins(start..members.min(start + 2_000)));
+    organization_with(service, &format!("Crowded {members}"), joins).await
+}
+
+/// A new organization of olivia (owner) and mia, then `imports`, each appended as it is.
+async fn organization_with(
+    service: &Orgledger,
+    name: &str,
+    imports: impl Iterator<Item = Vec<OrganizationEvent>>,
+) -> anyhow::Result<Uuid> {
     let (id, create, mia) = create_command(
-        &format!("Crowded {members} {}", Uuid::now_v7().simple()),
+        &format!("{name} {}", Uuid::now_v7().simple()),
         "olivia",
         true,
     );
@@ -653,13 +647,8 @@ async fn organization_with_members(service: &Orgledger, members: usize) -> anyho
         .ledger
         .create_organization(create, false, &RequestContext::default())
         .await?;
-    service
-        .ledger
-        .import(id, mia.into_iter().collect(), HashMap::new())
-        .await?;
-    for start in (0..members).step_by(2_000) {
-        let joins = member_joins(start..members.min(start + 2_000));
-        service.ledger.import(id, joins, HashMap::new()).await?;
+    for events in std::iter::once(mia.into_iter().collect()).chain(imports) {
+        service.ledger.import(id, events, HashMap::new()).await?;
     }
     Ok(id)
 }
