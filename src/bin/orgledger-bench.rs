@@ -598,21 +598,7 @@ fn create_command(
             },
         }),
     );
-    let member = extra_member.then(|| {
-        OrganizationEvent::MemberJoined(MemberJoined {
-            user_id: UserId::parse("user_id", "mia").unwrap(),
-            email: "mia@example.com".into(),
-            first_name: None,
-            last_name: None,
-            title: None,
-            image_url: None,
-            role: Role::Member,
-            locked_fields: vec![],
-            group_ids: vec![],
-            invitation_id: None,
-            joined_at: chrono::Utc::now(),
-        })
-    });
+    let member = extra_member.then(|| member_joined("mia", None, None));
     (id, command, member)
 }
 
@@ -657,21 +643,34 @@ async fn organization_with(
 fn member_joins(numbers: std::ops::Range<usize>) -> Vec<OrganizationEvent> {
     numbers
         .map(|n| {
-            OrganizationEvent::MemberJoined(MemberJoined {
-                user_id: UserId::parse("user_id", &format!("user-{n:06}")).unwrap(),
-                email: format!("user-{n:06}@example.com"),
-                first_name: Some(format!("First{n}")),
-                last_name: Some(format!("Last{n}")),
-                title: None,
-                image_url: None,
-                role: Role::Member,
-                locked_fields: vec![],
-                group_ids: vec![],
-                invitation_id: None,
-                joined_at: chrono::Utc::now(),
-            })
+            member_joined(
+                &format!("user-{n:06}"),
+                Some(format!("First{n}")),
+                Some(format!("Last{n}")),
+            )
         })
         .collect()
+}
+
+/// `user` joining as a member, now, with the address `user@example.com`.
+fn member_joined(
+    user: &str,
+    first_name: Option<String>,
+    last_name: Option<String>,
+) -> OrganizationEvent {
+    OrganizationEvent::MemberJoined(MemberJoined {
+        user_id: UserId::parse("user_id", user).unwrap(),
+        email: format!("{user}@example.com"),
+        first_name,
+        last_name,
+        title: None,
+        image_url: None,
+        role: Role::Member,
+        locked_fields: vec![],
+        group_ids: vec![],
+        invitation_id: None,
+        joined_at: chrono::Utc::now(),
+    })
 }
 
 struct CrowdedCost {
