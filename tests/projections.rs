@@ -44,6 +44,19 @@ fn member_filter() -> MemberFilter {
     }
 }
 
+/// The first 50 audit entries of `org` with `action`.
+async fn audit_of(db: &Database, org: &str, action: &str) -> Vec<audit::AuditEntryView> {
+    let filter = AuditFilter {
+        action: Some(action.to_owned()),
+        ..AuditFilter::default()
+    };
+    audit::list(db, org, &filter, 50, None)
+        .await
+        .unwrap()
+        .unwrap()
+        .items
+}
+
 async fn create(service: &TestService, name: &str, slug: &str, owner: &str) -> Uuid {
     service
         .create_organization(
@@ -151,26 +164,14 @@ async fn read_models_show_each_command_when_it_returns(backend: Backend) {
     service
         .run_as(org, "olivia", set_role("nina", Role::Admin))
         .await;
-    let entries = audit::list(
-        service.db(),
-        &id,
-        &AuditFilter {
-            action: Some("member.role_changed".into()),
-            ..Default::default()
-        },
-        50,
-        None,
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(entries.items.len(), 1);
+    let entries = audit_of(service.db(), &id, "member.role_changed").await;
+    assert_eq!(entries.len(), 1);
     assert_eq!(
-        entries.items[0].details,
+        entries[0].details,
         serde_json::json!({"from": "member", "to": "admin"})
     );
-    assert_eq!(entries.items[0].resource.id, "nina");
-    assert_eq!(entries.items[0].actor.id, "olivia");
+    assert_eq!(entries[0].resource.id, "nina");
+    assert_eq!(entries[0].actor.id, "olivia");
 
     let mine = members::organizations_of(service.db(), "nina", 50, None)
         .await
@@ -494,21 +495,9 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
     let report = service.projector.rebuild_all(false).await.unwrap();
     assert!(report.events > 300, "one run of {} entries", report.events);
     assert_eq!(dump_read_models(service.db()).await, before);
-    let renamed = audit::list(
-        service.db(),
-        &org.to_string(),
-        &AuditFilter {
-            action: Some("organization.updated".into()),
-            ..AuditFilter::default()
-        },
-        5,
-        None,
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(renamed.items.len(), 1);
-    assert_eq!(renamed.items[0].details["name"]["to"], awkward);
+    let renamed = audit_of(service.db(), &org.to_string(), "organization.updated").await;
+    assert_eq!(renamed.len(), 1);
+    assert_eq!(renamed[0].details["name"]["to"], awkward);
 }
 
 /// The audit log's schema 2 made its key an index: tables of schema 1 are dropped and
@@ -1445,24 +1434,8 @@ async fn a_batch_that_waited_for_the_checkpoint_lock_reads_the_versions_again() 
         mia.role, before,
         "members skipped the event its re-read versions show as applied"
     );
-    let changes = audit::list(
-        service.db(),
-        &org.to_string(),
-        &AuditFilter {
-            action: Some("member.role_changed".into()),
-            ..AuditFilter::default()
-        },
-        50,
-        None,
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        changes.items.len(),
-        imported,
-        "the audit log applied the event"
-    );
+    let changes = audit_of(service.db(), &org.to_string(), "member.role_changed").await;
+    assert_eq!(changes.len(), imported, "the audit log applied the event");
 }
 
 /// One active runner per projection across processes; another takes over when it stops.

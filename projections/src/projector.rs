@@ -1295,10 +1295,13 @@ async fn lock_checkpoints(
     events: Option<&[RecordedEvent]>,
 ) -> Result<(HashMap<String, Checkpoint>, Option<Versions>), ProjectionError> {
     let list = in_list(names.len(), 1);
-    let select = format!(
-        "SELECT name, commit_txid, position FROM projection_checkpoints
-          WHERE name IN ({list}) ORDER BY name"
-    );
+    // The plain read of the checkpoints, for when the versions are not read with them.
+    let select = || {
+        format!(
+            "SELECT name, commit_txid, position FROM projection_checkpoints
+              WHERE name IN ({list}) ORDER BY name"
+        )
+    };
     let mut args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
     let mut versions = None;
     let organizations = match (conn.backend(), events) {
@@ -1347,14 +1350,14 @@ async fn lock_checkpoints(
             checkpoints
         }
         Backend::Postgres => {
-            conn.fetch_all(&format!("{select} FOR UPDATE"), &args)
+            conn.fetch_all(&format!("{} FOR UPDATE", select()), &args)
                 .await?
         }
         Backend::Sqlite => {
             let lock =
                 format!("UPDATE projection_checkpoints SET name = name WHERE name IN ({list})");
             conn.execute(&lock, &args).await?;
-            conn.fetch_all(&select, &args).await?
+            conn.fetch_all(&select(), &args).await?
         }
     };
     if let Some(missing) = names

@@ -603,14 +603,18 @@ fn create_command(
 }
 
 async fn organization_with_history(service: &Orgledger, events: usize) -> anyhow::Result<Uuid> {
-    let remaining = events.saturating_sub(3);
-    let flips = (0..remaining)
-        .step_by(5_000)
-        .map(|start| role_flips(remaining.min(start + 5_000) - start, "mia"));
+    let flips = role_flip_imports(events.saturating_sub(3));
     organization_with(service, &format!("History {events}"), flips).await
 }
 
-/// An organization whose owner, olivia, has `members` members besides mia.
+/// `count` role flips of mia, 5,000 to an import.
+fn role_flip_imports(count: usize) -> impl Iterator<Item = Vec<OrganizationEvent>> {
+    (0..count)
+        .step_by(5_000)
+        .map(move |start| role_flips(count.min(start + 5_000) - start, "mia"))
+}
+
+/// An organization of olivia (owner), mia and `members` members more.
 async fn organization_with_members(service: &Orgledger, members: usize) -> anyhow::Result<Uuid> {
     let joins = (0..members)
         .step_by(2_000)
@@ -698,8 +702,7 @@ async fn crowded_cost(
     let (state, version) = service.ledger.load(org).await?;
     let interval = orgledger::store::snapshot_interval(&state);
     let short = (version / interval + 1) * interval - 1 - version;
-    for start in (0..short).step_by(5_000) {
-        let flips = role_flips(short.min(start + 5_000) - start, "mia");
+    for flips in role_flip_imports(short) {
         service.ledger.import(org, flips, HashMap::new()).await?;
     }
     let stored: i64 = sqlx::query_scalar(
@@ -963,18 +966,7 @@ async fn export(
     master_key: &MasterKey,
     members: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let (id, create, _) =
-        create_command(&format!("Big {}", Uuid::now_v7().simple()), "olivia", false);
-    service
-        .ledger
-        .create_organization(create, false, &RequestContext::default())
-        .await?;
-    let mut joined = 0;
-    while joined < members {
-        let chunk = member_joins(joined..(joined + 2_000).min(members));
-        joined += chunk.len();
-        service.ledger.import(id, chunk, HashMap::new()).await?;
-    }
+    let id = organization_with_members(service, members).await?;
     service.projector.catch_up().await?;
     let output = tokio::process::Command::new(std::env::current_exe()?)
         .arg("--export-only")

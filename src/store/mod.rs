@@ -14,10 +14,10 @@ pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SE
 
 /// Events after which a new snapshot of an organization is written, for an organization of
 /// up to `4 * SNAPSHOT_EVERY` members, invitations, groups and service accounts; larger ones
-/// are snapshotted less often (see [`interval_for`]).
+/// are snapshotted less often (see [`snapshot_interval`]).
 pub const SNAPSHOT_EVERY: usize = 50;
 
-/// Events between snapshots of `state`: see [`interval_for`].
+/// Events between snapshots of `state`: see `interval_for`.
 pub fn snapshot_interval(state: &orgledger_domain::Organization) -> usize {
     interval_for(
         state.members.len()
@@ -35,7 +35,7 @@ pub fn snapshot_interval(state: &orgledger_domain::Organization) -> usize {
 /// interval is `SNAPSHOT_EVERY` times a power of two, so each divides the larger ones: the
 /// events after the last snapshot are fewer than the largest interval the organization had
 /// since it was taken.
-pub fn interval_for(entries: usize) -> usize {
+fn interval_for(entries: usize) -> usize {
     let mut interval = SNAPSHOT_EVERY;
     while interval * 4 < entries {
         interval *= 2;
