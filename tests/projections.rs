@@ -57,6 +57,26 @@ async fn audit_of(db: &Database, org: &str, action: &str) -> Vec<audit::AuditEnt
         .items
 }
 
+/// The declared type of the audit log's organization column, lower-cased.
+async fn audit_organization_type(db: &Database) -> String {
+    let declared: String = match db {
+        Database::Postgres(pool) => sqlx::query_scalar(
+            "SELECT data_type::text FROM information_schema.columns
+              WHERE table_name = 'rm_audit_log' AND column_name = 'organization_id'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        Database::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT type FROM pragma_table_info('rm_audit_log') WHERE name = 'organization_id'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+    };
+    declared.to_lowercase()
+}
+
 async fn create(service: &TestService, name: &str, slug: &str, owner: &str) -> Uuid {
     service
         .create_organization(
@@ -500,8 +520,9 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
     assert_eq!(renamed[0].details["name"]["to"], awkward);
 }
 
-/// The audit log's schema 2 made its key an index: tables of schema 1 are dropped and
-/// replayed, not kept beside a second, redundant key.
+/// The audit log's schema 3 made its organization a `uuid` on PostgreSQL (schema 2 made its
+/// key an index): a table of schema 2, organization as text, is dropped and replayed into
+/// the new shape, not kept and written with the new rows.
 async fn a_read_model_of_an_older_schema_is_dropped_and_replayed_at_start(backend: Backend) {
     let service = spawn_service(backend).await;
     let org = create_org(&service.ledger, "Acme", "acme", "olivia")
@@ -510,18 +531,49 @@ async fn a_read_model_of_an_older_schema_is_dropped_and_replayed_at_start(backen
     add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
     service.catch_up().await;
     let before = dump_read_models(service.db()).await;
-    orgledger_projections::with_pool!(service.db(), pool => {
-        sqlx::query("UPDATE projection_checkpoints SET schema_version = 1 WHERE name = 'audit_log'")
+    match service.db() {
+        Database::Postgres(pool) => {
+            sqlx::query("ALTER TABLE rm_audit_log ALTER COLUMN organization_id TYPE TEXT")
+                .execute(pool)
+                .await
+                .unwrap();
+            sqlx::query(
+                "UPDATE projection_checkpoints SET schema_version = 2 WHERE name = 'audit_log'",
+            )
             .execute(pool)
             .await
             .unwrap();
-    });
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query(
+                "UPDATE projection_checkpoints SET schema_version = 2 WHERE name = 'audit_log'",
+            )
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+    }
+    assert_eq!(audit_organization_type(service.db()).await, "text");
 
     let reopened = service.reopen().await;
     // Replayed from the start into the new table: an entry applied on top of the old rows
     // would break the key.
     assert!(reopened.projector.catch_up().await.unwrap() > 0);
     assert_eq!(dump_read_models(reopened.database()).await, before);
+    let expected = match backend {
+        Backend::Postgres => "uuid",
+        Backend::Sqlite => "text",
+    };
+    assert_eq!(audit_organization_type(reopened.database()).await, expected);
+    let joined = audit_of(reopened.database(), &org.to_string(), "member.joined").await;
+    assert_eq!(joined.len(), 2, "olivia's and mia's: {joined:?}");
+    assert!(joined
+        .iter()
+        .all(|entry| entry.id == format!("{org}:{}", entry.sequence)));
+    // No organization's id but a UUID: anything else has no entries, on either backend.
+    assert!(audit_of(reopened.database(), "acme", "member.joined")
+        .await
+        .is_empty());
     let status = reopened.projector.status().await.unwrap();
     assert!(status.iter().all(|s| s.last_error.is_none()), "{status:?}");
     assert_eq!(

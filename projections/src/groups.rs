@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::db::{index, Conn, Database, Index};
+use crate::db::{index, Backend, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::members::json_text;
 use crate::projector::Projection;
@@ -59,7 +59,7 @@ impl Projection for GroupsProjection {
         vec![("rm_groups", self.table.clone())]
     }
 
-    fn create_tables(&self) -> Vec<String> {
+    fn create_tables(&self, _backend: Backend) -> Vec<String> {
         let t = &self.table;
         vec![format!(
             "CREATE TABLE IF NOT EXISTS {t} (

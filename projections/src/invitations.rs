@@ -7,7 +7,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{paginate, Cursor, CursorError};
-use crate::db::{index, value_rows, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, value_rows, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
 use crate::{args, from_micros, to_micros, Page};
@@ -36,7 +36,7 @@ impl Projection for InvitationsProjection {
         vec![("rm_invitations", self.table.clone())]
     }
 
-    fn create_tables(&self) -> Vec<String> {
+    fn create_tables(&self, _backend: Backend) -> Vec<String> {
         let t = &self.table;
         vec![format!(
             "CREATE TABLE IF NOT EXISTS {t} (

@@ -8,7 +8,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
 use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
-use crate::db::{index, value_rows, Arg, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
+use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
 use crate::projector::Projection;
@@ -38,7 +38,7 @@ impl Projection for MembersProjection {
         vec![("rm_members", self.table.clone())]
     }
 
-    fn create_tables(&self) -> Vec<String> {
+    fn create_tables(&self, _backend: Backend) -> Vec<String> {
         let t = &self.table;
         vec![format!(
             "CREATE TABLE IF NOT EXISTS {t} (

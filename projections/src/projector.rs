@@ -50,8 +50,9 @@ pub trait Projection: Send + Sync {
     fn name(&self) -> &str;
     /// `(live table name, this copy's table name)` for each of its tables.
     fn tables(&self) -> Vec<(&'static str, String)>;
-    /// Idempotent DDL for this copy's tables (with the keys their writes look rows up by).
-    fn create_tables(&self) -> Vec<String>;
+    /// Idempotent DDL for this copy's tables on `backend` (with the keys their writes look
+    /// rows up by).
+    fn create_tables(&self, backend: Backend) -> Vec<String>;
     /// This copy's other indexes (an append-only table's key among them). A rebuild builds
     /// them once its replay is done, rather than maintaining them row by row during it.
     fn indexes(&self) -> Vec<Index> {
@@ -265,7 +266,9 @@ impl Projector {
             )
             .await?;
         }
-        conn.execute_script(&projection.create_tables()).await?;
+        let backend = conn.backend();
+        conn.execute_script(&projection.create_tables(backend))
+            .await?;
         if indexed {
             let indexes: Vec<String> = projection.indexes().iter().map(Index::create).collect();
             conn.execute_script(&indexes).await?;

@@ -1026,7 +1026,7 @@ async fn audit_log_floor(pool: &PgPool, rows: i64) -> anyhow::Result<(f64, f64)>
     sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(pool)
         .await?;
-    for statement in copy.create_tables() {
+    for statement in copy.create_tables(orgledger_projections::Backend::Postgres) {
         sqlx::query(&statement).execute(pool).await?;
     }
     let started = Instant::now();
@@ -1035,7 +1035,7 @@ async fn audit_log_floor(pool: &PgPool, rows: i64) -> anyhow::Result<(f64, f64)>
         let sql = format!(
             "INSERT INTO {table} (organization_id, sequence, occurred_at_us, actor_type, actor_id,
                                   action, resource_type, resource_id, details, request_id)
-             SELECT md5((n / 1000)::text)::uuid::text, n % 1000 + 1, 1795384659826496 + n,
+             SELECT md5((n / 1000)::text)::uuid, n % 1000 + 1, 1795384659826496 + n,
                     'user', 'olivia', 'member.role_changed', 'member', 'mia',
                     '{{\"from\":\"member\",\"to\":\"admin\"}}', NULL
                FROM generate_series($1::bigint, $2::bigint) n"
