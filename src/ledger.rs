@@ -234,15 +234,14 @@ impl Ledger {
         let id = organization_id.to_string();
         let snapshot = self
             .repository
-            .get_snapshot::<Organization>(&id)
-            .await
-            .map_err(store_failure)?;
+            .stored_snapshot(Organization::TYPE, &id)
+            .await?;
         Ok(match snapshot {
-            Some(snapshot) => match serde_json::from_value::<Organization>(snapshot.aggregate) {
+            Some(snapshot) => match serde_json::from_str::<Organization>(&snapshot.state) {
                 Ok(state) => Loaded {
                     state: Arc::new(state),
-                    version: snapshot.current_sequence,
-                    snapshot: Some(snapshot.current_snapshot),
+                    version: snapshot.last_sequence,
+                    snapshot: Some(snapshot.number),
                 },
                 Err(error) => {
                     // An older state shape: replay everything; the next snapshot replaces it.
@@ -250,7 +249,7 @@ impl Ledger {
                     Loaded {
                         state: Arc::default(),
                         version: 0,
-                        snapshot: Some(snapshot.current_snapshot),
+                        snapshot: Some(snapshot.number),
                     }
                 }
             },
@@ -325,17 +324,17 @@ impl Ledger {
         }
         let last = loaded.version + events.len();
         let interval = snapshot_interval(after);
+        // Straight to JSON text: a `Value` tree of a 100,000-member state first took longer
+        // than the text.
         let snapshot = if last / interval > loaded.version / interval {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
-            Some((id.clone(), serde_json::to_value(&**after)?, number))
+            Some((number, serde_json::to_string(&**after)?))
         } else {
             None
         };
-        let snapshot_number = snapshot
-            .as_ref()
-            .map_or(loaded.snapshot, |(_, _, n)| Some(*n));
+        let snapshot_number = snapshot.as_ref().map_or(loaded.snapshot, |(n, _)| Some(*n));
         self.repository
-            .persist::<Organization>(&stored, snapshot)
+            .append(Organization::TYPE, &id, &stored, snapshot)
             .await?;
         self.remember(
             organization_id,

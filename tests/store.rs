@@ -9,6 +9,7 @@ use cqrs_es::persist::SerializedEvent;
 use orgledger::ledger::{LedgerError, RequestContext};
 use orgledger::store::{seal_personal_data, snapshot_interval, SNAPSHOT_EVERY};
 use orgledger_domain::*;
+use orgledger_projections::Database;
 use support::*;
 use uuid::Uuid;
 
@@ -26,6 +27,7 @@ on_both_backends!(
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
+    a_snapshot_stored_before_the_state_had_its_own_column_still_loads,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
     if_match_with_a_stale_version_is_refused_and_appends_nothing,
@@ -657,6 +659,70 @@ async fn snapshots_equal_a_full_replay(backend: Backend) {
     assert_eq!(from_snapshot, replayed);
     let uses = replayed.invitations.values().next().unwrap().uses as usize;
     assert_eq!(uses, SNAPSHOT_EVERY + 7);
+}
+
+/// Snapshots are stored as ciphertext in `state`; one written before that column existed
+/// (base64 inside the JSON `payload`) is still read, not replayed around.
+async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for i in 0..SNAPSHOT_EVERY {
+        add_member(&ledger, org, "olivia", &format!("m{i:02}"), Role::Member).await;
+    }
+    let new_form = "SELECT count(*) FROM snapshots WHERE state IS NOT NULL AND payload IS NULL";
+    assert_eq!(count(ledger.db(), new_form).await, 1);
+    let snapshot_at = count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize;
+
+    // Rewrite it as it was stored before: the same state, sealed as text inside JSON.
+    let id = org.to_string();
+    let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
+    let old_form = |state: Vec<u8>| {
+        let state = String::from_utf8(key.decrypt(&state, id.as_bytes()).unwrap()).unwrap();
+        serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) })
+    };
+    match ledger.db() {
+        Database::Postgres(pool) => {
+            let state: Vec<u8> = sqlx::query_scalar("SELECT state FROM snapshots")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            sqlx::query("UPDATE snapshots SET payload = $1, state = NULL")
+                .bind(old_form(state))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Database::Sqlite(pool) => {
+            let state: Vec<u8> = sqlx::query_scalar("SELECT state FROM snapshots")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            sqlx::query("UPDATE snapshots SET payload = $1, state = NULL")
+                .bind(old_form(state).to_string())
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(count(ledger.db(), new_form).await, 0);
+
+    let cold = ledger.reopen().await;
+    let (from_snapshot, version) = cold.load(org).await.unwrap();
+    let stats = cold.read_stats();
+    assert_eq!(stats.snapshots(), 1, "the old snapshot was read");
+    assert_eq!(
+        stats.events(),
+        (version - snapshot_at) as u64,
+        "only the events after it were replayed"
+    );
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(from_snapshot, replayed);
+    assert_eq!(from_snapshot.members.len(), SNAPSHOT_EVERY + 1);
 }
 
 async fn a_stored_version_one_event_is_upcast_on_read_and_never_rewritten(backend: Backend) {

@@ -1,7 +1,7 @@
 //! The organization event repository, with personal data sealed on the way in and opened on
-//! the way out, and every read counted. Full reads and snapshots go through postgres-es or
-//! sqlite-es; appends and the catch-up read after a version are its own SQL (see `append!`
-//! and `get_last_events` for why).
+//! the way out, and every read counted. Full reads go through postgres-es or sqlite-es;
+//! appends, snapshots (sealed whole, as raw ciphertext) and the catch-up read after a version
+//! are its own SQL (see `append!`, `stored_snapshot` and `get_last_events` for why).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use cqrs_es::persist::{
 };
 use cqrs_es::Aggregate;
 use postgres_es::PostgresEventRepository;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::Row;
 
@@ -38,6 +38,17 @@ impl ReadStats {
     pub fn catch_ups(&self) -> u64 {
         self.catch_ups.load(Ordering::Relaxed)
     }
+}
+
+/// An aggregate's snapshot as stored, opened.
+#[derive(Debug)]
+pub struct StoredSnapshot {
+    /// The state's JSON.
+    pub state: String,
+    /// The sequence of the last event it includes.
+    pub last_sequence: usize,
+    /// Its number: a commit that replaces it must name the next one.
+    pub number: usize,
 }
 
 enum Engine {
@@ -105,7 +116,7 @@ macro_rules! append {
                 let end = events.len().min(start + EVENTS_PER_STATEMENT);
                 insert(start..end).build().execute(&mut *tx).await?;
             }
-            let Some((aggregate_id, payload, number)) = snapshot else {
+            let Some((aggregate_id, state, number)) = snapshot else {
                 tx.commit().await?;
                 return Ok(());
             };
@@ -113,26 +124,27 @@ macro_rules! append {
             if number == 1 {
                 sqlx::query(
                     "INSERT INTO snapshots
-                            (aggregate_type, aggregate_id, last_sequence, current_snapshot, payload)
+                            (aggregate_type, aggregate_id, last_sequence, current_snapshot, state)
                      VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind($aggregate_type)
                 .bind(&aggregate_id)
                 .bind(last_sequence)
                 .bind(number as i64)
-                .bind(&payload)
+                .bind(&state)
                 .execute(&mut *tx)
                 .await?;
             } else {
                 let updated = sqlx::query(
-                    "UPDATE snapshots SET last_sequence = $3, current_snapshot = $4, payload = $5
+                    "UPDATE snapshots
+                        SET last_sequence = $3, current_snapshot = $4, state = $5, payload = NULL
                       WHERE aggregate_type = $1 AND aggregate_id = $2 AND current_snapshot = $6",
                 )
                 .bind($aggregate_type)
                 .bind(&aggregate_id)
                 .bind(last_sequence)
                 .bind(number as i64)
-                .bind(&payload)
+                .bind(&state)
                 .bind(number as i64 - 1)
                 .execute(&mut *tx)
                 .await?;
@@ -305,6 +317,128 @@ impl OrganizationRepository {
             .collect()
     }
 
+    /// The aggregate's snapshot, opened: `None` when there is none, or when the organization
+    /// was purged (its key is gone, so the snapshot is unreadable by design).
+    pub async fn stored_snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
+        type Row = (i64, i64, Option<String>, Option<Vec<u8>>);
+        // CAST rather than `::`: the one statement runs on both backends.
+        const SNAPSHOT: &str =
+            "SELECT last_sequence, current_snapshot, CAST(payload AS TEXT), state
+               FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2";
+        let row: Option<Row> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_as(SNAPSHOT)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        let Some((last_sequence, number, payload, state)) = row else {
+            return Ok(None);
+        };
+        self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+        let Some(key) = self.keys.get(aggregate_id).await? else {
+            return Ok(None);
+        };
+        let aad = aggregate_id.as_bytes();
+        let state = match (state, payload) {
+            (Some(sealed), _) => String::from_utf8(key.decrypt(&sealed, aad)?)
+                .map_err(|_| StoreError::Integrity("snapshot state is not UTF-8".into()))?,
+            // Written before the state had a column of its own: base64 inside JSON.
+            (None, Some(payload)) => {
+                let payload: Value = serde_json::from_str(&payload)
+                    .map_err(|error| StoreError::Integrity(format!("snapshot payload: {error}")))?;
+                let sealed = payload
+                    .get("sealed")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| StoreError::Integrity("snapshot is not sealed".into()))?;
+                key.open_str(sealed, aad)?
+            }
+            (None, None) => return Err(StoreError::Integrity("snapshot without a state".into())),
+        };
+        Ok(Some(StoredSnapshot {
+            state,
+            last_sequence: last_sequence as usize,
+            number: number as usize,
+        }))
+    }
+
+    /// Appends `events` and, with `snapshot` (its number and the state's JSON), replaces the
+    /// aggregate's snapshot, in one transaction: personal data is sealed on the way in, and
+    /// the state whole, as ciphertext. A sequence or snapshot number taken since the load
+    /// fails with `OptimisticLockError` and stores nothing.
+    pub async fn append(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        events: &[SerializedEvent],
+        snapshot: Option<(usize, String)>,
+    ) -> Result<(), PersistenceError> {
+        let is_new = events.first().is_some_and(|event| event.sequence == 1);
+        let key = if is_new {
+            self.keys
+                .get_or_create(aggregate_id)
+                .await
+                .map_err(failure)?
+        } else {
+            self.keys
+                .get(aggregate_id)
+                .await
+                .map_err(failure)?
+                .ok_or_else(|| {
+                    failure(StoreError::Integrity(format!(
+                        "the data key of {aggregate_id} is destroyed: it was purged"
+                    )))
+                })?
+        };
+        let aad = aggregate_id.as_bytes();
+        let sealed_events: Vec<SerializedEvent> = events
+            .iter()
+            .cloned()
+            .map(|mut event| {
+                seal_personal_data(&mut event.payload, &key, aad);
+                seal_personal_data(&mut event.metadata, &key, aad);
+                event
+            })
+            .collect();
+        let sealed_snapshot = match snapshot {
+            Some((number, state)) => {
+                if number == 1 {
+                    // This process knew of no snapshot, yet another may have written one
+                    // since (its number unknown here): it is replaced, not conflicted with.
+                    self.remove_snapshot(aggregate_type, aggregate_id)
+                        .await
+                        .map_err(failure)?;
+                }
+                let sealed = key.encrypt(state.as_bytes(), aad);
+                Some((aggregate_id.to_owned(), sealed, number))
+            }
+            None => None,
+        };
+        let appended = match &self.database {
+            Database::Postgres(pool) => {
+                append!(pool, aggregate_type, &sealed_events, sealed_snapshot)
+            }
+            Database::Sqlite(pool) => {
+                append!(pool, aggregate_type, &sealed_events, sealed_snapshot)
+            }
+        };
+        appended.map_err(|error| match error {
+            AppendError::Conflict => PersistenceError::OptimisticLockError,
+            AppendError::Database(error)
+                if error
+                    .as_database_error()
+                    .is_some_and(|error| error.is_unique_violation()) =>
+            {
+                PersistenceError::OptimisticLockError
+            }
+            AppendError::Database(error) => failure(error),
+        })
+    }
+
     /// One page of an aggregate type's events in position order.
     async fn page_by_position(
         database: &Database,
@@ -434,31 +568,20 @@ impl PersistedEventRepository for OrganizationRepository {
         &self,
         aggregate_id: &str,
     ) -> Result<Option<SerializedSnapshot>, PersistenceError> {
-        let snapshot = match &self.engine {
-            Engine::Postgres(repo) => repo.get_snapshot::<A>(aggregate_id).await?,
-            Engine::Sqlite(repo) => repo.get_snapshot::<A>(aggregate_id).await?,
-        };
-        let Some(mut snapshot) = snapshot else {
+        let Some(snapshot) = self
+            .stored_snapshot(A::TYPE, aggregate_id)
+            .await
+            .map_err(failure)?
+        else {
             return Ok(None);
         };
-        self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-        let Some(key) = self.keys.get(aggregate_id).await.map_err(failure)? else {
-            // Purged: the snapshot is unreadable by design.
-            return Ok(None);
-        };
-        let sealed = snapshot
-            .aggregate
-            .get("sealed")
-            .and_then(Value::as_str)
-            .ok_or_else(|| failure(StoreError::Integrity("snapshot is not sealed".into())))?;
-        let plain = key
-            .open_str(sealed, aggregate_id.as_bytes())
-            .map_err(failure)?;
-        // A snapshot of an older state shape fails to parse here; cqrs-es then replays all
-        // events and the next snapshot replaces it.
-        snapshot.aggregate = serde_json::from_str(&plain)
-            .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))?;
-        Ok(Some(snapshot))
+        Ok(Some(SerializedSnapshot {
+            aggregate_id: aggregate_id.to_owned(),
+            aggregate: serde_json::from_str(&snapshot.state)
+                .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))?,
+            current_sequence: snapshot.last_sequence,
+            current_snapshot: snapshot.number,
+        }))
     }
 
     async fn persist<A: Aggregate>(
@@ -473,60 +596,8 @@ impl PersistedEventRepository for OrganizationRepository {
         else {
             return Ok(());
         };
-        let is_new = events.first().is_some_and(|event| event.sequence == 1);
-        let key = if is_new {
-            self.keys
-                .get_or_create(&aggregate_id)
-                .await
-                .map_err(failure)?
-        } else {
-            self.keys
-                .get(&aggregate_id)
-                .await
-                .map_err(failure)?
-                .ok_or_else(|| {
-                    failure(StoreError::Integrity(format!(
-                        "the data key of {aggregate_id} is destroyed: it was purged"
-                    )))
-                })?
-        };
-        let aad = aggregate_id.as_bytes();
-        let sealed_events: Vec<SerializedEvent> = events
-            .iter()
-            .cloned()
-            .map(|mut event| {
-                seal_personal_data(&mut event.payload, &key, aad);
-                seal_personal_data(&mut event.metadata, &key, aad);
-                event
-            })
-            .collect();
-        let sealed_snapshot = match snapshot_update {
-            Some((id, state, number)) => {
-                if number == 1 {
-                    // This process knew of no snapshot, yet another may have written one
-                    // since (its number unknown here): it is replaced, not conflicted with.
-                    self.remove_snapshot(A::TYPE, &id).await.map_err(failure)?;
-                }
-                let sealed = key.seal_str(&state.to_string(), aad);
-                Some((id, json!({ "sealed": sealed }), number))
-            }
-            None => None,
-        };
-        let appended = match &self.database {
-            Database::Postgres(pool) => append!(pool, A::TYPE, &sealed_events, sealed_snapshot),
-            Database::Sqlite(pool) => append!(pool, A::TYPE, &sealed_events, sealed_snapshot),
-        };
-        appended.map_err(|error| match error {
-            AppendError::Conflict => PersistenceError::OptimisticLockError,
-            AppendError::Database(error)
-                if error
-                    .as_database_error()
-                    .is_some_and(|error| error.is_unique_violation()) =>
-            {
-                PersistenceError::OptimisticLockError
-            }
-            AppendError::Database(error) => failure(error),
-        })
+        let snapshot = snapshot_update.map(|(_, state, number)| (number, state.to_string()));
+        self.append(A::TYPE, &aggregate_id, events, snapshot).await
     }
 
     async fn stream_events<A: Aggregate>(

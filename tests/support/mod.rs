@@ -219,6 +219,22 @@ pub fn set_role(target: &str, role: Role) -> OrganizationCommand {
     })
 }
 
+/// Snapshot rows as text: the JSON payload of an older one, or the state's bytes as they are
+/// (clear text in them would show).
+fn snapshot_text(rows: Vec<(Option<String>, Option<Vec<u8>>)>) -> String {
+    rows.into_iter()
+        .map(|(payload, state)| {
+            let state = state.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+            format!(
+                "{}{}",
+                payload.unwrap_or_default(),
+                state.unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Every stored row of events and snapshots, as text, for grepping.
 pub async fn raw_rows(db: &Database) -> String {
     match db {
@@ -228,11 +244,12 @@ pub async fn raw_rows(db: &Database) -> String {
                     .fetch_all(pool)
                     .await
                     .unwrap();
-            let snapshots: Vec<String> = sqlx::query_scalar("SELECT payload::text FROM snapshots")
-                .fetch_all(pool)
-                .await
-                .unwrap();
-            format!("{}\n{}", events.join("\n"), snapshots.join("\n"))
+            let snapshots: Vec<(Option<String>, Option<Vec<u8>>)> =
+                sqlx::query_as("SELECT payload::text, state FROM snapshots")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            format!("{}\n{}", events.join("\n"), snapshot_text(snapshots))
         }
         Database::Sqlite(pool) => {
             let events: Vec<String> =
@@ -240,11 +257,12 @@ pub async fn raw_rows(db: &Database) -> String {
                     .fetch_all(pool)
                     .await
                     .unwrap();
-            let snapshots: Vec<String> = sqlx::query_scalar("SELECT payload FROM snapshots")
-                .fetch_all(pool)
-                .await
-                .unwrap();
-            format!("{}\n{}", events.join("\n"), snapshots.join("\n"))
+            let snapshots: Vec<(Option<String>, Option<Vec<u8>>)> =
+                sqlx::query_as("SELECT payload, state FROM snapshots")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            format!("{}\n{}", events.join("\n"), snapshot_text(snapshots))
         }
     }
 }
