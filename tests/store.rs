@@ -678,29 +678,27 @@ async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backe
     // Rewrite it as it was stored before: the same state, sealed as text inside JSON.
     let id = org.to_string();
     let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
-    let old_form = |state: Vec<u8>| {
-        let state = String::from_utf8(key.decrypt(&state, id.as_bytes()).unwrap()).unwrap();
-        serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) })
-    };
+    let sealed: Vec<u8> = orgledger_projections::with_pool!(ledger.db(), pool => {
+        sqlx::query_scalar("SELECT state FROM snapshots")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    });
+    let state = String::from_utf8(key.decrypt(&sealed, id.as_bytes()).unwrap()).unwrap();
+    let payload = serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) });
+    // The payload column is jsonb on PostgreSQL, text on SQLite.
+    let rewrite = "UPDATE snapshots SET payload = $1, state = NULL";
     match ledger.db() {
         Database::Postgres(pool) => {
-            let state: Vec<u8> = sqlx::query_scalar("SELECT state FROM snapshots")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            sqlx::query("UPDATE snapshots SET payload = $1, state = NULL")
-                .bind(old_form(state))
+            sqlx::query(rewrite)
+                .bind(payload)
                 .execute(pool)
                 .await
                 .unwrap();
         }
         Database::Sqlite(pool) => {
-            let state: Vec<u8> = sqlx::query_scalar("SELECT state FROM snapshots")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            sqlx::query("UPDATE snapshots SET payload = $1, state = NULL")
-                .bind(old_form(state).to_string())
+            sqlx::query(rewrite)
+                .bind(payload.to_string())
                 .execute(pool)
                 .await
                 .unwrap();
@@ -723,6 +721,13 @@ async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backe
     }
     assert_eq!(from_snapshot, replayed);
     assert_eq!(from_snapshot.members.len(), SNAPSHOT_EVERY + 1);
+
+    // The next snapshot replaces it in the new form.
+    for i in 0..SNAPSHOT_EVERY {
+        add_member(&cold, org, "olivia", &format!("n{i:02}"), Role::Member).await;
+    }
+    assert_eq!(count(ledger.db(), new_form).await, 1);
+    assert!(count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize > snapshot_at);
 }
 
 async fn a_stored_version_one_event_is_upcast_on_read_and_never_rewritten(backend: Backend) {

@@ -1,6 +1,7 @@
 -- A snapshot's sealed state is stored as the raw ciphertext (`state`, a blob) instead of
 -- base64 text inside a JSON `payload` (see the PostgreSQL migration of the same name).
--- Snapshots written before stay readable in `payload`; the next one replaces them. SQLite
+-- Snapshots written before stay readable in `payload`; the next one replaces them. Processes
+-- of the older version must be stopped first (ARCHITECTURE.md, Upgrading). SQLite
 -- cannot drop a NOT NULL in place, so the table is rebuilt.
 CREATE TABLE snapshots_with_state
 (

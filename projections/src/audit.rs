@@ -325,6 +325,8 @@ impl Projection for AuditLogProjection {
     ) -> Result<(), (usize, sqlx::Error)> {
         let mut pending: Vec<Pending<'_>> = Vec::new();
         for (index, event) in events.iter().enumerate() {
+            // Every organization's id is a UUID; an event that says otherwise stops the
+            // projection here, named, rather than being skipped.
             let organization = uuid::Uuid::parse_str(&event.organization_id)
                 .map_err(|error| (index, sqlx::Error::Encode(Box::new(error))))?;
             if matches!(event.event, E::OrganizationPurged(_)) {
@@ -513,9 +515,11 @@ async fn entries_after(
     after: i64,
     limit: usize,
 ) -> Result<Vec<AuditEntryView>, sqlx::Error> {
-    // Every entry's organization is a UUID: anything else has none.
-    let Ok(organization) = uuid::Uuid::parse_str(organization_id) else {
-        return Ok(Vec::new());
+    // Entries are stored under the id's canonical form: any other string has none, as
+    // when the column was text.
+    let organization = match uuid::Uuid::parse_str(organization_id) {
+        Ok(organization) if organization.to_string() == organization_id => organization,
+        _ => return Ok(Vec::new()),
     };
     let (action_exact, action_prefix) = match filter.action.as_deref() {
         Some(action) => match action.strip_suffix('*') {

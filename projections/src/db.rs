@@ -194,7 +194,8 @@ pub enum Arg {
     Text(Option<String>),
     Int(Option<i64>),
     /// For a [`Backend::uuid_column`]: bound as `uuid` on PostgreSQL, as its hyphenated
-    /// text on SQLite.
+    /// text on SQLite. Never bind a `Uuid` to a SQLite statement directly: sqlx writes it
+    /// as a 16-byte blob, which matches no text.
     Uuid(uuid::Uuid),
 }
 
@@ -266,10 +267,6 @@ macro_rules! bind_all {
     }};
 }
 
-fn pg_uuid(value: uuid::Uuid) -> uuid::Uuid {
-    value
-}
-
 fn sqlite_uuid(value: uuid::Uuid) -> String {
     value.to_string()
 }
@@ -278,7 +275,7 @@ impl Conn<'_> {
     /// Runs a statement; returns the rows it affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64, sqlx::Error> {
         Ok(match self {
-            Self::Postgres(conn) => bind_all!(sql, args, pg_uuid)
+            Self::Postgres(conn) => bind_all!(sql, args, std::convert::identity)
                 .execute(&mut **conn)
                 .await?
                 .rows_affected(),
@@ -293,7 +290,7 @@ impl Conn<'_> {
     pub async fn fetch_i64(&mut self, sql: &str, args: &[Arg]) -> Result<Option<i64>, sqlx::Error> {
         use sqlx::Row;
         Ok(match self {
-            Self::Postgres(conn) => bind_all!(sql, args, pg_uuid)
+            Self::Postgres(conn) => bind_all!(sql, args, std::convert::identity)
                 .fetch_optional(&mut **conn)
                 .await?
                 .map(|row| row.get::<i64, _>(0)),
@@ -311,7 +308,7 @@ impl Conn<'_> {
             + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
     {
         match self {
-            Self::Postgres(conn) => bind_all!(sql, args, pg_uuid)
+            Self::Postgres(conn) => bind_all!(sql, args, std::convert::identity)
                 .fetch_all(&mut **conn)
                 .await?
                 .iter()

@@ -41,7 +41,6 @@ impl ReadStats {
 }
 
 /// An aggregate's snapshot as stored, opened.
-#[derive(Debug)]
 pub struct StoredSnapshot {
     /// The state's JSON.
     pub state: String,
@@ -49,6 +48,16 @@ pub struct StoredSnapshot {
     pub last_sequence: usize,
     /// Its number: a commit that replaces it must name the next one.
     pub number: usize,
+}
+
+/// The numbers only: the state is personal data.
+impl std::fmt::Debug for StoredSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSnapshot")
+            .field("last_sequence", &self.last_sequence)
+            .field("number", &self.number)
+            .finish_non_exhaustive()
+    }
 }
 
 enum Engine {
@@ -377,6 +386,9 @@ impl OrganizationRepository {
         events: &[SerializedEvent],
         snapshot: Option<(usize, String)>,
     ) -> Result<(), PersistenceError> {
+        if events.is_empty() && snapshot.is_none() {
+            return Ok(());
+        }
         let is_new = events.first().is_some_and(|event| event.sequence == 1);
         let key = if is_new {
             self.keys

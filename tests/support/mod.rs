@@ -219,9 +219,12 @@ pub fn set_role(target: &str, role: Role) -> OrganizationCommand {
     })
 }
 
+/// A snapshot row's payload (an older one's JSON) and state (ciphertext).
+type SnapshotRow = (Option<String>, Option<Vec<u8>>);
+
 /// Snapshot rows as text: the JSON payload of an older one, or the state's bytes as they are
 /// (clear text in them would show).
-fn snapshot_text(rows: Vec<(Option<String>, Option<Vec<u8>>)>) -> String {
+fn snapshot_text(rows: Vec<SnapshotRow>) -> String {
     rows.into_iter()
         .map(|(payload, state)| {
             let state = state.map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
@@ -237,34 +240,17 @@ fn snapshot_text(rows: Vec<(Option<String>, Option<Vec<u8>>)>) -> String {
 
 /// Every stored row of events and snapshots, as text, for grepping.
 pub async fn raw_rows(db: &Database) -> String {
-    match db {
-        Database::Postgres(pool) => {
-            let events: Vec<String> =
-                sqlx::query_scalar("SELECT payload::text || ' ' || metadata::text FROM events")
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
-            let snapshots: Vec<(Option<String>, Option<Vec<u8>>)> =
-                sqlx::query_as("SELECT payload::text, state FROM snapshots")
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
-            format!("{}\n{}", events.join("\n"), snapshot_text(snapshots))
-        }
-        Database::Sqlite(pool) => {
-            let events: Vec<String> =
-                sqlx::query_scalar("SELECT payload || ' ' || metadata FROM events")
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
-            let snapshots: Vec<(Option<String>, Option<Vec<u8>>)> =
-                sqlx::query_as("SELECT payload, state FROM snapshots")
-                    .fetch_all(pool)
-                    .await
-                    .unwrap();
-            format!("{}\n{}", events.join("\n"), snapshot_text(snapshots))
-        }
-    }
+    // CAST rather than `::`: the same statements run on both backends.
+    const EVENTS: &str =
+        "SELECT CAST(payload AS TEXT) || ' ' || CAST(metadata AS TEXT) FROM events";
+    const SNAPSHOTS: &str = "SELECT CAST(payload AS TEXT), state FROM snapshots";
+    let events: Vec<String> = orgledger_projections::with_pool!(db, pool => {
+        sqlx::query_scalar(EVENTS).fetch_all(pool).await.unwrap()
+    });
+    let snapshots: Vec<SnapshotRow> = orgledger_projections::with_pool!(db, pool => {
+        sqlx::query_as(SNAPSHOTS).fetch_all(pool).await.unwrap()
+    });
+    format!("{}\n{}", events.join("\n"), snapshot_text(snapshots))
 }
 
 /// Runs a statement and returns its error message, if any.
