@@ -28,6 +28,7 @@ on_both_backends!(
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
     a_snapshot_stored_before_the_state_had_its_own_column_still_loads,
+    importing_nothing_stores_nothing_and_needs_no_data_key,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
     if_match_with_a_stale_version_is_refused_and_appends_nothing,
@@ -204,10 +205,7 @@ async fn event_metadata_records_actor_time_and_request(backend: Backend) {
 
 async fn purging_erases_personal_data_everywhere_and_frees_the_slug(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     for _ in 0..SNAPSHOT_EVERY {
         run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
         run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
@@ -296,10 +294,7 @@ async fn a_purge_interrupted_before_its_key_was_destroyed_is_finished_at_start_u
 
 async fn racing_commands_on_one_organization_both_apply_on_distinct_versions(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     add_member(&ledger, org, "olivia", "vic", Role::Member).await;
     let other = ledger.reopen().await;
     let context = RequestContext::default();
@@ -488,10 +483,7 @@ async fn a_slug_reservation_left_by_a_crashed_create_is_taken_over(backend: Back
 /// 5,000 events are 35,000 parameters: more than SQLite takes in one statement.
 async fn an_import_larger_than_one_statement_is_stored_whole_in_one_transaction(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     let (_, start) = ledger.load(org).await.unwrap();
     let version = ledger
         .import(org, role_flips(5_000, "mia"), HashMap::new())
@@ -550,10 +542,7 @@ async fn a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_w
     backend: Backend,
 ) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     let (_, start) = ledger.load(org).await.unwrap();
     let flips = role_flips(10_000, "mia");
     for chunk in flips.chunks(2_000) {
@@ -730,6 +719,18 @@ async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backe
     assert!(count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize > snapshot_at);
 }
 
+/// An empty import is a no-op, even for an organization with no data key yet.
+async fn importing_nothing_stores_nothing_and_needs_no_data_key(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let unknown = Uuid::now_v7();
+    let version = ledger
+        .import(unknown, Vec::new(), HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(version, 0);
+    assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 0);
+}
+
 async fn a_stored_version_one_event_is_upcast_on_read_and_never_rewritten(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
     let org = create_org(&ledger, "Acme", "acme", "olivia")
@@ -847,6 +848,15 @@ async fn a_rejected_command_appends_nothing(backend: Backend) {
 }
 
 /// A repository of its own over the ledger's database, for appends the ledger would not make.
+/// Acme, owned by olivia, with mia as a member.
+async fn acme_with_mia(ledger: &TestLedger) -> Uuid {
+    let org = create_org(ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(ledger, org, "olivia", "mia", Role::Member).await;
+    org
+}
+
 fn bare_repository(ledger: &TestLedger) -> orgledger::store::OrganizationRepository {
     use orgledger::store::{DataKeys, OrganizationRepository};
     OrganizationRepository::new(
@@ -1055,10 +1065,7 @@ async fn a_snapshot_another_process_wrote_since_does_not_block_the_next_one(back
 
 async fn a_command_on_a_cached_organization_reads_nothing_before_it_commits(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     let stats = ledger.read_stats();
     let (catch_ups, events) = (stats.catch_ups(), stats.events());
     run(&ledger, org, "olivia", set_role("mia", Role::Admin)).await;
@@ -1087,10 +1094,7 @@ async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_repl
     backend: Backend,
 ) {
     let ledger = spawn_ledger(backend).await;
-    let org = create_org(&ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&ledger).await;
     let joins: Vec<OrganizationEvent> = (0..1_000)
         .map(|n| {
             OrganizationEvent::MemberJoined(MemberJoined {

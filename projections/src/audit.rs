@@ -548,28 +548,23 @@ async fn entries_after(
                   AND ($9 IS NULL OR lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details) LIKE $9 ESCAPE '\\')
                 ORDER BY sequence
                 LIMIT $10";
-    // The organization is bound as a `uuid` on PostgreSQL and as text on SQLite, as stored.
-    macro_rules! fetch {
-        ($pool:expr, $organization:expr) => {
-            sqlx::query_as(sql)
-                .bind($organization)
-                .bind(after)
-                .bind(filter.from.map(to_micros))
-                .bind(filter.to.map(to_micros))
-                .bind(&filter.actor)
-                .bind(&action_exact)
-                .bind(&action_prefix)
-                .bind(&filter.resource_type)
-                .bind(&q)
-                .bind(limit as i64)
-                .fetch_all($pool)
-                .await?
-        };
-    }
-    let rows: Vec<AuditRow> = match database {
-        Database::Postgres(pool) => fetch!(pool, organization),
-        Database::Sqlite(pool) => fetch!(pool, organization.to_string()),
-    };
+    let rows: Vec<AuditRow> = database
+        .fetch_all(
+            sql,
+            &args![
+                organization,
+                after,
+                filter.from.map(to_micros),
+                filter.to.map(to_micros),
+                &filter.actor,
+                &action_exact,
+                &action_prefix,
+                &filter.resource_type,
+                &q,
+                limit as i64
+            ],
+        )
+        .await?;
     Ok(rows
         .into_iter()
         .map(|row| AuditEntryView::of(organization, row))

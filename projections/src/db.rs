@@ -271,6 +271,31 @@ fn sqlite_uuid(value: uuid::Uuid) -> String {
     value.to_string()
 }
 
+impl Database {
+    /// All rows of a read on the pool, each decoded as `T`, its `args` bound as
+    /// [`Conn::fetch_all`] binds them.
+    pub async fn fetch_all<T>(&self, sql: &str, args: &[Arg]) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+    {
+        match self {
+            Self::Postgres(pool) => bind_all!(sql, args, std::convert::identity)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(T::from_row)
+                .collect(),
+            Self::Sqlite(pool) => bind_all!(sql, args, sqlite_uuid)
+                .fetch_all(pool)
+                .await?
+                .iter()
+                .map(T::from_row)
+                .collect(),
+        }
+    }
+}
+
 impl Conn<'_> {
     /// Runs a statement; returns the rows it affected.
     pub async fn execute(&mut self, sql: &str, args: &[Arg]) -> Result<u64, sqlx::Error> {

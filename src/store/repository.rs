@@ -92,7 +92,7 @@ const EVENTS_PER_STATEMENT: usize = 1_000;
 /// INSERTs (postgres-es and sqlite-es send one statement per event), and a snapshot that
 /// moved since the load rolls back the events too (postgres-es 0.5 commits them first).
 macro_rules! append {
-    ($pool:expr, $aggregate_type:expr, $events:expr, $snapshot:expr) => {
+    ($pool:expr, $aggregate_type:expr, $aggregate_id:expr, $events:expr, $snapshot:expr) => {
         async {
             let events: &[SerializedEvent] = $events;
             // By range rather than by slice, so the statement borrows from `events` itself.
@@ -125,7 +125,7 @@ macro_rules! append {
                 let end = events.len().min(start + EVENTS_PER_STATEMENT);
                 insert(start..end).build().execute(&mut *tx).await?;
             }
-            let Some((aggregate_id, state, number)) = snapshot else {
+            let Some((state, number)) = snapshot else {
                 tx.commit().await?;
                 return Ok(());
             };
@@ -137,7 +137,7 @@ macro_rules! append {
                      VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind($aggregate_type)
-                .bind(&aggregate_id)
+                .bind($aggregate_id)
                 .bind(last_sequence)
                 .bind(number as i64)
                 .bind(&state)
@@ -150,7 +150,7 @@ macro_rules! append {
                       WHERE aggregate_type = $1 AND aggregate_id = $2 AND current_snapshot = $6",
                 )
                 .bind($aggregate_type)
-                .bind(&aggregate_id)
+                .bind($aggregate_id)
                 .bind(last_sequence)
                 .bind(number as i64)
                 .bind(&state)
@@ -425,18 +425,25 @@ impl OrganizationRepository {
                         .await
                         .map_err(failure)?;
                 }
-                let sealed = key.encrypt(state.as_bytes(), aad);
-                Some((aggregate_id.to_owned(), sealed, number))
+                Some((key.encrypt(state.as_bytes(), aad), number))
             }
             None => None,
         };
         let appended = match &self.database {
-            Database::Postgres(pool) => {
-                append!(pool, aggregate_type, &sealed_events, sealed_snapshot)
-            }
-            Database::Sqlite(pool) => {
-                append!(pool, aggregate_type, &sealed_events, sealed_snapshot)
-            }
+            Database::Postgres(pool) => append!(
+                pool,
+                aggregate_type,
+                aggregate_id,
+                &sealed_events,
+                sealed_snapshot
+            ),
+            Database::Sqlite(pool) => append!(
+                pool,
+                aggregate_type,
+                aggregate_id,
+                &sealed_events,
+                sealed_snapshot
+            ),
         };
         appended.map_err(|error| match error {
             AppendError::Conflict => PersistenceError::OptimisticLockError,
@@ -656,5 +663,22 @@ impl PersistedEventRepository for OrganizationRepository {
             }
         });
         Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_prints_its_numbers_and_never_its_state() {
+        let snapshot = StoredSnapshot {
+            state: r#"{"members":{"mia":{"email":"mia@example.com"}}}"#.into(),
+            last_sequence: 50,
+            number: 1,
+        };
+        let printed = format!("{snapshot:?}");
+        assert!(printed.contains("last_sequence: 50"), "{printed}");
+        assert!(!printed.contains("mia@example.com"), "{printed}");
     }
 }
