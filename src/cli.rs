@@ -187,8 +187,8 @@ pub async fn shutdown_signal() {
 
 fn phases(report: &RebuildReport) -> String {
     format!(
-        "replay {:.2} s, indexes {:.2} s, swap {:.2} s",
-        report.replay_seconds, report.index_seconds, report.swap_seconds
+        "replay {:.2} s, indexes {:.2} s, statistics {:.2} s, swap {:.2} s",
+        report.replay_seconds, report.index_seconds, report.analyze_seconds, report.swap_seconds
     )
 }
 

@@ -5,16 +5,25 @@
 //! by `enc:v1:<base64(nonce || ciphertext)>`, bound to the organization id as associated data
 //! so ciphertext cannot be moved between organizations. The JSON shape is kept, so a payload
 //! whose key is destroyed still deserializes, with [`orgledger_domain::ERASED`] in each field.
+//!
+//! XChaCha20-Poly1305 is HChaCha20 (from `chacha20`) deriving a subkey from the key and the
+//! nonce's first 16 bytes, then ChaCha20-Poly1305 (from `ring`) under that subkey with the
+//! nonce's last 8 bytes: the construction of draft-irtf-cfrg-xchacha, byte for byte what
+//! the `chacha20poly1305` crate wrote before (a test checks both ways). `ring`'s assembly
+//! opens a 20-byte field in 0.4 µs where that crate took 2.0 µs (its AVX2 Poly1305 runs
+//! its intrinsics as calls), a quarter of this process's CPU in a rebuild of joins.
 
 use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
 use base64::Engine;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use chacha20::cipher::consts::U10;
 use orgledger_domain::{ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS};
+use rand::RngCore;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use serde_json::Value;
 
 pub const SEALED_PREFIX: &str = "enc:v1:";
 const NONCE_LEN: usize = 24;
+const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
@@ -26,7 +35,7 @@ pub enum SealError {
 
 /// A 256-bit symmetric key.
 #[derive(Clone)]
-pub struct DataKey(Key);
+pub struct DataKey([u8; KEY_LEN]);
 
 impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,48 +45,61 @@ impl std::fmt::Debug for DataKey {
 
 impl DataKey {
     pub fn generate() -> Self {
-        Self(XChaCha20Poly1305::generate_key(&mut OsRng))
+        let mut key = [0; KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        Self(key)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        (bytes.len() == 32).then(|| Self(*Key::from_slice(bytes)))
+        bytes.try_into().ok().map(Self)
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        self.0.as_slice()
+        &self.0
     }
 
-    /// `nonce || ciphertext`.
+    /// The ChaCha20-Poly1305 key and nonce that an XChaCha20-Poly1305 `nonce` stands for.
+    fn chacha_for(&self, nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
+        let (derive_from, tail) = nonce.split_at(16);
+        let subkey = chacha20::hchacha::<U10>(&self.0.into(), derive_from.into());
+        let key =
+            UnboundKey::new(&CHACHA20_POLY1305, &subkey).expect("HChaCha20 yields a 32-byte key");
+        let mut chacha_nonce = [0; 12];
+        chacha_nonce[4..].copy_from_slice(tail);
+        (
+            LessSafeKey::new(key),
+            Nonce::assume_unique_for_key(chacha_nonce),
+        )
+    }
+
+    /// `nonce || ciphertext || tag`, the nonce random.
     pub fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let ciphertext = XChaCha20Poly1305::new(&self.0)
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
-        let mut sealed = nonce.to_vec();
-        sealed.extend_from_slice(&ciphertext);
+        let mut nonce = [0; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let (key, chacha_nonce) = self.chacha_for(&nonce);
+        let mut sealed =
+            Vec::with_capacity(NONCE_LEN + plaintext.len() + CHACHA20_POLY1305.tag_len());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(plaintext);
+        let tag = key
+            .seal_in_place_separate_tag(chacha_nonce, Aad::from(aad), &mut sealed[NONCE_LEN..])
+            .expect("ChaCha20-Poly1305 seals any in-memory buffer");
+        sealed.extend_from_slice(tag.as_ref());
         sealed
     }
 
     pub fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
-        if sealed.len() < NONCE_LEN {
+        let Some((nonce, ciphertext)) = sealed.split_first_chunk::<NONCE_LEN>() else {
             return Err(SealError::Malformed);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-        XChaCha20Poly1305::new(&self.0)
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad,
-                },
-            )
-            .map_err(|_| SealError::Authentication)
+        };
+        let (key, chacha_nonce) = self.chacha_for(nonce);
+        let mut opened = ciphertext.to_vec();
+        let plaintext_len = key
+            .open_in_place(chacha_nonce, Aad::from(aad), &mut opened)
+            .map_err(|_| SealError::Authentication)?
+            .len();
+        opened.truncate(plaintext_len);
+        Ok(opened)
     }
 
     pub fn seal_str(&self, plaintext: &str, aad: &[u8]) -> String {
@@ -188,6 +210,72 @@ mod tests {
         seal_personal_data(&mut value, &key, b"org-1");
         open_personal_data(&mut value, None, b"org-1").unwrap();
         assert_eq!(value, json!({"email": ERASED, "role": "member"}));
+    }
+
+    /// Whatever the `chacha20poly1305` crate sealed (every sealed value stored before this
+    /// code) opens here, and what this code seals opens there: the same cipher, byte for byte.
+    #[test]
+    fn sealing_is_interchangeable_with_the_chacha20poly1305_crate() {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+        let key = DataKey::generate();
+        let reference = XChaCha20Poly1305::new(key.as_bytes().into());
+        let aad = b"0193f4a2-7b1c-7d3e-9f00-123456789abc";
+        for length in [0, 1, 15, 16, 17, 63, 64, 65, 255, 256, 1_000, 70_000] {
+            let plaintext: Vec<u8> = (0..length).map(|i| (i * 7 % 251) as u8).collect();
+
+            let sealed = key.encrypt(&plaintext, aad);
+            assert_eq!(sealed.len(), NONCE_LEN + length + 16);
+            let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+            let opened = reference
+                .decrypt(
+                    XNonce::from_slice(nonce),
+                    Payload {
+                        msg: ciphertext,
+                        aad,
+                    },
+                )
+                .expect("the crate opens what this code sealed");
+            assert_eq!(opened, plaintext);
+
+            let nonce = [length as u8; NONCE_LEN];
+            let mut theirs = nonce.to_vec();
+            theirs.extend(
+                reference
+                    .encrypt(
+                        XNonce::from_slice(&nonce),
+                        Payload {
+                            msg: &plaintext,
+                            aad,
+                        },
+                    )
+                    .unwrap(),
+            );
+            assert_eq!(key.decrypt(&theirs, aad).unwrap(), plaintext);
+            let mut tampered = theirs.clone();
+            *tampered.last_mut().unwrap() ^= 1;
+            assert!(matches!(
+                key.decrypt(&tampered, aad),
+                Err(SealError::Authentication)
+            ));
+        }
+        assert!(matches!(
+            key.decrypt(&[0; NONCE_LEN - 1], aad),
+            Err(SealError::Malformed)
+        ));
+        assert!(matches!(
+            key.decrypt(&[0; NONCE_LEN + 15], aad),
+            Err(SealError::Authentication)
+        ));
+    }
+
+    #[test]
+    fn a_nonce_is_never_reused() {
+        let key = DataKey::generate();
+        let nonces: std::collections::HashSet<Vec<u8>> = (0..1_000)
+            .map(|_| key.encrypt(b"mia@example.com", b"org-1")[..NONCE_LEN].to_vec())
+            .collect();
+        assert_eq!(nonces.len(), 1_000);
     }
 
     #[test]

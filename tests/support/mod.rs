@@ -316,6 +316,22 @@ pub async fn index_names(db: &Database, table: &str) -> Vec<String> {
     names
 }
 
+/// Whether PostgreSQL's planner has column statistics for `table` (always true on SQLite,
+/// whose planner does not depend on them to use an index).
+pub async fn has_planner_statistics(db: &Database, table: &str) -> bool {
+    match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stats WHERE tablename = $1")
+                .bind(table)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+                > 0
+        }
+        Database::Sqlite(_) => true,
+    }
+}
+
 use orgledger::service::Orgledger;
 use std::sync::Arc;
 
