@@ -23,6 +23,7 @@ on_both_backends!(
     a_failing_projection_stops_reports_and_resumes_without_skipping,
     while_one_projection_fails_the_runner_keeps_the_others_current,
     a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint,
+    a_caught_up_backlog_leaves_the_read_models_analyzed,
     a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_start,
     a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
@@ -680,6 +681,38 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
     }
     drop(reopened);
     the_swapped_in_tables_keep_being_maintained(&service, org).await;
+}
+
+async fn a_caught_up_backlog_leaves_the_read_models_analyzed(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    // A bulk import: a backlog of twelve full live batches.
+    for _ in 0..6 {
+        service
+            .ledger
+            .import(
+                org,
+                role_flips(1_000, "mia"),
+                std::collections::HashMap::new(),
+            )
+            .await
+            .unwrap();
+    }
+    service.catch_up().await;
+    // The ANALYZE runs beside the runner; autovacuum's would count separately.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !analyzed_by_hand(service.db(), "rm_audit_log").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit log was not analyzed after the backlog"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(has_planner_statistics(service.db(), "rm_members").await);
 }
 
 async fn a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_start(

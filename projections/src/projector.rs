@@ -31,6 +31,9 @@ pub const PROJECTION_NAMES: &[&str] = &[
 ];
 
 const LIVE_BATCH: usize = 500;
+/// A backlog of at least this many events, caught up in full live batches, is followed by
+/// an `ANALYZE` of the read models it filled (see `track_backlog`).
+const BACKLOG_ANALYZE_EVENTS: usize = 5_000;
 const REBUILD_BATCH: usize = 5_000;
 /// Index builds a rebuild runs at once (see `index_copies`).
 const INDEX_BUILDS_AT_ONCE: usize = 2;
@@ -194,6 +197,8 @@ pub struct Projector {
     /// Asks the task that notifies other processes' runners (PostgreSQL), started by the
     /// first commit that needs it.
     notifier: OnceLock<watch::Sender<u64>>,
+    /// Events in the current run of full live batches: a backlog being caught up.
+    backlog_run: std::sync::atomic::AtomicUsize,
 }
 
 impl Projector {
@@ -209,6 +214,7 @@ impl Projector {
             leading: Mutex::default(),
             applied: Mutex::default(),
             notifier: OnceLock::new(),
+            backlog_run: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -342,14 +348,22 @@ impl Projector {
         if group.is_empty() {
             return Ok((0, Checkpoint::default()));
         }
+        let live_tables = !matches!(source, BatchSource::ReadAhead { .. })
+            && group.iter().all(|p| PROJECTION_NAMES.contains(&p.name()));
         let mut tx = self.database.begin().await?;
         match self.apply_batch(&mut tx, group, source).await {
             Ok(batch) if batch.read == 0 => {
                 tx.rollback().await?;
+                if live_tables {
+                    self.track_backlog(group, 0);
+                }
                 Ok((0, batch.lowest))
             }
             Ok(batch) => {
                 tx.commit().await?;
+                if live_tables {
+                    self.track_backlog(group, batch.read);
+                }
                 // Only the live projections: a rebuild's copies must not become metric
                 // labels or linger in the read-your-writes map.
                 let live = |name: &String| PROJECTION_NAMES.contains(&name.as_str());
@@ -511,6 +525,41 @@ impl Projector {
         record_versions_and_move_checkpoints(&mut conn, &version_rows, last, &batch.applied)
             .await?;
         Ok(batch)
+    }
+
+    /// Counts a live batch of `read` events into the current run of full batches. When a
+    /// run of at least [`BACKLOG_ANALYZE_EVENTS`] ends (the backlog is caught up), the
+    /// group's tables are analyzed beside the runner (PostgreSQL): after a bulk import or a
+    /// start-up replay into a new read-model schema, their planner statistics would lag
+    /// until autovacuum's next visit, and the planner would take a large organization for a
+    /// few rows (see `analyze_copies`). Steady traffic never fills a batch, so this does
+    /// not repeat autovacuum's work.
+    fn track_backlog(&self, group: &[&dyn Projection], read: usize) {
+        use std::sync::atomic::Ordering;
+        if read >= LIVE_BATCH {
+            self.backlog_run.fetch_add(read, Ordering::Relaxed);
+            return;
+        }
+        let run = self.backlog_run.swap(0, Ordering::Relaxed) + read;
+        let Database::Postgres(pool) = &self.requests else {
+            return;
+        };
+        if run < BACKLOG_ANALYZE_EVENTS {
+            return;
+        }
+        let tables: Vec<String> = group
+            .iter()
+            .flat_map(|projection| projection.tables())
+            .map(|(_, table)| table)
+            .collect();
+        let statement = format!("ANALYZE {}", tables.join(", "));
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match sqlx::query(&statement).execute(&pool).await {
+                Ok(_) => tracing::info!(events = run, "backlog caught up; read models analyzed"),
+                Err(error) => tracing::warn!(%error, "read models not analyzed after a backlog"),
+            }
+        });
     }
 
     async fn record_failure(&self, name: &str, error: &ProjectionError) {

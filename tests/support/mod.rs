@@ -332,6 +332,22 @@ pub async fn has_planner_statistics(db: &Database, table: &str) -> bool {
     }
 }
 
+/// Whether `table` was analyzed by an `ANALYZE` statement (not by autovacuum) on
+/// PostgreSQL; always true on SQLite.
+pub async fn analyzed_by_hand(db: &Database, table: &str) -> bool {
+    match db {
+        Database::Postgres(pool) => sqlx::query_scalar::<_, i64>(
+            "SELECT coalesce(sum(analyze_count), 0)::int8 FROM pg_stat_user_tables WHERE relname = $1",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+            > 0,
+        Database::Sqlite(_) => true,
+    }
+}
+
 use orgledger::service::Orgledger;
 use std::sync::Arc;
 
