@@ -58,6 +58,20 @@ async fn audit_of(db: &Database, org: &str, action: &str) -> Vec<audit::AuditEnt
         .items
 }
 
+/// Imports `count` role changes of mia (member and admin in turn) into `org`'s log, no rule
+/// checked and no runner woken: a bulk import.
+async fn import_role_flips(service: &TestService, org: Uuid, count: usize) {
+    service
+        .ledger
+        .import(
+            org,
+            role_flips(count, "mia"),
+            std::collections::HashMap::new(),
+        )
+        .await
+        .unwrap();
+}
+
 /// The declared type of the audit log's organization column, lower-cased.
 async fn audit_organization_type(db: &Database) -> String {
     let declared: String = match db {
@@ -230,10 +244,7 @@ async fn read_models_show_each_command_when_it_returns(backend: Backend) {
 async fn events_committed_while_no_projector_ran_are_applied_once_after_restart(backend: Backend) {
     let service = spawn_service(backend).await;
     // Commands commit, but the process "dies" before any projection runs.
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     let (_, version) = service.ledger.load(org).await.unwrap();
     service.db().close().await;
 
@@ -479,10 +490,7 @@ async fn the_swapped_in_tables_keep_being_maintained(service: &TestService, org:
 /// live runner writes this history a few events at a time, the rebuild in one run.
 async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     // Every character COPY's text format escapes, in a name no request could set (the rules
     // refuse control characters), so it is imported.
     let awkward = "tab\there, line\nbreak, back\\slash \\N, \"quoted\", \r, \u{e9}t\u{e9}";
@@ -500,15 +508,7 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
         .unwrap();
     service.catch_up().await;
     for _ in 0..3 {
-        service
-            .ledger
-            .import(
-                org,
-                role_flips(100, "mia"),
-                std::collections::HashMap::new(),
-            )
-            .await
-            .unwrap();
+        import_role_flips(&service, org, 100).await;
         service.catch_up().await;
     }
     let before = dump_read_models(service.db()).await;
@@ -526,10 +526,7 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
 /// the new shape, not kept and written with the new rows.
 async fn a_read_model_of_an_older_schema_is_dropped_and_replayed_at_start(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     service.catch_up().await;
     let before = dump_read_models(service.db()).await;
     match service.db() {
@@ -685,22 +682,11 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
 
 async fn a_caught_up_backlog_leaves_the_read_models_analyzed(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     service.catch_up().await;
     // A bulk import: a backlog of twelve full live batches.
     for _ in 0..6 {
-        service
-            .ledger
-            .import(
-                org,
-                role_flips(1_000, "mia"),
-                std::collections::HashMap::new(),
-            )
-            .await
-            .unwrap();
+        import_role_flips(&service, org, 1_000).await;
     }
     service.catch_up().await;
     // The ANALYZE runs beside the runner; autovacuum's would count separately.
@@ -736,18 +722,10 @@ async fn a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_s
 
 async fn a_projection_ahead_of_the_shared_batch_keeps_its_checkpoint(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     service.catch_up().await;
     // More events than one live batch holds.
-    let flips = role_flips(1_200, "mia");
-    service
-        .ledger
-        .import(org, flips, std::collections::HashMap::new())
-        .await
-        .unwrap();
+    import_role_flips(&service, org, 1_200).await;
     // The audit log alone runs ahead to the end of the log...
     let audit_projection = projection_named("audit_log", "").unwrap();
     let mut waited = 0;
@@ -928,10 +906,7 @@ async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
 
 async fn audit_log_filters_select_the_right_entries(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     run(&service.ledger, org, "olivia", set_role("mia", Role::Admin)).await;
     service.catch_up().await;
     let id = org.to_string();
@@ -1223,10 +1198,7 @@ async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
 
 async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     let before_promotion = chrono::Utc::now();
     tokio::time::sleep(Duration::from_millis(5)).await;
     run(&service.ledger, org, "olivia", set_role("mia", Role::Admin)).await;
@@ -1272,10 +1244,7 @@ async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {
 
 async fn organizations_past_their_restore_window_are_purged_by_system(backend: Backend) {
     let service = spawn_service(backend).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     let recent = create_org(&service.ledger, "Recent", "recent", "rita")
         .await
         .organization_id;
@@ -1360,10 +1329,7 @@ async fn status_reports_positions_and_backlog(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
     let service = spawn_service(Backend::Postgres).await;
-    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    let org = acme_with_mia(&service.ledger).await;
     service.projector.apply_available().await.unwrap();
     let (_, version) = service.ledger.load(org).await.unwrap();
     let Database::Postgres(pool) = service.db() else {

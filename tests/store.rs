@@ -849,14 +849,6 @@ async fn a_rejected_command_appends_nothing(backend: Backend) {
 
 /// A repository of its own over the ledger's database, for appends the ledger would not make.
 /// Acme, owned by olivia, with mia as a member.
-async fn acme_with_mia(ledger: &TestLedger) -> Uuid {
-    let org = create_org(ledger, "Acme", "acme", "olivia")
-        .await
-        .organization_id;
-    add_member(ledger, org, "olivia", "mia", Role::Member).await;
-    org
-}
-
 fn bare_repository(ledger: &TestLedger) -> orgledger::store::OrganizationRepository {
     use orgledger::store::{DataKeys, OrganizationRepository};
     OrganizationRepository::new(
