@@ -848,7 +848,6 @@ async fn a_rejected_command_appends_nothing(backend: Backend) {
 }
 
 /// A repository of its own over the ledger's database, for appends the ledger would not make.
-/// Acme, owned by olivia, with mia as a member.
 fn bare_repository(ledger: &TestLedger) -> orgledger::store::OrganizationRepository {
     use orgledger::store::{DataKeys, OrganizationRepository};
     OrganizationRepository::new(

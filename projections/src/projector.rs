@@ -199,6 +199,8 @@ pub struct Projector {
     notifier: OnceLock<watch::Sender<u64>>,
     /// Events in the current run of full live batches: a backlog being caught up.
     backlog_run: std::sync::atomic::AtomicUsize,
+    /// True while the `ANALYZE` after a backlog runs: one at a time.
+    analyzing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Projector {
@@ -215,6 +217,7 @@ impl Projector {
             applied: Mutex::default(),
             notifier: OnceLock::new(),
             backlog_run: std::sync::atomic::AtomicUsize::new(0),
+            analyzing: Arc::default(),
         }
     }
 
@@ -355,14 +358,14 @@ impl Projector {
             Ok(batch) if batch.read == 0 => {
                 tx.rollback().await?;
                 if live_tables {
-                    self.track_backlog(group, 0);
+                    self.track_backlog(0);
                 }
                 Ok((0, batch.lowest))
             }
             Ok(batch) => {
                 tx.commit().await?;
                 if live_tables {
-                    self.track_backlog(group, batch.read);
+                    self.track_backlog(batch.read);
                 }
                 // Only the live projections: a rebuild's copies must not become metric
                 // labels or linger in the read-your-writes map.
@@ -528,13 +531,13 @@ impl Projector {
     }
 
     /// Counts a live batch of `read` events into the current run of full batches. When a
-    /// run of at least [`BACKLOG_ANALYZE_EVENTS`] ends (the backlog is caught up), the
-    /// group's tables are analyzed beside the runner (PostgreSQL): after a bulk import or a
-    /// start-up replay into a new read-model schema, their planner statistics would lag
-    /// until autovacuum's next visit, and the planner would take a large organization for a
-    /// few rows (see `analyze_copies`). Steady traffic never fills a batch, so this does
-    /// not repeat autovacuum's work.
-    fn track_backlog(&self, group: &[&dyn Projection], read: usize) {
+    /// run of at least [`BACKLOG_ANALYZE_EVENTS`] ends (the backlog is caught up), every live
+    /// table is analyzed beside the runner (PostgreSQL), one such `ANALYZE` at a time: after
+    /// a bulk import or a start-up replay into a new read-model schema, their planner
+    /// statistics would lag until autovacuum's next visit, and the planner would take a
+    /// large organization for a few rows (see `analyze_copies`). Steady traffic rarely fills
+    /// a batch, so this seldom repeats autovacuum's work.
+    fn track_backlog(&self, read: usize) {
         use std::sync::atomic::Ordering;
         if read >= LIVE_BATCH {
             self.backlog_run.fetch_add(read, Ordering::Relaxed);
@@ -544,22 +547,30 @@ impl Projector {
         let Database::Postgres(pool) = &self.requests else {
             return;
         };
-        if run < BACKLOG_ANALYZE_EVENTS {
+        if run < BACKLOG_ANALYZE_EVENTS || self.analyzing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let tables: Vec<String> = group
+        let tables: Vec<String> = self
+            .projections
             .iter()
             .flat_map(|projection| projection.tables())
             .map(|(_, table)| table)
             .collect();
         let statement = format!("ANALYZE {}", tables.join(", "));
         let pool = pool.clone();
+        let analyzing = self.analyzing.clone();
         tokio::spawn(async move {
             match sqlx::query(&statement).execute(&pool).await {
                 Ok(_) => tracing::info!(events = run, "backlog caught up; read models analyzed"),
                 Err(error) => tracing::warn!(%error, "read models not analyzed after a backlog"),
             }
+            analyzing.store(false, Ordering::Release);
         });
+    }
+
+    /// Whether the `ANALYZE` that follows a caught-up backlog is running.
+    pub fn analyzing(&self) -> bool {
+        self.analyzing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn record_failure(&self, name: &str, error: &ProjectionError) {
@@ -788,6 +799,8 @@ impl Projector {
             Some(after) => {
                 let events = self.feed.read_after(after, LIVE_BATCH).await?;
                 if events.is_empty() {
+                    // Caught up: a backlog of whole batches ends here.
+                    self.track_backlog(0);
                     return Ok((0, after));
                 }
                 BatchSource::Prefetched {

@@ -166,7 +166,6 @@ pub async fn create_org(ledger: &Ledger, name: &str, slug: &str, owner: &str) ->
         .expect("create organization")
 }
 
-/// Invites `email` with `role` as `by` and accepts as `user_id`; returns the token used.
 /// Acme, owned by olivia, with mia as a member.
 pub async fn acme_with_mia(ledger: &Ledger) -> Uuid {
     let org = create_org(ledger, "Acme", "acme", "olivia")
@@ -176,6 +175,7 @@ pub async fn acme_with_mia(ledger: &Ledger) -> Uuid {
     org
 }
 
+/// Invites `email` with `role` as `by` and accepts as `user_id`; returns the token used.
 pub async fn add_member(ledger: &Ledger, org: Uuid, by: &str, user_id: &str, role: Role) -> String {
     let token = orgledger::tokens::issue("inv");
     let address = format!("{user_id}@example.com");
