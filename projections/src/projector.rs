@@ -550,13 +550,7 @@ impl Projector {
         if run < BACKLOG_ANALYZE_EVENTS || self.analyzing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let tables: Vec<String> = self
-            .projections
-            .iter()
-            .flat_map(|projection| projection.tables())
-            .map(|(_, table)| table)
-            .collect();
-        let statement = format!("ANALYZE {}", tables.join(", "));
+        let statement = analyze_statement(self.projections.iter().map(AsRef::as_ref));
         let pool = pool.clone();
         let analyzing = self.analyzing.clone();
         tokio::spawn(async move {
@@ -1213,12 +1207,7 @@ impl Projector {
     /// in the swap. They only speed reads up: a failure is logged, not worth the rebuild.
     async fn analyze_copies<'a>(&self, shadows: impl Iterator<Item = &'a dyn Projection>) {
         if let Database::Postgres(pool) = &self.database {
-            let tables: Vec<String> = shadows
-                .flat_map(|shadow| shadow.tables())
-                .map(|(_, table)| table)
-                .collect();
-            let statement = format!("ANALYZE {}", tables.join(", "));
-            if let Err(error) = sqlx::query(&statement).execute(pool).await {
+            if let Err(error) = sqlx::query(&analyze_statement(shadows)).execute(pool).await {
                 tracing::warn!(%error, "rebuilt read models swapped in without planner statistics");
             }
         }
@@ -1468,6 +1457,15 @@ async fn lock_checkpoints(
         })
         .collect();
     Ok((checkpoints, versions))
+}
+
+/// One `ANALYZE` of every table of `projections` (PostgreSQL).
+fn analyze_statement<'a>(projections: impl Iterator<Item = &'a dyn Projection>) -> String {
+    let tables: Vec<String> = projections
+        .flat_map(|projection| projection.tables())
+        .map(|(_, table)| table)
+        .collect();
+    format!("ANALYZE {}", tables.join(", "))
 }
 
 /// The organizations of `events`, each once.
