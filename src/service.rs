@@ -1,8 +1,9 @@
 //! The application service: commands through the ledger, then read-your-writes through the
 //! projector; and the scheduled purge of organizations past their restore window.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use orgledger_domain::{Actor, Command, OrganizationCommand, PurgeOrganization};
@@ -33,6 +34,38 @@ pub struct Orgledger {
     pub ledger: Ledger,
     pub projector: Arc<Projector>,
     pub consistency_wait: Duration,
+    timings: CommandTimings,
+}
+
+/// Where commands spent their time, summed since the service opened.
+#[derive(Debug, Default)]
+struct CommandTimings {
+    commands: AtomicU64,
+    committing_us: AtomicU64,
+    waiting_us: AtomicU64,
+}
+
+/// [`CommandTimings`] read at one moment: subtract two to time a stretch of work.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommandTimes {
+    /// Commands that were decided and, if they changed anything, committed.
+    pub commands: u64,
+    /// In the ledger: loading, deciding, storing, retrying conflicts.
+    pub committing: Duration,
+    /// Waiting for the read models to show the commit (read-your-writes).
+    pub waiting: Duration,
+}
+
+impl std::ops::Sub for CommandTimes {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            commands: self.commands - earlier.commands,
+            committing: self.committing.saturating_sub(earlier.committing),
+            waiting: self.waiting.saturating_sub(earlier.waiting),
+        }
+    }
 }
 
 impl Orgledger {
@@ -54,6 +87,7 @@ impl Orgledger {
             ledger,
             projector,
             consistency_wait: DEFAULT_CONSISTENCY_WAIT,
+            timings: CommandTimings::default(),
         })
     }
 
@@ -67,6 +101,16 @@ impl Orgledger {
         self.ledger.database()
     }
 
+    /// Where commands have spent their time so far.
+    pub fn command_times(&self) -> CommandTimes {
+        let micros = |sum: &AtomicU64| Duration::from_micros(sum.load(Ordering::Relaxed));
+        CommandTimes {
+            commands: self.timings.commands.load(Ordering::Relaxed),
+            committing: micros(&self.timings.committing_us),
+            waiting: micros(&self.timings.waiting_us),
+        }
+    }
+
     /// Creates an organization and waits for its read models.
     pub async fn create_organization(
         &self,
@@ -74,11 +118,12 @@ impl Orgledger {
         slug_was_given: bool,
         context: &RequestContext,
     ) -> Result<Outcome, LedgerError> {
+        let started = Instant::now();
         let committed = self
             .ledger
             .create_organization(command, slug_was_given, context)
             .await?;
-        self.settle(committed).await
+        self.settle(committed, started).await
     }
 
     /// The user's personal organization, created once; `true` when this call created it.
@@ -87,8 +132,9 @@ impl Orgledger {
         command: Command,
         context: &RequestContext,
     ) -> Result<(Outcome, bool), LedgerError> {
+        let started = Instant::now();
         let (committed, created) = self.ledger.personal_organization(command, context).await?;
-        Ok((self.settle(committed).await?, created))
+        Ok((self.settle(committed, started).await?, created))
     }
 
     /// Runs a command and waits for its read models.
@@ -99,14 +145,23 @@ impl Orgledger {
         context: &RequestContext,
         expected_version: Option<usize>,
     ) -> Result<Outcome, LedgerError> {
+        let started = Instant::now();
         let committed = self
             .ledger
             .run(organization_id, command, context, expected_version)
             .await?;
-        self.settle(committed).await
+        self.settle(committed, started).await
     }
 
-    async fn settle(&self, committed: Committed) -> Result<Outcome, LedgerError> {
+    /// Waits for the read models to show `committed`, a command the ledger began at
+    /// `started`; both stretches are timed.
+    async fn settle(&self, committed: Committed, started: Instant) -> Result<Outcome, LedgerError> {
+        let committing = started.elapsed();
+        self.timings.commands.fetch_add(1, Ordering::Relaxed);
+        self.timings
+            .committing_us
+            .fetch_add(committing.as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("orgledger_command_commit_seconds").record(committing.as_secs_f64());
         if committed.events.is_empty() {
             return Ok(Outcome {
                 committed,
@@ -114,6 +169,7 @@ impl Orgledger {
             });
         }
         self.projector.committed();
+        let waiting_since = Instant::now();
         let consistent = self
             .projector
             .wait_for(
@@ -123,6 +179,11 @@ impl Orgledger {
             )
             .await
             .map_err(|error| LedgerError::Store(error.to_string()))?;
+        let waited = waiting_since.elapsed();
+        self.timings
+            .waiting_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        metrics::histogram!("orgledger_read_model_wait_seconds").record(waited.as_secs_f64());
         if !consistent {
             tracing::warn!(organization_id = %committed.organization_id, version = committed.version, "read models still behind after the consistency wait");
         }

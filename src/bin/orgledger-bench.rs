@@ -217,15 +217,20 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         };
         for concurrency in [1, 8, 32] {
             let (events_before, batches_before) = audit_batches();
+            let times_before = service.command_times();
             let (rate, p50, p99) = http_commands(&address, concurrency, scale.seconds).await?;
             let (events_after, batches_after) = audit_batches();
+            let times = service.command_times() - times_before;
+            let mean = |total: Duration| ms(total) / times.commands.max(1) as f64;
             let per_batch = (events_after - events_before) as f64
                 / (batches_after - batches_before).max(1) as f64;
             let ratio = rate / ceiling[&concurrency];
             report.line(format!(
-                "{concurrency:>2} clients: {rate:>7.0} commands/s  p50 {p50:>6.1} ms  p99 {p99:>6.1} ms  {per_batch:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling{}",
+                "{concurrency:>2} clients: {rate:>7.0} commands/s  p50 {p50:>6.1} ms  p99 {p99:>6.1} ms  {per_batch:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling{}\n            in the service, mean: committing {:>5.2} ms, waiting for the read models {:>5.2} ms",
                 ratio * 100.0,
-                if concurrency == 32 { if ratio >= 0.5 { "  (target >= 50%: met)" } else { "  (target >= 50%: NOT met)" } } else { "" }
+                if concurrency == 32 { if ratio >= 0.5 { "  (target >= 50%: met)" } else { "  (target >= 50%: NOT met)" } } else { "" },
+                mean(times.committing),
+                mean(times.waiting),
             ));
         }
         // Section 3 measures the store alone: no projection runner competes for the cores.
