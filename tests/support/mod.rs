@@ -325,41 +325,34 @@ pub async fn index_names(db: &Database, table: &str) -> Vec<String> {
     names
 }
 
-/// Whether PostgreSQL's planner has column statistics for `table` (always true on SQLite,
-/// whose planner does not depend on them to use an index).
-pub async fn has_planner_statistics(db: &Database, table: &str) -> bool {
-    postgres_count_is_positive(
-        db,
+/// Whether PostgreSQL's planner has column statistics for `table`. (SQLite's planner does
+/// not depend on them to use an index, and nothing gathers them there.)
+pub async fn has_planner_statistics(pool: &sqlx::PgPool, table: &str) -> bool {
+    count_is_positive(
+        pool,
         "SELECT count(*) FROM pg_stats WHERE tablename = $1",
         table,
     )
     .await
 }
 
-/// Whether `table` was analyzed by an `ANALYZE` statement (not by autovacuum) on
-/// PostgreSQL; always true on SQLite.
-pub async fn analyzed_by_hand(db: &Database, table: &str) -> bool {
-    postgres_count_is_positive(
-        db,
+/// Whether `table` was analyzed by an `ANALYZE` statement, not by autovacuum.
+pub async fn analyzed_by_hand(pool: &sqlx::PgPool, table: &str) -> bool {
+    count_is_positive(
+        pool,
         "SELECT coalesce(sum(analyze_count), 0)::int8 FROM pg_stat_user_tables WHERE relname = $1",
         table,
     )
     .await
 }
 
-/// Whether `count_sql` counts more than nothing for `table` on PostgreSQL; true on SQLite.
-async fn postgres_count_is_positive(db: &Database, count_sql: &str, table: &str) -> bool {
-    match db {
-        Database::Postgres(pool) => {
-            sqlx::query_scalar::<_, i64>(count_sql)
-                .bind(table)
-                .fetch_one(pool)
-                .await
-                .unwrap()
-                > 0
-        }
-        Database::Sqlite(_) => true,
-    }
+async fn count_is_positive(pool: &sqlx::PgPool, count_sql: &str, table: &str) -> bool {
+    sqlx::query_scalar::<_, i64>(count_sql)
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        > 0
 }
 
 use orgledger::service::Orgledger;
