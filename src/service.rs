@@ -61,7 +61,7 @@ impl std::ops::Sub for CommandTimes {
 
     fn sub(self, earlier: Self) -> Self {
         Self {
-            commands: self.commands - earlier.commands,
+            commands: self.commands.saturating_sub(earlier.commands),
             committing: self.committing.saturating_sub(earlier.committing),
             waiting: self.waiting.saturating_sub(earlier.waiting),
         }
