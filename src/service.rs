@@ -34,36 +34,40 @@ pub struct Orgledger {
     pub ledger: Ledger,
     pub projector: Arc<Projector>,
     pub consistency_wait: Duration,
-    timings: CommandTimings,
+    time_spent: TimeSpent,
 }
 
 /// Where commands spent their time, summed since the service opened.
 #[derive(Debug, Default)]
-struct CommandTimings {
+struct TimeSpent {
     commands: AtomicU64,
     committing_us: AtomicU64,
     waiting_us: AtomicU64,
 }
 
-/// [`CommandTimings`] read at one moment: subtract two to time a stretch of work.
+/// The sums of [`TimeSpent`], each read on its own (a command in flight may be in one and
+/// not yet in the other): subtract an earlier reading to time a stretch of work.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CommandTimes {
-    /// Commands that were decided and, if they changed anything, committed.
+    /// Commands the ledger accepted, no-ops included (refusals are not timed).
     pub commands: u64,
-    /// In the ledger: loading, deciding, storing, retrying conflicts.
+    /// Everything before the wait: in the ledger (a create's slug reservation, loading,
+    /// deciding, storing, retries after conflicts).
     pub committing: Duration,
-    /// Waiting for the read models to show the commit (read-your-writes).
+    /// Waiting for the read models to show the commit (read-your-writes): zero for a
+    /// command that stored nothing.
     pub waiting: Duration,
 }
 
 impl std::ops::Sub for CommandTimes {
     type Output = Self;
 
+    /// Panics when `earlier` was read later than `self`.
     fn sub(self, earlier: Self) -> Self {
         Self {
-            commands: self.commands.saturating_sub(earlier.commands),
-            committing: self.committing.saturating_sub(earlier.committing),
-            waiting: self.waiting.saturating_sub(earlier.waiting),
+            commands: self.commands - earlier.commands,
+            committing: self.committing - earlier.committing,
+            waiting: self.waiting - earlier.waiting,
         }
     }
 }
@@ -87,7 +91,7 @@ impl Orgledger {
             ledger,
             projector,
             consistency_wait: DEFAULT_CONSISTENCY_WAIT,
-            timings: CommandTimings::default(),
+            time_spent: TimeSpent::default(),
         })
     }
 
@@ -105,9 +109,9 @@ impl Orgledger {
     pub fn command_times(&self) -> CommandTimes {
         let micros = |sum: &AtomicU64| Duration::from_micros(sum.load(Ordering::Relaxed));
         CommandTimes {
-            commands: self.timings.commands.load(Ordering::Relaxed),
-            committing: micros(&self.timings.committing_us),
-            waiting: micros(&self.timings.waiting_us),
+            commands: self.time_spent.commands.load(Ordering::Relaxed),
+            committing: micros(&self.time_spent.committing_us),
+            waiting: micros(&self.time_spent.waiting_us),
         }
     }
 
@@ -157,12 +161,13 @@ impl Orgledger {
     /// `started`; both stretches are timed.
     async fn settle(&self, committed: Committed, started: Instant) -> Result<Outcome, LedgerError> {
         let committing = started.elapsed();
-        self.timings.commands.fetch_add(1, Ordering::Relaxed);
-        self.timings
+        self.time_spent.commands.fetch_add(1, Ordering::Relaxed);
+        self.time_spent
             .committing_us
             .fetch_add(committing.as_micros() as u64, Ordering::Relaxed);
         metrics::histogram!("orgledger_command_commit_seconds").record(committing.as_secs_f64());
         if committed.events.is_empty() {
+            metrics::histogram!("orgledger_command_read_model_wait_seconds").record(0.0);
             return Ok(Outcome {
                 committed,
                 consistent: true,
@@ -177,13 +182,15 @@ impl Orgledger {
                 committed.version as i64,
                 self.consistency_wait,
             )
-            .await
-            .map_err(|error| LedgerError::Store(error.to_string()))?;
+            .await;
+        // Timed whatever the outcome, so that both histograms count the same commands.
         let waited = waiting_since.elapsed();
-        self.timings
+        self.time_spent
             .waiting_us
             .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
-        metrics::histogram!("orgledger_read_model_wait_seconds").record(waited.as_secs_f64());
+        metrics::histogram!("orgledger_command_read_model_wait_seconds")
+            .record(waited.as_secs_f64());
+        let consistent = consistent.map_err(|error| LedgerError::Store(error.to_string()))?;
         if !consistent {
             tracing::warn!(organization_id = %committed.organization_id, version = committed.version, "read models still behind after the consistency wait");
         }

@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,6 +20,7 @@ use uuid::Uuid;
 
 on_both_backends!(
     read_models_show_each_command_when_it_returns,
+    commands_time_their_commit_apart_from_their_wait_for_the_read_models,
     events_committed_while_no_projector_ran_are_applied_once_after_restart,
     a_failing_projection_stops_reports_and_resumes_without_skipping,
     while_one_projection_fails_the_runner_keeps_the_others_current,
@@ -238,6 +240,64 @@ async fn read_models_show_each_command_when_it_returns(backend: Backend) {
         "soft-deleted organizations stay readable"
     );
     assert!(view.purge_after.is_some());
+}
+
+async fn commands_time_their_commit_apart_from_their_wait_for_the_read_models(backend: Backend) {
+    use orgledger::ledger::LedgerError;
+
+    // No projection runs at first: a command that commits waits out the whole bounded wait.
+    let mut service = spawn_service_waiting(backend, Duration::from_millis(200)).await;
+    let context = RequestContext::default();
+    let before = service.command_times();
+    let outside = std::time::Instant::now();
+    let created = service
+        .create_organization(create_command("Acme", "acme", "olivia"), true, &context)
+        .await
+        .unwrap();
+    let org = created.committed.organization_id;
+    let refused = service
+        .run(
+            org,
+            cmd(user("mallory"), set_role("olivia", Role::Member)),
+            &context,
+            None,
+        )
+        .await;
+    let outside = outside.elapsed();
+    assert!(!created.consistent);
+    assert!(
+        matches!(refused, Err(LedgerError::Rejected(_))),
+        "{refused:?}"
+    );
+    let pending = service.command_times() - before;
+    assert_eq!(
+        pending.commands, 1,
+        "a refused command is not timed: {pending:?}"
+    );
+    assert!(pending.waiting >= Duration::from_millis(200), "{pending:?}");
+    assert!(pending.committing > Duration::ZERO, "{pending:?}");
+    assert!(
+        pending.committing + pending.waiting <= outside,
+        "the two stretches do not overlap: {pending:?} within {outside:?}"
+    );
+
+    // With the runner on, the wait ends when the read models show the command.
+    Arc::get_mut(&mut service.service)
+        .expect("nothing else holds the service yet")
+        .consistency_wait = orgledger::service::DEFAULT_CONSISTENCY_WAIT;
+    service.start_projections();
+    let before_live = service.command_times();
+    let outcome = service
+        .run_as(
+            org,
+            "olivia",
+            OrganizationCommand::SetSmartToolRouting(true),
+        )
+        .await;
+    assert!(outcome.consistent);
+    let live = service.command_times() - before_live;
+    assert_eq!(live.commands, 1, "{live:?}");
+    assert!(live.waiting > Duration::ZERO, "{live:?}");
 }
 
 async fn events_committed_while_no_projector_ran_are_applied_once_after_restart(backend: Backend) {
