@@ -9,7 +9,7 @@ use cqrs_es::persist::SerializedEvent;
 use orgledger::ledger::{LedgerError, RequestContext};
 use orgledger::store::{seal_personal_data, snapshot_interval, SNAPSHOT_EVERY};
 use orgledger_domain::*;
-use orgledger_projections::Database;
+use orgledger_projections::{Database, PING_IDLE_FOR};
 use support::*;
 use uuid::Uuid;
 
@@ -1147,4 +1147,46 @@ async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_repl
     }
     assert_eq!(loaded, replayed);
     assert_eq!(loaded.members.len(), 1_002);
+}
+
+/// The pools ping only a connection idle for `PING_IDLE_FOR` (a ping on every acquire cost a
+/// round trip per statement): one the server closed while it sat idle is found out and
+/// replaced before a command uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_on_postgres() {
+    let ledger = spawn_ledger(Backend::Postgres).await;
+    let org = acme_with_mia(&ledger).await;
+    let Database::Postgres(pool) = ledger.db().clone() else {
+        unreachable!("a PostgreSQL ledger")
+    };
+    assert!(pool.num_idle() > 0, "the commands left idle connections");
+
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&ledger.database.url)
+        .await
+        .unwrap();
+    let closed: i64 = sqlx::query_scalar(
+        "WITH others AS MATERIALIZED (
+             SELECT pid FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid())
+         SELECT count(*) FROM others WHERE pg_terminate_backend(pid)",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        closed > 0,
+        "the pool's connections were closed by the server"
+    );
+    tokio::time::sleep(PING_IDLE_FOR * 2).await;
+
+    let committed = run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+    assert_eq!(committed.events.len(), 1);
+    assert_eq!(
+        count(
+            ledger.db(),
+            &format!("SELECT count(*) FROM events WHERE aggregate_id = '{org}'")
+        )
+        .await,
+        committed.version as i64
+    );
 }

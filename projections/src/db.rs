@@ -15,6 +15,29 @@ pub enum DatabaseError {
     Migration(#[from] sqlx::migrate::MigrateError),
 }
 
+/// A pooled connection idle at least this long is pinged before it is handed out. Shorter
+/// than a server restart takes, longer than connections sit idle under load.
+pub const PING_IDLE_FOR: Duration = Duration::from_millis(100);
+
+/// PostgreSQL pools. sqlx pings a connection when it goes back to the pool and, by default,
+/// again when it comes out: a round trip on the path of every statement. Here only a
+/// connection idle for [`PING_IDLE_FOR`] is pinged on the way out (one that sat through a
+/// server restart, say); one in use a moment ago passed its ping on the way back.
+fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_FOR {
+                    sqlx::Connection::ping(connection).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 /// Which engine a [`Database`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -57,11 +80,7 @@ impl Database {
     pub async fn connect(url: &str) -> Result<Self, DatabaseError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?;
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options)
-                .await?;
+            let pool = pg_pool_options(16).connect_with(options).await?;
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
             // WAL lets reads run beside the one writer; FULL sync makes a committed event
@@ -138,14 +157,11 @@ impl Database {
     pub fn separate_pool(&self, max_connections: u32) -> Self {
         match self {
             Self::Postgres(pool) => Self::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(max_connections)
-                    .acquire_timeout(Duration::from_secs(10))
-                    .connect_lazy_with(
-                        (*pool.connect_options())
-                            .clone()
-                            .options([("synchronous_commit", "off")]),
-                    ),
+                pg_pool_options(max_connections).connect_lazy_with(
+                    (*pool.connect_options())
+                        .clone()
+                        .options([("synchronous_commit", "off")]),
+                ),
             ),
             Self::Sqlite(_) => self.clone(),
         }
