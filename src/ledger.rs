@@ -406,12 +406,15 @@ impl Ledger {
                 ),
                 None => (self.load_latest(organization_id).await?, false),
             };
-            let decision = match expected_version {
-                Some(expected) if expected != loaded.version => Err(LedgerError::VersionMismatch {
-                    expected,
-                    actual: loaded.version,
-                }),
-                _ => loaded.state.decide(&command).map_err(LedgerError::from),
+            let decision = match (loaded.state.decide(&command), expected_version) {
+                (Err(refusal), _) if refusal.precedes_preconditions() => Err(refusal.into()),
+                (_, Some(expected)) if expected != loaded.version => {
+                    Err(LedgerError::VersionMismatch {
+                        expected,
+                        actual: loaded.version,
+                    })
+                }
+                (decision, _) => decision.map_err(LedgerError::from),
             };
             let events = match decision {
                 Ok(events) if !events.is_empty() => events,
@@ -705,11 +708,20 @@ impl Ledger {
         }
     }
 
-    /// After `OrganizationPurged` is stored: destroy the data key (erasing personal data in
-    /// every event), drop the snapshot and free the slug. Idempotent; a crash before it ran
-    /// is repaired by [`Ledger::finish_interrupted_purges`].
+    /// After `OrganizationPurged` is stored: forget the organization's stored command
+    /// responses (they hold its personal data, sealed under the service's key, not the
+    /// organization's), destroy the data key (erasing personal data in every event), drop
+    /// the snapshot and free the slug. Idempotent; a crash before the key is destroyed is
+    /// repaired by [`Ledger::finish_interrupted_purges`], so the responses go first.
     pub async fn finish_purge(&self, organization_id: Uuid) -> Result<(), LedgerError> {
         let id = organization_id.to_string();
+        orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
+        });
         self.keys.destroy(&id).await?;
         match &self.database {
             Database::Postgres(pool) => {

@@ -180,12 +180,77 @@ on_both_backends!(
     operations_endpoints_report_health_and_metrics,
     a_command_answers_with_consistency_pending_when_read_models_lag,
     groups_follow_members_invitations_and_deletions,
+    short_lists_are_paged_like_the_long_ones,
     service_accounts_act_only_within_their_scopes_and_organization,
     settings_and_ai_providers_keep_keys_secret,
     seats_hold_under_concurrent_invitations,
     custom_roles_grant_exactly_their_permissions,
     personal_organizations_are_one_per_user,
 );
+
+async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    for name in ["Engineering", "Support", "Sales"] {
+        let more = app
+            .call(
+                Method::POST,
+                &format!("{base}/groups"),
+                Some("olivia"),
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(more.status, StatusCode::CREATED);
+    }
+    let mut names = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = app
+            .call(
+                Method::GET,
+                &format!("{base}/groups?limit=2{cursor}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        let items = page.body["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        names.extend(items.iter().map(|g| g["name"].as_str().unwrap().to_owned()));
+        match page.body["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        names,
+        ["Engineering", "Support", "Sales"],
+        "in order of creation"
+    );
+    for query in [
+        "limit=0",
+        "limit=501",
+        "limit=abc",
+        "cursor=garbage",
+        "sort=name",
+    ] {
+        for list in ["groups", "service-accounts", "ai-providers", "roles"] {
+            let refused = app
+                .call(
+                    Method::GET,
+                    &format!("{base}/{list}?{query}"),
+                    Some("olivia"),
+                    None,
+                )
+                .await;
+            assert_eq!(
+                (refused.status, problem_code(&refused)),
+                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+                "{list}?{query}"
+            );
+        }
+    }
+}
 
 async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -819,6 +884,20 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         .map(|r| r["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["owner", "admin", "member", "viewer", "organizer"]);
+    let first = app
+        .call(Method::GET, &format!("{base}?limit=4"), Some("adam"), None)
+        .await;
+    let next = first.body["next_cursor"].as_str().unwrap();
+    let rest = app
+        .call(
+            Method::GET,
+            &format!("{base}?limit=4&cursor={next}"),
+            Some("adam"),
+            None,
+        )
+        .await;
+    assert_eq!(rest.body["items"][0]["key"], "organizer");
+    assert_eq!(rest.body["next_cursor"], Value::Null);
     app.add_member(&org, "olivia", "otis", "organizer").await;
     let invites = app
         .call(
@@ -846,6 +925,28 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         StatusCode::FORBIDDEN,
         "audit:read not granted"
     );
+    let exporter = json!({"key": "exporter", "name": "Exporter", "permissions": ["members:read", "export:read"]});
+    let auditor = json!({"key": "auditor", "name": "Auditor", "permissions": ["audit:read"]});
+    for role in [exporter, auditor] {
+        let created = app
+            .call(Method::POST, &base, Some("olivia"), Some(role))
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED);
+    }
+    app.add_member(&org, "olivia", "erin", "exporter").await;
+    app.add_member(&org, "olivia", "aldo", "auditor").await;
+    let reads = |path: &'static str| format!("/v1/organizations/{org}/{path}");
+    for (actor, path, expected) in [
+        ("erin", "export", StatusCode::OK),
+        ("erin", "audit-log/export", StatusCode::OK),
+        ("erin", "audit-log", StatusCode::FORBIDDEN),
+        ("aldo", "export", StatusCode::FORBIDDEN),
+        ("aldo", "audit-log/export", StatusCode::OK),
+        ("aldo", "audit-log", StatusCode::OK),
+    ] {
+        let reply = app.call(Method::GET, &reads(path), Some(actor), None).await;
+        assert_eq!(reply.status, expected, "{actor} reading {path}");
+    }
     let in_use = app
         .call(
             Method::DELETE,
@@ -967,6 +1068,31 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     assert_eq!(
         (stranger.status, problem_code(&stranger)),
         (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    // A user id is any text, in a body and in X-Actor-Id alike (UTF-8 on the wire).
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Zoë's", "owner": {"user_id": "zoë", "email": "zoe@example.com"}})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let zoe = created.body["id"].as_str().unwrap();
+    let as_zoe = reqwest::header::HeaderValue::from_bytes("zoë".as_bytes()).unwrap();
+    let renamed = app
+        .send(
+            app.request(Method::PATCH, &format!("/v1/organizations/{zoe}"), None)
+                .header("X-Actor-Id", as_zoe)
+                .json(&json!({"name": "Zoë and co"})),
+        )
+        .await;
+    assert_eq!(
+        (renamed.status, &renamed.body["name"]),
+        (StatusCode::OK, &json!("Zoë and co")),
+        "{}",
+        renamed.body
     );
     let member = app.call(Method::GET, &path, Some("mia"), None).await;
     assert_eq!(member.status, StatusCode::OK);
@@ -1432,6 +1558,11 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(text.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let no_body = app.call(Method::DELETE, &base, Some("olivia"), None).await;
+    assert_eq!(
+        (no_body.status, problem_code(&no_body)),
+        (StatusCode::BAD_REQUEST, "malformed_request")
+    );
     let huge = format!(
         "{{\"email\": \"a@b.co\", \"role\": \"member\", \"title\": \"{}\"}}",
         "x".repeat(400_000)
@@ -1456,6 +1587,25 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         (bad_cursor.status, problem_code(&bad_cursor)),
         (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
     );
+    // Well-formed but holding a NUL, which PostgreSQL refuses in text.
+    use base64::Engine as _;
+    let nul = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"[1,"\u0000"]"#);
+    for list in [
+        format!("{base}/members"),
+        format!("{base}/invitations"),
+        "/v1/organizations".to_owned(),
+        "/v1/users/olivia/organizations".to_owned(),
+    ] {
+        let actor = (list != "/v1/organizations").then_some("olivia");
+        let reply = app
+            .call(Method::GET, &format!("{list}?cursor={nul}"), actor, None)
+            .await;
+        assert_eq!(
+            (reply.status, problem_code(&reply)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            "{list}"
+        );
+    }
     let bad_limit = app
         .call(
             Method::GET,
@@ -1634,6 +1784,21 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
         (stale.status, problem_code(&stale)),
         (StatusCode::PRECONDITION_FAILED, "version_mismatch")
     );
+    // Who may not act is told so before the version is compared: a stale If-Match tells a
+    // stranger nothing.
+    for (actor, status, code) in [
+        (Some("mallory"), StatusCode::FORBIDDEN, "permission_denied"),
+        (None, StatusCode::BAD_REQUEST, "actor_required"),
+    ] {
+        let refused = app
+            .send(
+                app.request(Method::PATCH, &path, actor)
+                    .header("If-Match", &etag)
+                    .json(&json!({"name": "Acme 4"})),
+            )
+            .await;
+        assert_eq!((refused.status, problem_code(&refused)), (status, code));
+    }
     let bare = first.body["version"].to_string();
     let fresh = app
         .send(
@@ -1874,6 +2039,19 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         )
         .await;
     assert_eq!(restored.body["status"], "active");
+    // A keyed command's stored response holds personal data the purge must erase too.
+    let profile = json!({"first_name": "Priscilla", "title": "Whistleblower"});
+    let keyed = || {
+        app.request(
+            Method::PATCH,
+            &format!("{path}/members/adam"),
+            Some("olivia"),
+        )
+        .header("Idempotency-Key", "profile-1")
+        .json(&profile)
+    };
+    let edited = app.send(keyed()).await;
+    assert_eq!(edited.body["first_name"], "Priscilla");
     let purged = app
         .call(
             Method::POST,
@@ -1894,6 +2072,13 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
     let items = tombstone.body["items"].as_array().unwrap();
     assert_eq!(items.last().unwrap()["event_type"], "OrganizationPurged");
     assert_eq!(items[1]["payload"]["MemberJoined"]["email"], "[erased]");
+    let retried = app.send(keyed()).await;
+    assert_eq!(
+        (retried.status, problem_code(&retried)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "the stored response went with the purge: {}",
+        retried.body
+    );
     app.create_org("Acme", "zed").await;
 }
 

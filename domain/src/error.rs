@@ -73,6 +73,16 @@ pub enum OrganizationError {
 }
 
 impl OrganizationError {
+    /// Refusals that do not depend on the version the caller last saw: who is asking and
+    /// whether the organization exists at all. They answer before an `If-Match` is compared
+    /// (RFC 9110, section 13.2.1), so a stranger learns nothing of the version.
+    pub fn precedes_preconditions(&self) -> bool {
+        matches!(
+            self,
+            Self::ActorRequired | Self::PermissionDenied | Self::NotFound("organization")
+        )
+    }
+
     /// The contract's error code.
     pub fn code(&self) -> &'static str {
         match self {
@@ -112,5 +122,25 @@ impl OrganizationError {
 impl From<FieldError> for OrganizationError {
     fn from(error: FieldError) -> Self {
         Self::Validation(vec![error])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OrganizationError::*;
+
+    #[test]
+    fn only_refusals_of_the_caller_precede_an_if_match() {
+        for refusal in [ActorRequired, PermissionDenied, NotFound("organization")] {
+            assert!(refusal.precedes_preconditions(), "{refusal:?}");
+        }
+        for refusal in [
+            NotFound("member"),
+            LastOwner,
+            OrganizationDeleted,
+            SlugTaken,
+        ] {
+            assert!(!refusal.precedes_preconditions(), "{refusal:?}");
+        }
     }
 }

@@ -26,11 +26,28 @@ impl<K: Serialize + DeserializeOwned> Cursor<K> {
         BASE64URL.encode(json)
     }
 
+    /// Refuses what no list issues, including strings with a NUL, which PostgreSQL cannot
+    /// compare with text and would answer with an error.
     pub fn decode(raw: &str) -> Result<Self, CursorError> {
         let bytes = BASE64URL.decode(raw).map_err(|_| CursorError)?;
-        serde_json::from_slice(&bytes)
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| CursorError)?;
+        if holds_nul(&value) {
+            return Err(CursorError);
+        }
+        serde_json::from_value(value)
             .map(Self)
             .map_err(|_| CursorError)
+    }
+}
+
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(text) => text.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::Object(fields) => fields
+            .iter()
+            .any(|(name, value)| name.contains('\0') || holds_nul(value)),
+        _ => false,
     }
 }
 
@@ -51,6 +68,27 @@ pub(crate) fn paginate<T, K: Serialize + DeserializeOwned>(
         items: rows,
         next_cursor,
     }
+}
+
+/// Pages a short list read whole (an organization's groups, service accounts, AI providers
+/// or roles) with the same keyset cursors as the long lists: sorted by `key`, the page after
+/// `cursor`'s key, at most `limit` items.
+pub fn page_of<T, K>(
+    mut items: Vec<T>,
+    limit: usize,
+    cursor: Option<&str>,
+    key: impl Fn(&T) -> K,
+) -> Result<Page<T>, CursorError>
+where
+    K: Ord + Serialize + DeserializeOwned,
+{
+    let after = cursor.map(Cursor::<K>::decode).transpose()?;
+    items.sort_by_key(|item| key(item));
+    if let Some(Cursor(after)) = after {
+        items.retain(|item| key(item) > after);
+    }
+    items.truncate(limit + 1);
+    Ok(paginate(items, limit, key))
 }
 
 /// A `LIKE` pattern matching `needle` anywhere, case-insensitively, with `\` as escape.
@@ -81,6 +119,38 @@ mod tests {
         assert_eq!(Cursor::<(i64, String)>::decode("!!"), Err(CursorError));
         assert_eq!(
             Cursor::<(i64, String)>::decode("bm90IGpzb24"),
+            Err(CursorError)
+        );
+    }
+
+    #[test]
+    fn a_cursor_with_a_nul_in_a_string_is_refused() {
+        let forged = Cursor((17_i64, "a\0b".to_owned())).encode();
+        assert_eq!(Cursor::<(i64, String)>::decode(&forged), Err(CursorError));
+        let backslash_text = Cursor((17_i64, "a\\u0000b".to_owned()));
+        assert_eq!(
+            Cursor::<(i64, String)>::decode(&backslash_text.encode()),
+            Ok(backslash_text)
+        );
+    }
+
+    #[test]
+    fn a_short_list_is_paged_by_its_key_and_its_cursors() {
+        let first = page_of(vec![3, 1, 4, 5, 2], 2, None, |n| *n).unwrap();
+        assert_eq!(first.items, [1, 2]);
+        let second = page_of(vec![3, 1, 4, 5, 2], 2, first.next_cursor.as_deref(), |n| *n).unwrap();
+        assert_eq!(second.items, [3, 4]);
+        // An item inserted before the cursor does not shift the next page.
+        let third = page_of(
+            vec![0, 3, 1, 4, 5, 2],
+            2,
+            second.next_cursor.as_deref(),
+            |n| *n,
+        )
+        .unwrap();
+        assert_eq!((third.items, third.next_cursor), (vec![5], None));
+        assert_eq!(
+            page_of(vec![1], 2, Some("garbage"), |n| *n),
             Err(CursorError)
         );
     }

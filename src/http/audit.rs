@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, Path, Query};
-use super::{authorize, instant, organization_id, page_limit, AppState};
+use super::{authorize, authorize_any, instant, organization_id, page_limit, AppState};
 use crate::history::{self, AsOf};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -123,7 +123,14 @@ async fn export_audit_log(
     Path(org_id): Path<String>,
     Query(query): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
-    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
+    // The audit log is in the data export too, so either permission reads it.
+    let organization = authorize_any(
+        &state,
+        &caller,
+        &org_id,
+        &[Permission::ReadAudit, Permission::ReadExport],
+    )
+    .await?;
     let (format, content_type, extension) = match query.format.as_deref().unwrap_or("csv") {
         "csv" => (AuditFormat::Csv, "text/csv; charset=utf-8", "csv"),
         "json" => (AuditFormat::Json, "application/json", "json"),
@@ -287,7 +294,7 @@ async fn export_organization(
     caller: Caller,
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
+    let organization = authorize(&state, &caller, &org_id, Permission::ReadExport).await?;
     let file_name = attachment_name("organization", &organization.id, "json");
     let stream = crate::exports::data_export(state.service.clone(), organization);
     Ok(attachment(stream, "application/json", file_name))

@@ -44,6 +44,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     ApiError::malformed(rejection.body_text())
                 }
             })?;
+        // No body at all is a body missing, as unparseable as an empty JSON text; a body in
+        // another media type is refused as such.
+        if bytes.is_empty() {
+            return Err(ApiError::malformed(
+                "this request needs a JSON body (Content-Type: application/json)",
+            ));
+        }
         if !is_json {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -183,9 +190,10 @@ impl FromRequestParts<AppState> for Caller {
         let actor = match parts.headers.get("x-actor-id") {
             None => Actor::System,
             Some(value) => {
-                let raw = value
-                    .to_str()
-                    .map_err(|_| ApiError::field("X-Actor-Id", "must be visible ASCII"))?;
+                // User ids are any text in bodies, so the header takes UTF-8 too (what
+                // clients send for a non-ASCII header value), not only visible ASCII.
+                let raw = std::str::from_utf8(value.as_bytes())
+                    .map_err(|_| ApiError::field("X-Actor-Id", "must be UTF-8"))?;
                 Actor::User(UserId::parse("X-Actor-Id", raw)?)
             }
         };

@@ -15,8 +15,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
-use super::{authorize, committed, organization_id, AppState};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
+use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -128,18 +128,23 @@ async fn create_group(
 
 /// The organization's groups.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/groups", tag = "groups",
-    params(("org_id" = String, Path), ActorHeaders),
+    params(("org_id" = String, Path), ActorHeaders, PageQuery),
     responses((status = 200, body = GroupList), ProblemResponses))]
 async fn list_groups(
     State(state): State<AppState>,
     caller: Caller,
     Path(org_id): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<GroupList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
-    let items = groups::list(state.service.database(), &organization.id).await?;
+    let limit = page_limit(query.limit)?;
+    let all = groups::list(state.service.database(), &organization.id).await?;
+    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |group| {
+        (group.created_at.timestamp_micros(), group.id.clone())
+    })?;
     Ok(axum::Json(GroupList {
-        items: items.into_iter().map(Into::into).collect(),
-        next_cursor: None,
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_cursor,
     }))
 }
 

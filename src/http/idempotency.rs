@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use orgledger_projections::{to_micros, Database};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 use super::error::ApiError;
 use super::extract::too_large;
@@ -22,6 +23,11 @@ const KEEP_FOR: chrono::Duration = chrono::Duration::hours(24);
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
 const SEAL_PURPOSE: &str = "orgledger.idempotent-response";
+
+/// On a command's response: the organization it changed. Its stored copy is filed under
+/// that organization, so the organization's purge erases it (see `Ledger::finish_purge`).
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseOrganization(pub Uuid);
 
 #[derive(sqlx::FromRow)]
 struct Stored {
@@ -63,22 +69,15 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let Ok(bytes) = to_bytes(body, BODY_LIMIT).await else {
         return too_large().into_response();
     };
-    let header_text = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let scope = hex::encode(Sha256::digest(
-        format!(
-            "{}\n{}",
-            header_text("authorization"),
-            header_text("x-actor-id")
-        )
-        .as_bytes(),
-    ));
+    // Raw bytes: a non-ASCII actor must not share the scope of a request without one.
+    let header_bytes = |name: &str| parts.headers.get(name).map_or(&[][..], |v| v.as_bytes());
+    let scope = hex::encode(
+        Sha256::new()
+            .chain_update(header_bytes("authorization"))
+            .chain_update(b"\n")
+            .chain_update(header_bytes("x-actor-id"))
+            .finalize(),
+    );
     let mut hasher = Sha256::new();
     hasher.update(parts.method.as_str().as_bytes());
     hasher.update(b"\n");
@@ -216,11 +215,15 @@ async fn complete(
         .get("x-consistency")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let organization = parts
+        .extensions
+        .get::<ResponseOrganization>()
+        .map(|organization| organization.0.to_string());
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query(
             "UPDATE idempotency_keys
                 SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
-                    completed_at_us = $8
+                    completed_at_us = $8, organization_id = $9
               WHERE scope = $1 AND key = $2",
         )
         .bind(scope).bind(key)
@@ -230,6 +233,7 @@ async fn complete(
         .bind(consistency)
         .bind(body.to_vec())
         .bind(to_micros(Utc::now()))
+        .bind(organization.as_deref())
         .execute(pool).await?;
     });
     Ok(())

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
-use super::{authorize, committed, organization_id, page_limit, AppState};
+use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -154,14 +154,6 @@ async fn leave_organization(
     )
     .await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    /// 1 to 500, default 50.
-    limit: Option<i64>,
-    cursor: Option<String>,
 }
 
 /// A user's organizations with their role (that user, or `system`).

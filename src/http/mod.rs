@@ -186,6 +186,16 @@ pub(crate) async fn authorize(
     raw_id: &str,
     permission: Permission,
 ) -> Result<OrganizationView, ApiError> {
+    authorize_any(state, caller, raw_id, &[permission]).await
+}
+
+/// The organization, if the caller may exercise at least one of `permissions` on it.
+pub(crate) async fn authorize_any(
+    state: &AppState,
+    caller: &Caller,
+    raw_id: &str,
+    permissions: &[Permission],
+) -> Result<OrganizationView, ApiError> {
     let id = organization_id(raw_id)?;
     let database = state.service.database();
     let organization = orgledger_projections::organizations::get(database, &id.to_string())
@@ -195,7 +205,7 @@ pub(crate) async fn authorize(
         (Actor::System, _) => true,
         (Actor::ServiceAccount(_), Some(account)) => {
             account.organization_id == organization.id
-                && Grant::Scopes(&account.scopes).permits(permission)
+                && permits_any(&Grant::Scopes(&account.scopes), permissions)
         }
         (Actor::User(user_id), _) => {
             let role = orgledger_projections::members::role_of(
@@ -214,13 +224,13 @@ pub(crate) async fn authorize(
                     )
                     .await?
                     .unwrap_or_default();
-                    let permissions: Vec<Permission> = names
+                    let granted: Vec<Permission> = names
                         .iter()
                         .filter_map(|name| Permission::parse_grantable(name))
                         .collect();
-                    Grant::Custom(&permissions).permits(permission)
+                    permits_any(&Grant::Custom(&granted), permissions)
                 }
-                Some(role) => Grant::BuiltIn(&role).permits(permission),
+                Some(role) => permits_any(&Grant::BuiltIn(&role), permissions),
                 None => false,
             }
         }
@@ -231,6 +241,12 @@ pub(crate) async fn authorize(
     } else {
         Err(ApiError::forbidden())
     }
+}
+
+fn permits_any(grant: &Grant<'_>, permissions: &[Permission]) -> bool {
+    permissions
+        .iter()
+        .any(|permission| grant.permits(*permission))
 }
 
 /// Runs `body` as the caller, now, against the organization; waits for the read models.
@@ -257,6 +273,11 @@ pub(crate) fn committed(
     body: impl IntoResponse,
 ) -> Response {
     let mut response = (status, body).into_response();
+    response
+        .extensions_mut()
+        .insert(idempotency::ResponseOrganization(
+            outcome.committed.organization_id,
+        ));
     let headers = response.headers_mut();
     if !outcome.consistent {
         headers.insert("x-consistency", HeaderValue::from_static("pending"));
@@ -284,6 +305,15 @@ pub(crate) fn with_etag(version: i64, body: impl IntoResponse) -> Response {
 }
 
 /// `limit` of a list: 1 to 500, default 50.
+/// `?limit=&cursor=`, for a list with nothing to filter by.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// 1 to 500, default 50.
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
 pub(crate) fn page_limit(limit: Option<i64>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(50),

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use super::dto::Problems;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
-use super::{authorize, committed, organization_id, AppState};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
+use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
 use crate::tokens::{self, SERVICE_ACCOUNT_PREFIX};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -147,19 +147,24 @@ async fn create_service_account(
 
 /// The organization's service accounts (never their keys).
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/service-accounts", tag = "service accounts",
-    params(("org_id" = String, Path), ActorHeaders),
+    params(("org_id" = String, Path), ActorHeaders, PageQuery),
     responses((status = 200, body = ServiceAccountList), ProblemResponses))]
 async fn list_service_accounts(
     State(state): State<AppState>,
     caller: Caller,
     Path(org_id): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<ServiceAccountList>, ApiError> {
     let organization =
         authorize(&state, &caller, &org_id, Permission::ManageServiceAccounts).await?;
-    let items = service_accounts::list(state.service.database(), &organization.id).await?;
+    let limit = page_limit(query.limit)?;
+    let all = service_accounts::list(state.service.database(), &organization.id).await?;
+    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |account| {
+        (account.created_at.timestamp_micros(), account.id.clone())
+    })?;
     Ok(axum::Json(ServiceAccountList {
-        items: items.into_iter().map(Into::into).collect(),
-        next_cursor: None,
+        items: page.items.into_iter().map(Into::into).collect(),
+        next_cursor: page.next_cursor,
     }))
 }
 

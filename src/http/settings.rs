@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::dto::{ClientRestrictionsDto, OrganizationDto, Problems};
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path};
-use super::{authorize, committed, organization_id, AppState};
+use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
+use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -177,17 +177,23 @@ async fn add_ai_provider(
 
 /// The organization's AI providers.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/ai-providers", tag = "settings",
-    params(("org_id" = String, Path), ActorHeaders),
+    params(("org_id" = String, Path), ActorHeaders, PageQuery),
     responses((status = 200, body = AiProviderList), ProblemResponses))]
 async fn list_ai_providers(
     State(state): State<AppState>,
     caller: Caller,
     Path(org_id): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<AiProviderList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
-    let items = organizations::ai_providers(state.service.database(), &organization.id).await?;
+    let limit = page_limit(query.limit)?;
+    let all = organizations::ai_providers(state.service.database(), &organization.id).await?;
+    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |provider| {
+        provider.id.clone()
+    })?;
     Ok(axum::Json(AiProviderList {
-        items: items
+        items: page
+            .items
             .into_iter()
             .map(|view| AiProviderDto {
                 id: view.id,
@@ -197,7 +203,7 @@ async fn list_ai_providers(
                 api_key_last4: view.api_key_last4,
             })
             .collect(),
-        next_cursor: None,
+        next_cursor: page.next_cursor,
     }))
 }
 
@@ -337,14 +343,16 @@ fn built_in_roles() -> Vec<RoleDto> {
 
 /// Built-in and custom roles with their permissions.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/roles", tag = "settings",
-    params(("org_id" = String, Path), ActorHeaders),
+    params(("org_id" = String, Path), ActorHeaders, PageQuery),
     responses((status = 200, body = RoleList), ProblemResponses))]
 async fn list_roles(
     State(state): State<AppState>,
     caller: Caller,
     Path(org_id): Path<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<RoleList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
+    let limit = page_limit(query.limit)?;
     let mut items = built_in_roles();
     for role in organizations::custom_roles(state.service.database(), &organization.id).await? {
         items.push(RoleDto {
@@ -354,9 +362,18 @@ async fn list_roles(
             permissions: role.permissions,
         });
     }
+    // Built-in roles first, in their order of rank, then custom roles by key.
+    let built_in = built_in_roles();
+    let rank = |role: &RoleDto| {
+        let rank = built_in
+            .iter()
+            .position(|b| b.key == role.key && role.built_in);
+        (rank.unwrap_or(built_in.len()), role.key.clone())
+    };
+    let page = orgledger_projections::page_of(items, limit, query.cursor.as_deref(), rank)?;
     Ok(axum::Json(RoleList {
-        items,
-        next_cursor: None,
+        items: page.items,
+        next_cursor: page.next_cursor,
     }))
 }
 
