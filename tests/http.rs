@@ -1094,6 +1094,13 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         "{}",
         renamed.body
     );
+    let read = app
+        .call(Method::GET, &format!("/v1/organizations/{zoe}"), None, None)
+        .await;
+    assert_eq!(
+        read.body["created_at"], created.body["created_at"],
+        "a command answers with the instants a read shows"
+    );
     let member = app.call(Method::GET, &path, Some("mia"), None).await;
     assert_eq!(member.status, StatusCode::OK);
     assert_eq!(

@@ -1,7 +1,7 @@
 //! Commands: what an actor asks of an organization. Each carries its actor and the time it is
 //! decided at, so the aggregate needs no clock; ids and token hashes are chosen by the caller.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use crate::access::{Actor, Permission, Role, Scope};
@@ -17,8 +17,28 @@ pub struct Command {
 }
 
 impl Command {
+    /// `at` is cut to the microsecond, the resolution the stores and read models keep, so a
+    /// command's response shows the same instants a read of it later does.
     pub fn new(actor: Actor, at: DateTime<Utc>, body: OrganizationCommand) -> Self {
-        Self { actor, at, body }
+        Self {
+            actor,
+            at: at.trunc_subsecs(6),
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_is_timed_to_the_microsecond() {
+        let at = DateTime::parse_from_rfc3339("2026-12-02T10:00:00.123456789Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let command = Command::new(Actor::System, at, OrganizationCommand::RestoreOrganization);
+        assert_eq!(command.at.to_rfc3339(), "2026-12-02T10:00:00.123456+00:00");
     }
 }
 
