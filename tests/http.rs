@@ -181,6 +181,7 @@ on_both_backends!(
     a_command_answers_with_consistency_pending_when_read_models_lag,
     groups_follow_members_invitations_and_deletions,
     short_lists_are_paged_like_the_long_ones,
+    searches_fold_letters_beyond_ascii_alike_on_both_stores,
     service_accounts_act_only_within_their_scopes_and_organization,
     settings_and_ai_providers_keep_keys_secret,
     seats_hold_under_concurrent_invitations,
@@ -249,6 +250,65 @@ async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
                 "{list}?{query}"
             );
         }
+    }
+}
+
+async fn searches_fold_letters_beyond_ascii_alike_on_both_stores(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Émile Straße", "owner": {
+                "user_id": "elodie", "email": "elodie@example.com",
+                "first_name": "ÉLODIE", "last_name": "Ångström"}})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let org = created.body["id"].as_str().unwrap();
+    let found = |reply: &Reply| reply.body["items"].as_array().unwrap().len();
+    for q in ["émile", "ÉMILE", "straße"] {
+        let reply = app
+            .call(Method::GET, &format!("/v1/organizations?q={q}"), None, None)
+            .await;
+        assert_eq!(found(&reply), 1, "organizations matching {q}");
+    }
+    let members = format!("/v1/organizations/{org}/members");
+    for q in ["élodie", "ÉLODIE", "ångström", "ÅNGSTRÖM", "élodie ång"] {
+        let reply = app
+            .call(
+                Method::GET,
+                &format!("{members}?q={q}"),
+                Some("elodie"),
+                None,
+            )
+            .await;
+        assert_eq!(found(&reply), 1, "members matching {q}");
+    }
+    let renamed = app
+        .call(
+            Method::PATCH,
+            &format!("{members}/elodie"),
+            Some("elodie"),
+            Some(json!({"last_name": "ØSTER"})),
+        )
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    for (q, expected) in [("øster", 1), ("ångström", 0)] {
+        let reply = app
+            .call(
+                Method::GET,
+                &format!("{members}?q={q}"),
+                Some("elodie"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            found(&reply),
+            expected,
+            "members matching {q} after the rename"
+        );
     }
 }
 

@@ -91,11 +91,19 @@ where
     Ok(paginate(items, limit, key))
 }
 
-/// A `LIKE` pattern matching `needle` anywhere, case-insensitively, with `\` as escape.
+/// Text as searches compare it: lower-cased by Unicode's rules. Read models keep a folded
+/// copy of what `q` searches, because SQLite's `lower()` and `LIKE` fold ASCII letters only
+/// (`É` stays `É`) where PostgreSQL's fold them all: both stores then match alike.
+pub(crate) fn fold(text: &str) -> String {
+    text.to_lowercase()
+}
+
+/// A `LIKE` pattern matching `needle` anywhere, case-insensitively (against folded text),
+/// with `\` as escape.
 pub(crate) fn contains_pattern(needle: &str) -> String {
     let mut pattern = String::with_capacity(needle.len() + 2);
     pattern.push('%');
-    for c in needle.to_lowercase().chars() {
+    for c in fold(needle).chars() {
         if matches!(c, '%' | '_' | '\\') {
             pattern.push('\\');
         }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
 use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
@@ -38,6 +38,11 @@ impl Projection for MembersProjection {
         vec![("rm_members", self.table.clone())]
     }
 
+    /// 2: folded copies of the names, for `q` (see `cursor::fold`).
+    fn schema_version(&self) -> i64 {
+        2
+    }
+
     fn create_tables(&self, _backend: Backend) -> Vec<String> {
         let t = &self.table;
         vec![format!(
@@ -47,6 +52,8 @@ impl Projection for MembersProjection {
                     email TEXT NOT NULL,
                     first_name TEXT,
                     last_name TEXT,
+                    first_name_folded TEXT,
+                    last_name_folded TEXT,
                     title TEXT,
                     image_url TEXT,
                     role TEXT NOT NULL,
@@ -146,13 +153,19 @@ impl MembersProjection {
         match &event.event {
             E::MemberProfileUpdated(e) => {
                 let user = e.user_id.as_str();
-                let fields = [
-                    ("first_name", &e.first_name),
-                    ("last_name", &e.last_name),
-                    ("title", &e.title),
-                    ("image_url", &e.image_url),
-                ];
-                for (column, change) in fields {
+                for (column, change) in [("first_name", &e.first_name), ("last_name", &e.last_name)]
+                {
+                    if let Some(change) = change {
+                        let sql = format!(
+                            "UPDATE {t} SET {column} = $3, {column}_folded = $4
+                              WHERE organization_id = $1 AND user_id = $2"
+                        );
+                        let folded = change.to.as_deref().map(fold);
+                        conn.execute(&sql, &args![org, user, &change.to, folded])
+                            .await?;
+                    }
+                }
+                for (column, change) in [("title", &e.title), ("image_url", &e.image_url)] {
                     if let Some(change) = change {
                         let sql = format!(
                             "UPDATE {t} SET {column} = $3 WHERE organization_id = $1 AND user_id = $2"
@@ -213,13 +226,14 @@ impl MembersProjection {
         for chunk in joins.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO {} (organization_id, user_id, email, first_name, last_name, title,
-                                 image_url, role, joined_at_us, group_ids, locked_fields)
+                                 image_url, role, joined_at_us, group_ids, locked_fields,
+                                 first_name_folded, last_name_folded)
                  VALUES {}
                  ON CONFLICT (organization_id, user_id) DO NOTHING",
                 self.table,
-                value_rows(chunk.len(), 11, 1)
+                value_rows(chunk.len(), JOINED_COLUMNS, 1)
             );
-            let mut args = Vec::with_capacity(chunk.len() * 11);
+            let mut args = Vec::with_capacity(chunk.len() * JOINED_COLUMNS);
             for (_, event) in chunk {
                 if let E::MemberJoined(e) = &event.event {
                     args.extend(joined_row(event.organization_id.as_str(), e));
@@ -297,8 +311,10 @@ impl MembersProjection {
     }
 }
 
+const JOINED_COLUMNS: usize = 13;
+
 /// The row a `MemberJoined` inserts, in column order.
-fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; 11] {
+fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; JOINED_COLUMNS] {
     args![
         org,
         e.user_id.as_str(),
@@ -315,7 +331,9 @@ fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; 11] {
                 .map(|id| id.to_string())
                 .collect::<Vec<_>>()
         ),
-        json_text(&e.locked_fields)
+        json_text(&e.locked_fields),
+        e.first_name.as_deref().map(fold),
+        e.last_name.as_deref().map(fold)
     ]
 }
 
@@ -415,8 +433,8 @@ pub async fn list(
             AND (joined_at_us, user_id) > ($2, $3)
             AND ($4 IS NULL OR role = $4)
             AND ($5 IS NULL
-                 OR lower(email) LIKE $5 ESCAPE '\\'
-                 OR lower(coalesce(first_name, '') || ' ' || coalesce(last_name, '')) LIKE $5 ESCAPE '\\')
+                 OR email LIKE $5 ESCAPE '\\'
+                 OR coalesce(first_name_folded, '') || ' ' || coalesce(last_name_folded, '') LIKE $5 ESCAPE '\\')
           ORDER BY joined_at_us, user_id
           LIMIT $6"
     );

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
 use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
@@ -47,8 +47,9 @@ impl Projection for OrganizationsProjection {
         ]
     }
 
+    /// 3: `name_folded`, for `q` (see `cursor::fold`).
     fn schema_version(&self) -> i64 {
-        2
+        3
     }
 
     fn create_tables(&self, _backend: Backend) -> Vec<String> {
@@ -58,6 +59,7 @@ impl Projection for OrganizationsProjection {
                 "CREATE TABLE IF NOT EXISTS {t} (
                     id TEXT PRIMARY KEY,
                     name TEXT NOT NULL,
+                    name_folded TEXT NOT NULL,
                     slug TEXT NOT NULL,
                     kind TEXT NOT NULL,
                     status TEXT NOT NULL,
@@ -203,8 +205,9 @@ impl OrganizationsProjection {
             E::OrganizationCreated(e) => {
                 let sql = format!(
                     "INSERT INTO {t} (id, name, slug, kind, status, created_at_us, version,
-                                      timezone, logo_url, workflow_mode, default_invite_expiry_days)
-                     VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10)
+                                      timezone, logo_url, workflow_mode, default_invite_expiry_days,
+                                      name_folded)
+                     VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (id) DO NOTHING"
                 );
                 let args = args![
@@ -217,7 +220,8 @@ impl OrganizationsProjection {
                     &e.settings.timezone,
                     &e.settings.logo_url,
                     enum_text(&e.settings.workflow_mode),
-                    i64::from(e.settings.default_invite_expiry_days)
+                    i64::from(e.settings.default_invite_expiry_days),
+                    fold(&e.name)
                 ];
                 conn.execute(&sql, &args).await?;
                 return Ok(());
@@ -225,6 +229,7 @@ impl OrganizationsProjection {
             E::OrganizationUpdated(e) => {
                 if let Some(change) = &e.name {
                     set(conn, t, id, "name", &change.to).await?;
+                    set(conn, t, id, "name_folded", &fold(&change.to)).await?;
                 }
                 if let Some(change) = &e.slug {
                     set(conn, t, id, "slug", &change.to).await?;
@@ -498,7 +503,7 @@ pub async fn list(
         "SELECT {COLUMNS} FROM rm_organizations
           WHERE (created_at_us, id) > ($1, $2)
             AND ($3 IS NULL OR status = $3)
-            AND ($4 IS NULL OR lower(name) LIKE $4 ESCAPE '\\' OR slug LIKE $4 ESCAPE '\\')
+            AND ($4 IS NULL OR name_folded LIKE $4 ESCAPE '\\' OR slug LIKE $4 ESCAPE '\\')
           ORDER BY created_at_us, id
           LIMIT $5"
     );
