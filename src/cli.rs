@@ -100,6 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let service = Arc::new(open_store(&store).await?);
             let tokens = platform_tokens(&store, api_token.as_deref())?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
+            crate::http::idempotency::forget_purged(service.database()).await?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));

@@ -406,15 +406,19 @@ impl Ledger {
                 ),
                 None => (self.load_latest(organization_id).await?, false),
             };
-            let decision = match (loaded.state.decide(&command), expected_version) {
+            // A stale If-Match is told after the refusals of the caller, and never to a
+            // caller without standing whose command fails anyway: a 412 names the version.
+            let stale = expected_version.filter(|expected| *expected != loaded.version);
+            let decision = match (loaded.state.decide(&command), stale) {
                 (Err(refusal), _) if refusal.precedes_preconditions() => Err(refusal.into()),
-                (_, Some(expected)) if expected != loaded.version => {
-                    Err(LedgerError::VersionMismatch {
-                        expected,
-                        actual: loaded.version,
-                    })
+                (Err(_), Some(_)) if !loaded.state.has_standing(&command.actor) => {
+                    Err(OrganizationError::PermissionDenied.into())
                 }
-                (decision, _) => decision.map_err(LedgerError::from),
+                (_, Some(expected)) => Err(LedgerError::VersionMismatch {
+                    expected,
+                    actual: loaded.version,
+                }),
+                (decision, None) => decision.map_err(LedgerError::from),
             };
             let events = match decision {
                 Ok(events) if !events.is_empty() => events,
@@ -708,13 +712,15 @@ impl Ledger {
         }
     }
 
-    /// After `OrganizationPurged` is stored: forget the organization's stored command
-    /// responses (they hold its personal data, sealed under the service's key, not the
-    /// organization's), destroy the data key (erasing personal data in every event), drop
-    /// the snapshot and free the slug. Idempotent; a crash before the key is destroyed is
-    /// repaired by [`Ledger::finish_interrupted_purges`], so the responses go first.
+    /// After `OrganizationPurged` is stored: destroy the data key (erasing personal data in
+    /// every event), forget the organization's stored command responses (they hold its
+    /// personal data, sealed under the service's key), drop the snapshot and free the slug.
+    /// Idempotent; a crash before the key is destroyed is repaired by
+    /// [`Ledger::finish_interrupted_purges`], one after it by `idempotency::forget_purged`.
+    /// A keyed command still in flight stores no response once the key is gone.
     pub async fn finish_purge(&self, organization_id: Uuid) -> Result<(), LedgerError> {
         let id = organization_id.to_string();
+        self.keys.destroy(&id).await?;
         orgledger_projections::with_pool!(&self.database, pool => {
             sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
                 .bind(&id)
@@ -722,7 +728,6 @@ impl Ledger {
                 .await
                 .map_err(StoreError::from)?;
         });
-        self.keys.destroy(&id).await?;
         match &self.database {
             Database::Postgres(pool) => {
                 sqlx::query(

@@ -1866,6 +1866,19 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
             .await;
         assert_eq!((refused.status, problem_code(&refused)), (status, code));
     }
+    // Nor through a command that fails for another reason first.
+    let not_a_member = app
+        .send(
+            app.request(
+                Method::PATCH,
+                &format!("{path}/members/nobody"),
+                Some("mallory"),
+            )
+            .header("If-Match", &etag)
+            .json(&json!({"title": "x"})),
+        )
+        .await;
+    assert_eq!(not_a_member.status, StatusCode::FORBIDDEN);
     let bare = first.body["version"].to_string();
     let fresh = app
         .send(
@@ -1875,6 +1888,28 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
         )
         .await;
     assert_eq!(fresh.body["name"], "Acme 3");
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme 3"})),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    for (actor, status) in [
+        ("mallory", StatusCode::FORBIDDEN),
+        ("olivia", StatusCode::PRECONDITION_FAILED),
+    ] {
+        let stale = app
+            .send(
+                app.request(Method::PATCH, &path, Some(actor))
+                    .header("If-Match", &etag)
+                    .json(&json!({"name": "Acme 5"})),
+            )
+            .await;
+        assert_eq!(stale.status, status, "{actor} on a deleted organization");
+    }
 }
 
 async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backend: Backend) {
@@ -2146,6 +2181,23 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         "the stored response went with the purge: {}",
         retried.body
     );
+    // A purge interrupted after destroying the key is finished at start-up.
+    let other = app.create_org("Other", "olivia").await;
+    let keyed_rename = || {
+        app.request(
+            Method::PATCH,
+            &format!("/v1/organizations/{other}"),
+            Some("olivia"),
+        )
+        .header("Idempotency-Key", "rename-1")
+        .json(&json!({"name": "Other 2"}))
+    };
+    assert_eq!(app.send(keyed_rename()).await.status, StatusCode::OK);
+    app.service.ledger.keys().destroy(&other).await.unwrap();
+    let forgotten = orgledger::http::idempotency::forget_purged(app.service.db())
+        .await
+        .unwrap();
+    assert_eq!(forgotten, 1);
     app.create_org("Acme", "zed").await;
 }
 

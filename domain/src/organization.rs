@@ -539,6 +539,16 @@ impl Organization {
         }
     }
 
+    /// Whether `actor` has standing here: `system`, a member, or one of its service
+    /// accounts. Anyone else learns nothing of the organization from a refusal.
+    pub fn has_standing(&self, actor: &Actor) -> bool {
+        match actor {
+            Actor::System => true,
+            Actor::User(user_id) => self.members.contains_key(user_id),
+            Actor::ServiceAccount(id) => self.service_accounts.contains_key(id),
+        }
+    }
+
     pub fn exists(&self) -> bool {
         !matches!(self.lifecycle, Lifecycle::Unborn | Lifecycle::Purged)
     }

@@ -219,12 +219,16 @@ async fn complete(
         .extensions
         .get::<ResponseOrganization>()
         .map(|organization| organization.0.to_string());
-    orgledger_projections::with_pool!(database, pool => {
+    // Not kept once the organization's key is gone: a purge that finished while this
+    // command waited for the read models has already forgotten its organization's responses.
+    let stored = orgledger_projections::with_pool!(database, pool => {
         sqlx::query(
             "UPDATE idempotency_keys
                 SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
                     completed_at_us = $8, organization_id = $9
-              WHERE scope = $1 AND key = $2",
+              WHERE scope = $1 AND key = $2
+                AND ($9 IS NULL OR EXISTS (SELECT 1 FROM organization_keys
+                                            WHERE organization_keys.organization_id = $9))",
         )
         .bind(scope).bind(key)
         .bind(i64::from(parts.status.as_u16()))
@@ -234,9 +238,30 @@ async fn complete(
         .bind(body.to_vec())
         .bind(to_micros(Utc::now()))
         .bind(organization.as_deref())
-        .execute(pool).await?;
+        .execute(pool).await?
+        .rows_affected()
     });
+    if stored == 0 && organization.is_some() {
+        release(database, scope, key).await?;
+    }
     Ok(())
+}
+
+/// Forgets the stored responses of organizations whose key is gone (purged): a purge
+/// interrupted between destroying the key and forgetting them is finished at start-up.
+pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
+    Ok(orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+              WHERE organization_id IS NOT NULL
+                AND NOT EXISTS (SELECT 1 FROM organization_keys
+                                 WHERE organization_keys.organization_id
+                                     = idempotency_keys.organization_id)",
+        )
+        .execute(pool)
+        .await?
+        .rows_affected()
+    }))
 }
 
 async fn release(database: &Database, scope: &str, key: &str) -> Result<(), sqlx::Error> {
@@ -359,5 +384,37 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(released, "a retry may claim the key again");
+    }
+
+    #[tokio::test]
+    async fn a_response_is_not_kept_once_its_organizations_key_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+        let database = Database::connect(&url).await.unwrap();
+        database.migrate().await.unwrap();
+        let Database::Sqlite(pool) = &database else {
+            unreachable!("a SQLite URL")
+        };
+        let live = Uuid::now_v7();
+        sqlx::query("INSERT INTO organization_keys (organization_id, wrapped_key) VALUES (?1, ?2)")
+            .bind(live.to_string())
+            .bind(vec![0_u8; 8])
+            .execute(pool)
+            .await
+            .unwrap();
+        let purged = Uuid::now_v7();
+        for (key, organization, kept) in [("live", live, true), ("purged", purged, false)] {
+            assert!(claim(&database, "scope", key, "print").await.unwrap());
+            let mut response = StatusCode::OK.into_response();
+            response
+                .extensions_mut()
+                .insert(ResponseOrganization(organization));
+            let (parts, _) = response.into_parts();
+            complete(&database, "scope", key, &parts, b"{}")
+                .await
+                .unwrap();
+            let stored = load(&database, "scope", key).await.unwrap();
+            assert_eq!(stored.is_some(), kept, "{key}");
+        }
     }
 }

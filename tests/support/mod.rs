@@ -460,6 +460,7 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
             &[
                 "id",
                 "name",
+                "name_folded",
                 "slug",
                 "kind",
                 "status",
@@ -487,6 +488,8 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
                 "email",
                 "first_name",
                 "last_name",
+                "first_name_folded",
+                "last_name_folded",
                 "title",
                 "image_url",
                 "role",
