@@ -310,6 +310,23 @@ async fn searches_fold_letters_beyond_ascii_alike_on_both_stores(backend: Backen
             "members matching {q} after the rename"
         );
     }
+    let audit = format!("/v1/organizations/{org}/audit-log");
+    for (q, expected) in [
+        ("ÉMILE", vec!["organization.created"]),
+        ("øster", vec!["member.profile_updated"]),
+        ("MEMBER.PROFILE", vec!["member.profile_updated"]),
+    ] {
+        let reply = app
+            .call(Method::GET, &format!("{audit}?q={q}"), Some("elodie"), None)
+            .await;
+        let actions: Vec<&str> = reply.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, expected, "audit entries matching {q}");
+    }
 }
 
 async fn groups_follow_members_invitations_and_deletions(backend: Backend) {

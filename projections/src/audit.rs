@@ -8,7 +8,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::cursor::{contains_pattern, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
 use crate::db::{index, unique_index, Arg, Backend, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
@@ -269,8 +269,9 @@ impl Projection for AuditLogProjection {
     /// 2: the key became a unique index, built after a rebuild's replay. 3: the
     /// organization is a `uuid` on PostgreSQL, not its 36 characters of text: all five
     /// indexes lead with it, and a rebuild spends about as long building them as replaying.
+    /// 4: `search_folded`, for `q` (see [`search_folded`]).
     fn schema_version(&self) -> i64 {
-        3
+        4
     }
 
     fn create_tables(&self, backend: Backend) -> Vec<String> {
@@ -287,7 +288,8 @@ impl Projection for AuditLogProjection {
                     resource_type TEXT NOT NULL,
                     resource_id TEXT NOT NULL,
                     details TEXT NOT NULL,
-                    request_id TEXT
+                    request_id TEXT,
+                    search_folded TEXT
                 )"
         )]
     }
@@ -388,6 +390,13 @@ type Pending<'e> = (usize, uuid::Uuid, &'e RecordedEvent);
 fn entry((_, organization, event): &Pending<'_>) -> Vec<Arg> {
     let org = event.organization_id.as_str();
     let description = describe(org, &event.event);
+    let details = description.details.to_string();
+    let folded = search_folded(
+        description.action,
+        &description.resource_id,
+        event.actor_id(),
+        &details,
+    );
     Vec::from(args![
         *organization,
         event.sequence,
@@ -397,12 +406,24 @@ fn entry((_, organization, event): &Pending<'_>) -> Vec<Arg> {
         description.action,
         description.resource_type,
         description.resource_id,
-        description.details.to_string(),
-        event.metadata.get("request_id").cloned()
+        details,
+        event.metadata.get("request_id").cloned(),
+        folded
     ])
 }
 
-const COLUMNS: [&str; 10] = [
+/// What `q` searches in an entry, folded (`cursor::fold`), when it holds a letter beyond
+/// ASCII; otherwise `None`, and SQL's `lower()`, which folds ASCII alike on both stores,
+/// does the same work on the fly without storing a copy of nearly every entry.
+fn search_folded(action: &str, resource_id: &str, actor_id: &str, details: &str) -> Option<String> {
+    let parts = [action, resource_id, actor_id, details];
+    if parts.iter().all(|part| part.is_ascii()) {
+        return None;
+    }
+    Some(fold(&parts.join(" ")))
+}
+
+const COLUMNS: [&str; 11] = [
     "organization_id",
     "sequence",
     "occurred_at_us",
@@ -413,6 +434,7 @@ const COLUMNS: [&str; 10] = [
     "resource_id",
     "details",
     "request_id",
+    "search_folded",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -545,7 +567,10 @@ async fn entries_after(
                   AND ($6 IS NULL OR action = $6)
                   AND ($7 IS NULL OR action LIKE $7 ESCAPE '\\')
                   AND ($8 IS NULL OR resource_type = $8)
-                  AND ($9 IS NULL OR lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details) LIKE $9 ESCAPE '\\')
+                  AND ($9 IS NULL
+                       OR coalesce(search_folded,
+                                   lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details))
+                          LIKE $9 ESCAPE '\\')
                 ORDER BY sequence
                 LIMIT $10";
     let rows: Vec<AuditRow> = database

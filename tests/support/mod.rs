@@ -536,6 +536,7 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
                 "resource_id",
                 "details",
                 "request_id",
+                "search_folded",
             ],
             "organization_id, sequence",
         ),
