@@ -46,6 +46,15 @@ impl StoreConfig {
 
     /// The configured master key; for SQLite, the one kept beside the data, created once.
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
+        let postgres = ["postgres:", "postgresql:"]
+            .iter()
+            .any(|scheme| self.database_url.starts_with(scheme));
+        if !postgres && !self.is_sqlite() {
+            bail!(
+                "unsupported DATABASE_URL {:?}: use postgres://... or sqlite://PATH",
+                redact_url(&self.database_url)
+            );
+        }
         if let Some(encoded) = &self.master_key {
             return MasterKey::from_base64(encoded)
                 .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes");
@@ -125,6 +134,22 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Resu
 
 /// The URL without its password, for messages and logs.
 pub fn redact_url(url: &str) -> String {
+    // libpq takes a password in the query string too (`?password=`, `?sslpassword=`).
+    if let Some((base, query)) = url.split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _))
+                    if name.eq_ignore_ascii_case("password")
+                        || name.eq_ignore_ascii_case("sslpassword") =>
+                {
+                    format!("{name}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        return format!("{}?{}", redact_url(base), query.join("&"));
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let credentials = &url[scheme_end + 3..at];
@@ -165,12 +190,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unsupported_url_is_named_before_any_key_is_asked_for() {
+        let error = store("mysql://x").master_key().unwrap_err().to_string();
+        assert!(error.contains("unsupported DATABASE_URL"), "{error}");
+    }
+
+    #[test]
     fn passwords_are_redacted_from_urls() {
         assert_eq!(
             redact_url("postgres://u:secret@h/db"),
             "postgres://u:***@h/db"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("postgres://u:a@h/db?sslmode=require&password=b&SSLPASSWORD=c"),
+            "postgres://u:***@h/db?sslmode=require&password=***&SSLPASSWORD=***"
+        );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
     }
 

@@ -76,6 +76,7 @@ impl Orgledger {
     /// Wires the ledger and projector over one database; creates missing read-model tables.
     pub async fn open(database: Database, master_key: MasterKey) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(database.clone(), master_key);
+        ledger.keys().verify_master_key().await?;
         // Commands wait for the runner; with a pool of its own it never queues behind them.
         let runner_database = database.separate_pool(RUNNER_CONNECTIONS);
         let feed = Arc::new(StoreFeed::new(

@@ -37,6 +37,7 @@ on_both_backends!(
     raw_events_and_past_states_come_from_the_log,
     organizations_past_their_restore_window_are_purged_by_system,
     status_reports_positions_and_backlog,
+    a_second_process_opens_and_rebuilds_beside_a_busy_writer,
 );
 
 fn member_filter() -> MemberFilter {
@@ -71,6 +72,44 @@ async fn import_role_flips(service: &TestService, org: Uuid, count: usize) {
         )
         .await
         .unwrap();
+}
+
+/// Another process (the CLI's `projections rebuild`) opening the store and rebuilding while
+/// the service writes: on SQLite a transaction that read before writing failed at once with
+/// "database is locked" when a write came between; write transactions now take the lock
+/// first and wait their turn.
+async fn a_second_process_opens_and_rebuilds_beside_a_busy_writer(backend: Backend) {
+    let mut service = spawn_service(backend).await;
+    let org = acme_with_mia(&service.ledger).await;
+    service.start_projections();
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = tokio::spawn({
+        let service = service.service.clone();
+        let writing = writing.clone();
+        async move {
+            let mut written = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                let flips = role_flips(5, "mia");
+                service
+                    .ledger
+                    .import(org, flips, std::collections::HashMap::new())
+                    .await
+                    .unwrap();
+                written += 1;
+            }
+            written
+        }
+    });
+    for _ in 0..3 {
+        let other = service.reopen().await;
+        other.projector.rebuild_all(false).await.unwrap();
+        other.close().await;
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        writer.await.unwrap() > 0,
+        "the writer wrote beside the rebuilds"
+    );
 }
 
 /// The declared type of the audit log's organization column, lower-cased.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use cqrs_es::persist::SerializedEvent;
 use orgledger::ledger::{LedgerError, RequestContext};
-use orgledger::store::{seal_personal_data, snapshot_interval, SNAPSHOT_EVERY};
+use orgledger::store::{seal_personal_data, snapshot_interval, MasterKey, SNAPSHOT_EVERY};
 use orgledger_domain::*;
 use orgledger_projections::{Database, PING_IDLE_FOR};
 use support::*;
@@ -31,6 +31,7 @@ on_both_backends!(
     importing_nothing_stores_nothing_and_needs_no_data_key,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
+    a_master_key_that_does_not_open_the_stored_keys_is_refused_at_start,
     if_match_with_a_stale_version_is_refused_and_appends_nothing,
     a_rejected_command_appends_nothing,
     a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it,
@@ -784,6 +785,26 @@ async fn committed_events_survive_a_new_process(backend: Backend) {
     let restarted = ledger.reopen().await;
     let (after, version_after) = restarted.load(org).await.unwrap();
     assert_eq!((before, version), (after, version_after));
+}
+
+async fn a_master_key_that_does_not_open_the_stored_keys_is_refused_at_start(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let url = ledger.database.url.clone();
+    let open = |key: MasterKey| {
+        let url = url.clone();
+        async move {
+            let database = Database::connect(&url).await.unwrap();
+            orgledger::service::Orgledger::open(database, key).await
+        }
+    };
+    // An empty store takes any key: it has nothing sealed yet.
+    assert!(open(MasterKey::generate()).await.is_ok());
+    create_org(&ledger, "Acme", "acme", "olivia").await;
+    let Err(refused) = open(MasterKey::generate()).await else {
+        panic!("a wrong master key was accepted");
+    };
+    assert!(refused.to_string().contains("master key"), "{refused}");
+    assert!(open(ledger.master_key.clone()).await.is_ok());
 }
 
 async fn if_match_with_a_stale_version_is_refused_and_appends_nothing(backend: Backend) {

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, SqlitePool};
+use sqlx::{ConnectOptions, PgPool, SqlitePool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
@@ -75,11 +75,18 @@ pub enum Database {
     Sqlite(SqlitePool),
 }
 
+/// sqlx logs a slow statement with its whole text, which for a batch of a rebuild is a
+/// multi-row INSERT of 100 KB or more, at `WARN` by default: in the middle of a progress
+/// bar and of the service's log. Requests and batches are timed by the service itself.
+const SLOW_STATEMENT_LOG: (log::LevelFilter, Duration) =
+    (log::LevelFilter::Debug, Duration::from_secs(1));
+
 impl Database {
     /// Connects to `postgres://...` or `sqlite://PATH` (the file is created if missing).
     pub async fn connect(url: &str) -> Result<Self, DatabaseError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url)?;
+            let options = PgConnectOptions::from_str(url)?
+                .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
             let pool = pg_pool_options(16).connect_with(options).await?;
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
@@ -90,7 +97,8 @@ impl Database {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
@@ -143,7 +151,10 @@ impl Database {
     pub async fn begin(&self) -> Result<Transaction, sqlx::Error> {
         Ok(match self {
             Self::Postgres(pool) => Transaction::Postgres(pool.begin().await?),
-            Self::Sqlite(pool) => Transaction::Sqlite(pool.begin().await?),
+            // Every transaction here writes. A deferred one that reads first fails at once
+            // ("database is locked", no busy wait) when another connection writes between
+            // its read and its first write; an immediate one waits for the lock instead.
+            Self::Sqlite(pool) => Transaction::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
         })
     }
 

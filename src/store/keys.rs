@@ -198,6 +198,31 @@ impl DataKeys {
         Ok(wrapped)
     }
 
+    /// Refuses a master key that does not open the stored organization keys (one is tried;
+    /// one master key wraps them all). A mistyped key would otherwise seal new
+    /// organizations under itself and fail on every old one, and the projections would
+    /// stall on the first event they cannot open once the right key is back.
+    pub async fn verify_master_key(&self) -> Result<(), StoreError> {
+        const SAMPLE: &str =
+            "SELECT organization_id, wrapped_key FROM organization_keys ORDER BY organization_id LIMIT 1";
+        let sample: Option<(String, Vec<u8>)> = match &self.database {
+            Database::Postgres(pool) => sqlx::query_as(SAMPLE).fetch_optional(pool).await?,
+            Database::Sqlite(pool) => sqlx::query_as(SAMPLE).fetch_optional(pool).await?,
+        };
+        match sample {
+            Some((organization_id, wrapped))
+                if self.unwrap_key(&organization_id, &wrapped).is_err() =>
+            {
+                Err(StoreError::Integrity(
+                    "the master key does not open this database's organization keys: \
+                     ORGLEDGER_MASTER_KEY must be the key the database was created with"
+                        .to_owned(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn unwrap_key(&self, organization_id: &str, wrapped: &[u8]) -> Result<DataKey, StoreError> {
         let bytes = self.master.0.decrypt(wrapped, organization_id.as_bytes())?;
         DataKey::from_bytes(&bytes).ok_or_else(|| {
