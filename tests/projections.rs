@@ -38,6 +38,7 @@ on_both_backends!(
     organizations_past_their_restore_window_are_purged_by_system,
     status_reports_positions_and_backlog,
     a_second_process_opens_and_rebuilds_beside_a_busy_writer,
+    the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one,
 );
 
 fn member_filter() -> MemberFilter {
@@ -110,6 +111,79 @@ async fn a_second_process_opens_and_rebuilds_beside_a_busy_writer(backend: Backe
         writer.await.unwrap() > 0,
         "the writer wrote beside the rebuilds"
     );
+}
+
+/// A rebuild killed midway leaves its copies; the next rebuild drops those whose checkpoint
+/// stopped moving an hour ago and leaves a copy of a rebuild still running alone.
+async fn the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one(backend: Backend) {
+    let service = spawn_service(backend).await;
+    acme_with_mia(&service.ledger).await;
+    service.catch_up().await;
+    let now = orgledger_projections::to_micros(chrono::Utc::now());
+    for (name, suffix, moved_at) in [
+        ("members", "__rb1", now - 2 * 3_600_000_000),
+        ("audit_log", "__rb2", now),
+    ] {
+        let copy = projection_named(name, suffix).unwrap();
+        for statement in copy.create_tables(service.db().backend()) {
+            execute(service.db(), &statement).await;
+        }
+        execute(
+            service.db(),
+            &format!(
+                "INSERT INTO projection_checkpoints (name, schema_version, updated_at_us)
+                 VALUES ('{name}{suffix}', 1, {moved_at})"
+            ),
+        )
+        .await;
+    }
+    service.projector.rebuild_all(false).await.unwrap();
+    let checkpoints = checkpoint_names(service.db()).await;
+    assert!(
+        !checkpoints.contains(&"members__rb1".to_owned()),
+        "{checkpoints:?}"
+    );
+    assert!(
+        checkpoints.contains(&"audit_log__rb2".to_owned()),
+        "{checkpoints:?}"
+    );
+    assert!(!table_exists(service.db(), "rm_members__rb1").await);
+    assert!(table_exists(service.db(), "rm_audit_log__rb2").await);
+}
+
+async fn execute(db: &Database, sql: &str) {
+    match db {
+        Database::Postgres(pool) => drop(sqlx::query(sql).execute(pool).await.unwrap()),
+        Database::Sqlite(pool) => drop(sqlx::query(sql).execute(pool).await.unwrap()),
+    }
+}
+
+async fn checkpoint_names(db: &Database) -> Vec<String> {
+    let sql = "SELECT name FROM projection_checkpoints ORDER BY name";
+    match db {
+        Database::Postgres(pool) => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap(),
+        Database::Sqlite(pool) => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap(),
+    }
+}
+
+async fn table_exists(db: &Database, table: &str) -> bool {
+    let count: i64 = match db {
+        Database::Postgres(pool) => {
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1")
+                .bind(table)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        }
+        Database::Sqlite(pool) => sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+    };
+    count == 1
 }
 
 /// The declared type of the audit log's organization column, lower-cased.

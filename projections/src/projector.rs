@@ -43,6 +43,13 @@ const HELD_BACK_FIRST_LOOK: Duration = Duration::from_millis(2);
 const HELD_BACK_LAST_LOOK: Duration = Duration::from_millis(64);
 /// Poll interval when no wake-up arrives: the fallback for lost notifications.
 const POLL: Duration = Duration::from_millis(1_000);
+/// A rebuild's copy whose checkpoint has not moved for this long belongs to a rebuild that
+/// died (killed, crashed, failed before it could drop it): the next rebuild drops it. A live
+/// rebuild moves its copies' checkpoints every batch; its index builds, the longest step
+/// without a move, take seconds per million rows.
+const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(3_600);
+/// Separates a projection's name from a rebuild copy's suffix (`members__rb<micros>`).
+const COPY_MARK: &str = "__rb";
 const NOTIFY_CHANNEL: &str = "orgledger_events";
 
 /// One read model: its tables and how an event changes them. `apply` must be a pure
@@ -284,14 +291,45 @@ impl Projector {
             let indexes: Vec<String> = projection.indexes().iter().map(Index::create).collect();
             conn.execute_script(&indexes).await?;
         }
+        // Created counts as moved: a copy just made is not mistaken for an abandoned one.
         conn.execute(
-            "INSERT INTO projection_checkpoints (name, schema_version) VALUES ($1, $2)
+            "INSERT INTO projection_checkpoints (name, schema_version, updated_at_us)
+             VALUES ($1, $2, $3)
              ON CONFLICT (name) DO NOTHING",
-            &args![name, version],
+            &args![name, version, to_micros(Utc::now())],
         )
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Drops the copies of rebuilds that died (see [`ABANDONED_COPY_AFTER`]). Returns how
+    /// many.
+    pub async fn discard_abandoned_copies(&self) -> Result<usize, ProjectionError> {
+        let stale_before = to_micros(Utc::now()) - ABANDONED_COPY_AFTER.as_micros() as i64;
+        let sql = format!(
+            "SELECT name FROM projection_checkpoints
+              WHERE name LIKE '%{}%' ESCAPE '!' AND updated_at_us < $1",
+            COPY_MARK.replace('_', "!_")
+        );
+        let names: Vec<String> = crate::with_pool!(&self.database, pool => {
+            sqlx::query_scalar(&sql)
+                .bind(stale_before)
+                .fetch_all(pool)
+                .await?
+        });
+        let mut discarded = 0;
+        for name in names {
+            let copy = name
+                .find(COPY_MARK)
+                .and_then(|at| projection_named(&name[..at], &name[at..]));
+            if let Some(copy) = copy {
+                tracing::warn!(copy = %name, "dropping the copy of a rebuild that did not finish");
+                self.discard(copy.as_ref()).await;
+                discarded += 1;
+            }
+        }
+        Ok(discarded)
     }
 
     /// Tells the runners in this process that events were committed.
@@ -968,7 +1006,8 @@ impl Projector {
         show_progress: bool,
     ) -> Result<RebuildReport, ProjectionError> {
         let started = Instant::now();
-        let suffix = format!("__rb{}", Utc::now().timestamp_micros());
+        self.discard_abandoned_copies().await?;
+        let suffix = format!("{COPY_MARK}{}", Utc::now().timestamp_micros());
         let mut copies = Vec::with_capacity(names.len());
         for name in names {
             let shadow = projection_named(name, &suffix)
