@@ -2282,6 +2282,14 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
             "{path} missing from /openapi.json"
         );
     }
+    // A database that cannot be reached is said to be so, not taken for an unmigrated one.
+    app.service.db().close().await;
+    let unreachable = app
+        .send(app.client.get(format!("{}/readyz", app.address)))
+        .await;
+    assert_eq!(unreachable.status, StatusCode::SERVICE_UNAVAILABLE);
+    let detail = unreachable.body["detail"].as_str().unwrap();
+    assert!(detail.starts_with("database unreachable"), "{detail}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

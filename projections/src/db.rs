@@ -127,22 +127,26 @@ impl Database {
     }
 
     /// True when every known migration has been applied.
+    /// An error when the database cannot be asked, so it is not taken for one whose
+    /// migrations are pending.
     pub async fn is_migrated(&self) -> Result<bool, DatabaseError> {
-        let (known, applied): (usize, i64) = match self {
+        const APPLIED: &str = "SELECT count(*) FROM _sqlx_migrations WHERE success";
+        let (known, applied) = match self {
             Self::Postgres(pool) => (
                 sqlx::migrate!("../migrations/postgres").iter().count(),
-                sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                    .fetch_one(pool)
-                    .await
-                    .unwrap_or(0),
+                sqlx::query_scalar::<_, i64>(APPLIED).fetch_one(pool).await,
             ),
             Self::Sqlite(pool) => (
                 sqlx::migrate!("../migrations/sqlite").iter().count(),
-                sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                    .fetch_one(pool)
-                    .await
-                    .unwrap_or(0),
+                sqlx::query_scalar::<_, i64>(APPLIED).fetch_one(pool).await,
             ),
+        };
+        let applied = match applied {
+            Ok(applied) => applied,
+            // The database answered, with an error: a store never migrated has no table
+            // of migrations yet.
+            Err(sqlx::Error::Database(_)) => 0,
+            Err(error) => return Err(error.into()),
         };
         Ok(applied as usize >= known)
     }
