@@ -303,9 +303,8 @@ impl Projector {
         Ok(())
     }
 
-    /// Drops the copies of rebuilds that died (see [`ABANDONED_COPY_AFTER`]). Returns how
-    /// many.
-    pub async fn discard_abandoned_copies(&self) -> Result<usize, ProjectionError> {
+    /// Drops the copies of rebuilds that died (see [`ABANDONED_COPY_AFTER`]).
+    async fn discard_abandoned_copies(&self) -> Result<(), ProjectionError> {
         let stale_before = to_micros(Utc::now()) - ABANDONED_COPY_AFTER.as_micros() as i64;
         let sql = format!(
             "SELECT name FROM projection_checkpoints
@@ -318,7 +317,6 @@ impl Projector {
                 .fetch_all(pool)
                 .await?
         });
-        let mut discarded = 0;
         for name in names {
             let copy = name
                 .find(COPY_MARK)
@@ -326,10 +324,9 @@ impl Projector {
             if let Some(copy) = copy {
                 tracing::warn!(copy = %name, "dropping the copy of a rebuild that did not finish");
                 self.discard(copy.as_ref()).await;
-                discarded += 1;
             }
         }
-        Ok(discarded)
+        Ok(())
     }
 
     /// Tells the runners in this process that events were committed.

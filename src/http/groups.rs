@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
-use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
+use super::{authorize, committed, organization_id, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -137,9 +137,8 @@ async fn list_groups(
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<GroupList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
-    let limit = page_limit(query.limit)?;
     let all = groups::list(state.service.database(), &organization.id).await?;
-    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |group| {
+    let page = query.page_of(all, |group| {
         (group.created_at.timestamp_micros(), group.id.clone())
     })?;
     Ok(axum::Json(GroupList {

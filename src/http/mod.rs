@@ -304,7 +304,6 @@ pub(crate) fn with_etag(version: i64, body: impl IntoResponse) -> Response {
     response
 }
 
-/// `limit` of a list: 1 to 500, default 50.
 /// `?limit=&cursor=`, for a list with nothing to filter by.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -314,6 +313,27 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+impl PageQuery {
+    /// The requested page of a short list read whole, ordered by `key`.
+    pub(crate) fn page_of<T, K>(
+        &self,
+        items: Vec<T>,
+        key: impl Fn(&T) -> K,
+    ) -> Result<orgledger_projections::Page<T>, ApiError>
+    where
+        K: Ord + serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let limit = page_limit(self.limit)?;
+        Ok(orgledger_projections::page_of(
+            items,
+            limit,
+            self.cursor.as_deref(),
+            key,
+        )?)
+    }
+}
+
+/// `limit` of a list: 1 to 500, default 50.
 pub(crate) fn page_limit(limit: Option<i64>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(50),

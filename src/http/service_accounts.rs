@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::dto::Problems;
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
-use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
+use super::{authorize, committed, organization_id, AppState, PageQuery};
 use crate::tokens::{self, SERVICE_ACCOUNT_PREFIX};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -157,9 +157,8 @@ async fn list_service_accounts(
 ) -> Result<axum::Json<ServiceAccountList>, ApiError> {
     let organization =
         authorize(&state, &caller, &org_id, Permission::ManageServiceAccounts).await?;
-    let limit = page_limit(query.limit)?;
     let all = service_accounts::list(state.service.database(), &organization.id).await?;
-    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |account| {
+    let page = query.page_of(all, |account| {
         (account.created_at.timestamp_micros(), account.id.clone())
     })?;
     Ok(axum::Json(ServiceAccountList {

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::dto::{ClientRestrictionsDto, OrganizationDto, Problems};
 use super::error::{ApiError, ProblemResponses};
 use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
-use super::{authorize, committed, organization_id, page_limit, AppState, PageQuery};
+use super::{authorize, committed, organization_id, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -186,11 +186,8 @@ async fn list_ai_providers(
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<AiProviderList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
-    let limit = page_limit(query.limit)?;
     let all = organizations::ai_providers(state.service.database(), &organization.id).await?;
-    let page = orgledger_projections::page_of(all, limit, query.cursor.as_deref(), |provider| {
-        provider.id.clone()
-    })?;
+    let page = query.page_of(all, |provider| provider.id.clone())?;
     Ok(axum::Json(AiProviderList {
         items: page
             .items
@@ -352,27 +349,30 @@ async fn list_roles(
     Query(query): Query<PageQuery>,
 ) -> Result<axum::Json<RoleList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
-    let limit = page_limit(query.limit)?;
-    let mut items = built_in_roles();
-    for role in organizations::custom_roles(state.service.database(), &organization.id).await? {
-        items.push(RoleDto {
-            key: role.key,
-            name: role.name,
-            built_in: false,
-            permissions: role.permissions,
-        });
-    }
-    // Built-in roles first, in their order of rank, then custom roles by key.
+    // Built-in roles first, in their order of rank, then custom roles by key: each keyed
+    // so, for the cursor.
     let built_in = built_in_roles();
-    let rank = |role: &RoleDto| {
-        let rank = built_in
-            .iter()
-            .position(|b| b.key == role.key && role.built_in);
-        (rank.unwrap_or(built_in.len()), role.key.clone())
-    };
-    let page = orgledger_projections::page_of(items, limit, query.cursor.as_deref(), rank)?;
+    let customs_rank = built_in.len();
+    let mut keyed: Vec<((usize, String), RoleDto)> = built_in
+        .into_iter()
+        .enumerate()
+        .map(|(rank, role)| ((rank, role.key.clone()), role))
+        .collect();
+    for role in organizations::custom_roles(state.service.database(), &organization.id).await? {
+        let key = (customs_rank, role.key.clone());
+        keyed.push((
+            key,
+            RoleDto {
+                key: role.key,
+                name: role.name,
+                built_in: false,
+                permissions: role.permissions,
+            },
+        ));
+    }
+    let page = query.page_of(keyed, |(key, _)| key.clone())?;
     Ok(axum::Json(RoleList {
-        items: page.items,
+        items: page.items.into_iter().map(|(_, role)| role).collect(),
         next_cursor: page.next_cursor,
     }))
 }
