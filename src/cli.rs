@@ -70,14 +70,18 @@ pub enum ProjectionsAction {
     },
 }
 
-/// Connects and migrates: what every command that touches data starts with.
-pub async fn open_store(store: &StoreConfig) -> anyhow::Result<Orgledger> {
+/// Connects and migrates: what every command that touches data starts with. Only `serve`
+/// and `migrate` may create the store (`create`); the others open an existing one.
+pub async fn open_store(store: &StoreConfig, create: bool) -> anyhow::Result<Orgledger> {
     let master_key = store.master_key()?;
-    let database = Database::connect(&store.database_url)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
-        })?;
+    let database = if create {
+        Database::connect(&store.database_url).await
+    } else {
+        Database::connect_existing(&store.database_url).await
+    };
+    let database = database.map_err(|error| {
+        anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
+    })?;
     database.migrate().await?;
     Ok(Orgledger::open(database, master_key).await?)
 }
@@ -88,7 +92,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Migrate { store } => {
-            let service = open_store(&store).await?;
+            let service = open_store(&store, true).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
             service.close().await;
         }
@@ -97,7 +101,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             bind,
             api_token,
         } => {
-            let service = Arc::new(open_store(&store).await?);
+            let service = Arc::new(open_store(&store, true).await?);
             let tokens = platform_tokens(&store, api_token.as_deref())?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;
@@ -129,7 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             service.close().await;
         }
         Commands::Projections { store, action } => {
-            let service = open_store(&store).await?;
+            let service = open_store(&store, false).await?;
             match action {
                 ProjectionsAction::Status => print_status(&service).await?,
                 ProjectionsAction::Rebuild { name: Some(name) } => {

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -13,7 +14,13 @@ pub enum DatabaseError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("{0} does not exist: this command opens an existing store (`orgledger migrate` or `orgledger serve` creates one)")]
+    NoSuchStore(PathBuf),
 }
+
+/// How long the first connection of a PostgreSQL pool may take (the pool's own acquire
+/// timeout, too).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pooled connection idle at least this long is pinged before it is handed out. Shorter
 /// than a server restart takes, longer than connections sit idle under load.
@@ -26,7 +33,7 @@ pub const PING_IDLE_FOR: Duration = Duration::from_millis(100);
 fn pg_pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(CONNECT_TIMEOUT)
         .test_before_acquire(false)
         .before_acquire(|connection, meta| {
             Box::pin(async move {
@@ -87,6 +94,12 @@ impl Database {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?
                 .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
+            // A pool that cannot connect says only that it timed out, after its acquire
+            // timeout; one connection made first says why (refused, authentication, no such
+            // database) at once.
+            if let Ok(Err(error)) = tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
+                return Err(error.into());
+            }
             let pool = pg_pool_options(16).connect_with(options).await?;
             Ok(Self::Postgres(pool))
         } else if url.starts_with("sqlite:") {
@@ -108,6 +121,20 @@ impl Database {
         } else {
             Err(DatabaseError::UnsupportedUrl(url.to_owned()))
         }
+    }
+
+    /// Connects like [`Database::connect`], to a store that must exist already: a SQLite
+    /// path naming no file is an error rather than a new, empty store that a mistyped path
+    /// would pass for.
+    pub async fn connect_existing(url: &str) -> Result<Self, DatabaseError> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?;
+            let file = options.get_filename();
+            if !file.exists() {
+                return Err(DatabaseError::NoSuchStore(file.to_path_buf()));
+            }
+        }
+        Self::connect(url).await
     }
 
     pub fn backend(&self) -> Backend {

@@ -1,0 +1,77 @@
+//! The `orgledger` binary's commands, run as an operator runs them.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn orgledger(args: &[&str], database_url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn projections_status_on_a_mistyped_sqlite_path_fails_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("orgledgr.db");
+    let url = format!("sqlite://{}", missing.display());
+
+    let status = orgledger(&["projections", "status"], &url);
+
+    assert!(!status.status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        stderr.contains("does not exist") && stderr.contains("orgledgr.db"),
+        "{stderr}"
+    );
+    assert!(!missing.exists(), "an empty store was created");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn projections_status_opens_a_store_that_migrate_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+
+    let migrated = orgledger(&["migrate"], &url);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let status = orgledger(&["projections", "status"], &url);
+
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains("audit_log"));
+}
+
+#[test]
+fn an_unreachable_postgres_is_reported_at_once_with_its_cause() {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/orgledger");
+    let started = Instant::now();
+
+    let migrated = orgledger(&["migrate"], &url);
+
+    assert!(!migrated.status.success());
+    let stderr = String::from_utf8_lossy(&migrated.stderr);
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    // The pool alone would have retried for its 10 s acquire timeout and then said only
+    // that it timed out.
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+}
