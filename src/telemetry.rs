@@ -41,7 +41,70 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 )
                 .expect("the bucket list is not empty")
                 .install_recorder()
+                .inspect(|_| describe_metrics())
                 .expect("no other metrics recorder is installed")
         })
         .clone()
+}
+
+/// The `# HELP` line of every metric the service exports.
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "orgledger_http_requests_total",
+        "HTTP requests answered, by method, route and status."
+    );
+    describe_histogram!(
+        "orgledger_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method and route."
+    );
+    describe_counter!(
+        "orgledger_commands_total",
+        "Non-GET requests, by outcome: committed (2xx), rejected (4xx) or failed (5xx)."
+    );
+    describe_counter!(
+        "orgledger_events_appended_total",
+        "Events appended to the log by this process."
+    );
+    describe_histogram!(
+        "orgledger_command_commit_seconds",
+        Unit::Seconds,
+        "Time from a command's start to its events' commit."
+    );
+    describe_histogram!(
+        "orgledger_command_read_model_wait_seconds",
+        Unit::Seconds,
+        "Time a committed command waited for the read models to show it."
+    );
+    describe_gauge!(
+        "orgledger_projection_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest event a projection has not applied yet."
+    );
+    describe_gauge!(
+        "orgledger_projection_backlog_events",
+        "Events in the log a projection has not applied yet."
+    );
+    describe_gauge!(
+        "orgledger_projection_failing",
+        "1 while a projection's last batch failed, else 0."
+    );
+    describe_gauge!(
+        "orgledger_projection_events_applied_here",
+        "Events a projection applied in this process since it started."
+    );
+    describe_gauge!(
+        "orgledger_projection_batches_applied_here",
+        "Batches a projection applied in this process since it started."
+    );
+    describe_gauge!(
+        "orgledger_projection_failures_here",
+        "Failed batches of a projection in this process since it started."
+    );
+    describe_gauge!(
+        "orgledger_uptime_seconds",
+        Unit::Seconds,
+        "Seconds since the service started."
+    );
 }

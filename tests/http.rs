@@ -2250,6 +2250,18 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    for name in [
+        "orgledger_http_requests_total",
+        "orgledger_commands_total",
+        "orgledger_events_appended_total",
+        "orgledger_projection_lag_seconds",
+        "orgledger_command_read_model_wait_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "{name} has no HELP line"
+        );
+    }
     let openapi = app
         .send(app.client.get(format!("{}/openapi.json", app.address)))
         .await;
