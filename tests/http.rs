@@ -2138,6 +2138,24 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         .await;
     assert_eq!(deleted.body["status"], "deleted");
     assert!(deleted.body["purge_after"].is_string());
+    // Still in its owner's list, to be restored from there, and marked as deleted.
+    let organizations_status = || async {
+        let listed = app
+            .call(
+                Method::GET,
+                "/v1/users/olivia/organizations",
+                Some("olivia"),
+                None,
+            )
+            .await;
+        listed.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["organization"]["name"] == "Acme")
+            .map(|item| item["organization"]["status"].clone())
+    };
+    assert_eq!(organizations_status().await, Some(json!("deleted")));
     let refused = app
         .call(Method::POST, &format!("{path}/leave"), Some("adam"), None)
         .await;
@@ -2158,6 +2176,7 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         )
         .await;
     assert_eq!(restored.body["status"], "active");
+    assert_eq!(organizations_status().await, Some(json!("active")));
     // A keyed command's stored response holds personal data the purge must erase too.
     let profile = json!({"first_name": "Priscilla", "title": "Whistleblower"});
     let keyed = || {

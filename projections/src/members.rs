@@ -475,6 +475,8 @@ pub struct OrganizationSummary {
     pub name: String,
     pub slug: String,
     pub kind: String,
+    /// `active` or `deleted` (soft-deleted, restorable by an owner until it is purged).
+    pub status: String,
 }
 
 /// One organization of a user, with the user's role there.
@@ -491,6 +493,7 @@ struct UserOrganizationRow {
     name: String,
     slug: String,
     kind: String,
+    status: String,
     role: String,
     joined_at_us: i64,
 }
@@ -507,7 +510,7 @@ pub async fn organizations_of(
         None => None,
     };
     let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
-    let sql = "SELECT o.id, o.name, o.slug, o.kind, m.role, m.joined_at_us
+    let sql = "SELECT o.id, o.name, o.slug, o.kind, o.status, m.role, m.joined_at_us
                  FROM rm_members m JOIN rm_organizations o ON o.id = m.organization_id
                 WHERE m.user_id = $1
                   AND (m.joined_at_us, m.organization_id) > ($2, $3)
@@ -530,6 +533,7 @@ pub async fn organizations_of(
                 name: row.name,
                 slug: row.slug,
                 kind: row.kind,
+                status: row.status,
             },
             role: row.role,
             joined_at: from_micros(row.joined_at_us),

@@ -374,6 +374,8 @@ pub struct OrganizationSummaryDto {
     pub name: String,
     pub slug: String,
     pub kind: String,
+    /// `active`, or `deleted` while an owner may still restore it.
+    pub status: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -391,6 +393,7 @@ impl From<UserOrganizationView> for UserOrganizationDto {
                 name: view.organization.name,
                 slug: view.organization.slug,
                 kind: view.organization.kind,
+                status: view.organization.status,
             },
             role: view.role,
             joined_at: view.joined_at,
