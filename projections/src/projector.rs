@@ -239,15 +239,52 @@ impl Projector {
         &self.database
     }
 
-    /// Creates missing read-model tables and checkpoints.
+    /// Creates missing read-model tables and checkpoints. A read model stored in an older
+    /// schema is rebuilt into new tables and swapped in before this returns: until the swap
+    /// its old tables keep serving (other processes still running the old code), and this
+    /// process serves nothing before it, instead of answers from half-replayed tables.
     pub async fn prepare(&self) -> Result<(), ProjectionError> {
+        let mut outdated = Vec::new();
         for projection in &self.projections {
-            self.prepare_copy(projection.as_ref(), true).await?;
+            let stored = self.stored_schema_version(projection.name()).await?;
+            if stored.is_some_and(|stored| stored < projection.schema_version()) {
+                outdated.push(projection.name());
+            } else {
+                self.prepare_copy(projection.as_ref(), true).await?;
+            }
+        }
+        if !outdated.is_empty() {
+            tracing::warn!(
+                projections = %outdated.join(","),
+                "read-model schema changed: rebuilding into new tables before serving"
+            );
+            let report = self.rebuild_group(&outdated, false).await?;
+            tracing::info!(
+                projections = %report.projection,
+                events = report.events,
+                seconds = report.seconds,
+                "read models rebuilt in their new schema and swapped in"
+            );
         }
         Ok(())
     }
 
+    async fn stored_schema_version(&self, name: &str) -> Result<Option<i64>, ProjectionError> {
+        let mut tx = self.database.begin().await?;
+        let stored = tx
+            .conn()
+            .fetch_i64(
+                "SELECT schema_version FROM projection_checkpoints WHERE name = $1",
+                &args![name],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
     /// Creates a copy's tables (and, with `indexed`, its secondary indexes) and checkpoint.
+    /// Tables stored in an older schema are left as they are, for a rebuild's swap to
+    /// replace: indexes of the new schema may name columns they lack.
     async fn prepare_copy(
         &self,
         projection: &dyn Projection,
@@ -264,25 +301,8 @@ impl Projector {
             )
             .await?;
         if stored.is_some_and(|stored| stored < version) {
-            tracing::warn!(
-                projection = name,
-                version,
-                "read-model schema changed: replaying the log into new tables"
-            );
-            for (_, table) in projection.tables() {
-                conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
-                    .await?;
-            }
-            conn.execute(
-                "DELETE FROM projection_checkpoints WHERE name = $1",
-                &args![name],
-            )
-            .await?;
-            conn.execute(
-                "DELETE FROM projected_versions WHERE projection = $1",
-                &args![name],
-            )
-            .await?;
+            tx.rollback().await?;
+            return Ok(());
         }
         let backend = conn.backend();
         conn.execute_script(&projection.create_tables(backend))
@@ -1187,9 +1207,15 @@ impl Projector {
                 SET commit_txid = (SELECT commit_txid FROM projection_checkpoints WHERE name = $2),
                     position = (SELECT position FROM projection_checkpoints WHERE name = $2),
                     events_applied = (SELECT events_applied FROM projection_checkpoints WHERE name = $2),
-                    updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
+                    updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL,
+                    schema_version = $4
               WHERE name = $1",
-            &args![live.name(), shadow.name(), to_micros(Utc::now())],
+            &args![
+                live.name(),
+                shadow.name(),
+                to_micros(Utc::now()),
+                live.schema_version()
+            ],
         )
         .await?;
         conn.execute(
