@@ -2,7 +2,7 @@
 //! rebuilt with the domain's own `apply`.
 
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
+use cqrs_es::{Aggregate, EventEnvelope};
 use orgledger_domain::Organization;
 use serde::Serialize;
 use serde_json::Value;
@@ -48,31 +48,61 @@ pub async fn raw_events(
         .await
 }
 
-/// Replays the events up to the moment; `None` if the organization did not exist yet.
+/// Events decoded and applied at a time: an old organization's whole history is never
+/// held in memory at once.
+const REPLAY_PAGE: usize = 1_000;
+
+/// Replays the events up to the moment, from the stored snapshot when that stands at or
+/// before it; `None` if the organization did not exist yet.
 pub async fn state_as_of(
     ledger: &Ledger,
     organization_id: Uuid,
     as_of: AsOf,
 ) -> Result<Option<PastState>, LedgerError> {
-    let mut organization = Organization::default();
-    let mut as_of_sequence = 0;
-    for event in ledger.events(organization_id).await? {
-        let included = match as_of {
-            AsOf::Sequence(sequence) => event.sequence <= sequence,
-            AsOf::Time(at) => event
-                .metadata
-                .get("occurred_at")
-                .and_then(|occurred| DateTime::parse_from_rfc3339(occurred).ok())
-                .is_some_and(|occurred| occurred <= at),
-        };
-        if !included {
+    let included = |event: &EventEnvelope<Organization>| match as_of {
+        AsOf::Sequence(sequence) => event.sequence <= sequence,
+        AsOf::Time(at) => occurred_at(event).is_some_and(|occurred| occurred <= at),
+    };
+    let (mut organization, mut as_of_sequence) = match ledger.snapshot(organization_id).await? {
+        // Events occur in sequence order, so the snapshot's last event tells whether all
+        // of the snapshot is included.
+        Some((state, sequence)) => {
+            let last = ledger
+                .events_after(organization_id, sequence - 1, 1)
+                .await?;
+            if last.first().is_some_and(included) {
+                (state, sequence)
+            } else {
+                (Organization::default(), 0)
+            }
+        }
+        None => (Organization::default(), 0),
+    };
+    'replay: loop {
+        let page = ledger
+            .events_after(organization_id, as_of_sequence, REPLAY_PAGE)
+            .await?;
+        let complete = page.len() < REPLAY_PAGE;
+        for event in page {
+            if !included(&event) {
+                break 'replay;
+            }
+            as_of_sequence = event.sequence;
+            organization.apply(event.payload);
+        }
+        if complete {
             break;
         }
-        as_of_sequence = event.sequence;
-        organization.apply(event.payload);
     }
     Ok((as_of_sequence > 0).then_some(PastState {
         organization,
         as_of_sequence,
     }))
+}
+
+fn occurred_at(event: &EventEnvelope<Organization>) -> Option<DateTime<Utc>> {
+    let occurred = event.metadata.get("occurred_at")?;
+    DateTime::parse_from_rfc3339(occurred)
+        .ok()
+        .map(|at| at.with_timezone(&Utc))
 }

@@ -280,6 +280,38 @@ impl Ledger {
             .collect()
     }
 
+    /// Up to `limit` of the organization's events after `after_sequence`, opened, upcast
+    /// and decoded, in sequence order.
+    pub async fn events_after(
+        &self,
+        organization_id: Uuid,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
+        self.repository
+            .events_after(
+                Organization::TYPE,
+                &organization_id.to_string(),
+                after_sequence,
+                limit,
+            )
+            .await
+            .map_err(store_failure)?
+            .into_iter()
+            .map(|stored| self.decode(stored))
+            .collect()
+    }
+
+    /// The stored snapshot's state and the sequence it stands at, when there is a readable
+    /// one (none after a purge, nor of a state shape this version cannot read).
+    pub async fn snapshot(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Option<(Organization, usize)>, LedgerError> {
+        let loaded = self.load_from_snapshot(organization_id).await?;
+        Ok((loaded.version > 0).then(|| (Arc::unwrap_or_clone(loaded.state), loaded.version)))
+    }
+
     /// Raw stored events after `after_sequence`, opened, in sequence order.
     pub async fn raw_events(
         &self,

@@ -35,6 +35,7 @@ on_both_backends!(
     audit_exports_parse_back_as_csv_and_json,
     the_data_export_is_complete_and_holds_no_secret,
     raw_events_and_past_states_come_from_the_log,
+    a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_event,
     organizations_past_their_restore_window_are_purged_by_system,
     status_reports_positions_and_backlog,
     a_second_process_opens_and_rebuilds_beside_a_busy_writer,
@@ -1345,6 +1346,91 @@ async fn the_data_export_is_complete_and_holds_no_secret(backend: Backend) {
         export["events"][1]["payload"]["MemberJoined"]["email"],
         "olivia@example.com"
     );
+}
+
+/// The organization as of each moment, replayed the plain way: every event from the first.
+fn replayed_as_of(
+    events: &[cqrs_es::EventEnvelope<Organization>],
+    as_of: AsOf,
+) -> Option<(Organization, usize)> {
+    let mut state = Organization::default();
+    let mut sequence = 0;
+    for event in events {
+        let included = match as_of {
+            AsOf::Sequence(last) => event.sequence <= last,
+            AsOf::Time(at) => {
+                event.metadata["occurred_at"]
+                    .parse::<chrono::DateTime<chrono::Utc>>()
+                    .unwrap()
+                    <= at
+            }
+        };
+        if !included {
+            break;
+        }
+        cqrs_es::Aggregate::apply(&mut state, event.payload.clone());
+        sequence = event.sequence;
+    }
+    (sequence > 0).then_some((state, sequence))
+}
+
+/// More than a page of history, a snapshot in the middle of it, and events after it: a past
+/// state started from the snapshot (when it stands at or before the moment) or paged through
+/// from the first event is the same as the plain replay of the whole log.
+async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_event(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    let org = acme_with_mia(&service.ledger).await;
+    let start = chrono::Utc::now();
+    let at = |offset: i64| (start + chrono::Duration::seconds(offset)).to_rfc3339();
+    for (batch, flips) in [(1, 700), (2, 600)] {
+        let metadata = [("occurred_at".to_owned(), at(batch))].into();
+        service
+            .ledger
+            .import(org, role_flips(flips, "mia"), metadata)
+            .await
+            .unwrap();
+    }
+    let (_, snapshot_at) = service.ledger.snapshot(org).await.unwrap().unwrap();
+    let metadata = [("occurred_at".to_owned(), at(3))].into();
+    service
+        .ledger
+        .import(org, role_flips(7, "mia"), metadata)
+        .await
+        .unwrap();
+    let events = service.ledger.events(org).await.unwrap();
+    let last = events.last().unwrap().sequence;
+    assert!(
+        snapshot_at > 1_000 && snapshot_at < last,
+        "snapshot at {snapshot_at} of {last}"
+    );
+
+    let moments = [
+        AsOf::Sequence(1),
+        AsOf::Sequence(704),
+        AsOf::Sequence(snapshot_at - 1),
+        AsOf::Sequence(snapshot_at),
+        AsOf::Sequence(snapshot_at + 3),
+        AsOf::Sequence(last + 100),
+        AsOf::Time(start - chrono::Duration::days(1)),
+        AsOf::Time(start),
+        AsOf::Time(start + chrono::Duration::milliseconds(1_500)),
+        AsOf::Time(start + chrono::Duration::milliseconds(2_500)),
+        AsOf::Time(start + chrono::Duration::days(1)),
+    ];
+    for as_of in moments {
+        let past = state_as_of(&service.ledger, org, as_of)
+            .await
+            .unwrap()
+            .map(|past| (past.organization, past.as_of_sequence));
+        assert_eq!(past, replayed_as_of(&events, as_of), "{as_of:?}");
+    }
+    let halfway = state_as_of(&service.ledger, org, AsOf::Sequence(704))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(halfway.as_of_sequence, 704);
 }
 
 async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {

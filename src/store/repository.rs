@@ -260,6 +260,50 @@ impl OrganizationRepository {
         Ok(())
     }
 
+    /// Up to `limit` of an aggregate's events after `after_sequence`, in order, opened.
+    pub async fn events_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        // postgres-es and sqlite-es write the sequence into the SQL text: a new statement to
+        // parse and cache for every command. Bound, it is prepared once per connection.
+        const AFTER: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                    event_version, payload, metadata
+                               FROM events
+                              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+                              ORDER BY sequence
+                              LIMIT $4";
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let events = match &self.database {
+            Database::Postgres(pool) => sqlx::query(AFTER)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(after_sequence as i64)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(failure)?
+                .iter()
+                .map(pg_event)
+                .collect(),
+            Database::Sqlite(pool) => sqlx::query(AFTER)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(after_sequence as i64)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(failure)?
+                .iter()
+                .map(sqlite_event)
+                .collect(),
+        };
+        self.open_events(aggregate_id, events).await
+    }
+
     /// A page of one organization's stored events after `after_sequence`, opened.
     pub async fn raw_page(
         &self,
@@ -551,36 +595,8 @@ impl PersistedEventRepository for OrganizationRepository {
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
         self.stats.catch_ups.fetch_add(1, Ordering::Relaxed);
-        // postgres-es and sqlite-es write the sequence into the SQL text: a new statement to
-        // parse and cache for every command. Bound, it is prepared once per connection.
-        const AFTER: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
-                                    event_version, payload, metadata
-                               FROM events
-                              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-                              ORDER BY sequence";
-        let events = match &self.database {
-            Database::Postgres(pool) => sqlx::query(AFTER)
-                .bind(A::TYPE)
-                .bind(aggregate_id)
-                .bind(last_sequence as i64)
-                .fetch_all(pool)
-                .await
-                .map_err(failure)?
-                .iter()
-                .map(pg_event)
-                .collect(),
-            Database::Sqlite(pool) => sqlx::query(AFTER)
-                .bind(A::TYPE)
-                .bind(aggregate_id)
-                .bind(last_sequence as i64)
-                .fetch_all(pool)
-                .await
-                .map_err(failure)?
-                .iter()
-                .map(sqlite_event)
-                .collect(),
-        };
-        self.open_events(aggregate_id, events).await
+        self.events_after(A::TYPE, aggregate_id, last_sequence, usize::MAX)
+            .await
     }
 
     async fn get_snapshot<A: Aggregate>(
