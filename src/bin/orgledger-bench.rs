@@ -269,7 +269,8 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             "\n## 3. Role change p50 versus history (10 events vs {} events)",
             scale.history_events
         ));
-        let [small, big, small_cold, big_cold] = history_cost(&service, &master_key, scale).await?;
+        let ([small, big, small_cold, big_cold], big_organization) =
+            history_cost(&service, &master_key, scale).await?;
         report.line(format!("orgledger:                 10 events {small:>8.2} ms   {} events {big:>8.2} ms   ratio {:.2} (target <= 1.5: {})",
             scale.history_events, big / small, if big / small <= 1.5 { "met" } else { "NOT met" }));
         report.line(format!("orgledger, cold (a fresh process's first command): 10 events {small_cold:>8.2} ms   {} events {big_cold:>8.2} ms   ratio {:.2}",
@@ -287,6 +288,9 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             scale.history_events, crowded.p50, crowded.p50 / small, crowded.p99));
         report.line(format!("  its snapshot every {} events: the command that writes one {:.0} ms; a cold load just before it (snapshot + {} events) {:.0} ms",
             crowded.interval, crowded.snapshot_commit, crowded.replayed, crowded.cold_load));
+        let (latest, middle) = past_state_cost(&service, big_organization).await?;
+        report.line(format!("past state of the {}-event organization (GET .../state), p50: as of its latest event {latest:.1} ms (from its snapshot), as of its middle {middle:.1} ms (replayed from the first event)",
+            scale.history_events));
         let (vanilla_small, vanilla_big) = vanilla_history_cost(&pool, scale).await?;
         report.line(format!("vanilla cqrs-es+postgres-es: 10 events {vanilla_small:>8.2} ms   {} events {vanilla_big:>8.2} ms   ratio {:.1}",
             scale.history_events, vanilla_big / vanilla_small));
@@ -852,11 +856,36 @@ async fn role_change_latencies(
 /// p50 of a role change on a 10-event and on a long organization: warm (the process that
 /// seeded them, its cache current) and cold (a fresh process's first command, which reads
 /// the snapshot and the events after it).
+/// The p50 of reading a past state of `organization`: as of its latest event and as of
+/// its middle one.
+async fn past_state_cost(service: &Orgledger, organization: Uuid) -> anyhow::Result<(f64, f64)> {
+    let (_, version) = service.ledger.load(organization).await?;
+    let mut p50 = Vec::new();
+    for sequence in [version, version / 2] {
+        let mut samples = Vec::new();
+        for _ in 0..PAST_STATE_SAMPLES {
+            let started = Instant::now();
+            let past = orgledger::history::state_as_of(
+                &service.ledger,
+                organization,
+                orgledger::history::AsOf::Sequence(sequence),
+            )
+            .await?;
+            samples.push(ms(started.elapsed()));
+            anyhow::ensure!(past.is_some_and(|past| past.as_of_sequence == sequence));
+        }
+        p50.push(percentile(&mut samples, 0.5));
+    }
+    Ok((p50[0], p50[1]))
+}
+
+const PAST_STATE_SAMPLES: usize = 5;
+
 async fn history_cost(
     service: &Orgledger,
     master_key: &MasterKey,
     scale: &Scale,
-) -> anyhow::Result<[f64; 4]> {
+) -> anyhow::Result<([f64; 4], Uuid)> {
     let small = organization_with_history(service, 10).await?;
     let big = organization_with_history(service, scale.history_events).await?;
     if let Database::Postgres(pool) = service.database() {
@@ -872,7 +901,7 @@ async fn history_cost(
         }
     }
     let [small_cold, big_cold] = cold.map(|mut samples| percentile(&mut samples, 0.5));
-    Ok([small_warm, big_warm, small_cold, big_cold])
+    Ok(([small_warm, big_warm, small_cold, big_cold], big))
 }
 
 /// Fresh processes opened for the cold measurement of each organization.
