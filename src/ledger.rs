@@ -440,9 +440,13 @@ impl Ledger {
             };
             // A stale If-Match is told after the refusals of the caller, and never to a
             // caller without standing whose command fails anyway: a 412 names the version.
+            // An invitee stands on its token alone: a failed acceptance says why it failed.
             let stale = expected_version.filter(|expected| *expected != loaded.version);
+            let accepting = matches!(command.body, OrganizationCommand::AcceptInvitation(_));
             let decision = match (loaded.state.decide(&command), stale) {
-                (Err(refusal), _) if refusal.precedes_preconditions() => Err(refusal.into()),
+                (Err(refusal), _) if refusal.precedes_preconditions() || accepting => {
+                    Err(refusal.into())
+                }
                 (Err(_), Some(_)) if !loaded.state.has_standing(&command.actor) => {
                     Err(OrganizationError::PermissionDenied.into())
                 }

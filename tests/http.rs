@@ -1331,14 +1331,34 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
         (unknown.status, problem_code(&unknown)),
         (StatusCode::NOT_FOUND, "invalid_invitation")
     );
-    let accepted = app
-        .call(
-            Method::POST,
-            "/v1/invitations/accept",
-            Some("nina"),
-            Some(json!({"token": token, "user_id": "nina", "email": "NINA@example.com"})),
+    // If-Match holds for an acceptance as for any organization command; a refusal of the
+    // acceptance itself still comes first.
+    let (_, current) = app.service.ledger.load(org.parse().unwrap()).await.unwrap();
+    let accept_if = |version: usize, email: &str| {
+        app.send(
+            app.request(Method::POST, "/v1/invitations/accept", Some("nina"))
+                .header("If-Match", version.to_string())
+                .json(&json!({"token": token, "user_id": "nina", "email": email})),
         )
-        .await;
+    };
+    let stale = accept_if(current - 1, "nina@example.com").await;
+    assert_eq!(
+        (stale.status, problem_code(&stale)),
+        (StatusCode::PRECONDITION_FAILED, "version_mismatch")
+    );
+    let stale_and_mismatched = accept_if(current - 1, "other@example.com").await;
+    assert_eq!(problem_code(&stale_and_mismatched), "email_mismatch");
+    assert_eq!(
+        app.service
+            .ledger
+            .load(org.parse().unwrap())
+            .await
+            .unwrap()
+            .1,
+        current,
+        "a refused acceptance appends nothing"
+    );
+    let accepted = accept_if(current, "NINA@example.com").await;
     assert_eq!(accepted.status, StatusCode::OK);
     assert_eq!(accepted.body["organization_id"], org);
     assert_eq!(accepted.body["member"]["role"], "admin");
@@ -2313,6 +2333,36 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
             "{path} missing from /openapi.json"
         );
     }
+    // A path parameter is in its path; query parameters are optional and in the query.
+    let mut query_parameters = 0;
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().unwrap() {
+            for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                let name = parameter["name"].as_str().unwrap();
+                match parameter["in"].as_str().unwrap() {
+                    "path" => assert!(
+                        path.contains(&format!("{{{name}}}")),
+                        "{method} {path}: path parameter {name} is not in the path"
+                    ),
+                    "query" => {
+                        query_parameters += 1;
+                        assert_ne!(parameter["required"], true, "{method} {path}: {name}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let members = &paths["/v1/organizations/{org_id}/members"]["get"]["parameters"];
+    let query: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|parameter| parameter["in"] == "query")
+        .map(|parameter| parameter["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(query, ["role", "q", "limit", "cursor"]);
+    assert!(query_parameters > 30, "{query_parameters} query parameters");
     // A database that cannot be reached is said to be so, not taken for an unmigrated one.
     app.service.db().close().await;
     let unreachable = app

@@ -82,6 +82,7 @@ async fn send_invitation(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListInvitationsQuery {
     /// `pending` (default), `accepted`, `revoked`, `expired` or `all`.
@@ -180,6 +181,7 @@ async fn accept_invitation(
     State(state): State<AppState>,
     caller: Caller,
     Meta(context): Meta,
+    IfMatch(expected): IfMatch,
     Json(request): Json<AcceptInvitationRequest>,
 ) -> Result<Response, ApiError> {
     let mut problems = Problems::default();
@@ -202,7 +204,7 @@ async fn accept_invitation(
         first_name: super::dto::optional_text(request.first_name),
         last_name: super::dto::optional_text(request.last_name),
     });
-    let outcome = super::execute(&state, caller, &context, None, id, body).await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     let member = outcome
         .committed
         .state

@@ -306,6 +306,7 @@ pub(crate) fn with_etag(version: i64, body: impl IntoResponse) -> Response {
 
 /// `?limit=&cursor=`, for a list with nothing to filter by.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// 1 to 500, default 50.

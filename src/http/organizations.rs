@@ -89,6 +89,7 @@ async fn create_organization(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListOrganizationsQuery {
     /// Matches name or slug.
