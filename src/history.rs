@@ -53,7 +53,7 @@ pub async fn raw_events(
 const REPLAY_PAGE: usize = 1_000;
 
 /// Replays the events up to the moment, from the stored snapshot when that stands at or
-/// before it; `None` if the organization did not exist yet.
+/// before it; `None` if the organization did not exist then (not yet, or no longer: purged).
 pub async fn state_as_of(
     ledger: &Ledger,
     organization_id: Uuid,
@@ -94,7 +94,7 @@ pub async fn state_as_of(
             break;
         }
     }
-    Ok((as_of_sequence > 0).then_some(PastState {
+    Ok(organization.exists().then_some(PastState {
         organization,
         as_of_sequence,
     }))

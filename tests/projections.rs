@@ -1477,6 +1477,23 @@ async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {
     let erased = raw_events(&service.ledger, org, 0, 100).await.unwrap();
     assert_eq!(erased[1].payload["MemberJoined"]["email"], ERASED);
     assert_eq!(erased.last().unwrap().event_type, "OrganizationPurged");
+    // Purged, the organization no longer stands; before the purge it stood, erased.
+    let now = chrono::Utc::now();
+    assert!(state_as_of(&service.ledger, org, AsOf::Time(now))
+        .await
+        .unwrap()
+        .is_none());
+    let before_purge = state_as_of(&service.ledger, org, AsOf::Sequence(6))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before_purge.organization.members.len(), 2);
+    assert_eq!(
+        before_purge.organization.members[&uid("mia")]
+            .email
+            .as_str(),
+        ERASED
+    );
 }
 
 async fn organizations_past_their_restore_window_are_purged_by_system(backend: Backend) {
