@@ -884,6 +884,29 @@ async fn seats_hold_under_concurrent_invitations(backend: Backend) {
         )
         .await;
     assert_eq!(problem_code(&too_few), "seat_limit_reached");
+    // Leaving seats out does not lift the limit unasked; null does, on purpose.
+    let without_seats = app
+        .call(
+            Method::PUT,
+            &format!("{base}/plan"),
+            Some("olivia"),
+            Some(json!({"plan": "enterprise"})),
+        )
+        .await;
+    assert_eq!(
+        (without_seats.status, problem_code(&without_seats)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
+    assert_eq!(without_seats.body["errors"][0]["field"], "seats");
+    let unlimited = app
+        .call(
+            Method::PUT,
+            &format!("{base}/plan"),
+            Some("olivia"),
+            Some(json!({"plan": "enterprise", "seats": null})),
+        )
+        .await;
+    assert_eq!(unlimited.body, json!({"plan": "enterprise", "seats": null}));
     let plan = app
         .call(
             Method::PUT,

@@ -246,17 +246,27 @@ async fn remove_ai_provider(
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PlanDto {
     pub plan: String,
     /// 1 to 1000000; members plus pending invitations may not exceed it. `null`: no limit.
     pub seats: Option<i64>,
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePlanRequest {
+    pub plan: String,
+    /// 1 to 1000000; members plus pending invitations may not exceed it. `null`: no limit.
+    /// Required: a plan change that leaves it out must not lift the limit unasked.
+    #[serde(default, deserialize_with = "super::dto::double_option")]
+    #[schema(value_type = Option<i64>, required = true)]
+    pub seats: Option<Option<i64>>,
+}
+
 /// Change plan and seats (owners only).
 #[utoipa::path(put, path = "/v1/organizations/{org_id}/plan", tag = "settings",
-    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = PlanDto,
+    params(("org_id" = String, Path), ActorHeaders, CommandHeaders), request_body = ChangePlanRequest,
     responses((status = 200, body = PlanDto), ProblemResponses))]
 async fn change_plan(
     State(state): State<AppState>,
@@ -264,12 +274,18 @@ async fn change_plan(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path(org_id): Path<String>,
-    Json(request): Json<PlanDto>,
+    Json(request): Json<ChangePlanRequest>,
 ) -> Result<Response, ApiError> {
     let seats = match request.seats {
-        None => None,
-        Some(seats) if (1..=1_000_000).contains(&seats) => Some(seats as u32),
-        Some(_) => return Err(ApiError::field("seats", "must be between 1 and 1000000")),
+        None => {
+            return Err(ApiError::field(
+                "seats",
+                "is required: a number of seats, or null for no limit",
+            ))
+        }
+        Some(None) => None,
+        Some(Some(seats)) if (1..=1_000_000).contains(&seats) => Some(seats as u32),
+        Some(Some(_)) => return Err(ApiError::field("seats", "must be between 1 and 1000000")),
     };
     let body = OrganizationCommand::ChangePlan(ChangePlan {
         plan: request.plan,
