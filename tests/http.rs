@@ -1626,6 +1626,26 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             reply.body
         );
     }
+    // Who is calling, or on what condition, is said once: a second X-Actor-Id (a proxy
+    // adding its own beside the client's), token, If-Match or Idempotency-Key is refused.
+    for (name, value) in [
+        ("X-Actor-Id", "mallory"),
+        ("Authorization", "Bearer other"),
+        ("If-Match", "1"),
+        ("Idempotency-Key", "k2"),
+    ] {
+        let mut request = raw(r#"{"email": "twice@example.com", "role": "member"}"#);
+        if name == "If-Match" || name == "Idempotency-Key" {
+            request = request.header(name, "k1");
+        }
+        let reply = app.send(request.header(name, value)).await;
+        assert_eq!(
+            (reply.status, problem_code(&reply)),
+            (StatusCode::BAD_REQUEST, "malformed_request"),
+            "{name}: {}",
+            reply.body
+        );
+    }
     let malformed = app.send(raw("{\"email\": 5")).await;
     assert_eq!(
         (malformed.status, problem_code(&malformed)),

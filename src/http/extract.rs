@@ -137,6 +137,28 @@ pub async fn refuse_nul_in_url(
     next.run(request).await
 }
 
+/// Headers that say who is calling, or on what condition: each may come once. Sent twice,
+/// which one counts would be this service's guess (a proxy that adds `X-Actor-Id` without
+/// removing the client's own would otherwise let the client's win), so the request is
+/// refused as `400 malformed_request`.
+const SINGLE_HEADERS: [&str; 4] = ["authorization", "x-actor-id", "if-match", "idempotency-key"];
+
+pub async fn refuse_repeated_headers(
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let headers = request.headers();
+    if let Some(name) = SINGLE_HEADERS
+        .into_iter()
+        .find(|name| headers.get_all(*name).iter().nth(1).is_some())
+    {
+        return axum::response::IntoResponse::into_response(ApiError::malformed(format!(
+            "the {name} header is given more than once"
+        )));
+    }
+    next.run(request).await
+}
+
 /// Query parameters: anything unparseable is `422 validation_failed`.
 pub struct Query<T>(pub T);
 

@@ -141,6 +141,7 @@ pub fn app(state: AppState) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(extract::refuse_nul_in_url))
+        .layer(axum::middleware::from_fn(extract::refuse_repeated_headers))
         .layer(axum::middleware::from_fn(operations::record_request))
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
         .layer(
