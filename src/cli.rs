@@ -73,7 +73,7 @@ pub enum ProjectionsAction {
 /// Connects and migrates: what every command that touches data starts with. Only `serve`
 /// and `migrate` may create the store (`create`); the others open an existing one.
 pub async fn open_store(store: &StoreConfig, create: bool) -> anyhow::Result<Orgledger> {
-    let master_key = store.master_key()?;
+    // The store first: a missing one must not get a master key file generated beside it.
     let database = if create {
         Database::connect(&store.database_url).await
     } else {
@@ -82,6 +82,7 @@ pub async fn open_store(store: &StoreConfig, create: bool) -> anyhow::Result<Org
     let database = database.map_err(|error| {
         anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
     })?;
+    let master_key = store.master_key()?;
     database.migrate().await?;
     Ok(Orgledger::open(database, master_key).await?)
 }

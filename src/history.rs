@@ -52,6 +52,13 @@ pub async fn raw_events(
 /// held in memory at once.
 const REPLAY_PAGE: usize = 1_000;
 
+/// How long before a moment the snapshot's last event must have occurred for the snapshot
+/// to stand for it. An event's `occurred_at` is when its command began, and commands commit
+/// in the order they finish, so an earlier event may have occurred a little later: one whose
+/// command began after the moment, yet committed before the snapshot's last event, would be
+/// in the snapshot and not in the replay. No command runs for a minute.
+const OCCURRED_AT_DISORDER: chrono::Duration = chrono::Duration::minutes(1);
+
 /// Replays the events up to the moment, from the stored snapshot when that stands at or
 /// before it; `None` if the organization did not exist then (not yet, or no longer: purged).
 pub async fn state_as_of(
@@ -63,14 +70,20 @@ pub async fn state_as_of(
         AsOf::Sequence(sequence) => event.sequence <= sequence,
         AsOf::Time(at) => occurred_at(event).is_some_and(|occurred| occurred <= at),
     };
+    // The snapshot stands for the moment when every event in it is included, which its last
+    // event tells: by its sequence, or by its time with room for commits out of order.
+    let covers = |last: &EventEnvelope<Organization>| match as_of {
+        AsOf::Sequence(sequence) => last.sequence <= sequence,
+        AsOf::Time(at) => occurred_at(last)
+            .and_then(|occurred| occurred.checked_add_signed(OCCURRED_AT_DISORDER))
+            .is_some_and(|later| later <= at),
+    };
     let (mut organization, mut as_of_sequence) = match ledger.snapshot(organization_id).await? {
-        // Events occur in sequence order, so the snapshot's last event tells whether all
-        // of the snapshot is included.
         Some((state, sequence)) => {
             let last = ledger
                 .events_after(organization_id, sequence - 1, 1)
                 .await?;
-            if last.first().is_some_and(included) {
+            if last.first().is_some_and(covers) {
                 (state, sequence)
             } else {
                 (Organization::default(), 0)

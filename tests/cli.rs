@@ -16,22 +16,37 @@ fn orgledger(args: &[&str], database_url: &str) -> Output {
         .expect("the binary runs")
 }
 
+/// As an operator runs it with SQLite's defaults: the master key kept beside the data.
+fn orgledger_with_key_beside_data(args: &[&str], database_url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("ORGLEDGER_MASTER_KEY")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
 #[test]
 fn projections_status_on_a_mistyped_sqlite_path_fails_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("orgledgr.db");
     let url = format!("sqlite://{}", missing.display());
 
-    let status = orgledger(&["projections", "status"], &url);
-
-    assert!(!status.status.success());
-    let stderr = String::from_utf8_lossy(&status.stderr);
-    assert!(
-        stderr.contains("does not exist") && stderr.contains("orgledgr.db"),
-        "{stderr}"
-    );
+    for status in [
+        orgledger(&["projections", "status"], &url),
+        orgledger_with_key_beside_data(&["projections", "rebuild"], &url),
+    ] {
+        assert!(!status.status.success());
+        let stderr = String::from_utf8_lossy(&status.stderr);
+        assert!(
+            stderr.contains("does not exist") && stderr.contains("orgledgr.db"),
+            "{stderr}"
+        );
+    }
     assert!(!missing.exists(), "an empty store was created");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]
@@ -74,4 +89,27 @@ fn an_unreachable_postgres_is_reported_at_once_with_its_cause() {
     // The pool alone would have retried for its 10 s acquire timeout and then said only
     // that it timed out.
     assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+}
+
+#[test]
+fn a_postgres_that_never_answers_is_reported_once_its_connect_timeout_passes() {
+    // Accepts the connection and then says nothing, as a hung server does.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let accepted: Vec<_> = silent.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(15));
+        drop(accepted);
+    });
+    let url = format!("postgres://postgres@127.0.0.1:{port}/orgledger");
+    let started = Instant::now();
+
+    let migrated = orgledger(&["migrate"], &url);
+
+    assert!(!migrated.status.success());
+    let stderr = String::from_utf8_lossy(&migrated.stderr);
+    assert!(stderr.contains("did not answer within 10s"), "{stderr}");
+    // Once, not again by the pool for as long.
+    assert!(started.elapsed() < Duration::from_secs(14), "{stderr}");
+    drop(held);
 }

@@ -1417,6 +1417,7 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         AsOf::Time(start),
         AsOf::Time(start + chrono::Duration::milliseconds(1_500)),
         AsOf::Time(start + chrono::Duration::milliseconds(2_500)),
+        AsOf::Time(start + chrono::Duration::seconds(62)),
         AsOf::Time(start + chrono::Duration::days(1)),
     ];
     for as_of in moments {
@@ -1426,11 +1427,43 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
             .map(|past| (past.organization, past.as_of_sequence));
         assert_eq!(past, replayed_as_of(&events, as_of), "{as_of:?}");
     }
-    let halfway = state_as_of(&service.ledger, org, AsOf::Sequence(704))
+    // The latest state is read from the snapshot and the few events after it.
+    let stats = service.ledger.read_stats();
+    let read_before = stats.events();
+    let latest = state_as_of(&service.ledger, org, AsOf::Sequence(last))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(halfway.as_of_sequence, 704);
+    assert_eq!(latest.as_of_sequence, last);
+    let read = stats.events() - read_before;
+    assert!(read <= 10, "{read} events read for the latest state");
+
+    // Commands commit in the order they finish, not the one they began in: an event may
+    // have occurred after one that follows it. A moment between the two is not taken from a
+    // snapshot that holds the later-occurring event.
+    let reordered = create_org(&service.ledger, "Beta", "beta", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, reordered, "olivia", "mia", Role::Member).await;
+    for (offset, flips) in [(120, 700), (1, 600)] {
+        let metadata = [("occurred_at".to_owned(), at(offset))].into();
+        service
+            .ledger
+            .import(reordered, role_flips(flips, "mia"), metadata)
+            .await
+            .unwrap();
+    }
+    let events = service.ledger.events(reordered).await.unwrap();
+    for as_of in [
+        AsOf::Time(start + chrono::Duration::seconds(60)),
+        AsOf::Time(start + chrono::Duration::seconds(200)),
+    ] {
+        let past = state_as_of(&service.ledger, reordered, as_of)
+            .await
+            .unwrap()
+            .map(|past| (past.organization, past.as_of_sequence));
+        assert_eq!(past, replayed_as_of(&events, as_of), "{as_of:?}");
+    }
 }
 
 async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {

@@ -16,6 +16,8 @@ pub enum DatabaseError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("{0} does not exist: this command opens an existing store (`orgledger migrate` or `orgledger serve` creates one)")]
     NoSuchStore(PathBuf),
+    #[error("the database server did not answer within {0:?}")]
+    NoAnswer(Duration),
 }
 
 /// How long the first connection of a PostgreSQL pool may take (the pool's own acquire
@@ -96,9 +98,11 @@ impl Database {
                 .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
             // A pool that cannot connect says only that it timed out, after its acquire
             // timeout; one connection made first says why (refused, authentication, no such
-            // database) at once.
-            if let Ok(Err(error)) = tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
-                return Err(error.into());
+            // database) at once, or that the server did not answer in time.
+            match tokio::time::timeout(CONNECT_TIMEOUT, options.connect()).await {
+                Ok(Ok(probe)) => drop(sqlx::Connection::close(probe).await),
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => return Err(DatabaseError::NoAnswer(CONNECT_TIMEOUT)),
             }
             let pool = pg_pool_options(16).connect_with(options).await?;
             Ok(Self::Postgres(pool))
