@@ -241,8 +241,8 @@ impl Projector {
 
     /// Creates missing read-model tables and checkpoints. A read model stored in an older
     /// schema is rebuilt into new tables and swapped in before this returns: until the swap
-    /// its old tables keep serving (other processes still running the old code), and this
-    /// process serves nothing before it, instead of answers from half-replayed tables.
+    /// its old tables stay as they were, and this process serves nothing before it, instead
+    /// of answers from half-replayed tables.
     pub async fn prepare(&self) -> Result<(), ProjectionError> {
         let mut outdated = Vec::new();
         for projection in &self.projections {
