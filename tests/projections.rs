@@ -30,6 +30,7 @@ on_both_backends!(
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time,
     a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens,
+    an_event_the_new_schema_cannot_take_leaves_the_service_open_and_reports_it,
     member_pages_are_stable_under_concurrent_inserts,
     audit_log_filters_select_the_right_entries,
     audit_exports_parse_back_as_csv_and_json,
@@ -731,6 +732,59 @@ async fn a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens(bac
             "rm_audit_log_key",
         ]
     );
+}
+
+/// A start-up rebuild into a new schema that fails on an event (here one whose organization
+/// is not a UUID, which the audit log refuses) would fail every start: the service opens
+/// with that read model emptied and replayed in place, held back by the event's batch and
+/// reporting it.
+async fn an_event_the_new_schema_cannot_take_leaves_the_service_open_and_reports_it(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    let org = acme_with_mia(&service.ledger).await;
+    service.catch_up().await;
+    let outdated = "UPDATE projection_checkpoints SET schema_version = 2 WHERE name = 'audit_log'";
+    let bad_event = r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                           event_version, payload, metadata)
+        VALUES ('organization', 'not-a-uuid', 1, 'MemberRoleChanged', '1',
+                '{"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}}',
+                '{"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00Z"}')"#;
+    for sql in [outdated, bad_event] {
+        try_execute(service.db(), sql).await.unwrap();
+    }
+
+    let reopened = service.reopen().await;
+    reopened.projector.catch_up().await.unwrap_err();
+    let status = reopened.projector.status().await.unwrap();
+    let audit = status.iter().find(|s| s.name == "audit_log").unwrap();
+    assert!(
+        audit
+            .failed_event
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not-a-uuid"),
+        "{audit:?}"
+    );
+    // Emptied and made again in the new schema, to be replayed in place.
+    let expected = match backend {
+        Backend::Postgres => "uuid",
+        Backend::Sqlite => "text",
+    };
+    assert_eq!(audit_organization_type(reopened.database()).await, expected);
+    let schema = "SELECT schema_version FROM projection_checkpoints WHERE name = 'audit_log'";
+    assert_eq!(
+        count(reopened.database(), schema).await,
+        projection_named("audit_log", "").unwrap().schema_version()
+    );
+    // Commands still run.
+    run(
+        &reopened.ledger,
+        org,
+        "olivia",
+        set_role("mia", Role::Admin),
+    )
+    .await;
 }
 
 async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log(

@@ -258,14 +258,55 @@ impl Projector {
                 projections = %outdated.join(","),
                 "read-model schema changed: rebuilding into new tables before serving"
             );
-            let report = self.rebuild_group(&outdated, false).await?;
-            tracing::info!(
-                projections = %report.projection,
-                events = report.events,
-                seconds = report.seconds,
-                "read models rebuilt in their new schema and swapped in"
-            );
+            match self.rebuild_group(&outdated, false).await {
+                Ok(report) => tracing::info!(
+                    projections = %report.projection,
+                    events = report.events,
+                    seconds = report.seconds,
+                    "read models rebuilt in their new schema and swapped in"
+                ),
+                // An event the new schema cannot take would fail every start: the service
+                // opens with those read models emptied and replayed in place instead, held
+                // at that event and reporting it, as any failing projection is.
+                Err(error) => {
+                    tracing::error!(
+                        projections = %outdated.join(","),
+                        %error,
+                        "rebuilding read models into their new schema failed: replaying them in place"
+                    );
+                    for projection in &self.projections {
+                        if outdated.contains(&projection.name()) {
+                            self.empty(projection.as_ref()).await?;
+                            self.prepare_copy(projection.as_ref(), true).await?;
+                        }
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Drops a projection's tables, checkpoint and versions: it starts again from the first
+    /// event.
+    async fn empty(&self, projection: &dyn Projection) -> Result<(), ProjectionError> {
+        let mut tx = self.database.begin().await?;
+        let mut conn = tx.conn();
+        for (_, table) in projection.tables() {
+            conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
+                .await?;
+        }
+        let name = projection.name();
+        conn.execute(
+            "DELETE FROM projection_checkpoints WHERE name = $1",
+            &args![name],
+        )
+        .await?;
+        conn.execute(
+            "DELETE FROM projected_versions WHERE projection = $1",
+            &args![name],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
