@@ -168,6 +168,7 @@ fn problem_code(reply: &Reply) -> &str {
 
 on_both_backends!(
     requests_without_a_valid_token_are_unauthenticated,
+    a_creator_who_gave_no_email_has_none_rather_than_an_empty_one,
     actors_are_authorized_by_their_role,
     the_invitation_flow_works_end_to_end,
     bad_input_is_a_clear_4xx_and_appends_nothing,
@@ -1129,6 +1130,38 @@ async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend
         created.body["member_count"], 1,
         "the response comes from the committed state"
     );
+}
+
+async fn a_creator_who_gave_no_email_has_none_rather_than_an_empty_one(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    let base = format!("/v1/organizations/{}", created.body["id"].as_str().unwrap());
+    let member = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/olivia"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(member.body["role"], "owner");
+    assert_eq!(member.body["email"], Value::Null);
+    let listed = app
+        .call(
+            Method::GET,
+            &format!("{base}/members"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(listed.body["items"][0]["email"], Value::Null);
 }
 
 async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {

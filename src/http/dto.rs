@@ -220,7 +220,9 @@ impl From<OrganizationView> for OrganizationDto {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct MemberDto {
     pub user_id: String,
-    pub email: String,
+    /// `null` when the member's email is not known: a user who created the organization
+    /// without giving one.
+    pub email: Option<String>,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub title: Option<String>,
@@ -233,11 +235,16 @@ pub struct MemberDto {
     pub locked_fields: Vec<String>,
 }
 
+/// A member's email as stored, where the empty text stands for "not given".
+fn known(email: &str) -> Option<String> {
+    (!email.is_empty()).then(|| email.to_owned())
+}
+
 impl MemberDto {
     pub fn from_state(user_id: &UserId, member: &Member) -> Self {
         Self {
             user_id: user_id.to_string(),
-            email: member.email.clone(),
+            email: known(&member.email),
             first_name: member.first_name.clone(),
             last_name: member.last_name.clone(),
             title: member.title.clone(),
@@ -258,7 +265,7 @@ impl From<MemberView> for MemberDto {
     fn from(view: MemberView) -> Self {
         Self {
             user_id: view.user_id,
-            email: view.email,
+            email: known(&view.email),
             first_name: view.first_name,
             last_name: view.last_name,
             title: view.title,
