@@ -1924,6 +1924,40 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
         before,
         "the retry appended nothing"
     );
+    // The same request serialized anew, keys in another order and spaced out, is the same.
+    let reserialized = app
+        .send(
+            app.request(Method::POST, &path, Some("olivia"))
+                .header("Idempotency-Key", "key-1")
+                .header("content-type", "application/json")
+                .body("{ \"role\" : \"member\",\n  \"email\": \"nina@example.com\" }"),
+        )
+        .await;
+    assert_eq!(reserialized.status, StatusCode::CREATED);
+    assert_eq!(reserialized.headers["idempotent-replayed"], "true");
+    assert_eq!(reserialized.body, first.body);
+    // A key stored before bodies were compared as canonical JSON holds the fingerprint of
+    // the raw body, and a retry of its request is still replayed.
+    let legacy_body = r#"{"role": "member", "email": "legacy@example.com"}"#;
+    let legacy = || {
+        app.request(Method::POST, &path, Some("olivia"))
+            .header("Idempotency-Key", "key-legacy")
+            .header("content-type", "application/json")
+            .body(legacy_body)
+    };
+    let legacy_first = app.send(legacy()).await;
+    assert_eq!(legacy_first.status, StatusCode::CREATED);
+    let raw_fingerprint = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(format!("POST\n{path}\n{legacy_body}")))
+    };
+    let stored_raw = format!(
+        "UPDATE idempotency_keys SET fingerprint = '{raw_fingerprint}' WHERE key = 'key-legacy'"
+    );
+    assert_eq!(try_execute(app.service.db(), &stored_raw).await, Ok(1));
+    let legacy_retry = app.send(legacy()).await;
+    assert_eq!(legacy_retry.headers["idempotent-replayed"], "true");
+    assert_eq!(legacy_retry.body, legacy_first.body);
     let reused = app.send(send("key-1", "other@example.com")).await;
     assert_eq!(
         (reused.status, problem_code(&reused)),

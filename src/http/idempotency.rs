@@ -39,6 +39,45 @@ struct Stored {
     body: Option<Vec<u8>>,
 }
 
+/// What makes two requests under one key the same request: method, path and query, body.
+fn fingerprint_of(method: &Method, path: &str, body: &[u8]) -> String {
+    hex::encode(
+        Sha256::new()
+            .chain_update(method.as_str().as_bytes())
+            .chain_update(b"\n")
+            .chain_update(path.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(body)
+            .finalize(),
+    )
+}
+
+/// A JSON body with its objects' keys sorted and no whitespace: a retry that serializes the
+/// same request anew, in another key order or layout, is the same request. `None` when the
+/// body is not JSON; its bytes are compared as they are.
+fn canonical_body(bytes: &[u8]) -> Option<Vec<u8>> {
+    fn sorted(value: serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(fields) => {
+                let mut fields: Vec<_> = fields.into_iter().collect();
+                fields.sort_by(|(a, _), (b, _)| a.cmp(b));
+                serde_json::Value::Object(
+                    fields
+                        .into_iter()
+                        .map(|(name, value)| (name, sorted(value)))
+                        .collect(),
+                )
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(sorted).collect())
+            }
+            other => other,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    serde_json::to_vec(&sorted(value)).ok()
+}
+
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let is_command = matches!(
         *request.method(),
@@ -78,19 +117,12 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .chain_update(header_bytes("x-actor-id"))
             .finalize(),
     );
-    let mut hasher = Sha256::new();
-    hasher.update(parts.method.as_str().as_bytes());
-    hasher.update(b"\n");
-    hasher.update(
-        parts
-            .uri
-            .path_and_query()
-            .map_or("", |p| p.as_str())
-            .as_bytes(),
-    );
-    hasher.update(b"\n");
-    hasher.update(&bytes);
-    let fingerprint = hex::encode(hasher.finalize());
+    let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let canonical = canonical_body(&bytes);
+    let fingerprint = fingerprint_of(&parts.method, path, canonical.as_deref().unwrap_or(&bytes));
+    // Keys stored before bodies were compared as canonical JSON (2026-12-03) hold the raw
+    // body's fingerprint: a retry of one is still the same request until it expires.
+    let before_canonical = fingerprint_of(&parts.method, path, &bytes);
     let database = state.service.database().clone();
 
     let claimed = match claim(&database, &scope, &key, &fingerprint).await {
@@ -98,7 +130,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         Err(error) => return ApiError::internal(error).into_response(),
     };
     if !claimed {
-        return replay(&state, &database, &scope, &key, &fingerprint).await;
+        let same = [fingerprint.as_str(), before_canonical.as_str()];
+        return replay(&state, &database, &scope, &key, &same).await;
     }
     // In a task of its own: a client that goes away must not cancel the command midway,
     // after its events are stored but before its response is, or a retry would run it again.
@@ -286,7 +319,7 @@ async fn replay(
     database: &Database,
     scope: &str,
     key: &str,
-    fingerprint: &str,
+    fingerprints: &[&str],
 ) -> Response {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
@@ -302,7 +335,7 @@ async fn replay(
             }
             Err(error) => return ApiError::internal(error).into_response(),
         };
-        if stored.fingerprint != fingerprint {
+        if !fingerprints.contains(&stored.fingerprint.as_str()) {
             return ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
