@@ -1162,6 +1162,11 @@ async fn a_creator_who_gave_no_email_has_none_rather_than_an_empty_one(backend: 
         )
         .await;
     assert_eq!(listed.body["items"][0]["email"], Value::Null);
+    let exported = app
+        .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
+        .await;
+    assert_eq!(exported.body["members"][0]["user_id"], "olivia");
+    assert_eq!(exported.body["members"][0]["email"], Value::Null);
 }
 
 async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {

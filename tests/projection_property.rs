@@ -273,7 +273,7 @@ fn incremental_read_models_equal_a_full_rebuild(backend: Backend) {
                     let projected: HashMap<String, (String, String)> = page
                         .items
                         .into_iter()
-                        .map(|m| (m.user_id, (m.role, m.email)))
+                        .map(|m| (m.user_id, (m.role, m.email.unwrap_or_default())))
                         .collect();
                     let expected: HashMap<String, (String, String)> = state
                         .members

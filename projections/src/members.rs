@@ -345,7 +345,9 @@ pub(crate) fn json_text<T: Serialize>(value: &T) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberView {
     pub user_id: String,
-    pub email: String,
+    /// `None` when not known: a user who created the organization without giving one
+    /// (stored as the empty text).
+    pub email: Option<String>,
     pub first_name: Option<String>,
     pub last_name: Option<String>,
     pub title: Option<String>,
@@ -374,7 +376,7 @@ impl From<MemberRow> for MemberView {
     fn from(row: MemberRow) -> Self {
         Self {
             user_id: row.user_id,
-            email: row.email,
+            email: (!row.email.is_empty()).then_some(row.email),
             first_name: row.first_name,
             last_name: row.last_name,
             title: row.title,

@@ -265,7 +265,7 @@ impl From<MemberView> for MemberDto {
     fn from(view: MemberView) -> Self {
         Self {
             user_id: view.user_id,
-            email: known(&view.email),
+            email: view.email,
             first_name: view.first_name,
             last_name: view.last_name,
             title: view.title,
