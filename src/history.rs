@@ -78,19 +78,25 @@ pub async fn state_as_of(
             .and_then(|occurred| occurred.checked_add_signed(OCCURRED_AT_DISORDER))
             .is_some_and(|later| later <= at),
     };
-    let (mut organization, mut as_of_sequence) = match ledger.snapshot(organization_id).await? {
-        Some((state, sequence)) => {
+    // The snapshot's state is read only once its last event says it stands for the moment
+    // (a large organization's takes a while to open); one stored meanwhile is not used.
+    let start = match ledger.snapshot_marks(organization_id).await? {
+        Some(marks) => {
             let last = ledger
-                .events_after(organization_id, sequence - 1, 1)
+                .events_after(organization_id, marks.last_sequence.saturating_sub(1), 1)
                 .await?;
             if last.first().is_some_and(covers) {
-                (state, sequence)
+                ledger
+                    .snapshot(organization_id)
+                    .await?
+                    .filter(|(_, sequence)| *sequence == marks.last_sequence)
             } else {
-                (Organization::default(), 0)
+                None
             }
         }
-        None => (Organization::default(), 0),
+        None => None,
     };
+    let (mut organization, mut as_of_sequence) = start.unwrap_or_default();
     'replay: loop {
         let page = ledger
             .events_after(organization_id, as_of_sequence, REPLAY_PAGE)

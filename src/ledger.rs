@@ -26,7 +26,8 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::store::{
-    snapshot_interval, DataKeys, Database, MasterKey, OrganizationRepository, ReadStats, StoreError,
+    snapshot_interval, DataKeys, Database, MasterKey, OrganizationRepository, ReadStats,
+    SnapshotMarks, StoreError,
 };
 
 /// Attempts of one command before a persistent conflict is reported.
@@ -212,9 +213,9 @@ impl Ledger {
     ) -> Result<Loaded, LedgerError> {
         let mut loaded = self.load_latest(organization_id).await?;
         let stored = self
-            .repository
-            .snapshot_number(Organization::TYPE, &organization_id.to_string())
-            .await?;
+            .snapshot_marks(organization_id)
+            .await?
+            .map(|marks| marks.number);
         if loaded.snapshot != stored {
             loaded.snapshot = stored;
             self.remember(organization_id, &loaded);
@@ -300,6 +301,17 @@ impl Ledger {
             .into_iter()
             .map(|stored| self.decode(stored))
             .collect()
+    }
+
+    /// Where the stored snapshot stands, without reading its state.
+    pub async fn snapshot_marks(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Option<SnapshotMarks>, LedgerError> {
+        Ok(self
+            .repository
+            .snapshot_marks(Organization::TYPE, &organization_id.to_string())
+            .await?)
     }
 
     /// The stored snapshot's state and the sequence it stands at, when there is a readable

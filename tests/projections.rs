@@ -1437,22 +1437,22 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
     let service = spawn_service(backend).await;
     let org = acme_with_mia(&service.ledger).await;
     let start = chrono::Utc::now();
-    let at = |offset: i64| (start + chrono::Duration::seconds(offset)).to_rfc3339();
-    for (batch, flips) in [(1, 700), (2, 600)] {
-        let metadata = [("occurred_at".to_owned(), at(batch))].into();
-        service
-            .ledger
-            .import(org, role_flips(flips, "mia"), metadata)
-            .await
-            .unwrap();
-    }
+    // `flips` role changes of mia in one commit, occurred `seconds` after `start`.
+    let flips_at = |org: Uuid, seconds: i64, flips: usize| {
+        let at = (start + chrono::Duration::seconds(seconds)).to_rfc3339();
+        let metadata = [("occurred_at".to_owned(), at)].into();
+        let ledger = &service.ledger;
+        async move {
+            ledger
+                .import(org, role_flips(flips, "mia"), metadata)
+                .await
+                .unwrap();
+        }
+    };
+    flips_at(org, 1, 700).await;
+    flips_at(org, 2, 600).await;
     let (_, snapshot_at) = service.ledger.snapshot(org).await.unwrap().unwrap();
-    let metadata = [("occurred_at".to_owned(), at(3))].into();
-    service
-        .ledger
-        .import(org, role_flips(7, "mia"), metadata)
-        .await
-        .unwrap();
+    flips_at(org, 3, 7).await;
     let events = service.ledger.events(org).await.unwrap();
     let last = events.last().unwrap().sequence;
     assert!(
@@ -1491,6 +1491,17 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
     assert_eq!(latest.as_of_sequence, last);
     let read = stats.events() - read_before;
     assert!(read <= 10, "{read} events read for the latest state");
+    // A moment before the snapshot does not open it, only replays.
+    let snapshots_before = stats.snapshots();
+    state_as_of(&service.ledger, org, AsOf::Sequence(704))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stats.snapshots(),
+        snapshots_before,
+        "the snapshot was opened"
+    );
 
     // Commands commit in the order they finish, not the one they began in: an event may
     // have occurred after one that follows it. A moment between the two is not taken from a
@@ -1499,14 +1510,8 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         .await
         .organization_id;
     add_member(&service.ledger, reordered, "olivia", "mia", Role::Member).await;
-    for (offset, flips) in [(120, 700), (1, 600)] {
-        let metadata = [("occurred_at".to_owned(), at(offset))].into();
-        service
-            .ledger
-            .import(reordered, role_flips(flips, "mia"), metadata)
-            .await
-            .unwrap();
-    }
+    flips_at(reordered, 120, 700).await;
+    flips_at(reordered, 1, 600).await;
     let events = service.ledger.events(reordered).await.unwrap();
     for as_of in [
         AsOf::Time(start + chrono::Duration::seconds(60)),

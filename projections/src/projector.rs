@@ -244,11 +244,21 @@ impl Projector {
     /// its old tables stay as they were, and this process serves nothing before it, instead
     /// of answers from half-replayed tables.
     pub async fn prepare(&self) -> Result<(), ProjectionError> {
+        let stored: HashMap<String, i64> = crate::with_pool!(&self.database, pool => {
+            sqlx::query_as("SELECT name, schema_version FROM projection_checkpoints")
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .collect()
+        });
         let mut outdated = Vec::new();
         for projection in &self.projections {
-            let stored = self.stored_schema_version(projection.name()).await?;
-            if stored.is_some_and(|stored| stored < projection.schema_version()) {
-                outdated.push(projection.name());
+            let name = projection.name();
+            if stored
+                .get(name)
+                .is_some_and(|stored| *stored < projection.schema_version())
+            {
+                outdated.push(name);
             } else {
                 self.prepare_copy(projection.as_ref(), true).await?;
             }
@@ -308,19 +318,6 @@ impl Projector {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn stored_schema_version(&self, name: &str) -> Result<Option<i64>, ProjectionError> {
-        let mut tx = self.database.begin().await?;
-        let stored = tx
-            .conn()
-            .fetch_i64(
-                "SELECT schema_version FROM projection_checkpoints WHERE name = $1",
-                &args![name],
-            )
-            .await?;
-        tx.commit().await?;
-        Ok(stored)
     }
 
     /// Creates a copy's tables (and, with `indexed`, its secondary indexes) and checkpoint.

@@ -89,7 +89,7 @@ fn ms(duration: Duration) -> f64 {
 
 /// A ceiling measured three times, at the start of the run and just before and after the
 /// measurement it is a ceiling for: this machine's speed drifts by a quarter from one minute
-/// to the next, so one reading minutes away can put a ratio anywhere from 45 to 70%.
+/// to the next, and one reading minutes away put the same rebuild anywhere from 34 to 69%.
 struct Bracketed {
     start: f64,
     before: f64,
@@ -853,9 +853,6 @@ async fn role_change_latencies(
     ))
 }
 
-/// p50 of a role change on a 10-event and on a long organization: warm (the process that
-/// seeded them, its cache current) and cold (a fresh process's first command, which reads
-/// the snapshot and the events after it).
 /// The p50 of reading a past state of `organization`: as of its latest event and as of
 /// its middle one.
 async fn past_state_cost(service: &Orgledger, organization: Uuid) -> anyhow::Result<(f64, f64)> {
@@ -881,6 +878,9 @@ async fn past_state_cost(service: &Orgledger, organization: Uuid) -> anyhow::Res
 
 const PAST_STATE_SAMPLES: usize = 5;
 
+/// p50 of a role change on a 10-event and on a long organization: warm (the process that
+/// seeded them, its cache current) and cold (a fresh process's first command, which reads
+/// the snapshot and the events after it). Also returns the long organization.
 async fn history_cost(
     service: &Orgledger,
     master_key: &MasterKey,

@@ -52,30 +52,14 @@ fn fingerprint_of(method: &Method, path: &str, body: &[u8]) -> String {
     )
 }
 
-/// A JSON body with its objects' keys sorted and no whitespace: a retry that serializes the
-/// same request anew, in another key order or layout, is the same request. `None` when the
-/// body is not JSON; its bytes are compared as they are.
+/// A JSON body as serde_json writes it back: its objects' keys sorted (its `Map` is a
+/// `BTreeMap` while the `preserve_order` feature is off, which
+/// `idempotency_keys_replay_the_first_response` checks) and no whitespace. A retry that
+/// serializes the same request anew, in another key order or layout, is the same request.
+/// `None` when the body is not JSON; its bytes are compared as they are.
 fn canonical_body(bytes: &[u8]) -> Option<Vec<u8>> {
-    fn sorted(value: serde_json::Value) -> serde_json::Value {
-        match value {
-            serde_json::Value::Object(fields) => {
-                let mut fields: Vec<_> = fields.into_iter().collect();
-                fields.sort_by(|(a, _), (b, _)| a.cmp(b));
-                serde_json::Value::Object(
-                    fields
-                        .into_iter()
-                        .map(|(name, value)| (name, sorted(value)))
-                        .collect(),
-                )
-            }
-            serde_json::Value::Array(items) => {
-                serde_json::Value::Array(items.into_iter().map(sorted).collect())
-            }
-            other => other,
-        }
-    }
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    serde_json::to_vec(&sorted(value)).ok()
+    serde_json::to_vec(&value).ok()
 }
 
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -120,9 +104,6 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let path = parts.uri.path_and_query().map_or("", |p| p.as_str());
     let canonical = canonical_body(&bytes);
     let fingerprint = fingerprint_of(&parts.method, path, canonical.as_deref().unwrap_or(&bytes));
-    // Keys stored before bodies were compared as canonical JSON (2026-12-03) hold the raw
-    // body's fingerprint: a retry of one is still the same request until it expires.
-    let before_canonical = fingerprint_of(&parts.method, path, &bytes);
     let database = state.service.database().clone();
 
     let claimed = match claim(&database, &scope, &key, &fingerprint).await {
@@ -130,6 +111,9 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         Err(error) => return ApiError::internal(error).into_response(),
     };
     if !claimed {
+        // Keys stored before bodies were compared as canonical JSON (2026-12-03) hold the
+        // raw body's fingerprint: a retry of one is still the same request until it expires.
+        let before_canonical = fingerprint_of(&parts.method, path, &bytes);
         let same = [fingerprint.as_str(), before_canonical.as_str()];
         return replay(&state, &database, &scope, &key, &same).await;
     }

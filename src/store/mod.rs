@@ -9,7 +9,9 @@ mod sealing;
 pub use feed::{decode, StoreFeed};
 pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
-pub use repository::{open_event, OrganizationRepository, ReadStats, StoredSnapshot};
+pub use repository::{
+    open_event, OrganizationRepository, ReadStats, SnapshotMarks, StoredSnapshot,
+};
 pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SEALED_PREFIX};
 
 /// Events after which a new snapshot of an organization is written, for an organization of

@@ -17,6 +17,13 @@ use sqlx::Row;
 
 use super::{open_personal_data, seal_personal_data, DataKey, DataKeys, Database, StoreError};
 
+/// Where a stored snapshot stands: its number and the sequence of its last event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotMarks {
+    pub number: usize,
+    pub last_sequence: usize,
+}
+
 /// What loading aggregates has read, for tests and metrics.
 #[derive(Debug, Default)]
 pub struct ReadStats {
@@ -212,16 +219,17 @@ impl OrganizationRepository {
         Ok(events)
     }
 
-    /// The number of the organization's stored snapshot, without reading it: what a commit
-    /// that crosses the next boundary must replace.
-    pub async fn snapshot_number(
+    /// The number of the organization's stored snapshot and the sequence it stands at,
+    /// without reading its state: what a commit that crosses the next boundary must replace,
+    /// and whether a past moment may start from it.
+    pub async fn snapshot_marks(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
-    ) -> Result<Option<usize>, StoreError> {
-        let number: Option<i64> = orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query_scalar(
-                "SELECT current_snapshot FROM snapshots
+    ) -> Result<Option<SnapshotMarks>, StoreError> {
+        let marks: Option<(i64, i64)> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_as(
+                "SELECT current_snapshot, last_sequence FROM snapshots
                   WHERE aggregate_type = $1 AND aggregate_id = $2",
             )
             .bind(aggregate_type)
@@ -229,7 +237,10 @@ impl OrganizationRepository {
             .fetch_optional(pool)
             .await?
         });
-        Ok(number.map(|number| number as usize))
+        Ok(marks.map(|(number, last_sequence)| SnapshotMarks {
+            number: number as usize,
+            last_sequence: last_sequence as usize,
+        }))
     }
 
     async fn remove_snapshot(
