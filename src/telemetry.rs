@@ -68,6 +68,10 @@ fn describe_metrics() {
         "Events appended to the log by this process."
     );
     describe_histogram!(
+        "orgledger_group_commit_appends",
+        "Commands' appends committed together in one statement (PostgreSQL)."
+    );
+    describe_histogram!(
         "orgledger_command_commit_seconds",
         Unit::Seconds,
         "Time from a command's start to its events' commit."

@@ -44,6 +44,7 @@ on_both_backends!(
     an_import_larger_than_one_statement_is_stored_whole_in_one_transaction,
     an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them,
     a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_replay,
+    concurrent_appends_each_keep_their_own_outcome,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -942,6 +943,64 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
         .await
         .unwrap();
     assert_eq!(stored().await, 3);
+}
+
+/// Appends made at once (on PostgreSQL committed together, one statement for the group): a
+/// second append of one sequence and an append of a sequence already stored conflict, and
+/// only they; every other append is stored.
+async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
+
+    let ledger = spawn_ledger(backend).await;
+    let repository = bare_repository(&ledger);
+    let ids: Vec<String> = (0..8).map(|_| Uuid::now_v7().to_string()).collect();
+    for id in &ids {
+        repository
+            .persist::<Organization>(&[opaque_event(id, 1)], None)
+            .await
+            .unwrap();
+    }
+    let groups_before = repository.group_stats().groups();
+    // Every organization's data key is known now, so each append reaches the group's queue
+    // in its first poll and all of them wait together.
+    let mut appends: Vec<SerializedEvent> = ids.iter().map(|id| opaque_event(id, 2)).collect();
+    appends.push(opaque_event(&ids[0], 2));
+    appends.push(opaque_event(&ids[1], 1));
+    let outcomes = futures::future::join_all(
+        appends
+            .iter()
+            .map(|event| repository.persist::<Organization>(std::slice::from_ref(event), None)),
+    )
+    .await;
+
+    let conflicts: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, outcome)| match outcome {
+            Ok(()) => None,
+            Err(PersistenceError::OptimisticLockError) => Some(index),
+            Err(error) => panic!("append {index} failed: {error:?}"),
+        })
+        .collect();
+    assert_eq!(conflicts.len(), 2, "{outcomes:?}");
+    assert!(
+        conflicts[0] == 0 || conflicts[0] == 8,
+        "one of the two appends of sequence 2 of the first organization conflicts: {conflicts:?}"
+    );
+    assert_eq!(
+        conflicts[1], 9,
+        "sequence 1 of the second organization was stored already"
+    );
+    for id in &ids {
+        assert_eq!(stored_count(&repository, id).await, 2, "{id}");
+    }
+    if backend == Backend::Postgres {
+        let groups = repository.group_stats().groups() - groups_before;
+        assert!(
+            (1..10).contains(&groups),
+            "ten appends made at once went in {groups} groups"
+        );
+    }
 }
 
 /// `ledger` caches the organization at creation; `other` (a second process) changes it.

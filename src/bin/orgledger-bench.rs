@@ -621,6 +621,9 @@ async fn http_commands(
                     let response = client.patch(format!("{address}/v1/organizations/{org}/members/{member}"))
                         .bearer_auth(TOKEN).header("X-Actor-Id", &owner).json(&json!({"role": role})).send().await?;
                     anyhow::ensure!(response.status().is_success(), "role change: {}", response.status());
+                    // Read to its end: a response dropped unread closes its connection, and the
+                    // next request would pay for a new one on both ends.
+                    response.bytes().await?;
                 }
                 latencies.push(ms(start.elapsed()));
                 n += 1;

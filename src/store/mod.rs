@@ -2,11 +2,13 @@
 //! and the ordered feed of the whole log that projections read.
 
 mod feed;
+mod group_commit;
 mod keys;
 mod repository;
 mod sealing;
 
 pub use feed::{decode, StoreFeed};
+pub use group_commit::GroupStats;
 pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
 pub use repository::{
@@ -55,6 +57,9 @@ pub enum StoreError {
     Sealing(#[from] SealError),
     #[error("{0}")]
     Integrity(String),
+    /// A failure shared by the appends of one group commit.
+    #[error("database error: {0}")]
+    Shared(std::sync::Arc<sqlx::Error>),
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::Row;
 
+use super::group_commit::{GroupCommit, GroupError, GroupStats};
 use super::{open_personal_data, seal_personal_data, DataKey, DataKeys, Database, StoreError};
 
 /// Where a stored snapshot stands: its number and the sequence of its last event.
@@ -77,6 +78,9 @@ pub struct OrganizationRepository {
     database: Database,
     keys: DataKeys,
     stats: Arc<ReadStats>,
+    /// PostgreSQL's appends without a snapshot, started on the first (inside the runtime).
+    group_commit: std::sync::OnceLock<GroupCommit>,
+    group_stats: Arc<GroupStats>,
 }
 
 enum AppendError {
@@ -192,11 +196,18 @@ impl OrganizationRepository {
             database,
             keys,
             stats: Arc::default(),
+            group_commit: std::sync::OnceLock::new(),
+            group_stats: Arc::default(),
         }
     }
 
     pub fn stats(&self) -> Arc<ReadStats> {
         self.stats.clone()
+    }
+
+    /// The group commits of this repository's appends (PostgreSQL).
+    pub fn group_stats(&self) -> Arc<GroupStats> {
+        self.group_stats.clone()
     }
 
     /// Opens the sealed fields of one aggregate's events; personal data of a purged
@@ -485,6 +496,20 @@ impl OrganizationRepository {
             None => None,
         };
         let appended = match &self.database {
+            Database::Postgres(pool)
+                if sealed_snapshot.is_none() && sealed_events.len() <= EVENTS_PER_STATEMENT =>
+            {
+                let group = self
+                    .group_commit
+                    .get_or_init(|| GroupCommit::start(pool.clone(), self.group_stats.clone()));
+                return group
+                    .append(sealed_events)
+                    .await
+                    .map_err(|error| match error {
+                        GroupError::Conflict => PersistenceError::OptimisticLockError,
+                        GroupError::Database(error) => failure(StoreError::Shared(error)),
+                    });
+            }
             Database::Postgres(pool) => append!(
                 pool,
                 aggregate_type,
