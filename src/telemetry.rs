@@ -28,8 +28,14 @@ const COMMAND_SECONDS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
-/// The process-wide Prometheus recorder (installed on first use). The commands' times are
-/// histograms with buckets, which aggregate across instances; other timings stay summaries.
+/// Buckets of `orgledger_group_commit_appends`: a group carries at most about 1,000 events.
+const GROUP_APPENDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// The process-wide Prometheus recorder (installed on first use). The commands' times and
+/// the group commits' sizes are histograms with buckets, which aggregate across instances;
+/// other timings stay summaries.
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     METRICS
@@ -38,6 +44,11 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 .set_buckets_for_metric(
                     Matcher::Prefix("orgledger_command_".into()),
                     COMMAND_SECONDS,
+                )
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("orgledger_group_commit_appends".into()),
+                    GROUP_APPENDS,
                 )
                 .expect("the bucket list is not empty")
                 .install_recorder()

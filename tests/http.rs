@@ -2416,6 +2416,14 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
             "{name} has no HELP line"
         );
     }
+    if backend == Backend::Postgres {
+        // The organization's creation went through the group commit.
+        assert!(
+            metrics.contains("orgledger_group_commit_appends_bucket{le=\"1\"}"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("# HELP orgledger_group_commit_appends "));
+    }
     let openapi = app
         .send(app.client.get(format!("{}/openapi.json", app.address)))
         .await;
