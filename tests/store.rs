@@ -949,6 +949,42 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
 /// second append of one sequence and an append of a sequence already stored conflict, and
 /// only they; every other append is stored.
 async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
+    let (conflicts, groups) = ten_appends_at_once(backend).await;
+    assert!(
+        conflicts[0] == 0 || conflicts[0] == 8,
+        "one of the two appends of sequence 2 of the first organization conflicts: {conflicts:?}"
+    );
+    assert_eq!(
+        conflicts[1], 9,
+        "sequence 1 of the second organization was stored already"
+    );
+    if backend == Backend::Postgres {
+        assert!(
+            (1..10).contains(&groups),
+            "ten appends made at once went in {groups} groups"
+        );
+    }
+}
+
+/// On one thread every append is queued before the committing task runs, so the ten make one
+/// group: the clash inside it waits for a statement of its own, and the taken sequence makes
+/// the group's statement fail and its appends go in one at a time.
+#[tokio::test(flavor = "current_thread")]
+async fn appends_queued_together_on_postgres_make_one_group_and_keep_their_own_outcomes() {
+    let (conflicts, groups) = ten_appends_at_once(Backend::Postgres).await;
+    assert_eq!(groups, 1, "the ten appends were taken as one group");
+    assert_eq!(
+        conflicts,
+        vec![8, 9],
+        "the later append of a sequence and the already stored one conflict"
+    );
+}
+
+/// Stores sequence 1 of eight organizations, then makes ten appends at once: sequence 2 of
+/// each, sequence 2 of the first again, sequence 1 of the second again. Checks that exactly
+/// two conflict and each organization holds two events; returns the indexes of the
+/// conflicting appends and how many groups the ten were committed in (PostgreSQL).
+async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64) {
     use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
 
     let ledger = spawn_ledger(backend).await;
@@ -962,7 +998,7 @@ async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
     }
     let groups_before = repository.group_stats().groups();
     // Every organization's data key is known now, so each append reaches the group's queue
-    // in its first poll and all of them wait together.
+    // in its first poll.
     let mut appends: Vec<SerializedEvent> = ids.iter().map(|id| opaque_event(id, 2)).collect();
     appends.push(opaque_event(&ids[0], 2));
     appends.push(opaque_event(&ids[1], 1));
@@ -983,24 +1019,10 @@ async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
         })
         .collect();
     assert_eq!(conflicts.len(), 2, "{outcomes:?}");
-    assert!(
-        conflicts[0] == 0 || conflicts[0] == 8,
-        "one of the two appends of sequence 2 of the first organization conflicts: {conflicts:?}"
-    );
-    assert_eq!(
-        conflicts[1], 9,
-        "sequence 1 of the second organization was stored already"
-    );
     for id in &ids {
         assert_eq!(stored_count(&repository, id).await, 2, "{id}");
     }
-    if backend == Backend::Postgres {
-        let groups = repository.group_stats().groups() - groups_before;
-        assert!(
-            (1..10).contains(&groups),
-            "ten appends made at once went in {groups} groups"
-        );
-    }
+    (conflicts, repository.group_stats().groups() - groups_before)
 }
 
 /// `ledger` caches the organization at creation; `other` (a second process) changes it.
@@ -1269,4 +1291,44 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_on_postgre
         .await,
         committed.version as i64
     );
+}
+
+/// The group commit's task runs on the runtime of the first append. A repository that
+/// outlives that runtime (a second runtime in one process) starts the task again on the next
+/// append's runtime instead of failing every append after it.
+#[test]
+fn a_repository_outliving_the_runtime_of_its_first_append_still_appends_on_postgres() {
+    use cqrs_es::persist::PersistedEventRepository;
+
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let (ledger, repository, id) = first.block_on(async {
+        let ledger = spawn_ledger(Backend::Postgres).await;
+        let repository = bare_repository(&ledger);
+        let id = Uuid::now_v7().to_string();
+        repository
+            .persist::<Organization>(&[opaque_event(&id, 1)], None)
+            .await
+            .unwrap();
+        (ledger, repository, id)
+    });
+    drop(first);
+
+    runtime().block_on(async {
+        // The pool's connections belonged to the first runtime too: once idle this long,
+        // each is pinged before use and replaced.
+        tokio::time::sleep(PING_IDLE_FOR * 2).await;
+        repository
+            .persist::<Organization>(&[opaque_event(&id, 2)], None)
+            .await
+            .unwrap();
+        assert_eq!(stored_count(&repository, &id).await, 2);
+        assert_eq!(repository.group_stats().groups(), 2);
+        drop(ledger);
+    });
 }

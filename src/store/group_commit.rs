@@ -7,20 +7,28 @@
 //! together, not that work. One task takes every append waiting when it is free and commits
 //! them as one statement, so under load the fixed work is paid once per group.
 //!
-//! Each command keeps its own outcome. Two appends of one organization at one sequence in a
-//! group: the first goes in, the later ones conflict at once. A group the server refuses
-//! for a taken sequence (another process appended first) is committed again one append at a
-//! time, so only the appends whose sequences are taken conflict.
+//! Each command keeps its own outcome:
+//! - Two appends of one organization at one sequence: the later one waits for the next
+//!   statement, where it conflicts only if the first was stored.
+//! - A statement the server refuses (a sequence another process took, a deadlock with
+//!   another process's group, any error it reports) stored nothing: its appends are stored
+//!   again one at a time, so each gets its own outcome.
+//! - Rows go in ordered by organization and sequence, so two processes' groups take their
+//!   key locks in one order and do not deadlock on each other.
+//!
+//! An append whose caller stopped waiting (a dropped request) is still stored once queued,
+//! as a lone INSERT already sent would be.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cqrs_es::persist::SerializedEvent;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-/// Most events one group carries; an append waiting past it goes in the next group.
+/// Events a group takes before it stops taking more appends (it then holds fewer than
+/// twice as many: an append carries at most 1,000).
 const MOST_EVENTS: usize = 1_000;
 
 /// One statement for any group size, so the server keeps a single prepared statement.
@@ -29,14 +37,19 @@ const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence
                       SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[],
                                            $5::text[], $6::jsonb[], $7::jsonb[])";
 
+/// PostgreSQL's `deadlock_detected` and `serialization_failure`: the statement stored
+/// nothing, and the same append may well succeed if decided again.
+const RETRYABLE: [&str; 2] = ["40P01", "40001"];
+
 /// Why an append was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GroupError {
-    /// One of its sequences is taken: by an earlier append of the group or in the store.
+    /// One of its sequences is taken, or the server refused it in a way a retry on fresh
+    /// state can get past.
     #[error("a sequence of the append is taken")]
     Conflict,
-    /// The group's statement failed; whether it committed is unknown only if the connection
-    /// broke after it was sent, as for a lone INSERT.
+    /// The statement failed; whether it committed is unknown only if the connection broke
+    /// after it was sent, as for a lone INSERT.
     #[error("database error: {0}")]
     Database(Arc<sqlx::Error>),
 }
@@ -47,7 +60,7 @@ struct Append {
     done: oneshot::Sender<Result<(), GroupError>>,
 }
 
-/// Groups committed and the appends they carried.
+/// Groups taken and the appends they carried.
 #[derive(Debug, Default)]
 pub struct GroupStats {
     groups: AtomicU64,
@@ -64,29 +77,50 @@ impl GroupStats {
     }
 }
 
-/// The queue of appends and the task that commits them.
+/// The queue of appends and the task that commits them. The task is started by the first
+/// append, on that caller's runtime, and again by the next append if it has stopped (its
+/// runtime was shut down).
 pub struct GroupCommit {
-    queue: mpsc::UnboundedSender<Append>,
+    pool: PgPool,
+    stats: Arc<GroupStats>,
+    queue: Mutex<Option<mpsc::UnboundedSender<Append>>>,
 }
 
 impl GroupCommit {
-    /// Starts the committing task; it ends when the last `GroupCommit` handle is dropped.
-    pub fn start(pool: PgPool, stats: Arc<GroupStats>) -> Self {
-        let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, waiting, stats));
-        Self { queue }
+    pub fn new(pool: PgPool, stats: Arc<GroupStats>) -> Self {
+        Self {
+            pool,
+            stats,
+            queue: Mutex::new(None),
+        }
     }
 
-    /// Appends `events` (one command's, at most [`MOST_EVENTS`]) durably, together with
-    /// whatever other appends are waiting.
+    /// Appends `events` (one command's, at most 1,000) durably, together with whatever other
+    /// appends are waiting.
     pub async fn append(&self, events: Vec<SerializedEvent>) -> Result<(), GroupError> {
         let (done, outcome) = oneshot::channel();
-        let stopped = || GroupError::Database(Arc::new(sqlx::Error::PoolClosed));
-        self.queue
+        self.queue()
             .send(Append { events, done })
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
     }
+
+    fn queue(&self) -> mpsc::UnboundedSender<Append> {
+        let mut queue = self.queue.lock().expect("group commit queue poisoned");
+        match queue.as_ref() {
+            Some(running) if !running.is_closed() => running.clone(),
+            _ => {
+                let (sender, waiting) = mpsc::unbounded_channel();
+                tokio::spawn(run(self.pool.clone(), waiting, self.stats.clone()));
+                queue.insert(sender).clone()
+            }
+        }
+    }
+}
+
+/// The committing task stopped with the append in it (its runtime shut down).
+fn stopped() -> GroupError {
+    GroupError::Database(Arc::new(sqlx::Error::WorkerCrashed))
 }
 
 async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Append>, stats: Arc<GroupStats>) {
@@ -107,48 +141,58 @@ async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Append>, stats: 
     }
 }
 
-/// Commits `group` and tells each append how it went.
-async fn commit(pool: &PgPool, group: Vec<Append>) {
-    let clashes: Vec<bool> = {
-        let mut taken = HashSet::new();
-        group
-            .iter()
-            .map(|append| {
-                let keys: Vec<_> = append
-                    .events
-                    .iter()
-                    .map(|e| {
-                        (
-                            e.aggregate_type.as_str(),
-                            e.aggregate_id.as_str(),
-                            e.sequence,
-                        )
-                    })
-                    .collect();
-                let clashes = keys.iter().any(|key| taken.contains(key));
-                if !clashes {
-                    taken.extend(keys);
-                }
-                clashes
-            })
-            .collect()
-    };
-    let (clashing, together): (Vec<_>, Vec<_>) = group
-        .into_iter()
-        .zip(clashes)
-        .partition(|(_, clashes)| *clashes);
-    let together: Vec<Append> = together.into_iter().map(|(append, _)| append).collect();
-    for (append, _) in clashing {
-        let _ = append.done.send(Err(GroupError::Conflict));
+/// Commits `group` and tells each append how it went: every append whose sequences no
+/// earlier append of the group claims goes in one statement; the others wait for the next.
+async fn commit(pool: &PgPool, mut group: Vec<Append>) {
+    while !group.is_empty() {
+        let (mut together, later) = without_clashes(group);
+        together.sort_by(|a, b| key_of(a).cmp(&key_of(b)));
+        commit_together(pool, together).await;
+        group = later;
     }
-    let outcome = insert(pool, together.iter().flat_map(|append| &append.events)).await;
-    match outcome {
+}
+
+/// Splits `group` into the appends whose sequences no earlier one claims, and the rest.
+fn without_clashes(group: Vec<Append>) -> (Vec<Append>, Vec<Append>) {
+    let mut taken = HashSet::new();
+    let mut together = Vec::with_capacity(group.len());
+    let mut later = Vec::new();
+    for append in group {
+        let keys: Vec<(String, String, usize)> = append
+            .events
+            .iter()
+            .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone(), e.sequence))
+            .collect();
+        if keys.iter().any(|key| taken.contains(key)) {
+            later.push(append);
+        } else {
+            taken.extend(keys);
+            together.push(append);
+        }
+    }
+    (together, later)
+}
+
+/// Where an append's rows sort: an append's events are one organization's, in sequence order.
+fn key_of(append: &Append) -> (&str, &str, usize) {
+    append.events.first().map_or(("", "", 0), |event| {
+        (
+            event.aggregate_type.as_str(),
+            event.aggregate_id.as_str(),
+            event.sequence,
+        )
+    })
+}
+
+async fn commit_together(pool: &PgPool, together: Vec<Append>) {
+    match insert(pool, together.iter().flat_map(|append| &append.events)).await {
         Ok(()) => {
             for append in together {
                 let _ = append.done.send(Ok(()));
             }
         }
-        Err(error) if is_conflict(&error) && together.len() > 1 => {
+        // The server refused the statement, so it stored nothing: each append again alone.
+        Err(error) if together.len() > 1 && error.as_database_error().is_some() => {
             for append in together {
                 let outcome = insert(pool, append.events.iter()).await;
                 let _ = append.done.send(outcome.map_err(refusal));
@@ -163,14 +207,11 @@ async fn commit(pool: &PgPool, group: Vec<Append>) {
     }
 }
 
-fn is_conflict(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .is_some_and(|error| error.is_unique_violation())
-}
-
 fn refusal(error: sqlx::Error) -> GroupError {
-    if is_conflict(&error) {
+    let retryable = error.as_database_error().is_some_and(|error| {
+        error.is_unique_violation() || error.code().is_some_and(|code| RETRYABLE.contains(&&*code))
+    });
+    if retryable {
         GroupError::Conflict
     } else {
         GroupError::Database(Arc::new(error))

@@ -78,8 +78,8 @@ pub struct OrganizationRepository {
     database: Database,
     keys: DataKeys,
     stats: Arc<ReadStats>,
-    /// PostgreSQL's appends without a snapshot, started on the first (inside the runtime).
-    group_commit: std::sync::OnceLock<GroupCommit>,
+    /// PostgreSQL's appends without a snapshot.
+    group_commit: Option<GroupCommit>,
     group_stats: Arc<GroupStats>,
 }
 
@@ -185,6 +185,11 @@ fn failure(error: impl Into<StoreError>) -> PersistenceError {
 
 impl OrganizationRepository {
     pub fn new(database: Database, keys: DataKeys) -> Self {
+        let group_stats = Arc::<GroupStats>::default();
+        let group_commit = match &database {
+            Database::Postgres(pool) => Some(GroupCommit::new(pool.clone(), group_stats.clone())),
+            Database::Sqlite(_) => None,
+        };
         let engine = match &database {
             Database::Postgres(pool) => {
                 Engine::Postgres(PostgresEventRepository::new(pool.clone()))
@@ -196,8 +201,8 @@ impl OrganizationRepository {
             database,
             keys,
             stats: Arc::default(),
-            group_commit: std::sync::OnceLock::new(),
-            group_stats: Arc::default(),
+            group_commit,
+            group_stats,
         }
     }
 
@@ -495,13 +500,8 @@ impl OrganizationRepository {
             }
             None => None,
         };
-        let appended = match &self.database {
-            Database::Postgres(pool)
-                if sealed_snapshot.is_none() && sealed_events.len() <= EVENTS_PER_STATEMENT =>
-            {
-                let group = self
-                    .group_commit
-                    .get_or_init(|| GroupCommit::start(pool.clone(), self.group_stats.clone()));
+        if let Some(group) = &self.group_commit {
+            if sealed_snapshot.is_none() && sealed_events.len() <= EVENTS_PER_STATEMENT {
                 return group
                     .append(sealed_events)
                     .await
@@ -510,6 +510,8 @@ impl OrganizationRepository {
                         GroupError::Database(error) => failure(StoreError::Shared(error)),
                     });
             }
+        }
+        let appended = match &self.database {
             Database::Postgres(pool) => append!(
                 pool,
                 aggregate_type,
