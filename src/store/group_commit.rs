@@ -10,9 +10,11 @@
 //! Each command keeps its own outcome:
 //! - Two appends of one organization at one sequence: the later one waits for the next
 //!   statement, where it conflicts only if the first was stored.
-//! - A statement the server refuses (a sequence another process took, a deadlock with
-//!   another process's group, any error it reports) stored nothing: its appends are stored
-//!   again one at a time, so each gets its own outcome.
+//! - A statement the server refuses with an error (a sequence another process took, a
+//!   deadlock with another process's group, a bad value) stored nothing: its appends are
+//!   stored again one at a time, so each gets its own outcome. A fatal error (the server
+//!   shutting down) may come after the commit, so it is every append's outcome, unknown, as
+//!   for a lone INSERT.
 //! - Rows go in ordered by organization and sequence, so two processes' groups take their
 //!   key locks in one order and do not deadlock on each other.
 //!
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cqrs_es::persist::SerializedEvent;
+use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,15 +109,24 @@ impl GroupCommit {
     }
 
     fn queue(&self) -> mpsc::UnboundedSender<Append> {
-        let mut queue = self.queue.lock().expect("group commit queue poisoned");
-        match queue.as_ref() {
-            Some(running) if !running.is_closed() => running.clone(),
-            _ => {
-                let (sender, waiting) = mpsc::unbounded_channel();
-                tokio::spawn(run(self.pool.clone(), waiting, self.stats.clone()));
-                queue.insert(sender).clone()
+        let waiting = {
+            let mut queue = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match queue.as_ref() {
+                Some(running) if !running.is_closed() => return running.clone(),
+                _ => {
+                    let (sender, waiting) = mpsc::unbounded_channel();
+                    *queue = Some(sender);
+                    waiting
+                }
             }
-        }
+        };
+        // Outside the lock: if this panics (no runtime), the receiver goes with it, and the
+        // next append finds the queue closed and starts it again.
+        tokio::spawn(run(self.pool.clone(), waiting, self.stats.clone()));
+        self.queue()
     }
 }
 
@@ -192,7 +204,7 @@ async fn commit_together(pool: &PgPool, together: Vec<Append>) {
             }
         }
         // The server refused the statement, so it stored nothing: each append again alone.
-        Err(error) if together.len() > 1 && error.as_database_error().is_some() => {
+        Err(error) if together.len() > 1 && refused(&error) => {
             for append in together {
                 let outcome = insert(pool, append.events.iter()).await;
                 let _ = append.done.send(outcome.map_err(refusal));
@@ -207,11 +219,29 @@ async fn commit_together(pool: &PgPool, together: Vec<Append>) {
     }
 }
 
+/// An `ERROR` ends the statement's transaction with nothing stored; a PostgreSQL `FATAL`
+/// may come after its commit (a shutdown while a synchronous standby is awaited). SQLite
+/// reports no severity: its errors all end the statement.
+fn refused(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|error| {
+        error
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_none_or(|error| error.severity() == PgSeverity::Error)
+    })
+}
+
+/// A taken sequence, a deadlock or a serialization failure: the statement stored nothing and
+/// the command, decided again on fresh state, may well succeed.
+pub fn is_conflict(error: &sqlx::Error) -> bool {
+    refused(error)
+        && error.as_database_error().is_some_and(|error| {
+            error.is_unique_violation()
+                || error.code().is_some_and(|code| RETRYABLE.contains(&&*code))
+        })
+}
+
 fn refusal(error: sqlx::Error) -> GroupError {
-    let retryable = error.as_database_error().is_some_and(|error| {
-        error.is_unique_violation() || error.code().is_some_and(|code| RETRYABLE.contains(&&*code))
-    });
-    if retryable {
+    if is_conflict(&error) {
         GroupError::Conflict
     } else {
         GroupError::Database(Arc::new(error))

@@ -15,7 +15,7 @@ use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::Row;
 
-use super::group_commit::{GroupCommit, GroupError, GroupStats};
+use super::group_commit::{is_conflict, GroupCommit, GroupError, GroupStats};
 use super::{open_personal_data, seal_personal_data, DataKey, DataKeys, Database, StoreError};
 
 /// Where a stored snapshot stands: its number and the sequence of its last event.
@@ -529,11 +529,7 @@ impl OrganizationRepository {
         };
         appended.map_err(|error| match error {
             AppendError::Conflict => PersistenceError::OptimisticLockError,
-            AppendError::Database(error)
-                if error
-                    .as_database_error()
-                    .is_some_and(|error| error.is_unique_violation()) =>
-            {
+            AppendError::Database(error) if is_conflict(&error) => {
                 PersistenceError::OptimisticLockError
             }
             AppendError::Database(error) => failure(error),
