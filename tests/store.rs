@@ -949,7 +949,7 @@ async fn a_snapshot_that_moved_since_the_load_rolls_back_the_events_with_it(back
 /// second append of one sequence and an append of a sequence already stored conflict, and
 /// only they; every other append is stored.
 async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
-    let (conflicts, groups) = ten_appends_at_once(backend).await;
+    let (conflicts, groups, _) = ten_appends_at_once(backend).await;
     assert!(
         conflicts[0] == 0 || conflicts[0] == 8,
         "one of the two appends of sequence 2 of the first organization conflicts: {conflicts:?}"
@@ -971,8 +971,12 @@ async fn concurrent_appends_each_keep_their_own_outcome(backend: Backend) {
 /// the group's statement fail and its appends go in one at a time.
 #[tokio::test(flavor = "current_thread")]
 async fn appends_queued_together_on_postgres_make_one_group_and_keep_their_own_outcomes() {
-    let (conflicts, groups) = ten_appends_at_once(Backend::Postgres).await;
-    assert_eq!(groups, 1, "the ten appends were taken as one group");
+    let (conflicts, groups, appends) = ten_appends_at_once(Backend::Postgres).await;
+    assert_eq!(
+        (groups, appends),
+        (1, 10),
+        "the ten appends were taken as one group"
+    );
     assert_eq!(
         conflicts,
         vec![8, 9],
@@ -983,8 +987,9 @@ async fn appends_queued_together_on_postgres_make_one_group_and_keep_their_own_o
 /// Stores sequence 1 of eight organizations, then makes ten appends at once: sequence 2 of
 /// each, sequence 2 of the first again, sequence 1 of the second again. Checks that exactly
 /// two conflict and each organization holds two events; returns the indexes of the
-/// conflicting appends and how many groups the ten were committed in (PostgreSQL).
-async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64) {
+/// conflicting appends, and how many groups the ten were committed in and how many appends
+/// those groups carried (PostgreSQL).
+async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64, u64) {
     use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
 
     let ledger = spawn_ledger(backend).await;
@@ -996,7 +1001,8 @@ async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64) {
             .await
             .unwrap();
     }
-    let groups_before = repository.group_stats().groups();
+    let stats = repository.group_stats();
+    let (groups_before, appends_before) = (stats.groups(), stats.appends());
     // Every organization's data key is known now, so each append reaches the group's queue
     // in its first poll.
     let mut appends: Vec<SerializedEvent> = ids.iter().map(|id| opaque_event(id, 2)).collect();
@@ -1022,7 +1028,48 @@ async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64) {
     for id in &ids {
         assert_eq!(stored_count(&repository, id).await, 2, "{id}");
     }
-    (conflicts, repository.group_stats().groups() - groups_before)
+    (
+        conflicts,
+        stats.groups() - groups_before,
+        stats.appends() - appends_before,
+    )
+}
+
+/// An append that claims a sequence an earlier append of its group claims too waits for a
+/// statement of its own: when the earlier one is refused (here for another of its
+/// sequences, already stored), the later one is stored rather than told of a conflict.
+#[tokio::test(flavor = "current_thread")]
+async fn a_clash_in_a_group_is_stored_when_the_first_claim_is_refused_on_postgres() {
+    use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
+
+    let ledger = spawn_ledger(Backend::Postgres).await;
+    let repository = bare_repository(&ledger);
+    let id = Uuid::now_v7().to_string();
+    // The store checks keys, not gaps: sequence 3 stands with 2 free.
+    repository
+        .persist::<Organization>(&[opaque_event(&id, 1)], None)
+        .await
+        .unwrap();
+    repository
+        .persist::<Organization>(&[opaque_event(&id, 3)], None)
+        .await
+        .unwrap();
+    let groups_before = repository.group_stats().groups();
+
+    let first = [opaque_event(&id, 2), opaque_event(&id, 3)];
+    let second = [opaque_event(&id, 2)];
+    let (first, second) = tokio::join!(
+        repository.persist::<Organization>(&first, None),
+        repository.persist::<Organization>(&second, None),
+    );
+
+    assert_eq!(repository.group_stats().groups() - groups_before, 1);
+    assert!(
+        matches!(first, Err(PersistenceError::OptimisticLockError)),
+        "{first:?}"
+    );
+    second.expect("the later claim of sequence 2 is stored once the first is refused");
+    assert_eq!(stored_count(&repository, &id).await, 3);
 }
 
 /// `ledger` caches the organization at creation; `other` (a second process) changes it.

@@ -109,24 +109,22 @@ impl GroupCommit {
     }
 
     fn queue(&self) -> mpsc::UnboundedSender<Append> {
-        let waiting = {
+        let (sender, waiting) = {
             let mut queue = self
                 .queue
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match queue.as_ref() {
-                Some(running) if !running.is_closed() => return running.clone(),
-                _ => {
-                    let (sender, waiting) = mpsc::unbounded_channel();
-                    *queue = Some(sender);
-                    waiting
-                }
+            if let Some(running) = queue.as_ref().filter(|running| !running.is_closed()) {
+                return running.clone();
             }
+            let (sender, waiting) = mpsc::unbounded_channel();
+            *queue = Some(sender.clone());
+            (sender, waiting)
         };
         // Outside the lock: if this panics (no runtime), the receiver goes with it, and the
         // next append finds the queue closed and starts it again.
         tokio::spawn(run(self.pool.clone(), waiting, self.stats.clone()));
-        self.queue()
+        sender
     }
 }
 
@@ -233,11 +231,9 @@ fn refused(error: &sqlx::Error) -> bool {
 /// A taken sequence, a deadlock or a serialization failure: the statement stored nothing and
 /// the command, decided again on fresh state, may well succeed.
 pub fn is_conflict(error: &sqlx::Error) -> bool {
-    refused(error)
-        && error.as_database_error().is_some_and(|error| {
-            error.is_unique_violation()
-                || error.code().is_some_and(|code| RETRYABLE.contains(&&*code))
-        })
+    error.as_database_error().is_some_and(|error| {
+        error.is_unique_violation() || error.code().is_some_and(|code| RETRYABLE.contains(&&*code))
+    })
 }
 
 fn refusal(error: sqlx::Error) -> GroupError {
