@@ -1308,6 +1308,12 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_on_postgre
     let Database::Postgres(pool) = ledger.db().clone() else {
         unreachable!("a PostgreSQL ledger")
     };
+    // A connection goes back to the pool on a task of its own after its statement, so the
+    // command's answer can come before the pool counts it idle.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pool.num_idle() == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(pool.num_idle() > 0, "the commands left idle connections");
 
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&ledger.database.url)
