@@ -182,6 +182,7 @@ on_both_backends!(
     a_command_answers_with_consistency_pending_when_read_models_lag,
     groups_follow_members_invitations_and_deletions,
     short_lists_are_paged_like_the_long_ones,
+    a_cursor_is_refused_by_every_list_but_the_one_that_issued_it,
     searches_fold_letters_beyond_ascii_alike_on_both_stores,
     service_accounts_act_only_within_their_scopes_and_organization,
     settings_and_ai_providers_keep_keys_secret,
@@ -251,6 +252,87 @@ async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
                 "{list}?{query}"
             );
         }
+    }
+}
+
+async fn a_cursor_is_refused_by_every_list_but_the_one_that_issued_it(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    for (path, body) in [
+        (
+            "invitations",
+            json!({"email": "a@example.com", "role": "member"}),
+        ),
+        (
+            "invitations",
+            json!({"email": "b@example.com", "role": "member"}),
+        ),
+        ("groups", json!({"name": "Engineering"})),
+        ("groups", json!({"name": "Support"})),
+    ] {
+        let made = app
+            .call(
+                Method::POST,
+                &format!("{base}/{path}"),
+                Some("olivia"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    }
+    let first_page = |list: String| {
+        let app = &app;
+        async move {
+            let page = app
+                .call(
+                    Method::GET,
+                    &format!("{list}?limit=1"),
+                    Some("olivia"),
+                    None,
+                )
+                .await;
+            assert_eq!(page.status, StatusCode::OK, "{list}: {}", page.body);
+            page.body["next_cursor"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{list} has a second page"))
+                .to_owned()
+        }
+    };
+    let members = first_page(format!("{base}/members")).await;
+    let groups = first_page(format!("{base}/groups")).await;
+
+    let second = app
+        .call(
+            Method::GET,
+            &format!("{base}/members?limit=1&cursor={members}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(second.body["items"][0]["user_id"], "mia", "{}", second.body);
+    // Each pair below has keys of the same shape: only the name of the list tells them apart.
+    for (list, cursor) in [
+        (format!("{base}/invitations"), &members),
+        ("/v1/users/olivia/organizations".to_owned(), &members),
+        (format!("{base}/service-accounts"), &groups),
+        (format!("{base}/members"), &groups),
+    ] {
+        let refused = app
+            .call(
+                Method::GET,
+                &format!("{list}?cursor={cursor}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            "{list}"
+        );
+        assert_eq!(refused.body["errors"][0]["field"], "cursor", "{list}");
     }
 }
 

@@ -8,7 +8,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError, List};
 use crate::db::{index, unique_index, Arg, Backend, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
@@ -510,13 +510,15 @@ pub async fn list(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Result<Page<AuditEntryView>, CursorError>, sqlx::Error> {
-    let after = match cursor.map(Cursor::<i64>::decode) {
+    let after = match cursor.map(|raw| Cursor::<i64>::decode(raw, List::AuditLog)) {
         Some(Ok(Cursor(sequence))) => sequence,
         Some(Err(error)) => return Ok(Err(error)),
         None => 0,
     };
     let views = entries_after(database, organization_id, filter, after, limit + 1).await?;
-    Ok(Ok(paginate(views, limit, |entry| entry.sequence)))
+    Ok(Ok(paginate(views, limit, List::AuditLog, |entry| {
+        entry.sequence
+    })))
 }
 
 /// Entries after sequence `after`, in sequence order.

@@ -16,25 +16,83 @@ pub struct Page<T> {
 #[error("the cursor is not one this list issued")]
 pub struct CursorError;
 
+/// The list that issues a cursor. A cursor names its list and is taken back by that list
+/// only: another list's cursor would decode to a key of the same shape and silently start
+/// the page at an unrelated place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    Organizations,
+    UserOrganizations,
+    Members,
+    Invitations,
+    AuditLog,
+    Groups,
+    ServiceAccounts,
+    AiProviders,
+    Roles,
+}
+
+impl List {
+    const ALL: [Self; 9] = [
+        Self::Organizations,
+        Self::UserOrganizations,
+        Self::Members,
+        Self::Invitations,
+        Self::AuditLog,
+        Self::Groups,
+        Self::ServiceAccounts,
+        Self::AiProviders,
+        Self::Roles,
+    ];
+
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Organizations => "organizations",
+            Self::UserOrganizations => "user_organizations",
+            Self::Members => "members",
+            Self::Invitations => "invitations",
+            Self::AuditLog => "audit_log",
+            Self::Groups => "groups",
+            Self::ServiceAccounts => "service_accounts",
+            Self::AiProviders => "ai_providers",
+            Self::Roles => "roles",
+        }
+    }
+}
+
 /// The sort key of the last row of a page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor<K>(pub K);
 
 impl<K: Serialize + DeserializeOwned> Cursor<K> {
-    pub fn encode(&self) -> String {
-        let json = serde_json::to_vec(&self.0).expect("cursor keys serialize");
+    /// `[list, key]` as JSON, in URL-safe base64.
+    pub fn encode(&self, list: List) -> String {
+        let json = serde_json::to_vec(&(list.tag(), &self.0)).expect("cursor keys serialize");
         BASE64URL.encode(json)
     }
 
-    /// Refuses what no list issues, including strings with a NUL, which PostgreSQL cannot
-    /// compare with text and would answer with an error.
-    pub fn decode(raw: &str) -> Result<Self, CursorError> {
+    /// Refuses what `list` does not issue: another list's cursor, garbage, and strings with
+    /// a NUL, which PostgreSQL cannot compare with text and would answer with an error. A
+    /// bare key is taken too: cursors were issued without their list's name until
+    /// 2026-12-03, and a client paging through an upgrade keeps its place.
+    pub fn decode(raw: &str, list: List) -> Result<Self, CursorError> {
         let bytes = BASE64URL.decode(raw).map_err(|_| CursorError)?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| CursorError)?;
         if holds_nul(&value) {
             return Err(CursorError);
         }
-        serde_json::from_value(value)
+        let key = match value {
+            serde_json::Value::Array(mut parts)
+                if parts.len() == 2 && List::ALL.iter().any(|known| parts[0] == known.tag()) =>
+            {
+                if parts[0] != list.tag() {
+                    return Err(CursorError);
+                }
+                parts.pop().expect("two parts")
+            }
+            bare => bare,
+        };
+        serde_json::from_value(key)
             .map(Self)
             .map_err(|_| CursorError)
     }
@@ -55,12 +113,13 @@ fn holds_nul(value: &serde_json::Value) -> bool {
 pub(crate) fn paginate<T, K: Serialize + DeserializeOwned>(
     mut rows: Vec<T>,
     limit: usize,
+    list: List,
     key: impl Fn(&T) -> K,
 ) -> Page<T> {
     let more = rows.len() > limit;
     rows.truncate(limit);
     let next_cursor = if more {
-        rows.last().map(|last| Cursor(key(last)).encode())
+        rows.last().map(|last| Cursor(key(last)).encode(list))
     } else {
         None
     };
@@ -76,19 +135,22 @@ pub(crate) fn paginate<T, K: Serialize + DeserializeOwned>(
 pub fn page_of<T, K>(
     mut items: Vec<T>,
     limit: usize,
+    list: List,
     cursor: Option<&str>,
     key: impl Fn(&T) -> K,
 ) -> Result<Page<T>, CursorError>
 where
     K: Ord + Serialize + DeserializeOwned,
 {
-    let after = cursor.map(Cursor::<K>::decode).transpose()?;
+    let after = cursor
+        .map(|raw| Cursor::<K>::decode(raw, list))
+        .transpose()?;
     items.sort_by_key(|item| key(item));
     if let Some(Cursor(after)) = after {
         items.retain(|item| key(item) > after);
     }
     items.truncate(limit + 1);
-    Ok(paginate(items, limit, key))
+    Ok(paginate(items, limit, list, key))
 }
 
 /// Text as searches compare it: lower-cased by Unicode's rules. Read models keep a folded
@@ -121,45 +183,94 @@ mod tests {
     fn cursors_round_trip_and_garbage_is_refused() {
         let cursor = Cursor((17_i64, "mia".to_owned()));
         assert_eq!(
-            Cursor::<(i64, String)>::decode(&cursor.encode()).unwrap(),
-            cursor
+            Cursor::<(i64, String)>::decode(&cursor.encode(List::Members), List::Members),
+            Ok(cursor)
         );
-        assert_eq!(Cursor::<(i64, String)>::decode("!!"), Err(CursorError));
         assert_eq!(
-            Cursor::<(i64, String)>::decode("bm90IGpzb24"),
+            Cursor::<(i64, String)>::decode("!!", List::Members),
+            Err(CursorError)
+        );
+        assert_eq!(
+            Cursor::<(i64, String)>::decode("bm90IGpzb24", List::Members),
             Err(CursorError)
         );
     }
 
     #[test]
     fn a_cursor_with_a_nul_in_a_string_is_refused() {
-        let forged = Cursor((17_i64, "a\0b".to_owned())).encode();
-        assert_eq!(Cursor::<(i64, String)>::decode(&forged), Err(CursorError));
+        let forged = Cursor((17_i64, "a\0b".to_owned())).encode(List::Members);
+        assert_eq!(
+            Cursor::<(i64, String)>::decode(&forged, List::Members),
+            Err(CursorError)
+        );
         let backslash_text = Cursor((17_i64, "a\\u0000b".to_owned()));
         assert_eq!(
-            Cursor::<(i64, String)>::decode(&backslash_text.encode()),
+            Cursor::<(i64, String)>::decode(&backslash_text.encode(List::Members), List::Members),
             Ok(backslash_text)
         );
     }
 
     #[test]
     fn a_short_list_is_paged_by_its_key_and_its_cursors() {
-        let first = page_of(vec![3, 1, 4, 5, 2], 2, None, |n| *n).unwrap();
+        let first = page_of(vec![3, 1, 4, 5, 2], 2, List::Groups, None, |n| *n).unwrap();
         assert_eq!(first.items, [1, 2]);
-        let second = page_of(vec![3, 1, 4, 5, 2], 2, first.next_cursor.as_deref(), |n| *n).unwrap();
+        let second = page_of(
+            vec![3, 1, 4, 5, 2],
+            2,
+            List::Groups,
+            first.next_cursor.as_deref(),
+            |n| *n,
+        )
+        .unwrap();
         assert_eq!(second.items, [3, 4]);
         // An item inserted before the cursor does not shift the next page.
         let third = page_of(
             vec![0, 3, 1, 4, 5, 2],
             2,
+            List::Groups,
             second.next_cursor.as_deref(),
             |n| *n,
         )
         .unwrap();
         assert_eq!((third.items, third.next_cursor), (vec![5], None));
         assert_eq!(
-            page_of(vec![1], 2, Some("garbage"), |n| *n),
+            page_of(vec![1], 2, List::Groups, Some("garbage"), |n| *n),
             Err(CursorError)
+        );
+    }
+
+    #[test]
+    fn a_cursor_is_taken_back_only_by_the_list_that_issued_it() {
+        let members = Cursor((17_i64, "mia".to_owned())).encode(List::Members);
+        assert_eq!(
+            Cursor::<(i64, String)>::decode(&members, List::Invitations),
+            Err(CursorError)
+        );
+        assert_eq!(
+            Cursor::<(i64, String)>::decode(&members, List::UserOrganizations),
+            Err(CursorError)
+        );
+        let audit = Cursor(42_i64).encode(List::AuditLog);
+        assert_eq!(
+            Cursor::<i64>::decode(&audit, List::AuditLog),
+            Ok(Cursor(42))
+        );
+        assert_eq!(
+            Cursor::<i64>::decode(&audit, List::Groups),
+            Err(CursorError)
+        );
+    }
+
+    #[test]
+    fn a_bare_key_issued_before_cursors_named_their_list_still_pages() {
+        let bare = |json: &str| BASE64URL.encode(json);
+        assert_eq!(
+            Cursor::<(i64, String)>::decode(&bare(r#"[17,"mia"]"#), List::Members),
+            Ok(Cursor((17, "mia".to_owned())))
+        );
+        assert_eq!(
+            Cursor::<i64>::decode(&bare("42"), List::AuditLog),
+            Ok(Cursor(42))
         );
     }
 

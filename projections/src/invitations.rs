@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::cursor::{paginate, Cursor, CursorError};
+use crate::cursor::{paginate, Cursor, CursorError, List};
 use crate::db::{index, value_rows, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
@@ -327,7 +327,7 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(Cursor::<(i64, String)>::decode)
+        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Invitations))
     {
         Some(Ok(Cursor(key))) => Some(key),
         Some(Err(error)) => return Ok(Err(error)),
@@ -362,7 +362,10 @@ pub async fn list(
             .await?
     });
     let views: Vec<InvitationView> = rows.into_iter().map(|row| row.view(now)).collect();
-    Ok(Ok(paginate(views, filter.limit, |invitation| {
-        (to_micros(invitation.sent_at), invitation.id.clone())
-    })))
+    Ok(Ok(paginate(
+        views,
+        filter.limit,
+        List::Invitations,
+        |invitation| (to_micros(invitation.sent_at), invitation.id.clone()),
+    )))
 }

@@ -19,7 +19,7 @@ mod projector;
 pub mod service_accounts;
 mod time;
 
-pub use cursor::{page_of, Cursor, CursorError, Page};
+pub use cursor::{page_of, Cursor, CursorError, List, Page};
 pub use db::{Arg, Backend, Conn, Database, DatabaseError, Transaction, PING_IDLE_FOR};
 pub use feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
 pub use projector::{

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError, List};
 use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
@@ -422,7 +422,7 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(Cursor::<(i64, String)>::decode)
+        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Members))
     {
         Some(Ok(Cursor(key))) => Some(key),
         Some(Err(error)) => return Ok(Err(error)),
@@ -453,7 +453,7 @@ pub async fn list(
             .await?
     });
     let views: Vec<MemberView> = rows.into_iter().map(Into::into).collect();
-    Ok(Ok(paginate(views, filter.limit, |member| {
+    Ok(Ok(paginate(views, filter.limit, List::Members, |member| {
         (to_micros(member.joined_at), member.user_id.clone())
     })))
 }
@@ -506,11 +506,12 @@ pub async fn organizations_of(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Result<Page<UserOrganizationView>, CursorError>, sqlx::Error> {
-    let after = match cursor.map(Cursor::<(i64, String)>::decode) {
-        Some(Ok(Cursor(key))) => Some(key),
-        Some(Err(error)) => return Ok(Err(error)),
-        None => None,
-    };
+    let after =
+        match cursor.map(|raw| Cursor::<(i64, String)>::decode(raw, List::UserOrganizations)) {
+            Some(Ok(Cursor(key))) => Some(key),
+            Some(Err(error)) => return Ok(Err(error)),
+            None => None,
+        };
     let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
     let sql = "SELECT o.id, o.name, o.slug, o.kind, o.status, m.role, m.joined_at_us
                  FROM rm_members m JOIN rm_organizations o ON o.id = m.organization_id
@@ -541,7 +542,10 @@ pub async fn organizations_of(
             joined_at: from_micros(row.joined_at_us),
         })
         .collect();
-    Ok(Ok(paginate(views, limit, |view| {
-        (to_micros(view.joined_at), view.organization.id.clone())
-    })))
+    Ok(Ok(paginate(
+        views,
+        limit,
+        List::UserOrganizations,
+        |view| (to_micros(view.joined_at), view.organization.id.clone()),
+    )))
 }

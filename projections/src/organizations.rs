@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 
-use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError};
+use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError, List};
 use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
@@ -492,7 +492,7 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(Cursor::<(i64, String)>::decode)
+        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Organizations))
     {
         Some(Ok(Cursor(key))) => Some(key),
         Some(Err(error)) => return Ok(Err(error)),
@@ -519,9 +519,12 @@ pub async fn list(
             .await?
     });
     let views: Vec<OrganizationView> = rows.into_iter().map(Into::into).collect();
-    Ok(Ok(paginate(views, filter.limit, |org| {
-        (to_micros(org.created_at), org.id.clone())
-    })))
+    Ok(Ok(paginate(
+        views,
+        filter.limit,
+        List::Organizations,
+        |org| (to_micros(org.created_at), org.id.clone()),
+    )))
 }
 
 /// Soft-deleted organizations whose restore window has elapsed by `now`.

@@ -8,6 +8,7 @@ use orgledger_domain::{
     CreateGroup, GroupMembership, GroupRef, OrganizationCommand, Permission, UpdateGroup, UserId,
 };
 use orgledger_projections::groups::{self, GroupView};
+use orgledger_projections::List;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -138,7 +139,7 @@ async fn list_groups(
 ) -> Result<axum::Json<GroupList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let all = groups::list(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, |group| {
+    let page = query.page_of(all, List::Groups, |group| {
         (group.created_at.timestamp_micros(), group.id.clone())
     })?;
     Ok(axum::Json(GroupList {

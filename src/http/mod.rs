@@ -320,6 +320,7 @@ impl PageQuery {
     pub(crate) fn page_of<T, K>(
         &self,
         items: Vec<T>,
+        list: orgledger_projections::List,
         key: impl Fn(&T) -> K,
     ) -> Result<orgledger_projections::Page<T>, ApiError>
     where
@@ -329,6 +330,7 @@ impl PageQuery {
         Ok(orgledger_projections::page_of(
             items,
             limit,
+            list,
             self.cursor.as_deref(),
             key,
         )?)

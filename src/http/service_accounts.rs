@@ -9,6 +9,7 @@ use orgledger_domain::{
     ServiceAccountRef,
 };
 use orgledger_projections::service_accounts::{self, ServiceAccountView};
+use orgledger_projections::List;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -158,7 +159,7 @@ async fn list_service_accounts(
     let organization =
         authorize(&state, &caller, &org_id, Permission::ManageServiceAccounts).await?;
     let all = service_accounts::list(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, |account| {
+    let page = query.page_of(all, List::ServiceAccounts, |account| {
         (account.created_at.timestamp_micros(), account.id.clone())
     })?;
     Ok(axum::Json(ServiceAccountList {

@@ -10,7 +10,7 @@ use orgledger_domain::{
     Email, NewMember, OrganizationCommand, OrganizationKind, OrganizationName, Permission, Role,
     RoleRef, Slug, UpdateAiProvider, UserId,
 };
-use orgledger_projections::organizations;
+use orgledger_projections::{organizations, List};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -187,7 +187,7 @@ async fn list_ai_providers(
 ) -> Result<axum::Json<AiProviderList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let all = organizations::ai_providers(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, |provider| provider.id.clone())?;
+    let page = query.page_of(all, List::AiProviders, |provider| provider.id.clone())?;
     Ok(axum::Json(AiProviderList {
         items: page
             .items
@@ -386,7 +386,7 @@ async fn list_roles(
             },
         ));
     }
-    let page = query.page_of(keyed, |(key, _)| key.clone())?;
+    let page = query.page_of(keyed, List::Roles, |(key, _)| key.clone())?;
     Ok(axum::Json(RoleList {
         items: page.items.into_iter().map(|(_, role)| role).collect(),
         next_cursor: page.next_cursor,
