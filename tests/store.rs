@@ -27,7 +27,7 @@ on_both_backends!(
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
-    a_snapshot_stored_before_the_state_had_its_own_column_still_loads,
+    a_snapshot_stored_in_an_earlier_form_still_loads,
     importing_nothing_stores_nothing_and_needs_no_data_key,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
@@ -652,9 +652,10 @@ async fn snapshots_equal_a_full_replay(backend: Backend) {
     assert_eq!(uses, SNAPSHOT_EVERY + 7);
 }
 
-/// Snapshots are stored as ciphertext in `state`; one written before that column existed
-/// (base64 inside the JSON `payload`) is still read, not replayed around.
-async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backend: Backend) {
+/// Snapshots are stored compressed, then sealed, in `state`. The two forms written before
+/// are still read, not replayed around: the JSON sealed as it was (before 2026-12-03), and
+/// base64 inside the JSON `payload` (before `state` had a column of its own).
+async fn a_snapshot_stored_in_an_earlier_form_still_loads(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
     let org = create_org(&ledger, "Acme", "acme", "olivia")
         .await
@@ -665,17 +666,66 @@ async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backe
     let new_form = "SELECT count(*) FROM snapshots WHERE state IS NOT NULL AND payload IS NULL";
     assert_eq!(count(ledger.db(), new_form).await, 1);
     let snapshot_at = count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize;
-
-    // Rewrite it as it was stored before: the same state, sealed as text inside JSON.
     let id = org.to_string();
     let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
-    let sealed: Vec<u8> = orgledger_projections::with_pool!(ledger.db(), pool => {
+    let (state, at) = ledger.snapshot(org).await.unwrap().expect("a snapshot");
+    assert_eq!(at, snapshot_at);
+    let state = serde_json::to_string(&state).unwrap();
+    let sealed_now: Vec<u8> = orgledger_projections::with_pool!(ledger.db(), pool => {
         sqlx::query_scalar("SELECT state FROM snapshots")
             .fetch_one(pool)
             .await
             .unwrap()
     });
-    let state = String::from_utf8(key.decrypt(&sealed, id.as_bytes()).unwrap()).unwrap();
+    assert!(
+        sealed_now.len() < state.len(),
+        "compressed: {} bytes sealed for {} of JSON",
+        sealed_now.len(),
+        state.len()
+    );
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    let loads_from_the_snapshot = |form: &'static str| {
+        let (ledger, replayed) = (&ledger, &replayed);
+        async move {
+            let cold = ledger.reopen().await;
+            let (from_snapshot, version) = cold.load(org).await.unwrap();
+            let stats = cold.read_stats();
+            assert_eq!(stats.snapshots(), 1, "{form}: the snapshot was read");
+            assert_eq!(
+                stats.events(),
+                (version - snapshot_at) as u64,
+                "{form}: only the events after it were replayed"
+            );
+            assert_eq!(&from_snapshot, replayed, "{form}");
+            assert_eq!(from_snapshot.members.len(), SNAPSHOT_EVERY + 1, "{form}");
+            cold
+        }
+    };
+
+    // The JSON sealed uncompressed, as `state` held it before 2026-12-03.
+    let uncompressed = key.encrypt(state.as_bytes(), id.as_bytes());
+    match ledger.db() {
+        Database::Postgres(pool) => {
+            sqlx::query("UPDATE snapshots SET state = $1")
+                .bind(uncompressed)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Database::Sqlite(pool) => {
+            sqlx::query("UPDATE snapshots SET state = $1")
+                .bind(uncompressed)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    loads_from_the_snapshot("uncompressed state").await;
+
+    // Sealed as text inside JSON, before `state` had a column.
     let payload = serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) });
     // The payload column is jsonb on PostgreSQL, text on SQLite.
     let rewrite = "UPDATE snapshots SET payload = $1, state = NULL";
@@ -696,22 +746,7 @@ async fn a_snapshot_stored_before_the_state_had_its_own_column_still_loads(backe
         }
     }
     assert_eq!(count(ledger.db(), new_form).await, 0);
-
-    let cold = ledger.reopen().await;
-    let (from_snapshot, version) = cold.load(org).await.unwrap();
-    let stats = cold.read_stats();
-    assert_eq!(stats.snapshots(), 1, "the old snapshot was read");
-    assert_eq!(
-        stats.events(),
-        (version - snapshot_at) as u64,
-        "only the events after it were replayed"
-    );
-    let mut replayed = Organization::default();
-    for event in ledger.events(org).await.unwrap() {
-        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
-    }
-    assert_eq!(from_snapshot, replayed);
-    assert_eq!(from_snapshot.members.len(), SNAPSHOT_EVERY + 1);
+    let cold = loads_from_the_snapshot("payload").await;
 
     // The next snapshot replaces it in the new form.
     for i in 0..SNAPSHOT_EVERY {

@@ -99,6 +99,33 @@ impl From<sqlx::Error> for AppendError {
 /// 32,766 parameters (PostgreSQL allows 65,535).
 const EVENTS_PER_STATEMENT: usize = 1_000;
 
+/// The first byte of a snapshot state's plaintext when the rest is its JSON compressed by
+/// LZ4 (block format, its length first). JSON text never starts with it: states sealed
+/// before 2026-12-03 are their JSON as it is, and still open.
+const LZ4_STATE: u8 = 1;
+
+/// A snapshot's state, sealed: compressed, then encrypted. Ciphertext does not compress, so
+/// the database's own compression cannot shrink it; a 100,000-member organization's JSON
+/// is about 22 MB, and writing it was most of the cost of the command that stores it.
+fn seal_state(key: &DataKey, state: &str, aad: &[u8]) -> Vec<u8> {
+    let compressed = lz4_flex::compress_prepend_size(state.as_bytes());
+    let mut plaintext = Vec::with_capacity(1 + compressed.len());
+    plaintext.push(LZ4_STATE);
+    plaintext.extend_from_slice(&compressed);
+    key.encrypt(&plaintext, aad)
+}
+
+/// The JSON of a state sealed by [`seal_state`], or sealed uncompressed before it.
+fn open_state(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
+    let plaintext = key.decrypt(sealed, aad)?;
+    let json = match plaintext.split_first() {
+        Some((&LZ4_STATE, compressed)) => lz4_flex::decompress_size_prepended(compressed)
+            .map_err(|error| StoreError::Integrity(format!("snapshot state: {error}")))?,
+        _ => plaintext,
+    };
+    String::from_utf8(json).map_err(|_| StoreError::Integrity("snapshot state is not UTF-8".into()))
+}
+
 /// Appends a command's events and its snapshot in one transaction: the events in multi-row
 /// INSERTs (postgres-es and sqlite-es send one statement per event), and a snapshot that
 /// moved since the load rolls back the events too (postgres-es 0.5 commits them first).
@@ -425,8 +452,7 @@ impl OrganizationRepository {
         };
         let aad = aggregate_id.as_bytes();
         let state = match (state, payload) {
-            (Some(sealed), _) => String::from_utf8(key.decrypt(&sealed, aad)?)
-                .map_err(|_| StoreError::Integrity("snapshot state is not UTF-8".into()))?,
+            (Some(sealed), _) => open_state(&key, &sealed, aad)?,
             // Written before the state had a column of its own: base64 inside JSON.
             (None, Some(payload)) => {
                 let payload: Value = serde_json::from_str(&payload)
@@ -496,7 +522,7 @@ impl OrganizationRepository {
                         .await
                         .map_err(failure)?;
                 }
-                Some((key.encrypt(state.as_bytes(), aad), number))
+                Some((seal_state(&key, &state, aad), number))
             }
             None => None,
         };
@@ -719,6 +745,42 @@ impl PersistedEventRepository for OrganizationRepository {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn members_json(count: usize) -> String {
+        let members: serde_json::Map<String, Value> = (0..count)
+            .map(|i| {
+                (
+                    format!("user-{i}"),
+                    serde_json::json!({"email": format!("user-{i}@example.com"), "role": "member"}),
+                )
+            })
+            .collect();
+        serde_json::json!({ "members": members }).to_string()
+    }
+
+    #[test]
+    fn a_sealed_state_is_compressed_and_opens_to_its_json() {
+        let key = DataKey::generate();
+        let json = members_json(1_000);
+        let sealed = seal_state(&key, &json, b"org");
+        assert!(
+            sealed.len() * 3 < json.len(),
+            "{} bytes sealed for {} of JSON",
+            sealed.len(),
+            json.len()
+        );
+        assert!(!sealed.windows(11).any(|w| w == b"example.com"));
+        assert_eq!(open_state(&key, &sealed, b"org").unwrap(), json);
+        assert!(open_state(&key, &sealed, b"another org").is_err());
+    }
+
+    #[test]
+    fn a_state_sealed_uncompressed_before_still_opens() {
+        let key = DataKey::generate();
+        let json = members_json(3);
+        let sealed = key.encrypt(json.as_bytes(), b"org");
+        assert_eq!(open_state(&key, &sealed, b"org").unwrap(), json);
+    }
 
     #[test]
     fn a_snapshot_prints_its_numbers_and_never_its_state() {
