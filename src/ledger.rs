@@ -78,6 +78,14 @@ fn store_failure(error: PersistenceError) -> LedgerError {
     LedgerError::Store(error.to_string())
 }
 
+/// A snapshot's state from its JSON, off the runtime's workers: a large organization's
+/// takes tens of milliseconds of CPU.
+async fn parse_state(json: String) -> Result<Result<Organization, serde_json::Error>, LedgerError> {
+    tokio::task::spawn_blocking(move || serde_json::from_str::<Organization>(&json))
+        .await
+        .map_err(|error| LedgerError::Store(format!("parsing a snapshot's state: {error}")))
+}
+
 /// An organization as loaded: its state, version and the number of its snapshot. The state
 /// is shared with the cache: a command clones it once, to apply its events to.
 #[derive(Clone)]
@@ -238,7 +246,7 @@ impl Ledger {
             .stored_snapshot(Organization::TYPE, &id)
             .await?;
         Ok(match snapshot {
-            Some(snapshot) => match serde_json::from_str::<Organization>(&snapshot.state) {
+            Some(snapshot) => match parse_state(snapshot.state).await? {
                 Ok(state) => Loaded {
                     state: Arc::new(state),
                     version: snapshot.last_sequence,
@@ -372,7 +380,13 @@ impl Ledger {
         // than the text.
         let snapshot = if last / interval > loaded.version / interval {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
-            Some((number, serde_json::to_string(&**after)?))
+            // A large state takes tens of milliseconds of CPU: off the runtime's workers, so
+            // other requests do not wait behind it.
+            let state = after.clone();
+            let json = tokio::task::spawn_blocking(move || serde_json::to_string(&*state))
+                .await
+                .map_err(|error| PersistenceError::UnknownError(Box::new(error)))??;
+            Some((number, json))
         } else {
             None
         };

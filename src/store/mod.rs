@@ -57,6 +57,9 @@ pub enum StoreError {
     Sealing(#[from] SealError),
     #[error("{0}")]
     Integrity(String),
+    /// A blocking task (opening a large snapshot's state) panicked or was cancelled.
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// A failure shared by the appends of one group commit.
     #[error("database error: {0}")]
     Shared(std::sync::Arc<sqlx::Error>),

@@ -452,7 +452,11 @@ impl OrganizationRepository {
         };
         let aad = aggregate_id.as_bytes();
         let state = match (state, payload) {
-            (Some(sealed), _) => open_state(&key, &sealed, aad)?,
+            // Opening and decompressing a large state is CPU work: off the workers.
+            (Some(sealed), _) => {
+                let aad = aad.to_vec();
+                tokio::task::spawn_blocking(move || open_state(&key, &sealed, &aad)).await??
+            }
             // Written before the state had a column of its own: base64 inside JSON.
             (None, Some(payload)) => {
                 let payload: Value = serde_json::from_str(&payload)
@@ -522,7 +526,12 @@ impl OrganizationRepository {
                         .await
                         .map_err(failure)?;
                 }
-                Some((seal_state(&key, &state, aad), number))
+                // Compressing and sealing a large state is CPU work: off the workers.
+                let (key, aad) = (key.clone(), aad.to_vec());
+                let sealed = tokio::task::spawn_blocking(move || seal_state(&key, &state, &aad))
+                    .await
+                    .map_err(|error| PersistenceError::UnknownError(Box::new(error)))?;
+                Some((sealed, number))
             }
             None => None,
         };
