@@ -166,6 +166,16 @@ fn problem_code(reply: &Reply) -> &str {
     reply.body["code"].as_str().unwrap_or("")
 }
 
+/// A 422 `validation_failed` problem; `context` says which request in a loop.
+fn assert_validation_failed(reply: &Reply, context: &str) {
+    assert_eq!(
+        (reply.status, problem_code(reply)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+        "{context}: {}",
+        reply.body
+    );
+}
+
 on_both_backends!(
     requests_without_a_valid_token_are_unauthenticated,
     a_creator_who_gave_no_email_has_none_rather_than_an_empty_one,
@@ -246,11 +256,7 @@ async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
                     None,
                 )
                 .await;
-            assert_eq!(
-                (refused.status, problem_code(&refused)),
-                (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
-                "{list}?{query}"
-            );
+            assert_validation_failed(&refused, &format!("{list}?{query}"));
         }
     }
 }
@@ -327,11 +333,7 @@ async fn a_cursor_is_refused_by_every_list_but_the_one_that_issued_it(backend: B
                 None,
             )
             .await;
-        assert_eq!(
-            (refused.status, problem_code(&refused)),
-            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
-            "{list}"
-        );
+        assert_validation_failed(&refused, &list);
         assert_eq!(refused.body["errors"][0]["field"], "cursor", "{list}");
     }
 }

@@ -707,22 +707,13 @@ async fn a_snapshot_stored_in_an_earlier_form_still_loads(backend: Backend) {
 
     // The JSON sealed uncompressed, as `state` held it before 2026-12-03.
     let uncompressed = key.encrypt(state.as_bytes(), id.as_bytes());
-    match ledger.db() {
-        Database::Postgres(pool) => {
-            sqlx::query("UPDATE snapshots SET state = $1")
-                .bind(uncompressed)
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-        Database::Sqlite(pool) => {
-            sqlx::query("UPDATE snapshots SET state = $1")
-                .bind(uncompressed)
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-    }
+    orgledger_projections::with_pool!(ledger.db(), pool => {
+        sqlx::query("UPDATE snapshots SET state = $1")
+            .bind(uncompressed)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
     loads_from_the_snapshot("uncompressed state").await;
 
     // Sealed as text inside JSON, before `state` had a column.
