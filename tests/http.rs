@@ -187,9 +187,13 @@ on_both_backends!(
     if_match_guards_against_lost_updates,
     concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
     audit_history_and_exports_are_served,
+    every_kind_of_change_is_audited_under_its_contract_action,
+    request_headers_are_recorded_in_the_metadata_of_the_events,
+    a_list_without_a_limit_pages_by_fifty,
     deletion_restore_and_purge_follow_the_contract,
     operations_endpoints_report_health_and_metrics,
     a_command_answers_with_consistency_pending_when_read_models_lag,
+    the_service_is_ready_only_while_projections_are_within_five_seconds,
     groups_follow_members_invitations_and_deletions,
     short_lists_are_paged_like_the_long_ones,
     a_cursor_is_refused_by_every_list_but_the_one_that_issued_it,
@@ -1216,6 +1220,61 @@ async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend
     );
 }
 
+/// `/readyz` says "not ready" while an event committed more than 5 s ago is not yet in the
+/// read models, and "ready" again once the runner has caught up.
+async fn the_service_is_ready_only_while_projections_are_within_five_seconds(backend: Backend) {
+    // No projection runs at first.
+    let service = spawn_service_waiting(backend, Duration::from_millis(50)).await;
+    let mut app = serve_app(service).await;
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(created.headers["x-consistency"], "pending");
+    let readyz = format!("{}/readyz", app.address);
+    let fresh = app.send(app.client.get(&readyz)).await;
+    assert_eq!(
+        fresh.status,
+        StatusCode::OK,
+        "behind by less than 5 s: {}",
+        fresh.body
+    );
+    // The events are stamped by the database and cannot be aged: wait the 5 s out.
+    tokio::time::sleep(Duration::from_millis(5_200)).await;
+    let behind = app.send(app.client.get(&readyz)).await;
+    assert_eq!(
+        (behind.status, problem_code(&behind)),
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+        "{}",
+        behind.body
+    );
+    assert!(
+        behind.body["detail"].as_str().unwrap().contains("behind"),
+        "{}",
+        behind.body
+    );
+
+    app.service.start_projections();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = app.send(app.client.get(&readyz)).await;
+        if ready.status == StatusCode::OK {
+            assert_eq!(ready.body["status"], "ready");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still not ready: {}",
+            ready.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn a_creator_who_gave_no_email_has_none_rather_than_an_empty_one(backend: Backend) {
     let app = spawn_app(backend).await;
     let created = app
@@ -1401,6 +1460,16 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         )
         .await;
     assert_eq!(own_orgs.body["items"][0]["role"], "member");
+    let read_by_system = app
+        .call(Method::GET, "/v1/users/mia/organizations", None, None)
+        .await;
+    assert_eq!(
+        read_by_system.status,
+        StatusCode::OK,
+        "{}",
+        read_by_system.body
+    );
+    assert_eq!(read_by_system.body["items"], own_orgs.body["items"]);
     let created_by_system = app
         .call(
             Method::POST,
@@ -2054,6 +2123,35 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     );
     let other_key = app.send(send("key-2", "other@example.com")).await;
     assert_eq!(other_key.status, StatusCode::CREATED);
+    // A key holds for 24 hours: a minute short of them it still refuses another body; past
+    // them the key is free again, and the old response is forgotten.
+    let age = |seconds: i64| {
+        format!(
+            "UPDATE idempotency_keys SET created_at_us = created_at_us - {} WHERE key = 'key-2'",
+            seconds * 1_000_000
+        )
+    };
+    assert_eq!(
+        try_execute(app.service.db(), &age(24 * 3600 - 60)).await,
+        Ok(1)
+    );
+    let within = app.send(send("key-2", "another@example.com")).await;
+    assert_eq!(problem_code(&within), "idempotency_key_reused");
+    assert_eq!(try_execute(app.service.db(), &age(61)).await, Ok(1));
+    let past = app.send(send("key-2", "another@example.com")).await;
+    assert_eq!(past.status, StatusCode::CREATED, "{}", past.body);
+    assert!(past.headers.get("idempotent-replayed").is_none());
+    assert_eq!(
+        try_execute(app.service.db(), &age(24 * 3600 + 1)).await,
+        Ok(1)
+    );
+    assert_eq!(
+        orgledger::http::idempotency::forget_expired(app.service.db())
+            .await
+            .unwrap(),
+        1,
+        "only the aged key is forgotten"
+    );
     // A rejected command is replayed too, as the same rejection.
     let rejected = app.send(send("key-3", "nina@example.com")).await;
     assert_eq!(problem_code(&rejected), "invitation_pending");
@@ -2212,6 +2310,312 @@ async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backe
         }
     }
     assert_eq!(created, 1, "exactly one invitation for one email");
+}
+
+/// The audit log names each change with the contract's dotted action and the resource that
+/// changed, in the order the changes were made.
+async fn every_kind_of_change_is_audited_under_its_contract_action(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    app.add_member(&org, "olivia", "sam", "member").await;
+    let ok = |reply: &Reply, expected: StatusCode, what: &str| {
+        assert_eq!(reply.status, expected, "{what}: {}", reply.body);
+    };
+    let call = |method: Method, path: String, actor: &'static str, body: Option<Value>| {
+        let app = &app;
+        async move { app.call(method, &path, Some(actor), body).await }
+    };
+
+    let invited = call(
+        Method::POST,
+        format!("{base}/invitations"),
+        "olivia",
+        Some(json!({"email": "x@example.com", "role": "member"})),
+    )
+    .await;
+    ok(&invited, StatusCode::CREATED, "invite");
+    let invitation = invited.body["invitation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let resent = call(
+        Method::POST,
+        format!("{base}/invitations/{invitation}/resend"),
+        "olivia",
+        None,
+    )
+    .await;
+    ok(&resent, StatusCode::OK, "resend");
+    let revoked = call(
+        Method::DELETE,
+        format!("{base}/invitations/{invitation}"),
+        "olivia",
+        None,
+    )
+    .await;
+    ok(&revoked, StatusCode::NO_CONTENT, "revoke");
+    let renamed = call(
+        Method::PATCH,
+        base.clone(),
+        "olivia",
+        Some(json!({"name": "Acme Inc"})),
+    )
+    .await;
+    ok(&renamed, StatusCode::OK, "rename");
+    let titled = call(
+        Method::PATCH,
+        format!("{base}/members/mia"),
+        "olivia",
+        Some(json!({"title": "CTO"})),
+    )
+    .await;
+    ok(&titled, StatusCode::OK, "title");
+    let promoted = call(
+        Method::PATCH,
+        format!("{base}/members/mia"),
+        "olivia",
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    ok(&promoted, StatusCode::OK, "promote");
+    let transferred = call(
+        Method::POST,
+        format!("{base}/transfer-ownership"),
+        "olivia",
+        Some(json!({"new_owner_id": "mia"})),
+    )
+    .await;
+    ok(&transferred, StatusCode::OK, "transfer");
+    let removed = call(Method::DELETE, format!("{base}/members/sam"), "mia", None).await;
+    ok(&removed, StatusCode::NO_CONTENT, "remove");
+    let left = call(Method::POST, format!("{base}/leave"), "olivia", None).await;
+    ok(&left, StatusCode::NO_CONTENT, "leave");
+
+    let group = call(
+        Method::POST,
+        format!("{base}/groups"),
+        "mia",
+        Some(json!({"name": "Engineering"})),
+    )
+    .await;
+    ok(&group, StatusCode::CREATED, "group");
+    let group_id = group.body["id"].as_str().unwrap().to_owned();
+    let group_member = format!("{base}/groups/{group_id}/members/mia");
+    let added = call(Method::PUT, group_member.clone(), "mia", None).await;
+    ok(&added, StatusCode::NO_CONTENT, "add to group");
+    let taken_out = call(Method::DELETE, group_member, "mia", None).await;
+    ok(&taken_out, StatusCode::NO_CONTENT, "take out of group");
+    let group_path = format!("{base}/groups/{group_id}");
+    let described = call(
+        Method::PATCH,
+        group_path.clone(),
+        "mia",
+        Some(json!({"description": "Builds it"})),
+    )
+    .await;
+    ok(&described, StatusCode::OK, "describe group");
+    let ungrouped = call(Method::DELETE, group_path, "mia", None).await;
+    ok(&ungrouped, StatusCode::NO_CONTENT, "delete group");
+
+    let account = call(
+        Method::POST,
+        format!("{base}/service-accounts"),
+        "mia",
+        Some(json!({"name": "CI", "scopes": ["members:read"]})),
+    )
+    .await;
+    ok(&account, StatusCode::CREATED, "service account");
+    let account_id = account.body["service_account"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rotated = call(
+        Method::POST,
+        format!("{base}/service-accounts/{account_id}/rotate"),
+        "mia",
+        None,
+    )
+    .await;
+    ok(&rotated, StatusCode::OK, "rotate");
+    let retired = call(
+        Method::DELETE,
+        format!("{base}/service-accounts/{account_id}"),
+        "mia",
+        None,
+    )
+    .await;
+    ok(&retired, StatusCode::NO_CONTENT, "delete service account");
+    let routed = call(
+        Method::PUT,
+        format!("{base}/smart-tool-routing"),
+        "mia",
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    ok(&routed, StatusCode::OK, "settings");
+    let deleted = call(
+        Method::DELETE,
+        base.clone(),
+        "mia",
+        Some(json!({"confirm_name": "Acme Inc"})),
+    )
+    .await;
+    ok(&deleted, StatusCode::OK, "delete");
+    let restored = call(Method::POST, format!("{base}/restore"), "mia", None).await;
+    ok(&restored, StatusCode::OK, "restore");
+
+    let log = call(
+        Method::GET,
+        format!("{base}/audit-log?limit=500"),
+        "mia",
+        None,
+    )
+    .await;
+    ok(&log, StatusCode::OK, "audit log");
+    let entries = log.body["items"].as_array().unwrap();
+    let sequences: Vec<i64> = entries
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert!(
+        sequences.windows(2).all(|pair| pair[0] < pair[1]),
+        "{sequences:?}"
+    );
+    let seen: Vec<(String, String, String)> = entries
+        .iter()
+        .map(|e| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                text(&e["action"]),
+                text(&e["resource"]["type"]),
+                text(&e["resource"]["id"]),
+            )
+        })
+        .collect();
+    let change =
+        |action: &str, kind: &str, id: &str| (action.to_owned(), kind.to_owned(), id.to_owned());
+    let joined = |user: &str, invitation: &Value| {
+        [
+            change(
+                "invitation.accepted",
+                "invitation",
+                invitation.as_str().unwrap(),
+            ),
+            change("member.joined", "member", user),
+        ]
+    };
+    // The invitations that brought mia and sam in, as the first two entries after creation
+    // name them.
+    let invitation_of = |index: usize| entries[index]["resource"]["id"].clone();
+    let mut expected = vec![
+        change("organization.created", "organization", &org),
+        change("member.joined", "member", "olivia"),
+        change(
+            "invitation.sent",
+            "invitation",
+            invitation_of(2).as_str().unwrap(),
+        ),
+    ];
+    expected.extend(joined("mia", &invitation_of(2)));
+    expected.push(change(
+        "invitation.sent",
+        "invitation",
+        invitation_of(5).as_str().unwrap(),
+    ));
+    expected.extend(joined("sam", &invitation_of(5)));
+    expected.extend([
+        change("invitation.sent", "invitation", &invitation),
+        change("invitation.resent", "invitation", &invitation),
+        change("invitation.revoked", "invitation", &invitation),
+        change("organization.updated", "organization", &org),
+        change("member.profile_updated", "member", "mia"),
+        change("member.role_changed", "member", "mia"),
+        change("organization.ownership_transferred", "organization", &org),
+        change("member.removed", "member", "sam"),
+        change("member.left", "member", "olivia"),
+        change("group.created", "group", &group_id),
+        change("group.member_added", "group", &group_id),
+        change("group.member_removed", "group", &group_id),
+        change("group.updated", "group", &group_id),
+        change("group.deleted", "group", &group_id),
+        change("service_account.created", "service_account", &account_id),
+        change("service_account.rotated", "service_account", &account_id),
+        change("service_account.deleted", "service_account", &account_id),
+        change("settings.smart_tool_routing_changed", "settings", &org),
+        change("organization.deleted", "organization", &org),
+        change("organization.restored", "organization", &org),
+    ]);
+    assert_eq!(seen, expected);
+}
+
+/// `X-Request-Id`, `User-Agent` and the first address of `X-Forwarded-For` (the client, as
+/// the nearest proxy saw it) go into the metadata of the events a command appends.
+async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let renamed = app
+        .send(
+            app.request(
+                Method::PATCH,
+                &format!("/v1/organizations/{org}"),
+                Some("olivia"),
+            )
+            .header("X-Request-Id", "req-meta")
+            .header("User-Agent", "orgledger-test/1.0")
+            .header("X-Forwarded-For", "203.0.113.7, 10.0.0.1")
+            .json(&json!({"name": "Acme Inc"})),
+        )
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    let version = renamed.body["version"].as_i64().unwrap();
+    let events = app
+        .call(
+            Method::GET,
+            &format!(
+                "/v1/organizations/{org}/events?after_sequence={}",
+                version - 1
+            ),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let metadata = &events.body["items"][0]["metadata"];
+    assert_eq!(metadata["request_id"], "req-meta", "{metadata}");
+    assert_eq!(metadata["user_agent"], "orgledger-test/1.0", "{metadata}");
+    assert_eq!(metadata["client_ip"], "203.0.113.7", "{metadata}");
+}
+
+/// `limit` defaults to 50.
+async fn a_list_without_a_limit_pages_by_fifty(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let groups = format!("/v1/organizations/{org}/groups");
+    for i in 0..51 {
+        let made = app
+            .call(
+                Method::POST,
+                &groups,
+                Some("olivia"),
+                Some(json!({"name": format!("Group {i:02}")})),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    }
+    let first = app.call(Method::GET, &groups, Some("olivia"), None).await;
+    assert_eq!(first.body["items"].as_array().unwrap().len(), 50);
+    let next = first.body["next_cursor"].as_str().expect("a second page");
+    let rest = app
+        .call(
+            Method::GET,
+            &format!("{groups}?cursor={next}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(rest.body["items"][0]["name"], "Group 50");
+    assert_eq!(rest.body["next_cursor"], Value::Null);
 }
 
 async fn audit_history_and_exports_are_served(backend: Backend) {
@@ -2375,6 +2779,29 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
             .map(|item| item["organization"]["status"].clone())
     };
     assert_eq!(organizations_status().await, Some(json!("deleted")));
+    // The directory (`system`) filters by status.
+    let directory = |status: &'static str| {
+        let app = &app;
+        async move {
+            let listed = app
+                .call(
+                    Method::GET,
+                    &format!("/v1/organizations?status={status}"),
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(listed.status, StatusCode::OK, "{}", listed.body);
+            listed.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(directory("deleted").await, [org.as_str()]);
+    assert!(directory("active").await.is_empty());
     let refused = app
         .call(Method::POST, &format!("{path}/leave"), Some("adam"), None)
         .await;
@@ -2396,6 +2823,8 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         .await;
     assert_eq!(restored.body["status"], "active");
     assert_eq!(organizations_status().await, Some(json!("active")));
+    assert_eq!(directory("active").await, [org.as_str()]);
+    assert!(directory("deleted").await.is_empty());
     // A keyed command's stored response holds personal data the purge must erase too.
     let profile = json!({"first_name": "Priscilla", "title": "Whistleblower"});
     let keyed = || {
@@ -2512,32 +2941,70 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         .send(app.client.get(format!("{}/openapi.json", app.address)))
         .await;
     let paths = openapi.body["paths"].as_object().unwrap();
-    for path in [
-        "/v1/organizations",
-        "/v1/organizations/{org_id}",
-        "/v1/organizations/{org_id}/restore",
-        "/v1/organizations/{org_id}/purge",
-        "/v1/organizations/{org_id}/transfer-ownership",
-        "/v1/organizations/{org_id}/members",
-        "/v1/organizations/{org_id}/members/{user_id}",
-        "/v1/organizations/{org_id}/leave",
-        "/v1/users/{user_id}/organizations",
-        "/v1/organizations/{org_id}/invitations",
-        "/v1/organizations/{org_id}/invitations/{invitation_id}/resend",
-        "/v1/organizations/{org_id}/invitations/{invitation_id}",
-        "/v1/invitations/accept",
-        "/v1/organizations/{org_id}/audit-log",
-        "/v1/organizations/{org_id}/audit-log/export",
-        "/v1/organizations/{org_id}/events",
-        "/v1/organizations/{org_id}/state",
-        "/v1/organizations/{org_id}/export",
-        "/healthz",
-        "/readyz",
-        "/metrics",
+    // Every operation of the contract.
+    let o = "/v1/organizations/{org_id}";
+    for (method, path) in [
+        ("post", "/v1/organizations".to_owned()),
+        ("get", "/v1/organizations".to_owned()),
+        ("get", o.to_owned()),
+        ("patch", o.to_owned()),
+        ("delete", o.to_owned()),
+        ("post", format!("{o}/restore")),
+        ("post", format!("{o}/purge")),
+        ("post", format!("{o}/transfer-ownership")),
+        ("get", format!("{o}/members")),
+        ("get", format!("{o}/members/{{user_id}}")),
+        ("patch", format!("{o}/members/{{user_id}}")),
+        ("delete", format!("{o}/members/{{user_id}}")),
+        ("post", format!("{o}/leave")),
+        ("get", "/v1/users/{user_id}/organizations".to_owned()),
+        ("post", format!("{o}/invitations")),
+        ("get", format!("{o}/invitations")),
+        ("post", format!("{o}/invitations/{{invitation_id}}/resend")),
+        ("delete", format!("{o}/invitations/{{invitation_id}}")),
+        ("post", "/v1/invitations/accept".to_owned()),
+        ("get", format!("{o}/audit-log")),
+        ("get", format!("{o}/audit-log/export")),
+        ("get", format!("{o}/events")),
+        ("get", format!("{o}/state")),
+        ("get", format!("{o}/export")),
+        ("post", format!("{o}/groups")),
+        ("get", format!("{o}/groups")),
+        ("get", format!("{o}/groups/{{group_id}}")),
+        ("patch", format!("{o}/groups/{{group_id}}")),
+        ("delete", format!("{o}/groups/{{group_id}}")),
+        (
+            "put",
+            format!("{o}/groups/{{group_id}}/members/{{user_id}}"),
+        ),
+        (
+            "delete",
+            format!("{o}/groups/{{group_id}}/members/{{user_id}}"),
+        ),
+        ("post", format!("{o}/service-accounts")),
+        ("get", format!("{o}/service-accounts")),
+        ("post", format!("{o}/service-accounts/{{id}}/rotate")),
+        ("delete", format!("{o}/service-accounts/{{id}}")),
+        ("put", format!("{o}/client-restrictions")),
+        ("put", format!("{o}/smart-tool-routing")),
+        ("post", format!("{o}/ai-providers")),
+        ("get", format!("{o}/ai-providers")),
+        ("patch", format!("{o}/ai-providers/{{id}}")),
+        ("delete", format!("{o}/ai-providers/{{id}}")),
+        ("put", format!("{o}/plan")),
+        ("get", format!("{o}/roles")),
+        ("post", format!("{o}/roles")),
+        (
+            "post",
+            "/v1/users/{user_id}/personal-organization".to_owned(),
+        ),
+        ("get", "/healthz".to_owned()),
+        ("get", "/readyz".to_owned()),
+        ("get", "/metrics".to_owned()),
     ] {
         assert!(
-            paths.contains_key(path),
-            "{path} missing from /openapi.json"
+            paths.get(&path).and_then(|ops| ops.get(method)).is_some(),
+            "{method} {path} missing from /openapi.json"
         );
     }
     // A path parameter is in its path; query parameters are optional and in the query.

@@ -229,6 +229,34 @@ async fn read_models_show_each_command_when_it_returns(backend: Backend) {
     .unwrap();
     assert_eq!(pending.items.len(), 1);
     assert_eq!(pending.items[0].email.as_deref(), Some("nina@example.com"));
+    // Past its expiry (seven days by default) it reads as expired, and is listed under that
+    // status only: `expired` is worked out when read, never stored.
+    let later = pending.items[0].expires_at + chrono::Duration::seconds(1);
+    for (status, expected) in [
+        (Some("pending"), vec![]),
+        (Some("expired"), vec!["expired"]),
+        (None, vec!["expired"]),
+    ] {
+        let listed = invitations::list(
+            service.db(),
+            &id,
+            &InvitationFilter {
+                status: status.map(str::to_owned),
+                limit: 50,
+                cursor: None,
+            },
+            later,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let statuses: Vec<&str> = listed.items.iter().map(|i| i.status.as_str()).collect();
+        assert_eq!(statuses, expected, "{status:?}");
+    }
+    assert_eq!(
+        pending.items[0].expires_at - pending.items[0].sent_at,
+        chrono::Duration::days(7)
+    );
     assert_eq!(
         invitations::organization_of_token(service.db(), &token.sha256)
             .await
