@@ -73,7 +73,64 @@ async fn call(
     Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
-on_both_backends!(killing_the_server_mid_burst_loses_nothing_and_doubles_nothing);
+on_both_backends!(
+    killing_the_server_mid_burst_loses_nothing_and_doubles_nothing,
+    sigterm_stops_the_server_cleanly_and_loses_nothing,
+);
+
+/// SIGTERM (what a service manager sends) stops the server cleanly: it exits with success,
+/// and what it acknowledged is there when it starts again.
+async fn sigterm_stops_the_server_cleanly_and_loses_nothing(backend: Backend) {
+    let database = fresh_database(backend).await;
+    let master_key = MasterKey::generate().to_base64();
+    let client = reqwest::Client::new();
+    let mut server = start(&database.url, &master_key);
+    let (status, org) = call(
+        &client,
+        &server.address,
+        reqwest::Method::POST,
+        "/v1/organizations",
+        Some("olivia"),
+        Some(json!({"name": "Acme"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201);
+    let org = org["id"].as_str().unwrap().to_owned();
+
+    let signalled = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 30 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+
+    let mut restarted = start(&database.url, &master_key);
+    let (status, found) = call(
+        &client,
+        &restarted.address,
+        reqwest::Method::GET,
+        &format!("/v1/organizations/{org}"),
+        Some("olivia"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, &found["name"]), (200, &json!("Acme")));
+    restarted.child.kill().unwrap();
+    restarted.child.wait().unwrap();
+}
 
 async fn killing_the_server_mid_burst_loses_nothing_and_doubles_nothing(backend: Backend) {
     let database = fresh_database(backend).await;

@@ -1773,20 +1773,60 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
         .await;
     assert_eq!(link.status, StatusCode::CREATED, "{}", link.body);
     assert_eq!(link.body["invitation"]["email"], Value::Null);
-    for who in ["p1", "p2"] {
-        let joined = app
-            .call(Method::POST, "/v1/invitations/accept", Some(who), Some(json!({"token": link.body["token"], "user_id": who, "email": format!("{who}@else.org")})))
-            .await;
-        assert_eq!(joined.status, StatusCode::OK);
-    }
-    let third = app
+    assert_eq!(
+        (
+            &link.body["invitation"]["max_uses"],
+            &link.body["invitation"]["uses"]
+        ),
+        (&json!(2), &json!(0))
+    );
+    let link_id = link.body["invitation"]["id"].as_str().unwrap().to_owned();
+    let accept = |who: &'static str, token: Value| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::POST,
+                "/v1/invitations/accept",
+                Some(who),
+                Some(json!({"token": token, "user_id": who, "email": format!("{who}@else.org")})),
+            )
+            .await
+        }
+    };
+    let joined = accept("p1", link.body["token"].clone()).await;
+    assert_eq!(joined.status, StatusCode::OK, "{}", joined.body);
+    let shown = app
         .call(
-            Method::POST,
-            "/v1/invitations/accept",
-            Some("p3"),
-            Some(json!({"token": link.body["token"], "user_id": "p3", "email": "p3@else.org"})),
+            Method::GET,
+            &format!("{base}/invitations"),
+            Some("nina"),
+            None,
         )
         .await;
+    let shown = shown.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|invitation| invitation["id"] == link_id.as_str())
+        .expect("a link with a use left is still pending")
+        .clone();
+    assert_eq!((&shown["max_uses"], &shown["uses"]), (&json!(2), &json!(1)));
+    // A link shared too broadly is rotated by resending it: the old token is dead.
+    let rotated = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations/{link_id}/resend"),
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.body);
+    assert_ne!(rotated.body["token"], link.body["token"]);
+    let stale = accept("p2", link.body["token"].clone()).await;
+    assert_eq!(problem_code(&stale), "invalid_invitation");
+    let joined = accept("p2", rotated.body["token"].clone()).await;
+    assert_eq!(joined.status, StatusCode::OK, "{}", joined.body);
+    let third = accept("p3", rotated.body["token"].clone()).await;
     assert_eq!(problem_code(&third), "invalid_invitation");
 }
 
