@@ -1073,6 +1073,20 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         .map(|r| r["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["owner", "admin", "member", "viewer", "organizer"]);
+    let permissions = |key: &str| -> Vec<String> {
+        let role = roles.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key)
+            .unwrap();
+        serde_json::from_value(role["permissions"].clone()).unwrap()
+    };
+    let mut organizer = permissions("organizer");
+    organizer.sort();
+    assert_eq!(organizer, ["members:invite", "members:read"]);
+    assert!(permissions("admin").contains(&"members:manage".to_owned()));
+    assert!(!permissions("viewer").contains(&"members:invite".to_owned()));
     let first = app
         .call(Method::GET, &format!("{base}?limit=4"), Some("adam"), None)
         .await;
@@ -2756,6 +2770,43 @@ async fn audit_history_and_exports_are_served(backend: Backend) {
         .unwrap()
         .clone();
     assert_eq!(mia["role"], "member", "before the promotion");
+    // Instants are RFC 3339 in UTC, with `Z`; `as_of` takes one and gives the state then.
+    let joined_at = events.body["items"][0]["recorded_at"].as_str().unwrap();
+    assert!(joined_at.ends_with('Z'), "{joined_at}");
+    assert!(
+        entry["occurred_at"].as_str().unwrap().ends_with('Z'),
+        "{entry}"
+    );
+    assert!(mia["joined_at"].as_str().unwrap().ends_with('Z'), "{mia}");
+    chrono::DateTime::parse_from_rfc3339(joined_at).unwrap();
+    let then = app
+        .call(
+            Method::GET,
+            &format!("{base}/state?as_of={joined_at}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(then.status, StatusCode::OK, "{}", then.body);
+    assert_eq!(then.body["as_of_sequence"], 5, "{}", then.body);
+    let now = app
+        .call(
+            Method::GET,
+            &format!(
+                "{base}/state?as_of={}",
+                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            ),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let promoted = now.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["user_id"] == "mia")
+        .unwrap();
+    assert_eq!(promoted["role"], "admin", "after the promotion");
 
     let export = app
         .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
