@@ -1111,6 +1111,56 @@ async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
         ["olivia", "a0", "a1", "a2", "a3", "a4", "z-late"],
         "no member skipped or repeated"
     );
+    // Members who joined at the same instant are ordered by user id, and a page boundary
+    // between them splits them exactly.
+    let instant = chrono::Utc::now() + chrono::Duration::days(1);
+    let same_instant: Vec<OrganizationEvent> = ["t-c", "t-a", "t-b"]
+        .into_iter()
+        .map(|user| {
+            OrganizationEvent::MemberJoined(MemberJoined {
+                user_id: uid(user),
+                email: format!("{user}@example.com"),
+                first_name: None,
+                last_name: None,
+                title: None,
+                image_url: None,
+                role: Role::Member,
+                locked_fields: vec![],
+                group_ids: vec![],
+                invitation_id: None,
+                joined_at: instant,
+            })
+        })
+        .collect();
+    service
+        .ledger
+        .import(org, same_instant, std::collections::HashMap::new())
+        .await
+        .unwrap();
+    service.catch_up().await;
+    let mut tied = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = members::list(
+            service.db(),
+            &id,
+            &MemberFilter {
+                limit: 1,
+                cursor,
+                q: Some("t-".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        tied.extend(page.items.iter().map(|m| m.user_id.clone()));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(tied, ["t-a", "t-b", "t-c"]);
     let bad = members::list(
         service.db(),
         &id,
