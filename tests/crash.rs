@@ -73,6 +73,24 @@ async fn call(
     Some((status, response.json().await.unwrap_or(Value::Null)))
 }
 
+/// Creates "Acme", owned by olivia; returns its id.
+async fn create_acme(client: &reqwest::Client, server: &str) -> String {
+    let (status, org) = call(
+        client,
+        server,
+        reqwest::Method::POST,
+        "/v1/organizations",
+        Some("olivia"),
+        Some(
+            json!({"name": "Acme", "owner": {"user_id": "olivia", "email": "olivia@example.com"}}),
+        ),
+    )
+    .await
+    .expect("the server answers");
+    assert_eq!(status, 201, "{org}");
+    org["id"].as_str().unwrap().to_owned()
+}
+
 on_both_backends!(
     killing_the_server_mid_burst_loses_nothing_and_doubles_nothing,
     sigterm_stops_the_server_cleanly_and_loses_nothing,
@@ -85,18 +103,7 @@ async fn sigterm_stops_the_server_cleanly_and_loses_nothing(backend: Backend) {
     let master_key = MasterKey::generate().to_base64();
     let client = reqwest::Client::new();
     let mut server = start(&database.url, &master_key);
-    let (status, org) = call(
-        &client,
-        &server.address,
-        reqwest::Method::POST,
-        "/v1/organizations",
-        Some("olivia"),
-        Some(json!({"name": "Acme"})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 201);
-    let org = org["id"].as_str().unwrap().to_owned();
+    let org = create_acme(&client, &server.address).await;
 
     let signalled = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
@@ -137,20 +144,7 @@ async fn killing_the_server_mid_burst_loses_nothing_and_doubles_nothing(backend:
     let master_key = MasterKey::generate().to_base64();
     let client = reqwest::Client::new();
     let mut server = start(&database.url, &master_key);
-    let (status, org) = call(
-        &client,
-        &server.address,
-        reqwest::Method::POST,
-        "/v1/organizations",
-        Some("olivia"),
-        Some(
-            json!({"name": "Acme", "owner": {"user_id": "olivia", "email": "olivia@example.com"}}),
-        ),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 201);
-    let org = org["id"].as_str().unwrap().to_owned();
+    let org = create_acme(&client, &server.address).await;
 
     let burst: Vec<_> = (0..60)
         .map(|i| {

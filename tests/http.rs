@@ -2374,160 +2374,173 @@ async fn every_kind_of_change_is_audited_under_its_contract_action(backend: Back
     let base = format!("/v1/organizations/{org}");
     app.add_member(&org, "olivia", "mia", "member").await;
     app.add_member(&org, "olivia", "sam", "member").await;
-    let ok = |reply: &Reply, expected: StatusCode, what: &str| {
-        assert_eq!(reply.status, expected, "{what}: {}", reply.body);
-    };
-    let call = |method: Method, path: String, actor: &'static str, body: Option<Value>| {
+    // Makes a request that must answer `expected`.
+    let act = |method: Method,
+               path: String,
+               actor: &'static str,
+               body: Option<Value>,
+               expected: StatusCode| {
         let app = &app;
-        async move { app.call(method, &path, Some(actor), body).await }
+        async move {
+            let reply = app.call(method.clone(), &path, Some(actor), body).await;
+            assert_eq!(reply.status, expected, "{method} {path}: {}", reply.body);
+            reply
+        }
     };
-
-    let invited = call(
+    let id_of = |reply: &Reply, pointer: &str| {
+        reply
+            .body
+            .pointer(pointer)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let invited = act(
         Method::POST,
         format!("{base}/invitations"),
         "olivia",
         Some(json!({"email": "x@example.com", "role": "member"})),
+        StatusCode::CREATED,
     )
     .await;
-    ok(&invited, StatusCode::CREATED, "invite");
-    let invitation = invited.body["invitation"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let resent = call(
-        Method::POST,
-        format!("{base}/invitations/{invitation}/resend"),
-        "olivia",
-        None,
-    )
-    .await;
-    ok(&resent, StatusCode::OK, "resend");
-    let revoked = call(
+    let invitation = id_of(&invited, "/invitation/id");
+    let olivia_hands_over = [
+        (
+            Method::POST,
+            format!("{base}/invitations/{invitation}/resend"),
+            None,
+            StatusCode::OK,
+        ),
+        (
+            Method::DELETE,
+            format!("{base}/invitations/{invitation}"),
+            None,
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            Method::PATCH,
+            base.clone(),
+            Some(json!({"name": "Acme Inc"})),
+            StatusCode::OK,
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/members/mia"),
+            Some(json!({"title": "CTO"})),
+            StatusCode::OK,
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/members/mia"),
+            Some(json!({"role": "admin"})),
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            format!("{base}/transfer-ownership"),
+            Some(json!({"new_owner_id": "mia"})),
+            StatusCode::OK,
+        ),
+    ];
+    for (method, path, body, expected) in olivia_hands_over {
+        act(method, path, "olivia", body, expected).await;
+    }
+    act(
         Method::DELETE,
-        format!("{base}/invitations/{invitation}"),
+        format!("{base}/members/sam"),
+        "mia",
+        None,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    act(
+        Method::POST,
+        format!("{base}/leave"),
         "olivia",
         None,
+        StatusCode::NO_CONTENT,
     )
     .await;
-    ok(&revoked, StatusCode::NO_CONTENT, "revoke");
-    let renamed = call(
-        Method::PATCH,
-        base.clone(),
-        "olivia",
-        Some(json!({"name": "Acme Inc"})),
-    )
-    .await;
-    ok(&renamed, StatusCode::OK, "rename");
-    let titled = call(
-        Method::PATCH,
-        format!("{base}/members/mia"),
-        "olivia",
-        Some(json!({"title": "CTO"})),
-    )
-    .await;
-    ok(&titled, StatusCode::OK, "title");
-    let promoted = call(
-        Method::PATCH,
-        format!("{base}/members/mia"),
-        "olivia",
-        Some(json!({"role": "admin"})),
-    )
-    .await;
-    ok(&promoted, StatusCode::OK, "promote");
-    let transferred = call(
-        Method::POST,
-        format!("{base}/transfer-ownership"),
-        "olivia",
-        Some(json!({"new_owner_id": "mia"})),
-    )
-    .await;
-    ok(&transferred, StatusCode::OK, "transfer");
-    let removed = call(Method::DELETE, format!("{base}/members/sam"), "mia", None).await;
-    ok(&removed, StatusCode::NO_CONTENT, "remove");
-    let left = call(Method::POST, format!("{base}/leave"), "olivia", None).await;
-    ok(&left, StatusCode::NO_CONTENT, "leave");
 
-    let group = call(
+    let group = act(
         Method::POST,
         format!("{base}/groups"),
         "mia",
         Some(json!({"name": "Engineering"})),
+        StatusCode::CREATED,
     )
     .await;
-    ok(&group, StatusCode::CREATED, "group");
-    let group_id = group.body["id"].as_str().unwrap().to_owned();
-    let group_member = format!("{base}/groups/{group_id}/members/mia");
-    let added = call(Method::PUT, group_member.clone(), "mia", None).await;
-    ok(&added, StatusCode::NO_CONTENT, "add to group");
-    let taken_out = call(Method::DELETE, group_member, "mia", None).await;
-    ok(&taken_out, StatusCode::NO_CONTENT, "take out of group");
+    let group_id = id_of(&group, "/id");
     let group_path = format!("{base}/groups/{group_id}");
-    let described = call(
-        Method::PATCH,
-        group_path.clone(),
-        "mia",
-        Some(json!({"description": "Builds it"})),
-    )
-    .await;
-    ok(&described, StatusCode::OK, "describe group");
-    let ungrouped = call(Method::DELETE, group_path, "mia", None).await;
-    ok(&ungrouped, StatusCode::NO_CONTENT, "delete group");
-
-    let account = call(
+    let account = act(
         Method::POST,
         format!("{base}/service-accounts"),
         "mia",
         Some(json!({"name": "CI", "scopes": ["members:read"]})),
+        StatusCode::CREATED,
     )
     .await;
-    ok(&account, StatusCode::CREATED, "service account");
-    let account_id = account.body["service_account"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let rotated = call(
-        Method::POST,
-        format!("{base}/service-accounts/{account_id}/rotate"),
-        "mia",
-        None,
-    )
-    .await;
-    ok(&rotated, StatusCode::OK, "rotate");
-    let retired = call(
-        Method::DELETE,
-        format!("{base}/service-accounts/{account_id}"),
-        "mia",
-        None,
-    )
-    .await;
-    ok(&retired, StatusCode::NO_CONTENT, "delete service account");
-    let routed = call(
-        Method::PUT,
-        format!("{base}/smart-tool-routing"),
-        "mia",
-        Some(json!({"enabled": true})),
-    )
-    .await;
-    ok(&routed, StatusCode::OK, "settings");
-    let deleted = call(
-        Method::DELETE,
-        base.clone(),
-        "mia",
-        Some(json!({"confirm_name": "Acme Inc"})),
-    )
-    .await;
-    ok(&deleted, StatusCode::OK, "delete");
-    let restored = call(Method::POST, format!("{base}/restore"), "mia", None).await;
-    ok(&restored, StatusCode::OK, "restore");
+    let account_id = id_of(&account, "/service_account/id");
+    let account_path = format!("{base}/service-accounts/{account_id}");
+    let mia_carries_on = [
+        (
+            Method::PUT,
+            format!("{group_path}/members/mia"),
+            None,
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            Method::DELETE,
+            format!("{group_path}/members/mia"),
+            None,
+            StatusCode::NO_CONTENT,
+        ),
+        (
+            Method::PATCH,
+            group_path.clone(),
+            Some(json!({"description": "Builds it"})),
+            StatusCode::OK,
+        ),
+        (Method::DELETE, group_path, None, StatusCode::NO_CONTENT),
+        (
+            Method::POST,
+            format!("{account_path}/rotate"),
+            None,
+            StatusCode::OK,
+        ),
+        (Method::DELETE, account_path, None, StatusCode::NO_CONTENT),
+        (
+            Method::PUT,
+            format!("{base}/smart-tool-routing"),
+            Some(json!({"enabled": true})),
+            StatusCode::OK,
+        ),
+        (
+            Method::DELETE,
+            base.clone(),
+            Some(json!({"confirm_name": "Acme Inc"})),
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            format!("{base}/restore"),
+            None,
+            StatusCode::OK,
+        ),
+    ];
+    for (method, path, body, expected) in mia_carries_on {
+        act(method, path, "mia", body, expected).await;
+    }
 
-    let log = call(
+    let log = act(
         Method::GET,
         format!("{base}/audit-log?limit=500"),
         "mia",
         None,
+        StatusCode::OK,
     )
     .await;
-    ok(&log, StatusCode::OK, "audit log");
     let entries = log.body["items"].as_array().unwrap();
     let sequences: Vec<i64> = entries
         .iter()
@@ -2537,70 +2550,57 @@ async fn every_kind_of_change_is_audited_under_its_contract_action(backend: Back
         sequences.windows(2).all(|pair| pair[0] < pair[1]),
         "{sequences:?}"
     );
-    let seen: Vec<(String, String, String)> = entries
+    let seen: Vec<[&str; 3]> = entries
         .iter()
         .map(|e| {
-            let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-            (
+            fn text(v: &Value) -> &str {
+                v.as_str().unwrap_or_default()
+            }
+            [
                 text(&e["action"]),
                 text(&e["resource"]["type"]),
                 text(&e["resource"]["id"]),
-            )
+            ]
         })
         .collect();
-    let change =
-        |action: &str, kind: &str, id: &str| (action.to_owned(), kind.to_owned(), id.to_owned());
-    let joined = |user: &str, invitation: &Value| {
-        [
-            change(
-                "invitation.accepted",
-                "invitation",
-                invitation.as_str().unwrap(),
-            ),
-            change("member.joined", "member", user),
-        ]
-    };
-    // The invitations that brought mia and sam in, as the first two entries after creation
-    // name them.
-    let invitation_of = |index: usize| entries[index]["resource"]["id"].clone();
-    let mut expected = vec![
-        change("organization.created", "organization", &org),
-        change("member.joined", "member", "olivia"),
-        change(
-            "invitation.sent",
-            "invitation",
-            invitation_of(2).as_str().unwrap(),
-        ),
+    // The invitations that brought mia and sam in, as their entries name them.
+    let (mia_invitation, sam_invitation) = (seen[2][2], seen[5][2]);
+    let (org, invitation, group_id, account_id) = (
+        org.as_str(),
+        invitation.as_str(),
+        group_id.as_str(),
+        account_id.as_str(),
+    );
+    let expected = [
+        ["organization.created", "organization", org],
+        ["member.joined", "member", "olivia"],
+        ["invitation.sent", "invitation", mia_invitation],
+        ["invitation.accepted", "invitation", mia_invitation],
+        ["member.joined", "member", "mia"],
+        ["invitation.sent", "invitation", sam_invitation],
+        ["invitation.accepted", "invitation", sam_invitation],
+        ["member.joined", "member", "sam"],
+        ["invitation.sent", "invitation", invitation],
+        ["invitation.resent", "invitation", invitation],
+        ["invitation.revoked", "invitation", invitation],
+        ["organization.updated", "organization", org],
+        ["member.profile_updated", "member", "mia"],
+        ["member.role_changed", "member", "mia"],
+        ["organization.ownership_transferred", "organization", org],
+        ["member.removed", "member", "sam"],
+        ["member.left", "member", "olivia"],
+        ["group.created", "group", group_id],
+        ["service_account.created", "service_account", account_id],
+        ["group.member_added", "group", group_id],
+        ["group.member_removed", "group", group_id],
+        ["group.updated", "group", group_id],
+        ["group.deleted", "group", group_id],
+        ["service_account.rotated", "service_account", account_id],
+        ["service_account.deleted", "service_account", account_id],
+        ["settings.smart_tool_routing_changed", "settings", org],
+        ["organization.deleted", "organization", org],
+        ["organization.restored", "organization", org],
     ];
-    expected.extend(joined("mia", &invitation_of(2)));
-    expected.push(change(
-        "invitation.sent",
-        "invitation",
-        invitation_of(5).as_str().unwrap(),
-    ));
-    expected.extend(joined("sam", &invitation_of(5)));
-    expected.extend([
-        change("invitation.sent", "invitation", &invitation),
-        change("invitation.resent", "invitation", &invitation),
-        change("invitation.revoked", "invitation", &invitation),
-        change("organization.updated", "organization", &org),
-        change("member.profile_updated", "member", "mia"),
-        change("member.role_changed", "member", "mia"),
-        change("organization.ownership_transferred", "organization", &org),
-        change("member.removed", "member", "sam"),
-        change("member.left", "member", "olivia"),
-        change("group.created", "group", &group_id),
-        change("group.member_added", "group", &group_id),
-        change("group.member_removed", "group", &group_id),
-        change("group.updated", "group", &group_id),
-        change("group.deleted", "group", &group_id),
-        change("service_account.created", "service_account", &account_id),
-        change("service_account.rotated", "service_account", &account_id),
-        change("service_account.deleted", "service_account", &account_id),
-        change("settings.smart_tool_routing_changed", "settings", &org),
-        change("organization.deleted", "organization", &org),
-        change("organization.restored", "organization", &org),
-    ]);
     assert_eq!(seen, expected);
 }
 

@@ -1116,21 +1116,7 @@ async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
     let instant = chrono::Utc::now() + chrono::Duration::days(1);
     let same_instant: Vec<OrganizationEvent> = ["t-c", "t-a", "t-b"]
         .into_iter()
-        .map(|user| {
-            OrganizationEvent::MemberJoined(MemberJoined {
-                user_id: uid(user),
-                email: format!("{user}@example.com"),
-                first_name: None,
-                last_name: None,
-                title: None,
-                image_url: None,
-                role: Role::Member,
-                locked_fields: vec![],
-                group_ids: vec![],
-                invitation_id: None,
-                joined_at: instant,
-            })
-        })
+        .map(|user| member_joined(user, instant))
         .collect();
     service
         .ledger

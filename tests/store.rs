@@ -1262,21 +1262,7 @@ async fn a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_repl
     let ledger = spawn_ledger(backend).await;
     let org = acme_with_mia(&ledger).await;
     let joins: Vec<OrganizationEvent> = (0..1_000)
-        .map(|n| {
-            OrganizationEvent::MemberJoined(MemberJoined {
-                user_id: uid(&format!("user-{n:04}")),
-                email: format!("user-{n:04}@example.com"),
-                first_name: Some(format!("First{n}")),
-                last_name: None,
-                title: None,
-                image_url: None,
-                role: Role::Member,
-                locked_fields: vec![],
-                group_ids: vec![],
-                invitation_id: None,
-                joined_at: chrono::Utc::now(),
-            })
-        })
+        .map(|n| member_joined(&format!("user-{n:04}"), chrono::Utc::now()))
         .collect();
     ledger.import(org, joins, HashMap::new()).await.unwrap();
     let (state, imported) = ledger.load(org).await.unwrap();

@@ -302,6 +302,23 @@ pub fn role_flips(count: usize, user: &str) -> Vec<OrganizationEvent> {
         .collect()
 }
 
+/// `user` joining as a member at `joined_at` (its email `user@example.com`), for imports.
+pub fn member_joined(user: &str, joined_at: DateTime<Utc>) -> OrganizationEvent {
+    OrganizationEvent::MemberJoined(MemberJoined {
+        user_id: uid(user),
+        email: format!("{user}@example.com"),
+        first_name: None,
+        last_name: None,
+        title: None,
+        image_url: None,
+        role: Role::Member,
+        locked_fields: vec![],
+        group_ids: vec![],
+        invitation_id: None,
+        joined_at,
+    })
+}
+
 /// The names of `table`'s indexes, sorted (SQLite's automatic primary-key index excluded).
 pub async fn index_names(db: &Database, table: &str) -> Vec<String> {
     let mut names: Vec<String> = match db {
