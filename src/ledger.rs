@@ -81,9 +81,8 @@ fn store_failure(error: PersistenceError) -> LedgerError {
 /// A snapshot's state from its JSON, off the runtime's workers: a large organization's
 /// takes tens of milliseconds of CPU.
 async fn parse_state(json: String) -> Result<Result<Organization, serde_json::Error>, LedgerError> {
-    tokio::task::spawn_blocking(move || serde_json::from_str::<Organization>(&json))
-        .await
-        .map_err(|error| LedgerError::Store(format!("parsing a snapshot's state: {error}")))
+    let parsed = tokio::task::spawn_blocking(move || serde_json::from_str::<Organization>(&json));
+    Ok(parsed.await.map_err(StoreError::from)?)
 }
 
 /// An organization as loaded: its state, version and the number of its snapshot. The state

@@ -50,6 +50,20 @@ fn member_filter() -> MemberFilter {
     }
 }
 
+/// The user ids of every page of `org`'s members from `filter`'s cursor on, following
+/// each page's cursor.
+async fn member_ids(db: &Database, org: &str, mut filter: MemberFilter) -> Vec<String> {
+    let mut ids = Vec::new();
+    loop {
+        let page = members::list(db, org, &filter).await.unwrap().unwrap();
+        ids.extend(page.items.into_iter().map(|m| m.user_id));
+        match page.next_cursor {
+            Some(next) => filter.cursor = Some(next),
+            None => return ids,
+        }
+    }
+}
+
 /// The first 50 audit entries of `org` with `action`.
 async fn audit_of(db: &Database, org: &str, action: &str) -> Vec<audit::AuditEntryView> {
     let filter = AuditFilter {
@@ -1089,22 +1103,13 @@ async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
     add_member(&service.ledger, org, "olivia", "z-late", Role::Member).await;
     service.catch_up().await;
     let mut seen: Vec<String> = first.items.iter().map(|m| m.user_id.clone()).collect();
-    let mut cursor = first.next_cursor;
-    while let Some(next) = cursor {
-        let page = members::list(
-            service.db(),
-            &id,
-            &MemberFilter {
-                limit: 3,
-                cursor: Some(next),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        seen.extend(page.items.iter().map(|m| m.user_id.clone()));
-        cursor = page.next_cursor;
+    if let Some(next) = first.next_cursor {
+        let filter = MemberFilter {
+            limit: 3,
+            cursor: Some(next),
+            ..Default::default()
+        };
+        seen.extend(member_ids(service.db(), &id, filter).await);
     }
     assert_eq!(
         seen,
@@ -1124,29 +1129,15 @@ async fn member_pages_are_stable_under_concurrent_inserts(backend: Backend) {
         .await
         .unwrap();
     service.catch_up().await;
-    let mut tied = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = members::list(
-            service.db(),
-            &id,
-            &MemberFilter {
-                limit: 1,
-                cursor,
-                q: Some("t-".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        tied.extend(page.items.iter().map(|m| m.user_id.clone()));
-        cursor = page.next_cursor;
-        if cursor.is_none() {
-            break;
-        }
-    }
-    assert_eq!(tied, ["t-a", "t-b", "t-c"]);
+    let filter = MemberFilter {
+        limit: 1,
+        q: Some("t-".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        member_ids(service.db(), &id, filter).await,
+        ["t-a", "t-b", "t-c"]
+    );
     let bad = members::list(
         service.db(),
         &id,

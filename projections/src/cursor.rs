@@ -33,18 +33,6 @@ pub enum List {
 }
 
 impl List {
-    const ALL: [Self; 9] = [
-        Self::Organizations,
-        Self::UserOrganizations,
-        Self::Members,
-        Self::Invitations,
-        Self::AuditLog,
-        Self::Groups,
-        Self::ServiceAccounts,
-        Self::AiProviders,
-        Self::Roles,
-    ];
-
     fn tag(self) -> &'static str {
         match self {
             Self::Organizations => "organizations",
@@ -74,7 +62,9 @@ impl<K: Serialize + DeserializeOwned> Cursor<K> {
     /// Refuses what `list` does not issue: another list's cursor, garbage, and strings with
     /// a NUL, which PostgreSQL cannot compare with text and would answer with an error. A
     /// bare key is taken too: cursors were issued without their list's name until
-    /// 2026-12-03, and a client paging through an upgrade keeps its place.
+    /// 2026-12-03, and a client paging through an upgrade keeps its place. No bare key was a
+    /// pair led by text (they were a number, a text, or a number and a text), so such a pair
+    /// is `[list, key]`.
     pub fn decode(raw: &str, list: List) -> Result<Self, CursorError> {
         let bytes = BASE64URL.decode(raw).map_err(|_| CursorError)?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| CursorError)?;
@@ -82,9 +72,7 @@ impl<K: Serialize + DeserializeOwned> Cursor<K> {
             return Err(CursorError);
         }
         let key = match value {
-            serde_json::Value::Array(mut parts)
-                if parts.len() == 2 && List::ALL.iter().any(|known| parts[0] == known.tag()) =>
-            {
+            serde_json::Value::Array(mut parts) if parts.len() == 2 && parts[0].is_string() => {
                 if parts[0] != list.tag() {
                     return Err(CursorError);
                 }
