@@ -72,7 +72,13 @@ pub enum ProjectionsAction {
 
 /// Connects and migrates: what every command that touches data starts with. Only `serve`
 /// and `migrate` may create the store (`create`); the others open an existing one.
-pub async fn open_store(store: &StoreConfig, create: bool) -> anyhow::Result<Orgledger> {
+/// Opens the store; the read models named in `to_rebuild` are left for the caller to rebuild
+/// (see [`Orgledger::open_to_rebuild`]).
+pub async fn open_store(
+    store: &StoreConfig,
+    create: bool,
+    to_rebuild: &[&str],
+) -> anyhow::Result<Orgledger> {
     // The store first: a missing one must not get a master key file generated beside it.
     let database = if create {
         Database::connect(&store.database_url).await
@@ -84,7 +90,7 @@ pub async fn open_store(store: &StoreConfig, create: bool) -> anyhow::Result<Org
     })?;
     let master_key = store.master_key()?;
     database.migrate().await?;
-    Ok(Orgledger::open(database, master_key).await?)
+    Ok(Orgledger::open_to_rebuild(database, master_key, to_rebuild).await?)
 }
 
 /// How often the purge of organizations past their restore window runs.
@@ -93,7 +99,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Migrate { store } => {
-            let service = open_store(&store, true).await?;
+            let service = open_store(&store, true, &[]).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
             service.close().await;
         }
@@ -102,7 +108,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             bind,
             api_token,
         } => {
-            let service = Arc::new(open_store(&store, true).await?);
+            let service = Arc::new(open_store(&store, true, &[]).await?);
             let tokens = platform_tokens(&store, api_token.as_deref())?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;
@@ -134,7 +140,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             service.close().await;
         }
         Commands::Projections { store, action } => {
-            let service = open_store(&store, false).await?;
+            let to_rebuild = match &action {
+                ProjectionsAction::Status => Vec::new(),
+                ProjectionsAction::Rebuild { name: Some(name) } => vec![name.as_str()],
+                ProjectionsAction::Rebuild { name: None } => PROJECTION_NAMES.to_vec(),
+            };
+            let service = open_store(&store, false, &to_rebuild).await?;
             match action {
                 ProjectionsAction::Status => print_status(&service).await?,
                 ProjectionsAction::Rebuild { name: Some(name) } => {

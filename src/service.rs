@@ -75,6 +75,16 @@ impl std::ops::Sub for CommandTimes {
 impl Orgledger {
     /// Wires the ledger and projector over one database; creates missing read-model tables.
     pub async fn open(database: Database, master_key: MasterKey) -> Result<Self, LedgerError> {
+        Self::open_to_rebuild(database, master_key, &[]).await
+    }
+
+    /// Opens the service for a rebuild of the read models `to_rebuild`: those stored in an
+    /// older schema are not rebuilt on the way in (see [`Projector::prepare_leaving`]).
+    pub async fn open_to_rebuild(
+        database: Database,
+        master_key: MasterKey,
+        to_rebuild: &[&str],
+    ) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(database.clone(), master_key);
         ledger.keys().verify_master_key().await?;
         // Commands wait for the runner; with a pool of its own it never queues behind them.
@@ -85,7 +95,7 @@ impl Orgledger {
         ));
         let projector = Arc::new(Projector::new(runner_database, feed).with_request_pool(database));
         projector
-            .prepare()
+            .prepare_leaving(to_rebuild)
             .await
             .map_err(|error| LedgerError::Store(error.to_string()))?;
         Ok(Self {

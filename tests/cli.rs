@@ -70,6 +70,35 @@ fn projections_status_opens_a_store_that_migrate_created() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("audit_log"));
 }
 
+/// `projections rebuild` on a store whose audit log is in an older schema replays it once:
+/// the start-up rebuild that `serve` would run first is left to the rebuild asked for.
+#[tokio::test]
+async fn projections_rebuild_replays_an_older_schema_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let migrated = orgledger(&["migrate"], &url);
+    assert!(migrated.status.success());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let schema = "SELECT schema_version FROM projection_checkpoints WHERE name = 'audit_log'";
+    let current: i64 = sqlx::query_scalar(schema).fetch_one(&pool).await.unwrap();
+    sqlx::query("UPDATE projection_checkpoints SET schema_version = 2 WHERE name = 'audit_log'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let rebuilt = orgledger(&["projections", "rebuild", "audit_log"], &url);
+
+    let stderr = String::from_utf8_lossy(&rebuilt.stderr);
+    assert!(rebuilt.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("rebuilding into new tables before serving"),
+        "rebuilt on the way in as well: {stderr}"
+    );
+    assert!(String::from_utf8_lossy(&rebuilt.stdout).contains("rebuilt audit_log"));
+    let after: i64 = sqlx::query_scalar(schema).fetch_one(&pool).await.unwrap();
+    assert_eq!(after, current);
+}
+
 #[test]
 fn an_unreachable_postgres_is_reported_at_once_with_its_cause() {
     // A port nothing listens on: bound, then released.

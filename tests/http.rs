@@ -186,6 +186,7 @@ on_both_backends!(
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
     if_match_guards_against_lost_updates,
     concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
+    many_concurrent_invitations_to_one_organization_all_succeed,
     audit_history_and_exports_are_served,
     every_kind_of_change_is_audited_under_its_contract_action,
     request_headers_are_recorded_in_the_metadata_of_the_events,
@@ -2287,6 +2288,53 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
             .await;
         assert_eq!(stale.status, status, "{actor} on a deleted organization");
     }
+}
+
+/// Concurrent commands on one organization race for its next sequence; each loser decides
+/// again on the state the winner left, so a burst ten times the retry budget lands whole.
+async fn many_concurrent_invitations_to_one_organization_all_succeed(backend: Backend) {
+    const BURST: usize = 100;
+    let app = Arc::new(spawn_app(backend).await);
+    let org = app.create_org("Acme", "olivia").await;
+    let events_before = app.event_count(&org).await;
+    let invites = (0..BURST).map(|i| {
+        let app = app.clone();
+        let org = org.clone();
+        tokio::spawn(async move {
+            app.call(
+                Method::POST,
+                &format!("/v1/organizations/{org}/invitations"),
+                Some("olivia"),
+                Some(json!({"email": format!("burst{i}@example.com"), "role": "member"})),
+            )
+            .await
+        })
+    });
+    for invite in invites {
+        let reply = invite.await.unwrap();
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    }
+    assert_eq!(app.event_count(&org).await, events_before + BURST);
+    let pending = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/invitations?limit=200"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let mut emails: Vec<&str> = pending.body["items"]
+        .as_array()
+        .expect("a page of invitations")
+        .iter()
+        .filter_map(|invitation| invitation["email"].as_str())
+        .collect();
+    emails.sort_unstable();
+    let mut expected: Vec<String> = (0..BURST)
+        .map(|i| format!("burst{i}@example.com"))
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(emails, expected);
 }
 
 async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backend: Backend) {

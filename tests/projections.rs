@@ -30,6 +30,7 @@ on_both_backends!(
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time,
     a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens,
+    a_rebuild_asked_for_replays_an_older_schema_once,
     an_event_the_new_schema_cannot_take_leaves_the_service_open_and_reports_it,
     member_pages_are_stable_under_concurrent_inserts,
     audit_log_filters_select_the_right_entries,
@@ -774,6 +775,52 @@ async fn a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens(bac
             "rm_audit_log_key",
         ]
     );
+}
+
+/// `projections rebuild` opens the service without the start-up rebuild of the read models
+/// it is about to rebuild: an older-schema audit log is replayed once, by the rebuild asked
+/// for, not a first time on the way in.
+async fn a_rebuild_asked_for_replays_an_older_schema_once(backend: Backend) {
+    let service = spawn_service(backend).await;
+    acme_with_mia(&service.ledger).await;
+    service.catch_up().await;
+    let before = dump_read_models(service.db()).await;
+    let outdated = "UPDATE projection_checkpoints SET schema_version = 2 WHERE name = 'audit_log'";
+    try_execute(service.db(), outdated).await.unwrap();
+    if backend == Backend::Postgres {
+        let text = "ALTER TABLE rm_audit_log ALTER COLUMN organization_id TYPE TEXT";
+        try_execute(service.db(), text).await.unwrap();
+    }
+    let schema = "SELECT schema_version FROM projection_checkpoints WHERE name = 'audit_log'";
+    let current = projection_named("audit_log", "").unwrap().schema_version();
+
+    let database = Database::connect(&service.database.url).await.unwrap();
+    let reopened = orgledger::service::Orgledger::open_to_rebuild(
+        database,
+        service.master_key.clone(),
+        &["audit_log"],
+    )
+    .await
+    .unwrap();
+    // Left as it was for the rebuild: the old schema, and the rows it had.
+    assert_eq!(count(reopened.database(), schema).await, 2);
+    assert_eq!(dump_read_models(reopened.database()).await, before);
+    if backend == Backend::Postgres {
+        assert_eq!(audit_organization_type(reopened.database()).await, "text");
+    }
+
+    let events = count(reopened.database(), "SELECT count(*) FROM events").await;
+    let report = reopened
+        .projector
+        .rebuild("audit_log", false)
+        .await
+        .unwrap();
+    assert_eq!(report.events as i64, events);
+    assert_eq!(count(reopened.database(), schema).await, current);
+    assert_eq!(dump_read_models(reopened.database()).await, before);
+    if backend == Backend::Postgres {
+        assert_eq!(audit_organization_type(reopened.database()).await, "uuid");
+    }
 }
 
 /// A start-up rebuild into a new schema that fails on an event (here one whose organization

@@ -244,6 +244,13 @@ impl Projector {
     /// its old tables stay as they were, and this process serves nothing before it, instead
     /// of answers from half-replayed tables.
     pub async fn prepare(&self) -> Result<(), ProjectionError> {
+        self.prepare_leaving(&[]).await
+    }
+
+    /// As [`Projector::prepare`], except that the read models of an older schema named in
+    /// `to_rebuild` are left as they are: the caller rebuilds them next (`projections
+    /// rebuild`), and rebuilding them here first would replay the log for them twice.
+    pub async fn prepare_leaving(&self, to_rebuild: &[&str]) -> Result<(), ProjectionError> {
         let stored: HashMap<String, i64> = crate::with_pool!(&self.database, pool => {
             sqlx::query_as("SELECT name, schema_version FROM projection_checkpoints")
                 .fetch_all(pool)
@@ -254,10 +261,13 @@ impl Projector {
         let mut outdated = Vec::new();
         for projection in &self.projections {
             let name = projection.name();
-            if stored
+            let older = stored
                 .get(name)
-                .is_some_and(|stored| *stored < projection.schema_version())
-            {
+                .is_some_and(|stored| *stored < projection.schema_version());
+            if older && to_rebuild.contains(&name) {
+                continue;
+            }
+            if older {
                 outdated.push(name);
             } else {
                 self.prepare_copy(projection.as_ref(), true).await?;
