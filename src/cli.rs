@@ -71,9 +71,9 @@ pub enum ProjectionsAction {
 }
 
 /// Connects and migrates: what every command that touches data starts with. Only `serve`
-/// and `migrate` may create the store (`create`); the others open an existing one.
-/// Opens the store; the read models named in `to_rebuild` are left for the caller to rebuild
-/// (see [`Orgledger::open_to_rebuild`]).
+/// and `migrate` may create the store (`create`); the others open an existing one. Read
+/// models named in `to_rebuild` are left for the caller to rebuild (see
+/// [`Orgledger::open_to_rebuild`]).
 pub async fn open_store(
     store: &StoreConfig,
     create: bool,

@@ -264,13 +264,10 @@ impl Projector {
             let older = stored
                 .get(name)
                 .is_some_and(|stored| *stored < projection.schema_version());
-            if older && to_rebuild.contains(&name) {
-                continue;
-            }
-            if older {
-                outdated.push(name);
-            } else {
+            if !older {
                 self.prepare_copy(projection.as_ref(), true).await?;
+            } else if !to_rebuild.contains(&name) {
+                outdated.push(name);
             }
         }
         if !outdated.is_empty() {
