@@ -29,6 +29,7 @@ use crate::store::{
     snapshot_interval, DataKeys, Database, MasterKey, OrganizationRepository, ReadStats,
     SnapshotMarks, StoreError,
 };
+use crate::turns::Turns;
 
 /// Attempts of one command before a persistent conflict is reported.
 const MAX_ATTEMPTS: u32 = 10;
@@ -138,6 +139,7 @@ pub struct Ledger {
     upcasters: Vec<Box<dyn EventUpcaster>>,
     keys: DataKeys,
     stats: Arc<ReadStats>,
+    turns: Turns,
 }
 
 impl Ledger {
@@ -152,6 +154,7 @@ impl Ledger {
             upcasters: upcasters(),
             keys,
             stats,
+            turns: Turns::default(),
         }
     }
 
@@ -421,6 +424,7 @@ impl Ledger {
         events: Vec<OrganizationEvent>,
         metadata: HashMap<String, String>,
     ) -> Result<usize, LedgerError> {
+        let _turn = self.turns.take(organization_id).await;
         let loaded = self.load_latest(organization_id).await?;
         let mut after = (*loaded.state).clone();
         for event in &events {
@@ -447,6 +451,7 @@ impl Ledger {
         expected_version: Option<usize>,
     ) -> Result<Committed, LedgerError> {
         let metadata = metadata_of(&command, context);
+        let _turn = self.turns.take(organization_id).await;
         // The first attempt decides on the cached state without reading the store: if
         // another process appended since, the commit's sequence is taken and the command is
         // decided again on the latest state. A refusal or a no-op commits nothing that could

@@ -114,6 +114,26 @@ impl TestApp {
         self.send(request).await
     }
 
+    /// Sends every request at once, each from a task of its own: `(method, path, actor,
+    /// body)`. The replies come back in the requests' order.
+    async fn all_at_once(
+        self: &Arc<Self>,
+        requests: impl IntoIterator<Item = (Method, String, &'static str, Value)>,
+    ) -> Vec<Reply> {
+        let sent: Vec<_> = requests
+            .into_iter()
+            .map(|(method, path, actor, body)| {
+                let app = self.clone();
+                tokio::spawn(async move { app.call(method, &path, Some(actor), Some(body)).await })
+            })
+            .collect();
+        let mut replies = Vec::with_capacity(sent.len());
+        for reply in sent {
+            replies.push(reply.await.expect("the request's task"));
+        }
+        replies
+    }
+
     async fn create_org(&self, name: &str, owner: &str) -> String {
         let reply = self
             .call(Method::POST, "/v1/organizations", Some(owner), Some(json!({
@@ -992,29 +1012,23 @@ async fn seats_hold_under_concurrent_invitations(backend: Backend) {
         )
         .await;
     assert_eq!(plan.body, json!({"plan": "team", "seats": 4}));
-    let invites = (0..6).map(|i| {
-        let app = app.clone();
-        let base = base.clone();
-        tokio::spawn(async move {
-            let reply = app
-                .call(
-                    Method::POST,
-                    &format!("{base}/invitations"),
-                    Some("olivia"),
-                    Some(json!({"email": format!("s{i}@example.com"), "role": "member"})),
-                )
-                .await;
-            (reply.status, problem_code(&reply).to_owned())
-        })
-    });
+    let invites = app
+        .all_at_once((0..6).map(|i| {
+            (
+                Method::POST,
+                format!("{base}/invitations"),
+                "olivia",
+                json!({"email": format!("s{i}@example.com"), "role": "member"}),
+            )
+        }))
+        .await;
     let mut created = 0;
-    for invite in invites {
-        match invite.await.unwrap() {
+    for invite in &invites {
+        match (invite.status, problem_code(invite)) {
             (StatusCode::CREATED, _) => created += 1,
-            (status, code) => assert_eq!(
-                (status, code.as_str()),
-                (StatusCode::CONFLICT, "seat_limit_reached")
-            ),
+            (status, code) => {
+                assert_eq!((status, code), (StatusCode::CONFLICT, "seat_limit_reached"))
+            }
         }
     }
     assert_eq!(created, 2, "2 members + 2 pending invitations fill 4 seats");
@@ -1152,15 +1166,12 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
     let app = Arc::new(spawn_app(backend).await);
     let path = "/v1/users/nina/personal-organization";
     let body = json!({"email": "nina@example.com", "first_name": "Nina"});
-    let racing = (0..4).map(|_| {
-        let app = app.clone();
-        let body = body.clone();
-        tokio::spawn(async move { app.call(Method::POST, path, Some("nina"), Some(body)).await })
-    });
+    let racing = app
+        .all_at_once((0..4).map(|_| (Method::POST, path.to_owned(), "nina", body.clone())))
+        .await;
     let mut ids = std::collections::BTreeSet::new();
     let mut created = 0;
     for reply in racing {
-        let reply = reply.await.unwrap();
         assert!(
             matches!(reply.status, StatusCode::CREATED | StatusCode::OK),
             "{}",
@@ -2297,21 +2308,17 @@ async fn many_concurrent_invitations_to_one_organization_all_succeed(backend: Ba
     let app = Arc::new(spawn_app(backend).await);
     let org = app.create_org("Acme", "olivia").await;
     let events_before = app.event_count(&org).await;
-    let invites = (0..BURST).map(|i| {
-        let app = app.clone();
-        let org = org.clone();
-        tokio::spawn(async move {
-            app.call(
+    let invites = app
+        .all_at_once((0..BURST).map(|i| {
+            (
                 Method::POST,
-                &format!("/v1/organizations/{org}/invitations"),
-                Some("olivia"),
-                Some(json!({"email": format!("burst{i}@example.com"), "role": "member"})),
+                format!("/v1/organizations/{org}/invitations"),
+                "olivia",
+                json!({"email": format!("burst{i}@example.com"), "role": "member"}),
             )
-            .await
-        })
-    });
-    for invite in invites {
-        let reply = invite.await.unwrap();
+        }))
+        .await;
+    for reply in &invites {
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     }
     assert_eq!(app.event_count(&org).await, events_before + BURST);
@@ -2344,23 +2351,19 @@ async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backe
         app.add_member(&org, "olivia", &format!("m{i}"), "member")
             .await;
     }
-    let changes = (0..6).map(|i| {
-        let app = app.clone();
-        let org = org.clone();
-        tokio::spawn(async move {
-            app.call(
+    let changes = app
+        .all_at_once((0..6).map(|i| {
+            (
                 Method::PATCH,
-                &format!("/v1/organizations/{org}/members/m{i}"),
-                Some("olivia"),
-                Some(json!({"role": "viewer"})),
+                format!("/v1/organizations/{org}/members/m{i}"),
+                "olivia",
+                json!({"role": "viewer"}),
             )
-            .await
-            .status
-        })
-    });
-    for change in changes {
+        }))
+        .await;
+    for change in &changes {
         assert_eq!(
-            change.await.unwrap(),
+            change.status,
             StatusCode::OK,
             "independent changes all succeed"
         );
@@ -2375,29 +2378,23 @@ async fn concurrent_commands_all_apply_and_duplicate_invitations_yield_one(backe
         .await;
     assert_eq!(viewers.body["items"].as_array().unwrap().len(), 6);
 
-    let invites = (0..8).map(|_| {
-        let app = app.clone();
-        let org = org.clone();
-        tokio::spawn(async move {
-            let reply = app
-                .call(
-                    Method::POST,
-                    &format!("/v1/organizations/{org}/invitations"),
-                    Some("olivia"),
-                    Some(json!({"email": "dup@example.com", "role": "member"})),
-                )
-                .await;
-            (reply.status, problem_code(&reply).to_owned())
-        })
-    });
+    let invites = app
+        .all_at_once((0..8).map(|_| {
+            (
+                Method::POST,
+                format!("/v1/organizations/{org}/invitations"),
+                "olivia",
+                json!({"email": "dup@example.com", "role": "member"}),
+            )
+        }))
+        .await;
     let mut created = 0;
-    for invite in invites {
-        match invite.await.unwrap() {
+    for invite in &invites {
+        match (invite.status, problem_code(invite)) {
             (StatusCode::CREATED, _) => created += 1,
-            (status, code) => assert_eq!(
-                (status, code.as_str()),
-                (StatusCode::CONFLICT, "invitation_pending")
-            ),
+            (status, code) => {
+                assert_eq!((status, code), (StatusCode::CONFLICT, "invitation_pending"))
+            }
         }
     }
     assert_eq!(created, 1, "exactly one invitation for one email");
