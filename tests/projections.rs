@@ -28,6 +28,7 @@ on_both_backends!(
     a_projection_without_a_checkpoint_is_refused_rather_than_run_from_the_start,
     a_rebuild_swaps_in_fresh_tables_while_reads_keep_working,
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
+    a_rebuild_of_many_batches_reproduces_every_read_model_and_the_roles_last_given,
     audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time,
     a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens,
     a_rebuild_asked_for_replays_an_older_schema_once,
@@ -966,6 +967,75 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
     }
     drop(reopened);
     the_swapped_in_tables_keep_being_maintained(&service, org).await;
+}
+
+/// A log of several batches, live (500 events) and rebuilt (5,000): members join and change
+/// role within one batch, so each goes in with the role the batch last gave them, and their
+/// organization's count moves once a batch.
+async fn a_rebuild_of_many_batches_reproduces_every_read_model_and_the_roles_last_given(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    let mut roles = Vec::new();
+    for (o, name) in ["Acme", "Globex", "Initech"].into_iter().enumerate() {
+        let org = create_org(&service.ledger, name, &name.to_lowercase(), "olivia")
+            .await
+            .organization_id;
+        let mut events = Vec::new();
+        let mut expected = vec![("olivia".to_owned(), "owner".to_owned())];
+        for k in 0..40 {
+            let user = format!("u{o}{k:02}");
+            events.push(member_joined(&user, chrono::Utc::now()));
+            // member, admin, member, ...: an odd number of flips leaves an admin.
+            let flips = 150 + k % 2;
+            events.extend(role_flips(flips, &user));
+            let role = if flips % 2 == 1 { "admin" } else { "member" };
+            expected.push((user, role.to_owned()));
+        }
+        service
+            .ledger
+            .import(org, events, std::collections::HashMap::new())
+            .await
+            .unwrap();
+        expected.sort();
+        roles.push((org, expected));
+    }
+    service.catch_up().await;
+    let before = dump_read_models(service.db()).await;
+
+    let mut logged = 0;
+    for (org, _) in &roles {
+        logged += service.ledger.load(*org).await.unwrap().1;
+    }
+    assert!(logged > 3 * 5_000, "{logged} events");
+    let report = service.projector.rebuild_all(false).await.unwrap();
+    assert_eq!(report.events, logged as u64);
+    assert_eq!(dump_read_models(service.db()).await, before);
+    for (org, expected) in roles {
+        let page = members::list(
+            service.db(),
+            &org.to_string(),
+            &MemberFilter {
+                limit: 100,
+                ..MemberFilter::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut listed: Vec<(String, String)> = page
+            .items
+            .into_iter()
+            .map(|member| (member.user_id, member.role))
+            .collect();
+        listed.sort();
+        assert_eq!(listed, expected);
+        let organization = organizations::get(service.db(), &org.to_string())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(organization.member_count, 41);
+    }
 }
 
 /// The backlog's `ANALYZE` is PostgreSQL's: SQLite's planner uses an index without

@@ -80,37 +80,41 @@ impl Projection for MembersProjection {
     }
 
     /// Runs of joins go in as multi-row INSERTs, and runs of role changes (which only set one
-    /// column) as one UPDATE with the last role per member. Any other event, or a change of
-    /// kind, first flushes the run, so the order of the log holds.
+    /// column) as one UPDATE with the last role per member; a member who joined within the
+    /// run goes in with the last role the run gave them. Joins and role changes of different
+    /// members commute, so a run holds both; any other event that writes members first
+    /// flushes it, so the order of the log holds.
     async fn apply_all(
         &self,
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
-        let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
-        let mut roles: RoleChanges<'_> = HashMap::new();
+        let mut run = Run::default();
         for (index, event) in events.iter().enumerate() {
             let org = event.organization_id.as_str();
             match &event.event {
-                E::MemberJoined(_) => {
-                    self.set_roles(conn, &mut roles).await?;
-                    joins.push((index, event));
+                E::MemberJoined(e) => {
+                    // Joining again after a role change within the run (never without a
+                    // removal between, which flushes): the UPDATE goes first, as logged.
+                    if run.roles.contains_key(&(org, e.user_id.as_str())) {
+                        self.set_roles(conn, &mut run.roles).await?;
+                    }
+                    run.joined
+                        .insert((org, e.user_id.as_str()), run.joins.len());
+                    run.joins.push((index, event, e.role.as_str()));
                 }
                 E::MemberRoleChanged(e) => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
+                    run.set_role(org, e.user_id.as_str(), e.to.as_str(), index)
                 }
                 E::OwnershipTransferred(e) => {
-                    self.insert_joins(conn, &mut joins).await?;
-                    roles.insert((org, e.to_user_id.as_str()), ("owner", index));
-                    roles.insert((org, e.from_user_id.as_str()), ("admin", index));
+                    run.set_role(org, e.to_user_id.as_str(), "owner", index);
+                    run.set_role(org, e.from_user_id.as_str(), "admin", index);
                 }
                 other => {
-                    // Only an event that writes members must wait for the runs before it:
-                    // one that does not (an invitation, say) leaves them growing.
+                    // Only an event that writes members must wait for the run before it: one
+                    // that does not (an invitation, say) leaves it growing.
                     if changes_members(other) {
-                        self.insert_joins(conn, &mut joins).await?;
-                        self.set_roles(conn, &mut roles).await?;
+                        self.flush(conn, &mut run).await?;
                     }
                     self.apply_other(conn, event)
                         .await
@@ -118,8 +122,27 @@ impl Projection for MembersProjection {
                 }
             }
         }
-        self.insert_joins(conn, &mut joins).await?;
-        self.set_roles(conn, &mut roles).await
+        self.flush(conn, &mut run).await
+    }
+}
+
+/// Joins and role changes not yet written: each join with the role it goes in with, where
+/// each pending join sits in `joins`, and the role changes of members already written.
+#[derive(Default)]
+struct Run<'e> {
+    joins: Vec<(usize, &'e RecordedEvent, &'e str)>,
+    joined: HashMap<(&'e str, &'e str), usize>,
+    roles: RoleChanges<'e>,
+}
+
+impl<'e> Run<'e> {
+    fn set_role(&mut self, org: &'e str, user: &'e str, role: &'e str, index: usize) {
+        match self.joined.get(&(org, user)) {
+            Some(&at) => self.joins[at].2 = role,
+            None => {
+                self.roles.insert((org, user), (role, index));
+            }
+        }
     }
 }
 
@@ -218,10 +241,22 @@ impl MembersProjection {
     }
 
     /// Inserts and clears a run of `MemberJoined` events.
+    /// Writes and clears a run: its joins, then its role changes.
+    async fn flush(
+        &self,
+        conn: &mut Conn<'_>,
+        run: &mut Run<'_>,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        self.insert_joins(conn, &run.joins).await?;
+        run.joins.clear();
+        run.joined.clear();
+        self.set_roles(conn, &mut run.roles).await
+    }
+
     async fn insert_joins(
         &self,
         conn: &mut Conn<'_>,
-        joins: &mut Vec<(usize, &RecordedEvent)>,
+        joins: &[(usize, &RecordedEvent, &str)],
     ) -> Result<(), (usize, sqlx::Error)> {
         for chunk in joins.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -234,17 +269,16 @@ impl MembersProjection {
                 value_rows(chunk.len(), JOINED_COLUMNS, 1)
             );
             let mut args = Vec::with_capacity(chunk.len() * JOINED_COLUMNS);
-            for (_, event) in chunk {
+            for (_, event, role) in chunk {
                 if let E::MemberJoined(e) = &event.event {
-                    args.extend(joined_row(event.organization_id.as_str(), e));
+                    args.extend(joined_row(event.organization_id.as_str(), e, role));
                 }
             }
-            let first = chunk.first().map_or(0, |(index, _)| *index);
+            let first = chunk.first().map_or(0, |(index, _, _)| *index);
             conn.execute(&sql, &args)
                 .await
                 .map_err(|error| (first, error))?;
         }
-        joins.clear();
         Ok(())
     }
 
@@ -314,7 +348,7 @@ impl MembersProjection {
 const JOINED_COLUMNS: usize = 13;
 
 /// The row a `MemberJoined` inserts, in column order.
-fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; JOINED_COLUMNS] {
+fn joined_row(org: &str, e: &orgledger_domain::MemberJoined, role: &str) -> [Arg; JOINED_COLUMNS] {
     args![
         org,
         e.user_id.as_str(),
@@ -323,7 +357,7 @@ fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; JOINED_COL
         &e.last_name,
         &e.title,
         &e.image_url,
-        e.role.as_str(),
+        role,
         to_micros(e.joined_at),
         json_text(
             &e.group_ids

@@ -117,9 +117,10 @@ impl Projection for OrganizationsProjection {
             .map_err(|(_, error)| error)
     }
 
-    /// Applies each event, then sets each organization's `version` once for the batch. A run
-    /// of joins and departures moves `member_count` once per organization; any other event
-    /// first flushes the run, so a count never lands before its organization's row exists
+    /// Applies each event, then sets each organization's `version` once for the batch. Joins
+    /// and departures move `member_count` once per organization for the batch: an addition
+    /// commutes with every other change but its organization's creation and purge, which
+    /// first flush the counts, so a count never lands before its organization's row exists
     /// or after it is gone.
     async fn apply_all(
         &self,
@@ -137,7 +138,13 @@ impl Projection for OrganizationsProjection {
                 _ => 0,
             };
             if delta == 0 {
-                self.move_member_counts(conn, &mut counts).await?;
+                let creates_or_purges = matches!(
+                    event.event,
+                    E::OrganizationCreated(_) | E::OrganizationPurged(_)
+                );
+                if creates_or_purges && counts.contains_key(id) {
+                    self.move_member_counts(conn, &mut counts).await?;
+                }
                 self.change(conn, event)
                     .await
                     .map_err(|error| (index, error))?;
