@@ -1012,17 +1012,10 @@ async fn a_rebuild_of_many_batches_reproduces_every_read_model_and_the_roles_las
     assert_eq!(report.events, logged as u64);
     assert_eq!(dump_read_models(service.db()).await, before);
     for (org, expected) in roles {
-        let page = members::list(
-            service.db(),
-            &org.to_string(),
-            &MemberFilter {
-                limit: 100,
-                ..MemberFilter::default()
-            },
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let page = members::list(service.db(), &org.to_string(), &member_filter())
+            .await
+            .unwrap()
+            .unwrap();
         let mut listed: Vec<(String, String)> = page
             .items
             .into_iter()
