@@ -970,8 +970,8 @@ async fn rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_th
 }
 
 /// A log of several batches, live (500 events) and rebuilt (5,000): members join and change
-/// role within one batch, so each goes in with the role the batch last gave them, and their
-/// organization's count moves once a batch.
+/// role within one batch, written as one INSERT and then one UPDATE, so each ends with the
+/// role the log last gave them; their organization's count moves once a batch.
 async fn a_rebuild_of_many_batches_reproduces_every_read_model_and_the_roles_last_given(
     backend: Backend,
 ) {

@@ -80,41 +80,40 @@ impl Projection for MembersProjection {
     }
 
     /// Runs of joins go in as multi-row INSERTs, and runs of role changes (which only set one
-    /// column) as one UPDATE with the last role per member; a member who joined within the
-    /// run goes in with the last role the run gave them. Joins and role changes of different
-    /// members commute, so a run holds both; any other event that writes members first
-    /// flushes it, so the order of the log holds.
+    /// column) as one UPDATE with the last role per member, written after the joins. Joins
+    /// and role changes share a run: a member's role changes follow their join in the log,
+    /// and a join after a role change of the same member first writes the UPDATE, so the
+    /// order of the log holds for every member. Any other event that writes members first
+    /// writes the run.
     async fn apply_all(
         &self,
         conn: &mut Conn<'_>,
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
-        let mut run = Run::default();
+        let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
+        let mut roles: RoleChanges<'_> = HashMap::new();
         for (index, event) in events.iter().enumerate() {
             let org = event.organization_id.as_str();
             match &event.event {
                 E::MemberJoined(e) => {
-                    // Joining again after a role change within the run (never without a
-                    // removal between, which flushes): the UPDATE goes first, as logged.
-                    if run.roles.contains_key(&(org, e.user_id.as_str())) {
-                        self.set_roles(conn, &mut run.roles).await?;
+                    if roles.contains_key(&(org, e.user_id.as_str())) {
+                        self.set_roles(conn, &mut roles).await?;
                     }
-                    run.joined
-                        .insert((org, e.user_id.as_str()), run.joins.len());
-                    run.joins.push((index, event, e.role.as_str()));
+                    joins.push((index, event));
                 }
                 E::MemberRoleChanged(e) => {
-                    run.set_role(org, e.user_id.as_str(), e.to.as_str(), index)
+                    roles.insert((org, e.user_id.as_str()), (e.to.as_str(), index));
                 }
                 E::OwnershipTransferred(e) => {
-                    run.set_role(org, e.to_user_id.as_str(), "owner", index);
-                    run.set_role(org, e.from_user_id.as_str(), "admin", index);
+                    roles.insert((org, e.to_user_id.as_str()), ("owner", index));
+                    roles.insert((org, e.from_user_id.as_str()), ("admin", index));
                 }
                 other => {
-                    // Only an event that writes members must wait for the run before it: one
-                    // that does not (an invitation, say) leaves it growing.
+                    // Only an event that writes members must wait for the run before it:
+                    // one that does not (an invitation, say) leaves it growing.
                     if changes_members(other) {
-                        self.flush(conn, &mut run).await?;
+                        self.insert_joins(conn, &mut joins).await?;
+                        self.set_roles(conn, &mut roles).await?;
                     }
                     self.apply_other(conn, event)
                         .await
@@ -122,27 +121,8 @@ impl Projection for MembersProjection {
                 }
             }
         }
-        self.flush(conn, &mut run).await
-    }
-}
-
-/// Joins and role changes not yet written: each join with the role it goes in with, where
-/// each pending join sits in `joins`, and the role changes of members already written.
-#[derive(Default)]
-struct Run<'e> {
-    joins: Vec<(usize, &'e RecordedEvent, &'e str)>,
-    joined: HashMap<(&'e str, &'e str), usize>,
-    roles: RoleChanges<'e>,
-}
-
-impl<'e> Run<'e> {
-    fn set_role(&mut self, org: &'e str, user: &'e str, role: &'e str, index: usize) {
-        match self.joined.get(&(org, user)) {
-            Some(&at) => self.joins[at].2 = role,
-            None => {
-                self.roles.insert((org, user), (role, index));
-            }
-        }
+        self.insert_joins(conn, &mut joins).await?;
+        self.set_roles(conn, &mut roles).await
     }
 }
 
@@ -241,22 +221,10 @@ impl MembersProjection {
     }
 
     /// Inserts and clears a run of `MemberJoined` events.
-    /// Writes and clears a run: its joins, then its role changes.
-    async fn flush(
-        &self,
-        conn: &mut Conn<'_>,
-        run: &mut Run<'_>,
-    ) -> Result<(), (usize, sqlx::Error)> {
-        self.insert_joins(conn, &run.joins).await?;
-        run.joins.clear();
-        run.joined.clear();
-        self.set_roles(conn, &mut run.roles).await
-    }
-
     async fn insert_joins(
         &self,
         conn: &mut Conn<'_>,
-        joins: &[(usize, &RecordedEvent, &str)],
+        joins: &mut Vec<(usize, &RecordedEvent)>,
     ) -> Result<(), (usize, sqlx::Error)> {
         for chunk in joins.chunks(MAX_ROWS_PER_STATEMENT) {
             let sql = format!(
@@ -269,16 +237,17 @@ impl MembersProjection {
                 value_rows(chunk.len(), JOINED_COLUMNS, 1)
             );
             let mut args = Vec::with_capacity(chunk.len() * JOINED_COLUMNS);
-            for (_, event, role) in chunk {
+            for (_, event) in chunk {
                 if let E::MemberJoined(e) = &event.event {
-                    args.extend(joined_row(event.organization_id.as_str(), e, role));
+                    args.extend(joined_row(event.organization_id.as_str(), e));
                 }
             }
-            let first = chunk.first().map_or(0, |(index, _, _)| *index);
+            let first = chunk.first().map_or(0, |(index, _)| *index);
             conn.execute(&sql, &args)
                 .await
                 .map_err(|error| (first, error))?;
         }
+        joins.clear();
         Ok(())
     }
 
@@ -348,7 +317,7 @@ impl MembersProjection {
 const JOINED_COLUMNS: usize = 13;
 
 /// The row a `MemberJoined` inserts, in column order.
-fn joined_row(org: &str, e: &orgledger_domain::MemberJoined, role: &str) -> [Arg; JOINED_COLUMNS] {
+fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; JOINED_COLUMNS] {
     args![
         org,
         e.user_id.as_str(),
@@ -357,7 +326,7 @@ fn joined_row(org: &str, e: &orgledger_domain::MemberJoined, role: &str) -> [Arg
         &e.last_name,
         &e.title,
         &e.image_url,
-        role,
+        e.role.as_str(),
         to_micros(e.joined_at),
         json_text(
             &e.group_ids
