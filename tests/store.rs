@@ -45,6 +45,7 @@ on_both_backends!(
     an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them,
     a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_replay,
     concurrent_appends_each_keep_their_own_outcome,
+    an_import_beside_commands_on_one_organization_lands_with_them,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -1356,4 +1357,32 @@ async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_on_postgre
         .await,
         committed.version as i64
     );
+}
+
+/// An import decides nothing and does not retry: within a process it takes its turn with
+/// the organization's commands, so one sent beside them lands instead of losing the race
+/// for the next sequence.
+async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: Backend) {
+    let test = spawn_ledger(backend).await;
+    let ledger = &test.ledger;
+    let org = acme_with_mia(ledger).await;
+    for i in 0..8 {
+        add_member(ledger, org, "olivia", &format!("m{i}"), Role::Member).await;
+    }
+    let (_, before) = ledger.load(org).await.unwrap();
+    let context = RequestContext::default();
+    let commands = (0..8).map(|i| {
+        let promote = cmd(user("olivia"), set_role(&format!("m{i}"), Role::Admin));
+        ledger.run(org, promote, &context, None)
+    });
+    let (commands, imported) = tokio::join!(
+        futures::future::join_all(commands),
+        ledger.import(org, role_flips(100, "mia"), HashMap::new())
+    );
+    for committed in commands {
+        committed.unwrap();
+    }
+    imported.unwrap();
+    let (_, after) = ledger.load(org).await.unwrap();
+    assert_eq!(after, before + 8 + 100);
 }
