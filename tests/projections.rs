@@ -30,6 +30,7 @@ on_both_backends!(
     rebuilding_every_read_model_at_once_reproduces_them_from_one_read_of_the_log,
     a_rebuild_of_many_batches_reproduces_every_read_model_and_the_roles_last_given,
     audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time,
+    rows_inserted_as_one_run_keep_their_values_and_the_first_of_a_key_wins,
     a_read_model_of_an_older_schema_is_rebuilt_before_the_service_opens,
     a_rebuild_asked_for_replays_an_older_schema_once,
     an_event_the_new_schema_cannot_take_leaves_the_service_open_and_reports_it,
@@ -699,6 +700,71 @@ async fn audit_entries_copied_in_bulk_equal_those_inserted_a_few_at_a_time(backe
     let renamed = audit_of(service.db(), &org.to_string(), "organization.updated").await;
     assert_eq!(renamed.len(), 1);
     assert_eq!(renamed[0].details["name"]["to"], awkward);
+}
+
+/// `Conn::insert_rows`, which writes runs of joins: one statement of arrays on PostgreSQL,
+/// multi-row INSERTs of at most 2,000 rows on SQLite.
+async fn rows_inserted_as_one_run_keep_their_values_and_the_first_of_a_key_wins(backend: Backend) {
+    use orgledger_projections::{args, Arg};
+    let service = spawn_service(backend).await;
+    let mut tx = service.db().begin().await.unwrap();
+    let mut conn = tx.conn();
+    conn.execute(
+        "CREATE TABLE insert_rows_probe (k TEXT PRIMARY KEY, n BIGINT, note TEXT)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let awkward = "tab\there, line\nbreak, back\\slash \\N, \"quoted\", {a,b}, \u{e9}";
+    let mut rows: Vec<Vec<Arg>> = vec![
+        Vec::from(args!["a", 1_i64, Some(awkward.to_owned())]),
+        Vec::from(args!["b", None::<i64>, None::<String>]),
+        Vec::from(args!["a", 2_i64, Some("the second a".to_owned())]),
+    ];
+    // Enough more to take SQLite past one statement's rows.
+    rows.extend((0..4_500_i64).map(|n| Vec::from(args![format!("n{n:05}"), n, None::<String>])));
+    conn.insert_rows(
+        "insert_rows_probe",
+        &["k", "n", "note"],
+        rows,
+        "ON CONFLICT (k) DO NOTHING",
+    )
+    .await
+    .unwrap();
+
+    let first: Vec<(String, Option<i64>, Option<String>)> = conn
+        .fetch_all(
+            "SELECT k, n, note FROM insert_rows_probe WHERE k IN ('a', 'b') ORDER BY k",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        vec![
+            ("a".to_owned(), Some(1), Some(awkward.to_owned())),
+            ("b".to_owned(), None, None),
+        ]
+    );
+    let count = conn
+        .fetch_i64("SELECT count(*) FROM insert_rows_probe", &[])
+        .await
+        .unwrap();
+    assert_eq!(count, Some(4_502));
+    let last = conn
+        .fetch_i64("SELECT n FROM insert_rows_probe WHERE k = 'n04499'", &[])
+        .await
+        .unwrap();
+    assert_eq!(last, Some(4_499));
+
+    // Without the clause a key that exists fails the call.
+    let again = vec![Vec::from(args!["a", 3_i64, None::<String>])];
+    let refused = conn
+        .insert_rows("insert_rows_probe", &["k", "n", "note"], again, "")
+        .await;
+    assert!(matches!(refused, Err((0, _))), "{refused:?}");
+    drop(conn);
+    tx.rollback().await.unwrap();
 }
 
 /// The audit log's schema 3 made its organization a `uuid` on PostgreSQL (schema 2 made its

@@ -400,14 +400,14 @@ fn entry((_, organization, event): &Pending<'_>) -> Vec<Arg> {
     Vec::from(args![
         *organization,
         event.sequence,
-        to_micros(event.occurred_at()),
+        to_micros(event.occurred_at),
         event.actor_type(),
         event.actor_id(),
         description.action,
         description.resource_type,
         description.resource_id,
         details,
-        event.metadata.get("request_id").cloned(),
+        event.metadata.request_id.clone(),
         folded
     ])
 }

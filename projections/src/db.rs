@@ -462,12 +462,131 @@ impl Conn<'_> {
         Ok(())
     }
 
+    /// Inserts `rows` (each `columns.len()` values, of the same kinds row after row) into
+    /// `table`, `then` (an `ON CONFLICT` clause, or empty) deciding what a row whose key
+    /// exists does. On PostgreSQL that is one statement whatever the count: a column is one
+    /// array parameter, unnested, so the statement is parsed and planned once per connection
+    /// instead of once per multi-row INSERT of thousands of parameters. SQLite has no arrays:
+    /// multi-row INSERTs. Returns, with the error, the index of the first row of the failing
+    /// statement (0 on PostgreSQL).
+    pub async fn insert_rows(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: Vec<Vec<Arg>>,
+        then: &str,
+    ) -> Result<(), (usize, sqlx::Error)> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let names = columns.join(", ");
+        match self {
+            Self::Postgres(conn) => {
+                let arrays = ColumnArrays::of(columns.len(), rows);
+                let sql = format!(
+                    "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({}) {then}",
+                    arrays.placeholders()
+                );
+                arrays
+                    .bind(sqlx::query(&sql))
+                    .execute(&mut **conn)
+                    .await
+                    .map_err(|error| (0, error))?;
+            }
+            Self::Sqlite(_) => {
+                let chunk_rows = MAX_ROWS_PER_STATEMENT.min(32_766 / columns.len().max(1));
+                for (chunk_index, chunk) in rows.chunks(chunk_rows).enumerate() {
+                    let sql = format!(
+                        "INSERT INTO {table} ({names}) VALUES {} {then}",
+                        value_rows(chunk.len(), columns.len(), 1)
+                    );
+                    let args: Vec<Arg> = chunk.iter().flatten().cloned().collect();
+                    self.execute(&sql, &args)
+                        .await
+                        .map_err(|error| (chunk_index * chunk_rows, error))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs several statements of DDL.
     pub async fn execute_script(&mut self, statements: &[String]) -> Result<(), sqlx::Error> {
         for statement in statements {
             self.execute(statement, &[]).await?;
         }
         Ok(())
+    }
+}
+
+/// Rows turned into one PostgreSQL array per column, for `UNNEST`. A column's kind is its
+/// first row's; a value of another kind in it is a caller's bug.
+enum ColumnArray {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Uuid(Vec<uuid::Uuid>),
+}
+
+struct ColumnArrays(Vec<ColumnArray>);
+
+impl ColumnArrays {
+    fn of(width: usize, rows: Vec<Vec<Arg>>) -> Self {
+        let count = rows.len();
+        let mut arrays: Vec<ColumnArray> = rows
+            .first()
+            .map(|row| {
+                row.iter()
+                    .map(|value| match value {
+                        Arg::Text(_) => ColumnArray::Text(Vec::with_capacity(count)),
+                        Arg::Int(_) => ColumnArray::Int(Vec::with_capacity(count)),
+                        Arg::Uuid(_) => ColumnArray::Uuid(Vec::with_capacity(count)),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for row in rows {
+            debug_assert_eq!(row.len(), width, "a row of another width");
+            for (array, value) in arrays.iter_mut().zip(row) {
+                match (array, value) {
+                    (ColumnArray::Text(values), Arg::Text(value)) => values.push(value),
+                    (ColumnArray::Int(values), Arg::Int(value)) => values.push(value),
+                    (ColumnArray::Uuid(values), Arg::Uuid(value)) => values.push(value),
+                    (_, value) => panic!("{value:?} in a column of another kind"),
+                }
+            }
+        }
+        Self(arrays)
+    }
+
+    /// `$1::text[], $2::bigint[], ..`
+    fn placeholders(&self) -> String {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(index, array)| {
+                let kind = match array {
+                    ColumnArray::Text(_) => "text",
+                    ColumnArray::Int(_) => "bigint",
+                    ColumnArray::Uuid(_) => "uuid",
+                };
+                format!("${}::{kind}[]", index + 1)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn bind(
+        self,
+        mut query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        for array in self.0 {
+            query = match array {
+                ColumnArray::Text(values) => query.bind(values),
+                ColumnArray::Int(values) => query.bind(values),
+                ColumnArray::Uuid(values) => query.bind(values),
+            };
+        }
+        query
     }
 }
 

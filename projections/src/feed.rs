@@ -1,10 +1,9 @@
 //! The events a projector reads: the whole log, in commit order, opened and decoded.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent;
+use serde::Deserialize;
 
 /// A place in the global log. On PostgreSQL, `(commit_txid, position)` orders events by
 /// transaction and stays below the oldest transaction in flight; on SQLite `commit_txid` is 0
@@ -23,29 +22,42 @@ pub struct RecordedEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event: OrganizationEvent,
-    pub metadata: HashMap<String, String>,
+    pub metadata: EventMetadata,
     pub recorded_at: DateTime<Utc>,
+    /// When the command behind the event was decided ([`EventMetadata::occurred_at`]), read
+    /// once with the event rather than by each projection that shows it.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// What the projections read of an event's metadata: who acted, when, and in which request.
+/// None of it is sealed, so reading it never needs the organization's key; the rest of the
+/// stored metadata (the client's address and agent, sealed) is skipped unread.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct EventMetadata {
+    pub actor_type: Option<String>,
+    pub actor_id: Option<String>,
+    pub occurred_at: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl EventMetadata {
+    /// When the command behind the event was decided, or, failing that, `recorded_at`: when
+    /// it was stored.
+    pub fn occurred_at(&self, recorded_at: DateTime<Utc>) -> DateTime<Utc> {
+        self.occurred_at
+            .as_deref()
+            .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+            .map_or(recorded_at, |at| at.with_timezone(&Utc))
+    }
 }
 
 impl RecordedEvent {
-    /// When the command behind the event was decided (falls back to when it was stored).
-    pub fn occurred_at(&self) -> DateTime<Utc> {
-        self.metadata
-            .get("occurred_at")
-            .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
-            .map_or(self.recorded_at, |at| at.with_timezone(&Utc))
-    }
-
     pub fn actor_type(&self) -> &str {
-        self.metadata
-            .get("actor_type")
-            .map_or("system", String::as_str)
+        self.metadata.actor_type.as_deref().unwrap_or("system")
     }
 
     pub fn actor_id(&self) -> &str {
-        self.metadata
-            .get("actor_id")
-            .map_or("system", String::as_str)
+        self.metadata.actor_id.as_deref().unwrap_or("system")
     }
 
     pub fn describe(&self) -> String {

@@ -1,7 +1,5 @@
 //! Members of each organization, and each user's organizations.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
@@ -12,6 +10,7 @@ use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS
 use crate::feed::RecordedEvent;
 use crate::organizations::enum_text;
 use crate::projector::Projection;
+use crate::BatchMap;
 use crate::{args, from_micros, to_micros, Page};
 
 pub struct MembersProjection {
@@ -91,7 +90,7 @@ impl Projection for MembersProjection {
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
         let mut joins: Vec<(usize, &RecordedEvent)> = Vec::new();
-        let mut roles: RoleChanges<'_> = HashMap::new();
+        let mut roles = RoleChanges::default();
         for (index, event) in events.iter().enumerate() {
             let org = event.organization_id.as_str();
             match &event.event {
@@ -141,7 +140,7 @@ fn changes_members(event: &E) -> bool {
 }
 
 /// `(organization, user)` to `(role, index of the event that set it)`.
-type RoleChanges<'e> = HashMap<(&'e str, &'e str), (&'e str, usize)>;
+type RoleChanges<'e> = BatchMap<(&'e str, &'e str), (&'e str, usize)>;
 
 impl MembersProjection {
     /// Every event but joins and role changes, which `apply_all` writes in runs. An event it
@@ -226,27 +225,26 @@ impl MembersProjection {
         conn: &mut Conn<'_>,
         joins: &mut Vec<(usize, &RecordedEvent)>,
     ) -> Result<(), (usize, sqlx::Error)> {
-        for chunk in joins.chunks(MAX_ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO {} (organization_id, user_id, email, first_name, last_name, title,
-                                 image_url, role, joined_at_us, group_ids, locked_fields,
-                                 first_name_folded, last_name_folded)
-                 VALUES {}
-                 ON CONFLICT (organization_id, user_id) DO NOTHING",
-                self.table,
-                value_rows(chunk.len(), JOINED_COLUMNS, 1)
-            );
-            let mut args = Vec::with_capacity(chunk.len() * JOINED_COLUMNS);
-            for (_, event) in chunk {
-                if let E::MemberJoined(e) = &event.event {
-                    args.extend(joined_row(event.organization_id.as_str(), e));
+        let Some(first) = joins.first().map(|(index, _)| *index) else {
+            return Ok(());
+        };
+        let rows: Vec<Vec<Arg>> = joins
+            .iter()
+            .filter_map(|(_, event)| match &event.event {
+                E::MemberJoined(e) => {
+                    Some(Vec::from(joined_row(event.organization_id.as_str(), e)))
                 }
-            }
-            let first = chunk.first().map_or(0, |(index, _)| *index);
-            conn.execute(&sql, &args)
-                .await
-                .map_err(|error| (first, error))?;
-        }
+                _ => None,
+            })
+            .collect();
+        conn.insert_rows(
+            &self.table,
+            &JOINED_COLUMN_NAMES,
+            rows,
+            "ON CONFLICT (organization_id, user_id) DO NOTHING",
+        )
+        .await
+        .map_err(|(row, error)| (joins.get(row).map_or(first, |(index, _)| *index), error))?;
         joins.clear();
         Ok(())
     }
@@ -315,6 +313,22 @@ impl MembersProjection {
 }
 
 const JOINED_COLUMNS: usize = 13;
+
+const JOINED_COLUMN_NAMES: [&str; JOINED_COLUMNS] = [
+    "organization_id",
+    "user_id",
+    "email",
+    "first_name",
+    "last_name",
+    "title",
+    "image_url",
+    "role",
+    "joined_at_us",
+    "group_ids",
+    "locked_fields",
+    "first_name_folded",
+    "last_name_folded",
+];
 
 /// The row a `MemberJoined` inserts, in column order.
 fn joined_row(org: &str, e: &orgledger_domain::MemberJoined) -> [Arg; JOINED_COLUMNS] {

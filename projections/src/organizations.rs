@@ -1,7 +1,5 @@
 //! The organization directory: one row per organization that is not purged.
 
-use std::collections::HashMap;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use orgledger_domain::OrganizationEvent as E;
@@ -11,6 +9,7 @@ use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError, List}
 use crate::db::{index, value_rows, Arg, Backend, Conn, Database, Index, MAX_ROWS_PER_STATEMENT};
 use crate::feed::RecordedEvent;
 use crate::projector::Projection;
+use crate::BatchMap;
 use crate::{args, from_micros, to_micros, Page};
 
 pub struct OrganizationsProjection {
@@ -128,8 +127,8 @@ impl Projection for OrganizationsProjection {
         events: &[&RecordedEvent],
     ) -> Result<(), (usize, sqlx::Error)> {
         // By organization: (value, index of the event it came from).
-        let mut versions: HashMap<&str, (i64, usize)> = HashMap::new();
-        let mut counts: HashMap<&str, (i64, usize)> = HashMap::new();
+        let mut versions: BatchMap<&str, (i64, usize)> = BatchMap::default();
+        let mut counts: BatchMap<&str, (i64, usize)> = BatchMap::default();
         for (index, event) in events.iter().enumerate() {
             let id = event.organization_id.as_str();
             let delta = match &event.event {
@@ -164,7 +163,7 @@ impl OrganizationsProjection {
     async fn move_member_counts(
         &self,
         conn: &mut Conn<'_>,
-        counts: &mut HashMap<&str, (i64, usize)>,
+        counts: &mut BatchMap<&str, (i64, usize)>,
     ) -> Result<(), (usize, sqlx::Error)> {
         self.update_each(conn, "member_count = member_count + moved.value", counts)
             .await?;
@@ -178,7 +177,7 @@ impl OrganizationsProjection {
         &self,
         conn: &mut Conn<'_>,
         assignment: &str,
-        rows: &HashMap<&str, (i64, usize)>,
+        rows: &BatchMap<&str, (i64, usize)>,
     ) -> Result<(), (usize, sqlx::Error)> {
         let t = &self.table;
         let rows: Vec<(&str, i64, usize)> = rows

@@ -18,7 +18,7 @@ use crate::db::{
     in_list, value_rows, Arg, Backend, Conn, Database, Index, Transaction, MAX_ROWS_PER_STATEMENT,
 };
 use crate::feed::{Checkpoint, EventFeed, FeedError, RecordedEvent};
-use crate::{args, audit, invitations, members, organizations, to_micros};
+use crate::{args, audit, invitations, members, organizations, to_micros, BatchMap};
 
 /// Every projection, in the order they are run.
 pub const PROJECTION_NAMES: &[&str] = &[
@@ -583,7 +583,7 @@ impl Projector {
             if past.is_empty() {
                 continue;
             }
-            let mut versions: HashMap<&str, i64> = HashMap::new();
+            let mut versions: BatchMap<&str, i64> = BatchMap::default();
             let mut to_apply = Vec::with_capacity(past.len());
             for event in past.iter().copied() {
                 let organization = event.organization_id.as_str();

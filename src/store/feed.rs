@@ -16,7 +16,7 @@ use cqrs_es::{Aggregate, EventEnvelope};
 use orgledger_domain::{
     upcasters, Organization, OrganizationEvent, PERSONAL_DATA_FIELDS, SECRET_FIELDS,
 };
-use orgledger_projections::{Checkpoint, EventFeed, FeedError, RecordedEvent};
+use orgledger_projections::{Checkpoint, EventFeed, EventMetadata, FeedError, RecordedEvent};
 use serde_json::Value;
 use sqlx::Row;
 
@@ -43,39 +43,56 @@ pub struct StoreFeed {
     upcasters: Vec<Box<dyn EventUpcaster>>,
 }
 
-/// One row of the log as stored: payload and metadata still JSON text.
-struct StoredRow {
+/// One row of the log as stored, borrowed from the driver's row: payload and metadata still
+/// JSON text, so nothing is copied before it is decoded.
+struct StoredRow<'r> {
     checkpoint: Checkpoint,
     recorded_at: DateTime<Utc>,
-    aggregate_type: String,
-    aggregate_id: String,
+    aggregate_type: &'r str,
+    aggregate_id: &'r str,
     sequence: i64,
-    event_type: String,
-    event_version: String,
-    payload: String,
-    metadata: String,
+    event_type: &'r str,
+    event_version: &'r str,
+    payload: &'r str,
+    metadata: &'r str,
 }
 
-/// A [`StoredRow`] from a row of either backend (a function generic over sqlx's `Row` would
-/// need a decode bound for every column type).
+/// The columns both backends' reads select, in this order, so a row is read by position
+/// (by name, each value was a search of the row's column names).
+const TXID: usize = 0;
+const POSITION: usize = 1;
+const RECORDED_AT: usize = 2;
+const AGGREGATE_TYPE: usize = 3;
+const AGGREGATE_ID: usize = 4;
+const SEQUENCE: usize = 5;
+const EVENT_TYPE: usize = 6;
+const EVENT_VERSION: usize = 7;
+const PAYLOAD: usize = 8;
+const METADATA: usize = 9;
+
+/// A [`StoredRow`] borrowed from a row of either backend (a function generic over sqlx's
+/// `Row` would need a decode bound for every column type).
 macro_rules! stored_row {
-    ($row:expr, $checkpoint:expr, $recorded_at:expr) => {
+    ($row:expr, $recorded_at:expr) => {
         StoredRow {
-            checkpoint: $checkpoint,
+            checkpoint: Checkpoint {
+                commit_txid: $row.try_get(TXID)?,
+                position: $row.try_get(POSITION)?,
+            },
             recorded_at: $recorded_at,
-            aggregate_type: $row.get("aggregate_type"),
-            aggregate_id: $row.get("aggregate_id"),
-            sequence: $row.get("sequence"),
-            event_type: $row.get("event_type"),
-            event_version: $row.get("event_version"),
-            payload: $row.get("payload"),
-            metadata: $row.get("metadata"),
+            aggregate_type: $row.try_get(AGGREGATE_TYPE)?,
+            aggregate_id: $row.try_get(AGGREGATE_ID)?,
+            sequence: $row.try_get(SEQUENCE)?,
+            event_type: $row.try_get(EVENT_TYPE)?,
+            event_version: $row.try_get(EVENT_VERSION)?,
+            payload: $row.try_get(PAYLOAD)?,
+            metadata: $row.try_get(METADATA)?,
         }
     };
 }
 
-/// A decoded payload and its metadata.
-type Decoded = (OrganizationEvent, HashMap<String, String>);
+/// A decoded payload and what the projections read of its metadata.
+type Decoded = (OrganizationEvent, EventMetadata);
 
 /// `"email"`, `"first_name"`, ...: the quoted names of every field whose strings are sealed.
 fn sealed_field_names() -> &'static [String] {
@@ -98,68 +115,45 @@ fn names_no_sealed_field(json: &str) -> bool {
         .any(|name| json.contains(name.as_str()))
 }
 
-/// Which parts of a row can be decoded straight from their text: those that name no sealed
-/// field (and, for the payload, to which no upcaster applies).
-#[derive(Clone, Copy)]
-struct PlainParts {
-    payload: bool,
-    metadata: bool,
+/// Whether a row's payload can be decoded straight from its text: it names no sealed field
+/// and no upcaster applies to it. Its metadata always can: [`EventMetadata`] holds no sealed
+/// field, and those it skips are left sealed.
+fn plain_payload(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow<'_>) -> bool {
+    names_no_sealed_field(row.payload)
+        && !upcasters
+            .iter()
+            .any(|upcaster| upcaster.can_upcast(row.event_type, row.event_version))
 }
 
-impl PlainParts {
-    fn of(upcasters: &[Box<dyn EventUpcaster>], row: &StoredRow) -> Self {
-        Self {
-            payload: names_no_sealed_field(&row.payload)
-                && !upcasters
-                    .iter()
-                    .any(|upcaster| upcaster.can_upcast(&row.event_type, &row.event_version)),
-            metadata: names_no_sealed_field(&row.metadata),
-        }
-    }
-
-    /// True when decoding the row needs its organization's data key.
-    fn need_key(self) -> bool {
-        !(self.payload && self.metadata)
-    }
-}
-
-/// Decodes a stored row. The parts that `plain` allows are read straight from their JSON
-/// text: going through `serde_json::Value` was most of a rebuild's CPU. The others are parsed
-/// into a `Value`, their sealed strings opened with `key` (erased when it is `None`: the
-/// organization was purged), the payload upcast, then decoded. `key` is consulted only when
-/// [`PlainParts::need_key`].
+/// Decodes a stored row. A plain payload ([`plain_payload`]) is read straight from its JSON
+/// text: going through `serde_json::Value` was most of a rebuild's CPU. Any other is parsed
+/// into a `Value`, its sealed strings opened with `key` (erased when it is `None`: the
+/// organization was purged), upcast, then decoded; `key` is consulted only then.
 fn decode_row(
     upcasters: &[Box<dyn EventUpcaster>],
-    row: &StoredRow,
-    plain: PlainParts,
+    row: &StoredRow<'_>,
+    plain: bool,
     key: Option<&DataKey>,
 ) -> Result<Decoded, String> {
-    let opened = |json: &str| {
-        let mut value: Value = serde_json::from_str(json).map_err(|error| error.to_string())?;
-        open_personal_data(&mut value, key, row.aggregate_id.as_bytes())
-            .map_err(|error| error.to_string())?;
-        Ok::<Value, String>(value)
-    };
-    let event = if plain.payload {
-        serde_json::from_str(&row.payload).map_err(|error| error.to_string())?
+    let event = if plain {
+        serde_json::from_str(row.payload).map_err(|error| error.to_string())?
     } else {
+        let mut payload: Value =
+            serde_json::from_str(row.payload).map_err(|error| error.to_string())?;
+        open_personal_data(&mut payload, key, row.aggregate_id.as_bytes())
+            .map_err(|error| error.to_string())?;
         let stored = SerializedEvent::new(
-            row.aggregate_id.clone(),
+            row.aggregate_id.to_owned(),
             row.sequence as usize,
-            row.aggregate_type.clone(),
-            row.event_type.clone(),
-            row.event_version.clone(),
-            opened(&row.payload)?,
+            row.aggregate_type.to_owned(),
+            row.event_type.to_owned(),
+            row.event_version.to_owned(),
+            payload,
             Value::Object(serde_json::Map::new()),
         );
         decode(upcasters, stored)?.payload
     };
-    let metadata = if plain.metadata {
-        serde_json::from_str(&row.metadata)
-    } else {
-        serde_json::from_value(opened(&row.metadata)?)
-    }
-    .map_err(|error| error.to_string())?;
+    let metadata = serde_json::from_str(row.metadata).map_err(|error| error.to_string())?;
     Ok((event, metadata))
 }
 
@@ -172,93 +166,25 @@ impl StoreFeed {
         }
     }
 
-    async fn rows_after(
+    /// Opens and decodes `rows` in order, fetching each organization's data key once, and
+    /// only for a row that holds a sealed string.
+    async fn decode_rows<'r>(
         &self,
-        after: Checkpoint,
-        limit: usize,
-    ) -> Result<Vec<StoredRow>, sqlx::Error> {
-        Ok(match &self.database {
-            // No `aggregate_type` predicate: organizations are the log's one aggregate type
-            // (`read_after` refuses any other), and with it the planner AND-ed a scan of the
-            // whole primary key into every read, so each batch cost grew with the log.
-            Database::Postgres(pool) => sqlx::query(
-                "SELECT transaction_id::text::bigint AS txid, position, recorded_at,
-                        aggregate_type, aggregate_id, sequence, event_type, event_version,
-                        payload::text AS payload, metadata::text AS metadata
-                   FROM events
-                  WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2)
-                    AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-                  ORDER BY transaction_id, position
-                  LIMIT $3",
-            )
-            .bind(after.commit_txid)
-            .bind(after.position)
-            .bind(limit as i64)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|row| {
-                let checkpoint = Checkpoint {
-                    commit_txid: row.get("txid"),
-                    position: row.get("position"),
-                };
-                stored_row!(row, checkpoint, row.get("recorded_at"))
-            })
-            .collect(),
-            Database::Sqlite(pool) => sqlx::query(
-                "SELECT l.position, l.recorded_at, e.aggregate_type, e.aggregate_id, e.sequence,
-                        e.event_type, e.event_version, e.payload, e.metadata
-                   FROM event_log l
-                   JOIN events e USING (aggregate_type, aggregate_id, sequence)
-                  WHERE l.aggregate_type = 'organization' AND l.position > $1
-                  ORDER BY l.position
-                  LIMIT $2",
-            )
-            .bind(after.position)
-            .bind(limit as i64)
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|row| {
-                let checkpoint = Checkpoint {
-                    commit_txid: 0,
-                    position: row.get("position"),
-                };
-                let recorded: String = row.get("recorded_at");
-                let recorded_at = DateTime::parse_from_rfc3339(&recorded)
-                    .map(|at| at.with_timezone(&Utc))
-                    .unwrap_or_else(|_| Utc::now());
-                stored_row!(row, checkpoint, recorded_at)
-            })
-            .collect(),
-        })
-    }
-}
-
-#[async_trait]
-impl EventFeed for StoreFeed {
-    async fn read_after(
-        &self,
-        after: Checkpoint,
-        limit: usize,
+        rows: impl Iterator<Item = Result<StoredRow<'r>, sqlx::Error>>,
     ) -> Result<Vec<RecordedEvent>, FeedError> {
-        let rows = self
-            .rows_after(after, limit)
-            .await
-            .map_err(|error| FeedError(error.to_string()))?;
-
         let mut keys = HashMap::new();
-        let mut events = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.size_hint().0);
         for row in rows {
+            let row = row.map_err(|error| FeedError(error.to_string()))?;
             if row.aggregate_type != Organization::TYPE {
                 return Err(FeedError(format!(
                     "the log holds a {:?} event, and the projections read organizations only",
                     row.aggregate_type
                 )));
             }
-            let plain = PlainParts::of(&self.upcasters, &row);
-            let key = if plain.need_key() {
-                let organization_id = row.aggregate_id.as_str();
+            let plain = plain_payload(&self.upcasters, &row);
+            let key = if !plain {
+                let organization_id = row.aggregate_id;
                 if !keys.contains_key(organization_id) {
                     let key = self
                         .keys
@@ -271,19 +197,84 @@ impl EventFeed for StoreFeed {
             } else {
                 None
             };
-            let event = decode_row(&self.upcasters, &row, plain, key)
+            let (event, metadata) = decode_row(&self.upcasters, &row, plain, key)
                 .map_err(|error| FeedError(format!("{}: {error}", row.aggregate_id)))?;
             events.push(RecordedEvent {
                 checkpoint: row.checkpoint,
-                organization_id: row.aggregate_id,
+                organization_id: row.aggregate_id.to_owned(),
                 sequence: row.sequence,
-                event_type: row.event_type,
-                event: event.0,
-                metadata: event.1,
+                event_type: row.event_type.to_owned(),
+                event,
+                occurred_at: metadata.occurred_at(row.recorded_at),
+                metadata,
                 recorded_at: row.recorded_at,
             });
         }
         Ok(events)
+    }
+}
+
+#[async_trait]
+impl EventFeed for StoreFeed {
+    async fn read_after(
+        &self,
+        after: Checkpoint,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, FeedError> {
+        let read_failed = |error: sqlx::Error| FeedError(error.to_string());
+        match &self.database {
+            // No `aggregate_type` predicate: organizations are the log's one aggregate type
+            // (`decode_rows` refuses any other), and with it the planner AND-ed a scan of the
+            // whole primary key into every read, so each batch cost grew with the log.
+            Database::Postgres(pool) => {
+                let rows = sqlx::query(
+                    "SELECT transaction_id::text::bigint AS txid, position, recorded_at,
+                            aggregate_type, aggregate_id, sequence, event_type, event_version,
+                            payload::text AS payload, metadata::text AS metadata
+                       FROM events
+                      WHERE (transaction_id, position) > ($1::bigint::text::xid8, $2)
+                        AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+                      ORDER BY transaction_id, position
+                      LIMIT $3",
+                )
+                .bind(after.commit_txid)
+                .bind(after.position)
+                .bind(limit as i64)
+                .fetch_all(pool)
+                .await
+                .map_err(read_failed)?;
+                self.decode_rows(
+                    rows.iter()
+                        .map(|row| Ok(stored_row!(row, row.try_get(RECORDED_AT)?))),
+                )
+                .await
+            }
+            Database::Sqlite(pool) => {
+                let rows = sqlx::query(
+                    "SELECT 0 AS txid, l.position, l.recorded_at, e.aggregate_type,
+                            e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                            e.payload, e.metadata
+                       FROM event_log l
+                       JOIN events e USING (aggregate_type, aggregate_id, sequence)
+                      WHERE l.aggregate_type = 'organization' AND l.position > $1
+                      ORDER BY l.position
+                      LIMIT $2",
+                )
+                .bind(after.position)
+                .bind(limit as i64)
+                .fetch_all(pool)
+                .await
+                .map_err(read_failed)?;
+                self.decode_rows(rows.iter().map(|row| {
+                    let recorded: &str = row.try_get(RECORDED_AT)?;
+                    let recorded_at = DateTime::parse_from_rfc3339(recorded)
+                        .map(|at| at.with_timezone(&Utc))
+                        .unwrap_or_else(|_| Utc::now());
+                    Ok(stored_row!(row, recorded_at))
+                }))
+                .await
+            }
+        }
     }
 
     async fn has_events_after(&self, after: Checkpoint) -> Result<bool, FeedError> {
@@ -367,13 +358,32 @@ mod tests {
     use crate::store::{open_event, seal_personal_data};
     use serde_json::json;
 
-    fn row(event_type: &str, event_version: &str, payload: &Value, metadata: &Value) -> StoredRow {
-        StoredRow {
-            checkpoint: Checkpoint::default(),
-            recorded_at: Utc::now(),
-            aggregate_type: "organization".into(),
-            aggregate_id: "org-1".into(),
-            sequence: 7,
+    /// The text of a stored row, which a [`StoredRow`] borrows.
+    struct OwnedRow {
+        event_type: String,
+        event_version: String,
+        payload: String,
+        metadata: String,
+    }
+
+    impl OwnedRow {
+        fn stored(&self) -> StoredRow<'_> {
+            StoredRow {
+                checkpoint: Checkpoint::default(),
+                recorded_at: Utc::now(),
+                aggregate_type: "organization",
+                aggregate_id: "org-1",
+                sequence: 7,
+                event_type: &self.event_type,
+                event_version: &self.event_version,
+                payload: &self.payload,
+                metadata: &self.metadata,
+            }
+        }
+    }
+
+    fn row(event_type: &str, event_version: &str, payload: &Value, metadata: &Value) -> OwnedRow {
+        OwnedRow {
             event_type: event_type.into(),
             event_version: event_version.into(),
             payload: payload.to_string(),
@@ -387,19 +397,20 @@ mod tests {
     }
 
     /// The general way, for every row: both parts through `Value`, opened, upcast, decoded.
-    fn general(row: &StoredRow, key: Option<&DataKey>) -> Decoded {
+    fn general(row: &StoredRow<'_>, key: Option<&DataKey>) -> Decoded {
         let mut stored = SerializedEvent::new(
-            row.aggregate_id.clone(),
+            row.aggregate_id.to_owned(),
             row.sequence as usize,
-            row.aggregate_type.clone(),
-            row.event_type.clone(),
-            row.event_version.clone(),
-            serde_json::from_str(&row.payload).unwrap(),
-            serde_json::from_str(&row.metadata).unwrap(),
+            row.aggregate_type.to_owned(),
+            row.event_type.to_owned(),
+            row.event_version.to_owned(),
+            serde_json::from_str(row.payload).unwrap(),
+            serde_json::from_str(row.metadata).unwrap(),
         );
         open_event(&mut stored, key).unwrap();
         let envelope = decode(&upcasters(), stored).unwrap();
-        (envelope.payload, envelope.metadata)
+        let metadata = serde_json::to_value(envelope.metadata).unwrap();
+        (envelope.payload, serde_json::from_value(metadata).unwrap())
     }
 
     fn assert_same(left: &Decoded, right: &Decoded) {
@@ -413,7 +424,7 @@ mod tests {
         let upcasters = upcasters();
         let plain_metadata = json!({"actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00Z"});
         let sealed_metadata = sealed(
-            json!({"actor_id": "olivia", "client_ip": "10.0.0.1", "user_agent": "curl/8"}),
+            json!({"actor_id": "olivia", "request_id": "r-1", "client_ip": "10.0.0.1", "user_agent": "curl/8"}),
             &key,
         );
         let role_change =
@@ -439,55 +450,56 @@ mod tests {
             row("MemberProfileUpdated", "1", &profile, &sealed_metadata),
             row("InvitationSent", "1", &invitation_v1, &plain_metadata),
         ];
-        for stored in &rows {
+        for owned in &rows {
+            let stored = owned.stored();
             for key in [Some(&key), None] {
-                let plain = PlainParts::of(&upcasters, stored);
-                let decoded = decode_row(&upcasters, stored, plain, key).unwrap();
-                assert_same(&decoded, &general(stored, key));
+                let plain = plain_payload(&upcasters, &stored);
+                let decoded = decode_row(&upcasters, &stored, plain, key).unwrap();
+                assert_same(&decoded, &general(&stored, key));
             }
         }
-        let decoded = |row: &StoredRow, key| {
-            decode_row(&upcasters, row, PlainParts::of(&upcasters, row), key).unwrap()
+        let decoded = |row: &OwnedRow, key| {
+            let row = row.stored();
+            decode_row(&upcasters, &row, plain_payload(&upcasters, &row), key).unwrap()
         };
-        let opened = decoded(&rows[1], Some(&key));
-        assert_eq!(opened.1["client_ip"], "10.0.0.1");
+        let beside_sealed = decoded(&rows[1], None);
+        assert_eq!(beside_sealed.1.actor_id.as_deref(), Some("olivia"));
+        assert_eq!(beside_sealed.1.request_id.as_deref(), Some("r-1"));
         let erased = decoded(&rows[3], None);
         assert!(format!("{:?}", erased.0).contains(orgledger_domain::ERASED));
     }
 
     #[test]
-    fn only_rows_that_name_a_sealed_field_need_their_key() {
+    fn only_rows_whose_payload_names_a_sealed_field_need_their_key() {
         let key = DataKey::generate();
         let upcasters = upcasters();
         let plain_metadata = json!({"actor_type": "user", "actor_id": "olivia"});
         let role_change =
             json!({"MemberRoleChanged": {"user_id": "mia", "from": "member", "to": "admin"}});
-        let parts = |event_type: &str, payload: &Value, metadata: &Value| {
-            PlainParts::of(&upcasters, &row(event_type, "1", payload, metadata))
+        let plain = |event_type: &str, payload: &Value, metadata: &Value| {
+            plain_payload(
+                &upcasters,
+                &row(event_type, "1", payload, metadata).stored(),
+            )
         };
 
-        let plain = parts("MemberRoleChanged", &role_change, &plain_metadata);
-        assert!(plain.payload && plain.metadata && !plain.need_key());
+        assert!(plain("MemberRoleChanged", &role_change, &plain_metadata));
 
         let sealed_ip = sealed(json!({"client_ip": "10.0.0.1"}), &key);
-        let metadata_sealed = parts("MemberRoleChanged", &role_change, &sealed_ip);
         assert!(
-            metadata_sealed.payload,
-            "the payload is still read straight"
+            plain("MemberRoleChanged", &role_change, &sealed_ip),
+            "sealed metadata is skipped, not opened"
         );
-        assert!(!metadata_sealed.metadata && metadata_sealed.need_key());
 
         let joined = sealed(json!({"MemberJoined": {"email": "mia@example.com"}}), &key);
-        let payload_sealed = parts("MemberJoined", &joined, &plain_metadata);
-        assert!(!payload_sealed.payload && payload_sealed.need_key());
+        assert!(!plain("MemberJoined", &joined, &plain_metadata));
 
-        let version_one = parts(
-            "InvitationSent",
-            &json!({"InvitationSent": {}}),
-            &plain_metadata,
-        );
         assert!(
-            !version_one.payload,
+            !plain(
+                "InvitationSent",
+                &json!({"InvitationSent": {}}),
+                &plain_metadata
+            ),
             "version 1 of InvitationSent is upcast"
         );
     }
