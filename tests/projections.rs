@@ -763,7 +763,6 @@ async fn rows_inserted_as_one_run_keep_their_values_and_the_first_of_a_key_wins(
         .insert_rows("insert_rows_probe", &["k", "n", "note"], again, "")
         .await;
     assert!(matches!(refused, Err((0, _))), "{refused:?}");
-    drop(conn);
     tx.rollback().await.unwrap();
 }
 
