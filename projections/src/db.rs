@@ -468,7 +468,8 @@ impl Conn<'_> {
     /// array parameter, unnested, so the statement is parsed and planned once per connection
     /// instead of once per multi-row INSERT of thousands of parameters. SQLite has no arrays:
     /// multi-row INSERTs. Returns, with the error, the index of the first row of the failing
-    /// statement (0 on PostgreSQL).
+    /// statement (0 on PostgreSQL), or on PostgreSQL of a row of another width or kind,
+    /// refused before anything is sent.
     pub async fn insert_rows(
         &mut self,
         table: &str,
@@ -482,7 +483,7 @@ impl Conn<'_> {
         let names = columns.join(", ");
         match self {
             Self::Postgres(conn) => {
-                let arrays = ColumnArrays::of(columns.len(), rows);
+                let arrays = ColumnArrays::of(columns.len(), rows)?;
                 let sql = format!(
                     "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({}) {then}",
                     arrays.placeholders()
@@ -530,7 +531,9 @@ enum ColumnArray {
 struct ColumnArrays(Vec<ColumnArray>);
 
 impl ColumnArrays {
-    fn of(width: usize, rows: Vec<Vec<Arg>>) -> Self {
+    /// Fails, with the row's index, on a row of another width or a value of another kind
+    /// than its column's: a caller's bug, refused rather than sent misaligned.
+    fn of(width: usize, rows: Vec<Vec<Arg>>) -> Result<Self, (usize, sqlx::Error)> {
         let count = rows.len();
         let mut arrays: Vec<ColumnArray> = rows
             .first()
@@ -544,18 +547,29 @@ impl ColumnArrays {
                     .collect()
             })
             .unwrap_or_default();
-        for row in rows {
-            debug_assert_eq!(row.len(), width, "a row of another width");
+        let refused = |index: usize, why: String| (index, sqlx::Error::Encode(why.into()));
+        for (index, row) in rows.into_iter().enumerate() {
+            if row.len() != width {
+                return Err(refused(
+                    index,
+                    format!("{} values for {width} columns", row.len()),
+                ));
+            }
             for (array, value) in arrays.iter_mut().zip(row) {
                 match (array, value) {
                     (ColumnArray::Text(values), Arg::Text(value)) => values.push(value),
                     (ColumnArray::Int(values), Arg::Int(value)) => values.push(value),
                     (ColumnArray::Uuid(values), Arg::Uuid(value)) => values.push(value),
-                    (_, value) => panic!("{value:?} in a column of another kind"),
+                    (_, value) => {
+                        return Err(refused(
+                            index,
+                            format!("{value:?} in a column of another kind"),
+                        ))
+                    }
                 }
             }
         }
-        Self(arrays)
+        Ok(Self(arrays))
     }
 
     /// `$1::text[], $2::bigint[], ..`
@@ -769,6 +783,26 @@ mod tests {
             String::from_utf8(text.bytes).unwrap(),
             "a\\tb\\nc\\\\d\\re\t7\t\\N\n\t-1\n\\\\ünï\\ncode\\t\t-9223372036854775808\n"
         );
+    }
+
+    #[test]
+    fn column_arrays_refuse_a_row_of_another_width_or_kind_naming_it() {
+        let rows = |last: Vec<Arg>| {
+            vec![
+                Vec::from(args!["a", 1_i64]),
+                Vec::from(args!["b", None::<i64>]),
+                last,
+            ]
+        };
+        let arrays = ColumnArrays::of(2, rows(Vec::from(args!["c", 3_i64]))).unwrap();
+        assert_eq!(arrays.placeholders(), "$1::text[], $2::bigint[]");
+        for wrong in [Vec::from(args!["c", "3"]), Vec::from(args!["c"])] {
+            let refused = ColumnArrays::of(2, rows(wrong)).err();
+            assert!(
+                matches!(refused, Some((2, sqlx::Error::Encode(_)))),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]
