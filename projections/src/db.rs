@@ -442,14 +442,26 @@ impl Conn<'_> {
                     .map_err(|error| (0, error));
             }
         }
+        self.insert_values(table, columns, rows, "").await
+    }
+
+    /// Multi-row INSERTs of `rows`, each statement within both backends' parameter limits,
+    /// `then` ending each; with the error, the index of the failing statement's first row.
+    async fn insert_values(
+        &mut self,
+        table: &str,
+        columns: &[&str],
+        rows: impl Iterator<Item = Vec<Arg>> + Send,
+        then: &str,
+    ) -> Result<(), (usize, sqlx::Error)> {
         let chunk_rows = MAX_ROWS_PER_STATEMENT.min(32_766 / columns.len().max(1));
+        let names = columns.join(", ");
         let mut rows = rows.peekable();
         let mut first = 0;
         while rows.peek().is_some() {
             let chunk: Vec<Vec<Arg>> = rows.by_ref().take(chunk_rows).collect();
             let sql = format!(
-                "INSERT INTO {table} ({}) VALUES {}",
-                columns.join(", "),
+                "INSERT INTO {table} ({names}) VALUES {} {then}",
                 value_rows(chunk.len(), columns.len(), 1)
             );
             let count = chunk.len();
@@ -480,12 +492,12 @@ impl Conn<'_> {
         if rows.is_empty() {
             return Ok(());
         }
-        let names = columns.join(", ");
         match self {
             Self::Postgres(conn) => {
                 let arrays = ColumnArrays::of(columns.len(), rows)?;
                 let sql = format!(
-                    "INSERT INTO {table} ({names}) SELECT * FROM UNNEST({}) {then}",
+                    "INSERT INTO {table} ({}) SELECT * FROM UNNEST({}) {then}",
+                    columns.join(", "),
                     arrays.placeholders()
                 );
                 arrays
@@ -493,22 +505,13 @@ impl Conn<'_> {
                     .execute(&mut **conn)
                     .await
                     .map_err(|error| (0, error))?;
+                Ok(())
             }
             Self::Sqlite(_) => {
-                let chunk_rows = MAX_ROWS_PER_STATEMENT.min(32_766 / columns.len().max(1));
-                for (chunk_index, chunk) in rows.chunks(chunk_rows).enumerate() {
-                    let sql = format!(
-                        "INSERT INTO {table} ({names}) VALUES {} {then}",
-                        value_rows(chunk.len(), columns.len(), 1)
-                    );
-                    let args: Vec<Arg> = chunk.iter().flatten().cloned().collect();
-                    self.execute(&sql, &args)
-                        .await
-                        .map_err(|error| (chunk_index * chunk_rows, error))?;
-                }
+                self.insert_values(table, columns, rows.into_iter(), then)
+                    .await
             }
         }
-        Ok(())
     }
 
     /// Runs several statements of DDL.

@@ -239,7 +239,7 @@ impl MembersProjection {
             .collect();
         conn.insert_rows(
             &self.table,
-            &JOINED_COLUMN_NAMES,
+            JOINED_COLUMN_NAMES,
             rows,
             "ON CONFLICT (organization_id, user_id) DO NOTHING",
         )
@@ -312,9 +312,9 @@ impl MembersProjection {
     }
 }
 
-const JOINED_COLUMNS: usize = 13;
+const JOINED_COLUMNS: usize = JOINED_COLUMN_NAMES.len();
 
-const JOINED_COLUMN_NAMES: [&str; JOINED_COLUMNS] = [
+const JOINED_COLUMN_NAMES: &[&str] = &[
     "organization_id",
     "user_id",
     "email",
