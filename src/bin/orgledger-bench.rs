@@ -114,6 +114,86 @@ impl Bracketed {
     }
 }
 
+/// CPU time spent so far by the whole machine and by this process, from Linux's `/proc`
+/// (in `USER_HZ` ticks, 100 a second on every architecture Linux exposes them on). None
+/// elsewhere: the bench then prints no CPU figures.
+#[derive(Clone, Copy)]
+struct CpuClock {
+    at: Instant,
+    machine: f64,
+    process: f64,
+}
+
+/// CPU seconds spent between two readings of a [`CpuClock`], and the wall-clock seconds.
+#[derive(Clone, Copy)]
+struct CpuSpent {
+    wall: f64,
+    machine: f64,
+    process: f64,
+}
+
+const USER_HZ: f64 = 100.0;
+
+/// The ticks all CPUs were busy, from `/proc/stat`'s first line ("cpu  user nice system idle
+/// iowait irq softirq steal ..."): all but idle and iowait (guest time is counted in user).
+fn busy_ticks(stat: &str) -> Option<f64> {
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&field| ticks.get(field));
+    (ticks.len() >= 8).then(|| busy.sum())
+}
+
+/// A process's user and system ticks, from its `/proc/PID/stat`: the 14th and 15th fields,
+/// counted after the name in parentheses, which may itself hold spaces and parentheses.
+fn process_ticks(stat: &str) -> Option<f64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+}
+
+impl CpuClock {
+    fn now() -> Option<Self> {
+        let machine = busy_ticks(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let process = process_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+        Some(Self {
+            at: Instant::now(),
+            machine: machine / USER_HZ,
+            process: process / USER_HZ,
+        })
+    }
+
+    fn spent_since(earlier: Option<Self>) -> Option<CpuSpent> {
+        let (earlier, now) = (earlier?, Self::now()?);
+        Some(CpuSpent {
+            wall: now.at.duration_since(earlier.at).as_secs_f64(),
+            machine: now.machine - earlier.machine,
+            process: now.process - earlier.process,
+        })
+    }
+}
+
+impl CpuSpent {
+    /// Microseconds of the machine's CPU per unit of work, `units` of it done.
+    fn machine_us_per(&self, units: f64) -> f64 {
+        self.machine / units * 1e6
+    }
+
+    fn process_us_per(&self, units: f64) -> f64 {
+        self.process / units * 1e6
+    }
+
+    /// The share of the machine's cores busy in the stretch.
+    fn busy(&self, cores: usize) -> f64 {
+        self.machine / (self.wall * cores.max(1) as f64)
+    }
+}
+
 struct Report(Vec<String>);
 
 impl Report {
@@ -235,7 +315,9 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         service.projector.spawn(stopped);
         let address = serve(service.clone()).await?;
         for concurrency in [1, 8, 32] {
+            let cpu_at_start = CpuClock::now();
             let before = one_row_inserts(&pool, concurrency, scale.seconds).await?;
+            let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
             let run = http_commands(&service, &address, concurrency, scale.seconds).await?;
             let after = one_row_inserts(&pool, concurrency, scale.seconds).await?;
             let one_row = Bracketed {
@@ -257,6 +339,15 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 mean(run.times.waiting),
                 one_row.describe(),
             ));
+            if let (Some(commands), Some(rows)) = (run.cpu, ceiling_cpu) {
+                report.line(cpu_budget(
+                    &commands,
+                    run.commands,
+                    &rows,
+                    before * scale.seconds,
+                    cores,
+                ));
+            }
         }
         // Section 3 measures the store alone: no projection runner competes for the cores.
         let _ = stop.send(true);
@@ -550,6 +641,32 @@ async fn post(
     Ok(body)
 }
 
+/// Where the machine's CPU went during the commands and during the one-row ceiling just
+/// before them, per command and per row. With every core busy the machine answers at most
+/// `cores / per_command` commands a second, and the ceiling is `busy * cores / per_row` rows,
+/// so the commands' share of the ceiling is at most `per_row / per_command / busy`.
+fn cpu_budget(
+    commands: &CpuSpent,
+    count: usize,
+    rows: &CpuSpent,
+    inserted: f64,
+    cores: usize,
+) -> String {
+    let count = count.max(1) as f64;
+    let per_command = commands.machine_us_per(count);
+    let per_row = rows.machine_us_per(inserted.max(1.0));
+    format!(
+        "            CPU per command {per_command:.0} us ({:.0} us in this process: the service and the load generator; {:.0} us elsewhere, PostgreSQL mostly), machine {:.0}% busy\n            CPU per one-row INSERT {per_row:.0} us ({:.0} us in this process), machine {:.0}% busy: a command costs the CPU of {:.1} rows, so with every core busy commands would reach at most {:.1}% of the one-row ceiling",
+        commands.process_us_per(count),
+        per_command - commands.process_us_per(count),
+        commands.busy(cores) * 100.0,
+        rows.process_us_per(inserted.max(1.0)),
+        rows.busy(cores) * 100.0,
+        per_command / per_row,
+        per_row / per_command / rows.busy(cores) * 100.0,
+    )
+}
+
 /// What `concurrency` clients, each in a loop, made of the service in the timed stretch.
 struct CommandRun {
     rate: f64,
@@ -559,6 +676,9 @@ struct CommandRun {
     times: orgledger::service::CommandTimes,
     /// The share of a runner batch's fixed statements each command pays.
     events_per_batch: f64,
+    /// Commands answered in the timed stretch, and the CPU the machine spent in it.
+    commands: usize,
+    cpu: Option<CpuSpent>,
 }
 
 /// Events and batches the audit log's runner applied so far.
@@ -605,6 +725,7 @@ async fn http_commands(
     let times_before = service.command_times();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
+    let cpu_at_start = CpuClock::now();
     let tasks: Vec<_> = orgs.into_iter().enumerate().map(|(client_id, (org, owner, member))| {
         let client = client.clone();
         let address = address.to_owned();
@@ -635,6 +756,7 @@ async fn http_commands(
     for task in tasks {
         latencies.extend(task.await??);
     }
+    let cpu = CpuClock::spent_since(cpu_at_start);
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
     let times = service.command_times() - times_before;
     let (events_after, batches_after) = audit_batches(service);
@@ -645,6 +767,8 @@ async fn http_commands(
         times,
         events_per_batch: (events_after - events_before) as f64
             / (batches_after - batches_before).max(1) as f64,
+        commands: latencies.len(),
+        cpu,
     })
 }
 
@@ -1244,4 +1368,24 @@ async fn seed_log(service: &Arc<Orgledger>, events: usize) -> anyhow::Result<i64
     // autovacuum on the log, and its scan would run inside the rebuild's timing.
     sqlx::query("VACUUM (ANALYZE) events").execute(pool).await?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_ticks_leave_out_idle_and_iowait() {
+        let stat = "cpu  100 5 50 9000 300 7 8 2 40 0\ncpu0 50 2 25 4500 150 3 4 1 20 0\n";
+        assert_eq!(busy_ticks(stat), Some(100.0 + 5.0 + 50.0 + 7.0 + 8.0 + 2.0));
+        assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        assert_eq!(busy_ticks("cpu  1 2 3\n"), None);
+    }
+
+    #[test]
+    fn process_ticks_are_read_after_a_name_holding_spaces_and_parentheses() {
+        let stat = "4242 (bench (x) y) S 1 4242 4242 0 -1 4194304 900 0 0 0 1234 567 0 0 20 0 9 0 100 2000000 3000";
+        assert_eq!(process_ticks(stat), Some(1234.0 + 567.0));
+        assert_eq!(process_ticks("4242 (short) S 1 2"), None);
+    }
 }
