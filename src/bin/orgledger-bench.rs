@@ -652,15 +652,15 @@ fn cpu_budget(
     inserted: f64,
     cores: usize,
 ) -> String {
-    let count = count.max(1) as f64;
+    let (count, inserted) = (count.max(1) as f64, inserted.max(1.0));
     let per_command = commands.machine_us_per(count);
-    let per_row = rows.machine_us_per(inserted.max(1.0));
+    let in_process = commands.process_us_per(count);
+    let per_row = rows.machine_us_per(inserted);
     format!(
-        "            CPU per command {per_command:.0} us ({:.0} us in this process: the service and the load generator; {:.0} us elsewhere, PostgreSQL mostly), machine {:.0}% busy\n            CPU per one-row INSERT {per_row:.0} us ({:.0} us in this process), machine {:.0}% busy: a command costs the CPU of {:.1} rows, so with every core busy commands would reach at most {:.1}% of the one-row ceiling",
-        commands.process_us_per(count),
-        per_command - commands.process_us_per(count),
+        "            CPU per command {per_command:.0} us ({in_process:.0} us in this process: the service and the load generator; {:.0} us elsewhere, PostgreSQL mostly), machine {:.0}% busy\n            CPU per one-row INSERT {per_row:.0} us ({:.0} us in this process), machine {:.0}% busy: a command costs the CPU of {:.1} rows, so with every core busy commands would reach at most {:.1}% of the one-row ceiling",
+        per_command - in_process,
         commands.busy(cores) * 100.0,
-        rows.process_us_per(inserted.max(1.0)),
+        rows.process_us_per(inserted),
         rows.busy(cores) * 100.0,
         per_command / per_row,
         per_row / per_command / rows.busy(cores) * 100.0,
@@ -1380,6 +1380,34 @@ mod tests {
         assert_eq!(busy_ticks(stat), Some(100.0 + 5.0 + 50.0 + 7.0 + 8.0 + 2.0));
         assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None);
         assert_eq!(busy_ticks("cpu  1 2 3\n"), None);
+    }
+
+    #[test]
+    fn the_cpu_budget_bounds_the_commands_by_a_rows_share_of_a_commands_cpu() {
+        // 16,000 commands on 5.6 CPU-seconds: 350 us each, 2.64 s of it here. 56,000 rows on
+        // 6.72 CPU-seconds over 4 s on 2 cores: 120 us each, the machine 84% busy.
+        let commands = CpuSpent {
+            wall: 4.0,
+            machine: 5.6,
+            process: 2.64,
+        };
+        let rows = CpuSpent {
+            wall: 4.0,
+            machine: 6.72,
+            process: 1.68,
+        };
+        let line = cpu_budget(&commands, 16_000, &rows, 56_000.0, 2);
+        for expected in [
+            "CPU per command 350 us (165 us in this process",
+            "185 us elsewhere",
+            "machine 70% busy",
+            "CPU per one-row INSERT 120 us (30 us in this process), machine 84% busy",
+            "the CPU of 2.9 rows",
+            // 120 / 350 / 0.84
+            "at most 40.8% of the one-row ceiling",
+        ] {
+            assert!(line.contains(expected), "{expected:?} not in {line:?}");
+        }
     }
 
     #[test]
