@@ -573,6 +573,56 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
     assert_eq!((status.backlog, status.last_error), (0, None));
 }
 
+/// SQLite keeps the recording time as text. One that does not parse stops the projections
+/// at its event, rather than being replaced by another time in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_recording_time_stops_the_projections_at_its_event_on_sqlite() {
+    let service = spawn_service(Backend::Sqlite).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    service.catch_up().await;
+    let entries = "SELECT count(*) FROM rm_audit_log";
+    let before = count(service.db(), entries).await;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    try_execute(service.db(), "DROP TRIGGER event_log_refuse_update")
+        .await
+        .unwrap();
+    let spoiled = try_execute(
+        service.db(),
+        &format!(
+            "UPDATE event_log SET recorded_at = 'yesterday'
+              WHERE aggregate_id = '{org}' AND sequence = (SELECT max(sequence) FROM event_log)"
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(spoiled, 1);
+
+    let audit_projection = projection_named("audit_log", "").unwrap();
+    let error = service
+        .projector
+        .run_batch(audit_projection.as_ref())
+        .await
+        .expect_err("the unreadable time is a read error");
+    assert!(error.to_string().contains("recorded_at"), "{error}");
+    let status = service
+        .projector
+        .status()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "audit_log")
+        .unwrap();
+    assert!(status.last_error.is_some(), "the failure is reported");
+    assert!(status.backlog >= 1, "the event was not skipped");
+    assert_eq!(
+        count(service.db(), entries).await,
+        before,
+        "no entry of the batch was written, none with a made-up time"
+    );
+}
+
 async fn while_one_projection_fails_the_runner_keeps_the_others_current(backend: Backend) {
     let mut service = spawn_service(backend).await;
     let org = with_members_table_away(&service).await;

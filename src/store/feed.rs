@@ -267,9 +267,14 @@ impl EventFeed for StoreFeed {
                 .map_err(read_failed)?;
                 self.decode_rows(rows.iter().map(|row| {
                     let recorded: &str = row.try_get(RECORDED_AT)?;
+                    // A time that does not parse is a read error, never replaced by another:
+                    // the audit log and the past states show it.
                     let recorded_at = DateTime::parse_from_rfc3339(recorded)
                         .map(|at| at.with_timezone(&Utc))
-                        .unwrap_or_else(|_| Utc::now());
+                        .map_err(|error| sqlx::Error::ColumnDecode {
+                            index: "recorded_at".to_owned(),
+                            source: Box::new(error),
+                        })?;
                     Ok(stored_row!(row, recorded_at))
                 }))
                 .await
