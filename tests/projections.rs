@@ -497,6 +497,15 @@ async fn with_members_table_away(service: &TestService) -> Uuid {
     org
 }
 
+/// Where the projection `name` stands.
+async fn status_of(service: &TestService, name: &str) -> orgledger_projections::ProjectionStatus {
+    let statuses = service.projector.status().await.unwrap();
+    statuses
+        .into_iter()
+        .find(|status| status.name == name)
+        .unwrap_or_else(|| panic!("no status for {name}"))
+}
+
 async fn bring_members_table_back(service: &TestService) {
     try_execute(
         service.db(),
@@ -562,14 +571,7 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
         .unwrap();
     let ids: Vec<_> = page.items.iter().map(|m| m.user_id.as_str()).collect();
     assert_eq!(ids, ["olivia", "mia"]);
-    let status = service
-        .projector
-        .status()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.name == "members")
-        .unwrap();
+    let status = status_of(&service, "members").await;
     assert_eq!((status.backlog, status.last_error), (0, None));
 }
 
@@ -606,14 +608,7 @@ async fn an_unreadable_recording_time_stops_the_projections_at_its_event_on_sqli
         .await
         .expect_err("the unreadable time is a read error");
     assert!(error.to_string().contains("recorded_at"), "{error}");
-    let status = service
-        .projector
-        .status()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|s| s.name == "audit_log")
-        .unwrap();
+    let status = status_of(&service, "audit_log").await;
     assert!(status.last_error.is_some(), "the failure is reported");
     assert!(status.backlog >= 1, "the event was not skipped");
     assert_eq!(
