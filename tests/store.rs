@@ -1011,6 +1011,30 @@ async fn appends_queued_together_on_postgres_make_one_group_and_keep_their_own_o
     );
 }
 
+/// A ledger, a repository of its own, and `count` organizations stored at sequence 1 through
+/// it (their data keys exist, so a later append reaches the group's queue in its first poll).
+async fn organizations_at_sequence_one(
+    backend: Backend,
+    count: usize,
+) -> (
+    TestLedger,
+    orgledger::store::OrganizationRepository,
+    Vec<String>,
+) {
+    use cqrs_es::persist::PersistedEventRepository;
+
+    let ledger = spawn_ledger(backend).await;
+    let repository = bare_repository(&ledger);
+    let ids: Vec<String> = (0..count).map(|_| Uuid::now_v7().to_string()).collect();
+    for id in &ids {
+        repository
+            .persist::<Organization>(&[opaque_event(id, 1)], None)
+            .await
+            .unwrap();
+    }
+    (ledger, repository, ids)
+}
+
 /// Stores sequence 1 of eight organizations, then makes ten appends at once: sequence 2 of
 /// each, sequence 2 of the first again, sequence 1 of the second again. Checks that exactly
 /// two conflict and each organization holds two events; returns the indexes of the
@@ -1019,15 +1043,7 @@ async fn appends_queued_together_on_postgres_make_one_group_and_keep_their_own_o
 async fn ten_appends_at_once(backend: Backend) -> (Vec<usize>, u64, u64) {
     use cqrs_es::persist::{PersistedEventRepository, PersistenceError};
 
-    let ledger = spawn_ledger(backend).await;
-    let repository = bare_repository(&ledger);
-    let ids: Vec<String> = (0..8).map(|_| Uuid::now_v7().to_string()).collect();
-    for id in &ids {
-        repository
-            .persist::<Organization>(&[opaque_event(id, 1)], None)
-            .await
-            .unwrap();
-    }
+    let (_ledger, repository, ids) = organizations_at_sequence_one(backend, 8).await;
     let stats = repository.group_stats();
     let (groups_before, appends_before) = (stats.groups(), stats.appends());
     // Every organization's data key is known now, so each append reaches the group's queue
@@ -1097,6 +1113,151 @@ async fn a_clash_in_a_group_is_stored_when_the_first_claim_is_refused_on_postgre
     );
     second.expect("the later claim of sequence 2 is stored once the first is refused");
     assert_eq!(stored_count(&repository, &id).await, 3);
+}
+
+/// Three organizations at sequence 1, and a trigger on `events` that runs `action` (PL/pgSQL)
+/// before inserting any event of the second one. Returns the ledger, a repository of its
+/// own and the three ids.
+async fn three_organizations_the_server_treats_the_second_of(
+    action: &str,
+) -> (
+    TestLedger,
+    orgledger::store::OrganizationRepository,
+    Vec<String>,
+) {
+    let (ledger, repository, ids) = organizations_at_sequence_one(Backend::Postgres, 3).await;
+    try_execute(
+        ledger.db(),
+        &format!(
+            "CREATE FUNCTION treat_second() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.aggregate_id = '{}' THEN {action} END IF;
+                 RETURN NEW;
+             END $$",
+            ids[1]
+        ),
+    )
+    .await
+    .unwrap();
+    try_execute(
+        ledger.db(),
+        "CREATE TRIGGER treat_second BEFORE INSERT ON events
+             FOR EACH ROW EXECUTE FUNCTION treat_second()",
+    )
+    .await
+    .unwrap();
+    (ledger, repository, ids)
+}
+
+/// Sequence 2 of each of the three, appended at once (one group, on one thread): the outcomes.
+async fn second_events_at_once(
+    repository: &orgledger::store::OrganizationRepository,
+    ids: &[String],
+) -> Vec<Result<(), cqrs_es::persist::PersistenceError>> {
+    use cqrs_es::persist::PersistedEventRepository;
+
+    let events: Vec<SerializedEvent> = ids.iter().map(|id| opaque_event(id, 2)).collect();
+    let groups_before = repository.group_stats().groups();
+    let outcomes = futures::future::join_all(
+        events
+            .iter()
+            .map(|event| repository.persist::<Organization>(std::slice::from_ref(event), None)),
+    )
+    .await;
+    assert_eq!(
+        repository.group_stats().groups() - groups_before,
+        1,
+        "the three appends were taken as one group"
+    );
+    outcomes
+}
+
+/// A group the server refuses stored nothing: each append goes in again alone, so one refused
+/// append does not take the others down. A serialization failure is a conflict (the command
+/// is decided again); any other error is that append's alone.
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_the_server_refuses_is_stored_again_one_append_at_a_time_on_postgres() {
+    use cqrs_es::persist::PersistenceError;
+
+    for (action, conflict) in [
+        (
+            "RAISE EXCEPTION 'serialization' USING ERRCODE = '40001';",
+            true,
+        ),
+        ("RAISE EXCEPTION 'refused';", false),
+    ] {
+        let (_ledger, repository, ids) =
+            three_organizations_the_server_treats_the_second_of(action).await;
+
+        let outcomes = second_events_at_once(&repository, &ids).await;
+
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok(), "{outcomes:?}");
+        match &outcomes[1] {
+            Err(PersistenceError::OptimisticLockError) => assert!(conflict, "{action}"),
+            Err(PersistenceError::UnknownError(error)) => {
+                assert!(!conflict, "{action}");
+                assert!(error.to_string().contains("refused"), "{error}");
+            }
+            other => panic!("{action}: {other:?}"),
+        }
+        let counts = [
+            stored_count(&repository, &ids[0]).await,
+            stored_count(&repository, &ids[1]).await,
+            stored_count(&repository, &ids[2]).await,
+        ];
+        assert_eq!(counts, [2, 1, 2], "{action}");
+    }
+}
+
+/// A connection that breaks while the group's statement runs leaves its outcome unknown, as
+/// for a lone INSERT: every append of the group is told the error (none is told it was
+/// stored or that it conflicted), and none of it was stored.
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_whose_connection_is_lost_mid_statement_reports_the_error_to_every_append_on_postgres(
+) {
+    use cqrs_es::persist::PersistenceError;
+
+    let (ledger, repository, ids) =
+        three_organizations_the_server_treats_the_second_of("PERFORM pg_sleep(30);").await;
+    let Database::Postgres(pool) = ledger.db().clone() else {
+        unreachable!("a PostgreSQL ledger")
+    };
+    let terminate = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let terminated: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'PgSleep'
+                    AND query LIKE 'INSERT INTO events%'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+            if terminated == Some(true) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the group never slept"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+
+    let (outcomes, ()) = tokio::join!(second_events_at_once(&repository, &ids), terminate);
+
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Err(PersistenceError::UnknownError(_))),
+            "{outcomes:?}"
+        );
+    }
+    try_execute(ledger.db(), "DROP TRIGGER treat_second ON events")
+        .await
+        .unwrap();
+    for id in &ids {
+        assert_eq!(stored_count(&repository, id).await, 1, "{id}");
+    }
 }
 
 /// `ledger` caches the organization at creation; `other` (a second process) changes it.
