@@ -594,7 +594,8 @@ async fn an_unreadable_recording_time_stops_the_projections_at_its_event_on_sqli
         service.db(),
         &format!(
             "UPDATE event_log SET recorded_at = 'yesterday'
-              WHERE aggregate_id = '{org}' AND sequence = (SELECT max(sequence) FROM event_log)"
+              WHERE aggregate_id = '{org}'
+                AND sequence = (SELECT max(sequence) FROM event_log WHERE aggregate_id = '{org}')"
         ),
     )
     .await
