@@ -40,11 +40,21 @@ pub enum Commands {
         #[command(flatten)]
         store: StoreConfig,
         /// Listen address.
-        #[arg(long, env = "ORGLEDGER_BIND", default_value = "127.0.0.1:8080")]
+        #[arg(
+            long = "orgledger-bind",
+            visible_alias = "bind",
+            env = "ORGLEDGER_BIND",
+            default_value = "127.0.0.1:8080"
+        )]
         bind: String,
         /// Platform token(s), comma-separated. When unset, one is generated, printed once and
         /// kept beside the data.
-        #[arg(long, env = "ORGLEDGER_API_TOKEN", hide_env_values = true)]
+        #[arg(
+            long = "orgledger-api-token",
+            visible_alias = "api-token",
+            env = "ORGLEDGER_API_TOKEN",
+            hide_env_values = true
+        )]
         api_token: Option<String>,
     },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
@@ -249,5 +259,56 @@ async fn purge_periodically(
             () = tokio::time::sleep(PURGE_EVERY) => {}
             _ = stopped.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<String>) {
+        let cli = Cli::try_parse_from(["orgledger", "serve"].iter().chain(args))
+            .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
+        match cli.command {
+            Commands::Serve {
+                store,
+                bind,
+                api_token,
+            } => (store, bind, api_token),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_variable_is_also_a_flag_of_the_same_name_in_kebab_case() {
+        let (store, bind, token) = serve_flags(&[
+            "--database-url",
+            "sqlite://flags.db",
+            "--orgledger-bind",
+            "127.0.0.1:9191",
+            "--orgledger-api-token",
+            "t1,t2",
+            "--orgledger-master-key",
+            "a2V5",
+        ]);
+        assert_eq!(store.database_url, "sqlite://flags.db");
+        assert_eq!(bind, "127.0.0.1:9191");
+        assert_eq!(token.as_deref(), Some("t1,t2"));
+        assert_eq!(store.master_key.as_deref(), Some("a2V5"));
+    }
+
+    #[test]
+    fn the_short_flag_names_still_work() {
+        let (store, bind, token) = serve_flags(&[
+            "--bind",
+            "0.0.0.0:8181",
+            "--api-token",
+            "t3",
+            "--master-key",
+            "a2V5",
+        ]);
+        assert_eq!(bind, "0.0.0.0:8181");
+        assert_eq!(token.as_deref(), Some("t3"));
+        assert_eq!(store.master_key.as_deref(), Some("a2V5"));
     }
 }

@@ -18,7 +18,12 @@ pub struct StoreConfig {
     /// Base64 of 32 random bytes (`orgledger master-key` makes one). It wraps every
     /// organization's data key. Required with PostgreSQL; with SQLite it is generated on first
     /// start and kept in `<database file>.master-key`.
-    #[arg(long, env = "ORGLEDGER_MASTER_KEY", hide_env_values = true)]
+    #[arg(
+        long = "orgledger-master-key",
+        visible_alias = "master-key",
+        env = "ORGLEDGER_MASTER_KEY",
+        hide_env_values = true
+    )]
     pub master_key: Option<String>,
 }
 

@@ -202,9 +202,11 @@ on_both_backends!(
     actors_are_authorized_by_their_role,
     the_invitation_flow_works_end_to_end,
     bad_input_is_a_clear_4xx_and_appends_nothing,
+    conflicts_are_refused_with_their_codes_and_append_nothing,
     idempotency_keys_replay_the_first_response,
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
     if_match_guards_against_lost_updates,
+    a_stale_if_match_fails_every_organization_command,
     concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
     many_concurrent_invitations_to_one_organization_all_succeed,
     audit_history_and_exports_are_served,
@@ -218,6 +220,7 @@ on_both_backends!(
     groups_follow_members_invitations_and_deletions,
     short_lists_are_paged_like_the_long_ones,
     a_cursor_is_refused_by_every_list_but_the_one_that_issued_it,
+    the_events_list_pages_on_with_its_own_next_cursor,
     searches_fold_letters_beyond_ascii_alike_on_both_stores,
     service_accounts_act_only_within_their_scopes_and_organization,
     settings_and_ai_providers_keep_keys_secret,
@@ -349,6 +352,66 @@ async fn a_cursor_is_refused_by_every_list_but_the_one_that_issued_it(backend: B
             .await;
         assert_validation_failed(&refused, &list);
         assert_eq!(refused.body["errors"][0]["field"], "cursor", "{list}");
+    }
+}
+
+/// The raw events page on like every list: `?cursor=` takes the `next_cursor` it gave.
+async fn the_events_list_pages_on_with_its_own_next_cursor(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let events = format!("/v1/organizations/{org}/events");
+    let all = app.event_count(&org).await;
+    assert!(all >= 3, "{all} events");
+
+    let mut sequences = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let url = match &next {
+            Some(cursor) => format!("{events}?limit=2&cursor={cursor}"),
+            None => format!("{events}?limit=2"),
+        };
+        let page = app.call(Method::GET, &url, Some("olivia"), None).await;
+        assert_eq!(page.status, StatusCode::OK, "{url}: {}", page.body);
+        sequences.extend(
+            page.body["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|event| event["sequence"].as_i64().expect("a sequence")),
+        );
+        match page.body["next_cursor"].as_str() {
+            Some(cursor) => next = Some(cursor.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(sequences, (1..=all as i64).collect::<Vec<_>>());
+
+    let members = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/members?limit=1"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let members_cursor = members.body["next_cursor"].as_str().expect("a second page");
+    for query in [
+        format!("cursor={members_cursor}"),
+        "cursor=abc".to_owned(),
+        "cursor=-1".to_owned(),
+        "cursor=2&after_sequence=2".to_owned(),
+    ] {
+        let refused = app
+            .call(
+                Method::GET,
+                &format!("{events}?{query}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_validation_failed(&refused, &query);
+        assert_eq!(refused.body["errors"][0]["field"], "cursor", "{query}");
     }
 }
 
@@ -500,7 +563,10 @@ async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (missing.status, problem_code(&missing)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let olivia = app
         .call(
             Method::GET,
@@ -577,7 +643,10 @@ async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
             Some(json!({"name": "X"})),
         )
         .await;
-    assert_eq!(by_member.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (by_member.status, problem_code(&by_member)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let log = app
         .call(
             Method::GET,
@@ -708,7 +777,10 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
     let audit = app
         .send(as_key(Method::GET, format!("{base}/audit-log")))
         .await;
-    assert_eq!(audit.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (audit.status, problem_code(&audit)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let elsewhere = app
         .send(as_key(
             Method::GET,
@@ -831,7 +903,10 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
             Some(json!({"default": "maybe"})),
         )
         .await;
-    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (bad.status, problem_code(&bad)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let routing = app
         .call(
             Method::PUT,
@@ -953,7 +1028,10 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
             Some(json!({"enabled": false})),
         )
         .await;
-    assert_eq!(member_edits.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (member_edits.status, problem_code(&member_edits)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
 }
 
 async fn seats_hold_under_concurrent_invitations(backend: Backend) {
@@ -1043,7 +1121,10 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
     let by_admin = app
         .call(Method::POST, &base, Some("adam"), Some(role.clone()))
         .await;
-    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (by_admin.status, problem_code(&by_admin)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let owner_power = app
         .call(
             Method::POST,
@@ -1052,7 +1133,10 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
             Some(json!({"key": "biller", "name": "B", "permissions": ["billing:manage"]})),
         )
         .await;
-    assert_eq!(owner_power.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (owner_power.status, problem_code(&owner_power)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let shadow = app
         .call(
             Method::POST,
@@ -1061,7 +1145,10 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
             Some(json!({"key": "admin", "name": "A", "permissions": []})),
         )
         .await;
-    assert_eq!(shadow.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (shadow.status, problem_code(&shadow)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let created = app
         .call(Method::POST, &base, Some("olivia"), Some(role))
         .await;
@@ -1209,7 +1296,10 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
     let someone_else = app
         .call(Method::POST, path, Some("mallory"), Some(body))
         .await;
-    assert_eq!(someone_else.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (someone_else.status, problem_code(&someone_else)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
 }
 
 async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend: Backend) {
@@ -1346,7 +1436,10 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
                 .bearer_auth("nope"),
         )
         .await;
-    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (wrong.status, problem_code(&wrong)),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
     let create = app
         .send(
             app.client
@@ -1354,7 +1447,10 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
                 .json(&json!({"name": "X"})),
         )
         .await;
-    assert_eq!(create.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (create.status, problem_code(&create)),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
 }
 
 async fn actors_are_authorized_by_their_role(backend: Backend) {
@@ -1409,7 +1505,10 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     let member_audit = app
         .call(Method::GET, &format!("{path}/audit-log"), Some("mia"), None)
         .await;
-    assert_eq!(member_audit.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (member_audit.status, problem_code(&member_audit)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let system = app
         .call(Method::GET, &format!("{path}/audit-log"), None, None)
         .await;
@@ -1417,7 +1516,10 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     let directory_as_user = app
         .call(Method::GET, "/v1/organizations", Some("olivia"), None)
         .await;
-    assert_eq!(directory_as_user.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (directory_as_user.status, problem_code(&directory_as_user)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let unknown = app
         .call(
             Method::GET,
@@ -1450,8 +1552,11 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             Some(json!({"email": "x@example.com", "role": "member"})),
         )
         .await;
-    assert_eq!(member_invites.status, StatusCode::FORBIDDEN);
-    let admin_makes_owner = app
+    assert_eq!(
+        (member_invites.status, problem_code(&member_invites)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    let member_promotes_self = app
         .call(
             Method::PATCH,
             &format!("{path}/members/mia"),
@@ -1459,7 +1564,56 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             Some(json!({"role": "owner"})),
         )
         .await;
-    assert_eq!(admin_makes_owner.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (
+            member_promotes_self.status,
+            problem_code(&member_promotes_self)
+        ),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    // Only an owner grants the owner role, invites with it, or changes or removes an owner.
+    app.add_member(&org, "olivia", "adam", "admin").await;
+    let admin_attempts = [
+        (
+            Method::PATCH,
+            format!("{path}/members/mia"),
+            Some(json!({"role": "owner"})),
+        ),
+        (
+            Method::POST,
+            format!("{path}/invitations"),
+            Some(json!({"email": "o@example.com", "role": "owner"})),
+        ),
+        (
+            Method::PATCH,
+            format!("{path}/members/olivia"),
+            Some(json!({"role": "member"})),
+        ),
+        (Method::DELETE, format!("{path}/members/olivia"), None),
+    ];
+    for (method, url, body) in admin_attempts {
+        let refused = app.call(method.clone(), &url, Some("adam"), body).await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::FORBIDDEN, "permission_denied"),
+            "admin {method} {url}: {}",
+            refused.body
+        );
+    }
+    let admin_invites = app
+        .call(
+            Method::POST,
+            &format!("{path}/invitations"),
+            Some("adam"),
+            Some(json!({"email": "a@example.com", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(
+        admin_invites.status,
+        StatusCode::CREATED,
+        "{}",
+        admin_invites.body
+    );
     let others_orgs = app
         .call(
             Method::GET,
@@ -1468,7 +1622,10 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(others_orgs.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (others_orgs.status, problem_code(&others_orgs)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let own_orgs = app
         .call(
             Method::GET,
@@ -1729,7 +1886,10 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (gone.status, problem_code(&gone)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
 
     let resent_target = app
         .call(
@@ -1931,7 +2091,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             "{\"email\": \"a@b.co\", \"role\": \"member\", \"colour\": \"red\"}",
         ))
         .await;
-    assert_eq!(unknown_field.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (unknown_field.status, problem_code(&unknown_field)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let unknown_enum = app
         .call(
             Method::POST,
@@ -1940,7 +2103,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             Some(json!({"name": "X", "kind": "club"})),
         )
         .await;
-    assert_eq!(unknown_enum.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (unknown_enum.status, problem_code(&unknown_enum)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let bad_slug = app
         .call(
             Method::POST,
@@ -2016,7 +2182,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(bad_limit_type.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (bad_limit_type.status, problem_code(&bad_limit_type)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let bad_time = app
         .call(
             Method::GET,
@@ -2033,11 +2202,17 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
                 .json(&json!({"name": "Y"})),
         )
         .await;
-    assert_eq!(bad_if_match.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (bad_if_match.status, problem_code(&bad_if_match)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let bad_actor = app
         .call(Method::GET, &base, Some(&"x".repeat(200)), None)
         .await;
-    assert_eq!(bad_actor.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (bad_actor.status, problem_code(&bad_actor)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let bad_zone = app
         .call(
             Method::PATCH,
@@ -2055,10 +2230,73 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(bad_id.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (bad_id.status, problem_code(&bad_id)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let no_route = app.call(Method::GET, "/v2/nothing", None, None).await;
-    assert_eq!(no_route.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (no_route.status, problem_code(&no_route)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     assert_eq!(app.event_count(&org).await, before, "nothing was appended");
+}
+
+/// Conflicts with what is stored are 409s with their contract codes, and append nothing.
+async fn conflicts_are_refused_with_their_codes_and_append_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let other = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Beta", "slug": "beta-team"})),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CREATED, "{}", other.body);
+    let before = app.event_count(&org).await;
+    let attempts = [
+        (
+            Method::POST,
+            "/v1/organizations".to_owned(),
+            json!({"name": "Gamma", "slug": "beta-team"}),
+            "slug_taken",
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/organizations/{org}"),
+            json!({"slug": "beta-team"}),
+            "slug_taken",
+        ),
+        (
+            Method::POST,
+            format!("/v1/organizations/{org}/invitations"),
+            json!({"email": "MIA@example.com", "role": "viewer"}),
+            "already_member",
+        ),
+    ];
+    for (method, url, body, code) in attempts {
+        let refused = app
+            .call(method.clone(), &url, Some("olivia"), Some(body))
+            .await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::CONFLICT, code),
+            "{method} {url}: {}",
+            refused.body
+        );
+    }
+    assert_eq!(app.event_count(&org).await, before, "nothing was appended");
+    // A method a route does not take is a problem too, never an empty or plain-text body.
+    let wrong_method = app
+        .call(Method::PUT, "/v1/organizations", Some("olivia"), None)
+        .await;
+    assert_eq!(
+        (wrong_method.status, problem_code(&wrong_method)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
 }
 
 async fn a_keyed_command_whose_client_went_away_is_replayed_not_run_again(backend: Backend) {
@@ -2214,6 +2452,119 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     assert_eq!(rejected_again.body, rejected.body);
 }
 
+/// `If-Match` guards every organization command, not only the rename.
+async fn a_stale_if_match_fails_every_organization_command(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    app.add_member(&org, "olivia", "adam", "admin").await;
+    let invited = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("olivia"),
+            Some(json!({"email": "nina@example.com", "role": "member"})),
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+    let invitation = invited.body["invitation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stale = app
+        .call(Method::GET, &base, Some("olivia"), None)
+        .await
+        .body["version"]
+        .to_string();
+    let renamed = app
+        .call(
+            Method::PATCH,
+            &base,
+            Some("olivia"),
+            Some(json!({"name": "Acme Inc"})),
+        )
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+    let before = app.event_count(&org).await;
+    let commands = [
+        (
+            Method::POST,
+            format!("{base}/invitations"),
+            Some(json!({"email": "x@example.com", "role": "member"})),
+        ),
+        (
+            Method::POST,
+            format!("{base}/invitations/{invitation}/resend"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("{base}/invitations/{invitation}"),
+            None,
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/members/mia"),
+            Some(json!({"role": "viewer"})),
+        ),
+        (Method::DELETE, format!("{base}/members/mia"), None),
+        (
+            Method::POST,
+            format!("{base}/groups"),
+            Some(json!({"name": "Engineering"})),
+        ),
+        (
+            Method::POST,
+            format!("{base}/transfer-ownership"),
+            Some(json!({"new_owner_id": "adam"})),
+        ),
+        (
+            Method::PUT,
+            format!("{base}/smart-tool-routing"),
+            Some(json!({"enabled": true})),
+        ),
+        (
+            Method::PUT,
+            format!("{base}/client-restrictions"),
+            Some(json!({"default": "block", "clients": {}})),
+        ),
+        (
+            Method::POST,
+            format!("{base}/roles"),
+            Some(
+                json!({"key": "organizer", "name": "Organizer", "permissions": ["members:invite"]}),
+            ),
+        ),
+        (
+            Method::POST,
+            format!("{base}/ai-providers"),
+            Some(json!({"name": "Main", "kind": "openai", "api_key": "sk-test-1234"})),
+        ),
+        (
+            Method::DELETE,
+            base.clone(),
+            Some(json!({"confirm_name": "Acme Inc"})),
+        ),
+    ];
+    for (method, url, body) in commands {
+        let mut request = app
+            .request(method.clone(), &url, Some("olivia"))
+            .header("If-Match", &stale);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let refused = app.send(request).await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::PRECONDITION_FAILED, "version_mismatch"),
+            "{method} {url}: {}",
+            refused.body
+        );
+    }
+    assert_eq!(app.event_count(&org).await, before, "nothing was appended");
+}
+
 async fn if_match_guards_against_lost_updates(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
@@ -2267,7 +2618,10 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
             .json(&json!({"title": "x"})),
         )
         .await;
-    assert_eq!(not_a_member.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (not_a_member.status, problem_code(&not_a_member)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let bare = first.body["version"].to_string();
     let fresh = app
         .send(
@@ -2791,7 +3145,10 @@ async fn audit_history_and_exports_are_served(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(bad_format.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        (bad_format.status, problem_code(&bad_format)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
 
     let events = app
         .call(
@@ -2918,7 +3275,10 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
             Some(json!({"confirm_name": "Acme"})),
         )
         .await;
-    assert_eq!(by_admin.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        (by_admin.status, problem_code(&by_admin)),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
     let deleted = app
         .call(
             Method::DELETE,
@@ -3019,7 +3379,10 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         (StatusCode::OK, Some("purged"))
     );
     let gone = app.call(Method::GET, &path, None, None).await;
-    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        (gone.status, problem_code(&gone)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let tombstone = app
         .call(Method::GET, &format!("{path}/events?limit=500"), None, None)
         .await;

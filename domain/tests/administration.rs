@@ -547,6 +547,72 @@ fn a_custom_role_grants_exactly_its_permissions() {
     );
 }
 
+/// Custom roles grant powers over roles below owner only: whatever they hold, granting the
+/// owner role, inviting with it and changing or removing an owner stay an owner's.
+#[test]
+fn no_custom_role_reaches_the_owner_role() {
+    let manager = OrganizationEvent::RoleDefined(RoleDefined {
+        key: "people_lead".into(),
+        name: "People lead".into(),
+        permissions: vec![
+            Permission::ViewOrganization,
+            Permission::InviteMembers,
+            Permission::ManageMembers,
+        ],
+    });
+    let given = with(
+        acme(),
+        vec![
+            manager,
+            joined("pat", Role::Custom("people_lead".into())),
+            joined("otto", Role::Owner),
+        ],
+    );
+    test()
+        .given(given.clone())
+        .when(by(
+            "pat",
+            OrganizationCommand::UpdateMember(UpdateMember {
+                role: Some(Role::Admin),
+                ..UpdateMember::of(uid("mia"))
+            }),
+        ))
+        .then_expect_events(vec![role_changed("mia", Role::Member, Role::Admin)]);
+    let refused = [
+        (
+            "grant the owner role",
+            OrganizationCommand::UpdateMember(UpdateMember {
+                role: Some(Role::Owner),
+                ..UpdateMember::of(uid("mia"))
+            }),
+        ),
+        (
+            "invite as owner",
+            OrganizationCommand::SendInvitation(send(1, Some("x@example.com"), Role::Owner)),
+        ),
+        (
+            "demote an owner",
+            OrganizationCommand::UpdateMember(UpdateMember {
+                role: Some(Role::Member),
+                ..UpdateMember::of(uid("otto"))
+            }),
+        ),
+        (
+            "remove an owner",
+            OrganizationCommand::RemoveMember(RemoveMember {
+                user_id: uid("otto"),
+            }),
+        ),
+    ];
+    for (what, body) in refused {
+        assert_eq!(
+            error_of(given.clone(), by("pat", body)),
+            OrganizationError::PermissionDenied,
+            "{what}"
+        );
+    }
+}
+
 #[test]
 fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
     let to_organizer = OrganizationCommand::UpdateMember(UpdateMember {

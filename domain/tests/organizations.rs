@@ -258,6 +258,22 @@ fn an_owner_force_deletes_an_active_organization() {
 }
 
 #[test]
+fn only_an_owner_may_purge() {
+    for actor in ["adam", "mia"] {
+        let error = error_of(acme(), command(user(actor), purge("Acme")));
+        assert_eq!(error, OrganizationError::PermissionDenied, "{actor}");
+    }
+    let mut given = acme();
+    given.push(deleted());
+    let error = error_of(given, command(user("adam"), purge("Acme")));
+    assert_eq!(
+        error,
+        OrganizationError::PermissionDenied,
+        "after a soft delete"
+    );
+}
+
+#[test]
 fn purging_needs_the_exact_name() {
     let error = error_of(acme(), command(user("olivia"), purge("Acme ")));
     assert_eq!(error, OrganizationError::ConfirmationMismatch);

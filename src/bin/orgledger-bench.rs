@@ -189,6 +189,11 @@ impl CpuSpent {
     }
 
     /// The share of the machine's cores busy in the stretch.
+    /// Some busy time and some wall time passed: every rate and share has a denominator.
+    fn measured(&self) -> bool {
+        self.machine > 0.0 && self.wall > 0.0
+    }
+
     fn busy(&self, cores: usize) -> f64 {
         self.machine / (self.wall * cores.max(1) as f64)
     }
@@ -339,7 +344,11 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 mean(run.times.waiting),
                 one_row.describe(),
             ));
-            if let (Some(commands), Some(rows)) = (run.cpu, ceiling_cpu) {
+            // `/proc` counts in ticks of 10 ms: a stretch that read none has no rates to give.
+            if let (Some(commands), Some(rows)) = (
+                run.cpu.filter(CpuSpent::measured),
+                ceiling_cpu.filter(CpuSpent::measured),
+            ) {
                 report.line(cpu_budget(
                     &commands,
                     run.commands,
@@ -1380,6 +1389,18 @@ mod tests {
         assert_eq!(busy_ticks(stat), Some(100.0 + 5.0 + 50.0 + 7.0 + 8.0 + 2.0));
         assert_eq!(busy_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None);
         assert_eq!(busy_ticks("cpu  1 2 3\n"), None);
+    }
+
+    #[test]
+    fn a_stretch_that_read_no_busy_ticks_gives_no_cpu_budget() {
+        let spent = |wall, machine| CpuSpent {
+            wall,
+            machine,
+            process: 0.0,
+        };
+        assert!(spent(4.0, 5.6).measured());
+        assert!(!spent(4.0, 0.0).measured());
+        assert!(!spent(0.0, 5.6).measured());
     }
 
     #[test]

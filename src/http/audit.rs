@@ -155,6 +155,8 @@ async fn export_audit_log(
 pub struct EventsQuery {
     /// Events after this sequence (default 0).
     after_sequence: Option<i64>,
+    /// The `next_cursor` of the page before: the same as `after_sequence` set to it.
+    cursor: Option<String>,
     /// 1 to 500, default 50.
     limit: Option<i64>,
 }
@@ -172,7 +174,21 @@ async fn raw_events(
 ) -> Result<axum::Json<RawEventPage>, ApiError> {
     let id = organization_id(&org_id)?;
     authorize_history(&state, &caller, &org_id).await?;
-    let after = query.after_sequence.unwrap_or(0);
+    let after = match (query.cursor.as_deref(), query.after_sequence) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "cursor",
+                "give cursor or after_sequence, not both",
+            ))
+        }
+        // This list's cursors are the last sequence of a page, in decimal.
+        (Some(cursor), None) => cursor
+            .parse::<u64>()
+            .ok()
+            .and_then(|sequence| i64::try_from(sequence).ok())
+            .ok_or_else(|| ApiError::from(orgledger_projections::CursorError))?,
+        (None, after) => after.unwrap_or(0),
+    };
     if after < 0 {
         return Err(ApiError::field("after_sequence", "must be 0 or more"));
     }
