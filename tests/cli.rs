@@ -142,3 +142,213 @@ fn a_postgres_that_never_answers_is_reported_once_its_connect_timeout_passes() {
     assert!(started.elapsed() < Duration::from_secs(14), "{stderr}");
     drop(held);
 }
+
+/// `orgledger serve` with its flags, its output collected: stdout whole, stderr (JSON log
+/// lines) as they come; the listening address once it is logged.
+struct Served {
+    child: std::process::Child,
+    address: String,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn serve_logging_everything(database_url: &str) -> Served {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(["serve", "--orgledger-bind", "127.0.0.1:0"])
+        .env("DATABASE_URL", database_url)
+        .env_remove("ORGLEDGER_MASTER_KEY")
+        .env_remove("ORGLEDGER_API_TOKEN")
+        .env_remove("ORGLEDGER_BIND")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut out = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut all = String::new();
+        drop(out.read_to_string(&mut all));
+        all
+    });
+    let err = child.stderr.take().unwrap();
+    let (found, address) = std::sync::mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
+                if entry["message"] == "orgledger listening" {
+                    let _ = found.send(entry["address"].as_str().unwrap_or_default().to_owned());
+                }
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let address = address
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server listens");
+    Served {
+        child,
+        address: format!("http://{address}"),
+        stdout,
+        stderr,
+    }
+}
+
+impl Served {
+    /// Stops the server; everything it wrote.
+    fn stop(mut self) -> (String, String) {
+        // Its last requests' log lines are written before their responses.
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.stdout.join().unwrap(), self.stderr.join().unwrap())
+    }
+}
+
+/// Every secret the API hands out, and the platform token `serve` generated, stay out of
+/// the logs even at `trace`; the generated token is printed once, on the first start only.
+#[tokio::test]
+async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let server = serve_logging_everything(&url);
+    let token_file = dir.path().join("orgledger.db.api-token");
+    let platform = std::fs::read_to_string(&token_file)
+        .expect("the generated token is kept beside the data")
+        .trim()
+        .to_owned();
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, actor: &str, body: serde_json::Value| {
+        client
+            .request(method, format!("{}{path}", server.address))
+            .bearer_auth(&platform)
+            .header("X-Actor-Id", actor)
+            .json(&body)
+            .send()
+    };
+    let json = |response: reqwest::Response| async move {
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(status.is_success(), "{status}: {body}");
+        body
+    };
+    let org = json(
+        call(
+            reqwest::Method::POST,
+            "/v1/organizations".into(),
+            "olivia",
+            serde_json::json!({"name": "Acme"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base = format!("/v1/organizations/{org}");
+    let invited = json(
+        call(
+            reqwest::Method::POST,
+            format!("{base}/invitations"),
+            "olivia",
+            serde_json::json!({"email": "nina@example.com", "role": "member"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let invitation = invited["invitation"]["id"].as_str().unwrap();
+    let resent = json(
+        call(
+            reqwest::Method::POST,
+            format!("{base}/invitations/{invitation}/resend"),
+            "olivia",
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    json(
+        call(
+            reqwest::Method::POST,
+            "/v1/invitations/accept".into(),
+            "nina",
+            serde_json::json!({"token": resent["token"], "user_id": "nina", "email": "nina@example.com"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let service_account = json(
+        call(
+            reqwest::Method::POST,
+            format!("{base}/service-accounts"),
+            "olivia",
+            serde_json::json!({"name": "CI", "scopes": ["members:read"]}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let key = service_account["key"].as_str().unwrap().to_owned();
+    let members = client
+        .get(format!("{}{base}/members", server.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(members.status(), reqwest::StatusCode::OK, "the key works");
+    let provider_key = "sk-provider-secret-0123456789";
+    json(
+        call(
+            reqwest::Method::POST,
+            format!("{base}/ai-providers"),
+            "olivia",
+            serde_json::json!({"name": "Main", "kind": "openai", "api_key": provider_key}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let (stdout, logs) = server.stop();
+
+    assert_eq!(
+        stdout.matches(&platform).count(),
+        1,
+        "printed once: {stdout}"
+    );
+    assert!(logs.contains("invitation"), "the trace logged the requests");
+    let secrets = [
+        ("the platform token", platform.as_str()),
+        ("the invitation token", invited["token"].as_str().unwrap()),
+        ("the resent token", resent["token"].as_str().unwrap()),
+        ("the service account key", key.as_str()),
+        ("the provider key", provider_key),
+    ];
+    for (what, secret) in secrets {
+        assert!(secret.len() > 10, "{what}: {secret}");
+        assert!(!logs.contains(secret), "{what} is in the logs");
+    }
+
+    let again = serve_logging_everything(&url);
+    let kept = client
+        .get(format!("{}{base}", again.address))
+        .bearer_auth(&platform)
+        .header("X-Actor-Id", "olivia")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.status(),
+        reqwest::StatusCode::OK,
+        "the kept token works"
+    );
+    let (stdout, logs) = again.stop();
+    assert!(!stdout.contains(&platform), "printed again: {stdout}");
+    assert!(!logs.contains(&platform), "the kept token is in the logs");
+}

@@ -204,12 +204,14 @@ on_both_backends!(
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
     idempotency_keys_replay_the_first_response,
+    idempotency_keys_replay_every_method_with_its_headers,
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
     if_match_guards_against_lost_updates,
     a_stale_if_match_fails_every_organization_command,
     concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
     many_concurrent_invitations_to_one_organization_all_succeed,
     audit_history_and_exports_are_served,
+    audit_filters_bound_the_log_and_its_exports,
     every_kind_of_change_is_audited_under_its_contract_action,
     request_headers_are_recorded_in_the_metadata_of_the_events,
     a_list_without_a_limit_pages_by_fifty,
@@ -221,6 +223,7 @@ on_both_backends!(
     short_lists_are_paged_like_the_long_ones,
     a_cursor_is_refused_by_every_list_but_the_one_that_issued_it,
     the_events_list_pages_on_with_its_own_next_cursor,
+    every_list_refuses_query_values_outside_their_set,
     searches_fold_letters_beyond_ascii_alike_on_both_stores,
     service_accounts_act_only_within_their_scopes_and_organization,
     settings_and_ai_providers_keep_keys_secret,
@@ -353,6 +356,67 @@ async fn a_cursor_is_refused_by_every_list_but_the_one_that_issued_it(backend: B
         assert_validation_failed(&refused, &list);
         assert_eq!(refused.body["errors"][0]["field"], "cursor", "{list}");
     }
+}
+
+/// Every list bounds `limit` and refuses a value outside a parameter's set, naming the
+/// parameter; none answers with a default in place of what was asked.
+async fn every_list_refuses_query_values_outside_their_set(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let lists = [
+        format!("{base}/members"),
+        format!("{base}/invitations"),
+        format!("{base}/audit-log"),
+        format!("{base}/events"),
+        "/v1/organizations".to_owned(),
+        "/v1/users/olivia/organizations".to_owned(),
+    ];
+    for list in &lists {
+        for query in ["limit=0", "limit=501", "limit=ten"] {
+            let refused = app
+                .call(Method::GET, &format!("{list}?{query}"), None, None)
+                .await;
+            assert_validation_failed(&refused, &format!("{list}?{query}"));
+            assert_eq!(
+                refused.body["errors"][0]["field"], "limit",
+                "{list}?{query}"
+            );
+        }
+    }
+    for (url, field) in [
+        (format!("{base}/invitations?status=bogus"), "status"),
+        (format!("{base}/members?role=Not%20a%20role"), "role"),
+        ("/v1/organizations?status=bogus".to_owned(), "status"),
+        (format!("{base}/events?after_sequence=-1"), "after_sequence"),
+        (format!("{base}/audit-log?from=yesterday"), "from"),
+        (format!("{base}/audit-log?to=2026-13-01T00:00:00Z"), "to"),
+        (
+            format!("{base}/audit-log/export?format=csv&from=soon"),
+            "from",
+        ),
+        (format!("{base}/state?sequence=0"), "sequence"),
+        (format!("{base}/state?as_of=noon"), "as_of"),
+    ] {
+        let refused = app.call(Method::GET, &url, None, None).await;
+        assert_validation_failed(&refused, &url);
+        assert_eq!(
+            refused.body["errors"][0]["field"], field,
+            "{url}: {}",
+            refused.body
+        );
+    }
+    let both = format!("{base}/state?sequence=1&as_of=2026-11-22T10:00:00Z");
+    assert_validation_failed(&app.call(Method::GET, &both, None, None).await, &both);
+    // Neither: the organization as it stands now.
+    let now = app
+        .call(Method::GET, &format!("{base}/state"), None, None)
+        .await;
+    assert_eq!(now.status, StatusCode::OK, "{}", now.body);
+    assert_eq!(
+        now.body["as_of_sequence"],
+        now.body["organization"]["version"]
+    );
 }
 
 /// The raw events page on like every list: `?cursor=` takes the `next_cursor` it gave.
@@ -2332,6 +2396,103 @@ async fn a_keyed_command_whose_client_went_away_is_replayed_not_run_again(backen
     );
 }
 
+/// Keys hold on PUT, PATCH and DELETE as on POST: a retry gets the first status, body and
+/// headers (an empty 204 included) and appends nothing; a key sent to another route is
+/// another request.
+async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let invited = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("olivia"),
+            Some(json!({"email": "nina@example.com", "role": "member"})),
+        )
+        .await;
+    let invitation = invited.body["invitation"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let requests = [
+        (
+            Method::PUT,
+            format!("{base}/smart-tool-routing"),
+            Some(json!({"enabled": true})),
+            "put-1",
+        ),
+        (
+            Method::PATCH,
+            format!("{base}/members/mia"),
+            Some(json!({"role": "viewer"})),
+            "patch-1",
+        ),
+        (
+            Method::DELETE,
+            format!("{base}/invitations/{invitation}"),
+            None,
+            "delete-1",
+        ),
+        (
+            Method::PATCH,
+            base.clone(),
+            Some(json!({"name": "Acme Inc"})),
+            "patch-org-1",
+        ),
+    ];
+    for (method, url, body, key) in requests {
+        let send = || {
+            let request = app
+                .request(method.clone(), &url, Some("olivia"))
+                .header("Idempotency-Key", key);
+            match &body {
+                Some(body) => request.json(body),
+                None => request,
+            }
+        };
+        let first = app.send(send()).await;
+        assert!(first.status.is_success(), "{method} {url}: {}", first.body);
+        let events = app.event_count(&org).await;
+        let retry = app.send(send()).await;
+        assert_eq!(retry.status, first.status, "{method} {url}");
+        assert_eq!(retry.body, first.body, "{method} {url}");
+        assert_eq!(
+            retry.headers["idempotent-replayed"], "true",
+            "{method} {url}"
+        );
+        for header in ["etag", "x-consistency"] {
+            assert_eq!(
+                retry.headers.get(header),
+                first.headers.get(header),
+                "{method} {url}: {header}"
+            );
+        }
+        assert_eq!(
+            app.event_count(&org).await,
+            events,
+            "{method} {url}: appended"
+        );
+    }
+    // The key of the rename, sent with the same body to another route.
+    let elsewhere = app
+        .send(
+            app.request(
+                Method::PATCH,
+                &format!("{base}/members/mia"),
+                Some("olivia"),
+            )
+            .header("Idempotency-Key", "patch-org-1")
+            .json(&json!({"name": "Acme Inc"})),
+        )
+        .await;
+    assert_eq!(
+        (elsewhere.status, problem_code(&elsewhere)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    );
+}
+
 async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
@@ -3074,6 +3235,144 @@ async fn a_list_without_a_limit_pages_by_fifty(backend: Backend) {
         .await;
     assert_eq!(rest.body["items"][0]["name"], "Group 50");
     assert_eq!(rest.body["next_cursor"], Value::Null);
+}
+
+/// `from` (inclusive), `to` (exclusive), `actor` and `resource_type` bound the audit log
+/// and its exports alike; the CSV has the contract's columns in order.
+async fn audit_filters_bound_the_log_and_its_exports(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let renamed = app
+        .call(
+            Method::PATCH,
+            &format!("/v1/organizations/{org}"),
+            Some("mia"),
+            Some(json!({"name": "Nope"})),
+        )
+        .await;
+    assert_eq!(
+        renamed.status,
+        StatusCode::FORBIDDEN,
+        "a refusal is not audited"
+    );
+    app.add_member(&org, "olivia", "nina", "viewer").await;
+    let base = format!("/v1/organizations/{org}");
+    let entries = |query: String| {
+        let app = &app;
+        let url = format!("{base}/audit-log?limit=500&{query}");
+        async move {
+            let page = app.call(Method::GET, &url, Some("olivia"), None).await;
+            assert_eq!(page.status, StatusCode::OK, "{url}: {}", page.body);
+            page.body["items"].as_array().expect("items").clone()
+        }
+    };
+    let all = entries(String::new()).await;
+    let sequences = |entries: &[Value]| -> Vec<i64> {
+        entries
+            .iter()
+            .map(|entry| entry["sequence"].as_i64().unwrap())
+            .collect()
+    };
+    // The boundary: the first entry of the second member's invitation.
+    let boundary = all
+        .iter()
+        .find(|entry| {
+            entry["action"] == "invitation.sent" && entry["details"]["email"] == "nina@example.com"
+        })
+        .or_else(|| {
+            all.iter()
+                .rev()
+                .find(|entry| entry["action"] == "invitation.sent")
+        })
+        .expect("an invitation")["occurred_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let since = entries(format!("from={boundary}")).await;
+    let before = entries(format!("to={boundary}")).await;
+    assert!(
+        !since.is_empty() && !before.is_empty(),
+        "{boundary} splits the log"
+    );
+    let instant = |raw: &str| chrono::DateTime::parse_from_rfc3339(raw).unwrap();
+    assert!(since
+        .iter()
+        .all(|entry| instant(entry["occurred_at"].as_str().unwrap()) >= instant(&boundary)));
+    let mut both = sequences(&before);
+    both.extend(sequences(&since));
+    assert_eq!(both, sequences(&all), "inclusive from, exclusive to");
+
+    let by_mia = entries("actor=mia".to_owned()).await;
+    let expected: Vec<i64> = sequences(&all)
+        .into_iter()
+        .zip(&all)
+        .filter(|(_, entry)| entry["actor"]["id"] == "mia")
+        .map(|(sequence, _)| sequence)
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(sequences(&by_mia), expected);
+
+    let invitations = entries("resource_type=invitation".to_owned()).await;
+    let expected: Vec<i64> = sequences(&all)
+        .into_iter()
+        .zip(&all)
+        .filter(|(_, entry)| entry["resource"]["type"] == "invitation")
+        .map(|(sequence, _)| sequence)
+        .collect();
+    assert!(expected.len() >= 2);
+    assert_eq!(sequences(&invitations), expected);
+
+    let json_export = app
+        .request(
+            Method::GET,
+            &format!("{base}/audit-log/export?format=json&from={boundary}"),
+            Some("olivia"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_export.status(), StatusCode::OK);
+    assert!(json_export.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert!(json_export.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let exported: Vec<Value> = json_export.json().await.unwrap();
+    assert_eq!(sequences(&exported), sequences(&since));
+
+    let csv = app
+        .request(
+            Method::GET,
+            &format!("{base}/audit-log/export?format=csv&to={boundary}"),
+            Some("olivia"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let bytes = csv.bytes().await.unwrap();
+    let mut reader = csv::Reader::from_reader(bytes.as_ref());
+    assert_eq!(
+        reader.headers().unwrap().iter().collect::<Vec<_>>(),
+        [
+            "sequence",
+            "occurred_at",
+            "actor_type",
+            "actor_id",
+            "action",
+            "resource_type",
+            "resource_id",
+            "details"
+        ]
+    );
+    let csv_sequences: Vec<i64> = reader
+        .records()
+        .map(|record| record.unwrap()[0].parse().unwrap())
+        .collect();
+    assert_eq!(csv_sequences, sequences(&before));
 }
 
 async fn audit_history_and_exports_are_served(backend: Backend) {
