@@ -201,6 +201,8 @@ on_both_backends!(
     a_creator_who_gave_no_email_has_none_rather_than_an_empty_one,
     actors_are_authorized_by_their_role,
     the_invitation_flow_works_end_to_end,
+    responses_keep_the_contracts_shapes,
+    invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
     idempotency_keys_replay_the_first_response,
@@ -1727,6 +1729,190 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         )
         .await;
     assert_eq!(problem_code(&system_without_owner), "actor_required");
+}
+
+/// An invitation expires after the organization's `default_invite_expiry_days` unless it
+/// says otherwise, and a resend starts its days again.
+async fn invitations_expire_after_the_organizations_default_and_a_resend_restarts_it(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let instant = |value: &Value| {
+        chrono::DateTime::parse_from_rfc3339(value.as_str().expect("an instant")).unwrap()
+    };
+    let days_valid = |invitation: &Value| {
+        (instant(&invitation["expires_at"]) - instant(&invitation["sent_at"])).num_days()
+    };
+    let invite = |email: &'static str, days: Option<i64>| {
+        let app = &app;
+        let base = &base;
+        async move {
+            let mut body = json!({"email": email, "role": "member"});
+            if let Some(days) = days {
+                body["expires_in_days"] = json!(days);
+            }
+            let reply = app
+                .call(
+                    Method::POST,
+                    &format!("{base}/invitations"),
+                    Some("olivia"),
+                    Some(body),
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+            reply.body["invitation"].clone()
+        }
+    };
+    assert_eq!(
+        days_valid(&invite("a@example.com", None).await),
+        7,
+        "the default"
+    );
+    for bad in [
+        json!({"default_invite_expiry_days": 0}),
+        json!({"default_invite_expiry_days": 91}),
+    ] {
+        let refused = app
+            .call(Method::PATCH, &base, Some("olivia"), Some(bad))
+            .await;
+        assert_validation_failed(&refused, "expiry days");
+        assert_eq!(
+            refused.body["errors"][0]["field"],
+            "default_invite_expiry_days"
+        );
+    }
+    let bad_mode = app
+        .call(
+            Method::PATCH,
+            &base,
+            Some("olivia"),
+            Some(json!({"workflow_mode": "anarchy"})),
+        )
+        .await;
+    assert_validation_failed(&bad_mode, "workflow_mode");
+    let changed = app
+        .call(
+            Method::PATCH,
+            &base,
+            Some("olivia"),
+            Some(json!({"default_invite_expiry_days": 3, "workflow_mode": "founder"})),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(changed.body["settings"]["default_invite_expiry_days"], 3);
+    assert_eq!(changed.body["settings"]["workflow_mode"], "founder");
+    let short = invite("b@example.com", None).await;
+    assert_eq!(days_valid(&short), 3, "the organization's new default");
+    assert_eq!(
+        days_valid(&invite("c@example.com", Some(30)).await),
+        30,
+        "its own"
+    );
+
+    let id = short["id"].as_str().unwrap();
+    let resent = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations/{id}/resend"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(resent.status, StatusCode::OK, "{}", resent.body);
+    let again = &resent.body["invitation"];
+    assert_eq!(days_valid(again), 3, "{again}");
+    assert!(
+        instant(&again["expires_at"]) > instant(&short["expires_at"]),
+        "{again}"
+    );
+}
+
+/// Ids (request ids too) and instants differ from run to run: each becomes a placeholder of its
+/// kind, so a snapshot pins every field's name, type and place, and every fixed value.
+fn redacted(value: &Value) -> Value {
+    match value {
+        Value::String(text) if uuid::Uuid::parse_str(text).is_ok() => json!("[uuid]"),
+        // An audit entry's id: its organization's and its sequence.
+        Value::String(text)
+            if text
+                .split_once(':')
+                .is_some_and(|(id, _)| uuid::Uuid::parse_str(id).is_ok()) =>
+        {
+            let (_, rest) = text.split_once(':').unwrap();
+            json!(format!("[uuid]:{rest}"))
+        }
+        Value::String(text) if chrono::DateTime::parse_from_rfc3339(text).is_ok() => {
+            json!("[instant]")
+        }
+        Value::Array(items) => Value::Array(items.iter().map(redacted).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(name, value)| (name.clone(), redacted(value)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The contract's shapes, pinned by snapshots (`tests/snapshots/`): the same for both
+/// stores, so a field renamed, retyped or dropped on either fails here.
+async fn responses_keep_the_contracts_shapes(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let changed = app
+        .call(
+            Method::PATCH,
+            &format!("{base}/members/mia"),
+            Some("olivia"),
+            Some(json!({"role": "admin", "title": "CTO"})),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    let settings = app
+        .call(
+            Method::PATCH,
+            &base,
+            Some("olivia"),
+            Some(json!({"timezone": "Europe/Paris", "default_invite_expiry_days": 14})),
+        )
+        .await;
+    assert_eq!(settings.status, StatusCode::OK, "{}", settings.body);
+    let invited = app
+        .call(
+            Method::POST,
+            &format!("{base}/invitations"),
+            Some("olivia"),
+            Some(json!({"email": "Nina@Example.com", "role": "viewer", "first_name": "Nina"})),
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+    assert!(invited.body["token"].as_str().unwrap().starts_with("inv_"));
+    let get = |path: String| {
+        let app = &app;
+        async move {
+            let reply = app.call(Method::GET, &path, Some("olivia"), None).await;
+            assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+            redacted(&reply.body)
+        }
+    };
+    let audit = get(format!("{base}/audit-log?action=member.role_changed")).await;
+    let shapes = json!({
+        "organization": get(base.clone()).await,
+        "members": get(format!("{base}/members")).await,
+        "invitation": redacted(&invited.body["invitation"]),
+        "audit_entry": audit["items"][0],
+        "state_at_sequence_3": get(format!("{base}/state?sequence=3")).await,
+        "events_page": get(format!("{base}/events?limit=2")).await,
+        "not_found": redacted(&app.call(Method::GET, "/v1/organizations/01900000-0000-7000-8000-000000000000", None, None).await.body),
+    });
+    insta::assert_json_snapshot!("responses", shapes);
+    let export = get(format!("{base}/export")).await;
+    insta::assert_json_snapshot!("data_export", export);
 }
 
 async fn the_invitation_flow_works_end_to_end(backend: Backend) {
