@@ -3912,6 +3912,35 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         .send(app.client.get(format!("{}/readyz", app.address)))
         .await;
     assert_eq!(ready.body["status"], "ready");
+    // A store whose newest migration is not recorded as applied (one that failed half-way,
+    // or an older store opened before `migrate`) is not ready; once it is, it is again.
+    let newest = |success: bool| {
+        format!(
+            "UPDATE _sqlx_migrations SET success = {success}
+              WHERE version = (SELECT max(version) FROM _sqlx_migrations)"
+        )
+    };
+    assert_eq!(try_execute(app.service.db(), &newest(false)).await, Ok(1));
+    let behind = app
+        .send(app.client.get(format!("{}/readyz", app.address)))
+        .await;
+    assert_eq!(
+        (behind.status, problem_code(&behind)),
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    );
+    assert!(
+        behind.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("migrations"),
+        "{}",
+        behind.body
+    );
+    assert_eq!(try_execute(app.service.db(), &newest(true)).await, Ok(1));
+    let ready = app
+        .send(app.client.get(format!("{}/readyz", app.address)))
+        .await;
+    assert_eq!(ready.body["status"], "ready", "{}", ready.body);
     let metrics = app
         .client
         .get(format!("{}/metrics", app.address))
