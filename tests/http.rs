@@ -4087,6 +4087,40 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         .collect();
     assert_eq!(query, ["role", "q", "limit", "cursor"]);
     assert!(query_parameters > 30, "{query_parameters} query parameters");
+    // Every command under an organization takes both command headers, and every operation
+    // names its problem shape.
+    let mut commands = 0;
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().unwrap() {
+            let headers: Vec<&str> = operation["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|parameter| parameter["in"] == "header")
+                .map(|parameter| parameter["name"].as_str().unwrap())
+                .collect();
+            if method != "get" && path.starts_with("/v1/organizations/{org_id}") {
+                commands += 1;
+                for header in ["Idempotency-Key", "If-Match", "X-Actor-Id"] {
+                    assert!(headers.contains(&header), "{method} {path}: no {header}");
+                }
+            }
+        }
+    }
+    assert!(commands > 25, "{commands} commands");
+    assert!(
+        openapi.body["components"]["schemas"]["Problem"].is_object(),
+        "the problem+json shape is described"
+    );
+    let events = &paths["/v1/organizations/{org_id}/events"]["get"]["parameters"];
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|parameter| parameter["name"] == "cursor"),
+        "{events}"
+    );
     // A database that cannot be reached is said to be so, not taken for an unmigrated one.
     app.service.db().close().await;
     let unreachable = app
