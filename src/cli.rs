@@ -221,12 +221,12 @@ fn phases(report: &RebuildReport) -> String {
 
 async fn print_status(service: &Orgledger) -> anyhow::Result<()> {
     println!(
-        "{:<14} {:>10} {:>12} {:>9} {:>9}  last error",
+        "{:<16} {:>10} {:>12} {:>9} {:>9}  last error",
         "projection", "position", "applied", "backlog", "lag (s)"
     );
     for status in service.projector.status().await? {
         println!(
-            "{:<14} {:>10} {:>12} {:>9} {:>9.1}  {}",
+            "{:<16} {:>10} {:>12} {:>9} {:>9.1}  {}",
             status.name,
             status.position,
             status.events_applied,
@@ -295,6 +295,36 @@ mod tests {
         assert_eq!(bind, "127.0.0.1:9191");
         assert_eq!(token.as_deref(), Some("t1,t2"));
         assert_eq!(store.master_key.as_deref(), Some("a2V5"));
+    }
+
+    #[test]
+    fn the_store_flags_go_before_or_after_a_projections_subcommand() {
+        for args in [
+            [
+                "orgledger",
+                "projections",
+                "status",
+                "--database-url",
+                "sqlite://after.db",
+            ],
+            [
+                "orgledger",
+                "projections",
+                "--database-url",
+                "sqlite://after.db",
+                "status",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args)
+                .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
+            match cli.command {
+                Commands::Projections { store, action } => {
+                    assert_eq!(store.database_url, "sqlite://after.db", "{args:?}");
+                    assert!(matches!(action, ProjectionsAction::Status), "{args:?}");
+                }
+                other => panic!("parsed as {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -10,9 +10,14 @@ use crate::store::MasterKey;
 /// Where the data lives and the key that protects it.
 #[derive(Debug, Clone, Args)]
 pub struct StoreConfig {
-    /// `postgres://...` for PostgreSQL, `sqlite://PATH` for the embedded store (created if
-    /// missing).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://orgledger.db")]
+    /// `postgres://...` for PostgreSQL, `sqlite://PATH` for the embedded store (`serve` and
+    /// `migrate` create a missing file; the other commands refuse it).
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        default_value = "sqlite://orgledger.db"
+    )]
     pub database_url: String,
 
     /// Base64 of 32 random bytes (`orgledger master-key` makes one). It wraps every
