@@ -299,27 +299,22 @@ mod tests {
 
     #[test]
     fn the_store_flags_go_before_or_after_a_projections_subcommand() {
+        let store = [
+            "--database-url",
+            "sqlite://flags.db",
+            "--orgledger-master-key",
+            "a2V5",
+        ];
         for args in [
-            [
-                "orgledger",
-                "projections",
-                "status",
-                "--database-url",
-                "sqlite://after.db",
-            ],
-            [
-                "orgledger",
-                "projections",
-                "--database-url",
-                "sqlite://after.db",
-                "status",
-            ],
+            [&["orgledger", "projections", "status"][..], &store].concat(),
+            [&["orgledger", "projections"][..], &store, &["status"]].concat(),
         ] {
-            let cli = Cli::try_parse_from(args)
+            let cli = Cli::try_parse_from(&args)
                 .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
             match cli.command {
                 Commands::Projections { store, action } => {
-                    assert_eq!(store.database_url, "sqlite://after.db", "{args:?}");
+                    assert_eq!(store.database_url, "sqlite://flags.db", "{args:?}");
+                    assert_eq!(store.master_key.as_deref(), Some("a2V5"), "{args:?}");
                     assert!(matches!(action, ProjectionsAction::Status), "{args:?}");
                 }
                 other => panic!("parsed as {other:?}"),

@@ -26,6 +26,7 @@ pub struct StoreConfig {
     #[arg(
         long = "orgledger-master-key",
         visible_alias = "master-key",
+        global = true,
         env = "ORGLEDGER_MASTER_KEY",
         hide_env_values = true
     )]

@@ -322,7 +322,10 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
         1,
         "printed once: {stdout}"
     );
-    assert!(logs.contains("invitation"), "the trace logged the requests");
+    assert!(
+        logs.contains(&format!("/invitations/{invitation}/resend")),
+        "the trace logged the requests"
+    );
     let secrets = [
         ("the platform token", platform.as_str()),
         ("the invitation token", invited["token"].as_str().unwrap()),

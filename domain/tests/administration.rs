@@ -551,19 +551,18 @@ fn a_custom_role_grants_exactly_its_permissions() {
 /// owner role, inviting with it and changing or removing an owner stay an owner's.
 #[test]
 fn no_custom_role_reaches_the_owner_role() {
-    let manager = OrganizationEvent::RoleDefined(RoleDefined {
+    let people_lead_defined = OrganizationEvent::RoleDefined(RoleDefined {
         key: "people_lead".into(),
         name: "People lead".into(),
-        permissions: vec![
-            Permission::ViewOrganization,
-            Permission::InviteMembers,
-            Permission::ManageMembers,
-        ],
+        permissions: Permission::GRANTABLE
+            .iter()
+            .map(|(permission, _)| *permission)
+            .collect(),
     });
     let given = with(
         acme(),
         vec![
-            manager,
+            people_lead_defined,
             joined("pat", Role::Custom("people_lead".into())),
             joined("otto", Role::Owner),
         ],

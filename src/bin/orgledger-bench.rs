@@ -188,12 +188,12 @@ impl CpuSpent {
         self.process / units * 1e6
     }
 
-    /// The share of the machine's cores busy in the stretch.
     /// Some busy time and some wall time passed: every rate and share has a denominator.
     fn measured(&self) -> bool {
         self.machine > 0.0 && self.wall > 0.0
     }
 
+    /// The share of the machine's cores busy in the stretch.
     fn busy(&self, cores: usize) -> f64 {
         self.machine / (self.wall * cores.max(1) as f64)
     }
