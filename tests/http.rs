@@ -858,6 +858,23 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
         StatusCode::FORBIDDEN,
         "only inside its own organization"
     );
+    // History and exports need their scopes (`audit:read`, `export:read`); the directory of
+    // every organization is `system`'s alone.
+    for path in [
+        format!("{base}/events"),
+        format!("{base}/state?sequence=1"),
+        format!("{base}/export"),
+        format!("{base}/audit-log/export?format=json"),
+        "/v1/organizations".to_owned(),
+    ] {
+        let refused = app.send(as_key(Method::GET, path.clone())).await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::FORBIDDEN, "permission_denied"),
+            "{path}: {}",
+            refused.body
+        );
+    }
     let log = app
         .call(
             Method::GET,
@@ -1568,13 +1585,23 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         member.headers["etag"],
         format!("\"{}\"", member.body["version"])
     );
-    let member_audit = app
-        .call(Method::GET, &format!("{path}/audit-log"), Some("mia"), None)
-        .await;
-    assert_eq!(
-        (member_audit.status, problem_code(&member_audit)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    // The audit log, history and exports are owners' and admins' (and system's).
+    for history in [
+        "audit-log",
+        "audit-log/export?format=csv",
+        "events",
+        "state?sequence=1",
+        "export",
+    ] {
+        let refused = app
+            .call(Method::GET, &format!("{path}/{history}"), Some("mia"), None)
+            .await;
+        assert_eq!(
+            (refused.status, problem_code(&refused)),
+            (StatusCode::FORBIDDEN, "permission_denied"),
+            "a member reads {history}"
+        );
+    }
     let system = app
         .call(Method::GET, &format!("{path}/audit-log"), None, None)
         .await;
