@@ -584,10 +584,12 @@ impl Ledger {
     }
 
     /// The user's personal organization: created on the first call, returned as it is on
-    /// later ones (`created` false). One per user, also under concurrency.
+    /// later ones (`created` false). One per user, also under concurrency, whichever route
+    /// creates it.
     pub async fn personal_organization(
         &self,
         command: Command,
+        slug_was_given: bool,
         context: &RequestContext,
     ) -> Result<(Committed, bool), LedgerError> {
         let OrganizationCommand::CreateOrganization(create) = &command.body else {
@@ -602,7 +604,7 @@ impl Ledger {
                 .await?;
             if claimed == create.organization_id {
                 let result = self
-                    .create_organization(command.clone(), false, context)
+                    .create_organization(command.clone(), slug_was_given, context)
                     .await;
                 if result.is_err() {
                     self.release_personal(&user_id, create.organization_id)

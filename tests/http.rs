@@ -1383,6 +1383,84 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
         (someone_else.status, problem_code(&someone_else)),
         (StatusCode::FORBIDDEN, "permission_denied")
     );
+    // The general route makes personal organizations too, under the same one-per-user rule.
+    let second = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("nina"),
+            Some(json!({"name": "Nina's other", "kind": "personal"})),
+        )
+        .await;
+    assert_eq!(
+        (second.status, problem_code(&second)),
+        (StatusCode::CONFLICT, "personal_organization_exists"),
+        "{}",
+        second.body
+    );
+    let racing = app
+        .all_at_once((0..4).map(|i| {
+            (
+                Method::POST,
+                "/v1/organizations".to_owned(),
+                "otto",
+                json!({"name": format!("Otto {i}"), "kind": "personal"}),
+            )
+        }))
+        .await;
+    let statuses: Vec<StatusCode> = racing.iter().map(|reply| reply.status).collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|status| **status == StatusCode::CREATED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        racing
+            .iter()
+            .all(|reply| reply.status == StatusCode::CREATED
+                || problem_code(reply) == "personal_organization_exists"),
+        "{statuses:?}"
+    );
+    let mine = app
+        .call(
+            Method::GET,
+            "/v1/users/otto/organizations",
+            Some("otto"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        mine.body["items"].as_array().unwrap().len(),
+        1,
+        "{}",
+        mine.body
+    );
+    let teams = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("otto"),
+            Some(json!({"name": "Otto's team", "kind": "team"})),
+        )
+        .await;
+    assert_eq!(teams.status, StatusCode::CREATED, "teams are not limited");
+    let existing = app
+        .call(
+            Method::POST,
+            "/v1/users/otto/personal-organization",
+            Some("otto"),
+            Some(json!({"email": "otto@example.com"})),
+        )
+        .await;
+    assert_eq!(existing.status, StatusCode::OK, "{}", existing.body);
+    let made_first = racing
+        .iter()
+        .find(|reply| reply.status == StatusCode::CREATED)
+        .unwrap();
+    assert_eq!(existing.body["id"], made_first.body["id"]);
 }
 
 async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend: Backend) {

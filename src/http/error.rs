@@ -292,6 +292,7 @@ mod tests {
             (E::PersonalOrganization, 422),
             (E::SeatLimitReached, 409),
             (E::RoleInUse, 409),
+            (E::PersonalOrganizationExists, 409),
         ];
         for (error, status) in cases {
             let code = error.code();

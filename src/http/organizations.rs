@@ -6,8 +6,8 @@ use axum::response::Response;
 use chrono::Utc;
 use orgledger_domain::{
     Command, CreateOrganization, DeleteOrganization, NewMember, OrganizationCommand,
-    OrganizationError, Permission, PurgeOrganization, Slug, TransferOwnership, UpdateOrganization,
-    UserId,
+    OrganizationError, OrganizationKind, Permission, PurgeOrganization, Slug, TransferOwnership,
+    UpdateOrganization, UserId,
 };
 use orgledger_projections::organizations::{self as directory, OrganizationFilter};
 use serde::Deserialize;
@@ -70,6 +70,7 @@ async fn create_organization(
             &organization_id.simple().to_string()[..8],
         )
     });
+    let kind = request.kind;
     let command = Command::new(
         caller.actor,
         Utc::now(),
@@ -77,14 +78,30 @@ async fn create_organization(
             organization_id,
             name: request.name,
             slug,
-            kind: request.kind,
+            kind,
             owner,
         }),
     );
-    let outcome = state
-        .service
-        .create_organization(command, slug_was_given, &context)
-        .await?;
+    let outcome = match kind {
+        OrganizationKind::Team => {
+            state
+                .service
+                .create_organization(command, slug_was_given, &context)
+                .await?
+        }
+        // One per user whichever route makes it: the same claim as the personal route's,
+        // which answers with the existing one; here a second is a conflict.
+        OrganizationKind::Personal => {
+            let (outcome, created) = state
+                .service
+                .personal_organization(command, slug_was_given, &context)
+                .await?;
+            if !created {
+                return Err(OrganizationError::PersonalOrganizationExists.into());
+            }
+            outcome
+        }
+    };
     Ok(organization_response(&outcome, StatusCode::CREATED))
 }
 

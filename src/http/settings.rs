@@ -517,7 +517,7 @@ async fn personal_organization(
     );
     let (outcome, created) = state
         .service
-        .personal_organization(command, &context)
+        .personal_organization(command, false, &context)
         .await?;
     let status = if created {
         StatusCode::CREATED
