@@ -1286,6 +1286,20 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         StatusCode::CREATED,
         "members:invite granted"
     );
+    let pending = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/invitations"),
+            Some("otis"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        pending.status,
+        StatusCode::OK,
+        "who may invite sees the invitations"
+    );
+    assert_eq!(pending.body["items"][0]["email"], "z@example.com");
     let audit = app
         .call(
             Method::GET,
@@ -1662,6 +1676,35 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     assert_eq!(
         member.headers["etag"],
         format!("\"{}\"", member.body["version"])
+    );
+    // Invitees are not members: a member sees the members, not who is invited.
+    let member_lists_invitations = app
+        .call(
+            Method::GET,
+            &format!("{path}/invitations"),
+            Some("mia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (
+            member_lists_invitations.status,
+            problem_code(&member_lists_invitations)
+        ),
+        (StatusCode::FORBIDDEN, "permission_denied")
+    );
+    let owner_lists_invitations = app
+        .call(
+            Method::GET,
+            &format!("{path}/invitations?status=all"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        owner_lists_invitations.body["items"][0]["email"], "mia@example.com",
+        "{}",
+        owner_lists_invitations.body
     );
     // The audit log, history and exports are owners' and admins' (and system's).
     for history in [

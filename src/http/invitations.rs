@@ -92,7 +92,7 @@ pub struct ListInvitationsQuery {
     cursor: Option<String>,
 }
 
-/// Invitations of one status, oldest first.
+/// Invitations of one status, oldest first, for those who may invite.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/invitations", tag = "invitations",
     params(("org_id" = String, Path), ActorHeaders, ListInvitationsQuery),
     responses((status = 200, body = InvitationPage), ProblemResponses))]
@@ -102,7 +102,9 @@ async fn list_invitations(
     Path(org_id): Path<String>,
     Query(query): Query<ListInvitationsQuery>,
 ) -> Result<axum::Json<InvitationPage>, ApiError> {
-    let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
+    // Invitees are not members yet: their addresses and names are shown to those who may
+    // invite, resend and revoke, not to every member.
+    let organization = authorize(&state, &caller, &org_id, Permission::InviteMembers).await?;
     let status = match query.status.as_deref().unwrap_or("pending") {
         "all" => None,
         status @ ("pending" | "accepted" | "revoked" | "expired") => Some(status.to_owned()),
