@@ -232,6 +232,7 @@ on_both_backends!(
     seats_hold_under_concurrent_invitations,
     custom_roles_grant_exactly_their_permissions,
     personal_organizations_are_one_per_user,
+    a_removed_or_departed_member_loses_access_at_once,
 );
 
 async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
@@ -1475,6 +1476,63 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
         .find(|reply| reply.status == StatusCode::CREATED)
         .unwrap();
     assert_eq!(existing.body["id"], made_first.body["id"]);
+}
+
+/// Access follows membership at once: a removed or departed member's next request, read or
+/// command, is refused.
+async fn a_removed_or_departed_member_loses_access_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "nina", "admin").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let can_read = app.call(Method::GET, &base, Some("nina"), None).await;
+    assert_eq!(can_read.status, StatusCode::OK);
+    let removed = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/members/nina"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert!(removed.status.is_success(), "{}", removed.body);
+    let left = app
+        .call(Method::POST, &format!("{base}/leave"), Some("mia"), None)
+        .await;
+    assert!(left.status.is_success(), "{}", left.body);
+    for former in ["nina", "mia"] {
+        for (method, url, body) in [
+            (Method::GET, base.clone(), None),
+            (Method::GET, format!("{base}/members"), None),
+            (
+                Method::POST,
+                format!("{base}/invitations"),
+                Some(json!({"email": "x@example.com", "role": "member"})),
+            ),
+            (
+                Method::PATCH,
+                base.clone(),
+                Some(json!({"name": "Mine now"})),
+            ),
+        ] {
+            let refused = app.call(method.clone(), &url, Some(former), body).await;
+            assert_eq!(
+                (refused.status, problem_code(&refused)),
+                (StatusCode::FORBIDDEN, "permission_denied"),
+                "{former}: {method} {url}"
+            );
+        }
+    }
+    let own = app
+        .call(
+            Method::GET,
+            "/v1/users/nina/organizations",
+            Some("nina"),
+            None,
+        )
+        .await;
+    assert_eq!(own.body["items"], json!([]), "{}", own.body);
 }
 
 async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend: Backend) {

@@ -355,6 +355,32 @@ fn only_an_owner_transfers_ownership() {
 }
 
 #[test]
+fn only_the_new_owner_transfers_ownership_again() {
+    let mut given = acme();
+    given.push(OrganizationEvent::OwnershipTransferred(
+        OwnershipTransferred {
+            from_user_id: uid("olivia"),
+            to_user_id: uid("adam"),
+        },
+    ));
+    let error = error_of(given.clone(), command(user("olivia"), transfer("adam")));
+    assert_eq!(
+        error,
+        OrganizationError::PermissionDenied,
+        "the former owner"
+    );
+    test()
+        .given(given)
+        .when(command(user("adam"), transfer("olivia")))
+        .then_expect_events(vec![OrganizationEvent::OwnershipTransferred(
+            OwnershipTransferred {
+                from_user_id: uid("adam"),
+                to_user_id: uid("olivia"),
+            },
+        )]);
+}
+
+#[test]
 fn every_error_maps_to_one_contract_code() {
     let codes = [
         (OrganizationError::ActorRequired, "actor_required"),
