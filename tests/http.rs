@@ -186,7 +186,19 @@ fn problem_code(reply: &Reply) -> &str {
     reply.body["code"].as_str().unwrap_or("")
 }
 
+/// A problem with this status and contract code.
+#[track_caller]
+fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(
+        (reply.status, problem_code(reply)),
+        (status, code),
+        "{}",
+        reply.body
+    );
+}
+
 /// A 422 `validation_failed` problem; `context` says which request in a loop.
+#[track_caller]
 fn assert_validation_failed(reply: &Reply, context: &str) {
     assert_eq!(
         (reply.status, problem_code(reply)),
@@ -630,10 +642,7 @@ async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (missing.status, problem_code(&missing)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&missing, StatusCode::NOT_FOUND, "not_found");
     let olivia = app
         .call(
             Method::GET,
@@ -710,10 +719,7 @@ async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
             Some(json!({"name": "X"})),
         )
         .await;
-    assert_eq!(
-        (by_member.status, problem_code(&by_member)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&by_member, StatusCode::FORBIDDEN, "permission_denied");
     let log = app
         .call(
             Method::GET,
@@ -824,10 +830,7 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
                 .json(&json!({"email": "x@example.com", "role": "member"})),
         )
         .await;
-    assert_eq!(
-        (forged.status, problem_code(&forged)),
-        (StatusCode::UNAUTHORIZED, "unauthenticated")
-    );
+    assert_problem(&forged, StatusCode::UNAUTHORIZED, "unauthenticated");
     assert_eq!(
         count(app.service.db(), held).await,
         keys_before,
@@ -844,10 +847,7 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
     let audit = app
         .send(as_key(Method::GET, format!("{base}/audit-log")))
         .await;
-    assert_eq!(
-        (audit.status, problem_code(&audit)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&audit, StatusCode::FORBIDDEN, "permission_denied");
     let elsewhere = app
         .send(as_key(
             Method::GET,
@@ -987,10 +987,7 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
             Some(json!({"default": "maybe"})),
         )
         .await;
-    assert_eq!(
-        (bad.status, problem_code(&bad)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
-    );
+    assert_problem(&bad, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
     let routing = app
         .call(
             Method::PUT,
@@ -1112,10 +1109,7 @@ async fn settings_and_ai_providers_keep_keys_secret(backend: Backend) {
             Some(json!({"enabled": false})),
         )
         .await;
-    assert_eq!(
-        (member_edits.status, problem_code(&member_edits)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&member_edits, StatusCode::FORBIDDEN, "permission_denied");
 }
 
 async fn seats_hold_under_concurrent_invitations(backend: Backend) {
@@ -1205,10 +1199,7 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
     let by_admin = app
         .call(Method::POST, &base, Some("adam"), Some(role.clone()))
         .await;
-    assert_eq!(
-        (by_admin.status, problem_code(&by_admin)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&by_admin, StatusCode::FORBIDDEN, "permission_denied");
     let owner_power = app
         .call(
             Method::POST,
@@ -1217,9 +1208,10 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
             Some(json!({"key": "biller", "name": "B", "permissions": ["billing:manage"]})),
         )
         .await;
-    assert_eq!(
-        (owner_power.status, problem_code(&owner_power)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &owner_power,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let shadow = app
         .call(
@@ -1229,9 +1221,10 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
             Some(json!({"key": "admin", "name": "A", "permissions": []})),
         )
         .await;
-    assert_eq!(
-        (shadow.status, problem_code(&shadow)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &shadow,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let created = app
         .call(Method::POST, &base, Some("olivia"), Some(role))
@@ -1387,17 +1380,15 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
             Some(json!({"email": "x@example.com", "role": "member"})),
         )
         .await;
-    assert_eq!(
-        (invite.status, problem_code(&invite)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "personal_organization")
+    assert_problem(
+        &invite,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "personal_organization",
     );
     let someone_else = app
         .call(Method::POST, path, Some("mallory"), Some(body))
         .await;
-    assert_eq!(
-        (someone_else.status, problem_code(&someone_else)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&someone_else, StatusCode::FORBIDDEN, "permission_denied");
     // The general route makes personal organizations too, under the same one-per-user rule.
     let second = app
         .call(
@@ -1658,10 +1649,7 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
     let none = app
         .send(app.client.get(format!("{}/v1/organizations", app.address)))
         .await;
-    assert_eq!(
-        (none.status, problem_code(&none)),
-        (StatusCode::UNAUTHORIZED, "unauthenticated")
-    );
+    assert_problem(&none, StatusCode::UNAUTHORIZED, "unauthenticated");
     let wrong = app
         .send(
             app.client
@@ -1669,10 +1657,7 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
                 .bearer_auth("nope"),
         )
         .await;
-    assert_eq!(
-        (wrong.status, problem_code(&wrong)),
-        (StatusCode::UNAUTHORIZED, "unauthenticated")
-    );
+    assert_problem(&wrong, StatusCode::UNAUTHORIZED, "unauthenticated");
     let create = app
         .send(
             app.client
@@ -1680,10 +1665,7 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
                 .json(&json!({"name": "X"})),
         )
         .await;
-    assert_eq!(
-        (create.status, problem_code(&create)),
-        (StatusCode::UNAUTHORIZED, "unauthenticated")
-    );
+    assert_problem(&create, StatusCode::UNAUTHORIZED, "unauthenticated");
 }
 
 async fn actors_are_authorized_by_their_role(backend: Backend) {
@@ -1693,10 +1675,7 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     let path = format!("/v1/organizations/{org}");
 
     let stranger = app.call(Method::GET, &path, Some("stranger"), None).await;
-    assert_eq!(
-        (stranger.status, problem_code(&stranger)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&stranger, StatusCode::FORBIDDEN, "permission_denied");
     // A user id is any text, in a body and in X-Actor-Id alike (UTF-8 on the wire).
     let created = app
         .call(
@@ -1788,9 +1767,10 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     let directory_as_user = app
         .call(Method::GET, "/v1/organizations", Some("olivia"), None)
         .await;
-    assert_eq!(
-        (directory_as_user.status, problem_code(&directory_as_user)),
-        (StatusCode::FORBIDDEN, "permission_denied")
+    assert_problem(
+        &directory_as_user,
+        StatusCode::FORBIDDEN,
+        "permission_denied",
     );
     let unknown = app
         .call(
@@ -1800,10 +1780,7 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (unknown.status, problem_code(&unknown)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&unknown, StatusCode::NOT_FOUND, "not_found");
     let system_command = app
         .call(
             Method::POST,
@@ -1812,10 +1789,7 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             Some(json!({"email": "x@example.com", "role": "member"})),
         )
         .await;
-    assert_eq!(
-        (system_command.status, problem_code(&system_command)),
-        (StatusCode::BAD_REQUEST, "actor_required")
-    );
+    assert_problem(&system_command, StatusCode::BAD_REQUEST, "actor_required");
     let member_invites = app
         .call(
             Method::POST,
@@ -1824,10 +1798,7 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             Some(json!({"email": "x@example.com", "role": "member"})),
         )
         .await;
-    assert_eq!(
-        (member_invites.status, problem_code(&member_invites)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&member_invites, StatusCode::FORBIDDEN, "permission_denied");
     let member_promotes_self = app
         .call(
             Method::PATCH,
@@ -1894,10 +1865,7 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (others_orgs.status, problem_code(&others_orgs)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&others_orgs, StatusCode::FORBIDDEN, "permission_denied");
     let own_orgs = app
         .call(
             Method::GET,
@@ -2160,10 +2128,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             Some(json!({"token": token, "user_id": "nina", "email": "other@example.com"})),
         )
         .await;
-    assert_eq!(
-        (mismatch.status, problem_code(&mismatch)),
-        (StatusCode::FORBIDDEN, "email_mismatch")
-    );
+    assert_problem(&mismatch, StatusCode::FORBIDDEN, "email_mismatch");
     let unknown = app
         .call(
             Method::POST,
@@ -2172,10 +2137,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             Some(json!({"token": "inv_nope", "user_id": "nina", "email": "nina@example.com"})),
         )
         .await;
-    assert_eq!(
-        (unknown.status, problem_code(&unknown)),
-        (StatusCode::NOT_FOUND, "invalid_invitation")
-    );
+    assert_problem(&unknown, StatusCode::NOT_FOUND, "invalid_invitation");
     // If-Match holds for an acceptance as for any organization command; a refusal of the
     // acceptance itself still comes first.
     let (_, current) = app.service.ledger.load(org.parse().unwrap()).await.unwrap();
@@ -2187,10 +2149,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
         )
     };
     let stale = accept_if(current - 1, "nina@example.com").await;
-    assert_eq!(
-        (stale.status, problem_code(&stale)),
-        (StatusCode::PRECONDITION_FAILED, "version_mismatch")
-    );
+    assert_problem(&stale, StatusCode::PRECONDITION_FAILED, "version_mismatch");
     let stale_and_mismatched = accept_if(current - 1, "other@example.com").await;
     assert_eq!(problem_code(&stale_and_mismatched), "email_mismatch");
     assert_eq!(
@@ -2259,10 +2218,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             Some(json!({"title": "Boss"})),
         )
         .await;
-    assert_eq!(
-        (own_locked.status, problem_code(&own_locked)),
-        (StatusCode::FORBIDDEN, "field_locked")
-    );
+    assert_problem(&own_locked, StatusCode::FORBIDDEN, "field_locked");
     let promoted = app
         .call(
             Method::PATCH,
@@ -2280,17 +2236,15 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (self_remove.status, problem_code(&self_remove)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "cannot_remove_self")
+    assert_problem(
+        &self_remove,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "cannot_remove_self",
     );
     let last_owner = app
         .call(Method::POST, &format!("{base}/leave"), Some("olivia"), None)
         .await;
-    assert_eq!(
-        (last_owner.status, problem_code(&last_owner)),
-        (StatusCode::CONFLICT, "last_owner")
-    );
+    assert_problem(&last_owner, StatusCode::CONFLICT, "last_owner");
     let not_admin = app
         .call(
             Method::POST,
@@ -2299,9 +2253,10 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             Some(json!({"new_owner_id": "ghost"})),
         )
         .await;
-    assert_eq!(
-        (not_admin.status, problem_code(&not_admin)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "target_not_admin")
+    assert_problem(
+        &not_admin,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "target_not_admin",
     );
     let transferred = app
         .call(
@@ -2342,10 +2297,7 @@ async fn the_invitation_flow_works_end_to_end(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (gone.status, problem_code(&gone)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&gone, StatusCode::NOT_FOUND, "not_found");
 
     let resent_target = app
         .call(
@@ -2519,10 +2471,7 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         );
     }
     let malformed = app.send(raw("{\"email\": 5")).await;
-    assert_eq!(
-        (malformed.status, problem_code(&malformed)),
-        (StatusCode::BAD_REQUEST, "malformed_request")
-    );
+    assert_problem(&malformed, StatusCode::BAD_REQUEST, "malformed_request");
     let wrong_type = app.send(raw("{\"email\": 5, \"role\": \"member\"}")).await;
     assert_validation_failed(&wrong_type, "wrong_type");
     assert_eq!(wrong_type.body["errors"][0]["field"], "email");
@@ -2547,9 +2496,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             "{\"email\": \"a@b.co\", \"role\": \"member\", \"colour\": \"red\"}",
         ))
         .await;
-    assert_eq!(
-        (unknown_field.status, problem_code(&unknown_field)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &unknown_field,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let unknown_enum = app
         .call(
@@ -2559,9 +2509,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             Some(json!({"name": "X", "kind": "club"})),
         )
         .await;
-    assert_eq!(
-        (unknown_enum.status, problem_code(&unknown_enum)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &unknown_enum,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let bad_slug = app
         .call(
@@ -2581,10 +2532,7 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         .await;
     assert_eq!(text.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     let no_body = app.call(Method::DELETE, &base, Some("olivia"), None).await;
-    assert_eq!(
-        (no_body.status, problem_code(&no_body)),
-        (StatusCode::BAD_REQUEST, "malformed_request")
-    );
+    assert_problem(&no_body, StatusCode::BAD_REQUEST, "malformed_request");
     let huge = format!(
         "{{\"email\": \"a@b.co\", \"role\": \"member\", \"title\": \"{}\"}}",
         "x".repeat(400_000)
@@ -2638,9 +2586,10 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (bad_limit_type.status, problem_code(&bad_limit_type)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &bad_limit_type,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let bad_time = app
         .call(
@@ -2658,16 +2607,18 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
                 .json(&json!({"name": "Y"})),
         )
         .await;
-    assert_eq!(
-        (bad_if_match.status, problem_code(&bad_if_match)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &bad_if_match,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let bad_actor = app
         .call(Method::GET, &base, Some(&"x".repeat(200)), None)
         .await;
-    assert_eq!(
-        (bad_actor.status, problem_code(&bad_actor)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &bad_actor,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
     let bad_zone = app
         .call(
@@ -2686,15 +2637,9 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (bad_id.status, problem_code(&bad_id)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&bad_id, StatusCode::NOT_FOUND, "not_found");
     let no_route = app.call(Method::GET, "/v2/nothing", None, None).await;
-    assert_eq!(
-        (no_route.status, problem_code(&no_route)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&no_route, StatusCode::NOT_FOUND, "not_found");
     assert_eq!(app.event_count(&org).await, before, "nothing was appended");
 }
 
@@ -2754,9 +2699,10 @@ async fn conflicts_are_refused_with_their_codes_and_append_nothing(backend: Back
     let wrong_method = app
         .call(Method::PUT, "/v1/organizations", Some("olivia"), None)
         .await;
-    assert_eq!(
-        (wrong_method.status, problem_code(&wrong_method)),
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    assert_problem(
+        &wrong_method,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
     );
 }
 
@@ -2891,9 +2837,10 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
             .json(&json!({"name": "Acme Inc"})),
         )
         .await;
-    assert_eq!(
-        (elsewhere.status, problem_code(&elsewhere)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    assert_problem(
+        &elsewhere,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
     );
 }
 
@@ -2975,9 +2922,10 @@ async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     assert_eq!(legacy_retry.headers["idempotent-replayed"], "true");
     assert_eq!(legacy_retry.body, legacy_first.body);
     let reused = app.send(send("key-1", "other@example.com")).await;
-    assert_eq!(
-        (reused.status, problem_code(&reused)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+    assert_problem(
+        &reused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
     );
     let other_key = app.send(send("key-2", "other@example.com")).await;
     assert_eq!(other_key.status, StatusCode::CREATED);
@@ -3152,10 +3100,7 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
                 .json(&json!({"name": "Acme 3"})),
         )
         .await;
-    assert_eq!(
-        (stale.status, problem_code(&stale)),
-        (StatusCode::PRECONDITION_FAILED, "version_mismatch")
-    );
+    assert_problem(&stale, StatusCode::PRECONDITION_FAILED, "version_mismatch");
     // Who may not act is told so before the version is compared: a stale If-Match tells a
     // stranger nothing.
     for (actor, status, code) in [
@@ -3183,10 +3128,7 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
             .json(&json!({"title": "x"})),
         )
         .await;
-    assert_eq!(
-        (not_a_member.status, problem_code(&not_a_member)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&not_a_member, StatusCode::FORBIDDEN, "permission_denied");
     let bare = first.body["version"].to_string();
     let fresh = app
         .send(
@@ -3844,9 +3786,10 @@ async fn audit_history_and_exports_are_served(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(
-        (bad_format.status, problem_code(&bad_format)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    assert_problem(
+        &bad_format,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
     );
 
     let events = app
@@ -3962,9 +3905,10 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
             Some(json!({"confirm_name": "acme"})),
         )
         .await;
-    assert_eq!(
-        (wrong.status, problem_code(&wrong)),
-        (StatusCode::UNPROCESSABLE_ENTITY, "confirmation_mismatch")
+    assert_problem(
+        &wrong,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "confirmation_mismatch",
     );
     let by_admin = app
         .call(
@@ -3974,10 +3918,7 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
             Some(json!({"confirm_name": "Acme"})),
         )
         .await;
-    assert_eq!(
-        (by_admin.status, problem_code(&by_admin)),
-        (StatusCode::FORBIDDEN, "permission_denied")
-    );
+    assert_problem(&by_admin, StatusCode::FORBIDDEN, "permission_denied");
     let deleted = app
         .call(
             Method::DELETE,
@@ -4032,10 +3973,7 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
     let refused = app
         .call(Method::POST, &format!("{path}/leave"), Some("adam"), None)
         .await;
-    assert_eq!(
-        (refused.status, problem_code(&refused)),
-        (StatusCode::CONFLICT, "organization_deleted")
-    );
+    assert_problem(&refused, StatusCode::CONFLICT, "organization_deleted");
     let still_readable = app
         .call(Method::GET, &format!("{path}/audit-log"), None, None)
         .await;
@@ -4078,10 +4016,7 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         (StatusCode::OK, Some("purged"))
     );
     let gone = app.call(Method::GET, &path, None, None).await;
-    assert_eq!(
-        (gone.status, problem_code(&gone)),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
+    assert_problem(&gone, StatusCode::NOT_FOUND, "not_found");
     let tombstone = app
         .call(Method::GET, &format!("{path}/events?limit=500"), None, None)
         .await;
@@ -4138,10 +4073,7 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
     let behind = app
         .send(app.client.get(format!("{}/readyz", app.address)))
         .await;
-    assert_eq!(
-        (behind.status, problem_code(&behind)),
-        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
-    );
+    assert_problem(&behind, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
     assert!(
         behind.body["detail"]
             .as_str()
