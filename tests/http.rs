@@ -1168,6 +1168,31 @@ async fn seats_hold_under_concurrent_invitations(backend: Backend) {
         )
         .await;
     assert_eq!(plan.body, json!({"plan": "team", "seats": 4}));
+    // Billing is read by the owner (and system) alone; the organization every member reads
+    // does not carry it.
+    let read = app
+        .call(Method::GET, &format!("{base}/plan"), Some("olivia"), None)
+        .await;
+    assert_eq!(
+        read.body,
+        json!({"plan": "team", "seats": 4}),
+        "{}",
+        read.body
+    );
+    let by_system = app
+        .call(Method::GET, &format!("{base}/plan"), None, None)
+        .await;
+    assert_eq!(by_system.body, read.body);
+    let admin_reads = app
+        .call(Method::GET, &format!("{base}/plan"), Some("adam"), None)
+        .await;
+    assert_problem(&admin_reads, StatusCode::FORBIDDEN, "permission_denied");
+    let organization = app.call(Method::GET, &base, Some("adam"), None).await;
+    let settings = organization.body["settings"].as_object().unwrap();
+    assert!(
+        !settings.contains_key("plan") && !settings.contains_key("seats"),
+        "{settings:?}"
+    );
     let invites = app
         .all_at_once((0..6).map(|i| {
             (
@@ -4191,6 +4216,7 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         ("patch", "/v1/organizations/{org_id}/ai-providers/{id}"),
         ("delete", "/v1/organizations/{org_id}/ai-providers/{id}"),
         ("put", "/v1/organizations/{org_id}/plan"),
+        ("get", "/v1/organizations/{org_id}/plan"),
         ("get", "/v1/organizations/{org_id}/roles"),
         ("post", "/v1/organizations/{org_id}/roles"),
         ("post", "/v1/users/{user_id}/personal-organization"),

@@ -71,8 +71,7 @@ pub struct SettingsDto {
     pub default_invite_expiry_days: i64,
     pub client_restrictions: ClientRestrictionsDto,
     pub smart_tool_routing: bool,
-    pub plan: Option<String>,
-    pub seats: Option<i64>,
+    // No plan or seats: billing is an owner's (`GET .../plan`), and every member reads this.
 }
 
 /// `allow` or `block`.
@@ -179,8 +178,6 @@ impl OrganizationDto {
                 default_invite_expiry_days: i64::from(state.settings.default_invite_expiry_days),
                 client_restrictions: (&state.client_restrictions).into(),
                 smart_tool_routing: state.smart_tool_routing,
-                plan: state.plan.name.clone(),
-                seats: state.plan.seats.map(i64::from),
             },
         }
     }
@@ -210,8 +207,6 @@ impl From<OrganizationView> for OrganizationDto {
                         clients: Default::default(),
                     }),
                 smart_tool_routing: view.settings.smart_tool_routing,
-                plan: view.settings.plan,
-                seats: view.settings.seats,
             },
         }
     }

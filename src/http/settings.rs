@@ -28,7 +28,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(set_smart_tool_routing))
         .routes(routes!(add_ai_provider, list_ai_providers))
         .routes(routes!(update_ai_provider, remove_ai_provider))
-        .routes(routes!(change_plan))
+        .routes(routes!(change_plan, read_plan))
         .routes(routes!(list_roles, define_role))
         .routes(routes!(delete_role))
         .routes(routes!(personal_organization))
@@ -248,6 +248,7 @@ async fn remove_ai_provider(
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanDto {
+    /// Empty until an owner sets one.
     pub plan: String,
     /// 1 to 1000000; members plus pending invitations may not exceed it. `null`: no limit.
     pub seats: Option<i64>,
@@ -298,6 +299,22 @@ async fn change_plan(
         seats: plan.seats.map(i64::from),
     };
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+}
+
+/// Plan and seats: billing information, for owners (and `system`) only.
+#[utoipa::path(get, path = "/v1/organizations/{org_id}/plan", tag = "settings",
+    params(("org_id" = String, Path), ActorHeaders),
+    responses((status = 200, body = PlanDto), ProblemResponses))]
+async fn read_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org_id): Path<String>,
+) -> Result<axum::Json<PlanDto>, ApiError> {
+    let organization = authorize(&state, &caller, &org_id, Permission::ManageBilling).await?;
+    Ok(axum::Json(PlanDto {
+        plan: organization.settings.plan.unwrap_or_default(),
+        seats: organization.settings.seats,
+    }))
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
