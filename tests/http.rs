@@ -217,6 +217,7 @@ on_both_backends!(
     invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
+    no_operation_takes_malformed_input_for_a_change,
     idempotency_keys_replay_the_first_response,
     idempotency_keys_replay_every_method_with_its_headers,
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
@@ -2669,6 +2670,71 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
 }
 
 /// Conflicts with what is stored are 409s with their contract codes, and append nothing.
+/// Every operation `/openapi.json` documents, sent malformed bodies and path values by an
+/// owner: each answer is a problem (never a 500, `send` checks that) or a success that
+/// changed nothing, and no event is appended anywhere.
+async fn no_operation_takes_malformed_input_for_a_change(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let openapi = app
+        .send(app.client.get(format!("{}/openapi.json", app.address)))
+        .await;
+    let all_events = "SELECT count(*) FROM events";
+    let before = count(app.service.db(), all_events).await;
+    let bodies: Vec<Option<String>> = vec![
+        None,
+        Some("{".to_owned()),
+        Some("[]".to_owned()),
+        Some("\"text\"".to_owned()),
+        Some("null".to_owned()),
+        Some(r#"{"name": 5, "email": [], "role": {}, "enabled": "yes"}"#.to_owned()),
+        Some(r#"{"name": "a\u0000b", "email": "x\u0000@example.com"}"#.to_owned()),
+    ];
+    let mut operations = 0;
+    for (template, methods) in openapi.body["paths"].as_object().unwrap() {
+        for ids in [
+            ["not-a-uuid", "%00", "nobody%00"],
+            [
+                org.as_str(),
+                "01900000-0000-7000-8000-000000000000",
+                "olivia",
+            ],
+        ] {
+            let path = template
+                .replace("{org_id}", ids[0])
+                .replace("{invitation_id}", ids[1])
+                .replace("{group_id}", ids[1])
+                .replace("{id}", ids[1])
+                .replace("{user_id}", ids[2]);
+            for method in methods.as_object().unwrap().keys() {
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                operations += 1;
+                for body in &bodies {
+                    let mut request = app.request(method.clone(), &path, Some("olivia"));
+                    if let Some(body) = body {
+                        request = request
+                            .header("content-type", "application/json")
+                            .body(body.clone());
+                    }
+                    let reply = app.send(request).await;
+                    assert!(
+                        reply.status.is_client_error() || reply.status.is_success(),
+                        "{method} {path}: {}",
+                        reply.status
+                    );
+                }
+            }
+        }
+    }
+    assert!(operations >= 90, "{operations} operations tried");
+    assert_eq!(
+        count(app.service.db(), all_events).await,
+        before,
+        "malformed input appended an event"
+    );
+}
+
 async fn conflicts_are_refused_with_their_codes_and_append_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
