@@ -597,6 +597,9 @@ impl Ledger {
                 "personal_organization needs a create command".into(),
             ));
         };
+        // Who may create it is decided before the user's row is claimed: a claim made for
+        // someone else would tell whether they have one, and hold their row meanwhile.
+        Organization::default().decide(&command)?;
         let user_id = create.owner.user_id.to_string();
         for _ in 0..50 {
             let claimed = self

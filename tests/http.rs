@@ -1493,6 +1493,52 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
         .find(|reply| reply.status == StatusCode::CREATED)
         .unwrap();
     assert_eq!(existing.body["id"], made_first.body["id"]);
+
+    // Whether someone else has one is not told, and their row is not held: who may create
+    // it for whom is decided first.
+    let for_otto = json!({"name": "Otto's", "kind": "personal",
+        "owner": {"user_id": "otto", "email": "otto@example.com"}});
+    let for_bob = json!({"name": "Bob's", "kind": "personal",
+        "owner": {"user_id": "bob", "email": "bob@example.com"}});
+    for body in [for_otto, for_bob.clone()] {
+        let refused = app
+            .call(
+                Method::POST,
+                "/v1/organizations",
+                Some("mallory"),
+                Some(body),
+            )
+            .await;
+        assert_validation_failed(&refused, "another user's personal organization");
+        assert_eq!(refused.body["errors"][0]["field"], "owner.user_id");
+    }
+    // `system` makes one for a named owner; a slug already taken frees the claim again.
+    let team = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Beta", "slug": "beta-team"})),
+        )
+        .await;
+    assert_eq!(team.status, StatusCode::CREATED, "{}", team.body);
+    let taken_slug = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(
+                json!({"name": "Bob's", "kind": "personal", "slug": "beta-team",
+                "owner": {"user_id": "bob", "email": "bob@example.com"}}),
+            ),
+        )
+        .await;
+    assert_problem(&taken_slug, StatusCode::CONFLICT, "slug_taken");
+    let by_system = app
+        .call(Method::POST, "/v1/organizations", None, Some(for_bob))
+        .await;
+    assert_eq!(by_system.status, StatusCode::CREATED, "{}", by_system.body);
+    assert_eq!(by_system.body["kind"], "personal");
 }
 
 /// Access follows membership at once: a removed or departed member's next request, read or
@@ -2669,7 +2715,6 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
     assert_eq!(app.event_count(&org).await, before, "nothing was appended");
 }
 
-/// Conflicts with what is stored are 409s with their contract codes, and append nothing.
 /// Every operation `/openapi.json` documents, sent malformed bodies and path values by an
 /// owner: each answer is a problem (never a 500, `send` checks that) or a success that
 /// changed nothing, and no event is appended anywhere.
@@ -2735,6 +2780,7 @@ async fn no_operation_takes_malformed_input_for_a_change(backend: Backend) {
     );
 }
 
+/// Conflicts with what is stored are 409s with their contract codes, and append nothing.
 async fn conflicts_are_refused_with_their_codes_and_append_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
