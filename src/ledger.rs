@@ -577,10 +577,23 @@ impl Ledger {
             ..command
         };
         let result = self.execute(organization_id, command, context, None).await;
-        if result.is_err() {
+        if result.is_err() && !self.may_exist(organization_id).await {
             self.release_slug(slug.as_str(), organization_id).await?;
         }
         result
+    }
+
+    /// After a failed create: whether the organization may exist all the same (a store
+    /// failure can come after the commit), in which case its slug and personal claims are
+    /// kept. A claim kept for one that does not exist is taken over once it is stale.
+    async fn may_exist(&self, organization_id: Uuid) -> bool {
+        match self.load_latest(organization_id).await {
+            Ok(loaded) => loaded.state.exists(),
+            Err(error) => {
+                tracing::warn!(%organization_id, %error, "cannot tell whether a failed create was stored; its claims are kept");
+                true
+            }
+        }
     }
 
     /// The user's personal organization: created on the first call, returned as it is on
@@ -609,7 +622,7 @@ impl Ledger {
                 let result = self
                     .create_organization(command.clone(), slug_was_given, context)
                     .await;
-                if result.is_err() {
+                if result.is_err() && !self.may_exist(create.organization_id).await {
                     self.release_personal(&user_id, create.organization_id)
                         .await?;
                 }

@@ -22,6 +22,7 @@ on_both_backends!(
     racing_commands_on_one_organization_both_apply_on_distinct_versions,
     racing_owners_removing_each_other_leave_exactly_one_owner,
     two_concurrent_creates_with_one_slug_have_exactly_one_winner,
+    a_refused_create_frees_its_slug_at_once,
     a_derived_slug_that_is_taken_gets_a_suffix,
     renaming_a_slug_frees_the_old_one,
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
@@ -379,6 +380,36 @@ async fn two_concurrent_creates_with_one_slug_have_exactly_one_winner(backend: B
         .await,
         1
     );
+}
+
+/// A create the aggregate refuses stored nothing: its slug is free again at once. (One
+/// whose store failed keeps its slug while the organization may exist; a stale
+/// reservation is taken over, below.)
+async fn a_refused_create_frees_its_slug_at_once(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let context = RequestContext::default();
+    let mut for_someone_else = create_command("Acme", "acme", "olivia");
+    for_someone_else.actor = user("mallory");
+    let refused = ledger
+        .create_organization(for_someone_else, true, &context)
+        .await
+        .expect_err("mallory names olivia as owner");
+    assert!(
+        matches!(
+            refused,
+            LedgerError::Rejected(OrganizationError::Validation(_))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_slugs").await,
+        0,
+        "the reservation is gone"
+    );
+    ledger
+        .create_organization(create_command("Acme", "acme", "olivia"), true, &context)
+        .await
+        .expect("the slug is free");
 }
 
 async fn a_derived_slug_that_is_taken_gets_a_suffix(backend: Backend) {
