@@ -20,7 +20,7 @@ use cqrs_es::persist::{
 use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use orgledger_domain::{
     upcasters, Command, Lifecycle, Organization, OrganizationCommand, OrganizationError,
-    OrganizationEvent, Slug,
+    OrganizationEvent, OrganizationKind, Slug,
 };
 use rand::Rng;
 use uuid::Uuid;
@@ -538,8 +538,33 @@ impl Ledger {
     }
 
     /// Creates an organization, reserving its slug first. A slug derived from the name gets
-    /// a numeric suffix when taken; an explicit one fails with `slug_taken`.
+    /// a numeric suffix when taken; an explicit one fails with `slug_taken`. A personal one
+    /// is its owner's only one: a second is `personal_organization_exists`.
     pub async fn create_organization(
+        &self,
+        command: Command,
+        slug_was_given: bool,
+        context: &RequestContext,
+    ) -> Result<Committed, LedgerError> {
+        let personal = matches!(
+            &command.body,
+            OrganizationCommand::CreateOrganization(create) if create.kind == OrganizationKind::Personal
+        );
+        if !personal {
+            return self
+                .create_reserving_slug(command, slug_was_given, context)
+                .await;
+        }
+        match self
+            .personal_organization(command, slug_was_given, context)
+            .await?
+        {
+            (committed, true) => Ok(committed),
+            (_, false) => Err(OrganizationError::PersonalOrganizationExists.into()),
+        }
+    }
+
+    async fn create_reserving_slug(
         &self,
         command: Command,
         slug_was_given: bool,
@@ -620,7 +645,7 @@ impl Ledger {
                 .await?;
             if claimed == create.organization_id {
                 let result = self
-                    .create_organization(command.clone(), slug_was_given, context)
+                    .create_reserving_slug(command.clone(), slug_was_given, context)
                     .await;
                 if result.is_err() && !self.may_exist(create.organization_id).await {
                     self.release_personal(&user_id, create.organization_id)

@@ -145,13 +145,12 @@ impl Orgledger {
     pub async fn personal_organization(
         &self,
         command: Command,
-        slug_was_given: bool,
         context: &RequestContext,
     ) -> Result<(Outcome, bool), LedgerError> {
         let started = Instant::now();
         let (committed, created) = self
             .ledger
-            .personal_organization(command, slug_was_given, context)
+            .personal_organization(command, false, context)
             .await?;
         Ok((self.settle(committed, started).await?, created))
     }

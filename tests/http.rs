@@ -145,20 +145,28 @@ impl TestApp {
         reply.body["id"].as_str().unwrap().to_owned()
     }
 
-    /// Invites and accepts; returns the member.
-    async fn add_member(&self, org: &str, by: &str, user: &str, role: &str) -> Value {
+    /// Sends an invitation; returns `{invitation, token}`.
+    async fn invite(&self, org: &str, by: &str, email: &str, role: &str) -> Value {
         let invited = self
             .call(
                 Method::POST,
                 &format!("/v1/organizations/{org}/invitations"),
                 Some(by),
-                Some(json!({"email": format!("{user}@example.com"), "role": role})),
+                Some(json!({"email": email, "role": role})),
             )
             .await;
         assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+        invited.body
+    }
+
+    /// Invites and accepts; returns the member.
+    async fn add_member(&self, org: &str, by: &str, user: &str, role: &str) -> Value {
+        let invited = self
+            .invite(org, by, &format!("{user}@example.com"), role)
+            .await;
         let accepted = self
             .call(Method::POST, "/v1/invitations/accept", Some(user), Some(json!({
-                "token": invited.body["token"], "user_id": user, "email": format!("{user}@example.com")
+                "token": invited["token"], "user_id": user, "email": format!("{user}@example.com")
             })))
             .await;
         assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.body);
@@ -2885,18 +2893,9 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
     let base = format!("/v1/organizations/{org}");
     app.add_member(&org, "olivia", "mia", "member").await;
     let invited = app
-        .call(
-            Method::POST,
-            &format!("{base}/invitations"),
-            Some("olivia"),
-            Some(json!({"email": "nina@example.com", "role": "member"})),
-        )
+        .invite(&org, "olivia", "nina@example.com", "member")
         .await;
-    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
-    let invitation = invited.body["invitation"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let invitation = invited["invitation"]["id"].as_str().unwrap().to_owned();
     let requests = [
         (
             Method::PUT,
@@ -3110,18 +3109,9 @@ async fn a_stale_if_match_fails_commands_of_every_capability(backend: Backend) {
     app.add_member(&org, "olivia", "mia", "member").await;
     app.add_member(&org, "olivia", "adam", "admin").await;
     let invited = app
-        .call(
-            Method::POST,
-            &format!("{base}/invitations"),
-            Some("olivia"),
-            Some(json!({"email": "nina@example.com", "role": "member"})),
-        )
+        .invite(&org, "olivia", "nina@example.com", "member")
         .await;
-    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
-    let invitation = invited.body["invitation"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let invitation = invited["invitation"]["id"].as_str().unwrap().to_owned();
     let stale = app
         .call(Method::GET, &base, Some("olivia"), None)
         .await

@@ -23,6 +23,7 @@ on_both_backends!(
     racing_owners_removing_each_other_leave_exactly_one_owner,
     two_concurrent_creates_with_one_slug_have_exactly_one_winner,
     a_refused_create_frees_its_slug_at_once,
+    a_second_personal_organization_is_refused_by_the_ledger,
     a_derived_slug_that_is_taken_gets_a_suffix,
     renaming_a_slug_frees_the_old_one,
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
@@ -410,6 +411,51 @@ async fn a_refused_create_frees_its_slug_at_once(backend: Backend) {
         .create_organization(create_command("Acme", "acme", "olivia"), true, &context)
         .await
         .expect("the slug is free");
+}
+
+/// The ledger keeps a user to one personal organization, whoever calls it.
+async fn a_second_personal_organization_is_refused_by_the_ledger(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let context = RequestContext::default();
+    let personal = |name: &str, slug: &str| {
+        let mut command = create_command(name, slug, "olivia");
+        if let OrganizationCommand::CreateOrganization(create) = &mut command.body {
+            create.kind = OrganizationKind::Personal;
+        }
+        command
+    };
+    ledger
+        .create_organization(personal("Olivia's", "olivia"), true, &context)
+        .await
+        .expect("the first one");
+    let second = ledger
+        .create_organization(personal("Olivia's other", "olivia-2"), true, &context)
+        .await
+        .expect_err("a second personal organization");
+    assert!(
+        matches!(
+            second,
+            LedgerError::Rejected(OrganizationError::PersonalOrganizationExists)
+        ),
+        "{second:?}"
+    );
+    ledger
+        .create_organization(create_command("Team", "team", "olivia"), true, &context)
+        .await
+        .expect("teams are not limited");
+    assert_eq!(
+        count(
+            ledger.db(),
+            "SELECT count(*) FROM events WHERE event_type = 'OrganizationCreated'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_slugs").await,
+        2,
+        "the refused one's slug is not kept"
+    );
 }
 
 async fn a_derived_slug_that_is_taken_gets_a_suffix(backend: Backend) {

@@ -183,9 +183,9 @@ async fn raw_events(
         }
         // This list's cursors are the last sequence of a page, in decimal.
         (Some(cursor), None) => cursor
-            .parse::<u64>()
+            .parse::<i64>()
             .ok()
-            .and_then(|sequence| i64::try_from(sequence).ok())
+            .filter(|sequence| *sequence >= 0)
             .ok_or_else(|| ApiError::from(orgledger_projections::CursorError))?,
         (None, after) => after.unwrap_or(0),
     };

@@ -6,8 +6,8 @@ use axum::response::Response;
 use chrono::Utc;
 use orgledger_domain::{
     Command, CreateOrganization, DeleteOrganization, NewMember, OrganizationCommand,
-    OrganizationError, OrganizationKind, Permission, PurgeOrganization, Slug, TransferOwnership,
-    UpdateOrganization, UserId,
+    OrganizationError, Permission, PurgeOrganization, Slug, TransferOwnership, UpdateOrganization,
+    UserId,
 };
 use orgledger_projections::organizations::{self as directory, OrganizationFilter};
 use serde::Deserialize;
@@ -70,7 +70,6 @@ async fn create_organization(
             &organization_id.simple().to_string()[..8],
         )
     });
-    let kind = request.kind;
     let command = Command::new(
         caller.actor,
         Utc::now(),
@@ -78,30 +77,14 @@ async fn create_organization(
             organization_id,
             name: request.name,
             slug,
-            kind,
+            kind: request.kind,
             owner,
         }),
     );
-    let outcome = match kind {
-        OrganizationKind::Team => {
-            state
-                .service
-                .create_organization(command, slug_was_given, &context)
-                .await?
-        }
-        // One per user whichever route makes it: the same claim as the personal route's,
-        // which answers with the existing one; here a second is a conflict.
-        OrganizationKind::Personal => {
-            let (outcome, created) = state
-                .service
-                .personal_organization(command, slug_was_given, &context)
-                .await?;
-            if !created {
-                return Err(OrganizationError::PersonalOrganizationExists.into());
-            }
-            outcome
-        }
-    };
+    let outcome = state
+        .service
+        .create_organization(command, slug_was_given, &context)
+        .await?;
     Ok(organization_response(&outcome, StatusCode::CREATED))
 }
 

@@ -534,7 +534,7 @@ async fn personal_organization(
     );
     let (outcome, created) = state
         .service
-        .personal_organization(command, false, &context)
+        .personal_organization(command, &context)
         .await?;
     let status = if created {
         StatusCode::CREATED
