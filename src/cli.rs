@@ -56,6 +56,17 @@ pub enum Commands {
             hide_env_values = true
         )]
         api_token: Option<String>,
+        /// How long a command waits for the read models to show it before answering with
+        /// `X-Consistency: pending`, in milliseconds. 0 answers as soon as its events are
+        /// stored (always `pending`): no read-your-writes, for callers that do not need it.
+        #[arg(
+            long = "orgledger-consistency-wait-ms",
+            env = "ORGLEDGER_CONSISTENCY_WAIT_MS",
+            default_value_t = crate::service::DEFAULT_CONSISTENCY_WAIT.as_millis() as u64,
+            value_parser = clap::value_parser!(u64).range(0..=60_000),
+            value_name = "MS"
+        )]
+        consistency_wait_ms: u64,
     },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
     MasterKey,
@@ -117,8 +128,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             bind,
             api_token,
+            consistency_wait_ms,
         } => {
             let service = Arc::new(open_store(&store, true, &[]).await?);
+            service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
             let tokens = platform_tokens(&store, api_token.as_deref())?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;
@@ -267,6 +280,11 @@ mod tests {
     use super::*;
 
     fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<String>) {
+        let (store, bind, api_token, _) = serve_flags_with_wait(args);
+        (store, bind, api_token)
+    }
+
+    fn serve_flags_with_wait(args: &[&str]) -> (StoreConfig, String, Option<String>, u64) {
         let cli = Cli::try_parse_from(["orgledger", "serve"].iter().chain(args))
             .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
         match cli.command {
@@ -274,7 +292,8 @@ mod tests {
                 store,
                 bind,
                 api_token,
-            } => (store, bind, api_token),
+                consistency_wait_ms,
+            } => (store, bind, api_token, consistency_wait_ms),
             other => panic!("parsed as {other:?}"),
         }
     }
@@ -335,5 +354,23 @@ mod tests {
         assert_eq!(bind, "0.0.0.0:8181");
         assert_eq!(token.as_deref(), Some("t3"));
         assert_eq!(store.master_key.as_deref(), Some("a2V5"));
+    }
+
+    #[test]
+    fn the_consistency_wait_defaults_to_five_seconds_and_is_bounded() {
+        assert_eq!(serve_flags_with_wait(&[]).3, 5_000);
+        assert_eq!(
+            serve_flags_with_wait(&["--orgledger-consistency-wait-ms", "0"]).3,
+            0
+        );
+        for refused in ["60001", "-1", "5s"] {
+            let parsed = Cli::try_parse_from([
+                "orgledger",
+                "serve",
+                "--orgledger-consistency-wait-ms",
+                refused,
+            ]);
+            assert!(parsed.is_err(), "{refused} should be refused");
+        }
     }
 }

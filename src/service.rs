@@ -33,7 +33,8 @@ pub struct Outcome {
 pub struct Orgledger {
     pub ledger: Ledger,
     pub projector: Arc<Projector>,
-    pub consistency_wait: Duration,
+    /// In microseconds: see [`Orgledger::set_consistency_wait`].
+    consistency_wait_us: AtomicU64,
     time_spent: TimeSpent,
 }
 
@@ -101,7 +102,7 @@ impl Orgledger {
         Ok(Self {
             ledger,
             projector,
-            consistency_wait: DEFAULT_CONSISTENCY_WAIT,
+            consistency_wait_us: AtomicU64::new(DEFAULT_CONSISTENCY_WAIT.as_micros() as u64),
             time_spent: TimeSpent::default(),
         })
     }
@@ -114,6 +115,19 @@ impl Orgledger {
 
     pub fn database(&self) -> &Database {
         self.ledger.database()
+    }
+
+    /// How long a command waits for the read models before it answers with
+    /// `X-Consistency: pending`.
+    pub fn consistency_wait(&self) -> Duration {
+        Duration::from_micros(self.consistency_wait_us.load(Ordering::Relaxed))
+    }
+
+    /// Sets [`Orgledger::consistency_wait`]; zero answers as soon as the events are stored,
+    /// always `pending` (nothing is checked). Commands already waiting keep their own wait.
+    pub fn set_consistency_wait(&self, wait: Duration) {
+        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        self.consistency_wait_us.store(micros, Ordering::Relaxed);
     }
 
     /// Where commands have spent their time so far.
@@ -188,13 +202,23 @@ impl Orgledger {
             });
         }
         self.projector.committed();
+        let wait = self.consistency_wait();
+        if wait.is_zero() {
+            // Not waiting is not checking either: a process that does not run the projections
+            // would ask the database.
+            metrics::histogram!("orgledger_command_read_model_wait_seconds").record(0.0);
+            return Ok(Outcome {
+                committed,
+                consistent: false,
+            });
+        }
         let waiting_since = Instant::now();
         let consistent = self
             .projector
             .wait_for(
                 &committed.organization_id.to_string(),
                 committed.version as i64,
-                self.consistency_wait,
+                wait,
             )
             .await;
         // Timed whatever the outcome, so that both histograms count the same commands.

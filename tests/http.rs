@@ -241,6 +241,7 @@ on_both_backends!(
     deletion_restore_and_purge_follow_the_contract,
     operations_endpoints_report_health_and_metrics,
     a_command_answers_with_consistency_pending_when_read_models_lag,
+    a_zero_consistency_wait_answers_pending_once_stored_and_the_read_models_follow,
     the_service_is_ready_only_while_projections_are_within_five_seconds,
     groups_follow_members_invitations_and_deletions,
     short_lists_are_paged_like_the_long_ones,
@@ -1624,6 +1625,71 @@ async fn a_command_answers_with_consistency_pending_when_read_models_lag(backend
         created.body["member_count"], 1,
         "the response comes from the committed state"
     );
+}
+
+async fn a_zero_consistency_wait_answers_pending_once_stored_and_the_read_models_follow(
+    backend: Backend,
+) {
+    // The runner is on: with no wait the command still answers before checking it.
+    let mut service = spawn_service_waiting(backend, Duration::ZERO).await;
+    service.start_projections();
+    let app = serve_app(service).await;
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.headers["x-consistency"], "pending");
+    let path = format!("/v1/organizations/{}", created.body["id"].as_str().unwrap());
+
+    // The user's organizations are a read model only the runner writes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let own = app
+            .call(
+                Method::GET,
+                "/v1/users/olivia/organizations",
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+        if let Some(listed) = own.body["items"].as_array().and_then(|items| items.first()) {
+            assert_eq!(
+                listed["organization"]["id"], created.body["id"],
+                "{}",
+                own.body
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never projected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A command that stores nothing has nothing to be pending on.
+    let unchanged = app
+        .call(
+            Method::PATCH,
+            &path,
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(unchanged.status, StatusCode::OK, "{}", unchanged.body);
+    assert!(unchanged.headers.get("x-consistency").is_none());
+    let renamed = app
+        .call(
+            Method::PATCH,
+            &path,
+            Some("olivia"),
+            Some(json!({"name": "Acme Labs"})),
+        )
+        .await;
+    assert_eq!(renamed.headers["x-consistency"], "pending");
 }
 
 /// `/readyz` says "not ready" while an event committed more than 5 s ago is not yet in the

@@ -404,9 +404,9 @@ async fn commands_time_their_commit_apart_from_their_wait_for_the_read_models(ba
     );
 
     // With the runner on, the wait ends when the read models show the command.
-    Arc::get_mut(&mut service.service)
-        .expect("nothing else holds the service yet")
-        .consistency_wait = orgledger::service::DEFAULT_CONSISTENCY_WAIT;
+    service
+        .service
+        .set_consistency_wait(orgledger::service::DEFAULT_CONSISTENCY_WAIT);
     service.start_projections();
     let before_live = service.command_times();
     let outcome = service

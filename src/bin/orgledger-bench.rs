@@ -319,11 +319,12 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let (stop, stopped) = tokio::sync::watch::channel(false);
         service.projector.spawn(stopped);
         let address = serve(service.clone()).await?;
+        let mut ceiling_at_32 = None;
         for concurrency in [1, 8, 32] {
             let cpu_at_start = CpuClock::now();
             let before = one_row_inserts(&pool, concurrency, scale.seconds).await?;
             let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
-            let run = http_commands(&service, &address, concurrency, scale.seconds).await?;
+            let run = http_commands(&service, &address, concurrency, scale.seconds, true).await?;
             let after = one_row_inserts(&pool, concurrency, scale.seconds).await?;
             let one_row = Bracketed {
                 start: ceiling[&concurrency],
@@ -357,6 +358,30 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                     cores,
                 ));
             }
+            if concurrency == 32 {
+                ceiling_at_32 = Some((one_row.median(), ceiling_cpu, before * scale.seconds));
+            }
+        }
+        // What read-your-writes costs: the same load answered once stored. Beside the target,
+        // not instead of it: the contract's default waits.
+        if let Some((median, ceiling_cpu, inserted)) = ceiling_at_32 {
+            let run = http_commands(&service, &address, 32, scale.seconds, false).await?;
+            report.line(format!(
+                "32 clients, ORGLEDGER_CONSISTENCY_WAIT_MS=0 (answered once stored, X-Consistency: pending; not the contract's default, diagnostic): {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the same one-row ceiling",
+                run.rate,
+                run.p50,
+                run.p99,
+                run.events_per_batch,
+                run.rate / median * 100.0,
+            ));
+            if let (Some(commands), Some(rows)) = (
+                run.cpu.filter(CpuSpent::measured),
+                ceiling_cpu.filter(CpuSpent::measured),
+            ) {
+                report.line(cpu_budget(&commands, run.commands, &rows, inserted, cores));
+            }
+            // The runner's backlog must not spill into the sections that follow.
+            service.projector.catch_up().await?;
         }
         // Section 3 measures the store alone: no projection runner competes for the cores.
         let _ = stop.send(true);
@@ -704,6 +729,7 @@ async fn http_commands(
     address: &str,
     concurrency: usize,
     seconds: f64,
+    read_your_writes: bool,
 ) -> anyhow::Result<CommandRun> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -730,6 +756,9 @@ async fn http_commands(
         orgs.push((org, owner, format!("m{i}")));
     }
     // Each client's organization, invitation and member above are set-up, not measured.
+    if !read_your_writes {
+        service.set_consistency_wait(Duration::ZERO);
+    }
     let (events_before, batches_before) = audit_batches(service);
     let times_before = service.command_times();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -766,6 +795,7 @@ async fn http_commands(
         latencies.extend(task.await??);
     }
     let cpu = CpuClock::spent_since(cpu_at_start);
+    service.set_consistency_wait(orgledger::service::DEFAULT_CONSISTENCY_WAIT);
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
     let times = service.command_times() - times_before;
     let (events_after, batches_after) = audit_batches(service);

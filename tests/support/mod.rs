@@ -459,8 +459,8 @@ pub async fn spawn_service_waiting(
     let db = Database::connect(&database.url).await.expect("connect");
     db.migrate().await.expect("migrate");
     let master_key = MasterKey::generate();
-    let mut service = Orgledger::open(db, master_key.clone()).await.expect("open");
-    service.consistency_wait = consistency_wait;
+    let service = Orgledger::open(db, master_key.clone()).await.expect("open");
+    service.set_consistency_wait(consistency_wait);
     TestService {
         service: Arc::new(service),
         database,
