@@ -873,6 +873,18 @@ impl Ledger {
         Ok(())
     }
 
+    /// Every organization that has events, purged ones included, in id order.
+    pub async fn organization_ids(&self) -> Result<Vec<String>, LedgerError> {
+        const QUERY: &str = "SELECT DISTINCT aggregate_id FROM events
+              WHERE aggregate_type = 'organization' ORDER BY aggregate_id";
+        let ids: Vec<String> = match &self.database {
+            Database::Postgres(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
+            Database::Sqlite(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
+        }
+        .map_err(StoreError::from)?;
+        Ok(ids)
+    }
+
     /// Finishes purges whose key outlived a crash. Run at start-up.
     pub async fn finish_interrupted_purges(&self) -> Result<usize, LedgerError> {
         const QUERY: &str = "SELECT k.organization_id FROM organization_keys k

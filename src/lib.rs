@@ -14,3 +14,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tokens;
 mod turns;
+pub mod verify;

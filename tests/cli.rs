@@ -355,3 +355,48 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
     assert!(!stdout.contains(&platform), "printed again: {stdout}");
     assert!(!logs.contains(&platform), "the kept token is in the logs");
 }
+
+#[tokio::test]
+async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+
+    let clean = orgledger(&["verify"], &url);
+    let stdout = String::from_utf8_lossy(&clean.stdout);
+    assert!(
+        clean.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(
+        stdout.contains("verified 0 organizations, 0 events, 0 snapshots"),
+        "{stdout}"
+    );
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let organization = "0190f5a0-0000-7000-8000-000000000001";
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('organization', ?1, 1, 'NoSuchEvent', '1', '{}', '{}')",
+    )
+    .bind(organization)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let broken = orgledger(&["verify"], &url);
+    let stdout = String::from_utf8_lossy(&broken.stdout);
+    assert!(!broken.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("FAIL organization {organization}, event 1:")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 problems"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("verification found 1 problems"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+}

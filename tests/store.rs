@@ -48,6 +48,8 @@ on_both_backends!(
     a_large_organization_is_snapshotted_less_often_and_loads_as_a_full_replay,
     concurrent_appends_each_keep_their_own_outcome,
     an_import_beside_commands_on_one_organization_lands_with_them,
+    verify_passes_a_history_that_holds_together,
+    verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that_differs,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -1619,4 +1621,138 @@ async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: 
     imported.unwrap();
     let (_, after) = ledger.load(org).await.unwrap();
     assert_eq!(after, before + 8 + 100);
+}
+
+async fn verify_passes_a_history_that_holds_together(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let ledger = &service.ledger;
+    let big = acme_with_mia(ledger).await;
+    for _ in 0..SNAPSHOT_EVERY / 2 {
+        run(ledger, big, "olivia", set_role("mia", Role::Viewer)).await;
+        run(ledger, big, "olivia", set_role("mia", Role::Member)).await;
+    }
+    let purged = create_org(ledger, "Gone", "gone", "gail")
+        .await
+        .organization_id;
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Gone".into(),
+    });
+    run(ledger, purged, "gail", purge).await;
+    service.catch_up().await;
+
+    let report = orgledger::verify::verify(&service, None, false)
+        .await
+        .unwrap();
+
+    assert_eq!(report.findings, [], "{report:?}");
+    assert_eq!(report.organizations, 2);
+    let stored = count(service.db(), "SELECT count(*) FROM events").await;
+    assert_eq!(report.events, stored as u64);
+    assert_eq!(
+        report.snapshots, 1,
+        "the purged organization's went with it"
+    );
+    assert_eq!(report.events_not_yet_projected, 0);
+
+    let one = orgledger::verify::verify(&service, Some(purged), false)
+        .await
+        .unwrap();
+    assert_eq!((one.organizations, one.findings.len()), (1, 0), "{one:?}");
+}
+
+async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that_differs(
+    backend: Backend,
+) {
+    let service = spawn_service(backend).await;
+    let ledger = &service.ledger;
+    let snapshotted = acme_with_mia(ledger).await;
+    for _ in 0..SNAPSHOT_EVERY / 2 {
+        run(ledger, snapshotted, "olivia", set_role("mia", Role::Viewer)).await;
+        run(ledger, snapshotted, "olivia", set_role("mia", Role::Member)).await;
+    }
+    let gapped = create_org(ledger, "Gap", "gap", "gus")
+        .await
+        .organization_id;
+    add_member(ledger, gapped, "gus", "gil", Role::Member).await;
+    let foreign = create_org(ledger, "Other", "other", "otto")
+        .await
+        .organization_id;
+    add_member(ledger, foreign, "otto", "ola", Role::Member).await;
+    let clean = create_org(ledger, "Clean", "clean", "cleo")
+        .await
+        .organization_id;
+    service.catch_up().await;
+    let db = service.db();
+
+    // What only someone with the database's own rights can do: the triggers go first.
+    let unguard: &[&str] = match backend {
+        Backend::Postgres => &["ALTER TABLE events DISABLE TRIGGER USER"],
+        Backend::Sqlite => &[
+            "DROP TRIGGER events_refuse_update",
+            "DROP TRIGGER events_refuse_delete",
+        ],
+    };
+    for sql in unguard {
+        try_execute(db, sql).await.unwrap();
+    }
+    let tamper = [
+        format!("DELETE FROM events WHERE aggregate_id = '{gapped}' AND sequence = 2"),
+        // Event 3 invites with a sealed address; another organization's does not open here.
+        format!(
+            "UPDATE events SET payload = (SELECT payload FROM events
+                 WHERE aggregate_id = '{snapshotted}' AND sequence = 3)
+              WHERE aggregate_id = '{foreign}' AND sequence = 3"
+        ),
+        format!(
+            "UPDATE snapshots SET last_sequence = last_sequence - 1
+              WHERE aggregate_id = '{snapshotted}'"
+        ),
+    ];
+    for sql in &tamper {
+        assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
+    }
+    let snapshot_at = count(db, "SELECT last_sequence FROM snapshots").await as usize;
+
+    let report = orgledger::verify::verify(&service, None, false)
+        .await
+        .unwrap();
+
+    let found: Vec<(String, Option<usize>)> = report
+        .findings
+        .iter()
+        .map(|finding| (finding.organization_id.clone().unwrap(), finding.sequence))
+        .collect();
+    let mut expected = vec![
+        (gapped.to_string(), Some(3)),
+        (foreign.to_string(), Some(3)),
+        (snapshotted.to_string(), Some(snapshot_at)),
+    ];
+    expected.sort();
+    let mut found_sorted = found.clone();
+    found_sorted.sort();
+    assert_eq!(found_sorted, expected, "{report:#?}");
+    assert_eq!(report.organizations, 4);
+    let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("events 2 to 2 are missing")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("differs from the replay")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().any(
+            |p| p.contains("the event after 2 cannot be read") && p.contains("authentication")
+        ),
+        "{problems:?}"
+    );
+    let untouched = orgledger::verify::verify(&service, Some(clean), false)
+        .await
+        .unwrap();
+    assert_eq!(untouched.findings, [], "{untouched:?}");
 }
