@@ -57,6 +57,15 @@ impl StoreConfig {
 
     /// The configured master key; for SQLite, the one kept beside the data, created once.
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
+        self.master_key_making(true)
+    }
+
+    /// As [`StoreConfig::master_key`], but never creating one: for commands that only read.
+    pub fn existing_master_key(&self) -> anyhow::Result<MasterKey> {
+        self.master_key_making(false)
+    }
+
+    fn master_key_making(&self, create: bool) -> anyhow::Result<MasterKey> {
         let postgres = ["postgres:", "postgresql:"]
             .iter()
             .any(|scheme| self.database_url.starts_with(scheme));
@@ -81,6 +90,12 @@ impl StoreConfig {
                 .with_context(|| format!("reading {}", path.display()))?;
             return MasterKey::from_base64(&encoded)
                 .with_context(|| format!("{} does not hold a valid master key", path.display()));
+        }
+        if !create {
+            bail!(
+                "no master key: ORGLEDGER_MASTER_KEY is unset and {} does not exist",
+                path.display()
+            );
         }
         let key = MasterKey::generate();
         write_secret_file(&path, &key.to_base64())?;

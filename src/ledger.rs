@@ -873,6 +873,36 @@ impl Ledger {
         Ok(())
     }
 
+    /// The first stored sequence of the organization after `after`, read bare (nothing to
+    /// open or decode): for naming an event that cannot be read.
+    pub async fn next_sequence_after(
+        &self,
+        organization_id: Uuid,
+        after: usize,
+    ) -> Result<Option<usize>, LedgerError> {
+        const QUERY: &str = "SELECT min(sequence) FROM events
+              WHERE aggregate_type = 'organization' AND aggregate_id = $1 AND sequence > $2";
+        let id = organization_id.to_string();
+        let next: Option<i64> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar(QUERY)
+                    .bind(&id)
+                    .bind(after as i64)
+                    .fetch_one(pool)
+                    .await
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(QUERY)
+                    .bind(&id)
+                    .bind(after as i64)
+                    .fetch_one(pool)
+                    .await
+            }
+        }
+        .map_err(StoreError::from)?;
+        Ok(next.map(|sequence| sequence as usize))
+    }
+
     /// Every organization that has events, purged ones included, in id order.
     pub async fn organization_ids(&self) -> Result<Vec<String>, LedgerError> {
         const QUERY: &str = "SELECT DISTINCT aggregate_id FROM events

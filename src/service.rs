@@ -16,6 +16,8 @@ use orgledger_projections::Database;
 
 /// How long a command waits for the read models by default.
 pub const DEFAULT_CONSISTENCY_WAIT: Duration = Duration::from_secs(5);
+/// The longest it may be set to: a caller waits no longer than a minute for an answer.
+pub const MAX_CONSISTENCY_WAIT: Duration = Duration::from_secs(60);
 
 /// The runner's connections: its batch transaction, the feed read inside it, the held-back
 /// probe, the leader's advisory lock and the notification listener; in a process that does
@@ -107,6 +109,24 @@ impl Orgledger {
         })
     }
 
+    /// Opens the service to read only (`orgledger verify`): unlike [`Orgledger::open`], it
+    /// creates and rebuilds no read-model table. The caller has checked the migrations.
+    pub async fn open_to_read(
+        database: Database,
+        master_key: MasterKey,
+    ) -> Result<Self, LedgerError> {
+        let ledger = Ledger::new(database.clone(), master_key);
+        ledger.keys().verify_master_key().await?;
+        let feed = Arc::new(StoreFeed::new(database.clone(), ledger.keys().clone()));
+        let projector = Arc::new(Projector::new(database, feed));
+        Ok(Self {
+            ledger,
+            projector,
+            consistency_wait_us: AtomicU64::new(DEFAULT_CONSISTENCY_WAIT.as_micros() as u64),
+            time_spent: TimeSpent::default(),
+        })
+    }
+
     /// Closes the connections of the ledger and of the projection runner.
     pub async fn close(&self) {
         self.ledger.database().close().await;
@@ -125,8 +145,15 @@ impl Orgledger {
 
     /// Sets [`Orgledger::consistency_wait`]; zero answers as soon as the events are stored,
     /// always `pending` (nothing is checked). Commands already waiting keep their own wait.
+    /// At most [`MAX_CONSISTENCY_WAIT`]; a wait shorter than a microsecond is one.
     pub fn set_consistency_wait(&self, wait: Duration) {
-        let micros = u64::try_from(wait.as_micros()).unwrap_or(u64::MAX);
+        let wait = wait.min(MAX_CONSISTENCY_WAIT);
+        let micros = wait.as_micros() as u64;
+        let micros = if micros == 0 && !wait.is_zero() {
+            1
+        } else {
+            micros
+        };
         self.consistency_wait_us.store(micros, Ordering::Relaxed);
     }
 

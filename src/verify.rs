@@ -2,10 +2,11 @@
 //! Every organization's events are read back as the service reads them (opened, upcast,
 //! decoded) and replayed with the domain's own `apply`; its snapshot is opened and compared
 //! with the replay at the same event; the projections' recorded failures are reported.
-//! Nothing is written.
+//! It only reads: `cli` opens the store without migrating or preparing anything.
 
-use cqrs_es::{Aggregate, DomainEvent};
-use orgledger_domain::Organization;
+use cqrs_es::Aggregate;
+use orgledger_domain::{Organization, OrganizationEvent};
+use orgledger_projections::Database;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -14,6 +15,17 @@ use crate::service::Orgledger;
 
 /// Events read and applied at a time: an old organization's history is never held whole.
 const PAGE: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no organization {0} in the log")]
+    UnknownOrganization(Uuid),
+    /// Verification could not go on: not a finding about the data.
+    #[error("the database stopped answering: {0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
 
 /// Something that does not hold together, and where.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,21 +41,37 @@ pub struct Finding {
 pub struct VerifyReport {
     pub organizations: usize,
     pub events: u64,
+    /// Snapshots compared with the replay.
     pub snapshots: usize,
-    /// Events committed that the read models have not applied yet: not a fault, a lag.
+    /// Snapshots in a state shape this version no longer reads: loads ignore them and
+    /// replay the events, and the next snapshot replaces them. Not a fault.
+    pub snapshots_not_compared: usize,
+    /// Whether the read models were looked at (a whole-log run).
+    pub read_models_checked: bool,
+    /// Committed events the furthest-behind read model has not applied yet: a lag.
     pub events_not_yet_projected: u64,
     pub findings: Vec<Finding>,
 }
 
-/// Checks `only` one organization, or every organization in the log.
+/// Checks `only` one organization, or every organization in the log and the read models.
 pub async fn verify(
     service: &Orgledger,
     only: Option<Uuid>,
     show_progress: bool,
-) -> Result<VerifyReport, LedgerError> {
+) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
     let organizations = match only {
-        Some(organization_id) => vec![organization_id.to_string()],
+        Some(organization_id) => {
+            if service
+                .ledger
+                .next_sequence_after(organization_id, 0)
+                .await?
+                .is_none()
+            {
+                return Err(VerifyError::UnknownOrganization(organization_id));
+            }
+            vec![organization_id.to_string()]
+        }
         None => service.ledger.organization_ids().await?,
     };
     let bar = if show_progress {
@@ -60,28 +88,39 @@ pub async fn verify(
         indicatif::ProgressBar::hidden()
     };
     for id in &organizations {
-        let Ok(organization_id) = Uuid::parse_str(id) else {
-            report.findings.push(Finding {
+        match Uuid::parse_str(id) {
+            Ok(organization_id) => {
+                verify_organization(service, organization_id, &mut report).await?;
+            }
+            Err(_) => report.findings.push(Finding {
                 organization_id: Some(id.clone()),
                 sequence: None,
                 problem: "its id is not a UUID".into(),
-            });
-            bar.inc(1);
-            continue;
-        };
-        verify_organization(service, organization_id, &mut report).await?;
+            }),
+        }
         report.organizations += 1;
         bar.set_message(format!("{} events", report.events));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    for status in service
+    if only.is_none() {
+        verify_read_models(service, &mut report).await?;
+    }
+    Ok(report)
+}
+
+async fn verify_read_models(
+    service: &Orgledger,
+    report: &mut VerifyReport,
+) -> Result<(), VerifyError> {
+    let statuses = service
         .projector
         .status()
         .await
-        .map_err(|error| LedgerError::Store(error.to_string()))?
-    {
-        report.events_not_yet_projected += status.backlog;
+        .map_err(|error| VerifyError::Unreachable(error.to_string()))?;
+    report.read_models_checked = true;
+    for status in statuses {
+        report.events_not_yet_projected = report.events_not_yet_projected.max(status.backlog);
         if let Some(error) = status.last_error {
             report.findings.push(Finding {
                 organization_id: None,
@@ -94,7 +133,15 @@ pub async fn verify(
             });
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// A read that failed is a finding about the data only while the database answers.
+async fn still_answering(database: &Database) -> Result<(), VerifyError> {
+    let answered = orgledger_projections::with_pool!(database, pool => {
+        sqlx::query("SELECT 1").execute(pool).await.map(drop)
+    });
+    answered.map_err(|error| VerifyError::Unreachable(error.to_string()))
 }
 
 /// One organization: sequences from 1 without a gap, every event readable, the first one
@@ -103,10 +150,11 @@ async fn verify_organization(
     service: &Orgledger,
     organization_id: Uuid,
     report: &mut VerifyReport,
-) -> Result<(), LedgerError> {
+) -> Result<(), VerifyError> {
     let ledger = &service.ledger;
+    let mut findings = Vec::new();
     let mut found = |sequence: Option<usize>, problem: String| {
-        report.findings.push(Finding {
+        findings.push(Finding {
             organization_id: Some(organization_id.to_string()),
             sequence,
             problem,
@@ -114,18 +162,38 @@ async fn verify_organization(
     };
     // The snapshot first: one stored meanwhile stands at a later event, which the replay
     // below still reaches.
-    let snapshot = match ledger.snapshot(organization_id).await {
-        Ok(snapshot) => snapshot,
-        Err(error) => {
-            found(None, format!("its snapshot cannot be opened: {error}"));
-            None
-        }
+    let marks = ledger.snapshot_marks(organization_id).await?;
+    let snapshot = match marks {
+        None => None,
+        Some(marks) => match ledger.snapshot(organization_id).await {
+            Ok(Some(snapshot)) => Some(snapshot),
+            Ok(None) if !has_key(ledger, organization_id).await? => {
+                found(
+                    Some(marks.last_sequence),
+                    "its snapshot outlived its data key: a purge leaves none".into(),
+                );
+                None
+            }
+            Ok(None) => {
+                report.snapshots_not_compared += 1;
+                None
+            }
+            Err(error) => {
+                still_answering(ledger.database()).await?;
+                found(
+                    Some(marks.last_sequence),
+                    format!("its snapshot cannot be opened: {error}"),
+                );
+                None
+            }
+        },
     };
     let mut state = Organization::default();
     let mut at_snapshot = None;
+    // The first event that could not be read: the replay after it is not the history.
+    let mut unreadable = None;
     let mut last = 0;
     let mut events = 0_u64;
-    let mut unreadable = false;
     let mut page_size = PAGE;
     loop {
         let page = match ledger.events_after(organization_id, last, page_size).await {
@@ -136,28 +204,33 @@ async fn verify_organization(
                 continue;
             }
             Err(error) => {
-                found(
-                    Some(last + 1),
-                    format!("the event after {last} cannot be read: {error}"),
-                );
-                unreadable = true;
-                break;
+                still_answering(ledger.database()).await?;
+                let Some(sequence) = ledger.next_sequence_after(organization_id, last).await?
+                else {
+                    break;
+                };
+                if sequence != last + 1 {
+                    found(Some(sequence), missing(last + 1, sequence - 1));
+                }
+                found(Some(sequence), format!("it cannot be read: {error}"));
+                unreadable.get_or_insert(sequence);
+                last = sequence;
+                continue;
             }
         };
         let complete = page.len() < page_size;
         for event in page {
             if event.sequence != last + 1 {
-                found(
-                    Some(event.sequence),
-                    format!("events {} to {} are missing", last + 1, event.sequence - 1),
-                );
+                found(Some(event.sequence), missing(last + 1, event.sequence - 1));
             }
-            if event.sequence == 1 && event.payload.event_type() != "OrganizationCreated" {
+            if event.sequence == 1
+                && !matches!(event.payload, OrganizationEvent::OrganizationCreated(_))
+            {
                 found(
                     Some(1),
                     format!(
-                        "its first event is {}, not OrganizationCreated",
-                        event.payload.event_type()
+                        "the first event is {}, not OrganizationCreated",
+                        cqrs_es::DomainEvent::event_type(&event.payload)
                     ),
                 );
             }
@@ -168,29 +241,49 @@ async fn verify_organization(
                 at_snapshot = Some(state.clone());
             }
         }
+        page_size = PAGE;
         if complete {
             break;
         }
     }
-    if events == 0 && !unreadable {
-        found(None, "it has no events: no such organization".into());
-    }
     if let Some((stored, at)) = snapshot {
         report.snapshots += 1;
         match at_snapshot {
-            // The replay stopped short: already reported, and nothing to compare with.
-            _ if unreadable => {}
+            // The replay up to the snapshot skipped an event: already reported, and not a
+            // state to compare with.
+            _ if unreadable.is_some_and(|bad| bad <= at) => {}
             Some(replayed) if replayed == stored => {}
             Some(_) => found(
                 Some(at),
                 format!("its snapshot at event {at} differs from the replay of its events"),
             ),
+            None if at < last => found(
+                Some(at),
+                format!("event {at}, where its snapshot stands, is missing"),
+            ),
             None => found(
                 Some(at),
-                format!("its snapshot stands at event {at}, past the events read ({last})"),
+                format!("its snapshot stands at event {at}, past its last event ({last})"),
             ),
         }
     }
     report.events += events;
+    report.findings.extend(findings);
     Ok(())
+}
+
+async fn has_key(
+    ledger: &crate::ledger::Ledger,
+    organization_id: Uuid,
+) -> Result<bool, LedgerError> {
+    let key = ledger.keys().get(&organization_id.to_string()).await?;
+    Ok(key.is_some())
+}
+
+fn missing(first: usize, last: usize) -> String {
+    if first == last {
+        format!("event {first} is missing")
+    } else {
+        format!("events {first} to {last} are missing")
+    }
 }

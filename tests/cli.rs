@@ -393,10 +393,57 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
         stdout.contains(&format!("FAIL organization {organization}, event 1:")),
         "{stdout}"
     );
-    assert!(stdout.contains("1 problems"), "{stdout}");
+    assert!(stdout.contains("; 1 problem"), "{stdout}");
     assert!(
-        String::from_utf8_lossy(&broken.stderr).contains("verification found 1 problems"),
+        String::from_utf8_lossy(&broken.stderr).contains("verification found 1 problem"),
         "{}",
         String::from_utf8_lossy(&broken.stderr)
+    );
+
+    // Text that is not JSON where the payload belongs (SQLite's column is only `text`): a
+    // finding, not a crash.
+    let garbled = "0190f5a0-0000-7000-8000-000000000002";
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('organization', ?1, 1, 'OrganizationCreated', '1', 'not json', '{}')",
+    )
+    .bind(garbled)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let garbled_run = orgledger(&["verify"], &url);
+    let stdout = String::from_utf8_lossy(&garbled_run.stdout);
+    assert_eq!(garbled_run.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "FAIL organization {garbled}, event 1: it cannot be read"
+        )),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn verify_changes_nothing_in_a_store_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orgledger.db");
+    // An empty file is an SQLite database without a table: its migrations are not applied.
+    std::fs::write(&file, b"").unwrap();
+    let url = format!("sqlite://{}", file.display());
+
+    let refused = orgledger_with_key_beside_data(&["verify"], &url);
+
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("run `orgledger migrate` first"), "{stderr}");
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "nothing migrated");
+    assert!(
+        !dir.path().join("orgledger.db.master-key").exists(),
+        "no master key made beside it"
     );
 }

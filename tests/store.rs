@@ -1634,30 +1634,61 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let purged = create_org(ledger, "Gone", "gone", "gail")
         .await
         .organization_id;
+    add_member(ledger, purged, "gail", "gil", Role::Member).await;
+    for _ in 0..SNAPSHOT_EVERY / 2 {
+        run(ledger, purged, "gail", set_role("gil", Role::Viewer)).await;
+        run(ledger, purged, "gail", set_role("gil", Role::Member)).await;
+    }
+    let snapshot_of =
+        |org: Uuid| format!("SELECT count(*) FROM snapshots WHERE aggregate_id = '{org}'");
+    assert_eq!(count(service.db(), &snapshot_of(purged)).await, 1);
     let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
         confirm_name: "Gone".into(),
     });
     run(ledger, purged, "gail", purge).await;
+    // History imported as it was, with no rule checked: its first event is not a creation.
+    let imported = Uuid::now_v7();
+    ledger
+        .import(imported, role_flips(2, "ivy"), HashMap::new())
+        .await
+        .unwrap();
     service.catch_up().await;
 
     let report = orgledger::verify::verify(&service, None, false)
         .await
         .unwrap();
 
-    assert_eq!(report.findings, [], "{report:?}");
-    assert_eq!(report.organizations, 2);
+    let imported_finding = orgledger::verify::Finding {
+        organization_id: Some(imported.to_string()),
+        sequence: Some(1),
+        problem: "the first event is MemberRoleChanged, not OrganizationCreated".into(),
+    };
+    assert_eq!(report.findings, [imported_finding], "{report:?}");
+    assert_eq!(report.organizations, 3);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
     assert_eq!(
         report.snapshots, 1,
         "the purged organization's went with it"
     );
+    assert_eq!(count(service.db(), &snapshot_of(purged)).await, 0);
+    assert!(report.read_models_checked);
     assert_eq!(report.events_not_yet_projected, 0);
 
     let one = orgledger::verify::verify(&service, Some(purged), false)
         .await
         .unwrap();
     assert_eq!((one.organizations, one.findings.len()), (1, 0), "{one:?}");
+    assert!(
+        !one.read_models_checked,
+        "the read models are the whole log's"
+    );
+    let unknown = Uuid::now_v7();
+    let refused = orgledger::verify::verify(&service, Some(unknown), false).await;
+    assert!(
+        matches!(refused, Err(orgledger::verify::VerifyError::UnknownOrganization(id)) if id == unknown),
+        "{refused:?}"
+    );
 }
 
 async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that_differs(
@@ -1720,7 +1751,12 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
     let found: Vec<(String, Option<usize>)> = report
         .findings
         .iter()
-        .map(|finding| (finding.organization_id.clone().unwrap(), finding.sequence))
+        .map(|finding| {
+            (
+                finding.organization_id.clone().unwrap_or_default(),
+                finding.sequence,
+            )
+        })
         .collect();
     let mut expected = vec![
         (gapped.to_string(), Some(3)),
@@ -1734,9 +1770,7 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
     assert_eq!(report.organizations, 4);
     let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
     assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("events 2 to 2 are missing")),
+        problems.iter().any(|p| p.contains("event 2 is missing")),
         "{problems:?}"
     );
     assert!(
@@ -1746,9 +1780,9 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
         "{problems:?}"
     );
     assert!(
-        problems.iter().any(
-            |p| p.contains("the event after 2 cannot be read") && p.contains("authentication")
-        ),
+        problems
+            .iter()
+            .any(|p| p.contains("it cannot be read") && p.contains("authentication")),
         "{problems:?}"
     );
     let untouched = orgledger::verify::verify(&service, Some(clean), false)

@@ -342,7 +342,8 @@ impl OrganizationRepository {
                 .map_err(failure)?
                 .iter()
                 .map(pg_event)
-                .collect(),
+                .collect::<Result<_, _>>()
+                .map_err(failure)?,
             Database::Sqlite(pool) => sqlx::query(AFTER)
                 .bind(aggregate_type)
                 .bind(aggregate_id)
@@ -353,7 +354,8 @@ impl OrganizationRepository {
                 .map_err(failure)?
                 .iter()
                 .map(sqlite_event)
-                .collect(),
+                .collect::<Result<_, _>>()
+                .map_err(failure)?,
         };
         self.open_events(aggregate_id, events).await
     }
@@ -379,8 +381,8 @@ impl OrganizationRepository {
             .fetch_all(pool)
             .await?
             .iter()
-            .map(|row| (pg_event(row), row.get("recorded_at")))
-            .collect(),
+            .map(|row| Ok((pg_event(row)?, row.try_get("recorded_at")?)))
+            .collect::<Result<_, sqlx::Error>>()?,
             Database::Sqlite(pool) => sqlx::query(
                 "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
                         e.event_version, e.payload, e.metadata, l.recorded_at
@@ -397,13 +399,13 @@ impl OrganizationRepository {
             .await?
             .iter()
             .map(|row| {
-                let recorded: String = row.get("recorded_at");
+                let recorded: String = row.try_get("recorded_at")?;
                 let at = chrono::DateTime::parse_from_rfc3339(&recorded)
                     .map(|at| at.with_timezone(&chrono::Utc))
                     .unwrap_or_default();
-                (sqlite_event(row), at)
+                Ok((sqlite_event(row)?, at))
             })
-            .collect(),
+            .collect::<Result<_, sqlx::Error>>()?,
         };
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -591,8 +593,8 @@ impl OrganizationRepository {
             .fetch_all(pool)
             .await?
             .iter()
-            .map(|row| (row.get("position"), pg_event(row)))
-            .collect(),
+            .map(|row| Ok((row.try_get("position")?, pg_event(row)?)))
+            .collect::<Result<_, sqlx::Error>>()?,
             Database::Sqlite(pool) => sqlx::query(
                 "SELECT l.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
                             e.event_version, e.payload, e.metadata
@@ -607,35 +609,38 @@ impl OrganizationRepository {
             .fetch_all(pool)
             .await?
             .iter()
-            .map(|row| (row.get("position"), sqlite_event(row)))
-            .collect(),
+            .map(|row| Ok((row.try_get("position")?, sqlite_event(row)?)))
+            .collect::<Result<_, sqlx::Error>>()?,
         };
         Ok(rows)
     }
 }
 
-pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> SerializedEvent {
-    SerializedEvent::new(
-        row.get("aggregate_id"),
-        row.get::<i64, _>("sequence") as usize,
-        row.get("aggregate_type"),
-        row.get("event_type"),
-        row.get("event_version"),
-        row.get("payload"),
-        row.get("metadata"),
-    )
+/// A stored event from its row. Fallible rather than `get`'s panic: a payload that is not
+/// JSON (on SQLite, text that someone wrote by hand) is an error to report, not a crash.
+pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> Result<SerializedEvent, sqlx::Error> {
+    Ok(SerializedEvent::new(
+        row.try_get("aggregate_id")?,
+        row.try_get::<i64, _>("sequence")? as usize,
+        row.try_get("aggregate_type")?,
+        row.try_get("event_type")?,
+        row.try_get("event_version")?,
+        row.try_get("payload")?,
+        row.try_get("metadata")?,
+    ))
 }
 
-pub(crate) fn sqlite_event(row: &sqlx::sqlite::SqliteRow) -> SerializedEvent {
-    SerializedEvent::new(
-        row.get("aggregate_id"),
-        row.get::<i64, _>("sequence") as usize,
-        row.get("aggregate_type"),
-        row.get("event_type"),
-        row.get("event_version"),
-        row.get("payload"),
-        row.get("metadata"),
-    )
+/// See [`pg_event`].
+pub(crate) fn sqlite_event(row: &sqlx::sqlite::SqliteRow) -> Result<SerializedEvent, sqlx::Error> {
+    Ok(SerializedEvent::new(
+        row.try_get("aggregate_id")?,
+        row.try_get::<i64, _>("sequence")? as usize,
+        row.try_get("aggregate_type")?,
+        row.try_get("event_type")?,
+        row.try_get("event_version")?,
+        row.try_get("payload")?,
+        row.try_get("metadata")?,
+    ))
 }
 
 /// Opens one stored event in place.
