@@ -356,6 +356,26 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
     assert!(!logs.contains(&platform), "the kept token is in the logs");
 }
 
+/// Writes an organization's first event as a row, past every rule and seal.
+async fn insert_first_event(
+    pool: &sqlx::SqlitePool,
+    organization: &str,
+    kind: &str,
+    payload: &str,
+) {
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         VALUES ('organization', ?1, 1, ?2, '1', ?3, '{}')",
+    )
+    .bind(organization)
+    .bind(kind)
+    .bind(payload)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,15 +396,7 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
 
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let organization = "0190f5a0-0000-7000-8000-000000000001";
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata)
-         VALUES ('organization', ?1, 1, 'NoSuchEvent', '1', '{}', '{}')",
-    )
-    .bind(organization)
-    .execute(&pool)
-    .await
-    .unwrap();
+    insert_first_event(&pool, organization, "NoSuchEvent", "{}").await;
 
     let broken = orgledger(&["verify"], &url);
     let stdout = String::from_utf8_lossy(&broken.stdout);
@@ -403,15 +415,7 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
     // Text that is not JSON where the payload belongs (SQLite's column is only `text`): a
     // finding, not a crash.
     let garbled = "0190f5a0-0000-7000-8000-000000000002";
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata)
-         VALUES ('organization', ?1, 1, 'OrganizationCreated', '1', 'not json', '{}')",
-    )
-    .bind(garbled)
-    .execute(&pool)
-    .await
-    .unwrap();
+    insert_first_event(&pool, garbled, "OrganizationCreated", "not json").await;
     let garbled_run = orgledger(&["verify"], &url);
     let stdout = String::from_utf8_lossy(&garbled_run.stdout);
     assert_eq!(garbled_run.status.code(), Some(1), "{stdout}");

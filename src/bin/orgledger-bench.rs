@@ -353,19 +353,13 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 mean(run.times.waiting),
                 one_row.describe(),
             ));
-            // `/proc` counts in ticks of 10 ms: a stretch that read none has no rates to give.
-            if let (Some(commands), Some(rows)) = (
-                run.cpu.filter(CpuSpent::measured),
-                ceiling_cpu.filter(CpuSpent::measured),
-            ) {
-                report.line(cpu_budget(
-                    &commands,
-                    run.commands,
-                    &rows,
-                    before * scale.seconds,
-                    cores,
-                ));
-            }
+            report_cpu(
+                &mut report,
+                &run,
+                ceiling_cpu,
+                before * scale.seconds,
+                cores,
+            );
         }
         // Section 3 measures the store alone: no projection runner competes for the cores.
         let _ = stop.send(true);
@@ -496,18 +490,13 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             run.events_per_batch,
             run.rate / ceiling_now * 100.0,
         ));
-        if let (Some(commands), Some(rows)) = (
-            run.cpu.filter(CpuSpent::measured),
-            ceiling_cpu.filter(CpuSpent::measured),
-        ) {
-            report.line(cpu_budget(
-                &commands,
-                run.commands,
-                &rows,
-                ceiling_now * scale.seconds,
-                cores,
-            ));
-        }
+        report_cpu(
+            &mut report,
+            &run,
+            ceiling_cpu,
+            ceiling_now * scale.seconds,
+            cores,
+        );
         let _ = stop.send(true);
     }
     Ok(())
@@ -702,6 +691,23 @@ async fn post(
 /// before them, per command and per row. With every core busy the machine answers at most
 /// `cores / per_command` commands a second, and the ceiling is `busy * cores / per_row` rows,
 /// so the commands' share of the ceiling is at most `per_row / per_command / busy`.
+/// The CPU lines of a commands' stretch beside the ceiling's (`inserted` rows) before it.
+fn report_cpu(
+    report: &mut Report,
+    run: &CommandRun,
+    ceiling_cpu: Option<CpuSpent>,
+    inserted: f64,
+    cores: usize,
+) {
+    // `/proc` counts in ticks of 10 ms: a stretch that read none has no rates to give.
+    if let (Some(commands), Some(rows)) = (
+        run.cpu.filter(CpuSpent::measured),
+        ceiling_cpu.filter(CpuSpent::measured),
+    ) {
+        report.line(cpu_budget(&commands, run.commands, &rows, inserted, cores));
+    }
+}
+
 fn cpu_budget(
     commands: &CpuSpent,
     count: usize,

@@ -616,9 +616,17 @@ impl OrganizationRepository {
     }
 }
 
-/// A stored event from its row. Fallible rather than `get`'s panic: a payload that is not
-/// JSON (on SQLite, text that someone wrote by hand) is an error to report, not a crash.
-pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> Result<SerializedEvent, sqlx::Error> {
+/// A stored event from its row, on either backend. Fallible rather than `get`'s panic: a
+/// payload that is not JSON (on SQLite, text that someone wrote by hand) is an error to
+/// report, not a crash.
+fn stored_event<'r, R>(row: &'r R) -> Result<SerializedEvent, sqlx::Error>
+where
+    R: Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Value: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     Ok(SerializedEvent::new(
         row.try_get("aggregate_id")?,
         row.try_get::<i64, _>("sequence")? as usize,
@@ -630,17 +638,12 @@ pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> Result<SerializedEvent, s
     ))
 }
 
-/// See [`pg_event`].
+pub(crate) fn pg_event(row: &sqlx::postgres::PgRow) -> Result<SerializedEvent, sqlx::Error> {
+    stored_event(row)
+}
+
 pub(crate) fn sqlite_event(row: &sqlx::sqlite::SqliteRow) -> Result<SerializedEvent, sqlx::Error> {
-    Ok(SerializedEvent::new(
-        row.try_get("aggregate_id")?,
-        row.try_get::<i64, _>("sequence")? as usize,
-        row.try_get("aggregate_type")?,
-        row.try_get("event_type")?,
-        row.try_get("event_version")?,
-        row.try_get("payload")?,
-        row.try_get("metadata")?,
-    ))
+    stored_event(row)
 }
 
 /// Opens one stored event in place.
