@@ -128,7 +128,7 @@ pub async fn open_store(
 /// Opens an existing store to read only: nothing migrated, no key generated, no read-model
 /// table prepared. A store whose migrations are behind this binary is refused.
 async fn open_store_to_read(store: &StoreConfig) -> anyhow::Result<Orgledger> {
-    let database = Database::connect_existing(&store.database_url)
+    let database = Database::connect_read_only(&store.database_url)
         .await
         .map_err(|error| {
             anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))

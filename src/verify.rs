@@ -5,7 +5,7 @@
 //! It only reads: `cli` opens the store without migrating or preparing anything.
 
 use cqrs_es::Aggregate;
-use orgledger_domain::{Organization, OrganizationEvent};
+use orgledger_domain::{Lifecycle, Organization, OrganizationEvent};
 use orgledger_projections::Database;
 use serde::Serialize;
 use uuid::Uuid;
@@ -23,6 +23,8 @@ pub enum VerifyError {
     /// Verification could not go on: not a finding about the data.
     #[error("the database stopped answering: {0}")]
     Unreachable(String),
+    #[error("the read models' positions could not be read: {0}")]
+    ReadModels(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
@@ -117,7 +119,7 @@ async fn verify_read_models(
         .projector
         .status()
         .await
-        .map_err(|error| VerifyError::Unreachable(error.to_string()))?;
+        .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
     report.read_models_checked = true;
     for status in statuses {
         report.events_not_yet_projected = report.events_not_yet_projected.max(status.backlog);
@@ -170,7 +172,9 @@ async fn verify_organization(
             Ok(None) if !has_key(ledger, organization_id).await? => {
                 found(
                     Some(marks.last_sequence),
-                    "its snapshot outlived its data key: a purge leaves none".into(),
+                    "its snapshot outlived its data key (a purge interrupted before the \
+                     snapshot was dropped, or a key lost)"
+                        .into(),
                 );
                 None
             }
@@ -178,14 +182,21 @@ async fn verify_organization(
                 report.snapshots_not_compared += 1;
                 None
             }
-            Err(error) => {
-                still_answering(ledger.database()).await?;
-                found(
-                    Some(marks.last_sequence),
-                    format!("its snapshot cannot be opened: {error}"),
-                );
-                None
-            }
+            // Read once more after the database answers: a connection lost mid-read is not
+            // a fault of the snapshot.
+            Err(_) => match (
+                still_answering(ledger.database()).await?,
+                ledger.snapshot(organization_id).await,
+            ) {
+                ((), Ok(snapshot)) => snapshot,
+                ((), Err(error)) => {
+                    found(
+                        Some(marks.last_sequence),
+                        format!("its snapshot cannot be opened: {error}"),
+                    );
+                    None
+                }
+            },
         },
     };
     let mut state = Organization::default();
@@ -194,17 +205,25 @@ async fn verify_organization(
     let mut unreadable = None;
     let mut last = 0;
     let mut events = 0_u64;
-    let mut page_size = PAGE;
+    // A page fails as a whole: it is read again one event at a time, up to its end, to name
+    // the events that fail.
+    let mut one_at_a_time_until = 0;
     loop {
+        let page_size = if last < one_at_a_time_until { 1 } else { PAGE };
         let page = match ledger.events_after(organization_id, last, page_size).await {
             Ok(page) => page,
-            // A page fails as a whole: read it again one event at a time to name the event.
             Err(_) if page_size > 1 => {
-                page_size = 1;
+                one_at_a_time_until = last + PAGE;
                 continue;
             }
-            Err(error) => {
+            Err(_) => {
+                // Once more after the database answers: a connection lost mid-read is not a
+                // fault of the event.
                 still_answering(ledger.database()).await?;
+                let error = match ledger.events_after(organization_id, last, 1).await {
+                    Ok(_) => continue,
+                    Err(error) => error,
+                };
                 let Some(sequence) = ledger.next_sequence_after(organization_id, last).await?
                 else {
                     break;
@@ -241,10 +260,22 @@ async fn verify_organization(
                 at_snapshot = Some(state.clone());
             }
         }
-        page_size = PAGE;
         if complete {
             break;
         }
+    }
+    // Without its key an organization's personal data reads as erased, without an error:
+    // only a purge may have destroyed it.
+    if events > 0
+        && state.lifecycle != Lifecycle::Purged
+        && !has_key(ledger, organization_id).await?
+    {
+        found(
+            None,
+            "its data key is missing though it was never purged: its personal data reads as \
+             erased"
+                .into(),
+        );
     }
     if let Some((stored, at)) = snapshot {
         report.snapshots += 1;

@@ -1712,6 +1712,10 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
     let clean = create_org(ledger, "Clean", "clean", "cleo")
         .await
         .organization_id;
+    let keyless = create_org(ledger, "Keyless", "keyless", "kim")
+        .await
+        .organization_id;
+    add_member(ledger, keyless, "kim", "kai", Role::Member).await;
     service.catch_up().await;
     let db = service.db();
 
@@ -1738,13 +1742,17 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
             "UPDATE snapshots SET last_sequence = last_sequence - 1
               WHERE aggregate_id = '{snapshotted}'"
         ),
+        // Unsealed, its personal data would read as erased with no error.
+        format!("DELETE FROM organization_keys WHERE organization_id = '{keyless}'"),
     ];
     for sql in &tamper {
         assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
     }
     let snapshot_at = count(db, "SELECT last_sequence FROM snapshots").await as usize;
 
-    let report = orgledger::verify::verify(&service, None, false)
+    // Another process: this one holds the data keys it used in memory.
+    let auditor = service.reopen().await;
+    let report = orgledger::verify::verify(&auditor, None, false)
         .await
         .unwrap();
 
@@ -1762,12 +1770,13 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
         (gapped.to_string(), Some(3)),
         (foreign.to_string(), Some(3)),
         (snapshotted.to_string(), Some(snapshot_at)),
+        (keyless.to_string(), None),
     ];
     expected.sort();
     let mut found_sorted = found.clone();
     found_sorted.sort();
     assert_eq!(found_sorted, expected, "{report:#?}");
-    assert_eq!(report.organizations, 4);
+    assert_eq!(report.organizations, 5);
     let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
     assert!(
         problems.iter().any(|p| p.contains("event 2 is missing")),
@@ -1784,6 +1793,17 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
             .iter()
             .any(|p| p.contains("it cannot be read") && p.contains("authentication")),
         "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("data key is missing though it was never purged")),
+        "{problems:?}"
+    );
+    assert_eq!(
+        report.events,
+        count(db, "SELECT count(*) FROM events").await as u64 - 1,
+        "every event but the unreadable one, those after it included"
     );
     let untouched = orgledger::verify::verify(&service, Some(clean), false)
         .await

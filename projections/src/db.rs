@@ -90,12 +90,35 @@ pub enum Database {
 const SLOW_STATEMENT_LOG: (log::LevelFilter, Duration) =
     (log::LevelFilter::Debug, Duration::from_secs(1));
 
+/// What a pool's connections may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
 impl Database {
     /// Connects to `postgres://...` or `sqlite://PATH` (the file is created if missing).
     pub async fn connect(url: &str) -> Result<Self, DatabaseError> {
+        Self::connect_for(url, Access::ReadWrite).await
+    }
+
+    /// Connects to a store that must exist, to read only (`orgledger verify`): PostgreSQL
+    /// sessions default to read-only transactions; SQLite opens the file read-only and sets
+    /// no pragma that writes (the journal mode stays the file's own).
+    pub async fn connect_read_only(url: &str) -> Result<Self, DatabaseError> {
+        Self::refuse_missing_file(url)?;
+        Self::connect_for(url, Access::ReadOnly).await
+    }
+
+    async fn connect_for(url: &str, access: Access) -> Result<Self, DatabaseError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)?
                 .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
+            let options = match access {
+                Access::ReadWrite => options,
+                Access::ReadOnly => options.options([("default_transaction_read_only", "on")]),
+            };
             // A pool that cannot connect says only that it timed out, after its acquire
             // timeout; one connection made first says why (refused, authentication, no such
             // database) at once, or that the server did not answer in time.
@@ -110,12 +133,16 @@ impl Database {
             // WAL lets reads run beside the one writer; FULL sync makes a committed event
             // survive power loss, not just a process crash.
             let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
+            let options = match access {
+                Access::ReadWrite => options
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full),
+                Access::ReadOnly => options.read_only(true),
+            };
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
@@ -131,6 +158,11 @@ impl Database {
     /// path naming no file is an error rather than a new, empty store that a mistyped path
     /// would pass for.
     pub async fn connect_existing(url: &str) -> Result<Self, DatabaseError> {
+        Self::refuse_missing_file(url)?;
+        Self::connect(url).await
+    }
+
+    fn refuse_missing_file(url: &str) -> Result<(), DatabaseError> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?;
             let file = options.get_filename();
@@ -138,7 +170,7 @@ impl Database {
                 return Err(DatabaseError::NoSuchStore(file.to_path_buf()));
             }
         }
-        Self::connect(url).await
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
