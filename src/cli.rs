@@ -78,6 +78,9 @@ pub enum Commands {
         /// Only this organization.
         #[arg(long, value_name = "ID")]
         organization: Option<uuid::Uuid>,
+        /// Print the report as one JSON object (counts and findings) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
     MasterKey,
@@ -227,49 +230,59 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Verify {
             store,
             organization,
+            json,
         } => {
             let service = open_store_to_read(&store).await?;
             let show_progress = std::io::stderr().is_terminal();
             let report = crate::verify::verify(&service, organization, show_progress).await;
             service.close().await;
-            let report = report?;
-            let plural = |n: usize, one: &str, many: &str| {
-                format!("{n} {}", if n == 1 { one } else { many })
-            };
-            for finding in &report.findings {
-                let at = match (&finding.organization_id, finding.sequence) {
-                    (Some(organization), Some(sequence)) => {
-                        format!("organization {organization}, event {sequence}")
-                    }
-                    (Some(organization), None) => format!("organization {organization}"),
-                    (None, _) => "read models".to_owned(),
-                };
-                println!("FAIL {at}: {}", finding.problem);
-            }
-            let read_models = if report.read_models_checked {
-                format!(
-                    "read models {} behind",
-                    plural(report.events_not_yet_projected as usize, "event", "events")
-                )
-            } else {
-                "read models not checked (one organization)".to_owned()
-            };
-            println!(
-                "verified {}, {}, {} (and {} in an older shape, not compared); {read_models}; {}",
-                plural(report.organizations, "organization", "organizations"),
-                plural(report.events as usize, "event", "events"),
-                plural(report.snapshots, "snapshot", "snapshots"),
-                report.snapshots_not_compared,
-                plural(report.findings.len(), "problem", "problems"),
-            );
-            if !report.findings.is_empty() {
-                bail!(
-                    "verification found {}",
-                    plural(report.findings.len(), "problem", "problems")
-                );
-            }
+            print_verification(&report?, json)?;
         }
         Commands::MasterKey => println!("{}", MasterKey::generate().to_base64()),
+    }
+    Ok(())
+}
+
+/// Prints `verify`'s report, as lines or as JSON; an error when it found anything.
+fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let problems = plural(report.findings.len(), "problem", "problems");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        if !report.findings.is_empty() {
+            bail!("verification found {problems}");
+        }
+        return Ok(());
+    }
+    for finding in &report.findings {
+        let at = match (&finding.organization_id, finding.sequence) {
+            (Some(organization), Some(sequence)) => {
+                format!("organization {organization}, event {sequence}")
+            }
+            (Some(organization), None) => format!("organization {organization}"),
+            (None, _) => "read models".to_owned(),
+        };
+        println!("FAIL {at}: {}", finding.problem);
+    }
+    let read_models = if report.read_models_checked {
+        format!(
+            "read models {} behind",
+            plural(report.events_not_yet_projected as usize, "event", "events")
+        )
+    } else {
+        "read models not checked (one organization)".to_owned()
+    };
+    println!(
+        "verified {}, {}, {} (and {} in an older shape, not compared); {read_models}; {}",
+        plural(report.organizations, "organization", "organizations"),
+        plural(report.events as usize, "event", "events"),
+        plural(report.snapshots, "snapshot", "snapshots"),
+        report.snapshots_not_compared,
+        problems,
+    );
+    if !report.findings.is_empty() {
+        bail!("verification found {problems}");
     }
     Ok(())
 }

@@ -406,6 +406,12 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
         "{stdout}"
     );
     assert!(stdout.contains("; 1 problem"), "{stdout}");
+    let as_json = orgledger(&["verify", "--json"], &url);
+    assert_eq!(as_json.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&as_json.stdout).unwrap();
+    assert_eq!(report["organizations"], 1, "{report}");
+    assert_eq!(report["findings"][0]["organization_id"], organization);
+    assert_eq!(report["findings"][0]["sequence"], 1);
     assert!(
         String::from_utf8_lossy(&broken.stderr).contains("verification found 1 problem"),
         "{}",
