@@ -82,6 +82,18 @@ pub enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Write an organization's JSON data export (the document `GET
+    /// /v1/organizations/{id}/export` serves) to a file readable by its owner only, or to
+    /// standard output with `-`. Reads only; a progress line on a terminal.
+    Export {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[arg(long, value_name = "ID")]
+        organization: uuid::Uuid,
+        /// The file to write (replaced whole, only once the export is complete), or `-`.
+        #[arg(long, short, value_name = "FILE")]
+        output: std::path::PathBuf,
+    },
     /// Print a new random master key (base64 of 32 bytes) for ORGLEDGER_MASTER_KEY.
     MasterKey,
     /// Inspect or rebuild the read models.
@@ -238,9 +250,108 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             service.close().await;
             print_verification(&report?, json)?;
         }
+        Commands::Export {
+            store,
+            organization,
+            output,
+        } => {
+            let service = Arc::new(open_store_to_read(&store).await?);
+            let written = export_to(service.clone(), organization, &output).await;
+            service.close().await;
+            let written = written?;
+            eprintln!("exported organization {organization}: {written} bytes");
+        }
         Commands::MasterKey => println!("{}", MasterKey::generate().to_base64()),
     }
     Ok(())
+}
+
+/// Streams the organization's data export to `output` (`-`: standard output); the bytes
+/// written. A file appears only complete: it is written beside, then renamed.
+async fn export_to(
+    service: Arc<Orgledger>,
+    organization: uuid::Uuid,
+    output: &std::path::Path,
+) -> anyhow::Result<u64> {
+    use futures::StreamExt;
+    use std::io::Write;
+
+    let view =
+        orgledger_projections::organizations::get(service.database(), &organization.to_string())
+            .await?
+            .with_context(|| format!("no organization {organization} in the read models"))?;
+    let behind = service
+        .projector
+        .status()
+        .await?
+        .iter()
+        .map(|status| status.backlog)
+        .max()
+        .unwrap_or(0);
+    if behind > 0 {
+        eprintln!("warning: the read models are {behind} events behind the log; the export shows them as they stand");
+    }
+    let to_stdout = output.as_os_str() == "-";
+    let partial = {
+        let mut name = output.as_os_str().to_owned();
+        name.push(".partial");
+        std::path::PathBuf::from(name)
+    };
+    let mut sink: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Personal data: for its owner only.
+            options.mode(0o600);
+        }
+        let file = options
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        Box::new(std::io::BufWriter::new(file))
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} exporting: {bytes} written ({bytes_per_sec})",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut stream = crate::exports::data_export(service, view);
+    let mut written = 0_u64;
+    let streamed: anyhow::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            sink.write_all(&chunk)?;
+            written += chunk.len() as u64;
+            bar.set_position(written);
+        }
+        sink.flush()?;
+        Ok(())
+    }
+    .await;
+    bar.finish_and_clear();
+    drop(sink);
+    if to_stdout {
+        streamed?;
+        return Ok(written);
+    }
+    if let Err(error) = streamed {
+        drop(std::fs::remove_file(&partial));
+        return Err(error);
+    }
+    std::fs::File::open(&partial)?.sync_all()?;
+    std::fs::rename(&partial, output)
+        .with_context(|| format!("renaming {} to {}", partial.display(), output.display()))?;
+    Ok(written)
 }
 
 /// Prints `verify`'s report, as lines or as JSON; an error when it found anything.

@@ -354,6 +354,66 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
     let (stdout, logs) = again.stop();
     assert!(!stdout.contains(&platform), "printed again: {stdout}");
     assert!(!logs.contains(&platform), "the kept token is in the logs");
+
+    // The same history through the CLI: the data export holds none of those secrets, is
+    // for its owner only, and `verify` passes the store.
+    let exported = dir.path().join("acme.json");
+    let export = orgledger_with_key_beside_data(
+        &[
+            "export",
+            "--organization",
+            &org,
+            "--output",
+            exported.to_str().unwrap(),
+        ],
+        &url,
+    );
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let text = std::fs::read_to_string(&exported).unwrap();
+    let document: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(document["organization"]["id"], org.as_str());
+    let members: Vec<&str> = document["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| member["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert!(members.contains(&"nina"), "{members:?}");
+    for (what, secret) in secrets {
+        assert!(!text.contains(secret), "{what} is in the export");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&exported).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "personal data, for its owner only");
+    }
+    assert!(!dir.path().join("acme.json.partial").exists());
+    let verified = orgledger_with_key_beside_data(&["verify"], &url);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let unknown = dir.path().join("unknown.json");
+    let refused = orgledger_with_key_beside_data(
+        &[
+            "export",
+            "--organization",
+            "0190f5a0-0000-7000-8000-000000000009",
+            "--output",
+            unknown.to_str().unwrap(),
+        ],
+        &url,
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no organization"));
+    assert!(!unknown.exists() && !dir.path().join("unknown.json.partial").exists());
 }
 
 /// Writes an organization's first event as a row, past every rule and seal.
