@@ -244,11 +244,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             organization,
             json,
         } => {
-            let service = open_store_to_read(&store).await?;
-            let show_progress = std::io::stderr().is_terminal();
-            let report = crate::verify::verify(&service, organization, show_progress).await;
-            service.close().await;
-            print_verification(&report?, json)?;
+            let checked = async {
+                let service = open_store_to_read(&store).await?;
+                let show_progress = std::io::stderr().is_terminal();
+                let report = crate::verify::verify(&service, organization, show_progress).await;
+                service.close().await;
+                anyhow::Ok(report?)
+            };
+            // Exit 2 when the history could not be checked, 1 when it was and does not hold.
+            match checked.await {
+                Ok(report) => print_verification(&report, json)?,
+                Err(error) => {
+                    eprintln!("Error: could not verify: {error:#}");
+                    std::process::exit(2);
+                }
+            }
         }
         Commands::Export {
             store,
@@ -267,7 +277,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Streams the organization's data export to `output` (`-`: standard output); the bytes
-/// written. A file appears only complete: it is written beside, then renamed.
+/// written. A file appears only complete: it is written to a new file beside it, made
+/// exclusively (for its owner only, never through a link), then renamed over it.
 async fn export_to(
     service: Arc<Orgledger>,
     organization: uuid::Uuid,
@@ -276,42 +287,42 @@ async fn export_to(
     use futures::StreamExt;
     use std::io::Write;
 
+    // Only for the warning: an export without it is still an export.
+    let behind = match service.projector.status().await {
+        Ok(statuses) => statuses.iter().map(|status| status.backlog).max(),
+        Err(error) => {
+            eprintln!("warning: the read models' positions could not be read: {error}");
+            None
+        }
+    };
+    let behind = behind.unwrap_or(0);
     let view =
         orgledger_projections::organizations::get(service.database(), &organization.to_string())
-            .await?
-            .with_context(|| format!("no organization {organization} in the read models"))?;
-    let behind = service
-        .projector
-        .status()
-        .await?
-        .iter()
-        .map(|status| status.backlog)
-        .max()
-        .unwrap_or(0);
+            .await?;
+    let Some(view) = view else {
+        if behind > 0 {
+            bail!("no organization {organization} in the read models, which are {behind} events behind the log");
+        }
+        bail!("no organization {organization} in the read models");
+    };
     if behind > 0 {
         eprintln!("warning: the read models are {behind} events behind the log; the export shows them as they stand");
     }
-    let to_stdout = output.as_os_str() == "-";
-    let partial = {
-        let mut name = output.as_os_str().to_owned();
-        name.push(".partial");
-        std::path::PathBuf::from(name)
-    };
-    let mut sink: Box<dyn Write> = if to_stdout {
+    let mut file = None;
+    let mut sink: Box<dyn Write> = if output.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
     } else {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            // Personal data: for its owner only.
-            options.mode(0o600);
-        }
-        let file = options
-            .open(&partial)
-            .with_context(|| format!("creating {}", partial.display()))?;
-        Box::new(std::io::BufWriter::new(file))
+        let directory = match output.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => std::path::Path::new("."),
+        };
+        let made = tempfile::Builder::new()
+            .prefix(".orgledger-export-")
+            .tempfile_in(directory)
+            .with_context(|| format!("creating a file in {}", directory.display()))?;
+        let writer = made.reopen()?;
+        file = Some(made);
+        Box::new(std::io::BufWriter::new(writer))
     };
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -340,17 +351,13 @@ async fn export_to(
     .await;
     bar.finish_and_clear();
     drop(sink);
-    if to_stdout {
-        streamed?;
-        return Ok(written);
+    // On an error the new file is dropped, and with it deleted.
+    streamed?;
+    if let Some(file) = file {
+        file.as_file().sync_all()?;
+        file.persist(output)
+            .with_context(|| format!("writing {}", output.display()))?;
     }
-    if let Err(error) = streamed {
-        drop(std::fs::remove_file(&partial));
-        return Err(error);
-    }
-    std::fs::File::open(&partial)?.sync_all()?;
-    std::fs::rename(&partial, output)
-        .with_context(|| format!("renaming {} to {}", partial.display(), output.display()))?;
     Ok(written)
 }
 

@@ -393,7 +393,21 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
         let mode = std::fs::metadata(&exported).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "personal data, for its owner only");
     }
-    assert!(!dir.path().join("acme.json.partial").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".orgledger-export-"))
+        .collect();
+    assert_eq!(
+        leftovers,
+        Vec::<String>::new(),
+        "a half-written file is left"
+    );
+    let to_stdout =
+        orgledger_with_key_beside_data(&["export", "--organization", &org, "-o", "-"], &url);
+    assert!(to_stdout.status.success());
+    let streamed: serde_json::Value = serde_json::from_slice(&to_stdout.stdout).unwrap();
+    assert_eq!(streamed["members"], document["members"]);
     let verified = orgledger_with_key_beside_data(&["verify"], &url);
     assert!(
         verified.status.success(),
@@ -413,7 +427,7 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
     );
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no organization"));
-    assert!(!unknown.exists() && !dir.path().join("unknown.json.partial").exists());
+    assert!(!unknown.exists());
 }
 
 /// Writes an organization's first event as a row, past every rule and seal.
@@ -504,7 +518,7 @@ fn verify_changes_nothing_in_a_store_it_cannot_read() {
     let refused = orgledger_with_key_beside_data(&["verify"], &url);
 
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(2), "could not check: {stderr}");
     assert!(stderr.contains("run `orgledger migrate` first"), "{stderr}");
     assert_eq!(
         std::fs::metadata(&file).unwrap().len(),
@@ -520,7 +534,7 @@ fn verify_changes_nothing_in_a_store_it_cannot_read() {
     std::fs::remove_file(&key_file).unwrap();
     let keyless = orgledger_with_key_beside_data(&["verify"], &url);
     let stderr = String::from_utf8_lossy(&keyless.stderr);
-    assert!(!keyless.status.success());
+    assert_eq!(keyless.status.code(), Some(2), "could not check: {stderr}");
     assert!(stderr.contains("no master key"), "{stderr}");
     assert!(!key_file.exists(), "a master key was made beside the data");
 }

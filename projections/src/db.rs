@@ -103,7 +103,7 @@ impl Database {
         Self::connect_for(url, Access::ReadWrite).await
     }
 
-    /// Connects to a store that must exist, to read only (`orgledger verify`): PostgreSQL
+    /// Connects to a store that must exist, to read only (`orgledger verify` and `export`): PostgreSQL
     /// sessions default to read-only transactions; SQLite opens the file read-only and sets
     /// no pragma that writes (the journal mode stays the file's own).
     pub async fn connect_read_only(url: &str) -> Result<Self, DatabaseError> {

@@ -28,6 +28,10 @@ pub enum ExportError {
     Database(#[from] sqlx::Error),
     #[error("csv error: {0}")]
     Csv(#[from] csv::Error),
+    /// The task writing the export ended without finishing it (it panicked): what was sent
+    /// is not the whole export.
+    #[error("the export stopped before its end: {0}")]
+    Aborted(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +50,23 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (sender, receiver) = mpsc::channel(4);
-    tokio::spawn(produce(sender));
+    let producer = tokio::spawn(produce(sender));
+    // The channel closes both when the producer is done and when it panicked: only its
+    // outcome tells a whole export from a cut one.
     Box::pin(futures::stream::unfold(
-        receiver,
-        |mut receiver| async move { receiver.recv().await.map(|chunk| (chunk, receiver)) },
+        (receiver, Some(producer)),
+        |(mut receiver, producer)| async move {
+            if let Some(chunk) = receiver.recv().await {
+                return Some((chunk, (receiver, producer)));
+            }
+            match producer?.await {
+                Ok(()) => None,
+                Err(error) => Some((
+                    Err(ExportError::Aborted(error.to_string())),
+                    (receiver, None),
+                )),
+            }
+        },
     ))
 }
 
