@@ -168,3 +168,31 @@ pub fn attachment_name(kind: &str, organization_id: &str, extension: &str) -> St
         Utc::now().format("%Y%m%dT%H%M%SZ")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_producer_that_panics_ends_the_stream_with_an_error_not_a_clean_end() {
+        let mut stream = channel_stream(|sender| async move {
+            let _ = sender.send(Ok(b"{\"first\":".to_vec())).await;
+            panic!("a row that does not convert");
+        });
+        assert_eq!(stream.next().await.unwrap().unwrap(), b"{\"first\":");
+        let cut = stream.next().await.expect("an item after the cut");
+        assert!(matches!(cut, Err(ExportError::Aborted(_))), "{cut:?}");
+        assert!(stream.next().await.is_none());
+
+        let mut whole = channel_stream(|sender| async move {
+            let _ = sender.send(Ok(b"{}".to_vec())).await;
+        });
+        assert_eq!(whole.next().await.unwrap().unwrap(), b"{}");
+        assert!(
+            whole.next().await.is_none(),
+            "a finished producer ends cleanly"
+        );
+    }
+}
