@@ -481,12 +481,7 @@ async fn purge_periodically(
 mod tests {
     use super::*;
 
-    fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<String>) {
-        let (store, bind, api_token, _) = serve_flags_with_wait(args);
-        (store, bind, api_token)
-    }
-
-    fn serve_flags_with_wait(args: &[&str]) -> (StoreConfig, String, Option<String>, u64) {
+    fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<String>, u64) {
         let cli = Cli::try_parse_from(["orgledger", "serve"].iter().chain(args))
             .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
         match cli.command {
@@ -502,7 +497,7 @@ mod tests {
 
     #[test]
     fn every_variable_is_also_a_flag_of_the_same_name_in_kebab_case() {
-        let (store, bind, token) = serve_flags(&[
+        let (store, bind, token, _) = serve_flags(&[
             "--database-url",
             "sqlite://flags.db",
             "--orgledger-bind",
@@ -545,7 +540,7 @@ mod tests {
 
     #[test]
     fn the_short_flag_names_still_work() {
-        let (store, bind, token) = serve_flags(&[
+        let (store, bind, token, _) = serve_flags(&[
             "--bind",
             "0.0.0.0:8181",
             "--api-token",
@@ -560,13 +555,10 @@ mod tests {
 
     #[test]
     fn the_consistency_wait_defaults_to_five_seconds_and_is_bounded() {
-        assert_eq!(serve_flags_with_wait(&[]).3, 5_000);
+        assert_eq!(serve_flags(&[]).3, 5_000);
+        assert_eq!(serve_flags(&["--orgledger-consistency-wait-ms", "0"]).3, 0);
         assert_eq!(
-            serve_flags_with_wait(&["--orgledger-consistency-wait-ms", "0"]).3,
-            0
-        );
-        assert_eq!(
-            serve_flags_with_wait(&["--orgledger-consistency-wait-ms", "60000"]).3,
+            serve_flags(&["--orgledger-consistency-wait-ms", "60000"]).3,
             60_000
         );
         for refused in ["60001", "-1", "5s", ""] {

@@ -882,24 +882,14 @@ impl Ledger {
     ) -> Result<Option<usize>, LedgerError> {
         const QUERY: &str = "SELECT min(sequence) FROM events
               WHERE aggregate_type = 'organization' AND aggregate_id = $1 AND sequence > $2";
-        let id = organization_id.to_string();
-        let next: Option<i64> = match &self.database {
-            Database::Postgres(pool) => {
-                sqlx::query_scalar(QUERY)
-                    .bind(&id)
-                    .bind(after as i64)
-                    .fetch_one(pool)
-                    .await
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_scalar(QUERY)
-                    .bind(&id)
-                    .bind(after as i64)
-                    .fetch_one(pool)
-                    .await
-            }
-        }
-        .map_err(StoreError::from)?;
+        let next: Option<i64> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_scalar(QUERY)
+                .bind(organization_id.to_string())
+                .bind(after as i64)
+                .fetch_one(pool)
+                .await
+                .map_err(StoreError::from)?
+        });
         Ok(next.map(|sequence| sequence as usize))
     }
 
@@ -907,12 +897,12 @@ impl Ledger {
     pub async fn organization_ids(&self) -> Result<Vec<String>, LedgerError> {
         const QUERY: &str = "SELECT DISTINCT aggregate_id FROM events
               WHERE aggregate_type = 'organization' ORDER BY aggregate_id";
-        let ids: Vec<String> = match &self.database {
-            Database::Postgres(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
-            Database::Sqlite(pool) => sqlx::query_scalar(QUERY).fetch_all(pool).await,
-        }
-        .map_err(StoreError::from)?;
-        Ok(ids)
+        Ok(orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_scalar(QUERY)
+                .fetch_all(pool)
+                .await
+                .map_err(StoreError::from)?
+        }))
     }
 
     /// Finishes purges whose key outlived a crash. Run at start-up.

@@ -101,15 +101,19 @@ impl Orgledger {
             .prepare_leaving(to_rebuild)
             .await
             .map_err(|error| LedgerError::Store(error.to_string()))?;
-        Ok(Self {
+        Ok(Self::wired(ledger, projector))
+    }
+
+    fn wired(ledger: Ledger, projector: Arc<Projector>) -> Self {
+        Self {
             ledger,
             projector,
             consistency_wait_us: AtomicU64::new(DEFAULT_CONSISTENCY_WAIT.as_micros() as u64),
             time_spent: TimeSpent::default(),
-        })
+        }
     }
 
-    /// Opens the service to read only (`orgledger verify`): unlike [`Orgledger::open`], it
+    /// Opens the service to read only (`orgledger verify` and `export`): unlike [`Orgledger::open`], it
     /// creates and rebuilds no read-model table. The caller has checked the migrations.
     pub async fn open_to_read(
         database: Database,
@@ -119,12 +123,7 @@ impl Orgledger {
         ledger.keys().verify_master_key().await?;
         let feed = Arc::new(StoreFeed::new(database.clone(), ledger.keys().clone()));
         let projector = Arc::new(Projector::new(database, feed));
-        Ok(Self {
-            ledger,
-            projector,
-            consistency_wait_us: AtomicU64::new(DEFAULT_CONSISTENCY_WAIT.as_micros() as u64),
-            time_spent: TimeSpent::default(),
-        })
+        Ok(Self::wired(ledger, projector))
     }
 
     /// Closes the connections of the ledger and of the projection runner.
@@ -148,12 +147,7 @@ impl Orgledger {
     /// At most [`MAX_CONSISTENCY_WAIT`]; a wait shorter than a microsecond is one.
     pub fn set_consistency_wait(&self, wait: Duration) {
         let wait = wait.min(MAX_CONSISTENCY_WAIT);
-        let micros = wait.as_micros() as u64;
-        let micros = if micros == 0 && !wait.is_zero() {
-            1
-        } else {
-            micros
-        };
+        let micros = (wait.as_micros() as u64).max(u64::from(!wait.is_zero()));
         self.consistency_wait_us.store(micros, Ordering::Relaxed);
     }
 

@@ -168,7 +168,6 @@ async fn verify_organization(
     // The snapshot before the events: one stored meanwhile stands at a later event, which
     // the replay below still reaches.
     let marks = ledger.snapshot_marks(organization_id).await?;
-    let mut keyless_snapshot = None;
     let snapshot = match marks {
         None => None,
         Some(marks) => {
@@ -183,10 +182,8 @@ async fn verify_organization(
             };
             match read {
                 Ok(Some(snapshot)) => Some(snapshot),
-                Ok(None) if !keyed => {
-                    keyless_snapshot = Some(marks.last_sequence);
-                    None
-                }
+                // Without its key: the finding after the replay says so.
+                Ok(None) if !keyed => None,
                 Ok(None) => {
                     report.snapshots_not_compared += 1;
                     None
@@ -271,7 +268,7 @@ async fn verify_organization(
     // interrupted between the two) cannot be opened by anyone: not a fault.
     if events > 0 && !keyed && state.lifecycle != Lifecycle::Purged {
         found(
-            keyless_snapshot,
+            marks.map(|marks| marks.last_sequence),
             "its data key is missing though it was never purged: its personal data reads as \
              erased"
                 .into(),
