@@ -392,9 +392,12 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
         "read models not checked (one organization)".to_owned()
     };
     println!(
-        "verified {}, {}, {} (and {} in an older shape, not compared); {read_models}; {}",
+        "verified {}, {} ({} with a matching MAC, {} stored before MACs), {} (and {} in an \
+         older shape, not compared); {read_models}; {}",
         plural(report.organizations, "organization", "organizations"),
         plural(report.events as usize, "event", "events"),
+        report.events_authenticated,
+        report.events_before_macs,
         plural(report.snapshots, "snapshot", "snapshots"),
         report.snapshots_not_compared,
         problems,

@@ -26,7 +26,7 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::store::{
-    snapshot_interval, DataKeys, Database, MasterKey, OrganizationRepository, ReadStats,
+    snapshot_interval, DataKeys, Database, MacCheck, MasterKey, OrganizationRepository, ReadStats,
     SnapshotMarks, StoreError,
 };
 use crate::turns::Turns;
@@ -891,6 +891,30 @@ impl Ledger {
                 .map_err(StoreError::from)?
         });
         Ok(next.map(|sequence| sequence as usize))
+    }
+
+    /// The MAC verdicts of up to `limit` of the organization's stored events after
+    /// `after_sequence`.
+    pub async fn authenticity_after(
+        &self,
+        organization_id: Uuid,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<MacCheck>, LedgerError> {
+        Ok(self
+            .repository
+            .authenticity_after(
+                Organization::TYPE,
+                &organization_id.to_string(),
+                after_sequence,
+                limit,
+            )
+            .await?)
+    }
+
+    /// Where in the log events began to carry MACs.
+    pub async fn first_authenticated_position(&self) -> Result<Option<i64>, LedgerError> {
+        Ok(self.repository.first_authenticated_position().await?)
     }
 
     /// Every organization that has events, purged ones included, in id order.

@@ -1,7 +1,9 @@
 //! `orgledger verify`: what an auditor runs to check that the stored history holds together.
 //! Every organization's events are read back as the service reads them (opened, upcast,
-//! decoded) and replayed with the domain's own `apply`; its snapshot is opened and compared
-//! with the replay at the same event; the projections' recorded failures are reported.
+//! decoded) and replayed with the domain's own `apply`; each event's MAC is checked against
+//! the event as stored; its snapshot is opened and compared with the replay at the same
+//! event; a log that ends before what the read models applied is named; the projections'
+//! recorded failures are reported.
 //! It only reads: `cli` opens the store without migrating or preparing anything.
 
 use cqrs_es::Aggregate;
@@ -12,6 +14,7 @@ use uuid::Uuid;
 
 use crate::ledger::LedgerError;
 use crate::service::Orgledger;
+use crate::store::Authenticity;
 
 /// Events read and applied at a time: an old organization's history is never held whole.
 const PAGE: usize = 1_000;
@@ -25,6 +28,8 @@ pub enum VerifyError {
     Unreachable(String),
     #[error("the read models' positions could not be read: {0}")]
     ReadModels(String),
+    #[error("the events' MACs could not be read: {0}")]
+    Macs(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
@@ -43,6 +48,11 @@ pub struct Finding {
 pub struct VerifyReport {
     pub organizations: usize,
     pub events: u64,
+    /// Events whose MAC matches them.
+    pub events_authenticated: u64,
+    /// Events stored before events carried MACs (before the log's first event with one):
+    /// nothing to check them against. Not a fault; every event since carries one.
+    pub events_before_macs: u64,
     /// Snapshots compared with the replay.
     pub snapshots: usize,
     /// Snapshots in a state shape this version no longer reads: loads ignore them and
@@ -76,6 +86,8 @@ pub async fn verify(
         }
         None => service.ledger.organization_ids().await?,
     };
+    // Every event stored after this one must carry a MAC.
+    let macs_since = service.ledger.first_authenticated_position().await?;
     let bar = if show_progress {
         let bar = indicatif::ProgressBar::new(organizations.len() as u64);
         bar.set_style(
@@ -92,7 +104,7 @@ pub async fn verify(
     for id in &organizations {
         match Uuid::parse_str(id) {
             Ok(organization_id) => {
-                verify_organization(service, organization_id, &mut report).await?;
+                verify_organization(service, organization_id, macs_since, &mut report).await?;
             }
             Err(_) => report.findings.push(Finding {
                 organization_id: Some(id.clone()),
@@ -151,6 +163,7 @@ async fn still_answering(database: &Database) -> Result<(), VerifyError> {
 async fn verify_organization(
     service: &Orgledger,
     organization_id: Uuid,
+    macs_since: Option<i64>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
     let ledger = &service.ledger;
@@ -295,9 +308,85 @@ async fn verify_organization(
             ),
         }
     }
+    verify_macs(service, organization_id, macs_since, report, &mut found).await?;
+    // The read models record the last event they applied of each organization: a log that
+    // ends before it lost its last events, which no gap shows.
+    let applied = service
+        .projector
+        .furthest_applied(&organization_id.to_string())
+        .await
+        .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
+    if let Some(applied) = applied
+        .map(|version| version as usize)
+        .filter(|v| *v > last)
+    {
+        found(
+            Some(last + 1),
+            format!(
+                "{}: the read models applied up to event {applied}",
+                missing(last + 1, applied)
+            ),
+        );
+    }
     report.events += events;
     report.findings.extend(findings);
     Ok(())
+}
+
+/// Checks the MAC of each of the organization's events against the event as stored.
+async fn verify_macs(
+    service: &Orgledger,
+    organization_id: Uuid,
+    macs_since: Option<i64>,
+    report: &mut VerifyReport,
+    found: &mut impl FnMut(Option<usize>, String),
+) -> Result<(), VerifyError> {
+    let ledger = &service.ledger;
+    let mut last = 0;
+    loop {
+        // Once more after the database answers: a connection lost mid-read is not a fault.
+        let page = match ledger.authenticity_after(organization_id, last, PAGE).await {
+            Ok(page) => page,
+            Err(_) => {
+                still_answering(ledger.database()).await?;
+                ledger
+                    .authenticity_after(organization_id, last, PAGE)
+                    .await
+                    .map_err(|error| VerifyError::Macs(error.to_string()))?
+            }
+        };
+        let complete = page.len() < PAGE;
+        for check in page {
+            last = check.sequence;
+            match check.authenticity {
+                Some(Authenticity::Authentic) => report.events_authenticated += 1,
+                Some(Authenticity::Altered) => found(
+                    Some(check.sequence),
+                    "its MAC does not match it: it was altered, moved from elsewhere, or \
+                     written without the master key"
+                        .into(),
+                ),
+                // Before the first event with a MAC, events had none.
+                Some(Authenticity::Unmarked)
+                    if check.position.is_some()
+                        && macs_since.is_none_or(|since| check.position < Some(since)) =>
+                {
+                    report.events_before_macs += 1;
+                }
+                Some(Authenticity::Unmarked) => found(
+                    Some(check.sequence),
+                    "it carries no MAC, though it was stored after events began to carry one: \
+                     it was written without the master key"
+                        .into(),
+                ),
+                // Not JSON: the replay above names it.
+                None => {}
+            }
+        }
+        if complete {
+            return Ok(());
+        }
+    }
 }
 
 async fn has_key(

@@ -464,7 +464,10 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
         String::from_utf8_lossy(&clean.stderr)
     );
     assert!(
-        stdout.contains("verified 0 organizations, 0 events, 0 snapshots"),
+        stdout.contains(
+            "verified 0 organizations, 0 events (0 with a matching MAC, 0 stored before MACs), \
+             0 snapshots"
+        ),
         "{stdout}"
     );
 

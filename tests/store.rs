@@ -49,7 +49,7 @@ on_both_backends!(
     concurrent_appends_each_keep_their_own_outcome,
     an_import_beside_commands_on_one_organization_lands_with_them,
     verify_passes_a_history_that_holds_together,
-    verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that_differs,
+    verify_names_every_tampering_with_its_organization_and_event,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -1626,6 +1626,26 @@ async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: 
 async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
+    // Rows as a version before MACs stored them, first in the log: nothing to check them
+    // against, and no fault.
+    let legacy = Uuid::now_v7();
+    for (index, event) in role_flips(2, "lee").into_iter().enumerate() {
+        let sql = format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             VALUES ('organization', '{legacy}', {}, '{}', '{}', '{}', '{{}}')",
+            index + 1,
+            cqrs_es::DomainEvent::event_type(&event),
+            cqrs_es::DomainEvent::event_version(&event),
+            serde_json::to_string(&event).unwrap()
+        );
+        try_execute(service.db(), &sql).await.unwrap();
+    }
+    ledger
+        .keys()
+        .get_or_create(&legacy.to_string())
+        .await
+        .unwrap();
     let big = acme_with_mia(ledger).await;
     for _ in 0..SNAPSHOT_EVERY / 2 {
         run(ledger, big, "olivia", set_role("mia", Role::Viewer)).await;
@@ -1658,15 +1678,22 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         .await
         .unwrap();
 
-    let imported_finding = orgledger::verify::Finding {
-        organization_id: Some(imported.to_string()),
+    let not_created = |org: Uuid| orgledger::verify::Finding {
+        organization_id: Some(org.to_string()),
         sequence: Some(1),
         problem: "the first event is MemberRoleChanged, not OrganizationCreated".into(),
     };
-    assert_eq!(report.findings, [imported_finding], "{report:?}");
-    assert_eq!(report.organizations, 3);
+    let mut expected = [not_created(imported), not_created(legacy)];
+    expected.sort_by_key(|finding| finding.organization_id.clone());
+    assert_eq!(report.findings, expected, "{report:?}");
+    assert_eq!(report.organizations, 4);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
+    assert_eq!(
+        (report.events_authenticated, report.events_before_macs),
+        (stored as u64 - 2, 2),
+        "every event since the legacy rows carries a MAC that matches it, imported ones too"
+    );
     assert_eq!(
         report.snapshots, 1,
         "the purged organization's went with it"
@@ -1717,9 +1744,7 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     );
 }
 
-async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that_differs(
-    backend: Backend,
-) {
+async fn verify_names_every_tampering_with_its_organization_and_event(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
     let snapshotted = acme_with_mia(ledger).await;
@@ -1742,8 +1767,32 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
         .await
         .organization_id;
     add_member(ledger, keyless, "kim", "kai", Role::Member).await;
+    let swapped = create_org(ledger, "Swapped", "swapped", "sam")
+        .await
+        .organization_id;
+    add_member(ledger, swapped, "sam", "sia", Role::Member).await;
+    run(ledger, swapped, "sam", set_role("sia", Role::Viewer)).await;
+    run(ledger, swapped, "sam", set_role("sia", Role::Admin)).await;
+    let truncated = create_org(ledger, "Truncated", "truncated", "tia")
+        .await
+        .organization_id;
+    add_member(ledger, truncated, "tia", "tom", Role::Member).await;
+    let forged = create_org(ledger, "Forged", "forged", "fay")
+        .await
+        .organization_id;
+    add_member(ledger, forged, "fay", "fin", Role::Member).await;
+    run(ledger, forged, "fay", set_role("fin", Role::Viewer)).await;
     service.catch_up().await;
     let db = service.db();
+    let last_of = |org: Uuid| {
+        let sql = format!("SELECT max(sequence) FROM events WHERE aggregate_id = '{org}'");
+        async move { count(db, &sql).await }
+    };
+    let (swapped_last, truncated_last, forged_last) = (
+        last_of(swapped).await,
+        last_of(truncated).await,
+        last_of(forged).await,
+    );
 
     // What only someone with the database's own rights can do: the triggers go first.
     let unguard: &[&str] = match backend {
@@ -1770,6 +1819,25 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
         ),
         // Unsealed, its personal data would read as erased with no error.
         format!("DELETE FROM organization_keys WHERE organization_id = '{keyless}'"),
+        // The admin promotion read back as the viewer one: the same organization's, so it
+        // opens and replays; only its MAC tells.
+        format!(
+            "UPDATE events SET payload = (SELECT payload FROM events
+                 WHERE aggregate_id = '{swapped}' AND sequence = {swapped_last} - 1)
+              WHERE aggregate_id = '{swapped}' AND sequence = {swapped_last}"
+        ),
+        // The last event gone: no gap shows it, the read models' versions do.
+        format!(
+            "DELETE FROM events WHERE aggregate_id = '{truncated}' AND sequence = {truncated_last}"
+        ),
+        // A copy of the last event written one further, as SQL writes it: with no MAC.
+        format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             SELECT aggregate_type, aggregate_id, sequence + 1, event_type, event_version,
+                    payload, metadata
+               FROM events WHERE aggregate_id = '{forged}' AND sequence = {forged_last}"
+        ),
     ];
     for sql in &tamper {
         assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
@@ -1792,18 +1860,59 @@ async fn verify_names_a_missing_event_a_foreign_sealed_field_and_a_snapshot_that
             )
         })
         .collect();
+    let at = |sequence: i64| Some(sequence as usize);
     let mut expected = vec![
         (gapped.to_string(), Some(3)),
         (foreign.to_string(), Some(3)),
+        // Its MAC does not match the payload pasted in either.
+        (foreign.to_string(), Some(3)),
         (snapshotted.to_string(), Some(snapshot_at)),
         (keyless.to_string(), None),
+        (swapped.to_string(), at(swapped_last)),
+        (truncated.to_string(), at(truncated_last)),
+        (forged.to_string(), at(forged_last + 1)),
     ];
     expected.sort();
     let mut found_sorted = found.clone();
     found_sorted.sort();
     assert_eq!(found_sorted, expected, "{report:#?}");
-    assert_eq!(report.organizations, 5);
+    assert_eq!(report.organizations, 8);
     let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
+    let about = |org: Uuid| -> Vec<&str> {
+        report
+            .findings
+            .iter()
+            .filter(|f| f.organization_id == Some(org.to_string()))
+            .map(|f| f.problem.as_str())
+            .collect()
+    };
+    assert_eq!(
+        about(swapped),
+        [
+            "its MAC does not match it: it was altered, moved from elsewhere, or written \
+          without the master key"
+        ]
+    );
+    assert_eq!(
+        about(truncated),
+        [format!(
+            "event {truncated_last} is missing: the read models applied up to event \
+             {truncated_last}"
+        )]
+    );
+    assert_eq!(
+        about(forged),
+        [
+            "it carries no MAC, though it was stored after events began to carry one: it was \
+          written without the master key"
+        ]
+    );
+    assert!(
+        about(foreign)
+            .iter()
+            .any(|p| p.starts_with("its MAC does not match")),
+        "{problems:?}"
+    );
     assert!(
         problems.iter().any(|p| p.contains("event 2 is missing")),
         "{problems:?}"

@@ -994,6 +994,27 @@ impl Projector {
         }
     }
 
+    /// The furthest version of the organization any live read model has applied, as
+    /// recorded in the database: a log that ends before it has lost events.
+    pub async fn furthest_applied(
+        &self,
+        organization_id: &str,
+    ) -> Result<Option<i64>, ProjectionError> {
+        let sql = format!(
+            "SELECT max(version) FROM projected_versions
+              WHERE organization_id = $1 AND projection IN ({})",
+            in_list(PROJECTION_NAMES.len(), 2)
+        );
+        Ok(crate::with_pool!(&self.requests, pool => {
+            let query = sqlx::query_scalar(&sql).bind(organization_id);
+            PROJECTION_NAMES
+                .iter()
+                .fold(query, |query, name| query.bind(*name))
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
     /// True when this process's own batches applied the organization up to `version` in
     /// every projection.
     fn applied_here(&self, organization_id: &str, version: i64) -> bool {

@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cqrs_es::persist::SerializedEvent;
+use super::AuthenticatedEvent;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -36,9 +36,9 @@ const MOST_EVENTS: usize = 1_000;
 
 /// One statement for any group size, so the server keeps a single prepared statement.
 const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                         event_version, payload, metadata)
+                                         event_version, payload, metadata, mac)
                       SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[],
-                                           $5::text[], $6::jsonb[], $7::jsonb[])";
+                                           $5::text[], $6::jsonb[], $7::jsonb[], $8::bytea[])";
 
 /// PostgreSQL's `deadlock_detected` and `serialization_failure`: the statement stored
 /// nothing, and the same append may well succeed if decided again.
@@ -59,7 +59,7 @@ pub enum GroupError {
 
 /// An append waiting for its group: its events (already sealed) and where to say how it went.
 struct Append {
-    events: Vec<SerializedEvent>,
+    events: Vec<AuthenticatedEvent>,
     done: oneshot::Sender<Result<(), GroupError>>,
 }
 
@@ -100,7 +100,7 @@ impl GroupCommit {
 
     /// Appends `events` (one command's, at most 1,000) durably, together with whatever other
     /// appends are waiting.
-    pub async fn append(&self, events: Vec<SerializedEvent>) -> Result<(), GroupError> {
+    pub async fn append(&self, events: Vec<AuthenticatedEvent>) -> Result<(), GroupError> {
         let (done, outcome) = oneshot::channel();
         self.queue()
             .send(Append { events, done })
@@ -171,6 +171,7 @@ fn without_clashes(group: Vec<Append>) -> (Vec<Append>, Vec<Append>) {
         let keys: Vec<(String, String, usize)> = append
             .events
             .iter()
+            .map(|e| &e.event)
             .map(|e| (e.aggregate_type.clone(), e.aggregate_id.clone(), e.sequence))
             .collect();
         if keys.iter().any(|key| taken.contains(key)) {
@@ -185,7 +186,8 @@ fn without_clashes(group: Vec<Append>) -> (Vec<Append>, Vec<Append>) {
 
 /// Where an append's rows sort: an append's events are one organization's, in sequence order.
 fn key_of(append: &Append) -> (&str, &str, usize) {
-    append.events.first().map_or(("", "", 0), |event| {
+    append.events.first().map_or(("", "", 0), |first| {
+        let event = &first.event;
         (
             event.aggregate_type.as_str(),
             event.aggregate_id.as_str(),
@@ -247,10 +249,10 @@ fn refusal(error: sqlx::Error) -> GroupError {
 /// One INSERT of `events`, in their order (positions are taken in it).
 async fn insert<'a>(
     pool: &PgPool,
-    events: impl Iterator<Item = &'a SerializedEvent>,
+    events: impl Iterator<Item = &'a AuthenticatedEvent>,
 ) -> Result<(), sqlx::Error> {
     let mut columns = Columns::default();
-    for event in events {
+    for AuthenticatedEvent { event, mac } in events {
         columns.aggregate_types.push(event.aggregate_type.as_str());
         columns.aggregate_ids.push(event.aggregate_id.as_str());
         columns.sequences.push(event.sequence as i64);
@@ -258,6 +260,7 @@ async fn insert<'a>(
         columns.event_versions.push(event.event_version.as_str());
         columns.payloads.push(event.payload.clone());
         columns.metadata.push(event.metadata.clone());
+        columns.macs.push(&mac[..]);
     }
     sqlx::query(INSERT)
         .bind(columns.aggregate_types)
@@ -267,6 +270,7 @@ async fn insert<'a>(
         .bind(columns.event_versions)
         .bind(columns.payloads)
         .bind(columns.metadata)
+        .bind(columns.macs)
         .execute(pool)
         .await?;
     Ok(())
@@ -281,4 +285,5 @@ struct Columns<'a> {
     event_versions: Vec<&'a str>,
     payloads: Vec<serde_json::Value>,
     metadata: Vec<serde_json::Value>,
+    macs: Vec<&'a [u8]>,
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
-use super::{DataKey, Database, StoreError};
+use super::{DataKey, Database, EventMacKey, StoreError};
 
 /// How long an unwrapped key is reused in this process. Purge evicts it here at once;
 /// another process may still hold it in memory (never on disk) for at most this long.
@@ -47,6 +47,7 @@ struct KeyCache {
 pub struct DataKeys {
     database: Database,
     master: MasterKey,
+    event_macs: EventMacKey,
     cache: Arc<Mutex<KeyCache>>,
 }
 
@@ -54,6 +55,7 @@ impl DataKeys {
     pub fn new(database: Database, master: MasterKey) -> Self {
         Self {
             database,
+            event_macs: EventMacKey::derive(master.0.as_bytes()),
             master,
             cache: Arc::default(),
         }
@@ -113,6 +115,11 @@ impl DataKeys {
         self.get(organization_id)
             .await?
             .ok_or_else(|| StoreError::Integrity(format!("data key of {organization_id} vanished")))
+    }
+
+    /// The key every event's MAC is made with, derived from the master key.
+    pub fn event_macs(&self) -> &EventMacKey {
+        &self.event_macs
     }
 
     /// Seals a blob that is not an organization's (e.g. a stored response holding a token

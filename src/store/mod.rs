@@ -1,18 +1,20 @@
 //! The event store: the sealed event repository over postgres-es / sqlite-es, data keys,
 //! and the ordered feed of the whole log that projections read.
 
+mod authenticity;
 mod feed;
 mod group_commit;
 mod keys;
 mod repository;
 mod sealing;
 
+pub use authenticity::{AuthenticatedEvent, Authenticity, EventMacKey, MAC_LEN};
 pub use feed::{decode, StoreFeed};
 pub use group_commit::GroupStats;
 pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
 pub use repository::{
-    open_event, OrganizationRepository, ReadStats, SnapshotMarks, StoredSnapshot,
+    open_event, MacCheck, OrganizationRepository, ReadStats, SnapshotMarks, StoredSnapshot,
 };
 pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SEALED_PREFIX};
 

@@ -16,7 +16,10 @@ use sqlite_es::SqliteEventRepository;
 use sqlx::Row;
 
 use super::group_commit::{is_conflict, GroupCommit, GroupError, GroupStats};
-use super::{open_personal_data, seal_personal_data, DataKey, DataKeys, Database, StoreError};
+use super::{
+    open_personal_data, seal_personal_data, AuthenticatedEvent, Authenticity, DataKey, DataKeys,
+    Database, StoreError,
+};
 
 /// Where a stored snapshot stands: its number and the sequence of its last event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,21 +135,23 @@ fn open_state(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<String, StoreE
 macro_rules! append {
     ($pool:expr, $aggregate_type:expr, $aggregate_id:expr, $events:expr, $snapshot:expr) => {
         async {
-            let events: &[SerializedEvent] = $events;
+            let events: &[AuthenticatedEvent] = $events;
             // By range rather than by slice, so the statement borrows from `events` itself.
             let insert = |rows: std::ops::Range<usize>| {
                 let mut insert = sqlx::QueryBuilder::new(
                     "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                         event_version, payload, metadata) ",
+                                         event_version, payload, metadata, mac) ",
                 );
-                insert.push_values(&events[rows], |mut row, event| {
+                insert.push_values(&events[rows], |mut row, authenticated| {
+                    let event = &authenticated.event;
                     row.push_bind(event.aggregate_type.as_str())
                         .push_bind(event.aggregate_id.as_str())
                         .push_bind(event.sequence as i64)
                         .push_bind(event.event_type.as_str())
                         .push_bind(event.event_version.as_str())
                         .push_bind(&event.payload)
-                        .push_bind(&event.metadata);
+                        .push_bind(&event.metadata)
+                        .push_bind(&authenticated.mac[..]);
                 });
                 insert
             };
@@ -167,7 +172,7 @@ macro_rules! append {
                 tx.commit().await?;
                 return Ok(());
             };
-            let last_sequence = events.last().map_or(0, |event| event.sequence as i64);
+            let last_sequence = events.last().map_or(0, |last| last.event.sequence as i64);
             if number == 1 {
                 sqlx::query(
                     "INSERT INTO snapshots
@@ -360,6 +365,108 @@ impl OrganizationRepository {
         self.open_events(aggregate_id, events).await
     }
 
+    /// The MAC verdicts of up to `limit` of an aggregate's stored events after
+    /// `after_sequence`, in order, with their positions in the log.
+    pub async fn authenticity_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<MacCheck>, StoreError> {
+        type Row = (
+            Option<i64>,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            Option<Vec<u8>>,
+        );
+        // As text: a payload that is not JSON is then a verdict to give, not a failed read.
+        let rows: Vec<Row> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_as(
+                    "SELECT position, sequence, event_type, event_version, payload::text,
+                            metadata::text, mac
+                       FROM events
+                      WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+                      ORDER BY sequence LIMIT $4",
+                )
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(after_sequence as i64)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(pool)
+                .await?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_as(
+                    "SELECT l.position, e.sequence, e.event_type, e.event_version, e.payload,
+                            e.metadata, e.mac
+                       FROM events e
+                       LEFT JOIN event_log l USING (aggregate_type, aggregate_id, sequence)
+                      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3
+                      ORDER BY e.sequence LIMIT ?4",
+                )
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(after_sequence as i64)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        let macs = self.keys.event_macs();
+        Ok(rows
+            .into_iter()
+            .map(
+                |(position, sequence, event_type, event_version, payload, metadata, mac)| {
+                    let parsed = serde_json::from_str::<Value>(&payload)
+                        .and_then(|payload| Ok((payload, serde_json::from_str(&metadata)?)));
+                    let authenticity = parsed.ok().map(|(payload, metadata)| {
+                        let event = SerializedEvent::new(
+                            aggregate_id.to_owned(),
+                            sequence as usize,
+                            aggregate_type.to_owned(),
+                            event_type,
+                            event_version,
+                            payload,
+                            metadata,
+                        );
+                        macs.check(&event, mac.as_deref())
+                    });
+                    MacCheck {
+                        position,
+                        sequence: sequence as usize,
+                        authenticity,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// The log position of the first event stored with a MAC: every event after it must
+    /// carry one.
+    pub async fn first_authenticated_position(&self) -> Result<Option<i64>, StoreError> {
+        Ok(match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar("SELECT min(position) FROM events WHERE mac IS NOT NULL")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "SELECT min(l.position) FROM events e
+                       JOIN event_log l USING (aggregate_type, aggregate_id, sequence)
+                      WHERE e.mac IS NOT NULL",
+                )
+                .fetch_one(pool)
+                .await?
+            }
+        })
+    }
+
     /// A page of one organization's stored events after `after_sequence`, opened.
     pub async fn raw_page(
         &self,
@@ -510,13 +617,14 @@ impl OrganizationRepository {
                 })?
         };
         let aad = aggregate_id.as_bytes();
-        let sealed_events: Vec<SerializedEvent> = events
+        let macs = self.keys.event_macs();
+        let sealed_events: Vec<AuthenticatedEvent> = events
             .iter()
             .cloned()
             .map(|mut event| {
                 seal_personal_data(&mut event.payload, &key, aad);
                 seal_personal_data(&mut event.metadata, &key, aad);
-                event
+                macs.authenticate(event)
             })
             .collect();
         let sealed_snapshot = match snapshot {
@@ -614,6 +722,16 @@ impl OrganizationRepository {
         };
         Ok(rows)
     }
+}
+
+/// One stored event's MAC, as `verify` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacCheck {
+    /// Its position in the log; `None` when SQLite's log has lost its row.
+    pub position: Option<i64>,
+    pub sequence: usize,
+    /// `None` when its payload or metadata is not JSON: there is nothing to check.
+    pub authenticity: Option<Authenticity>,
 }
 
 /// A stored event from its row, on either backend. Fallible rather than `get`'s panic: a
