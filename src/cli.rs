@@ -34,6 +34,11 @@ pub enum Commands {
     Migrate {
         #[command(flatten)]
         store: StoreConfig,
+        /// Then give every stored event without a MAC its MAC, as the event stands: once,
+        /// after upgrading a store that a version before MACs wrote, with no such version
+        /// still running. It vouches for those rows: run it only on a store you trust.
+        #[arg(long)]
+        authenticate_unmarked_events: bool,
     },
     /// Apply pending migrations, open the event store and serve until SIGTERM or SIGINT.
     Serve {
@@ -160,9 +165,23 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Commands::Migrate { store } => {
+        Commands::Migrate {
+            store,
+            authenticate_unmarked_events,
+        } => {
             let service = open_store(&store, true, &[]).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
+            if authenticate_unmarked_events {
+                let marked = authenticate_unmarked(&service).await;
+                service.close().await;
+                let marked = marked?;
+                println!(
+                    "events given their MAC: {}; left without one (not JSON, `verify` names \
+                     them): {}",
+                    marked.marked, marked.unreadable
+                );
+                return Ok(());
+            }
             service.close().await;
         }
         Commands::Serve {
@@ -361,6 +380,28 @@ async fn export_to(
     Ok(written)
 }
 
+/// Gives the events stored without a MAC theirs, with a running count on a terminal.
+async fn authenticate_unmarked(
+    service: &Orgledger,
+) -> Result<crate::store::MarkedEvents, crate::ledger::LedgerError> {
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} events given their MAC")
+                .expect("a valid template"),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let marked = service
+        .ledger
+        .authenticate_unmarked(|marked| bar.set_position(marked))
+        .await;
+    bar.finish_and_clear();
+    marked
+}
+
 /// Prints `verify`'s report, as lines or as JSON; an error when it found anything.
 fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
     let plural =
@@ -392,12 +433,11 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
         "read models not checked (one organization)".to_owned()
     };
     println!(
-        "verified {}, {} ({} with a matching MAC, {} stored before MACs), {} (and {} in an \
-         older shape, not compared); {read_models}; {}",
+        "verified {}, {} ({} with a matching MAC), {} (and {} in an older shape, not \
+         compared); {read_models}; {}",
         plural(report.organizations, "organization", "organizations"),
         plural(report.events as usize, "event", "events"),
         report.events_authenticated,
-        report.events_before_macs,
         plural(report.snapshots, "snapshot", "snapshots"),
         report.snapshots_not_compared,
         problems,

@@ -26,8 +26,8 @@ use rand::Rng;
 use uuid::Uuid;
 
 use crate::store::{
-    snapshot_interval, DataKeys, Database, MacCheck, MasterKey, OrganizationRepository, ReadStats,
-    SnapshotMarks, StoreError,
+    snapshot_interval, DataKeys, Database, MacCheck, MarkedEvents, MasterKey,
+    OrganizationRepository, ReadStats, SnapshotMarks, StoreError,
 };
 use crate::turns::Turns;
 
@@ -912,9 +912,13 @@ impl Ledger {
             .await?)
     }
 
-    /// Where in the log events began to carry MACs.
-    pub async fn first_authenticated_position(&self) -> Result<Option<i64>, LedgerError> {
-        Ok(self.repository.first_authenticated_position().await?)
+    /// Gives every stored event without a MAC its MAC (see
+    /// [`OrganizationRepository::authenticate_unmarked`]).
+    pub async fn authenticate_unmarked(
+        &self,
+        on_page: impl FnMut(u64),
+    ) -> Result<MarkedEvents, LedgerError> {
+        Ok(self.repository.authenticate_unmarked(on_page).await?)
     }
 
     /// Every organization that has events, purged ones included, in id order.

@@ -50,9 +50,6 @@ pub struct VerifyReport {
     pub events: u64,
     /// Events whose MAC matches them.
     pub events_authenticated: u64,
-    /// Events stored before events carried MACs (before the log's first event with one):
-    /// nothing to check them against. Not a fault; every event since carries one.
-    pub events_before_macs: u64,
     /// Snapshots compared with the replay.
     pub snapshots: usize,
     /// Snapshots in a state shape this version no longer reads: loads ignore them and
@@ -72,6 +69,13 @@ pub async fn verify(
     show_progress: bool,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
+    // What the read models applied, read before the log: whatever they record is in the log
+    // by the time it is read.
+    let applied = service
+        .projector
+        .applied_versions(only.map(|id| id.to_string()).as_deref())
+        .await
+        .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
     let organizations = match only {
         Some(organization_id) => {
             if service
@@ -86,8 +90,6 @@ pub async fn verify(
         }
         None => service.ledger.organization_ids().await?,
     };
-    // Every event stored after this one must carry a MAC.
-    let macs_since = service.ledger.first_authenticated_position().await?;
     let bar = if show_progress {
         let bar = indicatif::ProgressBar::new(organizations.len() as u64);
         bar.set_style(
@@ -104,7 +106,8 @@ pub async fn verify(
     for id in &organizations {
         match Uuid::parse_str(id) {
             Ok(organization_id) => {
-                verify_organization(service, organization_id, macs_since, &mut report).await?;
+                let applied = applied.get(id).map(|version| *version as usize);
+                verify_organization(service, organization_id, applied, &mut report).await?;
             }
             Err(_) => report.findings.push(Finding {
                 organization_id: Some(id.clone()),
@@ -117,6 +120,25 @@ pub async fn verify(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // An organization the read models know and the log does not: every event of it gone.
+    if only.is_none() {
+        let logged: std::collections::HashSet<&String> = organizations.iter().collect();
+        let mut vanished: Vec<(&String, &i64)> = applied
+            .iter()
+            .filter(|(id, _)| !logged.contains(id))
+            .collect();
+        vanished.sort();
+        for (id, version) in vanished {
+            report.findings.push(Finding {
+                organization_id: Some(id.clone()),
+                sequence: Some(1),
+                problem: format!(
+                    "{}: the read models applied up to event {version}",
+                    missing(1, *version as usize)
+                ),
+            });
+        }
+    }
     if only.is_none() {
         verify_read_models(service, &mut report).await?;
     }
@@ -163,7 +185,7 @@ async fn still_answering(database: &Database) -> Result<(), VerifyError> {
 async fn verify_organization(
     service: &Orgledger,
     organization_id: Uuid,
-    macs_since: Option<i64>,
+    applied: Option<usize>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
     let ledger = &service.ledger;
@@ -308,18 +330,10 @@ async fn verify_organization(
             ),
         }
     }
-    verify_macs(service, organization_id, macs_since, report, &mut found).await?;
+    verify_macs(service, organization_id, last, report, &mut found).await?;
     // The read models record the last event they applied of each organization: a log that
     // ends before it lost its last events, which no gap shows.
-    let applied = service
-        .projector
-        .furthest_applied(&organization_id.to_string())
-        .await
-        .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
-    if let Some(applied) = applied
-        .map(|version| version as usize)
-        .filter(|v| *v > last)
-    {
+    if let Some(applied) = applied.filter(|applied| *applied > last) {
         found(
             Some(last + 1),
             format!(
@@ -333,17 +347,18 @@ async fn verify_organization(
     Ok(())
 }
 
-/// Checks the MAC of each of the organization's events against the event as stored.
+/// Checks the MAC of each of the organization's events up to `through` (where the replay
+/// stopped) against the event as stored.
 async fn verify_macs(
     service: &Orgledger,
     organization_id: Uuid,
-    macs_since: Option<i64>,
+    through: usize,
     report: &mut VerifyReport,
     found: &mut impl FnMut(Option<usize>, String),
 ) -> Result<(), VerifyError> {
     let ledger = &service.ledger;
     let mut last = 0;
-    loop {
+    while last < through {
         // Once more after the database answers: a connection lost mid-read is not a fault.
         let page = match ledger.authenticity_after(organization_id, last, PAGE).await {
             Ok(page) => page,
@@ -356,7 +371,10 @@ async fn verify_macs(
             }
         };
         let complete = page.len() < PAGE;
-        for check in page {
+        for check in page
+            .into_iter()
+            .take_while(|check| check.sequence <= through)
+        {
             last = check.sequence;
             match check.authenticity {
                 Some(Authenticity::Authentic) => report.events_authenticated += 1,
@@ -366,17 +384,11 @@ async fn verify_macs(
                      written without the master key"
                         .into(),
                 ),
-                // Before the first event with a MAC, events had none.
-                Some(Authenticity::Unmarked)
-                    if check.position.is_some()
-                        && macs_since.is_none_or(|since| check.position < Some(since)) =>
-                {
-                    report.events_before_macs += 1;
-                }
                 Some(Authenticity::Unmarked) => found(
                     Some(check.sequence),
-                    "it carries no MAC, though it was stored after events began to carry one: \
-                     it was written without the master key"
+                    "it carries no MAC: it was written without the master key, or stored by a \
+                     version before MACs (`orgledger migrate --authenticate-unmarked-events` \
+                     marks those, on a store whose rows are trusted)"
                         .into(),
                 ),
                 // Not JSON: the replay above names it.
@@ -384,9 +396,10 @@ async fn verify_macs(
             }
         }
         if complete {
-            return Ok(());
+            break;
         }
     }
+    Ok(())
 }
 
 async fn has_key(

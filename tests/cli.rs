@@ -464,10 +464,7 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
         String::from_utf8_lossy(&clean.stderr)
     );
     assert!(
-        stdout.contains(
-            "verified 0 organizations, 0 events (0 with a matching MAC, 0 stored before MACs), \
-             0 snapshots"
-        ),
+        stdout.contains("verified 0 organizations, 0 events (0 with a matching MAC), 0 snapshots"),
         "{stdout}"
     );
 
@@ -482,13 +479,39 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
         stdout.contains(&format!("FAIL organization {organization}, event 1:")),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(&format!(
+            "FAIL organization {organization}, event 1: it carries no MAC"
+        )),
+        "written past the store, it has none: {stdout}"
+    );
+    assert!(stdout.contains("; 2 problems"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("verification found 2 problems"),
+        "{}",
+        String::from_utf8_lossy(&broken.stderr)
+    );
+
+    // The operator vouches for the rows a version before MACs stored: each gets its MAC.
+    let marking = orgledger(&["migrate", "--authenticate-unmarked-events"], &url);
+    assert!(marking.status.success(), "{marking:?}");
+    assert!(
+        String::from_utf8_lossy(&marking.stdout).contains(
+            "events given their MAC: 1; left without one (not JSON, `verify` names them): 0"
+        ),
+        "{marking:?}"
+    );
+    let broken = orgledger(&["verify"], &url);
+    let stdout = String::from_utf8_lossy(&broken.stdout);
     assert!(stdout.contains("; 1 problem"), "{stdout}");
+    assert!(!stdout.contains("MAC:"), "{stdout}");
     let as_json = orgledger(&["verify", "--json"], &url);
     assert_eq!(as_json.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&as_json.stdout).unwrap();
     assert_eq!(report["organizations"], 1, "{report}");
     assert_eq!(report["findings"][0]["organization_id"], organization);
     assert_eq!(report["findings"][0]["sequence"], 1);
+    assert_eq!(report["events_authenticated"], 1, "{report}");
     assert!(
         String::from_utf8_lossy(&broken.stderr).contains("verification found 1 problem"),
         "{}",
@@ -507,6 +530,14 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
             "FAIL organization {garbled}, event 1: it cannot be read"
         )),
         "{stdout}"
+    );
+    // Not JSON, it cannot be given a MAC: left as it is, and counted.
+    let marking = orgledger(&["migrate", "--authenticate-unmarked-events"], &url);
+    assert!(
+        String::from_utf8_lossy(&marking.stdout).contains(
+            "events given their MAC: 0; left without one (not JSON, `verify` names them): 1"
+        ),
+        "{marking:?}"
     );
 }
 

@@ -55,13 +55,38 @@ on_both_backends!(
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
     create_org(&ledger, "Acme", "acme", "olivia").await;
+    let mac_of = |sequence: u32| format!("(SELECT mac FROM events WHERE sequence = {sequence})");
     for sql in [
-        "UPDATE events SET event_type = 'Tampered'",
-        "DELETE FROM events",
+        "UPDATE events SET event_type = 'Tampered'".to_owned(),
+        "DELETE FROM events".to_owned(),
+        // A MAC, once set, neither goes nor changes.
+        "UPDATE events SET mac = NULL".to_owned(),
+        format!("UPDATE events SET mac = {} WHERE sequence = 1", mac_of(2)),
     ] {
-        let error = try_execute(ledger.db(), sql).await.unwrap_err();
+        let error = try_execute(ledger.db(), &sql).await.unwrap_err();
         assert!(error.contains("append-only"), "{sql}: {error}");
     }
+    // An event without a MAC, as a version before MACs stored it, may be given one, and
+    // nothing else with it.
+    try_execute(
+        ledger.db(),
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata)
+         SELECT aggregate_type, aggregate_id, 3, event_type, event_version, payload, metadata
+           FROM events WHERE sequence = 2",
+    )
+    .await
+    .unwrap();
+    let marking_and_more = format!(
+        "UPDATE events SET mac = {}, event_type = 'Tampered' WHERE sequence = 3",
+        mac_of(1)
+    );
+    let error = try_execute(ledger.db(), &marking_and_more)
+        .await
+        .unwrap_err();
+    assert!(error.contains("append-only"), "{error}");
+    let marking = format!("UPDATE events SET mac = {} WHERE sequence = 3", mac_of(1));
+    assert_eq!(try_execute(ledger.db(), &marking).await, Ok(1));
     if backend == Backend::Postgres {
         let error = try_execute(ledger.db(), "TRUNCATE events")
             .await
@@ -73,7 +98,11 @@ async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
             .unwrap_err();
         assert!(error.contains("append-only"), "{error}");
     }
-    assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 2);
+    assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 3);
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM events WHERE mac IS NULL").await,
+        0
+    );
 }
 
 async fn personal_data_and_tokens_never_appear_in_clear_in_stored_rows(backend: Backend) {
@@ -1626,8 +1655,8 @@ async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: 
 async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
-    // Rows as a version before MACs stored them, first in the log: nothing to check them
-    // against, and no fault.
+    // Rows as a version before MACs stored them: named until the store's operator vouches
+    // for them.
     let legacy = Uuid::now_v7();
     for (index, event) in role_flips(2, "lee").into_iter().enumerate() {
         let sql = format!(
@@ -1644,6 +1673,22 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     ledger
         .keys()
         .get_or_create(&legacy.to_string())
+        .await
+        .unwrap();
+    // What jsonb gives back differently from what was written: non-ASCII, escapes, and the
+    // sealed client address and agent in the metadata.
+    let context = RequestContext {
+        request_id: Some("req-ü".into()),
+        client_ip: Some("203.0.113.7".into()),
+        user_agent: Some("Müller \"agent\" \\ 😀\n".into()),
+        idempotency_key: None,
+    };
+    ledger
+        .create_organization(
+            create_command("Zürich \"Ω\" Ltd", "zurich", "zoe"),
+            true,
+            &context,
+        )
         .await
         .unwrap();
     let big = acme_with_mia(ledger).await;
@@ -1673,6 +1718,23 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         .await
         .unwrap();
     service.catch_up().await;
+    let before = orgledger::verify::verify(&service, None, false)
+        .await
+        .unwrap();
+    let unmarked: Vec<(Option<String>, Option<usize>)> = before
+        .findings
+        .iter()
+        .filter(|finding| finding.problem.starts_with("it carries no MAC"))
+        .map(|finding| (finding.organization_id.clone(), finding.sequence))
+        .collect();
+    let legacy_id = Some(legacy.to_string());
+    assert_eq!(
+        unmarked,
+        [(legacy_id.clone(), Some(1)), (legacy_id, Some(2))],
+        "{before:?}"
+    );
+    let marked = ledger.authenticate_unmarked(|_| {}).await.unwrap();
+    assert_eq!((marked.marked, marked.unreadable), (2, 0));
 
     let report = orgledger::verify::verify(&service, None, false)
         .await
@@ -1686,13 +1748,12 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let mut expected = [not_created(imported), not_created(legacy)];
     expected.sort_by_key(|finding| finding.organization_id.clone());
     assert_eq!(report.findings, expected, "{report:?}");
-    assert_eq!(report.organizations, 4);
+    assert_eq!(report.organizations, 5);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
     assert_eq!(
-        (report.events_authenticated, report.events_before_macs),
-        (stored as u64 - 2, 2),
-        "every event since the legacy rows carries a MAC that matches it, imported ones too"
+        report.events_authenticated, stored as u64,
+        "every event carries a MAC that matches it: imported ones, and the legacy ones now"
     );
     assert_eq!(
         report.snapshots, 1,
@@ -1782,16 +1843,23 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         .organization_id;
     add_member(ledger, forged, "fay", "fin", Role::Member).await;
     run(ledger, forged, "fay", set_role("fin", Role::Viewer)).await;
+    let stripped = create_org(ledger, "Stripped", "stripped", "sol")
+        .await
+        .organization_id;
+    let vanished = create_org(ledger, "Vanished", "vanished", "val")
+        .await
+        .organization_id;
     service.catch_up().await;
     let db = service.db();
     let last_of = |org: Uuid| {
         let sql = format!("SELECT max(sequence) FROM events WHERE aggregate_id = '{org}'");
         async move { count(db, &sql).await }
     };
-    let (swapped_last, truncated_last, forged_last) = (
+    let (swapped_last, truncated_last, forged_last, vanished_last) = (
         last_of(swapped).await,
         last_of(truncated).await,
         last_of(forged).await,
+        last_of(vanished).await,
     );
 
     // What only someone with the database's own rights can do: the triggers go first.
@@ -1838,9 +1906,18 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
                     payload, metadata
                FROM events WHERE aggregate_id = '{forged}' AND sequence = {forged_last}"
         ),
+        // A MAC removed, so that the event would pass for one stored before MACs.
+        format!("UPDATE events SET mac = NULL WHERE aggregate_id = '{stripped}' AND sequence = 1"),
+        // Every event of an organization gone.
+        format!("DELETE FROM events WHERE aggregate_id = '{vanished}'"),
     ];
     for sql in &tamper {
-        assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
+        let rows = if sql.contains(&vanished.to_string()) {
+            vanished_last as u64
+        } else {
+            1
+        };
+        assert_eq!(try_execute(db, sql).await, Ok(rows), "{sql}");
     }
     let snapshot_at = count(db, "SELECT last_sequence FROM snapshots").await as usize;
 
@@ -1871,12 +1948,17 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         (swapped.to_string(), at(swapped_last)),
         (truncated.to_string(), at(truncated_last)),
         (forged.to_string(), at(forged_last + 1)),
+        (stripped.to_string(), Some(1)),
+        (vanished.to_string(), Some(1)),
     ];
     expected.sort();
     let mut found_sorted = found.clone();
     found_sorted.sort();
     assert_eq!(found_sorted, expected, "{report:#?}");
-    assert_eq!(report.organizations, 8);
+    assert_eq!(
+        report.organizations, 9,
+        "the vanished one is not in the log"
+    );
     let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
     let about = |org: Uuid| -> Vec<&str> {
         report
@@ -1900,12 +1982,17 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
              {truncated_last}"
         )]
     );
+    let unmarked = "it carries no MAC: it was written without the master key, or stored by a \
+                    version before MACs (`orgledger migrate --authenticate-unmarked-events` \
+                    marks those, on a store whose rows are trusted)";
+    assert_eq!(about(forged), [unmarked]);
+    assert_eq!(about(stripped), [unmarked]);
     assert_eq!(
-        about(forged),
-        [
-            "it carries no MAC, though it was stored after events began to carry one: it was \
-          written without the master key"
-        ]
+        about(vanished),
+        [format!(
+            "events 1 to {vanished_last} are missing: the read models applied up to event \
+             {vanished_last}"
+        )]
     );
     assert!(
         about(foreign)

@@ -994,25 +994,36 @@ impl Projector {
         }
     }
 
-    /// The furthest version of the organization any live read model has applied, as
-    /// recorded in the database: a log that ends before it has lost events.
-    pub async fn furthest_applied(
+    /// By organization (`only` one, or all), the furthest version any live read model has
+    /// applied, as recorded in the database: a log that ends before it has lost events.
+    pub async fn applied_versions(
         &self,
-        organization_id: &str,
-    ) -> Result<Option<i64>, ProjectionError> {
+        only: Option<&str>,
+    ) -> Result<HashMap<String, i64>, ProjectionError> {
         let sql = format!(
-            "SELECT max(version) FROM projected_versions
-              WHERE organization_id = $1 AND projection IN ({})",
-            in_list(PROJECTION_NAMES.len(), 2)
+            "SELECT organization_id, max(version) FROM projected_versions
+              WHERE projection IN ({}) {}
+              GROUP BY organization_id",
+            in_list(PROJECTION_NAMES.len(), 1),
+            if only.is_some() {
+                format!("AND organization_id = ${}", PROJECTION_NAMES.len() + 1)
+            } else {
+                String::new()
+            }
         );
-        Ok(crate::with_pool!(&self.requests, pool => {
-            let query = sqlx::query_scalar(&sql).bind(organization_id);
-            PROJECTION_NAMES
+        let rows: Vec<(String, i64)> = crate::with_pool!(&self.requests, pool => {
+            let query = sqlx::query_as(&sql);
+            let query = PROJECTION_NAMES
                 .iter()
-                .fold(query, |query, name| query.bind(*name))
-                .fetch_one(pool)
-                .await?
-        }))
+                .fold(query, |query, name| query.bind(*name));
+            match only {
+                Some(organization_id) => query.bind(organization_id),
+                None => query,
+            }
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows.into_iter().collect())
     }
 
     /// True when this process's own batches applied the organization up to `version` in

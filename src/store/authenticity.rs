@@ -171,17 +171,25 @@ mod tests {
     }
 
     #[test]
-    fn the_mac_survives_jsonb_reordering_its_keys_and_spacing() {
+    fn the_canonical_form_sorts_keys_and_drops_whitespace() {
+        // As PostgreSQL prints a jsonb document: shorter keys first, spaces after separators.
+        let read_back: Value = serde_json::from_str(
+            r#"{"b": [1, {"d": "é\"\\\n😀", "c": null}], "a": {}, "aa": [], "ab": true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(canonical(&read_back)).unwrap(),
+            r#"{"a":{},"aa":[],"ab":true,"b":[1,{"c":null,"d":"é\"\\\n😀"}]}"#
+        );
         let key = EventMacKey::derive(&[1; 32]);
         let stored = key.authenticate(event());
-        // How PostgreSQL prints a jsonb document: shorter keys first, a space after colons.
-        let mut read_back = event();
-        read_back.payload = serde_json::from_str(
+        let mut respaced = event();
+        respaced.payload = serde_json::from_str(
             r#"{"MemberRoleChanged": {"at": "2026-12-06T00:00:00Z", "role": "admin", "user_id": "u1"}}"#,
         )
         .unwrap();
         assert_eq!(
-            key.check(&read_back, Some(&stored.mac)),
+            key.check(&respaced, Some(&stored.mac)),
             Authenticity::Authentic
         );
     }

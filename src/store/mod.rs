@@ -14,7 +14,8 @@ pub use group_commit::GroupStats;
 pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
 pub use repository::{
-    open_event, MacCheck, OrganizationRepository, ReadStats, SnapshotMarks, StoredSnapshot,
+    open_event, MacCheck, MarkedEvents, OrganizationRepository, ReadStats, SnapshotMarks,
+    StoredSnapshot,
 };
 pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SEALED_PREFIX};
 

@@ -366,7 +366,7 @@ impl OrganizationRepository {
     }
 
     /// The MAC verdicts of up to `limit` of an aggregate's stored events after
-    /// `after_sequence`, in order, with their positions in the log.
+    /// `after_sequence`, in order.
     pub async fn authenticity_after(
         &self,
         aggregate_type: &str,
@@ -374,97 +374,100 @@ impl OrganizationRepository {
         after_sequence: usize,
         limit: usize,
     ) -> Result<Vec<MacCheck>, StoreError> {
-        type Row = (
-            Option<i64>,
-            i64,
-            String,
-            String,
-            String,
-            String,
-            Option<Vec<u8>>,
-        );
         // As text: a payload that is not JSON is then a verdict to give, not a failed read.
-        let rows: Vec<Row> = match &self.database {
-            Database::Postgres(pool) => {
-                sqlx::query_as(
-                    "SELECT position, sequence, event_type, event_version, payload::text,
-                            metadata::text, mac
-                       FROM events
-                      WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-                      ORDER BY sequence LIMIT $4",
-                )
+        const PAGE: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                   event_version, CAST(payload AS text), CAST(metadata AS text),
+                                   mac
+                              FROM events
+                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+                             ORDER BY sequence LIMIT $4";
+        let rows: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_as(PAGE)
                 .bind(aggregate_type)
                 .bind(aggregate_id)
                 .bind(after_sequence as i64)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(pool)
                 .await?
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_as(
-                    "SELECT l.position, e.sequence, e.event_type, e.event_version, e.payload,
-                            e.metadata, e.mac
-                       FROM events e
-                       LEFT JOIN event_log l USING (aggregate_type, aggregate_id, sequence)
-                      WHERE e.aggregate_type = ?1 AND e.aggregate_id = ?2 AND e.sequence > ?3
-                      ORDER BY e.sequence LIMIT ?4",
-                )
-                .bind(aggregate_type)
-                .bind(aggregate_id)
-                .bind(after_sequence as i64)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(pool)
-                .await?
-            }
-        };
+        });
         let macs = self.keys.event_macs();
         Ok(rows
             .into_iter()
-            .map(
-                |(position, sequence, event_type, event_version, payload, metadata, mac)| {
-                    let parsed = serde_json::from_str::<Value>(&payload)
-                        .and_then(|payload| Ok((payload, serde_json::from_str(&metadata)?)));
-                    let authenticity = parsed.ok().map(|(payload, metadata)| {
-                        let event = SerializedEvent::new(
-                            aggregate_id.to_owned(),
-                            sequence as usize,
-                            aggregate_type.to_owned(),
-                            event_type,
-                            event_version,
-                            payload,
-                            metadata,
-                        );
-                        macs.check(&event, mac.as_deref())
-                    });
-                    MacCheck {
-                        position,
-                        sequence: sequence as usize,
-                        authenticity,
-                    }
-                },
-            )
+            .map(|row| {
+                let sequence = row.2 as usize;
+                let authenticity =
+                    as_stored(row).map(|(event, mac)| macs.check(&event, mac.as_deref()));
+                MacCheck {
+                    sequence,
+                    authenticity,
+                }
+            })
             .collect())
     }
 
-    /// The log position of the first event stored with a MAC: every event after it must
-    /// carry one.
-    pub async fn first_authenticated_position(&self) -> Result<Option<i64>, StoreError> {
-        Ok(match &self.database {
-            Database::Postgres(pool) => {
-                sqlx::query_scalar("SELECT min(position) FROM events WHERE mac IS NOT NULL")
-                    .fetch_one(pool)
+    /// Gives every stored event without a MAC its MAC, as the event stands now: for the
+    /// events a version before MACs stored, once, on a store whose rows are trusted. Events
+    /// whose payload or metadata is not JSON are left without (`verify` names them).
+    /// `on_page` hears the running count of events marked.
+    pub async fn authenticate_unmarked(
+        &self,
+        mut on_page: impl FnMut(u64),
+    ) -> Result<MarkedEvents, StoreError> {
+        const UNMARKED: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                       event_version, CAST(payload AS text),
+                                       CAST(metadata AS text), mac
+                                  FROM events
+                                 WHERE mac IS NULL
+                                   AND (aggregate_type, aggregate_id, sequence) > ($1, $2, $3)
+                                 ORDER BY aggregate_type, aggregate_id, sequence LIMIT $4";
+        // The trigger lets this one update through: a MAC where there was none, nothing
+        // else changed.
+        const MARK: &str = "UPDATE events SET mac = $4
+                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3
+                               AND mac IS NULL";
+        let macs = self.keys.event_macs();
+        let mut done = MarkedEvents::default();
+        let mut after = (String::new(), String::new(), 0_i64);
+        loop {
+            let rows: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
+                sqlx::query_as(UNMARKED)
+                    .bind(&after.0)
+                    .bind(&after.1)
+                    .bind(after.2)
+                    .bind(MARK_PAGE)
+                    .fetch_all(pool)
                     .await?
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_scalar(
-                    "SELECT min(l.position) FROM events e
-                       JOIN event_log l USING (aggregate_type, aggregate_id, sequence)
-                      WHERE e.mac IS NOT NULL",
-                )
-                .fetch_one(pool)
-                .await?
-            }
-        })
+            });
+            let Some(last) = rows.last() else {
+                return Ok(done);
+            };
+            after = (last.0.clone(), last.1.clone(), last.2);
+            let marks: Vec<AuthenticatedEvent> = rows
+                .into_iter()
+                .filter_map(|row| {
+                    let event = as_stored(row).map(|(event, _)| macs.authenticate(event));
+                    if event.is_none() {
+                        done.unreadable += 1;
+                    }
+                    event
+                })
+                .collect();
+            orgledger_projections::with_pool!(&self.database, pool => {
+                let mut tx = pool.begin().await?;
+                for AuthenticatedEvent { event, mac } in &marks {
+                    let marked = sqlx::query(MARK)
+                        .bind(&event.aggregate_type)
+                        .bind(&event.aggregate_id)
+                        .bind(event.sequence as i64)
+                        .bind(&mac[..])
+                        .execute(&mut *tx)
+                        .await?;
+                    done.marked += marked.rows_affected();
+                }
+                tx.commit().await?;
+            });
+            on_page(done.marked);
+        }
     }
 
     /// A page of one organization's stored events after `after_sequence`, opened.
@@ -727,11 +730,47 @@ impl OrganizationRepository {
 /// One stored event's MAC, as `verify` reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MacCheck {
-    /// Its position in the log; `None` when SQLite's log has lost its row.
-    pub position: Option<i64>,
     pub sequence: usize,
     /// `None` when its payload or metadata is not JSON: there is nothing to check.
     pub authenticity: Option<Authenticity>,
+}
+
+/// Events `authenticate_unmarked` gave a MAC, and those it could not (not JSON).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MarkedEvents {
+    pub marked: u64,
+    pub unreadable: u64,
+}
+
+/// Unmarked events given their MAC per transaction.
+const MARK_PAGE: i64 = 1_000;
+
+/// An event's row with its payload and metadata as text, and its MAC.
+type StoredRow = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<Vec<u8>>,
+);
+
+/// The event as stored and its MAC; `None` when its payload or metadata is not JSON.
+fn as_stored(row: StoredRow) -> Option<(SerializedEvent, Option<Vec<u8>>)> {
+    let (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, mac) =
+        row;
+    let event = SerializedEvent::new(
+        aggregate_id,
+        sequence as usize,
+        aggregate_type,
+        event_type,
+        event_version,
+        serde_json::from_str(&payload).ok()?,
+        serde_json::from_str(&metadata).ok()?,
+    );
+    Some((event, mac))
 }
 
 /// A stored event from its row, on either backend. Fallible rather than `get`'s panic: a
