@@ -34,11 +34,11 @@ pub enum Commands {
     Migrate {
         #[command(flatten)]
         store: StoreConfig,
-        /// Then give every stored event without a MAC its MAC, as the event stands: once,
-        /// after upgrading a store that a version before MACs wrote, with no such version
-        /// still running. It vouches for those rows: run it only on a store you trust.
+        /// Then give the events a version before MACs stored (listed when MACs were added)
+        /// their MAC, as each event stands: once, after upgrading, with no such version still
+        /// running. It vouches for those rows: run it only on a store you trust.
         #[arg(long)]
-        authenticate_unmarked_events: bool,
+        authenticate_legacy_events: bool,
     },
     /// Apply pending migrations, open the event store and serve until SIGTERM or SIGINT.
     Serve {
@@ -167,12 +167,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Commands::Migrate {
             store,
-            authenticate_unmarked_events,
+            authenticate_legacy_events,
         } => {
             let service = open_store(&store, true, &[]).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
-            if authenticate_unmarked_events {
-                let marked = authenticate_unmarked(&service).await;
+            if authenticate_legacy_events {
+                let marked = authenticate_legacy(&service).await;
                 service.close().await;
                 let marked = marked?;
                 println!(
@@ -380,8 +380,8 @@ async fn export_to(
     Ok(written)
 }
 
-/// Gives the events stored without a MAC theirs, with a running count on a terminal.
-async fn authenticate_unmarked(
+/// Gives the events stored before MACs theirs, with a running count on a terminal.
+async fn authenticate_legacy(
     service: &Orgledger,
 ) -> Result<crate::store::MarkedEvents, crate::ledger::LedgerError> {
     let bar = if std::io::stderr().is_terminal() {
@@ -396,7 +396,7 @@ async fn authenticate_unmarked(
     };
     let marked = service
         .ledger
-        .authenticate_unmarked(|marked| bar.set_position(marked))
+        .authenticate_legacy(|marked| bar.set_position(marked))
         .await;
     bar.finish_and_clear();
     marked

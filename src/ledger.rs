@@ -912,13 +912,13 @@ impl Ledger {
             .await?)
     }
 
-    /// Gives every stored event without a MAC its MAC (see
-    /// [`OrganizationRepository::authenticate_unmarked`]).
-    pub async fn authenticate_unmarked(
+    /// Gives the events a version before MACs stored theirs (see
+    /// [`OrganizationRepository::authenticate_legacy`]).
+    pub async fn authenticate_legacy(
         &self,
         on_page: impl FnMut(u64),
     ) -> Result<MarkedEvents, LedgerError> {
-        Ok(self.repository.authenticate_unmarked(on_page).await?)
+        Ok(self.repository.authenticate_legacy(on_page).await?)
     }
 
     /// Every organization that has events, purged ones included, in id order.

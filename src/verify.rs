@@ -78,15 +78,17 @@ pub async fn verify(
         .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
     let organizations = match only {
         Some(organization_id) => {
-            if service
+            let id = organization_id.to_string();
+            match service
                 .ledger
                 .next_sequence_after(organization_id, 0)
                 .await?
-                .is_none()
             {
-                return Err(VerifyError::UnknownOrganization(organization_id));
+                Some(_) => vec![id],
+                // Its events all gone: a finding below.
+                None if applied.contains_key(&id) => Vec::new(),
+                None => return Err(VerifyError::UnknownOrganization(organization_id)),
             }
-            vec![organization_id.to_string()]
         }
         None => service.ledger.organization_ids().await?,
     };
@@ -121,7 +123,7 @@ pub async fn verify(
     }
     bar.finish_and_clear();
     // An organization the read models know and the log does not: every event of it gone.
-    if only.is_none() {
+    {
         let logged: std::collections::HashSet<&String> = organizations.iter().collect();
         let mut vanished: Vec<(&String, &i64)> = applied
             .iter()
@@ -384,11 +386,17 @@ async fn verify_macs(
                      written without the master key"
                         .into(),
                 ),
+                Some(Authenticity::Unmarked) if check.stored_before_macs => found(
+                    Some(check.sequence),
+                    "it carries no MAC: a version before MACs stored it (`orgledger migrate \
+                     --authenticate-legacy-events` gives it one, on a store whose rows are \
+                     trusted)"
+                        .into(),
+                ),
                 Some(Authenticity::Unmarked) => found(
                     Some(check.sequence),
-                    "it carries no MAC: it was written without the master key, or stored by a \
-                     version before MACs (`orgledger migrate --authenticate-unmarked-events` \
-                     marks those, on a store whose rows are trusted)"
+                    "it carries no MAC, and no version before MACs stored it: it was written \
+                     without the master key"
                         .into(),
                 ),
                 // Not JSON: the replay above names it.

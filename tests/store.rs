@@ -6,7 +6,8 @@ mod support;
 use std::collections::HashMap;
 
 use cqrs_es::persist::SerializedEvent;
-use orgledger::ledger::{LedgerError, RequestContext};
+use orgledger::ledger::{Ledger, LedgerError, RequestContext};
+use orgledger::service::Orgledger;
 use orgledger::store::{seal_personal_data, snapshot_interval, MasterKey, SNAPSHOT_EVERY};
 use orgledger_domain::*;
 use orgledger_projections::{Database, PING_IDLE_FOR};
@@ -50,6 +51,7 @@ on_both_backends!(
     an_import_beside_commands_on_one_organization_lands_with_them,
     verify_passes_a_history_that_holds_together,
     verify_names_every_tampering_with_its_organization_and_event,
+    a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written_since,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -66,8 +68,8 @@ async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
         let error = try_execute(ledger.db(), &sql).await.unwrap_err();
         assert!(error.contains("append-only"), "{sql}: {error}");
     }
-    // An event without a MAC, as a version before MACs stored it, may be given one, and
-    // nothing else with it.
+    // A row written since MACs, without one, cannot be given one: only the events stored
+    // before MACs can (see `a_store_from_before_macs_...`).
     try_execute(
         ledger.db(),
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
@@ -77,16 +79,13 @@ async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
     )
     .await
     .unwrap();
-    let marking_and_more = format!(
-        "UPDATE events SET mac = {}, event_type = 'Tampered' WHERE sequence = 3",
-        mac_of(1)
-    );
-    let error = try_execute(ledger.db(), &marking_and_more)
-        .await
-        .unwrap_err();
-    assert!(error.contains("append-only"), "{error}");
     let marking = format!("UPDATE events SET mac = {} WHERE sequence = 3", mac_of(1));
-    assert_eq!(try_execute(ledger.db(), &marking).await, Ok(1));
+    let error = try_execute(ledger.db(), &marking).await.unwrap_err();
+    assert!(error.contains("append-only"), "{error}");
+    let listing = "INSERT INTO events_before_macs (aggregate_type, aggregate_id, sequence)
+                   SELECT aggregate_type, aggregate_id, sequence FROM events WHERE sequence = 3";
+    let error = try_execute(ledger.db(), listing).await.unwrap_err();
+    assert!(error.contains("fixed"), "{error}");
     if backend == Backend::Postgres {
         let error = try_execute(ledger.db(), "TRUNCATE events")
             .await
@@ -101,7 +100,7 @@ async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
     assert_eq!(count(ledger.db(), "SELECT count(*) FROM events").await, 3);
     assert_eq!(
         count(ledger.db(), "SELECT count(*) FROM events WHERE mac IS NULL").await,
-        0
+        1
     );
 }
 
@@ -1655,26 +1654,6 @@ async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: 
 async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
-    // Rows as a version before MACs stored them: named until the store's operator vouches
-    // for them.
-    let legacy = Uuid::now_v7();
-    for (index, event) in role_flips(2, "lee").into_iter().enumerate() {
-        let sql = format!(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                                 event_version, payload, metadata)
-             VALUES ('organization', '{legacy}', {}, '{}', '{}', '{}', '{{}}')",
-            index + 1,
-            cqrs_es::DomainEvent::event_type(&event),
-            cqrs_es::DomainEvent::event_version(&event),
-            serde_json::to_string(&event).unwrap()
-        );
-        try_execute(service.db(), &sql).await.unwrap();
-    }
-    ledger
-        .keys()
-        .get_or_create(&legacy.to_string())
-        .await
-        .unwrap();
     // What jsonb gives back differently from what was written: non-ASCII, escapes, and the
     // sealed client address and agent in the metadata.
     let context = RequestContext {
@@ -1718,42 +1697,23 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         .await
         .unwrap();
     service.catch_up().await;
-    let before = orgledger::verify::verify(&service, None, false)
-        .await
-        .unwrap();
-    let unmarked: Vec<(Option<String>, Option<usize>)> = before
-        .findings
-        .iter()
-        .filter(|finding| finding.problem.starts_with("it carries no MAC"))
-        .map(|finding| (finding.organization_id.clone(), finding.sequence))
-        .collect();
-    let legacy_id = Some(legacy.to_string());
-    assert_eq!(
-        unmarked,
-        [(legacy_id.clone(), Some(1)), (legacy_id, Some(2))],
-        "{before:?}"
-    );
-    let marked = ledger.authenticate_unmarked(|_| {}).await.unwrap();
-    assert_eq!((marked.marked, marked.unreadable), (2, 0));
 
     let report = orgledger::verify::verify(&service, None, false)
         .await
         .unwrap();
 
-    let not_created = |org: Uuid| orgledger::verify::Finding {
-        organization_id: Some(org.to_string()),
+    let imported_finding = orgledger::verify::Finding {
+        organization_id: Some(imported.to_string()),
         sequence: Some(1),
         problem: "the first event is MemberRoleChanged, not OrganizationCreated".into(),
     };
-    let mut expected = [not_created(imported), not_created(legacy)];
-    expected.sort_by_key(|finding| finding.organization_id.clone());
-    assert_eq!(report.findings, expected, "{report:?}");
-    assert_eq!(report.organizations, 5);
+    assert_eq!(report.findings, [imported_finding], "{report:?}");
+    assert_eq!(report.organizations, 4);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
     assert_eq!(
         report.events_authenticated, stored as u64,
-        "every event carries a MAC that matches it: imported ones, and the legacy ones now"
+        "every event carries a MAC that matches it, imported ones too"
     );
     assert_eq!(
         report.snapshots, 1,
@@ -1803,6 +1763,160 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         matches!(refused, Err(orgledger::verify::VerifyError::UnknownOrganization(id)) if id == unknown),
         "{refused:?}"
     );
+}
+
+/// The last migration before event MACs, on each backend.
+fn migration_before_macs(backend: Backend) -> i64 {
+    match backend {
+        Backend::Postgres => 20261202000008,
+        Backend::Sqlite => 20261202000007,
+    }
+}
+
+async fn a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written_since(
+    backend: Backend,
+) {
+    let database = fresh_database(backend).await;
+    let db = Database::connect(&database.url).await.unwrap();
+    db.migrate_through(migration_before_macs(backend))
+        .await
+        .unwrap();
+    // A history as a version before MACs stored it: more than one page of marking.
+    let master_key = MasterKey::generate();
+    let legacy = Uuid::now_v7();
+    Ledger::new(db.clone(), master_key.clone())
+        .keys()
+        .get_or_create(&legacy.to_string())
+        .await
+        .unwrap();
+    let created = OrganizationEvent::OrganizationCreated(OrganizationCreated {
+        organization_id: legacy,
+        name: "Legacy".into(),
+        slug: "legacy".into(),
+        kind: OrganizationKind::Team,
+        settings: Settings::default(),
+        created_at: now(),
+    });
+    let rows: Vec<String> = std::iter::once(created)
+        .chain(role_flips(1_500, "lee"))
+        .enumerate()
+        .map(|(index, event)| {
+            format!(
+                "('organization', '{legacy}', {}, '{}', '{}', '{}', '{{}}')",
+                index + 1,
+                cqrs_es::DomainEvent::event_type(&event),
+                cqrs_es::DomainEvent::event_version(&event),
+                serde_json::to_string(&event).unwrap().replace('\'', "''")
+            )
+        })
+        .collect();
+    try_execute(
+        &db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata) VALUES {}",
+            rows.join(", ")
+        ),
+    )
+    .await
+    .unwrap();
+    // Text that is not JSON where a payload belongs (SQLite's column is only `text`): it
+    // cannot be given a MAC.
+    let garbled = backend == Backend::Sqlite;
+    if garbled {
+        try_execute(
+            &db,
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             VALUES ('organization', '0190f5a0-0000-7000-8000-000000000002', 1,
+                     'OrganizationCreated', '1', 'not json', '{}')",
+        )
+        .await
+        .unwrap();
+    }
+    db.migrate().await.unwrap();
+    // Written since, without the master key: not one of the listed.
+    try_execute(
+        &db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload, metadata)
+             SELECT aggregate_type, aggregate_id, 1502, event_type, event_version, payload,
+                    metadata
+               FROM events WHERE aggregate_id = '{legacy}' AND sequence = 1501"
+        ),
+    )
+    .await
+    .unwrap();
+    let service = Orgledger::open(db.clone(), master_key.clone())
+        .await
+        .unwrap();
+    let problems = |report: &orgledger::verify::VerifyReport| -> Vec<(usize, String)> {
+        let mut problems: Vec<(usize, String)> = report
+            .findings
+            .iter()
+            .map(|f| (f.sequence.unwrap_or_default(), f.problem.clone()))
+            .collect();
+        problems.dedup_by(|a, b| a.1 == b.1);
+        problems
+    };
+    let forged = (
+        1502,
+        "it carries no MAC, and no version before MACs stored it: it was written without the \
+         master key"
+            .to_owned(),
+    );
+
+    let before = orgledger::verify::verify(&service, Some(legacy), false)
+        .await
+        .unwrap();
+    assert_eq!(before.findings.len(), 1502, "each event named");
+    assert_eq!(
+        problems(&before),
+        [
+            (
+                1,
+                "it carries no MAC: a version before MACs stored it (`orgledger migrate \
+                 --authenticate-legacy-events` gives it one, on a store whose rows are trusted)"
+                    .to_owned()
+            ),
+            forged.clone()
+        ]
+    );
+
+    let marked = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
+    assert_eq!(
+        (marked.marked, marked.unreadable),
+        (1501, u64::from(garbled))
+    );
+    let after = orgledger::verify::verify(&service, Some(legacy), false)
+        .await
+        .unwrap();
+    assert_eq!(problems(&after), [forged], "{after:?}");
+    assert_eq!(after.events_authenticated, 1501);
+    let again = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
+    assert_eq!(again.marked, 0, "a MAC once given is not given again");
+
+    // A mistyped master key: the marks it would make would never match.
+    let mistyped = Ledger::new(db.clone(), MasterKey::generate());
+    let refused = mistyped.authenticate_legacy(|_| {}).await;
+    assert!(
+        matches!(&refused, Err(error) if error.to_string().contains("does not match")),
+        "{refused:?}"
+    );
+    if backend == Backend::Postgres {
+        // Only the MAC may change with the mark: not a column the database assigned.
+        let error = try_execute(
+            &db,
+            &format!(
+                "UPDATE events SET mac = mac, recorded_at = recorded_at - interval '1 day'
+                  WHERE aggregate_id = '{legacy}' AND sequence = 1"
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(error.contains("append-only"), "{error}");
+    }
 }
 
 async fn verify_names_every_tampering_with_its_organization_and_event(backend: Backend) {
@@ -1982,9 +2096,8 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
              {truncated_last}"
         )]
     );
-    let unmarked = "it carries no MAC: it was written without the master key, or stored by a \
-                    version before MACs (`orgledger migrate --authenticate-unmarked-events` \
-                    marks those, on a store whose rows are trusted)";
+    let unmarked = "it carries no MAC, and no version before MACs stored it: it was written \
+                    without the master key";
     assert_eq!(about(forged), [unmarked]);
     assert_eq!(about(stripped), [unmarked]);
     assert_eq!(
@@ -2031,4 +2144,13 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         .await
         .unwrap();
     assert_eq!(untouched.findings, [], "{untouched:?}");
+    // Asked for by name, an organization whose every event is gone is a finding, not unknown.
+    let gone = orgledger::verify::verify(&service, Some(vanished), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        (gone.organizations, gone.findings.len()),
+        (0, 1),
+        "{gone:?}"
+    );
 }

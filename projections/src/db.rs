@@ -182,9 +182,32 @@ impl Database {
 
     /// Applies pending migrations of this backend.
     pub async fn migrate(&self) -> Result<(), DatabaseError> {
+        self.migrate_through(i64::MAX).await
+    }
+
+    /// Applies the pending migrations up to `version` (their file names' numbers): a store
+    /// as an older version left it, for tests of what an upgrade does to it.
+    pub async fn migrate_through(&self, version: i64) -> Result<(), DatabaseError> {
+        let up_to = |mut migrator: sqlx::migrate::Migrator| {
+            let kept: Vec<_> = migrator
+                .iter()
+                .filter(|migration| migration.version <= version)
+                .cloned()
+                .collect();
+            migrator.migrations = kept.into();
+            migrator
+        };
         match self {
-            Self::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
-            Self::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
+            Self::Postgres(pool) => {
+                up_to(sqlx::migrate!("../migrations/postgres"))
+                    .run(pool)
+                    .await?;
+            }
+            Self::Sqlite(pool) => {
+                up_to(sqlx::migrate!("../migrations/sqlite"))
+                    .run(pool)
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use cqrs_es::persist::{GenericQuery, PersistedEventStore};
+use cqrs_es::persist::{GenericQuery, PersistedEventStore, SerializedEvent};
 use cqrs_es::{CqrsFramework, EventEnvelope, View};
 use futures::StreamExt;
 use orgledger::http::{AppState, PlatformTokens};
@@ -1423,17 +1423,47 @@ async fn seed_log(service: &Arc<Orgledger>, events: usize) -> anyhow::Result<i64
             .import(id, member.into_iter().collect(), HashMap::new())
             .await?;
         let flips = remaining.min(per_org).saturating_sub(3);
-        // Role changes carry no personal data: written straight in, 1,000 rows a statement.
-        let payloads: Vec<String> = role_flips(flips, "mia")
+        // Role changes carry no personal data: written straight in, 1,000 rows a statement,
+        // each with its MAC as the store writes it.
+        let metadata = serde_json::json!({
+            "actor_type": "user", "actor_id": "olivia", "occurred_at": "2026-11-22T10:00:00Z"
+        });
+        let macs = service.ledger.keys().event_macs();
+        let stored: Vec<(String, [u8; orgledger::store::MAC_LEN])> = role_flips(flips, "mia")
             .iter()
-            .map(|e| serde_json::to_string(e).unwrap())
+            .enumerate()
+            .map(|(i, event)| {
+                let payload = serde_json::to_value(event).unwrap();
+                let mac = macs
+                    .authenticate(SerializedEvent::new(
+                        id.to_string(),
+                        4 + i,
+                        "organization".into(),
+                        "MemberRoleChanged".into(),
+                        "1".into(),
+                        payload.clone(),
+                        metadata.clone(),
+                    ))
+                    .mac;
+                (payload.to_string(), mac)
+            })
             .collect();
-        for (chunk_index, chunk) in payloads.chunks(1_000).enumerate() {
-            let mut builder = sqlx::QueryBuilder::new("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) ");
-            builder.push_values(chunk.iter().enumerate(), |mut row, (i, payload)| {
-                row.push_bind("organization").push_bind(id.to_string()).push_bind((4 + chunk_index * 1_000 + i) as i64)
-                    .push_bind("MemberRoleChanged").push_bind("1").push("CAST(").push_bind_unseparated(payload).push_unseparated(" AS jsonb)")
-                    .push(r#"'{"actor_type":"user","actor_id":"olivia","occurred_at":"2026-11-22T10:00:00Z"}'::jsonb"#);
+        let metadata = metadata.to_string();
+        for (chunk_index, chunk) in stored.chunks(1_000).enumerate() {
+            let mut builder = sqlx::QueryBuilder::new("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, mac) ");
+            builder.push_values(chunk.iter().enumerate(), |mut row, (i, (payload, mac))| {
+                row.push_bind("organization")
+                    .push_bind(id.to_string())
+                    .push_bind((4 + chunk_index * 1_000 + i) as i64)
+                    .push_bind("MemberRoleChanged")
+                    .push_bind("1")
+                    .push("CAST(")
+                    .push_bind_unseparated(payload)
+                    .push_unseparated(" AS jsonb)")
+                    .push("CAST(")
+                    .push_bind_unseparated(&metadata)
+                    .push_unseparated(" AS jsonb)")
+                    .push_bind(&mac[..]);
             });
             builder.build().execute(pool).await?;
         }

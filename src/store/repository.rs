@@ -98,7 +98,7 @@ impl From<sqlx::Error> for AppendError {
     }
 }
 
-/// Most events one INSERT carries: 7 parameters each keeps a statement within SQLite's
+/// Most events one INSERT carries: 8 parameters each keeps a statement within SQLite's
 /// 32,766 parameters (PostgreSQL allows 65,535).
 const EVENTS_PER_STATEMENT: usize = 1_000;
 
@@ -375,57 +375,87 @@ impl OrganizationRepository {
         limit: usize,
     ) -> Result<Vec<MacCheck>, StoreError> {
         // As text: a payload that is not JSON is then a verdict to give, not a failed read.
-        const PAGE: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
-                                   event_version, CAST(payload AS text), CAST(metadata AS text),
-                                   mac
-                              FROM events
-                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-                             ORDER BY sequence LIMIT $4";
-        let rows: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query_as(PAGE)
+        const PAGE: &str = "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
+                                   e.event_version, CAST(e.payload AS text),
+                                   CAST(e.metadata AS text), e.mac,
+                                   listed.sequence IS NOT NULL
+                              FROM events e
+                              LEFT JOIN events_before_macs listed
+                                USING (aggregate_type, aggregate_id, sequence)
+                             WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                               AND e.sequence > $3
+                             ORDER BY e.sequence LIMIT $4";
+        let rows: Vec<(StoredRow, bool)> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query(PAGE)
                 .bind(aggregate_type)
                 .bind(aggregate_id)
                 .bind(after_sequence as i64)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                 .fetch_all(pool)
                 .await?
+                .iter()
+                .map(|row| Ok((stored_row(row)?, row.try_get(8)?)))
+                .collect::<Result<_, sqlx::Error>>()?
         });
         let macs = self.keys.event_macs();
         Ok(rows
             .into_iter()
-            .map(|row| {
+            .map(|(row, stored_before_macs)| {
                 let sequence = row.2 as usize;
                 let authenticity =
                     as_stored(row).map(|(event, mac)| macs.check(&event, mac.as_deref()));
                 MacCheck {
                     sequence,
                     authenticity,
+                    stored_before_macs,
                 }
             })
             .collect())
     }
 
-    /// Gives every stored event without a MAC its MAC, as the event stands now: for the
-    /// events a version before MACs stored, once, on a store whose rows are trusted. Events
-    /// whose payload or metadata is not JSON are left without (`verify` names them).
-    /// `on_page` hears the running count of events marked.
-    pub async fn authenticate_unmarked(
+    /// Gives each event a version before MACs stored (listed in `events_before_macs` when
+    /// the column was added) and that has none yet its MAC, as the event stands: once, on a
+    /// store whose rows are trusted. Events whose payload or metadata is not JSON are left
+    /// without (`verify` names them). `on_page` hears the running count of events marked.
+    /// Refused when an event already marked does not check out under this master key: the
+    /// marks would never match under the right one.
+    pub async fn authenticate_legacy(
         &self,
         mut on_page: impl FnMut(u64),
     ) -> Result<MarkedEvents, StoreError> {
-        const UNMARKED: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
-                                       event_version, CAST(payload AS text),
-                                       CAST(metadata AS text), mac
-                                  FROM events
-                                 WHERE mac IS NULL
-                                   AND (aggregate_type, aggregate_id, sequence) > ($1, $2, $3)
-                                 ORDER BY aggregate_type, aggregate_id, sequence LIMIT $4";
-        // The trigger lets this one update through: a MAC where there was none, nothing
-        // else changed.
+        const MARKED: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                     event_version, CAST(payload AS text),
+                                     CAST(metadata AS text), mac
+                                FROM events WHERE mac IS NOT NULL LIMIT 1";
+        const UNMARKED: &str = "SELECT e.aggregate_type, e.aggregate_id, e.sequence,
+                                       e.event_type, e.event_version, CAST(e.payload AS text),
+                                       CAST(e.metadata AS text), e.mac
+                                  FROM events_before_macs listed
+                                  JOIN events e USING (aggregate_type, aggregate_id, sequence)
+                                 WHERE e.mac IS NULL
+                                   AND (listed.aggregate_type, listed.aggregate_id,
+                                        listed.sequence) > ($1, $2, $3)
+                                 ORDER BY listed.aggregate_type, listed.aggregate_id,
+                                          listed.sequence
+                                 LIMIT $4";
+        // The trigger lets this one update through, for a listed event only: a MAC where
+        // there was none, nothing else changed.
         const MARK: &str = "UPDATE events SET mac = $4
                              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = $3
                                AND mac IS NULL";
         let macs = self.keys.event_macs();
+        let sample: Option<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_as(MARKED).fetch_optional(pool).await?
+        });
+        if let Some((event, mac)) = sample.and_then(as_stored) {
+            if macs.check(&event, mac.as_deref()) != Authenticity::Authentic {
+                return Err(StoreError::Integrity(
+                    "the master key does not match the stored events' MACs: \
+                     ORGLEDGER_MASTER_KEY must be the key the events were stored with"
+                        .to_owned(),
+                ));
+            }
+        }
         let mut done = MarkedEvents::default();
         let mut after = (String::new(), String::new(), 0_i64);
         loop {
@@ -733,9 +763,11 @@ pub struct MacCheck {
     pub sequence: usize,
     /// `None` when its payload or metadata is not JSON: there is nothing to check.
     pub authenticity: Option<Authenticity>,
+    /// Listed when MACs were added: a version before them stored it.
+    pub stored_before_macs: bool,
 }
 
-/// Events `authenticate_unmarked` gave a MAC, and those it could not (not JSON).
+/// Events `authenticate_legacy` gave a MAC, and those it could not (not JSON).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct MarkedEvents {
     pub marked: u64,
@@ -756,6 +788,27 @@ type StoredRow = (
     String,
     Option<Vec<u8>>,
 );
+
+/// A [`StoredRow`] from the first eight columns of `row`, on either backend.
+fn stored_row<'r, R>(row: &'r R) -> Result<StoredRow, sqlx::Error>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+        row.try_get(7)?,
+    ))
+}
 
 /// The event as stored and its MAC; `None` when its payload or metadata is not JSON.
 fn as_stored(row: StoredRow) -> Option<(SerializedEvent, Option<Vec<u8>>)> {
