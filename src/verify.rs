@@ -123,23 +123,18 @@ pub async fn verify(
     }
     bar.finish_and_clear();
     // An organization the read models know and the log does not: every event of it gone.
-    {
-        let logged: std::collections::HashSet<&String> = organizations.iter().collect();
-        let mut vanished: Vec<(&String, &i64)> = applied
-            .iter()
-            .filter(|(id, _)| !logged.contains(id))
-            .collect();
-        vanished.sort();
-        for (id, version) in vanished {
-            report.findings.push(Finding {
-                organization_id: Some(id.clone()),
-                sequence: Some(1),
-                problem: format!(
-                    "{}: the read models applied up to event {version}",
-                    missing(1, *version as usize)
-                ),
-            });
-        }
+    let logged: std::collections::HashSet<&String> = organizations.iter().collect();
+    let mut vanished: Vec<(&String, &i64)> = applied
+        .iter()
+        .filter(|(id, _)| !logged.contains(id))
+        .collect();
+    vanished.sort();
+    for (id, version) in vanished {
+        report.findings.push(Finding {
+            organization_id: Some(id.clone()),
+            sequence: Some(1),
+            problem: cut_short(1, *version as usize),
+        });
     }
     if only.is_none() {
         verify_read_models(service, &mut report).await?;
@@ -336,13 +331,7 @@ async fn verify_organization(
     // The read models record the last event they applied of each organization: a log that
     // ends before it lost its last events, which no gap shows.
     if let Some(applied) = applied.filter(|applied| *applied > last) {
-        found(
-            Some(last + 1),
-            format!(
-                "{}: the read models applied up to event {applied}",
-                missing(last + 1, applied)
-            ),
-        );
+        found(Some(last + 1), cut_short(last + 1, applied));
     }
     report.events += events;
     report.findings.extend(findings);
@@ -416,6 +405,14 @@ async fn has_key(
 ) -> Result<bool, LedgerError> {
     let key = ledger.keys().get(&organization_id.to_string()).await?;
     Ok(key.is_some())
+}
+
+/// Events from `first` gone from the log, though the read models applied up to `applied`.
+fn cut_short(first: usize, applied: usize) -> String {
+    format!(
+        "{}: the read models applied up to event {applied}",
+        missing(first, applied)
+    )
 }
 
 fn missing(first: usize, last: usize) -> String {
