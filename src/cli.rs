@@ -75,8 +75,9 @@ pub enum Commands {
     },
     /// Check the stored history: every organization's events read back and replayed
     /// (sequences without gaps, personal data that opens under its key, upcasts that
-    /// apply), each snapshot against the replay, and the read models' recorded failures.
-    /// Exits non-zero when anything does not hold. Writes nothing.
+    /// apply), each event's MAC, each snapshot against the replay, each log's end against
+    /// what the read models applied, and the read models' recorded failures. Exits 1 when
+    /// anything does not hold, 2 when it could not check. Writes nothing.
     Verify {
         #[command(flatten)]
         store: StoreConfig,
@@ -171,18 +172,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let service = open_store(&store, true, &[]).await?;
             tracing::info!(database = %redact_url(&store.database_url), "migrations applied");
-            if authenticate_legacy_events {
-                let marked = authenticate_legacy(&service).await;
-                service.close().await;
-                let marked = marked?;
+            let marked = if authenticate_legacy_events {
+                Some(authenticate_legacy(&service).await)
+            } else {
+                None
+            };
+            service.close().await;
+            if let Some(marked) = marked.transpose()? {
                 println!(
                     "events given their MAC: {}; left without one (not JSON, `verify` names \
                      them): {}",
                     marked.marked, marked.unreadable
                 );
-                return Ok(());
             }
-            service.close().await;
         }
         Commands::Serve {
             store,
@@ -343,18 +345,7 @@ async fn export_to(
         file = Some(made);
         Box::new(std::io::BufWriter::new(writer))
     };
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} exporting: {bytes} written ({bytes_per_sec})",
-            )
-            .expect("a valid template"),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = spinner_on_terminal("{spinner} exporting: {bytes} written ({bytes_per_sec})");
     let mut stream = crate::exports::data_export(service, view);
     let mut written = 0_u64;
     let streamed: anyhow::Result<()> = async {
@@ -380,20 +371,21 @@ async fn export_to(
     Ok(written)
 }
 
+/// A spinner drawn with `template` when standard error is a terminal; otherwise hidden.
+fn spinner_on_terminal(template: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("a valid template"));
+    bar
+}
+
 /// Gives the events stored before MACs theirs, with a running count on a terminal.
 async fn authenticate_legacy(
     service: &Orgledger,
 ) -> Result<crate::store::MarkedEvents, crate::ledger::LedgerError> {
-    let bar = if std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new_spinner();
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {pos} events given their MAC")
-                .expect("a valid template"),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = spinner_on_terminal("{spinner} {pos} events given their MAC");
     let marked = service
         .ledger
         .authenticate_legacy(|marked| bar.set_position(marked))

@@ -177,8 +177,27 @@ async fn still_answering(database: &Database) -> Result<(), VerifyError> {
     answered.map_err(|error| VerifyError::Unreachable(error.to_string()))
 }
 
-/// One organization: sequences from 1 without a gap, every event readable, the first one
-/// its creation, and its snapshot equal to the replay up to the snapshot's event.
+/// `read`, and once more after the database answers if it failed: a connection lost
+/// mid-read is not a fault of the data. The second outcome is the data's.
+async fn read_twice<T, E, Read>(
+    database: &Database,
+    read: impl Fn() -> Read,
+) -> Result<Result<T, E>, VerifyError>
+where
+    Read: std::future::Future<Output = Result<T, E>>,
+{
+    match read().await {
+        Ok(value) => Ok(Ok(value)),
+        Err(_) => {
+            still_answering(database).await?;
+            Ok(read().await)
+        }
+    }
+}
+
+/// One organization: sequences from 1 without a gap, every event readable and carrying a
+/// MAC that matches it, the first one its creation, its snapshot equal to the replay up to
+/// the snapshot's event, and its last event no earlier than the read models' (`applied`).
 async fn verify_organization(
     service: &Orgledger,
     organization_id: Uuid,
@@ -203,16 +222,7 @@ async fn verify_organization(
     let snapshot = match marks {
         None => None,
         Some(marks) => {
-            // Read once more after the database answers: a connection lost mid-read is not
-            // a fault of the snapshot.
-            let read = match ledger.snapshot(organization_id).await {
-                Ok(read) => Ok(read),
-                Err(_) => {
-                    still_answering(ledger.database()).await?;
-                    ledger.snapshot(organization_id).await
-                }
-            };
-            match read {
+            match read_twice(ledger.database(), || ledger.snapshot(organization_id)).await? {
                 Ok(Some(snapshot)) => Some(snapshot),
                 // Without its key: the finding after the replay says so.
                 Ok(None) if !keyed => None,
@@ -350,17 +360,11 @@ async fn verify_macs(
     let ledger = &service.ledger;
     let mut last = 0;
     while last < through {
-        // Once more after the database answers: a connection lost mid-read is not a fault.
-        let page = match ledger.authenticity_after(organization_id, last, PAGE).await {
-            Ok(page) => page,
-            Err(_) => {
-                still_answering(ledger.database()).await?;
-                ledger
-                    .authenticity_after(organization_id, last, PAGE)
-                    .await
-                    .map_err(|error| VerifyError::Macs(error.to_string()))?
-            }
-        };
+        let page = read_twice(ledger.database(), || {
+            ledger.authenticity_after(organization_id, last, PAGE)
+        })
+        .await?
+        .map_err(|error| VerifyError::Macs(error.to_string()))?;
         let complete = page.len() < PAGE;
         for check in page
             .into_iter()

@@ -1884,32 +1884,16 @@ async fn a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written
         ]
     );
 
-    let marked = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
-    assert_eq!(
-        (marked.marked, marked.unreadable),
-        (1501, u64::from(garbled))
-    );
-    let after = orgledger::verify::verify(&service, Some(legacy), false)
-        .await
-        .unwrap();
-    assert_eq!(problems(&after), [forged], "{after:?}");
-    assert_eq!(after.events_authenticated, 1501);
-    let again = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
-    assert_eq!(again.marked, 0, "a MAC once given is not given again");
-
-    // A mistyped master key: the marks it would make would never match.
-    let mistyped = Ledger::new(db.clone(), MasterKey::generate());
-    let refused = mistyped.authenticate_legacy(|_| {}).await;
-    assert!(
-        matches!(&refused, Err(error) if error.to_string().contains("does not match")),
-        "{refused:?}"
-    );
+    // Only the MAC may change with the mark: not a column the database assigned.
+    let junk_mac = match backend {
+        Backend::Postgres => format!("'\\x{}'::bytea", "ab".repeat(32)),
+        Backend::Sqlite => format!("X'{}'", "ab".repeat(32)),
+    };
     if backend == Backend::Postgres {
-        // Only the MAC may change with the mark: not a column the database assigned.
         let error = try_execute(
             &db,
             &format!(
-                "UPDATE events SET mac = mac, recorded_at = recorded_at - interval '1 day'
+                "UPDATE events SET mac = {junk_mac}, recorded_at = recorded_at - interval '1 day'
                   WHERE aggregate_id = '{legacy}' AND sequence = 1"
             ),
         )
@@ -1917,6 +1901,66 @@ async fn a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written
         .unwrap_err();
         assert!(error.contains("append-only"), "{error}");
     }
+    // Plain UPDATE rights can give a listed event a MAC of their own first: it then reads
+    // as altered for good, and the operator's marking goes on around it.
+    assert_eq!(
+        try_execute(
+            &db,
+            &format!(
+                "UPDATE events SET mac = {junk_mac} WHERE aggregate_id = '{legacy}' AND sequence = 2"
+            ),
+        )
+        .await,
+        Ok(1)
+    );
+
+    let marked = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
+    assert_eq!(
+        (marked.marked, marked.unreadable),
+        (1500, u64::from(garbled))
+    );
+    let after = orgledger::verify::verify(&service, Some(legacy), false)
+        .await
+        .unwrap();
+    let altered = (
+        2,
+        "its MAC does not match it: it was altered, moved from elsewhere, or written without \
+         the master key"
+            .to_owned(),
+    );
+    assert_eq!(problems(&after), [altered, forged], "{after:?}");
+    assert_eq!(after.events_authenticated, 1500);
+    let again = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
+    assert_eq!(again.marked, 0, "a MAC once given is not given again");
+
+    // The key is checked against events this version stored, and one of them altered does
+    // not refuse the right key.
+    let current = acme_with_mia(&service.ledger).await;
+    let unguard = match backend {
+        Backend::Postgres => "ALTER TABLE events DISABLE TRIGGER USER",
+        Backend::Sqlite => "DROP TRIGGER events_refuse_update",
+    };
+    try_execute(&db, unguard).await.unwrap();
+    assert_eq!(
+        try_execute(
+            &db,
+            &format!(
+                "UPDATE events SET event_version = 'altered'
+                  WHERE aggregate_id = '{current}' AND sequence = 1"
+            ),
+        )
+        .await,
+        Ok(1)
+    );
+    let right_key = service.ledger.authenticate_legacy(|_| {}).await.unwrap();
+    assert_eq!(right_key.marked, 0);
+    // A mistyped master key: the marks it would make would never match.
+    let mistyped = Ledger::new(db.clone(), MasterKey::generate());
+    let refused = mistyped.authenticate_legacy(|_| {}).await;
+    assert!(
+        matches!(&refused, Err(error) if error.to_string().contains("matches none")),
+        "{refused:?}"
+    );
 }
 
 async fn verify_names_every_tampering_with_its_organization_and_event(backend: Backend) {
