@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::store::{
     snapshot_interval, DataKeys, Database, MacCheck, MarkedEvents, MasterKey,
-    OrganizationRepository, ReadStats, SnapshotMarks, StoreError,
+    OrganizationRepository, ReadStats, SnapshotMarks, StoreError, StoredSnapshot,
 };
 use crate::turns::Turns;
 
@@ -44,6 +44,9 @@ pub struct RequestContext {
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
     pub idempotency_key: Option<String>,
+    /// The claim the command runs under (see `http::idempotency`), so that the log can tell
+    /// whether a command whose response was lost was applied.
+    pub idempotency_claim: Option<String>,
 }
 
 /// A command that was decided and, if it produced events, durably stored.
@@ -247,21 +250,36 @@ impl Ledger {
             .repository
             .stored_snapshot(Organization::TYPE, &id)
             .await?;
+        let ignored = |number| Loaded {
+            state: Arc::default(),
+            version: 0,
+            snapshot: Some(number),
+        };
         Ok(match snapshot {
-            Some(snapshot) => match parse_state(snapshot.state).await? {
+            // Sealed before snapshots named their event: replay everything; the next
+            // snapshot replaces it.
+            Some(StoredSnapshot {
+                state: None,
+                number,
+                ..
+            }) => {
+                tracing::info!(%organization_id, "snapshot sealed without its event ignored");
+                ignored(number)
+            }
+            Some(StoredSnapshot {
+                state: Some(state),
+                last_sequence,
+                number,
+            }) => match parse_state(state).await? {
                 Ok(state) => Loaded {
                     state: Arc::new(state),
-                    version: snapshot.last_sequence,
-                    snapshot: Some(snapshot.number),
+                    version: last_sequence,
+                    snapshot: Some(number),
                 },
                 Err(error) => {
                     // An older state shape: replay everything; the next snapshot replaces it.
                     tracing::warn!(%organization_id, %error, "unreadable snapshot ignored");
-                    Loaded {
-                        state: Arc::default(),
-                        version: 0,
-                        snapshot: Some(snapshot.number),
-                    }
+                    ignored(number)
                 }
             },
             None => Loaded {
@@ -1087,6 +1105,7 @@ fn metadata_of(command: &Command, context: &RequestContext) -> HashMap<String, S
         ("client_ip", &context.client_ip),
         ("user_agent", &context.user_agent),
         ("idempotency_key", &context.idempotency_key),
+        ("idempotency_claim", &context.idempotency_claim),
     ];
     for (name, value) in optional {
         if let Some(value) = value {

@@ -249,10 +249,19 @@ impl Orgledger {
             .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
         metrics::histogram!("orgledger_command_read_model_wait_seconds")
             .record(waited.as_secs_f64());
-        let consistent = consistent.map_err(|error| LedgerError::Store(error.to_string()))?;
-        if !consistent {
-            tracing::warn!(organization_id = %committed.organization_id, version = committed.version, "read models still behind after the consistency wait");
-        }
+        // The events are stored whatever the wait's fate: a failure to learn whether the read
+        // models show them is `pending`, never an error that would invite running it again.
+        let consistent = match consistent {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::warn!(organization_id = %committed.organization_id, version = committed.version, "read models still behind after the consistency wait");
+                false
+            }
+            Err(error) => {
+                tracing::error!(organization_id = %committed.organization_id, version = committed.version, %error, "could not learn whether the read models show a stored command");
+                false
+            }
+        };
         Ok(Outcome {
             committed,
             consistent,

@@ -226,9 +226,11 @@ on_both_backends!(
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
     no_operation_takes_malformed_input_for_a_change,
+    a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing,
     idempotency_keys_replay_the_first_response,
     idempotency_keys_replay_every_method_with_its_headers,
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
+    a_keyed_command_left_without_a_response_is_settled_from_the_log,
     if_match_guards_against_lost_updates,
     a_stale_if_match_fails_commands_of_every_capability,
     concurrent_commands_all_apply_and_duplicate_invitations_yield_one,
@@ -2854,6 +2856,86 @@ async fn no_operation_takes_malformed_input_for_a_change(backend: Backend) {
     );
 }
 
+/// PostgreSQL can hold U+0000 in neither text nor jsonb: a body carrying one is refused with
+/// the field's name before anything is stored, so no read model is left stuck on an event it
+/// cannot write.
+async fn a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let before = count(app.service.db(), "SELECT count(*) FROM events").await;
+    let refusals = [
+        (
+            Method::PATCH,
+            format!("/v1/organizations/{org}/members/mia"),
+            "mia",
+            r#"{"image_url": "https://a\u0000b"}"#,
+            "image_url",
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/organizations/{org}"),
+            "olivia",
+            r#"{"logo_url": "https://a\u0000b"}"#,
+            "logo_url",
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".to_owned(),
+            "nina",
+            r#"{"name": "Nul", "slug": "nul", "owner": {"user_id": "nina", "first_name": "N\u0000"}}"#,
+            "owner.first_name",
+        ),
+        (
+            Method::POST,
+            format!("/v1/organizations/{org}/invitations"),
+            "olivia",
+            r#"{"email": "x@example.com", "role": "member", "meta": [{"\u0000": 1}]}"#,
+            "meta[0]",
+        ),
+    ];
+    for (method, path, actor, body, field) in refusals {
+        let reply = app
+            .send(
+                app.request(method.clone(), &path, Some(actor))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path}: {}",
+            reply.body
+        );
+        assert_eq!(reply.body["code"], "validation_failed");
+        assert_eq!(reply.body["errors"][0]["field"], field, "{}", reply.body);
+    }
+    // `\\u0000` is a backslash and text, not a NUL: it reaches the domain's own rules.
+    let reply = app
+        .send(
+            app.request(
+                Method::PATCH,
+                &format!("/v1/organizations/{org}/members/mia"),
+                Some("olivia"),
+            )
+            .header("content-type", "application/json")
+            .body(r#"{"title": "back\\u0000slash"}"#),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["title"], "back\\u0000slash");
+    assert_eq!(
+        count(app.service.db(), "SELECT count(*) FROM events").await,
+        before + 1,
+        "only the backslash's title was stored"
+    );
+    assert!(
+        reply.headers.get("x-consistency").is_none(),
+        "the read models kept up"
+    );
+}
+
 /// Conflicts with what is stored are 409s with their contract codes, and append nothing.
 async fn conflicts_are_refused_with_their_codes_and_append_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -3043,6 +3125,117 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
         &elsewhere,
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency_key_reused",
+    );
+}
+
+/// A process that dies between storing a keyed command's events and storing its response
+/// leaves a claim without a response. Past the claim's lease a retry settles it from the
+/// log: applied, the retry is told so and where, and nothing runs again; not applied, the
+/// retry runs the command.
+async fn a_keyed_command_left_without_a_response_is_settled_from_the_log(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let path = format!("/v1/organizations/{org}/groups");
+    let send = |key: &str, name: &str| {
+        app.request(Method::POST, &path, Some("olivia"))
+            .header("Idempotency-Key", key)
+            .json(&json!({"name": name}))
+    };
+    let db = app.service.db();
+    let groups = format!(
+        "SELECT count(*) FROM events WHERE event_type = 'GroupCreated' AND aggregate_id = '{org}'"
+    );
+    let first = app.send(send("applied", "Engineering")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let applied_at = app.event_count(&org).await;
+    // A command that stored nothing: refused while another group held its name, which has
+    // gone since.
+    let support = app
+        .call(
+            Method::POST,
+            &path,
+            Some("olivia"),
+            Some(json!({"name": "Support"})),
+        )
+        .await;
+    let refused = app.send(send("not-applied", "Support")).await;
+    assert_problem(&refused, StatusCode::CONFLICT, "group_exists");
+    let id = support.body["id"].as_str().unwrap();
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &format!("{path}/{id}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert!(deleted.status.is_success(), "{}", deleted.body);
+    assert_eq!(count(db, &groups).await, 2);
+    // What a crash before the response was stored leaves: the claim without it, and old.
+    for key in ["applied", "not-applied"] {
+        let abandon = format!(
+            "UPDATE idempotency_keys SET status = NULL, content_type = NULL, etag = NULL,
+                    consistency = NULL, body = NULL, completed_at_us = NULL,
+                    created_at_us = created_at_us - 600000000
+              WHERE key = '{key}'"
+        );
+        assert_eq!(try_execute(db, &abandon).await.unwrap(), 1);
+    }
+
+    let lost = app.send(send("applied", "Engineering")).await;
+    assert_eq!(lost.status, StatusCode::CONFLICT, "{}", lost.body);
+    assert_eq!(lost.body["code"], "idempotency_response_lost");
+    let detail = lost.body["detail"].as_str().unwrap();
+    assert!(detail.contains(&org.to_string()), "{detail}");
+    assert!(
+        detail.contains(&format!("version {applied_at}")),
+        "{detail}"
+    );
+    let again = app.send(send("applied", "Engineering")).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert_eq!(again.body, lost.body, "settled once, then replayed");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(
+        count(db, &groups).await,
+        2,
+        "the applied command did not run again"
+    );
+
+    let rerun = app.send(send("not-applied", "Support")).await;
+    assert_eq!(rerun.status, StatusCode::CREATED, "{}", rerun.body);
+    assert!(rerun.headers.get("idempotent-replayed").is_none());
+    assert_eq!(
+        count(db, &groups).await,
+        3,
+        "the command that never landed ran"
+    );
+    let replayed = app.send(send("not-applied", "Support")).await;
+    assert_eq!(
+        replayed.body, rerun.body,
+        "and its response is the one kept"
+    );
+    assert_eq!(count(db, &groups).await, 3);
+
+    // The claim's id travels in the metadata of the events it stored, and nothing else does.
+    let (claim_in_metadata,): (i64,) = match db {
+        orgledger_projections::Database::Postgres(pool) => sqlx::query_as(
+            "SELECT count(*) FROM events e JOIN idempotency_keys k
+                ON e.metadata->>'idempotency_claim' = k.claim_id",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        orgledger_projections::Database::Sqlite(pool) => sqlx::query_as(
+            "SELECT count(*) FROM events e JOIN idempotency_keys k
+                ON json_extract(e.metadata, '$.idempotency_claim') = k.claim_id",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+    };
+    assert_eq!(
+        claim_in_metadata, 2,
+        "the applied claim's event and the rerun's"
     );
 }
 
@@ -4196,6 +4389,16 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
     };
     let edited = app.send(keyed()).await;
     assert_eq!(edited.body["first_name"], "Priscilla");
+    // Clients named like personal fields: names, not personal data, so nothing to erase.
+    let restricted = app
+        .call(
+            Method::PUT,
+            &format!("{path}/client-restrictions"),
+            Some("olivia"),
+            Some(json!({"default": "allow", "clients": {"email": "block", "user_agent": "allow"}})),
+        )
+        .await;
+    assert_eq!(restricted.status, StatusCode::OK, "{}", restricted.body);
     let purged = app
         .call(
             Method::POST,
@@ -4216,6 +4419,20 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
     let items = tombstone.body["items"].as_array().unwrap();
     assert_eq!(items.last().unwrap()["event_type"], "OrganizationPurged");
     assert_eq!(items[1]["payload"]["MemberJoined"]["email"], "[erased]");
+    let restriction = items
+        .iter()
+        .find(|item| item["event_type"] == "ClientRestrictionsChanged")
+        .expect("the restriction's event");
+    assert_eq!(
+        restriction["payload"]["ClientRestrictionsChanged"]["to"]["clients"],
+        json!({"email": "block", "user_agent": "allow"})
+    );
+    // Every event of the purged history still decodes: the read models rebuild from it.
+    app.service
+        .projector
+        .rebuild_all(false)
+        .await
+        .expect("a purged history replays");
     let retried = app.send(keyed()).await;
     assert_eq!(
         (retried.status, problem_code(&retried)),

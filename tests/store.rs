@@ -30,7 +30,7 @@ on_both_backends!(
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
-    a_snapshot_stored_in_an_earlier_form_still_loads,
+    a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted,
     importing_nothing_stores_nothing_and_needs_no_data_key,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
@@ -134,6 +134,7 @@ async fn personal_data_and_tokens_never_appear_in_clear_in_stored_rows(backend: 
         client_ip: Some("203.0.113.77".into()),
         user_agent: Some("SecretBrowser/9".into()),
         idempotency_key: None,
+        idempotency_claim: None,
     };
     let accept = AcceptInvitation {
         token_sha256: token.sha256.clone(),
@@ -208,6 +209,7 @@ async fn event_metadata_records_actor_time_and_request(backend: Backend) {
         client_ip: Some("198.51.100.1".into()),
         user_agent: Some("curl/8".into()),
         idempotency_key: Some("key-1".into()),
+        idempotency_claim: None,
     };
     let update = UpdateOrganization {
         workflow_mode: Some(WorkflowMode::Founder),
@@ -760,10 +762,13 @@ async fn snapshots_equal_a_full_replay(backend: Backend) {
     assert_eq!(uses, SNAPSHOT_EVERY + 7);
 }
 
-/// Snapshots are stored compressed, then sealed, in `state`. The two forms written before
-/// are still read, not replayed around: the JSON sealed as it was (before 2026-12-03), and
-/// base64 inside the JSON `payload` (before `state` had a column of its own).
-async fn a_snapshot_stored_in_an_earlier_form_still_loads(backend: Backend) {
+/// Snapshots are stored compressed, then sealed, in `state`, to their organization and the
+/// event they stand at. The forms written before that binding (the JSON sealed as it was,
+/// before 2026-12-03; compressed, to the organization alone, until 2026-12-06; base64 inside
+/// the JSON `payload`, before `state` had a column) say nothing trustworthy about where they
+/// stand: loads read past them, replaying every event, and the next snapshot replaces them.
+/// A snapshot relabelled as standing elsewhere does not open.
+async fn a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted(backend: Backend) {
     let ledger = spawn_ledger(backend).await;
     let org = create_org(&ledger, "Acme", "acme", "olivia")
         .await
@@ -795,36 +800,46 @@ async fn a_snapshot_stored_in_an_earlier_form_still_loads(backend: Backend) {
     for event in ledger.events(org).await.unwrap() {
         cqrs_es::Aggregate::apply(&mut replayed, event.payload);
     }
-    let loads_from_the_snapshot = |form: &'static str| {
+    let replayed_around = |form: &'static str| {
         let (ledger, replayed) = (&ledger, &replayed);
         async move {
             let cold = ledger.reopen().await;
-            let (from_snapshot, version) = cold.load(org).await.unwrap();
+            let (loaded, version) = cold.load(org).await.unwrap();
             let stats = cold.read_stats();
-            assert_eq!(stats.snapshots(), 1, "{form}: the snapshot was read");
+            assert_eq!(stats.snapshots(), 1, "{form}: the snapshot was looked at");
             assert_eq!(
                 stats.events(),
-                (version - snapshot_at) as u64,
-                "{form}: only the events after it were replayed"
+                version as u64,
+                "{form}: every event was replayed"
             );
-            assert_eq!(&from_snapshot, replayed, "{form}");
-            assert_eq!(from_snapshot.members.len(), SNAPSHOT_EVERY + 1, "{form}");
+            assert_eq!(&loaded, replayed, "{form}");
+            assert!(
+                cold.snapshot(org).await.unwrap().is_none(),
+                "{form}: not used"
+            );
             cold
         }
     };
+    let set_state = |state: Vec<u8>| {
+        let ledger = &ledger;
+        async move {
+            orgledger_projections::with_pool!(ledger.db(), pool => {
+                sqlx::query("UPDATE snapshots SET state = $1")
+                    .bind(state)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            });
+        }
+    };
 
-    // The JSON sealed uncompressed, as `state` held it before 2026-12-03.
-    let uncompressed = key.encrypt(state.as_bytes(), id.as_bytes());
-    orgledger_projections::with_pool!(ledger.db(), pool => {
-        sqlx::query("UPDATE snapshots SET state = $1")
-            .bind(uncompressed)
-            .execute(pool)
-            .await
-            .unwrap();
-    });
-    loads_from_the_snapshot("uncompressed state").await;
+    set_state(key.encrypt(state.as_bytes(), id.as_bytes())).await;
+    replayed_around("uncompressed, sealed to the organization").await;
+    let mut compressed = vec![1_u8];
+    compressed.extend(lz4_flex::compress_prepend_size(state.as_bytes()));
+    set_state(key.encrypt(&compressed, id.as_bytes())).await;
+    replayed_around("compressed, sealed to the organization").await;
 
-    // Sealed as text inside JSON, before `state` had a column.
     let payload = serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) });
     // The payload column is jsonb on PostgreSQL, text on SQLite.
     let rewrite = "UPDATE snapshots SET payload = $1, state = NULL";
@@ -845,14 +860,37 @@ async fn a_snapshot_stored_in_an_earlier_form_still_loads(backend: Backend) {
         }
     }
     assert_eq!(count(ledger.db(), new_form).await, 0);
-    let cold = loads_from_the_snapshot("payload").await;
+    let cold = replayed_around("base64 in the payload").await;
 
-    // The next snapshot replaces it in the new form.
+    // The next snapshot replaces it in the new form, and is used.
     for i in 0..SNAPSHOT_EVERY {
         add_member(&cold, org, "olivia", &format!("n{i:02}"), Role::Member).await;
     }
     assert_eq!(count(ledger.db(), new_form).await, 1);
-    assert!(count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize > snapshot_at);
+    let now_at = count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize;
+    assert!(now_at > snapshot_at);
+    let (_, at) = ledger
+        .reopen()
+        .await
+        .snapshot(org)
+        .await
+        .unwrap()
+        .expect("used");
+    assert_eq!(at, now_at);
+
+    // Relabelled as standing one event further on, a load would skip that event: it does
+    // not open, and the organization is not loaded from it.
+    try_execute(
+        ledger.db(),
+        "UPDATE snapshots SET last_sequence = last_sequence + 1",
+    )
+    .await
+    .unwrap();
+    let relabelled = ledger.reopen().await;
+    assert!(
+        relabelled.load(org).await.is_err(),
+        "a moved snapshot is refused"
+    );
 }
 
 /// An empty import is a no-op, even for an organization with no data key yet.
@@ -1661,6 +1699,7 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         client_ip: Some("203.0.113.7".into()),
         user_agent: Some("Müller \"agent\" \\ 😀\n".into()),
         idempotency_key: None,
+        idempotency_claim: None,
     };
     ledger
         .create_organization(
@@ -2161,10 +2200,11 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         problems.iter().any(|p| p.contains("event 2 is missing")),
         "{problems:?}"
     );
+    // Relabelled as standing one event earlier, it no longer opens: sealed to its event.
     assert!(
-        problems
+        about(snapshotted)
             .iter()
-            .any(|p| p.contains("differs from the replay")),
+            .any(|p| p.starts_with("its snapshot cannot be opened")),
         "{problems:?}"
     );
     assert!(

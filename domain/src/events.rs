@@ -28,6 +28,10 @@ pub const PERSONAL_DATA_FIELDS: &[&str] = &[
 /// Keys whose values are secrets: sealed like personal data, never returned or exported.
 pub const SECRET_FIELDS: &[&str] = &["api_key"];
 
+/// Objects whose keys are names users chose, not field names (a client restriction's
+/// `clients`): a client called `email` is neither personal data nor sealed.
+pub const USER_KEYED_FIELDS: &[&str] = &["clients"];
+
 /// What a personal-data string reads as once its organization's key is destroyed.
 pub const ERASED: &str = "[erased]";
 

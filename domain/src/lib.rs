@@ -32,7 +32,7 @@ pub use events::{
     OrganizationDeleted, OrganizationEvent, OrganizationPurged, OrganizationRestored,
     OrganizationUpdated, OwnershipTransferred, PlanChanged, RoleDefined, RoleDeleted,
     ServiceAccountCreated, ServiceAccountDeleted, ServiceAccountKeyRotated,
-    SmartToolRoutingChanged, ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS,
+    SmartToolRoutingChanged, ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS, USER_KEYED_FIELDS,
 };
 pub use organization::{
     Access, AiProvider, ClientAccess, CustomRole, Group, Invitation, Lifecycle, Member,

@@ -159,7 +159,11 @@ fn patch(
 pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), OrganizationError> {
     let has_scheme = url.starts_with("https://") || url.starts_with("http://");
     let host_present = url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
-    if !has_scheme || !host_present || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+    if !has_scheme
+        || !host_present
+        || url.len() > 2048
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(OrganizationError::validation(
             field,
             "must be an absolute http(s) URL of at most 2048 characters",

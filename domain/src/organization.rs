@@ -17,6 +17,7 @@ use crate::commands::{
 };
 use crate::error::OrganizationError;
 use crate::events::*;
+use crate::invitations::validate_profile_text;
 use crate::values::{LockedField, UserId};
 
 /// Days a soft-deleted organization can still be restored.
@@ -667,6 +668,8 @@ impl Organization {
             }
             Actor::ServiceAccount(_) => return Err(OrganizationError::PermissionDenied),
         }
+        validate_profile_text("owner.first_name", c.owner.first_name.as_deref())?;
+        validate_profile_text("owner.last_name", c.owner.last_name.as_deref())?;
         Ok(vec![
             OrganizationEvent::OrganizationCreated(OrganizationCreated {
                 organization_id: c.organization_id,

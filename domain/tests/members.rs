@@ -234,14 +234,17 @@ fn blank_names_and_bad_image_urls_are_validation_errors() {
         error_of(acme(), patch("mia", blank)).code(),
         "validation_failed"
     );
-    let url = UpdateMember {
-        image_url: Some(Some("ftp://x".into())),
-        ..UpdateMember::of(uid("mia"))
-    };
-    assert_eq!(
-        error_of(acme(), patch("mia", url)).code(),
-        "validation_failed"
-    );
+    for bad in ["ftp://x", "https://a\u{0}b", "https://a\u{7f}"] {
+        let url = UpdateMember {
+            image_url: Some(Some(bad.into())),
+            ..UpdateMember::of(uid("mia"))
+        };
+        assert_eq!(
+            error_of(acme(), patch("mia", url)).code(),
+            "validation_failed",
+            "{bad:?}"
+        );
+    }
 }
 
 #[test]

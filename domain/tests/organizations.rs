@@ -46,6 +46,26 @@ fn a_user_cannot_create_an_organization_owned_by_someone_else() {
 }
 
 #[test]
+fn an_owner_name_with_a_control_character_is_refused_at_creation() {
+    for (first_name, last_name, field) in [
+        (Some("Ol\u{0}ivia"), None, "owner.first_name"),
+        (None, Some("Smith\n"), "owner.last_name"),
+        (Some(&*"x".repeat(201)), None, "owner.first_name"),
+    ] {
+        let mut command = create(user("olivia"), "olivia");
+        let OrganizationCommand::CreateOrganization(create) = &mut command.body else {
+            unreachable!("a create command")
+        };
+        create.owner.first_name = first_name.map(str::to_owned);
+        create.owner.last_name = last_name.map(str::to_owned);
+        let OrganizationError::Validation(problems) = error_of(vec![], command) else {
+            panic!("{field}: a validation error expected")
+        };
+        assert_eq!(problems[0].field, field);
+    }
+}
+
+#[test]
 fn an_organization_cannot_be_created_twice() {
     let error = error_of(acme(), create(user("olivia"), "olivia"));
     assert_eq!(error, OrganizationError::AlreadyExists);

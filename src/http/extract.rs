@@ -79,6 +79,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "the body is not valid JSON: {error}"
         )));
     }
+    // Neither PostgreSQL's text nor its jsonb can hold U+0000: refused here, whatever the
+    // field, rather than failing the store or a read model later.
+    if let Some(field) = field_holding_nul(bytes) {
+        return Err(ApiError::validation(vec![FieldProblem {
+            field,
+            message: "must not contain the NUL character (\\u0000)".to_owned(),
+        }]));
+    }
     let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
@@ -94,6 +102,57 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             _ => ApiError::malformed(format!("the body is not valid JSON: {inner}")),
         }
     })
+}
+
+/// The path (`owner.first_name`, `items[2]`) of a string or key holding `\u0000` in a
+/// syntactically valid JSON body. The scan for the escape is the cheap common case; the body
+/// is walked only when one is there.
+fn field_holding_nul(bytes: &[u8]) -> Option<String> {
+    let escaped_nul = bytes.windows(6).enumerate().any(|(at, window)| {
+        // An escape only if an odd number of backslashes ends at it (`\\u0000` is text).
+        window == b"\\u0000"
+            && bytes[..at]
+                .iter()
+                .rev()
+                .take_while(|&&b| b == b'\\')
+                .count()
+                % 2
+                == 0
+    });
+    if !escaped_nul {
+        return None;
+    }
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        let here = || {
+            Some(if path.is_empty() {
+                "body".to_owned()
+            } else {
+                path.to_owned()
+            })
+        };
+        match value {
+            serde_json::Value::String(text) if text.contains('\0') => here(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(index, item)| walk(item, &format!("{path}[{index}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(key, field)| {
+                let inner = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if key.contains('\0') {
+                    here()
+                } else {
+                    walk(field, &inner)
+                }
+            }),
+            _ => None,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    walk(&value, "")
 }
 
 fn strip_position(message: &str) -> String {
@@ -294,6 +353,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
             client_ip: forwarded.or(peer),
             user_agent: text("user-agent"),
             idempotency_key: text("idempotency-key"),
+            idempotency_claim: parts
+                .extensions
+                .get::<super::idempotency::IdempotencyClaim>()
+                .map(|claim| claim.0.clone()),
         }))
     }
 }

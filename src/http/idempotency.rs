@@ -17,12 +17,24 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::extract::too_large;
 use super::{AppState, BODY_LIMIT};
+use crate::store::DataKeys;
 
 const KEEP_FOR: chrono::Duration = chrono::Duration::hours(24);
 /// How long a retry waits for the first request with its key to finish.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
 const SEAL_PURPOSE: &str = "orgledger.idempotent-response";
+/// How long a claim may stay without a response before a retry settles it from the log: far
+/// longer than a command takes (its wait for the read models is at most 60 s).
+const CLAIM_LEASE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// On a keyed command's request: the id of its claim, which [`RequestContext`] carries into
+/// the metadata of the events it stores (`idempotency_claim`). Whether a claim left without
+/// a response was applied is then a question the log answers.
+///
+/// [`RequestContext`]: crate::ledger::RequestContext
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim(pub String);
 
 /// On a command's response: the organization it changed. Its stored copy is filed under
 /// that organization, so the organization's purge erases it (see `Ledger::finish_purge`).
@@ -32,6 +44,9 @@ pub struct ResponseOrganization(pub Uuid);
 #[derive(sqlx::FromRow)]
 struct Stored {
     fingerprint: String,
+    created_at_us: i64,
+    claim_id: Option<String>,
+    log_head: Option<i64>,
     status: Option<i64>,
     content_type: Option<String>,
     etag: Option<String>,
@@ -106,7 +121,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let fingerprint = fingerprint_of(&parts.method, path, canonical.as_deref().unwrap_or(&bytes));
     let database = state.service.database().clone();
 
-    let claimed = match claim(&database, &scope, &key, &fingerprint).await {
+    let claim_id = Uuid::now_v7().to_string();
+    let claimed = match claim(&database, &scope, &key, &fingerprint, &claim_id).await {
         Ok(claimed) => claimed,
         Err(error) => return ApiError::internal(error).into_response(),
     };
@@ -115,49 +131,70 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         // raw body's fingerprint: a retry of one is still the same request until it expires.
         let before_canonical = fingerprint_of(&parts.method, path, &bytes);
         let same = [fingerprint.as_str(), before_canonical.as_str()];
-        return replay(&state, &database, &scope, &key, &same).await;
+        if let Replay::Answer(response) =
+            replay(&state, &database, &scope, &key, &same, &claim_id).await
+        {
+            return response;
+        }
     }
     // In a task of its own: a client that goes away must not cancel the command midway,
     // after its events are stored but before its response is, or a retry would run it again.
-    let request = Request::from_parts(parts, Body::from(bytes));
-    let recorded = tokio::spawn(run_and_record(state, database, scope, key, next, request));
+    let mut request = Request::from_parts(parts, Body::from(bytes));
+    request
+        .extensions_mut()
+        .insert(IdempotencyClaim(claim_id.clone()));
+    let recorded = tokio::spawn(run_and_record(
+        state, database, scope, key, claim_id, next, request,
+    ));
     recorded.await.unwrap_or_else(|_| {
-        // The handler panicked; `Claim` released the key as the task unwound.
+        // The handler panicked; `Claim` settled the key as the task unwound.
         ApiError::internal("a handler panicked").into_response()
     })
 }
 
-/// Runs the claimed command and stores its response under the key (or releases the key on
-/// a 5xx or 401, so a retry may try again).
+/// Runs the claimed command and stores its response under the key. A 401 releases the key
+/// (a bad token must not hold its slot); a 5xx, or a response too large to keep, settles it
+/// from the log (see [`settle`]).
 async fn run_and_record(
     state: AppState,
     database: Database,
     scope: String,
     key: String,
+    claim_id: String,
     next: Next,
     request: Request,
 ) -> Response {
+    let keys = state.service.ledger.keys().clone();
     let mut claim = Claim {
         database: Some(database.clone()),
+        keys: keys.clone(),
         scope: scope.clone(),
         key: key.clone(),
+        claim_id: claim_id.clone(),
     };
     let response = next.run(request).await;
     let (parts, body) = response.into_parts();
     let body = to_bytes(body, LARGEST_STORED_RESPONSE).await;
     claim.database = None;
     let Ok(body) = body else {
-        drop(release(&database, &scope, &key).await);
+        if let Err(error) = settle(&database, &keys, &scope, &key, &claim_id).await {
+            tracing::error!(%error, "could not settle an idempotency key");
+        }
         return ApiError::internal("a command response was too large to keep").into_response();
     };
-    let stored = if parts.status.is_server_error() || parts.status == StatusCode::UNAUTHORIZED {
-        // Let a retry try again; and a bad key must not hold a key's slot.
-        release(&database, &scope, &key).await
+    let stored = if parts.status == StatusCode::UNAUTHORIZED {
+        release(&database, &scope, &key, &claim_id).await
+    } else if parts.status.is_server_error() {
+        match settle(&database, &keys, &scope, &key, &claim_id).await {
+            // Applied after all: what the command did is a truer answer than the failure.
+            Ok(Some(lost)) => return lost,
+            outcome => outcome.map(drop),
+        }
     } else {
         // Responses can hold a secret shown once (an invitation token, a service-account
         // key): the stored copy is sealed.
-        let sealed = state.service.ledger.keys().seal_blob(SEAL_PURPOSE, &body);
-        complete(&database, &scope, &key, &parts, &sealed).await
+        let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
+        complete(&database, &scope, &key, &claim_id, &parts, &sealed).await
     };
     if let Err(error) = stored {
         tracing::error!(%error, "could not record an idempotent response");
@@ -166,26 +203,39 @@ async fn run_and_record(
 }
 
 /// A claimed key whose request never produced a response (the handler panicked and the
-/// task unwound): released, so a retry is not made to wait out the claim.
+/// task unwound): settled, so a retry is neither made to wait out the claim nor allowed to
+/// run a command that was applied.
 struct Claim {
     database: Option<Database>,
+    keys: DataKeys,
     scope: String,
     key: String,
+    claim_id: String,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(database) = self.database.take() {
-            let (scope, key) = (
+            let keys = self.keys.clone();
+            let (scope, key, claim_id) = (
                 std::mem::take(&mut self.scope),
                 std::mem::take(&mut self.key),
+                std::mem::take(&mut self.claim_id),
             );
             tokio::spawn(async move {
-                if let Err(error) = release(&database, &scope, &key).await {
-                    tracing::error!(%error, "could not release an abandoned idempotency key");
+                if let Err(error) = settle(&database, &keys, &scope, &key, &claim_id).await {
+                    tracing::error!(%error, "could not settle an abandoned idempotency key");
                 }
             });
         }
+    }
+}
+
+/// The log's last position: a claim's events, stored after it, lie past it.
+fn log_head_sql(database: &Database) -> &'static str {
+    match database {
+        Database::Postgres(_) => "(SELECT coalesce(max(position), 0) FROM events)",
+        Database::Sqlite(_) => "(SELECT coalesce(max(position), 0) FROM event_log)",
     }
 }
 
@@ -195,28 +245,105 @@ async fn claim(
     scope: &str,
     key: &str,
     fingerprint: &str,
+    claim_id: &str,
 ) -> Result<bool, sqlx::Error> {
     let now = to_micros(Utc::now());
     let expired_before = now - KEEP_FOR.num_microseconds().unwrap_or(i64::MAX);
+    let insert = format!(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us, claim_id, log_head)
+         VALUES ($1, $2, $3, $4, $5, {}) ON CONFLICT (scope, key) DO NOTHING",
+        log_head_sql(database)
+    );
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at_us < $3")
             .bind(scope).bind(key).bind(expired_before)
             .execute(pool).await?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (scope, key) DO NOTHING",
-        )
-        .bind(scope).bind(key).bind(fingerprint).bind(now)
-        .execute(pool).await?
-        .rows_affected();
+        let inserted = sqlx::query(&insert)
+            .bind(scope).bind(key).bind(fingerprint).bind(now).bind(claim_id)
+            .execute(pool).await?
+            .rows_affected();
         Ok(inserted == 1)
     })
+}
+
+/// Where a claim's command was applied: its organization and version, if any event in the
+/// log past `log_head` carries the claim's id.
+async fn applied(
+    database: &Database,
+    claim_id: &str,
+    log_head: i64,
+) -> Result<Option<(String, i64)>, sqlx::Error> {
+    orgledger_projections::with_pool!(database, pool => {
+        let sql = match database {
+            Database::Postgres(_) => {
+                "SELECT aggregate_id, max(sequence) FROM events
+                  WHERE position > $1 AND metadata->>'idempotency_claim' = $2
+                  GROUP BY aggregate_id"
+            }
+            Database::Sqlite(_) => {
+                "SELECT e.aggregate_id, max(e.sequence) FROM event_log l
+                   JOIN events e ON e.aggregate_type = l.aggregate_type
+                                AND e.aggregate_id = l.aggregate_id AND e.sequence = l.sequence
+                  WHERE l.position > $1 AND json_extract(e.metadata, '$.idempotency_claim') = $2
+                  GROUP BY e.aggregate_id"
+            }
+        };
+        sqlx::query_as(sql).bind(log_head).bind(claim_id).fetch_optional(pool).await
+    })
+}
+
+/// Settles a claim its request left without a response to keep: if the log holds the
+/// command's events, a retry is told it was applied (and where), never running it again;
+/// if not, the key is released for a retry to run it.
+async fn settle(
+    database: &Database,
+    keys: &DataKeys,
+    scope: &str,
+    key: &str,
+    claim_id: &str,
+) -> Result<Option<Response>, sqlx::Error> {
+    let log_head = match load(database, scope, key).await? {
+        Some(Stored {
+            claim_id: Some(holder),
+            log_head: Some(log_head),
+            status: None,
+            ..
+        }) if holder == claim_id => log_head,
+        // Answered, released, or claimed anew meanwhile: not this claim's to settle.
+        _ => return Ok(None),
+    };
+    let Some((organization_id, version)) = applied(database, claim_id, log_head).await? else {
+        release(database, scope, key, claim_id).await?;
+        return Ok(None);
+    };
+    let organization = Uuid::parse_str(&organization_id).ok();
+    let lost = ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_response_lost",
+        format!(
+            "the first request with this Idempotency-Key was applied (organization \
+             {organization_id}, version {version}) but its response was lost; read the \
+             organization to see the outcome"
+        ),
+    )
+    .into_response();
+    let (mut parts, body) = lost.into_parts();
+    if let Some(organization) = organization {
+        parts.extensions.insert(ResponseOrganization(organization));
+    }
+    let body = to_bytes(body, LARGEST_STORED_RESPONSE)
+        .await
+        .unwrap_or_default();
+    let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
+    complete(database, scope, key, claim_id, &parts, &sealed).await?;
+    Ok(Some(Response::from_parts(parts, Body::from(body))))
 }
 
 async fn complete(
     database: &Database,
     scope: &str,
     key: &str,
+    claim_id: &str,
     parts: &axum::http::response::Parts,
     body: &[u8],
 ) -> Result<(), sqlx::Error> {
@@ -243,7 +370,7 @@ async fn complete(
             "UPDATE idempotency_keys
                 SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
                     completed_at_us = $8, organization_id = $9
-              WHERE scope = $1 AND key = $2
+              WHERE scope = $1 AND key = $2 AND claim_id = $10
                 AND ($9 IS NULL OR EXISTS (SELECT 1 FROM organization_keys
                                             WHERE organization_keys.organization_id = $9))",
         )
@@ -255,11 +382,12 @@ async fn complete(
         .bind(body.to_vec())
         .bind(to_micros(Utc::now()))
         .bind(organization.as_deref())
+        .bind(claim_id)
         .execute(pool).await?
         .rows_affected()
     });
     if stored == 0 && organization.is_some() {
-        release(database, scope, key).await?;
+        release(database, scope, key, claim_id).await?;
     }
     Ok(())
 }
@@ -281,51 +409,72 @@ pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
     }))
 }
 
-async fn release(database: &Database, scope: &str, key: &str) -> Result<(), sqlx::Error> {
+/// Deletes the claim, if it is still `claim_id`'s.
+async fn release(
+    database: &Database,
+    scope: &str,
+    key: &str,
+    claim_id: &str,
+) -> Result<(), sqlx::Error> {
     orgledger_projections::with_pool!(database, pool => {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2")
-            .bind(scope).bind(key).execute(pool).await?;
+        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND claim_id = $3")
+            .bind(scope).bind(key).bind(claim_id).execute(pool).await?;
     });
     Ok(())
 }
 
 async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stored>, sqlx::Error> {
-    let sql = "SELECT fingerprint, status, content_type, etag, consistency, body
+    let sql = "SELECT fingerprint, created_at_us, claim_id, log_head, status, content_type,
+                      etag, consistency, body
                  FROM idempotency_keys WHERE scope = $1 AND key = $2";
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query_as(sql).bind(scope).bind(key).fetch_optional(pool).await
     })
 }
 
-/// Answers a request whose key is already held: the first response, once it is known.
+enum Replay {
+    Answer(Response),
+    /// The claim was abandoned without its command being applied: this request holds it now.
+    TakenOver,
+}
+
+/// Answers a request whose key is already held: the first response, once it is known. A
+/// claim left without one past [`CLAIM_LEASE`] (its process died) is settled from the log:
+/// applied, the retry is told so; not applied, the retry takes the claim and runs.
 async fn replay(
     state: &AppState,
     database: &Database,
     scope: &str,
     key: &str,
     fingerprints: &[&str],
-) -> Response {
+    claim_id: &str,
+) -> Replay {
+    let answer = |response: Response| Replay::Answer(response);
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
         let stored = match load(database, scope, key).await {
             Ok(Some(stored)) => stored,
             Ok(None) => {
-                return ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_use",
-                    "the first request with this key failed; retry it",
+                return answer(
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "idempotency_key_in_use",
+                        "the first request with this key failed; retry it",
+                    )
+                    .into_response(),
                 )
-                .into_response()
             }
-            Err(error) => return ApiError::internal(error).into_response(),
+            Err(error) => return answer(ApiError::internal(error).into_response()),
         };
         if !fingerprints.contains(&stored.fingerprint.as_str()) {
-            return ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request",
-            )
-            .into_response();
+            return answer(
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request",
+                )
+                .into_response(),
+            );
         }
         if let Some(status) = stored.status {
             let body = match state
@@ -335,7 +484,7 @@ async fn replay(
                 .open_blob(SEAL_PURPOSE, &stored.body.unwrap_or_default())
             {
                 Ok(body) => body,
-                Err(error) => return ApiError::internal(error).into_response(),
+                Err(error) => return answer(ApiError::internal(error).into_response()),
             };
             let mut response = Response::new(Body::from(body));
             *response.status_mut() = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
@@ -353,18 +502,55 @@ async fn replay(
                 }
             }
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-            return response;
+            return answer(response);
+        }
+        let claimed_at = chrono::DateTime::from_timestamp_micros(stored.created_at_us);
+        let abandoned = claimed_at.is_some_and(|at| Utc::now() - at > CLAIM_LEASE);
+        if let (true, Some(holder)) = (abandoned, &stored.claim_id) {
+            match take_over(state, scope, key, fingerprints[0], holder, claim_id).await {
+                Ok(Some(replay)) => return replay,
+                // Settled by someone else meanwhile: look again.
+                Ok(None) => continue,
+                Err(error) => return answer(ApiError::internal(error).into_response()),
+            }
         }
         if tokio::time::Instant::now() >= deadline {
-            return ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still being processed",
-            )
-            .into_response();
+            return answer(
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "a request with this Idempotency-Key is still being processed",
+                )
+                .into_response(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Settles an abandoned claim for a retry: the lost-response answer if its command was
+/// applied; otherwise the key is claimed again, as a first request would. `None` when another
+/// retry got there first.
+async fn take_over(
+    state: &AppState,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+    holder: &str,
+    claim_id: &str,
+) -> Result<Option<Replay>, sqlx::Error> {
+    let database = state.service.database();
+    if let Some(lost) = settle(database, state.service.ledger.keys(), scope, key, holder).await? {
+        let (mut parts, body) = lost.into_parts();
+        parts
+            .headers
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return Ok(Some(Replay::Answer(Response::from_parts(parts, body))));
+    }
+    if claim(database, scope, key, fingerprint, claim_id).await? {
+        return Ok(Some(Replay::TakenOver));
+    }
+    Ok(None)
 }
 
 /// Deletes stored responses older than 24 hours.
@@ -381,20 +567,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_claim_dropped_without_a_response_is_released() {
+    async fn a_claim_dropped_without_a_response_or_events_is_released() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("keys.db").display());
         let database = Database::connect(&url).await.unwrap();
         database.migrate().await.unwrap();
-        assert!(claim(&database, "scope", "key", "print").await.unwrap());
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
         drop(Claim {
             database: Some(database.clone()),
+            keys: DataKeys::new(database.clone(), crate::store::MasterKey::generate()),
             scope: "scope".into(),
             key: "key".into(),
+            claim_id: "claim-1".into(),
         });
         let mut released = false;
         for _ in 0..100 {
-            if claim(&database, "scope", "key", "print").await.unwrap() {
+            if claim(&database, "scope", "key", "print", "claim-2")
+                .await
+                .unwrap()
+            {
                 released = true;
                 break;
             }
@@ -421,13 +614,13 @@ mod tests {
             .unwrap();
         let purged = Uuid::now_v7();
         for (key, organization, kept) in [("live", live, true), ("purged", purged, false)] {
-            assert!(claim(&database, "scope", key, "print").await.unwrap());
+            assert!(claim(&database, "scope", key, "print", key).await.unwrap());
             let mut response = StatusCode::OK.into_response();
             response
                 .extensions_mut()
                 .insert(ResponseOrganization(organization));
             let (parts, _) = response.into_parts();
-            complete(&database, "scope", key, &parts, b"{}")
+            complete(&database, "scope", key, key, &parts, b"{}")
                 .await
                 .unwrap();
             let stored = load(&database, "scope", key).await.unwrap();

@@ -53,8 +53,9 @@ impl ReadStats {
 
 /// An aggregate's snapshot as stored, opened.
 pub struct StoredSnapshot {
-    /// The state's JSON.
-    pub state: String,
+    /// The state's JSON; `None` for a snapshot sealed before snapshots named the event they
+    /// stand at, which is never used (loads replay every event instead).
+    pub state: Option<String>,
     /// The sequence of the last event it includes.
     pub last_sequence: usize,
     /// Its number: a commit that replaces it must name the next one.
@@ -118,15 +119,26 @@ fn seal_state(key: &DataKey, state: &str, aad: &[u8]) -> Vec<u8> {
     key.encrypt(&plaintext, aad)
 }
 
-/// The JSON of a state sealed by [`seal_state`], or sealed uncompressed before it.
+/// The JSON of a state sealed by [`seal_state`].
 fn open_state(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<String, StoreError> {
     let plaintext = key.decrypt(sealed, aad)?;
-    let json = match plaintext.split_first() {
-        Some((&LZ4_STATE, compressed)) => lz4_flex::decompress_size_prepended(compressed)
-            .map_err(|error| StoreError::Integrity(format!("snapshot state: {error}")))?,
-        _ => plaintext,
+    let Some((&LZ4_STATE, compressed)) = plaintext.split_first() else {
+        return Err(StoreError::Integrity(
+            "snapshot state is not in the form this version seals".into(),
+        ));
     };
+    let json = lz4_flex::decompress_size_prepended(compressed)
+        .map_err(|error| StoreError::Integrity(format!("snapshot state: {error}")))?;
     String::from_utf8(json).map_err(|_| StoreError::Integrity("snapshot state is not UTF-8".into()))
+}
+
+/// What a snapshot's state is sealed to: its organization and the event it stands at, in
+/// words no event's field is sealed to (those name the organization alone). A state moved to
+/// another organization or event, or a field's ciphertext put in its place, does not open:
+/// else a snapshot relabelled as standing further on would make loads skip the events
+/// between.
+fn snapshot_aad(aggregate_id: &str, last_sequence: i64) -> Vec<u8> {
+    format!("orgledger snapshot\0{aggregate_id}\0{last_sequence}").into_bytes()
 }
 
 /// Appends a command's events and its snapshot in one transaction: the events in multi-row
@@ -635,28 +647,30 @@ impl OrganizationRepository {
         let Some(key) = self.keys.get(aggregate_id).await? else {
             return Ok(None);
         };
-        let aad = aggregate_id.as_bytes();
+        let stands_at = usize::try_from(last_sequence)
+            .map_err(|_| StoreError::Integrity(format!("snapshot at event {last_sequence}")))?;
         let state = match (state, payload) {
             // Opening and decompressing a large state is CPU work: off the workers.
             (Some(sealed), _) => {
-                let aad = aad.to_vec();
-                tokio::task::spawn_blocking(move || open_state(&key, &sealed, &aad)).await??
+                let aad = snapshot_aad(aggregate_id, last_sequence);
+                let before_binding = aggregate_id.as_bytes().to_vec();
+                tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
+                    Ok(json) => Ok(Some(json)),
+                    // Sealed before snapshots named their event (2026-12-06): nothing says
+                    // where it stands, so it is not used; the next snapshot replaces it.
+                    Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => Ok(None),
+                    Err(error) => Err(error),
+                })
+                .await??
             }
-            // Written before the state had a column of its own: base64 inside JSON.
-            (None, Some(payload)) => {
-                let payload: Value = serde_json::from_str(&payload)
-                    .map_err(|error| StoreError::Integrity(format!("snapshot payload: {error}")))?;
-                let sealed = payload
-                    .get("sealed")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| StoreError::Integrity("snapshot is not sealed".into()))?;
-                key.open_str(sealed, aad)?
-            }
+            // Written before the state had a column of its own, and sealed as a field is:
+            // not used, for the same reason.
+            (None, Some(_)) => None,
             (None, None) => return Err(StoreError::Integrity("snapshot without a state".into())),
         };
         Ok(Some(StoredSnapshot {
             state,
-            last_sequence: last_sequence as usize,
+            last_sequence: stands_at,
             number: number as usize,
         }))
     }
@@ -693,6 +707,7 @@ impl OrganizationRepository {
                 })?
         };
         let aad = aggregate_id.as_bytes();
+        let stands_at = events.last().map_or(0, |last| last.sequence as i64);
         let macs = self.keys.event_macs();
         let sealed_events: Vec<AuthenticatedEvent> = events
             .iter()
@@ -713,7 +728,7 @@ impl OrganizationRepository {
                         .map_err(failure)?;
                 }
                 // Compressing and sealing a large state is CPU work: off the workers.
-                let (key, aad) = (key.clone(), aad.to_vec());
+                let (key, aad) = (key.clone(), snapshot_aad(aggregate_id, stands_at));
                 let sealed = tokio::task::spawn_blocking(move || seal_state(&key, &state, &aad))
                     .await
                     .map_err(|error| PersistenceError::UnknownError(Box::new(error)))?;
@@ -929,9 +944,12 @@ impl PersistedEventRepository for OrganizationRepository {
         else {
             return Ok(None);
         };
+        let Some(state) = snapshot.state else {
+            return Ok(None);
+        };
         Ok(Some(SerializedSnapshot {
             aggregate_id: aggregate_id.to_owned(),
-            aggregate: serde_json::from_str(&snapshot.state)
+            aggregate: serde_json::from_str(&state)
                 .map_err(|error| PersistenceError::DeserializationError(Box::new(error)))?,
             current_sequence: snapshot.last_sequence,
             current_snapshot: snapshot.number,
@@ -1021,7 +1039,8 @@ mod tests {
     fn a_sealed_state_is_compressed_and_opens_to_its_json() {
         let key = DataKey::generate();
         let json = members_json(1_000);
-        let sealed = seal_state(&key, &json, b"org");
+        let aad = snapshot_aad("org", 50);
+        let sealed = seal_state(&key, &json, &aad);
         assert!(
             sealed.len() * 3 < json.len(),
             "{} bytes sealed for {} of JSON",
@@ -1029,22 +1048,33 @@ mod tests {
             json.len()
         );
         assert!(!sealed.windows(11).any(|w| w == b"example.com"));
-        assert_eq!(open_state(&key, &sealed, b"org").unwrap(), json);
-        assert!(open_state(&key, &sealed, b"another org").is_err());
+        assert_eq!(open_state(&key, &sealed, &aad).unwrap(), json);
     }
 
     #[test]
-    fn a_state_sealed_uncompressed_before_still_opens() {
+    fn a_state_opens_only_where_it_was_sealed() {
         let key = DataKey::generate();
         let json = members_json(3);
-        let sealed = key.encrypt(json.as_bytes(), b"org");
-        assert_eq!(open_state(&key, &sealed, b"org").unwrap(), json);
+        let sealed = seal_state(&key, &json, &snapshot_aad("org", 50));
+        for (elsewhere, aad) in [
+            ("a later event", snapshot_aad("org", 51)),
+            ("an earlier event", snapshot_aad("org", 5)),
+            ("another organization", snapshot_aad("org2", 50)),
+            ("a field of the organization", b"org".to_vec()),
+        ] {
+            assert!(open_state(&key, &sealed, &aad).is_err(), "{elsewhere}");
+        }
+        // Nor does a field's ciphertext open as a state, whatever it says.
+        let field = key.encrypt(json.as_bytes(), b"org");
+        assert!(open_state(&key, &field, &snapshot_aad("org", 50)).is_err());
+        // The sequence is delimited: "org" at 15 is not "org1" at 5.
+        assert_ne!(snapshot_aad("org", 15), snapshot_aad("org1", 5));
     }
 
     #[test]
     fn a_snapshot_prints_its_numbers_and_never_its_state() {
         let snapshot = StoredSnapshot {
-            state: r#"{"members":{"mia":{"email":"mia@example.com"}}}"#.into(),
+            state: Some(r#"{"members":{"mia":{"email":"mia@example.com"}}}"#.into()),
             last_sequence: 50,
             number: 1,
         };

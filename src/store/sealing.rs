@@ -15,7 +15,7 @@
 use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
 use base64::Engine;
 use chacha20::cipher::consts::U10;
-use orgledger_domain::{ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS};
+use orgledger_domain::{ERASED, PERSONAL_DATA_FIELDS, SECRET_FIELDS, USER_KEYED_FIELDS};
 use rand::RngCore;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use serde_json::Value;
@@ -123,11 +123,8 @@ impl DataKey {
 
 /// Seals every personal-data string in `value` in place.
 pub fn seal_personal_data(value: &mut Value, key: &DataKey, aad: &[u8]) {
-    visit_personal_strings(value, false, &mut |text| {
-        *text = key.seal_str(text, aad);
-        Ok(())
-    })
-    .expect("sealing never fails");
+    visit_personal_strings(value, false, &mut Sealing::Seal { key, aad })
+        .expect("sealing never fails");
 }
 
 /// Opens every sealed string in `value` in place; with no key (the organization was purged)
@@ -137,32 +134,87 @@ pub fn open_personal_data(
     key: Option<&DataKey>,
     aad: &[u8],
 ) -> Result<(), SealError> {
-    visit_personal_strings(value, false, &mut |text| {
-        *text = match key {
-            Some(key) => key.open_str(text, aad)?,
-            None => ERASED.to_owned(),
+    visit_personal_strings(value, false, &mut Sealing::Open { key, aad })
+}
+
+enum Sealing<'a> {
+    Seal {
+        key: &'a DataKey,
+        aad: &'a [u8],
+    },
+    Open {
+        key: Option<&'a DataKey>,
+        aad: &'a [u8],
+    },
+}
+
+impl Sealing<'_> {
+    fn apply(&mut self, text: &mut String) -> Result<(), SealError> {
+        *text = match self {
+            Self::Seal { key, aad } => key.seal_str(text, aad),
+            Self::Open {
+                key: Some(key),
+                aad,
+            } => key.open_str(text, aad)?,
+            Self::Open { key: None, .. } => ERASED.to_owned(),
         };
         Ok(())
-    })
+    }
+}
+
+fn is_sealed_name(name: &str) -> bool {
+    PERSONAL_DATA_FIELDS.contains(&name) || SECRET_FIELDS.contains(&name)
 }
 
 fn visit_personal_strings(
     value: &mut Value,
     personal: bool,
-    f: &mut dyn FnMut(&mut String) -> Result<(), SealError>,
+    sealing: &mut Sealing<'_>,
 ) -> Result<(), SealError> {
     match value {
-        Value::String(text) if personal => f(text),
-        Value::Object(map) => map.iter_mut().try_for_each(|(name, child)| {
-            let sealed_key = PERSONAL_DATA_FIELDS.contains(&name.as_str())
-                || SECRET_FIELDS.contains(&name.as_str());
-            visit_personal_strings(child, personal || sealed_key, f)
-        }),
+        Value::String(text) if personal => sealing.apply(text),
+        Value::Object(map) => {
+            for (name, child) in map.iter_mut() {
+                match child {
+                    Value::Object(entries) if USER_KEYED_FIELDS.contains(&name.as_str()) => {
+                        visit_user_keyed(entries, personal, sealing)?
+                    }
+                    _ => visit_personal_strings(child, personal || is_sealed_name(name), sealing)?,
+                }
+            }
+            Ok(())
+        }
         Value::Array(items) => items
             .iter_mut()
-            .try_for_each(|child| visit_personal_strings(child, personal, f)),
+            .try_for_each(|child| visit_personal_strings(child, personal, sealing)),
         _ => Ok(()),
     }
+}
+
+/// The entries of an object keyed by names users chose: their keys say nothing about what
+/// their values are. Versions before 2026-12-06 sealed an entry whose name was a personal
+/// field's (a client called `email`): opened, it reads as it was; with no key, the entry is
+/// dropped, since `[erased]` is no value it could hold.
+fn visit_user_keyed(
+    entries: &mut serde_json::Map<String, Value>,
+    personal: bool,
+    sealing: &mut Sealing<'_>,
+) -> Result<(), SealError> {
+    let sealed_before = |name: &str, entry: &Value| {
+        is_sealed_name(name)
+            && entry
+                .as_str()
+                .is_some_and(|text| text.starts_with(SEALED_PREFIX))
+    };
+    if let Sealing::Open { key: None, .. } = sealing {
+        entries.retain(|name, entry| personal || !sealed_before(name, entry));
+    }
+    for (name, entry) in entries.iter_mut() {
+        let opened_as_before =
+            matches!(sealing, Sealing::Open { .. }) && sealed_before(name, entry);
+        visit_personal_strings(entry, personal || opened_as_before, sealing)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -213,6 +265,44 @@ mod tests {
         seal_personal_data(&mut value, &key, b"org-1");
         open_personal_data(&mut value, None, b"org-1").unwrap();
         assert_eq!(value, json!({"email": ERASED, "role": "member"}));
+    }
+
+    #[test]
+    fn a_client_named_like_a_personal_field_is_neither_sealed_nor_erased() {
+        let key = DataKey::generate();
+        let original = json!({"ClientRestrictionsChanged": {
+            "from": {"default": "allow", "clients": {}},
+            "to": {"default": "allow", "clients": {"email": "block", "api_key": "allow"}}
+        }});
+        let mut sealed = original.clone();
+        seal_personal_data(&mut sealed, &key, b"org-1");
+        assert_eq!(sealed, original, "nothing personal in it");
+        open_personal_data(&mut sealed, None, b"org-1").unwrap();
+        assert_eq!(sealed, original, "nothing to erase either");
+    }
+
+    #[test]
+    fn a_client_entry_sealed_by_an_earlier_version_opens_or_goes() {
+        let key = DataKey::generate();
+        let stored = || {
+            json!({"ClientRestrictionsChanged": {"to": {"default": "allow", "clients": {
+                "email": key.seal_str("block", b"org-1"),
+                "web": "allow"
+            }}}})
+        };
+        let mut opened = stored();
+        open_personal_data(&mut opened, Some(&key), b"org-1").unwrap();
+        assert_eq!(
+            opened["ClientRestrictionsChanged"]["to"]["clients"],
+            json!({"email": "block", "web": "allow"})
+        );
+        let mut erased = stored();
+        open_personal_data(&mut erased, None, b"org-1").unwrap();
+        assert_eq!(
+            erased["ClientRestrictionsChanged"]["to"]["clients"],
+            json!({"web": "allow"}),
+            "an erased entry would not decode: it is dropped"
+        );
     }
 
     /// Whatever the `chacha20poly1305` crate sealed (every sealed value stored before this
