@@ -173,6 +173,11 @@ impl Ledger {
         self.stats.clone()
     }
 
+    /// The organization as it stands now, shared with the cache rather than copied.
+    pub async fn current(&self, organization_id: Uuid) -> Result<Arc<Organization>, LedgerError> {
+        Ok(self.load_latest(organization_id).await?.state)
+    }
+
     /// The organization as it stands now, and its version.
     pub async fn load(&self, organization_id: Uuid) -> Result<(Organization, usize), LedgerError> {
         let loaded = self.load_latest(organization_id).await?;
@@ -486,25 +491,7 @@ impl Ledger {
                 ),
                 None => (self.load_latest(organization_id).await?, false),
             };
-            // A stale If-Match is told after the refusals of the caller, and never to a
-            // caller without standing whose command fails anyway: a 412 names the version.
-            // An invitee stands on its token alone: a failed acceptance says why it failed.
-            let stale = expected_version.filter(|expected| *expected != loaded.version);
-            let accepting = matches!(command.body, OrganizationCommand::AcceptInvitation(_));
-            let decision = match (loaded.state.decide(&command), stale) {
-                (Err(refusal), _) if refusal.precedes_preconditions() || accepting => {
-                    Err(refusal.into())
-                }
-                (Err(_), Some(_)) if !loaded.state.has_standing(&command.actor) => {
-                    Err(OrganizationError::PermissionDenied.into())
-                }
-                (_, Some(expected)) => Err(LedgerError::VersionMismatch {
-                    expected,
-                    actual: loaded.version,
-                }),
-                (decision, None) => decision.map_err(LedgerError::from),
-            };
-            let events = match decision {
+            let events = match decide(&loaded, &command, expected_version) {
                 Ok(events) if !events.is_empty() => events,
                 _ if unconfirmed => continue,
                 Ok(_) => {
@@ -800,12 +787,16 @@ impl Ledger {
             }
             return Ok(committed);
         };
-        let (current, _) = self.load(organization_id).await?;
-        if current.slug == new_slug.as_str() || !current.exists() {
+        let current = self.load_latest(organization_id).await?;
+        if current.state.slug == new_slug.as_str() || !current.state.exists() {
             return self
                 .execute(organization_id, command, context, expected_version)
                 .await;
         }
+        // Decided before the slug is reserved: a command refused anyway (no permission, a
+        // stale If-Match, a deleted organization) is refused as such, and nobody learns
+        // which slugs are taken without the right to take one.
+        decide(&current, &command, expected_version)?;
         if !self
             .reserve_slug(&new_slug, organization_id, command.at)
             .await?
@@ -1085,6 +1076,30 @@ impl Ledger {
         }
         .map_err(StoreError::from)?;
         Ok(())
+    }
+}
+
+/// Decides `command` on `loaded`, with its If-Match. A stale If-Match is told after the
+/// refusals of the caller, and never to a caller without standing whose command fails
+/// anyway: a 412 names the version. An invitee stands on its token alone: a failed
+/// acceptance says why it failed.
+fn decide(
+    loaded: &Loaded,
+    command: &Command,
+    expected_version: Option<usize>,
+) -> Result<Vec<OrganizationEvent>, LedgerError> {
+    let stale = expected_version.filter(|expected| *expected != loaded.version);
+    let accepting = matches!(command.body, OrganizationCommand::AcceptInvitation(_));
+    match (loaded.state.decide(command), stale) {
+        (Err(refusal), _) if refusal.precedes_preconditions() || accepting => Err(refusal.into()),
+        (Err(_), Some(_)) if !loaded.state.has_standing(&command.actor) => {
+            Err(OrganizationError::PermissionDenied.into())
+        }
+        (_, Some(expected)) => Err(LedgerError::VersionMismatch {
+            expected,
+            actual: loaded.version,
+        }),
+        (decision, None) => decision.map_err(LedgerError::from),
     }
 }
 

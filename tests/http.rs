@@ -225,6 +225,7 @@ on_both_backends!(
     invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
+    a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at,
     no_operation_takes_malformed_input_for_a_change,
     a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing,
     idempotency_keys_replay_the_first_response,
@@ -240,6 +241,7 @@ on_both_backends!(
     every_kind_of_change_is_audited_under_its_contract_action,
     request_headers_are_recorded_in_the_metadata_of_the_events,
     a_list_without_a_limit_pages_by_fifty,
+    paging_through_invitations_is_stable_while_one_is_resent,
     deletion_restore_and_purge_follow_the_contract,
     operations_endpoints_report_health_and_metrics,
     a_command_answers_with_consistency_pending_when_read_models_lag,
@@ -252,6 +254,7 @@ on_both_backends!(
     a_query_value_outside_its_set_is_refused_by_name,
     searches_fold_letters_beyond_ascii_alike_on_both_stores,
     service_accounts_act_only_within_their_scopes_and_organization,
+    a_rotated_or_deleted_key_fails_at_once_while_the_read_models_lag,
     settings_and_ai_providers_keep_keys_secret,
     seats_hold_under_concurrent_invitations,
     custom_roles_grant_exactly_their_permissions,
@@ -418,6 +421,14 @@ async fn a_query_value_outside_its_set_is_refused_by_name(backend: Backend) {
         (format!("{base}/events?after_sequence=-1"), "after_sequence"),
         (format!("{base}/audit-log?from=yesterday"), "from"),
         (format!("{base}/audit-log?to=2026-13-01T00:00:00Z"), "to"),
+        (
+            format!("{base}/audit-log?resource_type=Member"),
+            "resource_type",
+        ),
+        (
+            format!("{base}/audit-log?resource_type=user"),
+            "resource_type",
+        ),
         (
             format!("{base}/audit-log/export?format=csv&from=soon"),
             "from",
@@ -852,8 +863,8 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
         .send(as_key(Method::PATCH, format!("{base}/members/olivia")).json(&json!({"title": "x"})))
         .await;
     assert_eq!(
-        promote.status,
-        StatusCode::FORBIDDEN,
+        (promote.status, problem_code(&promote)),
+        (StatusCode::FORBIDDEN, "permission_denied"),
         "members:write is not granted"
     );
     let audit = app
@@ -867,10 +878,23 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
         ))
         .await;
     assert_eq!(
-        elsewhere.status,
-        StatusCode::FORBIDDEN,
+        (elsewhere.status, problem_code(&elsewhere)),
+        (StatusCode::FORBIDDEN, "permission_denied"),
         "only inside its own organization"
     );
+    for body in [
+        json!({"name": "Spawned"}),
+        json!({"name": "Spawned", "owner": {"user_id": "mallory", "email": "m@example.com"}}),
+    ] {
+        let spawned = app
+            .send(as_key(Method::POST, "/v1/organizations".to_owned()).json(&body))
+            .await;
+        assert_eq!(
+            (spawned.status, problem_code(&spawned)),
+            (StatusCode::FORBIDDEN, "permission_denied"),
+            "a service account creates no organization: {body}"
+        );
+    }
     // History and exports need their scopes (`audit:read`, `export:read`); the directory of
     // every organization is `system`'s alone.
     for path in [
@@ -975,6 +999,77 @@ async fn service_accounts_act_only_within_their_scopes_and_organization(backend:
     );
     for text in [events.body.to_string(), export.body.to_string()] {
         assert!(!text.contains(&key) && !text.contains(&new_key) && !text.contains("key_sha256"));
+    }
+}
+
+/// "The old key fails at once" holds when the command answers `pending`: a key is found
+/// through the read models but checked against the organization as stored.
+async fn a_rotated_or_deleted_key_fails_at_once_while_the_read_models_lag(backend: Backend) {
+    let mut app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    let mut accounts = Vec::new();
+    for name in ["rotated", "deleted"] {
+        let created = app
+            .call(
+                Method::POST,
+                &format!("{base}/service-accounts"),
+                Some("olivia"),
+                Some(json!({"name": name, "scopes": ["members:read", "members:write"]})),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        let id = created.body["service_account"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let key = created.body["key"].as_str().unwrap().to_owned();
+        accounts.push((id, key));
+    }
+    let read_with = |key: &str| {
+        app.client
+            .get(format!("{}{base}/members", app.address))
+            .bearer_auth(key)
+    };
+    for (_, key) in &accounts {
+        assert_eq!(app.send(read_with(key)).await.status, StatusCode::OK);
+    }
+    app.service.stop_projections().await;
+    app.service.set_consistency_wait(std::time::Duration::ZERO);
+    let (rotated, old_key) = &accounts[0];
+    let rotation = app
+        .call(
+            Method::POST,
+            &format!("{base}/service-accounts/{rotated}/rotate"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(rotation.status, StatusCode::OK, "{}", rotation.body);
+    assert_eq!(rotation.headers["x-consistency"], "pending");
+    let (deleted, deleted_key) = &accounts[1];
+    let deletion = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/service-accounts/{deleted}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(deletion.status, StatusCode::NO_CONTENT);
+    assert_eq!(deletion.headers["x-consistency"], "pending");
+    for key in [old_key, deleted_key] {
+        let read = app.send(read_with(key)).await;
+        assert_problem(&read, StatusCode::UNAUTHORIZED, "unauthenticated");
+        let command = app
+            .send(
+                app.client
+                    .patch(format!("{}{base}/members/olivia", app.address))
+                    .bearer_auth(key)
+                    .json(&json!({"title": "Owned"})),
+            )
+            .await;
+        assert_problem(&command, StatusCode::UNAUTHORIZED, "unauthenticated");
     }
 }
 
@@ -2934,6 +3029,96 @@ async fn a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing(back
         reply.headers.get("x-consistency").is_none(),
         "the read models kept up"
     );
+}
+
+/// A slug change is decided before its slug is reserved: who may not make it, or makes it
+/// on a stale version or a deleted organization, is told so, never `slug_taken`, and learns
+/// nothing of which slugs exist.
+async fn a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.create_org("Taken", "tom").await;
+    app.add_member(&org, "olivia", "vic", "viewer").await;
+    let path = format!("/v1/organizations/{org}");
+    let rename = |actor: &str, if_match: Option<&str>| {
+        let mut request = app
+            .request(Method::PATCH, &path, Some(actor))
+            .json(&json!({"slug": "taken"}));
+        if let Some(version) = if_match {
+            request = request.header("If-Match", version);
+        }
+        request
+    };
+    for actor in ["vic", "stranger"] {
+        let refused = app.send(rename(actor, None)).await;
+        assert_problem(&refused, StatusCode::FORBIDDEN, "permission_denied");
+    }
+    let stale = app.send(rename("olivia", Some("1"))).await;
+    assert_problem(&stale, StatusCode::PRECONDITION_FAILED, "version_mismatch");
+    let taken = app.send(rename("olivia", None)).await;
+    assert_problem(&taken, StatusCode::CONFLICT, "slug_taken");
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(deleted.body["status"], "deleted", "{}", deleted.body);
+    let on_deleted = app.send(rename("olivia", None)).await;
+    assert_problem(&on_deleted, StatusCode::CONFLICT, "organization_deleted");
+}
+
+/// Invitations are listed in the order they were first sent: a resend, which moves
+/// `sent_at`, neither repeats an invitation on a later page nor skips one.
+async fn paging_through_invitations_is_stable_while_one_is_resent(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let mut ids = Vec::new();
+    for who in ["ana", "ben", "cai"] {
+        let sent = app
+            .invite(&org, "olivia", &format!("{who}@example.com"), "member")
+            .await;
+        ids.push(sent["invitation"]["id"].as_str().unwrap().to_owned());
+    }
+    let list = format!("/v1/organizations/{org}/invitations");
+    let first = app
+        .call(
+            Method::GET,
+            &format!("{list}?limit=1"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(first.body["items"][0]["id"], ids[0].as_str());
+    let cursor = first.body["next_cursor"].as_str().unwrap().to_owned();
+    let resent = app
+        .call(
+            Method::POST,
+            &format!("{list}/{}/resend", ids[0]),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(resent.status, StatusCode::OK, "{}", resent.body);
+    let rest = app
+        .call(
+            Method::GET,
+            &format!("{list}?limit=5&cursor={cursor}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let rest: Vec<&str> = rest.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, [ids[1].as_str(), ids[2].as_str()]);
 }
 
 /// Conflicts with what is stored are 409s with their contract codes, and append nothing.

@@ -93,6 +93,31 @@ impl Organization {
         if invitation.role == Role::Owner && !authority.is_owner() {
             return Err(OrganizationError::PermissionDenied);
         }
+        if let Some(email) = invitation.email.as_deref() {
+            if self.members.values().any(|member| member.email == email) {
+                return Err(OrganizationError::AlreadyMember);
+            }
+        }
+        // An expired invitation held no seat and stood in no one's way: resent, it is sent
+        // anew, under the rules of a new one.
+        if invitation.is_expired(at) {
+            let remaining = invitation.max_uses.saturating_sub(invitation.uses);
+            if let Some(seats) = self.plan.seats {
+                if self.seats_in_use(at) + remaining > seats {
+                    return Err(OrganizationError::SeatLimitReached);
+                }
+            }
+            if let Some(email) = invitation.email.as_deref() {
+                let pending = self.invitations.iter().any(|(id, other)| {
+                    *id != c.invitation_id
+                        && other.email.as_deref() == Some(email)
+                        && !other.is_expired(at)
+                });
+                if pending {
+                    return Err(OrganizationError::InvitationPending);
+                }
+            }
+        }
         let lifetime = invitation.expires_at - invitation.sent_at;
         Ok(vec![OrganizationEvent::InvitationResent(
             InvitationResent {

@@ -14,6 +14,12 @@ impl Organization {
     /// Role, profile and locks in one atomic patch.
     pub(crate) fn update_member(&self, actor: &Actor, c: &UpdateMember) -> Decision {
         let authority = self.authority(actor)?;
+        let manages = self.grant(&authority).permits(Permission::ManageMembers);
+        // Who may edit no one but themselves, and a stranger, learn nothing of who else is a
+        // member: refused before the member is looked up.
+        if !manages && (authority.role.is_none() || authority.user != Some(&c.user_id)) {
+            return Err(OrganizationError::PermissionDenied);
+        }
         let target = self
             .members
             .get(&c.user_id)
@@ -40,7 +46,7 @@ impl Organization {
             locked_fields: locked_change,
         };
 
-        if self.grant(&authority).permits(Permission::ManageMembers) {
+        if manages {
             // Only an owner may touch an owner or make one.
             let touches_owner = target.role == Role::Owner || c.role == Some(Role::Owner);
             if touches_owner && !authority.is_owner() {

@@ -185,6 +185,74 @@ fn resending_issues_a_new_token_and_restarts_the_expiry() {
 }
 
 #[test]
+fn resending_an_expired_invitation_sends_it_anew_under_the_rules_of_a_new_one() {
+    let resend = |n| {
+        command_at(
+            user("adam"),
+            days(9),
+            OrganizationCommand::ResendInvitation(ResendInvitation {
+                invitation_id: invitation_id(n),
+                token_sha256: "hash-new".into(),
+            }),
+        )
+    };
+    let five_seats = OrganizationEvent::PlanChanged(PlanChanged {
+        plan: Change {
+            from: None,
+            to: Some("team".into()),
+        },
+        seats: Change {
+            from: None,
+            to: Some(5),
+        },
+    });
+    let later = |n, to: &str| {
+        OrganizationEvent::InvitationSent(InvitationSent {
+            sent_at: days(8),
+            expires_at: days(15),
+            ..invitation_sent(n, Some(to), Role::Member)
+        })
+    };
+    // Nina's invitation expired on day 7; Omar's, pending, holds the fifth seat.
+    let full = with(
+        acme(),
+        vec![
+            five_seats,
+            sent(1, "nina@example.com", Role::Member),
+            later(2, "omar@example.com"),
+        ],
+    );
+    assert_eq!(
+        error_of(full.clone(), resend(1)),
+        OrganizationError::SeatLimitReached,
+        "an expired invitation held no seat: resent, it needs one"
+    );
+    test()
+        .given(full)
+        .when(resend(2))
+        .inspect_result()
+        .expect("a pending one already holds its seat");
+    // A newer invitation to the same address is pending.
+    let superseded = with(
+        acme(),
+        vec![
+            sent(1, "nina@example.com", Role::Member),
+            later(2, "nina@example.com"),
+        ],
+    );
+    assert_eq!(
+        error_of(superseded, resend(1)),
+        OrganizationError::InvitationPending
+    );
+    // The invitee joined meanwhile: resending is refused, expired or not.
+    let joined_since = with(acme(), vec![sent(1, "mia@example.com", Role::Member)]);
+    assert_eq!(
+        error_of(joined_since, resend(1)),
+        OrganizationError::AlreadyMember
+    );
+}
+
+#[test]
 fn the_old_token_is_dead_after_a_resend() {
     let given = with(
         acme(),

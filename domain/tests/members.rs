@@ -225,6 +225,34 @@ fn a_member_cannot_unlock_their_own_fields_or_edit_others() {
 }
 
 #[test]
+fn who_may_not_edit_a_member_is_refused_whether_or_not_they_are_one() {
+    let title = |target: &str| UpdateMember {
+        title: Some(Some("Boss".into())),
+        ..UpdateMember::of(uid(target))
+    };
+    // A stranger, and a member editing someone else: the same refusal for a member and for
+    // an id that is none, so it tells nobody who belongs.
+    for (actor, target) in [
+        ("stranger", "mia"),
+        ("stranger", "nobody"),
+        ("stranger", "stranger"),
+        ("vic", "mia"),
+        ("vic", "nobody"),
+    ] {
+        assert_eq!(
+            error_of(acme(), patch(actor, title(target))),
+            OrganizationError::PermissionDenied,
+            "{actor} editing {target}"
+        );
+    }
+    // Who manages members is told when there is no such member.
+    assert_eq!(
+        error_of(acme(), patch("adam", title("nobody"))),
+        OrganizationError::NotFound("member")
+    );
+}
+
+#[test]
 fn blank_names_and_bad_image_urls_are_validation_errors() {
     let blank = UpdateMember {
         first_name: Some(Some("  ".into())),

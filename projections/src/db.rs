@@ -8,7 +8,8 @@ use sqlx::{ConnectOptions, PgPool, SqlitePool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatabaseError {
-    #[error("unsupported DATABASE_URL {0:?}: use postgres://... or sqlite://PATH")]
+    /// Holds the URL's scheme only: the rest may carry a password.
+    #[error("unsupported DATABASE_URL scheme {0:?}: use postgres://... or sqlite://PATH")]
     UnsupportedUrl(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -150,7 +151,16 @@ impl Database {
                 .await?;
             Ok(Self::Sqlite(pool))
         } else {
-            Err(DatabaseError::UnsupportedUrl(url.to_owned()))
+            let scheme = url
+                .split_once("://")
+                .map(|(scheme, _)| scheme)
+                .filter(|scheme| {
+                    scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                })
+                .unwrap_or("");
+            Err(DatabaseError::UnsupportedUrl(scheme.to_owned()))
         }
     }
 
@@ -823,6 +833,19 @@ pub const MAX_ROWS_PER_STATEMENT: usize = 2_000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unsupported_url_is_refused_by_its_scheme_alone() {
+        for (url, scheme) in [
+            ("postgresq://admin:hunter2@db/orgs", "postgresq"),
+            ("admin:hunter2@db/orgs", ""),
+            ("a:hunter2@b://c", ""),
+        ] {
+            let error = Database::connect(url).await.unwrap_err().to_string();
+            assert!(!error.contains("hunter2"), "{error}");
+            assert!(error.contains(&format!("{scheme:?}")), "{error}");
+        }
+    }
 
     #[test]
     fn value_rows_numbers_parameters_row_by_row() {

@@ -36,6 +36,12 @@ impl Projection for InvitationsProjection {
         vec![("rm_invitations", self.table.clone())]
     }
 
+    /// 2: listed by id (UUIDv7: the order they were first sent in), not by `sent_at`, which
+    /// a resend moves: a page boundary no longer shifts under a client paging through.
+    fn schema_version(&self) -> i64 {
+        2
+    }
+
     fn create_tables(&self, _backend: Backend) -> Vec<String> {
         let t = &self.table;
         vec![format!(
@@ -65,7 +71,8 @@ impl Projection for InvitationsProjection {
     fn indexes(&self) -> Vec<Index> {
         let t = &self.table;
         vec![
-            index(t, "_by_status", "organization_id, status, sent_at_us, id"),
+            index(t, "_by_organization", "organization_id, id"),
+            index(t, "_by_status_and_id", "organization_id, status, id"),
             index(t, "_by_token", "token_sha256"),
         ]
     }
@@ -327,33 +334,32 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Invitations))
+        .map(|raw| Cursor::<String>::decode(raw, List::Invitations))
     {
         Some(Ok(Cursor(key))) => Some(key),
         Some(Err(error)) => return Ok(Err(error)),
         None => None,
     };
-    let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
+    let after_id = after.unwrap_or_default();
     // `expired` is pending past expiry; `pending` excludes those.
     let (stored_status, expiry) = match filter.status.as_deref() {
-        Some("pending") => (Some("pending"), "AND expires_at_us > $6"),
-        Some("expired") => (Some("pending"), "AND expires_at_us <= $6"),
-        Some(other) => (Some(other), "AND $6 = $6"),
-        None => (None, "AND $6 = $6"),
+        Some("pending") => (Some("pending"), "AND expires_at_us > $5"),
+        Some("expired") => (Some("pending"), "AND expires_at_us <= $5"),
+        Some(other) => (Some(other), "AND $5 = $5"),
+        None => (None, "AND $5 = $5"),
     };
     let sql = format!(
         "SELECT {COLUMNS} FROM rm_invitations
           WHERE organization_id = $1
-            AND (sent_at_us, id) > ($2, $3)
-            AND ($4 IS NULL OR status = $4)
+            AND id > $2
+            AND ($3 IS NULL OR status = $3)
             {expiry}
-          ORDER BY sent_at_us, id
-          LIMIT $5"
+          ORDER BY id
+          LIMIT $4"
     );
     let rows: Vec<InvitationRow> = crate::with_pool!(database, pool => {
         sqlx::query_as(&sql)
             .bind(organization_id)
-            .bind(after_at)
             .bind(&after_id)
             .bind(stored_status)
             .bind(filter.limit as i64 + 1)
@@ -366,6 +372,6 @@ pub async fn list(
         views,
         filter.limit,
         List::Invitations,
-        |invitation| (to_micros(invitation.sent_at), invitation.id.clone()),
+        |invitation| invitation.id.clone(),
     )))
 }

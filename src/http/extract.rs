@@ -306,11 +306,19 @@ async fn service_account(
         ));
     }
     let id = uuid::Uuid::parse_str(&account.id).map_err(ApiError::internal)?;
-    let scopes = account
-        .scopes
-        .iter()
-        .filter_map(|scope| orgledger_domain::Scope::parse("scopes", scope).ok())
-        .collect();
+    let organization = uuid::Uuid::parse_str(&organization_id).map_err(ApiError::internal)?;
+    // The read model finds the key; the organization as stored says whether it still opens
+    // and with which scopes: a rotation or deletion answered `pending` must not leave the
+    // old key working while the read models catch up.
+    let current = state.service.ledger.current(organization).await?;
+    let Some(stored) = current
+        .service_accounts
+        .get(&id)
+        .filter(|stored| stored.key_sha256 == hash)
+    else {
+        return Err(ApiError::unauthenticated());
+    };
+    let scopes = stored.scopes.clone();
     Ok(Caller {
         actor: Actor::ServiceAccount(id),
         account: Some(AccountCaller {

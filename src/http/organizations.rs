@@ -61,7 +61,13 @@ async fn create_organization(
             first_name: None,
             last_name: None,
         },
-        (_, None) => return Err(OrganizationError::ActorRequired.into()),
+        // A service account acts inside its own organization only.
+        (orgledger_domain::Actor::ServiceAccount(_), None) => {
+            return Err(OrganizationError::PermissionDenied.into())
+        }
+        (orgledger_domain::Actor::System, None) => {
+            return Err(OrganizationError::ActorRequired.into())
+        }
     };
     let slug_was_given = request.slug.is_some();
     let slug = request.slug.unwrap_or_else(|| {
