@@ -315,7 +315,7 @@ impl Ledger {
     }
 
     /// Up to `limit` of the organization's events after `after_sequence`, opened, upcast
-    /// and decoded, in sequence order.
+    /// and decoded, in sequence order. An event whose MAC does not match it fails the read.
     pub async fn events_after(
         &self,
         organization_id: Uuid,
@@ -324,6 +324,28 @@ impl Ledger {
     ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
         self.repository
             .events_after(
+                Organization::TYPE,
+                &organization_id.to_string(),
+                after_sequence,
+                limit,
+            )
+            .await
+            .map_err(store_failure)?
+            .into_iter()
+            .map(|stored| self.decode(stored))
+            .collect()
+    }
+
+    /// As [`Ledger::events_after`], MACs unchecked: for `verify`, which gives each event's
+    /// verdict.
+    pub async fn events_after_as_stored(
+        &self,
+        organization_id: Uuid,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
+        self.repository
+            .events_after_as_stored(
                 Organization::TYPE,
                 &organization_id.to_string(),
                 after_sequence,

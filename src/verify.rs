@@ -251,7 +251,10 @@ async fn verify_organization(
     let mut one_at_a_time_until = 0;
     loop {
         let page_size = if last < one_at_a_time_until { 1 } else { PAGE };
-        let page = match ledger.events_after(organization_id, last, page_size).await {
+        let page = match ledger
+            .events_after_as_stored(organization_id, last, page_size)
+            .await
+        {
             Ok(page) => page,
             Err(_) if page_size > 1 => {
                 one_at_a_time_until = last + PAGE;
@@ -261,7 +264,10 @@ async fn verify_organization(
                 // Once more after the database answers: a connection lost mid-read is not a
                 // fault of the event.
                 still_answering(ledger.database()).await?;
-                let error = match ledger.events_after(organization_id, last, 1).await {
+                let error = match ledger
+                    .events_after_as_stored(organization_id, last, 1)
+                    .await
+                {
                     Ok(_) => continue,
                     Err(error) => error,
                 };

@@ -1,4 +1,4 @@
-//! The event store: the sealed event repository over postgres-es / sqlite-es, data keys,
+//! The event store: the sealed event repository in the postgres-es / sqlite-es layout, data keys,
 //! and the ordered feed of the whole log that projections read.
 
 mod authenticity;

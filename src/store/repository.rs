@@ -1,7 +1,9 @@
 //! The organization event repository, with personal data sealed on the way in and opened on
-//! the way out, and every read counted. Full reads go through postgres-es or sqlite-es;
-//! appends, snapshots (sealed whole, as raw ciphertext) and the catch-up read after a version
-//! are its own SQL (see `append!`, `stored_snapshot` and `get_last_events` for why).
+//! the way out, and every read counted. It implements cqrs-es's `PersistedEventRepository`
+//! over the postgres-es/sqlite-es table layout, in its own SQL: appends (see `append!`),
+//! snapshots (sealed whole, as raw ciphertext, see `stored_snapshot`), and reads, which check
+//! each event's MAC before anything is decided on it (see `read_events_after`), something
+//! those crates' reads cannot do.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,9 +12,7 @@ use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
 };
 use cqrs_es::Aggregate;
-use postgres_es::PostgresEventRepository;
 use serde_json::Value;
-use sqlite_es::SqliteEventRepository;
 use sqlx::Row;
 
 use super::group_commit::{is_conflict, GroupCommit, GroupError, GroupStats};
@@ -72,13 +72,7 @@ impl std::fmt::Debug for StoredSnapshot {
     }
 }
 
-enum Engine {
-    Postgres(PostgresEventRepository),
-    Sqlite(SqliteEventRepository),
-}
-
 pub struct OrganizationRepository {
-    engine: Engine,
     database: Database,
     keys: DataKeys,
     stats: Arc<ReadStats>,
@@ -234,14 +228,7 @@ impl OrganizationRepository {
             Database::Postgres(pool) => Some(GroupCommit::new(pool.clone(), group_stats.clone())),
             Database::Sqlite(_) => None,
         };
-        let engine = match &database {
-            Database::Postgres(pool) => {
-                Engine::Postgres(PostgresEventRepository::new(pool.clone()))
-            }
-            Database::Sqlite(pool) => Engine::Sqlite(SqliteEventRepository::new(pool.clone())),
-        };
         Self {
-            engine,
             database,
             keys,
             stats: Arc::default(),
@@ -339,41 +326,74 @@ impl OrganizationRepository {
         after_sequence: usize,
         limit: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.read_events_after(aggregate_type, aggregate_id, after_sequence, limit, true)
+            .await
+    }
+
+    /// As [`OrganizationRepository::events_after`], but without checking MACs: for
+    /// `verify`, which reports each event's MAC verdict rather than stopping at the first.
+    pub async fn events_after_as_stored(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: usize,
+        limit: usize,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
+        self.read_events_after(aggregate_type, aggregate_id, after_sequence, limit, false)
+            .await
+    }
+
+    /// Events after `after_sequence`, opened. With `check_macs`, an event whose MAC does not
+    /// match it (edited in place, moved from elsewhere) fails the read: decisions are never
+    /// made on it. One without a MAC that the migration did not list (a row written by
+    /// hand, or by an older version still running after the upgrade) is read, logged and
+    /// counted (`orgledger_events_unmarked_read_total`); `verify` names it.
+    async fn read_events_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        after_sequence: usize,
+        limit: usize,
+        check_macs: bool,
+    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
         // postgres-es and sqlite-es write the sequence into the SQL text: a new statement to
         // parse and cache for every command. Bound, it is prepared once per connection.
-        const AFTER: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
-                                    event_version, payload, metadata
-                               FROM events
-                              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-                              ORDER BY sequence
+        const AFTER: &str = "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
+                                    e.event_version, e.payload, e.metadata, e.mac,
+                                    (e.mac IS NULL AND EXISTS (
+                                        SELECT 1 FROM events_before_macs listed
+                                         WHERE listed.aggregate_type = e.aggregate_type
+                                           AND listed.aggregate_id = e.aggregate_id
+                                           AND listed.sequence = e.sequence))
+                                        AS stored_before_macs
+                               FROM events e
+                              WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                                AND e.sequence > $3
+                              ORDER BY e.sequence
                               LIMIT $4";
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let events = match &self.database {
-            Database::Postgres(pool) => sqlx::query(AFTER)
+        let macs = self.keys.event_macs();
+        let events = orgledger_projections::with_pool!(&self.database, pool => {
+            let rows = sqlx::query(AFTER)
                 .bind(aggregate_type)
                 .bind(aggregate_id)
                 .bind(after_sequence as i64)
                 .bind(limit)
                 .fetch_all(pool)
                 .await
-                .map_err(failure)?
-                .iter()
-                .map(pg_event)
-                .collect::<Result<_, _>>()
-                .map_err(failure)?,
-            Database::Sqlite(pool) => sqlx::query(AFTER)
-                .bind(aggregate_type)
-                .bind(aggregate_id)
-                .bind(after_sequence as i64)
-                .bind(limit)
-                .fetch_all(pool)
-                .await
-                .map_err(failure)?
-                .iter()
-                .map(sqlite_event)
-                .collect::<Result<_, _>>()
-                .map_err(failure)?,
-        };
+                .map_err(failure)?;
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let event = stored_event(row).map_err(failure)?;
+                if check_macs {
+                    let mac: Option<Vec<u8>> = row.try_get("mac").map_err(failure)?;
+                    let listed: bool = row.try_get("stored_before_macs").map_err(failure)?;
+                    check_mac(macs, &event, mac.as_deref(), listed).map_err(failure)?;
+                }
+                events.push(event);
+            }
+            events
+        });
         self.open_events(aggregate_id, events).await
     }
 
@@ -903,6 +923,33 @@ pub(crate) fn sqlite_event(row: &sqlx::sqlite::SqliteRow) -> Result<SerializedEv
     stored_event(row)
 }
 
+/// What a load makes of an event's MAC (see [`OrganizationRepository::events_after`]).
+fn check_mac(
+    macs: &EventMacKey,
+    event: &SerializedEvent,
+    mac: Option<&[u8]>,
+    stored_before_macs: bool,
+) -> Result<(), StoreError> {
+    match macs.check(event, mac) {
+        Authenticity::Authentic => Ok(()),
+        Authenticity::Unmarked if stored_before_macs => Ok(()),
+        Authenticity::Unmarked => {
+            metrics::counter!("orgledger_events_unmarked_read_total").increment(1);
+            tracing::warn!(
+                organization_id = %event.aggregate_id,
+                sequence = event.sequence,
+                "an event without a MAC, stored since MACs were added: written by hand or by an older version; `orgledger verify` names it"
+            );
+            Ok(())
+        }
+        Authenticity::Altered => Err(StoreError::Integrity(format!(
+            "event {} of organization {} does not match its MAC: it was altered or moved \
+             (`orgledger verify` names every such event)",
+            event.sequence, event.aggregate_id
+        ))),
+    }
+}
+
 /// Opens one stored event in place.
 pub fn open_event(event: &mut SerializedEvent, key: Option<&DataKey>) -> Result<(), StoreError> {
     let aad = event.aggregate_id.as_bytes().to_vec();
@@ -916,11 +963,8 @@ impl PersistedEventRepository for OrganizationRepository {
         &self,
         aggregate_id: &str,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        let events = match &self.engine {
-            Engine::Postgres(repo) => repo.get_events::<A>(aggregate_id).await?,
-            Engine::Sqlite(repo) => repo.get_events::<A>(aggregate_id).await?,
-        };
-        self.open_events(aggregate_id, events).await
+        self.events_after(A::TYPE, aggregate_id, 0, usize::MAX)
+            .await
     }
 
     async fn get_last_events<A: Aggregate>(
