@@ -22,8 +22,8 @@ pub struct StoreConfig {
     pub database_url: String,
 
     /// Base64 of 32 random bytes (`orgledger master-key` makes one). It wraps every
-    /// organization's data key. Unset, it is generated on first start and kept in
-    /// `<database file>.master-key` (SQLite) or `./orgledger.master-key` (PostgreSQL).
+    /// organization's data key. Required with PostgreSQL; with SQLite it is generated on first
+    /// start and kept in `<database file>.master-key`.
     #[arg(
         long = "orgledger-master-key",
         visible_alias = "master-key",
@@ -56,16 +56,7 @@ impl StoreConfig {
         })
     }
 
-    /// Where the master key is kept when `ORGLEDGER_MASTER_KEY` is unset: beside a SQLite
-    /// database, and in the working directory for PostgreSQL (as the platform token is), so
-    /// that `DATABASE_URL` alone starts the service, as the contract's configuration reads.
-    pub fn master_key_path(&self) -> PathBuf {
-        self.beside_data("master-key")
-            .unwrap_or_else(|| PathBuf::from("orgledger.master-key"))
-    }
-
-    /// The configured master key, or the one kept at [`StoreConfig::master_key_path`],
-    /// created once.
+    /// The configured master key; for SQLite, the one kept beside the data, created once.
     pub fn master_key(&self) -> anyhow::Result<MasterKey> {
         self.master_key_making(true)
     }
@@ -89,7 +80,12 @@ impl StoreConfig {
             return MasterKey::from_base64(encoded)
                 .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes");
         }
-        let path = self.master_key_path();
+        let Some(path) = self.beside_data("master-key") else {
+            bail!(
+                "ORGLEDGER_MASTER_KEY is required with {}: generate one with `orgledger master-key`",
+                redact_url(&self.database_url)
+            );
+        };
         if path.exists() {
             let encoded = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -264,14 +260,10 @@ mod tests {
     }
 
     #[test]
-    fn without_a_configured_master_key_one_is_kept_beside_the_data_or_the_process() {
-        assert_eq!(
-            store("sqlite:///var/lib/orgs.db").master_key_path(),
-            PathBuf::from("/var/lib/orgs.db.master-key")
-        );
-        assert_eq!(
-            store("postgres://localhost/x").master_key_path(),
-            PathBuf::from("orgledger.master-key")
-        );
+    fn postgres_without_a_master_key_is_refused() {
+        let error = store("postgres://localhost/x").master_key().unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("ORGLEDGER_MASTER_KEY is required"));
     }
 }

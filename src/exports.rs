@@ -36,7 +36,17 @@ pub fn strip_secrets(value: &mut Value) {
     match value {
         Value::Object(map) => {
             map.retain(|name, _| !is_secret_field(name));
-            map.values_mut().for_each(strip_secrets);
+            for (name, child) in map.iter_mut() {
+                match child {
+                    // Keys there are names users chose: a client called `token` stays.
+                    Value::Object(entries)
+                        if orgledger_domain::USER_KEYED_FIELDS.contains(&name.as_str()) =>
+                    {
+                        entries.values_mut().for_each(strip_secrets)
+                    }
+                    _ => strip_secrets(child),
+                }
+            }
         }
         Value::Array(items) => items.iter_mut().for_each(strip_secrets),
         _ => {}
@@ -191,6 +201,17 @@ fn items<T: Serialize>(items: &[T], first: &mut bool) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_client_named_like_a_secret_is_kept() {
+        let mut value = json!({"ClientRestrictionsChanged": {"to": {
+            "default": "allow",
+            "clients": {"token": "block", "api_key": "allow", "web": "allow"}
+        }}});
+        let kept = value.clone();
+        strip_secrets(&mut value);
+        assert_eq!(value, kept);
+    }
 
     #[test]
     fn secrets_and_their_hashes_are_stripped_at_any_depth() {

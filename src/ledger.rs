@@ -96,6 +96,9 @@ struct Loaded {
     state: Arc<Organization>,
     version: usize,
     snapshot: Option<usize>,
+    /// The stored snapshot could not be used (an older form or shape): the next commit
+    /// replaces it, whatever the interval, so loads stop replaying every event.
+    replace_snapshot: bool,
 }
 
 /// Organizations kept in memory after a load or commit.
@@ -118,7 +121,16 @@ impl AggregateCache {
         Some(entry.1.clone())
     }
 
+    /// Keeps the newer state: a read that loaded before a command stored must not put an
+    /// older state back over the command's.
     fn put(&mut self, id: Uuid, loaded: Loaded) {
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|(_, cached)| cached.version > loaded.version)
+        {
+            return;
+        }
         if self.entries.len() >= CACHED_ORGANIZATIONS && !self.entries.contains_key(&id) {
             // Drop the least recently used half: rare, and O(n) only then.
             let mut ages: Vec<_> = self
@@ -259,6 +271,7 @@ impl Ledger {
             state: Arc::default(),
             version: 0,
             snapshot: Some(number),
+            replace_snapshot: true,
         };
         Ok(match snapshot {
             // Sealed before snapshots named their event: replay everything; the next
@@ -280,6 +293,7 @@ impl Ledger {
                     state: Arc::new(state),
                     version: last_sequence,
                     snapshot: Some(number),
+                    replace_snapshot: false,
                 },
                 Err(error) => {
                     // An older state shape: replay everything; the next snapshot replaces it.
@@ -291,6 +305,7 @@ impl Ledger {
                 state: Arc::default(),
                 version: 0,
                 snapshot: None,
+                replace_snapshot: false,
             },
         })
     }
@@ -425,7 +440,7 @@ impl Ledger {
         let interval = snapshot_interval(after);
         // Straight to JSON text: a `Value` tree of a 100,000-member state first took longer
         // than the text.
-        let snapshot = if last / interval > loaded.version / interval {
+        let snapshot = if loaded.replace_snapshot || last / interval > loaded.version / interval {
             let number = loaded.snapshot.map_or(1, |n| n + 1);
             // A large state takes tens of milliseconds of CPU: off the runtime's workers, so
             // other requests do not wait behind it.
@@ -447,6 +462,7 @@ impl Ledger {
                 state: after.clone(),
                 version: last,
                 snapshot: snapshot_number,
+                replace_snapshot: false,
             },
         );
         Ok(events
@@ -1150,4 +1166,26 @@ fn metadata_of(command: &Command, context: &RequestContext) -> HashMap<String, S
         }
     }
     metadata
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_never_goes_back_to_an_older_state() {
+        let mut cache = AggregateCache::default();
+        let id = Uuid::now_v7();
+        let at = |version| Loaded {
+            state: Arc::default(),
+            version,
+            snapshot: None,
+            replace_snapshot: false,
+        };
+        cache.put(id, at(10));
+        cache.put(id, at(9));
+        assert_eq!(cache.get(id).map(|loaded| loaded.version), Some(10));
+        cache.put(id, at(11));
+        assert_eq!(cache.get(id).map(|loaded| loaded.version), Some(11));
+    }
 }

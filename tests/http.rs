@@ -3119,6 +3119,20 @@ async fn paging_through_invitations_is_stable_while_one_is_resent(backend: Backe
         .map(|item| item["id"].as_str().unwrap())
         .collect();
     assert_eq!(rest, [ids[1].as_str(), ids[2].as_str()]);
+    // A cursor issued while they were listed by `sent_at` goes on from its id.
+    use base64::Engine as _;
+    let before = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!(["invitations", [1_700_000_000_000_000_i64, ids[1]]]).to_string());
+    let older = app
+        .call(
+            Method::GET,
+            &format!("{list}?cursor={before}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(older.status, StatusCode::OK, "{}", older.body);
+    assert_eq!(older.body["items"][0]["id"], ids[2].as_str());
 }
 
 /// Conflicts with what is stored are 409s with their contract codes, and append nothing.

@@ -325,6 +325,15 @@ pub struct InvitationFilter {
     pub cursor: Option<String>,
 }
 
+/// Where a page of invitations starts: after an id; a cursor issued before they were listed
+/// by id (schema 1) carried `sent_at` too, and goes on from its id.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum InvitationKey {
+    Id(String),
+    SentAtAndId(i64, String),
+}
+
 pub async fn list(
     database: &Database,
     organization_id: &str,
@@ -334,9 +343,9 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(|raw| Cursor::<String>::decode(raw, List::Invitations))
+        .map(|raw| Cursor::<InvitationKey>::decode(raw, List::Invitations))
     {
-        Some(Ok(Cursor(key))) => Some(key),
+        Some(Ok(Cursor(InvitationKey::Id(id) | InvitationKey::SentAtAndId(_, id)))) => Some(id),
         Some(Err(error)) => return Ok(Err(error)),
         None => None,
     };

@@ -24,9 +24,14 @@ const KEEP_FOR: chrono::Duration = chrono::Duration::hours(24);
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(10);
 const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
 const SEAL_PURPOSE: &str = "orgledger.idempotent-response";
-/// How long a claim may stay without a response before a retry settles it from the log: far
-/// longer than a command takes (its wait for the read models is at most 60 s).
+/// How long a claim may go unrenewed before a retry settles it from the log: its holder
+/// renews it every [`RENEW_EVERY`] while the command runs, so only a claim whose process died
+/// goes that long.
 const CLAIM_LEASE: chrono::Duration = chrono::Duration::minutes(5);
+const RENEW_EVERY: Duration = Duration::from_secs(30);
+/// How long a holder whose command failed waits before settling its claim from the log: a
+/// commit whose outcome the failure left unknown is visible by then.
+const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// On a keyed command's request: the id of its claim, which [`RequestContext`] carries into
 /// the metadata of the events it stores (`idempotency_claim`). Whether a claim left without
@@ -46,7 +51,6 @@ struct Stored {
     fingerprint: String,
     created_at_us: i64,
     claim_id: Option<String>,
-    log_head: Option<i64>,
     status: Option<i64>,
     content_type: Option<String>,
     etag: Option<String>,
@@ -152,9 +156,9 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     })
 }
 
-/// Runs the claimed command and stores its response under the key. A 401 releases the key
-/// (a bad token must not hold its slot); a 5xx, or a response too large to keep, settles it
-/// from the log (see [`settle`]).
+/// Runs the claimed command and stores its response under the key, renewing the claim while
+/// it runs. A 401 releases the key (a bad token must not hold its slot); a 5xx, or a
+/// response too large to keep, has the claim settled from the log (see [`settle`]).
 async fn run_and_record(
     state: AppState,
     database: Database,
@@ -171,30 +175,37 @@ async fn run_and_record(
         scope: scope.clone(),
         key: key.clone(),
         claim_id: claim_id.clone(),
+        renewing: tokio::spawn(renew_while_running(
+            database.clone(),
+            scope.clone(),
+            key.clone(),
+            claim_id.clone(),
+        ))
+        .abort_handle(),
     };
     let response = next.run(request).await;
     let (parts, body) = response.into_parts();
     let body = to_bytes(body, LARGEST_STORED_RESPONSE).await;
-    claim.database = None;
+    claim.renewing.abort();
     let Ok(body) = body else {
-        if let Err(error) = settle(&database, &keys, &scope, &key, &claim_id).await {
-            tracing::error!(%error, "could not settle an idempotency key");
-        }
+        // `Claim` settles it as it goes.
         return ApiError::internal("a command response was too large to keep").into_response();
     };
-    let stored = if parts.status == StatusCode::UNAUTHORIZED {
-        release(&database, &scope, &key, &claim_id).await
-    } else if parts.status.is_server_error() {
-        match settle(&database, &keys, &scope, &key, &claim_id).await {
-            // Applied after all: what the command did is a truer answer than the failure.
-            Ok(Some(lost)) => return lost,
-            outcome => outcome.map(drop),
-        }
+    let stored = if parts.status.is_server_error() {
+        // `Claim` settles it as it goes: the failure may have come after the commit.
+        Ok(())
     } else {
-        // Responses can hold a secret shown once (an invitation token, a service-account
-        // key): the stored copy is sealed.
-        let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
-        complete(&database, &scope, &key, &claim_id, &parts, &sealed).await
+        claim.database = None;
+        if parts.status == StatusCode::UNAUTHORIZED {
+            release(&database, &scope, &key, &claim_id).await
+        } else {
+            // Responses can hold a secret shown once (an invitation token, a service-account
+            // key): the stored copy is sealed.
+            let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
+            complete(&database, &scope, &key, &claim_id, &parts, &sealed)
+                .await
+                .map(drop)
+        }
     };
     if let Err(error) = stored {
         tracing::error!(%error, "could not record an idempotent response");
@@ -202,19 +213,51 @@ async fn run_and_record(
     Response::from_parts(parts, Body::from(body))
 }
 
-/// A claimed key whose request never produced a response (the handler panicked and the
-/// task unwound): settled, so a retry is neither made to wait out the claim nor allowed to
-/// run a command that was applied.
+/// Keeps the claim's lease fresh while its command runs, so that no retry takes over a
+/// command that may still commit.
+async fn renew_while_running(database: Database, scope: String, key: String, claim_id: String) {
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        if let Err(error) = renew(&database, &scope, &key, &claim_id).await {
+            tracing::warn!(%error, "could not renew an idempotency claim");
+        }
+    }
+}
+
+async fn renew(
+    database: &Database,
+    scope: &str,
+    key: &str,
+    claim_id: &str,
+) -> Result<(), sqlx::Error> {
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(
+            "UPDATE idempotency_keys SET created_at_us = $4
+              WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
+        )
+        .bind(scope).bind(key).bind(claim_id).bind(to_micros(Utc::now()))
+        .execute(pool).await?;
+    });
+    Ok(())
+}
+
+/// A claim whose request ended without a response to keep (a 5xx, a response too large, or
+/// a panic that unwound the task): settled from the log after [`SETTLE_GRACE`], so a retry is
+/// neither made to wait out the lease nor allowed to run a command that was applied.
 struct Claim {
     database: Option<Database>,
     keys: DataKeys,
     scope: String,
     key: String,
     claim_id: String,
+    renewing: tokio::task::AbortHandle,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        self.renewing.abort();
         if let Some(database) = self.database.take() {
             let keys = self.keys.clone();
             let (scope, key, claim_id) = (
@@ -223,19 +266,12 @@ impl Drop for Claim {
                 std::mem::take(&mut self.claim_id),
             );
             tokio::spawn(async move {
+                tokio::time::sleep(SETTLE_GRACE).await;
                 if let Err(error) = settle(&database, &keys, &scope, &key, &claim_id).await {
-                    tracing::error!(%error, "could not settle an abandoned idempotency key");
+                    tracing::error!(%error, "could not settle an idempotency claim");
                 }
             });
         }
-    }
-}
-
-/// The log's last position: a claim's events, stored after it, lie past it.
-fn log_head_sql(database: &Database) -> &'static str {
-    match database {
-        Database::Postgres(_) => "(SELECT coalesce(max(position), 0) FROM events)",
-        Database::Sqlite(_) => "(SELECT coalesce(max(position), 0) FROM event_log)",
     }
 }
 
@@ -249,16 +285,13 @@ async fn claim(
 ) -> Result<bool, sqlx::Error> {
     let now = to_micros(Utc::now());
     let expired_before = now - KEEP_FOR.num_microseconds().unwrap_or(i64::MAX);
-    let insert = format!(
-        "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us, claim_id, log_head)
-         VALUES ($1, $2, $3, $4, $5, {}) ON CONFLICT (scope, key) DO NOTHING",
-        log_head_sql(database)
-    );
+    let insert = "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us, claim_id)
+                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at_us < $3")
             .bind(scope).bind(key).bind(expired_before)
             .execute(pool).await?;
-        let inserted = sqlx::query(&insert)
+        let inserted = sqlx::query(insert)
             .bind(scope).bind(key).bind(fingerprint).bind(now).bind(claim_id)
             .execute(pool).await?
             .rows_affected();
@@ -266,35 +299,35 @@ async fn claim(
     })
 }
 
-/// Where a claim's command was applied: its organization and version, if any event in the
-/// log past `log_head` carries the claim's id.
+/// Where a claim's command was applied: its organization and version, if any stored event
+/// carries the claim's id (a partial index holds the events that carry one).
 async fn applied(
     database: &Database,
     claim_id: &str,
-    log_head: i64,
 ) -> Result<Option<(String, i64)>, sqlx::Error> {
     orgledger_projections::with_pool!(database, pool => {
         let sql = match database {
             Database::Postgres(_) => {
                 "SELECT aggregate_id, max(sequence) FROM events
-                  WHERE position > $1 AND metadata->>'idempotency_claim' = $2
+                  WHERE metadata ? 'idempotency_claim'
+                    AND metadata->>'idempotency_claim' = $1
                   GROUP BY aggregate_id"
             }
             Database::Sqlite(_) => {
-                "SELECT e.aggregate_id, max(e.sequence) FROM event_log l
-                   JOIN events e ON e.aggregate_type = l.aggregate_type
-                                AND e.aggregate_id = l.aggregate_id AND e.sequence = l.sequence
-                  WHERE l.position > $1 AND json_extract(e.metadata, '$.idempotency_claim') = $2
-                  GROUP BY e.aggregate_id"
+                "SELECT aggregate_id, max(sequence) FROM events
+                  WHERE json_valid(metadata)
+                    AND json_extract(metadata, '$.idempotency_claim') IS NOT NULL
+                    AND json_extract(metadata, '$.idempotency_claim') = $1
+                  GROUP BY aggregate_id"
             }
         };
-        sqlx::query_as(sql).bind(log_head).bind(claim_id).fetch_optional(pool).await
+        sqlx::query_as(sql).bind(claim_id).fetch_optional(pool).await
     })
 }
 
-/// Settles a claim its request left without a response to keep: if the log holds the
-/// command's events, a retry is told it was applied (and where), never running it again;
-/// if not, the key is released for a retry to run it.
+/// Settles a claim left without a response to keep, if it is still `claim_id`'s: if the
+/// log holds the command's events, the key answers that it was applied (and where), for
+/// good; if not, the key is released for a retry to run the command.
 async fn settle(
     database: &Database,
     keys: &DataKeys,
@@ -302,17 +335,7 @@ async fn settle(
     key: &str,
     claim_id: &str,
 ) -> Result<Option<Response>, sqlx::Error> {
-    let log_head = match load(database, scope, key).await? {
-        Some(Stored {
-            claim_id: Some(holder),
-            log_head: Some(log_head),
-            status: None,
-            ..
-        }) if holder == claim_id => log_head,
-        // Answered, released, or claimed anew meanwhile: not this claim's to settle.
-        _ => return Ok(None),
-    };
-    let Some((organization_id, version)) = applied(database, claim_id, log_head).await? else {
+    let Some((organization_id, version)) = applied(database, claim_id).await? else {
         release(database, scope, key, claim_id).await?;
         return Ok(None);
     };
@@ -335,10 +358,15 @@ async fn settle(
         .await
         .unwrap_or_default();
     let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
-    complete(database, scope, key, claim_id, &parts, &sealed).await?;
+    if !complete(database, scope, key, claim_id, &parts, &sealed).await? {
+        // Answered or settled by someone else meanwhile.
+        return Ok(None);
+    }
     Ok(Some(Response::from_parts(parts, Body::from(body))))
 }
 
+/// Stores the response under the key, if the claim is still `claim_id`'s and unanswered;
+/// false if it was not stored.
 async fn complete(
     database: &Database,
     scope: &str,
@@ -346,7 +374,7 @@ async fn complete(
     claim_id: &str,
     parts: &axum::http::response::Parts,
     body: &[u8],
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let text = |name: header::HeaderName| {
         parts
             .headers
@@ -370,7 +398,7 @@ async fn complete(
             "UPDATE idempotency_keys
                 SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
                     completed_at_us = $8, organization_id = $9
-              WHERE scope = $1 AND key = $2 AND claim_id = $10
+              WHERE scope = $1 AND key = $2 AND claim_id = $10 AND status IS NULL
                 AND ($9 IS NULL OR EXISTS (SELECT 1 FROM organization_keys
                                             WHERE organization_keys.organization_id = $9))",
         )
@@ -389,7 +417,7 @@ async fn complete(
     if stored == 0 && organization.is_some() {
         release(database, scope, key, claim_id).await?;
     }
-    Ok(())
+    Ok(stored == 1)
 }
 
 /// Forgets the stored responses of organizations whose key is gone (purged): a purge
@@ -409,7 +437,7 @@ pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
     }))
 }
 
-/// Deletes the claim, if it is still `claim_id`'s.
+/// Deletes the claim, if it is still `claim_id`'s and unanswered.
 async fn release(
     database: &Database,
     scope: &str,
@@ -417,15 +445,18 @@ async fn release(
     claim_id: &str,
 ) -> Result<(), sqlx::Error> {
     orgledger_projections::with_pool!(database, pool => {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND claim_id = $3")
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+              WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
+        )
             .bind(scope).bind(key).bind(claim_id).execute(pool).await?;
     });
     Ok(())
 }
 
 async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stored>, sqlx::Error> {
-    let sql = "SELECT fingerprint, created_at_us, claim_id, log_head, status, content_type,
-                      etag, consistency, body
+    let sql = "SELECT fingerprint, created_at_us, claim_id, status, content_type, etag,
+                      consistency, body
                  FROM idempotency_keys WHERE scope = $1 AND key = $2";
     orgledger_projections::with_pool!(database, pool => {
         sqlx::query_as(sql).bind(scope).bind(key).fetch_optional(pool).await
@@ -507,7 +538,7 @@ async fn replay(
         let claimed_at = chrono::DateTime::from_timestamp_micros(stored.created_at_us);
         let abandoned = claimed_at.is_some_and(|at| Utc::now() - at > CLAIM_LEASE);
         if let (true, Some(holder)) = (abandoned, &stored.claim_id) {
-            match take_over(state, scope, key, fingerprints[0], holder, claim_id).await {
+            match take_over(state, scope, key, holder, claim_id).await {
                 Ok(Some(replay)) => return replay,
                 // Settled by someone else meanwhile: look again.
                 Ok(None) => continue,
@@ -528,29 +559,37 @@ async fn replay(
     }
 }
 
-/// Settles an abandoned claim for a retry: the lost-response answer if its command was
-/// applied; otherwise the key is claimed again, as a first request would. `None` when another
-/// retry got there first.
+/// Settles a claim whose holder stopped renewing it (its process died) for a retry: the
+/// lost-response answer if its command was applied; otherwise the claim becomes `claim_id`'s
+/// and the retry runs the command. `None` when another retry got there first.
 async fn take_over(
     state: &AppState,
     scope: &str,
     key: &str,
-    fingerprint: &str,
     holder: &str,
     claim_id: &str,
 ) -> Result<Option<Replay>, sqlx::Error> {
     let database = state.service.database();
-    if let Some(lost) = settle(database, state.service.ledger.keys(), scope, key, holder).await? {
-        let (mut parts, body) = lost.into_parts();
-        parts
-            .headers
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        return Ok(Some(Replay::Answer(Response::from_parts(parts, body))));
+    if applied(database, holder).await?.is_some() {
+        let settled = settle(database, state.service.ledger.keys(), scope, key, holder).await?;
+        return Ok(settled.map(|lost| {
+            let (mut parts, body) = lost.into_parts();
+            parts
+                .headers
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Replay::Answer(Response::from_parts(parts, body))
+        }));
     }
-    if claim(database, scope, key, fingerprint, claim_id).await? {
-        return Ok(Some(Replay::TakenOver));
-    }
-    Ok(None)
+    let taken = orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(
+            "UPDATE idempotency_keys SET claim_id = $4, created_at_us = $5
+              WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
+        )
+        .bind(scope).bind(key).bind(holder).bind(claim_id).bind(to_micros(Utc::now()))
+        .execute(pool).await?
+        .rows_affected()
+    });
+    Ok((taken == 1).then_some(Replay::TakenOver))
 }
 
 /// Deletes stored responses older than 24 hours.
@@ -581,9 +620,11 @@ mod tests {
             scope: "scope".into(),
             key: "key".into(),
             claim_id: "claim-1".into(),
+            renewing: tokio::spawn(async {}).abort_handle(),
         });
         let mut released = false;
-        for _ in 0..100 {
+        // Settled after its grace: nothing in the log carries the claim.
+        for _ in 0..500 {
             if claim(&database, "scope", "key", "print", "claim-2")
                 .await
                 .unwrap()
@@ -594,6 +635,109 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(released, "a retry may claim the key again");
+    }
+
+    async fn scratch_store() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+        let database = Database::connect(&url).await.unwrap();
+        database.migrate().await.unwrap();
+        (dir, database)
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_command_was_applied_is_answered_as_such_not_released() {
+        let (_dir, database) = scratch_store().await;
+        let Database::Sqlite(pool) = &database else {
+            unreachable!("a SQLite URL")
+        };
+        let organization = Uuid::now_v7().to_string();
+        sqlx::query("INSERT INTO organization_keys (organization_id, wrapped_key) VALUES (?1, ?2)")
+            .bind(&organization)
+            .bind(vec![0_u8; 8])
+            .execute(pool)
+            .await
+            .unwrap();
+        for (sequence, claim) in [(1, "someone-else"), (2, "claim-1"), (3, "claim-1")] {
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                     event_version, payload, metadata)
+                 VALUES ('Organization', ?1, ?2, 'GroupCreated', '1', '{}', ?3)",
+            )
+            .bind(&organization)
+            .bind(sequence)
+            .bind(serde_json::json!({ "idempotency_claim": claim }).to_string())
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            applied(&database, "claim-1").await.unwrap(),
+            Some((organization.clone(), 3))
+        );
+        assert_eq!(applied(&database, "claim-2").await.unwrap(), None);
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
+        let keys = DataKeys::new(database.clone(), crate::store::MasterKey::generate());
+        let lost = settle(&database, &keys, "scope", "key", "claim-1")
+            .await
+            .unwrap()
+            .expect("applied");
+        assert_eq!(lost.status(), StatusCode::CONFLICT);
+        let body = to_bytes(lost.into_body(), usize::MAX).await.unwrap();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "idempotency_response_lost");
+        assert!(problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("organization {organization}, version 3")));
+        let stored = load(&database, "scope", "key").await.unwrap().unwrap();
+        assert_eq!(stored.status, Some(409), "kept for every retry");
+        // Settled once: neither a second settlement nor the holder's late response changes it.
+        assert!(settle(&database, &keys, "scope", "key", "claim-1")
+            .await
+            .unwrap()
+            .is_none());
+        let (parts, _) = StatusCode::CREATED.into_response().into_parts();
+        assert!(
+            !complete(&database, "scope", "key", "claim-1", &parts, b"{}")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            load(&database, "scope", "key")
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            Some(409)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_running_claim_keeps_its_lease_and_only_its_holder_renews_it() {
+        let (_dir, database) = scratch_store().await;
+        let Database::Sqlite(pool) = &database else {
+            unreachable!("a SQLite URL")
+        };
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
+        let age = || async {
+            let stored = load(&database, "scope", "key").await.unwrap().unwrap();
+            to_micros(Utc::now()) - stored.created_at_us
+        };
+        sqlx::query("UPDATE idempotency_keys SET created_at_us = created_at_us - 600000000")
+            .execute(pool)
+            .await
+            .unwrap();
+        renew(&database, "scope", "key", "someone-else")
+            .await
+            .unwrap();
+        assert!(age().await > CLAIM_LEASE.num_microseconds().unwrap());
+        renew(&database, "scope", "key", "claim-1").await.unwrap();
+        assert!(age().await < 60_000_000, "renewed: no retry takes it over");
     }
 
     #[tokio::test]

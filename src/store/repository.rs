@@ -344,10 +344,10 @@ impl OrganizationRepository {
     }
 
     /// Events after `after_sequence`, opened. With `check_macs`, an event whose MAC does not
-    /// match it (edited in place, moved from elsewhere) fails the read: decisions are never
-    /// made on it. One without a MAC that the migration did not list (a row written by
-    /// hand, or by an older version still running after the upgrade) is read, logged and
-    /// counted (`orgledger_events_unmarked_read_total`); `verify` names it.
+    /// match it (edited in place, moved from elsewhere), or that has none and was not listed
+    /// as stored before MACs (written by hand, or by an older version still running after
+    /// the upgrade, which the Upgrading section forbids), fails the read: nothing is decided
+    /// on it. `verify` names every such event.
     async fn read_events_after(
         &self,
         aggregate_type: &str,
@@ -933,15 +933,11 @@ fn check_mac(
     match macs.check(event, mac) {
         Authenticity::Authentic => Ok(()),
         Authenticity::Unmarked if stored_before_macs => Ok(()),
-        Authenticity::Unmarked => {
-            metrics::counter!("orgledger_events_unmarked_read_total").increment(1);
-            tracing::warn!(
-                organization_id = %event.aggregate_id,
-                sequence = event.sequence,
-                "an event without a MAC, stored since MACs were added: written by hand or by an older version; `orgledger verify` names it"
-            );
-            Ok(())
-        }
+        Authenticity::Unmarked => Err(StoreError::Integrity(format!(
+            "event {} of organization {} carries no MAC and was not stored before MACs: it \
+             was written without the master key (`orgledger verify` names every such event)",
+            event.sequence, event.aggregate_id
+        ))),
         Authenticity::Altered => Err(StoreError::Integrity(format!(
             "event {} of organization {} does not match its MAC: it was altered or moved \
              (`orgledger verify` names every such event)",
