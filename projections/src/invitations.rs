@@ -71,7 +71,8 @@ impl Projection for InvitationsProjection {
     fn indexes(&self) -> Vec<Index> {
         let t = &self.table;
         vec![
-            index(t, "_by_organization", "organization_id, id"),
+            // The unfiltered list sorts an organization's invitations found by its prefix,
+            // as it did by `sent_at`: one index fewer for every write and every rebuild.
             index(t, "_by_status_and_id", "organization_id, status, id"),
             index(t, "_by_token", "token_sha256"),
         ]
