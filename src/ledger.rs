@@ -337,18 +337,8 @@ impl Ledger {
         after_sequence: usize,
         limit: usize,
     ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
-        self.repository
-            .events_after(
-                Organization::TYPE,
-                &organization_id.to_string(),
-                after_sequence,
-                limit,
-            )
+        self.read_after(organization_id, after_sequence, limit, true)
             .await
-            .map_err(store_failure)?
-            .into_iter()
-            .map(|stored| self.decode(stored))
-            .collect()
     }
 
     /// As [`Ledger::events_after`], MACs unchecked: for `verify`, which gives each event's
@@ -359,12 +349,24 @@ impl Ledger {
         after_sequence: usize,
         limit: usize,
     ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
+        self.read_after(organization_id, after_sequence, limit, false)
+            .await
+    }
+
+    async fn read_after(
+        &self,
+        organization_id: Uuid,
+        after_sequence: usize,
+        limit: usize,
+        check_macs: bool,
+    ) -> Result<Vec<EventEnvelope<Organization>>, LedgerError> {
         self.repository
-            .events_after_as_stored(
+            .read_events_after(
                 Organization::TYPE,
                 &organization_id.to_string(),
                 after_sequence,
                 limit,
+                check_macs,
             )
             .await
             .map_err(store_failure)?

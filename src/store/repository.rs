@@ -330,25 +330,13 @@ impl OrganizationRepository {
             .await
     }
 
-    /// As [`OrganizationRepository::events_after`], but without checking MACs: for
-    /// `verify`, which reports each event's MAC verdict rather than stopping at the first.
-    pub async fn events_after_as_stored(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        after_sequence: usize,
-        limit: usize,
-    ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.read_events_after(aggregate_type, aggregate_id, after_sequence, limit, false)
-            .await
-    }
-
-    /// Events after `after_sequence`, opened. With `check_macs`, an event whose MAC does not
+    /// Events after `after_sequence`, opened. Without `check_macs` only for `verify`, which
+    /// gives each event's MAC verdict rather than stopping at the first. With it, an event whose MAC does not
     /// match it (edited in place, moved from elsewhere), or that has none and was not listed
     /// as stored before MACs (written by hand, or by an older version still running after
     /// the upgrade, which the Upgrading section forbids), fails the read: nothing is decided
     /// on it. `verify` names every such event.
-    async fn read_events_after(
+    pub async fn read_events_after(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
