@@ -260,14 +260,14 @@ impl Organization {
         self.authorize(actor, Permission::ManageSettings)?;
         check_text("name", &c.name, 100)?;
         check_text("kind", &c.kind, 50)?;
-        check_api_key(&c.api_key)?;
+        check_api_key(c.api_key.expose())?;
         Ok(vec![OrganizationEvent::AiProviderAdded(AiProviderAdded {
             provider_id: c.provider_id,
             name: c.name.trim().to_owned(),
             kind: c.kind.trim().to_owned(),
             enabled: c.enabled,
             api_key: c.api_key.clone(),
-            api_key_last4: last4(&c.api_key),
+            api_key_last4: last4(c.api_key.expose()),
         })])
     }
 
@@ -278,7 +278,7 @@ impl Organization {
             .get(&c.provider_id)
             .ok_or(OrganizationError::NotFound("ai provider"))?;
         if let Some(key) = &c.api_key {
-            check_api_key(key)?;
+            check_api_key(key.expose())?;
         }
         let enabled = c
             .enabled
@@ -293,7 +293,7 @@ impl Organization {
                 api_key: c.api_key.clone(),
                 api_key_last4: c.api_key.as_ref().map(|key| Change {
                     from: provider.api_key_last4.clone(),
-                    to: last4(key),
+                    to: last4(key.expose()),
                 }),
             },
         )])

@@ -6,7 +6,9 @@ use uuid::Uuid;
 
 use crate::access::{Actor, Permission, Role, Scope};
 use crate::organization::{ClientAccess, OrganizationKind, WorkflowMode};
-use crate::values::{Email, ExpiryDays, LockedField, MaxUses, OrganizationName, Slug, UserId};
+use crate::values::{
+    Email, ExpiryDays, LockedField, MaxUses, OrganizationName, Secret, Slug, UserId,
+};
 
 /// A command with who issues it and when.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,7 +131,7 @@ pub struct AddAiProvider {
     pub provider_id: Uuid,
     pub name: String,
     pub kind: String,
-    pub api_key: String,
+    pub api_key: Secret,
     pub enabled: bool,
 }
 
@@ -137,7 +139,7 @@ pub struct AddAiProvider {
 pub struct UpdateAiProvider {
     pub provider_id: Uuid,
     pub enabled: Option<bool>,
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::access::{Actor, Permission, Role, Scope};
 use crate::organization::{ClientAccess, OrganizationKind, Settings, WorkflowMode};
-use crate::values::{LockedField, UserId};
+use crate::values::{LockedField, Secret, UserId};
 
 /// Keys whose values are personal data, wherever they appear in a payload or metadata.
 pub const PERSONAL_DATA_FIELDS: &[&str] = &[
@@ -272,7 +272,7 @@ pub struct AiProviderAdded {
     pub name: String,
     pub kind: String,
     pub enabled: bool,
-    pub api_key: String,
+    pub api_key: Secret,
     pub api_key_last4: String,
 }
 
@@ -283,7 +283,7 @@ pub struct AiProviderUpdated {
     pub enabled: Option<Change<bool>>,
     /// A replaced key (sealed), and its new last four characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_last4: Option<Change<String>>,
 }

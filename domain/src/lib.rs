@@ -40,4 +40,4 @@ pub use organization::{
     RESTORE_WINDOW_DAYS,
 };
 pub use upcasting::upcasters;
-pub use values::{Email, ExpiryDays, LockedField, MaxUses, OrganizationName, Slug, UserId};
+pub use values::{Email, ExpiryDays, LockedField, MaxUses, OrganizationName, Secret, Slug, UserId};

@@ -279,3 +279,51 @@ mod tests {
         assert!(UserId::parse("user_id", "user_1").is_ok());
     }
 }
+
+/// A secret a command carries into an event (an AI provider's API key): sealed when stored
+/// (`SECRET_FIELDS`), and never printed: `Debug` shows its length alone. Serialized as the
+/// bare string, so stored events keep their shape.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(secret: String) -> Self {
+        Self(secret)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Self {
+        Self(secret.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} characters)", self.0.chars().count())
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_never_printed_and_serializes_bare() {
+        let secret = Secret::from("sk-live-123456");
+        assert_eq!(format!("{secret:?}"), "Secret(14 characters)");
+        assert_eq!(
+            serde_json::to_string(&secret).unwrap(),
+            "\"sk-live-123456\""
+        );
+        let back: Secret = serde_json::from_str("\"sk-live-123456\"").unwrap();
+        assert_eq!(back, secret);
+    }
+}

@@ -167,7 +167,7 @@ async fn add_ai_provider(
         provider_id,
         name: request.name,
         kind: request.kind,
-        api_key: request.api_key,
+        api_key: request.api_key.into(),
         enabled: request.enabled.unwrap_or(true),
     });
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
@@ -221,7 +221,7 @@ async fn update_ai_provider(
     let body = OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
         provider_id,
         enabled: request.enabled,
-        api_key: request.api_key,
+        api_key: request.api_key.map(Into::into),
     });
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
     let body = provider_of(&outcome, provider_id)?;
