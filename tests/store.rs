@@ -52,6 +52,7 @@ on_both_backends!(
     verify_passes_a_history_that_holds_together,
     verify_names_every_tampering_with_its_organization_and_event,
     the_log_keeps_the_layout_stock_postgres_es_and_sqlite_es_read,
+    a_stored_command_whose_wait_fails_answers_pending_not_an_error,
     a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written_since,
 );
 
@@ -2316,4 +2317,25 @@ async fn the_log_keeps_the_layout_stock_postgres_es_and_sqlite_es_read(backend: 
         .collect();
     assert_eq!(theirs, ours);
     assert!(ours.len() >= 4, "{ours:?}");
+}
+
+/// Once its events are stored, a command succeeds whatever its wait for the read models
+/// meets: not learning whether they show it is `pending`, never an error that would invite
+/// running the command again.
+async fn a_stored_command_whose_wait_fails_answers_pending_not_an_error(backend: Backend) {
+    let service = spawn_service_waiting(backend, std::time::Duration::from_millis(200)).await;
+    let org = acme_with_mia(&service.ledger).await;
+    let before = count(service.db(), "SELECT count(*) FROM events").await;
+    // The table the wait asks, gone: every look at it fails.
+    try_execute(service.db(), "DROP TABLE projected_versions")
+        .await
+        .unwrap();
+    let outcome = service
+        .run_as(org, "olivia", set_role("mia", Role::Admin))
+        .await;
+    assert!(!outcome.consistent);
+    assert_eq!(
+        count(service.db(), "SELECT count(*) FROM events").await,
+        before + 1
+    );
 }

@@ -8,6 +8,7 @@ use crate::error::OrganizationError;
 use crate::events::*;
 use crate::organization::{Decision, Organization, OrganizationKind};
 use crate::values::LockedField;
+use uuid::Uuid;
 
 impl Organization {
     pub(crate) fn send_invitation(
@@ -32,12 +33,7 @@ impl Organization {
                 ));
             }
         }
-        let requested = c.max_uses.get();
-        if let Some(seats) = self.plan.seats {
-            if self.seats_in_use(at) + requested > seats {
-                return Err(OrganizationError::SeatLimitReached);
-            }
-        }
+        self.ensure_seats_for(c.max_uses.get(), at)?;
         if c.email.is_some() && c.max_uses.get() > 1 {
             return Err(OrganizationError::validation(
                 "max_uses",
@@ -48,16 +44,8 @@ impl Organization {
         validate_profile_text("last_name", c.last_name.as_deref())?;
         validate_profile_text("title", c.title.as_deref())?;
         if let Some(email) = &c.email {
-            let email = email.as_str();
-            if self.members.values().any(|member| member.email == email) {
-                return Err(OrganizationError::AlreadyMember);
-            }
-            let pending = self.invitations.values().any(|invitation| {
-                invitation.email.as_deref() == Some(email) && !invitation.is_expired(at)
-            });
-            if pending {
-                return Err(OrganizationError::InvitationPending);
-            }
+            self.ensure_not_a_member(email.as_str())?;
+            self.ensure_no_pending_invitation(email.as_str(), at, None)?;
         }
         let days = c
             .expires_in_days
@@ -94,28 +82,14 @@ impl Organization {
             return Err(OrganizationError::PermissionDenied);
         }
         if let Some(email) = invitation.email.as_deref() {
-            if self.members.values().any(|member| member.email == email) {
-                return Err(OrganizationError::AlreadyMember);
-            }
+            self.ensure_not_a_member(email)?;
         }
         // An expired invitation held no seat and stood in no one's way: resent, it is sent
         // anew, under the rules of a new one.
         if invitation.is_expired(at) {
-            let remaining = invitation.max_uses.saturating_sub(invitation.uses);
-            if let Some(seats) = self.plan.seats {
-                if self.seats_in_use(at) + remaining > seats {
-                    return Err(OrganizationError::SeatLimitReached);
-                }
-            }
+            self.ensure_seats_for(invitation.max_uses.saturating_sub(invitation.uses), at)?;
             if let Some(email) = invitation.email.as_deref() {
-                let pending = self.invitations.iter().any(|(id, other)| {
-                    *id != c.invitation_id
-                        && other.email.as_deref() == Some(email)
-                        && !other.is_expired(at)
-                });
-                if pending {
-                    return Err(OrganizationError::InvitationPending);
-                }
+                self.ensure_no_pending_invitation(email, at, Some(c.invitation_id))?;
             }
         }
         let lifetime = invitation.expires_at - invitation.sent_at;
@@ -221,6 +195,41 @@ impl Organization {
 }
 
 impl Organization {
+    /// Refused when `seats` more would take members plus pending invitations past the plan.
+    fn ensure_seats_for(&self, seats: u32, at: DateTime<Utc>) -> Result<(), OrganizationError> {
+        match self.plan.seats {
+            Some(limit) if self.seats_in_use(at) + seats > limit => {
+                Err(OrganizationError::SeatLimitReached)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn ensure_not_a_member(&self, email: &str) -> Result<(), OrganizationError> {
+        if self.members.values().any(|member| member.email == email) {
+            return Err(OrganizationError::AlreadyMember);
+        }
+        Ok(())
+    }
+
+    /// Refused when an invitation to `email` other than `except` is pending at `at`.
+    fn ensure_no_pending_invitation(
+        &self,
+        email: &str,
+        at: DateTime<Utc>,
+        except: Option<Uuid>,
+    ) -> Result<(), OrganizationError> {
+        let pending = self.invitations.iter().any(|(id, invitation)| {
+            Some(*id) != except
+                && invitation.email.as_deref() == Some(email)
+                && !invitation.is_expired(at)
+        });
+        if pending {
+            return Err(OrganizationError::InvitationPending);
+        }
+        Ok(())
+    }
+
     /// Members plus the seats pending invitations hold (a link holds its remaining uses).
     pub fn seats_in_use(&self, now: DateTime<Utc>) -> u32 {
         let pending: u32 = self

@@ -25,6 +25,16 @@ pub struct Description {
 }
 
 /// The contract's `action`, `resource` and `details` of an event.
+/// What an entry's `resource.type` can be (api.md); [`describe`] gives no other.
+pub const RESOURCE_TYPES: [&str; 6] = [
+    "organization",
+    "member",
+    "invitation",
+    "group",
+    "service_account",
+    "settings",
+];
+
 pub fn describe(organization_id: &str, event: &E) -> Description {
     let org = || organization_id.to_owned();
     let (action, resource_type, resource_id, details) = match event {
@@ -226,6 +236,8 @@ pub fn describe(organization_id: &str, event: &E) -> Description {
             json!({}),
         ),
     };
+    // Every kind of change is audited in the tests: a type outside the list stops them.
+    debug_assert!(RESOURCE_TYPES.contains(&resource_type), "{resource_type}");
     Description {
         action,
         resource_type,

@@ -57,16 +57,6 @@ fn bounds(from: Option<&str>, to: Option<&str>) -> Result<AuditFilter, ApiError>
     })
 }
 
-/// What an audit entry's `resource.type` can be (api.md).
-const RESOURCE_TYPES: [&str; 6] = [
-    "organization",
-    "member",
-    "invitation",
-    "group",
-    "service_account",
-    "settings",
-];
-
 /// The audit log, by sequence.
 #[utoipa::path(get, path = "/v1/organizations/{org_id}/audit-log", tag = "audit",
     params(("org_id" = String, Path), ActorHeaders, AuditQuery),
@@ -79,10 +69,10 @@ async fn audit_log(
 ) -> Result<axum::Json<AuditEntryPage>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
     if let Some(kind) = query.resource_type.as_deref() {
-        if !RESOURCE_TYPES.contains(&kind) {
+        if !audit::RESOURCE_TYPES.contains(&kind) {
             return Err(ApiError::field(
                 "resource_type",
-                &format!("must be one of {}", RESOURCE_TYPES.join(", ")),
+                &format!("must be one of {}", audit::RESOURCE_TYPES.join(", ")),
             ));
         }
     }

@@ -335,10 +335,25 @@ async fn settle(
     key: &str,
     claim_id: &str,
 ) -> Result<Option<Response>, sqlx::Error> {
-    let Some((organization_id, version)) = applied(database, claim_id).await? else {
-        release(database, scope, key, claim_id).await?;
-        return Ok(None);
-    };
+    match applied(database, claim_id).await? {
+        Some(applied_at) => answer_lost(database, keys, scope, key, claim_id, applied_at).await,
+        None => {
+            release(database, scope, key, claim_id).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// Keeps, for good, the answer that `claim_id`'s command was applied at `(organization,
+/// version)` but its response was lost; `None` if the claim was answered or settled meanwhile.
+async fn answer_lost(
+    database: &Database,
+    keys: &DataKeys,
+    scope: &str,
+    key: &str,
+    claim_id: &str,
+    (organization_id, version): (String, i64),
+) -> Result<Option<Response>, sqlx::Error> {
     let organization = Uuid::parse_str(&organization_id).ok();
     let lost = ApiError::new(
         StatusCode::CONFLICT,
@@ -570,9 +585,10 @@ async fn take_over(
     claim_id: &str,
 ) -> Result<Option<Replay>, sqlx::Error> {
     let database = state.service.database();
-    if applied(database, holder).await?.is_some() {
-        let settled = settle(database, state.service.ledger.keys(), scope, key, holder).await?;
-        return Ok(settled.map(|lost| {
+    if let Some(applied_at) = applied(database, holder).await? {
+        let keys = state.service.ledger.keys();
+        let answered = answer_lost(database, keys, scope, key, holder, applied_at).await?;
+        return Ok(answered.map(|lost| {
             let (mut parts, body) = lost.into_parts();
             parts
                 .headers
