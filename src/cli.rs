@@ -60,7 +60,7 @@ pub enum Commands {
             env = "ORGLEDGER_API_TOKEN",
             hide_env_values = true
         )]
-        api_token: Option<String>,
+        api_token: Option<orgledger_domain::Secret>,
         /// How long a command waits for the read models to show it before answering with
         /// `X-Consistency: pending`, in milliseconds. 0 answers as soon as its events are
         /// stored (always `pending`): no read-your-writes, for callers that do not need it.
@@ -194,7 +194,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let service = Arc::new(open_store(&store, true, &[]).await?);
             service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
-            let tokens = platform_tokens(&store, api_token.as_deref())?;
+            let tokens = platform_tokens(
+                &store,
+                api_token.as_ref().map(orgledger_domain::Secret::expose),
+            )?;
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -516,7 +519,7 @@ async fn purge_periodically(
 mod tests {
     use super::*;
 
-    fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<String>, u64) {
+    fn serve_flags(args: &[&str]) -> (StoreConfig, String, Option<orgledger_domain::Secret>, u64) {
         let cli = Cli::try_parse_from(["orgledger", "serve"].iter().chain(args))
             .unwrap_or_else(|error| panic!("{args:?} should parse: {error}"));
         match cli.command {
@@ -544,7 +547,7 @@ mod tests {
         ]);
         assert_eq!(store.database_url, "sqlite://flags.db");
         assert_eq!(bind, "127.0.0.1:9191");
-        assert_eq!(token.as_deref(), Some("t1,t2"));
+        assert_eq!(token.as_ref().map(|t| t.expose()), Some("t1,t2"));
         assert_eq!(store.master_key.as_deref(), Some("a2V5"));
     }
 
@@ -584,8 +587,31 @@ mod tests {
             "a2V5",
         ]);
         assert_eq!(bind, "0.0.0.0:8181");
-        assert_eq!(token.as_deref(), Some("t3"));
+        assert_eq!(token.as_ref().map(|t| t.expose()), Some("t3"));
         assert_eq!(store.master_key.as_deref(), Some("a2V5"));
+    }
+
+    #[test]
+    fn parsed_settings_never_print_a_token_a_key_or_a_password() {
+        let cli = Cli::try_parse_from([
+            "orgledger",
+            "serve",
+            "--database-url",
+            "postgres://app:hunter2@db/orgledger?password=hunter3",
+            "--api-token",
+            "platform-token-1",
+            "--master-key",
+            "bWFzdGVyLWtleQ==",
+        ])
+        .expect("parses");
+        let printed = format!("{cli:?}");
+        for secret in ["hunter2", "hunter3", "platform-token-1", "bWFzdGVyLWtleQ=="] {
+            assert!(!printed.contains(secret), "{secret} printed in {printed}");
+        }
+        assert!(
+            printed.contains("postgres://app:***@db/orgledger"),
+            "{printed}"
+        );
     }
 
     #[test]

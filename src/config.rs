@@ -7,8 +7,9 @@ use clap::Args;
 
 use crate::store::MasterKey;
 
-/// Where the data lives and the key that protects it.
-#[derive(Debug, Clone, Args)]
+/// Where the data lives and the key that protects it. `Debug` hides the URL's password and the
+/// key.
+#[derive(Clone, Args)]
 pub struct StoreConfig {
     /// `postgres://...` for PostgreSQL, `sqlite://PATH` for the embedded store (`serve` and
     /// `migrate` create a missing file; the other commands refuse it).
@@ -32,6 +33,15 @@ pub struct StoreConfig {
         hide_env_values = true
     )]
     pub master_key: Option<String>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("master_key", &self.master_key.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl StoreConfig {

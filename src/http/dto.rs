@@ -361,7 +361,8 @@ impl From<InvitationView> for InvitationDto {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IssuedInvitationDto {
     pub invitation: InvitationDto,
-    pub token: String,
+    #[schema(value_type = String)]
+    pub token: orgledger_domain::Secret,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -768,7 +769,8 @@ impl SendInvitationRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptInvitationRequest {
-    pub token: String,
+    #[schema(value_type = String)]
+    pub token: orgledger_domain::Secret,
     pub user_id: String,
     pub email: String,
     pub first_name: Option<String>,

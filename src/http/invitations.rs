@@ -47,7 +47,7 @@ fn issued(
         .ok_or_else(|| ApiError::internal("a just-sent invitation is missing from the state"))?;
     Ok(IssuedInvitationDto {
         invitation: InvitationDto::from_state(id, invitation, Utc::now()),
-        token,
+        token: token.into(),
     })
 }
 
@@ -189,12 +189,12 @@ async fn accept_invitation(
     let mut problems = Problems::default();
     let user_id = problems.check(UserId::parse("user_id", &request.user_id));
     let email = problems.check(Email::parse("email", &request.email));
-    if request.token.is_empty() || request.token.len() > 256 {
+    if request.token.expose().is_empty() || request.token.expose().len() > 256 {
         problems.push("token", "must be the token of an invitation");
     }
     problems.finish()?;
     let (user_id, email) = (user_id.expect("checked"), email.expect("checked"));
-    let token_sha256 = tokens::sha256_hex(&request.token);
+    let token_sha256 = tokens::sha256_hex(request.token.expose());
     let organization = invitations::organization_of_token(state.service.database(), &token_sha256)
         .await?
         .ok_or(OrganizationError::InvalidInvitation)?;

@@ -59,7 +59,8 @@ impl From<ServiceAccountView> for ServiceAccountDto {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct IssuedKeyDto {
     pub service_account: ServiceAccountDto,
-    pub key: String,
+    #[schema(value_type = String)]
+    pub key: orgledger_domain::Secret,
 }
 
 super::dto::page_type!(ServiceAccountList, ServiceAccountDto);
@@ -106,7 +107,7 @@ fn issued(
             created_at: account.created_at,
             last_rotated_at: account.last_rotated_at,
         },
-        key,
+        key: key.into(),
     })
 }
 
@@ -213,4 +214,45 @@ async fn delete_service_account(
     });
     let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::dto::AcceptInvitationRequest;
+    use crate::http::settings::{AddAiProviderRequest, UpdateAiProviderRequest};
+
+    #[test]
+    fn secrets_in_requests_and_responses_are_sent_but_never_printed() {
+        let issued = IssuedKeyDto {
+            service_account: ServiceAccountDto {
+                id: "sa".into(),
+                name: "ci".into(),
+                description: None,
+                scopes: vec!["members:read".into()],
+                key_prefix: "olk_abcd".into(),
+                created_at: Utc::now(),
+                last_rotated_at: None,
+            },
+            key: "olk_abcd-the-whole-key".into(),
+        };
+        assert!(!format!("{issued:?}").contains("the-whole-key"));
+        let sent = serde_json::to_value(&issued).unwrap();
+        assert_eq!(sent["key"], "olk_abcd-the-whole-key");
+
+        let accept: AcceptInvitationRequest = serde_json::from_value(serde_json::json!({
+            "token": "invitation-token-1", "user_id": "u1", "email": "a@example.com"
+        }))
+        .unwrap();
+        assert_eq!(accept.token.expose(), "invitation-token-1");
+        assert!(!format!("{accept:?}").contains("invitation-token-1"));
+
+        let add: AddAiProviderRequest = serde_json::from_value(serde_json::json!({
+            "name": "main", "kind": "openai", "api_key": "sk-provider-key"
+        }))
+        .unwrap();
+        let update: UpdateAiProviderRequest =
+            serde_json::from_value(serde_json::json!({ "api_key": "sk-replacement" })).unwrap();
+        assert!(!format!("{add:?}{update:?}").contains("sk-"));
+    }
 }

@@ -118,7 +118,8 @@ pub struct AddAiProviderRequest {
     /// e.g. `openai`, `anthropic`.
     pub kind: String,
     /// Encrypted at rest; never returned.
-    pub api_key: String,
+    #[schema(value_type = String)]
+    pub api_key: orgledger_domain::Secret,
     pub enabled: Option<bool>,
 }
 
@@ -127,7 +128,8 @@ pub struct AddAiProviderRequest {
 pub struct UpdateAiProviderRequest {
     pub enabled: Option<bool>,
     /// Replaces the key.
-    pub api_key: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub api_key: Option<orgledger_domain::Secret>,
 }
 
 fn provider_of(outcome: &crate::service::Outcome, id: Uuid) -> Result<AiProviderDto, ApiError> {
@@ -167,7 +169,7 @@ async fn add_ai_provider(
         provider_id,
         name: request.name,
         kind: request.kind,
-        api_key: request.api_key.into(),
+        api_key: request.api_key,
         enabled: request.enabled.unwrap_or(true),
     });
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
@@ -221,7 +223,7 @@ async fn update_ai_provider(
     let body = OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
         provider_id,
         enabled: request.enabled,
-        api_key: request.api_key.map(Into::into),
+        api_key: request.api_key,
     });
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
     let body = provider_of(&outcome, provider_id)?;
