@@ -68,6 +68,10 @@ pub enum LedgerError {
     VersionMismatch { expected: usize, actual: usize },
     #[error("the organization changed concurrently {MAX_ATTEMPTS} times in a row")]
     Contended,
+    /// The request's idempotency claim was taken over by a retry before its events were
+    /// stored: nothing was, and the retry runs the command.
+    #[error("the request's Idempotency-Key was taken over by a retry")]
+    ClaimTakenOver,
     #[error("event store failure: {0}")]
     Store(String),
 }
@@ -79,6 +83,11 @@ impl From<StoreError> for LedgerError {
 }
 
 fn store_failure(error: PersistenceError) -> LedgerError {
+    if let PersistenceError::UnknownError(cause) = &error {
+        if let Some(StoreError::ClaimTakenOver) = cause.downcast_ref::<StoreError>() {
+            return LedgerError::ClaimTakenOver;
+        }
+    }
     LedgerError::Store(error.to_string())
 }
 

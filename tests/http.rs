@@ -3327,6 +3327,118 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
     );
 }
 
+/// The race the fence closes (PostgreSQL, where appends and take-overs run in parallel): a
+/// holder past its lease is still appending when a retry takes its claim over. The holder's
+/// append holds the claim share-locked while its INSERT waits (here behind a table lock);
+/// the take-over waits for that commit, then finds the events under the claim and answers
+/// that the command was applied. Checked first and taken after, as before the fence, it
+/// would have found nothing and run the command a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_taking_over_from_a_holder_still_appending_finds_its_events_on_postgres() {
+    let app = spawn_app(Backend::Postgres).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let path = format!("/v1/organizations/{org}/groups");
+    let send = || {
+        app.request(Method::POST, &path, Some("olivia"))
+            .header("Idempotency-Key", "late-holder")
+            .json(&json!({"name": "Support"}))
+    };
+    let support = app
+        .call(
+            Method::POST,
+            &path,
+            Some("olivia"),
+            Some(json!({"name": "Support"})),
+        )
+        .await;
+    assert_problem(
+        &app.send(send()).await,
+        StatusCode::CONFLICT,
+        "group_exists",
+    );
+    let id = support.body["id"].as_str().unwrap();
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &format!("{path}/{id}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert!(deleted.status.is_success(), "{}", deleted.body);
+    let db = app.service.db().clone();
+    let abandon = "UPDATE idempotency_keys SET status = NULL, content_type = NULL, etag = NULL,
+                          consistency = NULL, body = NULL, completed_at_us = NULL,
+                          created_at_us = created_at_us - 600000000
+                    WHERE key = 'late-holder' RETURNING claim_id";
+    let orgledger_projections::Database::Postgres(pool) = &db else {
+        unreachable!("a PostgreSQL test")
+    };
+    let claim: String = sqlx::query_scalar(abandon).fetch_one(pool).await.unwrap();
+    let version = app.event_count(&org).await;
+
+    // Appends wait behind this lock, each inside its own transaction.
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let ledger = app.service.service.clone();
+    let organization = uuid::Uuid::parse_str(&org).unwrap();
+    let holder = tokio::spawn(async move {
+        let context = orgledger::ledger::RequestContext {
+            idempotency_claim: Some(claim),
+            ..Default::default()
+        };
+        let update = orgledger_domain::UpdateOrganization {
+            workflow_mode: Some(orgledger_domain::WorkflowMode::Founder),
+            ..Default::default()
+        };
+        ledger
+            .ledger
+            .run(
+                organization,
+                cmd(
+                    user("olivia"),
+                    orgledger_domain::OrganizationCommand::UpdateOrganization(update),
+                ),
+                &context,
+                None,
+            )
+            .await
+    });
+    // Other tests' databases share the server: only this one's waiters count.
+    let waiting_appends =
+        "SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                            WHERE NOT l.granted AND a.datname = current_database()";
+    while count(&db, waiting_appends).await == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let retry = tokio::spawn({
+        let request = send();
+        async move { request.send().await.expect("request sent") }
+    });
+    // The take-over's UPDATE of the claim joins the waiters (behind the holder's share lock).
+    while count(&db, waiting_appends).await < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    blocker.commit().await.unwrap();
+    let held = holder
+        .await
+        .unwrap()
+        .expect("the holder's append is stored");
+    assert_eq!(held.version, version + 1);
+    let retried = retry.await.unwrap();
+    assert_eq!(retried.status(), StatusCode::CONFLICT);
+    let body: Value = retried.json().await.unwrap();
+    assert_eq!(body["code"], "idempotency_response_lost", "{body}");
+    assert_eq!(
+        app.event_count(&org).await,
+        version + 1,
+        "the command did not run a second time"
+    );
+}
+
 /// A process that dies between storing a keyed command's events and storing its response
 /// leaves a claim without a response. Past the claim's lease a retry settles it from the
 /// log: applied, the retry is told so and where, and nothing runs again; not applied, the
@@ -3415,27 +3527,29 @@ async fn a_keyed_command_left_without_a_response_is_settled_from_the_log(backend
     );
     assert_eq!(count(db, &groups).await, 3);
 
-    // The claim's id travels in the metadata of the events it stored, and nothing else does.
-    let (claim_in_metadata,): (i64,) = match db {
+    // A claim's id travels in the metadata of the events it stored, and nothing else does:
+    // the applied command's event and the rerun's. The key that answered "lost" belongs to
+    // the retry that took it over; the rerun's key is still its own claim's.
+    let (claimed, still_the_keys): (i64, i64) = match db {
         orgledger_projections::Database::Postgres(pool) => sqlx::query_as(
-            "SELECT count(*) FROM events e JOIN idempotency_keys k
-                ON e.metadata->>'idempotency_claim' = k.claim_id",
+            "SELECT count(*), count(k.claim_id) FROM events e LEFT JOIN idempotency_keys k
+                ON e.metadata->>'idempotency_claim' = k.claim_id
+              WHERE e.metadata ? 'idempotency_claim'",
         )
         .fetch_one(pool)
         .await
         .unwrap(),
         orgledger_projections::Database::Sqlite(pool) => sqlx::query_as(
-            "SELECT count(*) FROM events e JOIN idempotency_keys k
-                ON json_extract(e.metadata, '$.idempotency_claim') = k.claim_id",
+            "SELECT count(*), count(k.claim_id) FROM events e LEFT JOIN idempotency_keys k
+                ON json_extract(e.metadata, '$.idempotency_claim') = k.claim_id
+              WHERE json_extract(e.metadata, '$.idempotency_claim') IS NOT NULL",
         )
         .fetch_one(pool)
         .await
         .unwrap(),
     };
-    assert_eq!(
-        claim_in_metadata, 2,
-        "the applied claim's event and the rerun's"
-    );
+    assert_eq!(claimed, 2, "the applied claim's event and the rerun's");
+    assert_eq!(still_the_keys, 1, "the rerun's");
 }
 
 async fn idempotency_keys_replay_the_first_response(backend: Backend) {

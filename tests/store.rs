@@ -54,6 +54,7 @@ on_both_backends!(
     the_log_keeps_the_layout_stock_postgres_es_and_sqlite_es_read,
     a_stored_command_whose_wait_fails_answers_pending_not_an_error,
     a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written_since,
+    an_append_under_an_idempotency_claim_no_longer_its_own_stores_nothing,
 );
 
 async fn stored_events_cannot_be_updated_or_deleted(backend: Backend) {
@@ -2338,4 +2339,91 @@ async fn a_stored_command_whose_wait_fails_answers_pending_not_an_error(backend:
         count(service.db(), "SELECT count(*) FROM events").await,
         before + 1
     );
+}
+
+/// The fence of a keyed command: its events are stored only while its idempotency claim is
+/// unanswered and still its own. A retry that took the claim over (its lease lapsed), or an
+/// answer already kept, leaves the late holder's append nothing to store, whether it goes in
+/// a group commit (PostgreSQL) or in a transaction of its own with a snapshot.
+async fn an_append_under_an_idempotency_claim_no_longer_its_own_stores_nothing(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = acme_with_mia(&ledger).await;
+    let db = ledger.db();
+    try_execute(
+        db,
+        "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us, claim_id)
+         VALUES ('scope', 'key', 'fingerprint', 0, 'claim-1')",
+    )
+    .await
+    .unwrap();
+    let keyed = |claim: &str| RequestContext {
+        idempotency_claim: Some(claim.into()),
+        ..RequestContext::default()
+    };
+    let role = |role: Role| cmd(user("olivia"), set_role("mia", role));
+    let stored = || async { ledger.events(org).await.unwrap().len() };
+
+    let held = ledger
+        .run(org, role(Role::Viewer), &keyed("claim-1"), None)
+        .await
+        .expect("a held claim's command is stored");
+    assert_eq!(stored().await, held.version);
+
+    try_execute(db, "UPDATE idempotency_keys SET claim_id = 'claim-2'")
+        .await
+        .unwrap();
+    for (claim, why) in [
+        ("claim-1", "taken over by a retry"),
+        ("claim-0", "never claimed"),
+    ] {
+        let late = ledger
+            .run(org, role(Role::Admin), &keyed(claim), None)
+            .await
+            .expect_err(why);
+        assert!(
+            matches!(late, LedgerError::ClaimTakenOver),
+            "{why}: {late:?}"
+        );
+        assert_eq!(stored().await, held.version, "{why}: nothing stored");
+    }
+
+    // The holder that took it over stores, up to the event before a snapshot is due: the
+    // next keyed command then commits alone, with its snapshot.
+    while (stored().await + 1) % SNAPSHOT_EVERY != 0 {
+        let role = if stored().await % 2 == 0 {
+            Role::Member
+        } else {
+            Role::Viewer
+        };
+        ledger
+            .run(
+                org,
+                cmd(user("olivia"), set_role("mia", role)),
+                &keyed("claim-2"),
+                None,
+            )
+            .await
+            .expect("the new holder's commands are stored");
+    }
+    let before = stored().await;
+    try_execute(db, "UPDATE idempotency_keys SET status = 201")
+        .await
+        .unwrap();
+    let answered = ledger
+        .run(org, role(Role::Admin), &keyed("claim-2"), None)
+        .await
+        .expect_err("an answered claim takes no more events");
+    assert!(
+        matches!(answered, LedgerError::ClaimTakenOver),
+        "{answered:?}"
+    );
+    assert_eq!(stored().await, before);
+
+    // Without a claim the command is stored as ever, its snapshot with it.
+    let unkeyed = ledger
+        .run(org, role(Role::Admin), &RequestContext::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(unkeyed.version, before + 1);
+    assert_eq!(unkeyed.version % SNAPSHOT_EVERY, 0);
 }

@@ -201,6 +201,12 @@ impl From<LedgerError> for ApiError {
                 "conflict",
                 "the organization kept changing concurrently; retry the request",
             ),
+            LedgerError::ClaimTakenOver => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "a retry took this request's Idempotency-Key over while it ran; this request \
+                 stored nothing",
+            ),
             LedgerError::Store(cause) => Self::internal(cause),
         }
     }

@@ -305,24 +305,29 @@ async fn applied(
     database: &Database,
     claim_id: &str,
 ) -> Result<Option<(String, i64)>, sqlx::Error> {
+    let sql = applied_sql(database);
     orgledger_projections::with_pool!(database, pool => {
-        let sql = match database {
-            Database::Postgres(_) => {
-                "SELECT aggregate_id, max(sequence) FROM events
-                  WHERE metadata ? 'idempotency_claim'
-                    AND metadata->>'idempotency_claim' = $1
-                  GROUP BY aggregate_id"
-            }
-            Database::Sqlite(_) => {
-                "SELECT aggregate_id, max(sequence) FROM events
-                  WHERE json_valid(metadata)
-                    AND json_extract(metadata, '$.idempotency_claim') IS NOT NULL
-                    AND json_extract(metadata, '$.idempotency_claim') = $1
-                  GROUP BY aggregate_id"
-            }
-        };
         sqlx::query_as(sql).bind(claim_id).fetch_optional(pool).await
     })
+}
+
+/// The query of [`applied`]: the expression its backend's partial index holds.
+fn applied_sql(database: &Database) -> &'static str {
+    match database {
+        Database::Postgres(_) => {
+            "SELECT aggregate_id, max(sequence) FROM events
+              WHERE metadata ? 'idempotency_claim'
+                AND metadata->>'idempotency_claim' = $1
+              GROUP BY aggregate_id"
+        }
+        Database::Sqlite(_) => {
+            "SELECT aggregate_id, max(sequence) FROM events
+              WHERE json_valid(metadata)
+                AND json_extract(metadata, '$.idempotency_claim') IS NOT NULL
+                AND json_extract(metadata, '$.idempotency_claim') = $1
+              GROUP BY aggregate_id"
+        }
+    }
 }
 
 /// Settles a claim left without a response to keep, if it is still `claim_id`'s: if the
@@ -352,8 +357,22 @@ async fn answer_lost(
     scope: &str,
     key: &str,
     claim_id: &str,
-    (organization_id, version): (String, i64),
+    applied_at: (String, i64),
 ) -> Result<Option<Response>, sqlx::Error> {
+    let (parts, body) = lost_answer(applied_at).await;
+    let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
+    if !complete(database, scope, key, claim_id, &parts, &sealed).await? {
+        // Answered or settled by someone else meanwhile.
+        return Ok(None);
+    }
+    Ok(Some(Response::from_parts(parts, Body::from(body))))
+}
+
+/// The answer that a command was applied at `(organization, version)` but its response was
+/// lost.
+async fn lost_answer(
+    (organization_id, version): (String, i64),
+) -> (axum::http::response::Parts, axum::body::Bytes) {
     let organization = Uuid::parse_str(&organization_id).ok();
     let lost = ApiError::new(
         StatusCode::CONFLICT,
@@ -372,12 +391,7 @@ async fn answer_lost(
     let body = to_bytes(body, LARGEST_STORED_RESPONSE)
         .await
         .unwrap_or_default();
-    let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
-    if !complete(database, scope, key, claim_id, &parts, &sealed).await? {
-        // Answered or settled by someone else meanwhile.
-        return Ok(None);
-    }
-    Ok(Some(Response::from_parts(parts, Body::from(body))))
+    (parts, body)
 }
 
 /// Stores the response under the key, if the claim is still `claim_id`'s and unanswered;
@@ -390,25 +404,55 @@ async fn complete(
     parts: &axum::http::response::Parts,
     body: &[u8],
 ) -> Result<bool, sqlx::Error> {
-    let text = |name: header::HeaderName| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let consistency = parts
-        .headers
-        .get("x-consistency")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let organization = parts
-        .extensions
-        .get::<ResponseOrganization>()
-        .map(|organization| organization.0.to_string());
-    // Not kept once the organization's key is gone: a purge that finished while this
-    // command waited for the read models has already forgotten its organization's responses.
+    let completion = Completion::of(parts, body);
     let stored = orgledger_projections::with_pool!(database, pool => {
+        complete_on!(pool, scope, key, claim_id, completion)
+    });
+    if stored == 0 && completion.organization.is_some() {
+        release(database, scope, key, claim_id).await?;
+    }
+    Ok(stored == 1)
+}
+
+/// A response as it is kept under its key.
+struct Completion {
+    status: i64,
+    content_type: Option<String>,
+    etag: Option<String>,
+    consistency: Option<String>,
+    body: Vec<u8>,
+    organization: Option<String>,
+}
+
+impl Completion {
+    fn of(parts: &axum::http::response::Parts, body: &[u8]) -> Self {
+        let text = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            status: i64::from(parts.status.as_u16()),
+            content_type: text(header::CONTENT_TYPE.as_str()),
+            etag: text(header::ETAG.as_str()),
+            consistency: text("x-consistency"),
+            body: body.to_vec(),
+            organization: parts
+                .extensions
+                .get::<ResponseOrganization>()
+                .map(|organization| organization.0.to_string()),
+        }
+    }
+}
+
+/// Keeps `$completion` under the key on `$executor`, if the claim is still `$claim_id`'s and
+/// unanswered; evaluates to the rows changed (0 or 1). Not kept once the organization's key
+/// is gone: a purge that finished while the command waited for the read models has already
+/// forgotten its organization's responses.
+macro_rules! complete_on {
+    ($executor:expr, $scope:expr, $key:expr, $claim_id:expr, $completion:expr) => {
         sqlx::query(
             "UPDATE idempotency_keys
                 SET status = $3, content_type = $4, etag = $5, consistency = $6, body = $7,
@@ -417,23 +461,22 @@ async fn complete(
                 AND ($9 IS NULL OR EXISTS (SELECT 1 FROM organization_keys
                                             WHERE organization_keys.organization_id = $9))",
         )
-        .bind(scope).bind(key)
-        .bind(i64::from(parts.status.as_u16()))
-        .bind(text(header::CONTENT_TYPE))
-        .bind(text(header::ETAG))
-        .bind(consistency)
-        .bind(body.to_vec())
+        .bind($scope)
+        .bind($key)
+        .bind($completion.status)
+        .bind($completion.content_type.as_deref())
+        .bind($completion.etag.as_deref())
+        .bind($completion.consistency.as_deref())
+        .bind(&$completion.body[..])
         .bind(to_micros(Utc::now()))
-        .bind(organization.as_deref())
-        .bind(claim_id)
-        .execute(pool).await?
+        .bind($completion.organization.as_deref())
+        .bind($claim_id)
+        .execute($executor)
+        .await?
         .rows_affected()
-    });
-    if stored == 0 && organization.is_some() {
-        release(database, scope, key, claim_id).await?;
-    }
-    Ok(stored == 1)
+    };
 }
+use complete_on;
 
 /// Forgets the stored responses of organizations whose key is gone (purged): a purge
 /// interrupted between destroying the key and forgetting them is finished at start-up.
@@ -585,27 +628,58 @@ async fn take_over(
     claim_id: &str,
 ) -> Result<Option<Replay>, sqlx::Error> {
     let database = state.service.database();
-    if let Some(applied_at) = applied(database, holder).await? {
-        let keys = state.service.ledger.keys();
-        let answered = answer_lost(database, keys, scope, key, holder, applied_at).await?;
-        return Ok(answered.map(|lost| {
-            let (mut parts, body) = lost.into_parts();
-            parts
-                .headers
-                .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Replay::Answer(Response::from_parts(parts, body))
-        }));
-    }
-    let taken = orgledger_projections::with_pool!(database, pool => {
-        sqlx::query(
+    let keys = state.service.ledger.keys();
+    let (begin, applied_sql) = match database {
+        Database::Postgres(_) => ("BEGIN", applied_sql(database)),
+        Database::Sqlite(_) => ("BEGIN IMMEDIATE", applied_sql(database)),
+    };
+    // One transaction, the claim first. An append of the holder's still in flight holds the
+    // claim share-locked (the store's fence), so taking it waits for that commit and the
+    // events are then found; an append that comes later finds the claim gone and stores
+    // nothing. Finding the events and keeping the answer commit with the take-over: a crash
+    // in between leaves the claim the holder's, to be settled again.
+    let lost = orgledger_projections::with_pool!(database, pool => {
+        let mut tx = pool.begin_with(begin).await?;
+        let taken = sqlx::query(
             "UPDATE idempotency_keys SET claim_id = $4, created_at_us = $5
               WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
         )
         .bind(scope).bind(key).bind(holder).bind(claim_id).bind(to_micros(Utc::now()))
-        .execute(pool).await?
-        .rows_affected()
+        .execute(&mut *tx).await?
+        .rows_affected();
+        if taken != 1 {
+            // Settled by someone else meanwhile.
+            return Ok(None);
+        }
+        let applied_at: Option<(String, i64)> =
+            sqlx::query_as(applied_sql).bind(holder).fetch_optional(&mut *tx).await?;
+        let Some(applied_at) = applied_at else {
+            tx.commit().await?;
+            return Ok(Some(Replay::TakenOver));
+        };
+        let (parts, body) = lost_answer(applied_at).await;
+        let completion = Completion::of(&parts, &keys.seal_blob(SEAL_PURPOSE, &body));
+        if complete_on!(&mut *tx, scope, key, claim_id, completion) != 1 {
+            // Its organization was purged since: the key is released for the retry.
+            sqlx::query(
+                "DELETE FROM idempotency_keys
+                  WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
+            )
+            .bind(scope).bind(key).bind(claim_id).execute(&mut *tx).await?;
+            tx.commit().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        (parts, body)
     });
-    Ok((taken == 1).then_some(Replay::TakenOver))
+    let (mut parts, body) = lost;
+    parts
+        .headers
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(Some(Replay::Answer(Response::from_parts(
+        parts,
+        Body::from(body),
+    ))))
 }
 
 /// Deletes stored responses older than 24 hours.

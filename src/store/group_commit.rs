@@ -18,6 +18,10 @@
 //! - Rows go in ordered by organization and sequence, so two processes' groups take their
 //!   key locks in one order and do not deadlock on each other.
 //!
+//! - An append that carries an idempotency claim is stored only if the claim is still its
+//!   own: a group holding any takes a share lock on them in its transaction first (see
+//!   `repository::FENCE_POSTGRES`), and an append whose claim a retry took over is left out.
+//!
 //! An append whose caller stopped waiting (a dropped request) is still stored once queued,
 //! as a lone INSERT already sent would be.
 
@@ -51,6 +55,9 @@ pub enum GroupError {
     /// state can get past.
     #[error("a sequence of the append is taken")]
     Conflict,
+    /// Its idempotency claim was taken over by a retry: it was left out of the group.
+    #[error("the append's idempotency claim was taken over")]
+    ClaimTakenOver,
     /// The statement failed; whether it committed is unknown only if the connection broke
     /// after it was sent, as for a lone INSERT.
     #[error("database error: {0}")]
@@ -60,6 +67,7 @@ pub enum GroupError {
 /// An append waiting for its group: its events (already sealed) and where to say how it went.
 struct Append {
     events: Vec<AuthenticatedEvent>,
+    claim: Option<String>,
     done: oneshot::Sender<Result<(), GroupError>>,
 }
 
@@ -100,10 +108,18 @@ impl GroupCommit {
 
     /// Appends `events` (one command's, at most 1,000) durably, together with whatever other
     /// appends are waiting.
-    pub async fn append(&self, events: Vec<AuthenticatedEvent>) -> Result<(), GroupError> {
+    pub async fn append(
+        &self,
+        events: Vec<AuthenticatedEvent>,
+        claim: Option<String>,
+    ) -> Result<(), GroupError> {
         let (done, outcome) = oneshot::channel();
         self.queue()
-            .send(Append { events, done })
+            .send(Append {
+                events,
+                claim,
+                done,
+            })
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
     }
@@ -197,17 +213,26 @@ fn key_of(append: &Append) -> (&str, &str, usize) {
 }
 
 async fn commit_together(pool: &PgPool, together: Vec<Append>) {
-    match insert(pool, together.iter().flat_map(|append| &append.events)).await {
-        Ok(()) => {
-            for append in together {
-                let _ = append.done.send(Ok(()));
+    match store(pool, &together).await {
+        Ok(fenced) => {
+            for (append, fenced) in together.into_iter().zip(fenced) {
+                let outcome = if fenced {
+                    Err(GroupError::ClaimTakenOver)
+                } else {
+                    Ok(())
+                };
+                let _ = append.done.send(outcome);
             }
         }
         // The server refused the statement, so it stored nothing: each append again alone.
         Err(error) if together.len() > 1 && refused(&error) => {
             for append in together {
-                let outcome = insert(pool, append.events.iter()).await;
-                let _ = append.done.send(outcome.map_err(refusal));
+                let outcome = match store(pool, std::slice::from_ref(&append)).await {
+                    Ok(fenced) if fenced.first() == Some(&true) => Err(GroupError::ClaimTakenOver),
+                    Ok(_) => Ok(()),
+                    Err(error) => Err(refusal(error)),
+                };
+                let _ = append.done.send(outcome);
             }
         }
         Err(error) => {
@@ -246,9 +271,56 @@ fn refusal(error: sqlx::Error) -> GroupError {
     }
 }
 
+/// Stores `appends` in one INSERT; returns, for each, whether it was left out because its
+/// idempotency claim is no longer its own. Without a claim among them the INSERT commits on
+/// its own; with one, the claims are share-locked first in the same transaction.
+async fn store(pool: &PgPool, appends: &[Append]) -> Result<Vec<bool>, sqlx::Error> {
+    let claims: Vec<&str> = appends
+        .iter()
+        .filter_map(|append| append.claim.as_deref())
+        .collect();
+    if claims.is_empty() {
+        let mut connection = pool.acquire().await?;
+        insert(
+            &mut connection,
+            appends.iter().flat_map(|append| &append.events),
+        )
+        .await?;
+        return Ok(vec![false; appends.len()]);
+    }
+    let mut tx = pool.begin().await?;
+    let held: HashSet<String> = sqlx::query_scalar(
+        "SELECT claim_id FROM idempotency_keys
+          WHERE claim_id = ANY($1) AND status IS NULL
+          ORDER BY claim_id FOR SHARE",
+    )
+    .bind(&claims)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let fenced: Vec<bool> = appends
+        .iter()
+        .map(|append| {
+            append
+                .claim
+                .as_ref()
+                .is_some_and(|claim| !held.contains(claim))
+        })
+        .collect();
+    let kept = appends
+        .iter()
+        .zip(&fenced)
+        .filter(|(_, fenced)| !**fenced)
+        .flat_map(|(append, _)| &append.events);
+    insert(&mut tx, kept).await?;
+    tx.commit().await?;
+    Ok(fenced)
+}
+
 /// One INSERT of `events`, in their order (positions are taken in it).
 async fn insert<'a>(
-    pool: &PgPool,
+    connection: &mut sqlx::PgConnection,
     events: impl Iterator<Item = &'a AuthenticatedEvent>,
 ) -> Result<(), sqlx::Error> {
     let mut columns = Columns::default();
@@ -271,7 +343,7 @@ async fn insert<'a>(
         .bind(columns.payloads)
         .bind(columns.metadata)
         .bind(columns.macs)
-        .execute(pool)
+        .execute(connection)
         .await?;
     Ok(())
 }

@@ -63,6 +63,10 @@ pub enum StoreError {
     /// A blocking task (opening a large snapshot's state) panicked or was cancelled.
     #[error("a blocking task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The append carried an idempotency claim that a retry has taken over (its lease
+    /// lapsed): nothing was stored, and the retry runs the command.
+    #[error("the request's Idempotency-Key was taken over by a retry; nothing was stored")]
+    ClaimTakenOver,
     /// A failure shared by the appends of one group commit.
     #[error("database error: {0}")]
     Shared(std::sync::Arc<sqlx::Error>),

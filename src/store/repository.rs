@@ -84,8 +84,31 @@ pub struct OrganizationRepository {
 enum AppendError {
     /// The snapshot moved since the organization was loaded.
     Conflict,
+    /// The idempotency claim the events carry is no longer theirs (see [`FENCE_POSTGRES`]).
+    ClaimTakenOver,
     Database(sqlx::Error),
 }
+
+/// The idempotency claim an append's events carry (its command's `Idempotency-Key`), if any.
+pub(crate) fn claim_of(events: &[SerializedEvent]) -> Option<&str> {
+    events
+        .first()?
+        .metadata
+        .get(CLAIM_FIELD)
+        .and_then(serde_json::Value::as_str)
+}
+
+/// The metadata field that names the idempotency claim of a command's events.
+pub(crate) const CLAIM_FIELD: &str = "idempotency_claim";
+
+/// The fence of an append that carries an idempotency claim: in the append's transaction, the
+/// claim must still be unanswered and its own. PostgreSQL holds a share lock on it until the
+/// commit, so a retry taking the claim over (an UPDATE of the row) waits for the append and
+/// then finds its events; one that took it first leaves this append nothing to store. SQLite
+/// runs the append under its write lock (`BEGIN IMMEDIATE`), which serializes the same way.
+pub(crate) const FENCE_POSTGRES: &str =
+    "SELECT 1 FROM idempotency_keys WHERE claim_id = $1 AND status IS NULL FOR SHARE";
+const FENCE_SQLITE: &str = "SELECT 1 FROM idempotency_keys WHERE claim_id = $1 AND status IS NULL";
 
 impl From<sqlx::Error> for AppendError {
     fn from(error: sqlx::Error) -> Self {
@@ -139,7 +162,8 @@ fn snapshot_aad(aggregate_id: &str, last_sequence: i64) -> Vec<u8> {
 /// INSERTs (postgres-es and sqlite-es send one statement per event), and a snapshot that
 /// moved since the load rolls back the events too (postgres-es 0.5 commits them first).
 macro_rules! append {
-    ($pool:expr, $aggregate_type:expr, $aggregate_id:expr, $events:expr, $snapshot:expr) => {
+    ($pool:expr, $aggregate_type:expr, $aggregate_id:expr, $events:expr, $snapshot:expr,
+     $claim:expr, $begin:expr, $fence:expr) => {
         async {
             let events: &[AuthenticatedEvent] = $events;
             // By range rather than by slice, so the statement borrows from `events` itself.
@@ -162,14 +186,24 @@ macro_rules! append {
                 insert
             };
             let snapshot = $snapshot;
-            if snapshot.is_none() && events.len() <= EVENTS_PER_STATEMENT {
+            let claim: Option<&str> = $claim;
+            if snapshot.is_none() && claim.is_none() && events.len() <= EVENTS_PER_STATEMENT {
                 // One statement is atomic on its own: no BEGIN and COMMIT round trips.
                 if !events.is_empty() {
                     insert(0..events.len()).build().execute($pool).await?;
                 }
                 return Ok(());
             }
-            let mut tx = $pool.begin().await?;
+            let mut tx = $pool.begin_with($begin).await?;
+            if let Some(claim) = claim {
+                let held = sqlx::query($fence)
+                    .bind(claim)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if held.is_none() {
+                    return Err(AppendError::ClaimTakenOver);
+                }
+            }
             for start in (0..events.len()).step_by(EVENTS_PER_STATEMENT) {
                 let end = events.len().min(start + EVENTS_PER_STATEMENT);
                 insert(start..end).build().execute(&mut *tx).await?;
@@ -744,13 +778,15 @@ impl OrganizationRepository {
             }
             None => None,
         };
+        let claim = claim_of(events);
         if let Some(group) = &self.group_commit {
             if sealed_snapshot.is_none() && sealed_events.len() <= EVENTS_PER_STATEMENT {
                 return group
-                    .append(sealed_events)
+                    .append(sealed_events, claim.map(str::to_owned))
                     .await
                     .map_err(|error| match error {
                         GroupError::Conflict => PersistenceError::OptimisticLockError,
+                        GroupError::ClaimTakenOver => failure(StoreError::ClaimTakenOver),
                         GroupError::Database(error) => failure(StoreError::Shared(error)),
                     });
             }
@@ -761,18 +797,25 @@ impl OrganizationRepository {
                 aggregate_type,
                 aggregate_id,
                 &sealed_events,
-                sealed_snapshot
+                sealed_snapshot,
+                claim,
+                "BEGIN",
+                FENCE_POSTGRES
             ),
             Database::Sqlite(pool) => append!(
                 pool,
                 aggregate_type,
                 aggregate_id,
                 &sealed_events,
-                sealed_snapshot
+                sealed_snapshot,
+                claim,
+                "BEGIN IMMEDIATE",
+                FENCE_SQLITE
             ),
         };
         appended.map_err(|error| match error {
             AppendError::Conflict => PersistenceError::OptimisticLockError,
+            AppendError::ClaimTakenOver => failure(StoreError::ClaimTakenOver),
             AppendError::Database(error) if is_conflict(&error) => {
                 PersistenceError::OptimisticLockError
             }
