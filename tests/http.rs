@@ -3327,12 +3327,13 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
     );
 }
 
-/// The race the fence closes (PostgreSQL, where appends and take-overs run in parallel): a
-/// holder past its lease is still appending when a retry takes its claim over. The holder's
-/// append holds the claim share-locked while its INSERT waits (here behind a table lock);
-/// the take-over waits for that commit, then finds the events under the claim and answers
-/// that the command was applied. Checked first and taken after, as before the fence, it
-/// would have found nothing and run the command a second time.
+/// The race the fence closes (PostgreSQL, where appends and retries run in parallel): a
+/// holder past its lease is still appending when a retry comes for its key. The holder's
+/// append holds the claim share-locked while its INSERT waits (here on a row of its key that
+/// another transaction holds, then rolls back); the retry, which must write the claim row to
+/// take it over, waits for that commit, then finds the events under the claim and answers
+/// that the command was applied. Without the fence it would have found nothing and run the
+/// command a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_taking_over_from_a_holder_still_appending_finds_its_events_on_postgres() {
     let app = spawn_app(Backend::Postgres).await;
@@ -3377,12 +3378,18 @@ async fn a_retry_taking_over_from_a_holder_still_appending_finds_its_events_on_p
     let claim: String = sqlx::query_scalar(abandon).fetch_one(pool).await.unwrap();
     let version = app.event_count(&org).await;
 
-    // Appends wait behind this lock, each inside its own transaction.
+    // The holder's event will wait on this uncommitted row of the same key.
     let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN SHARE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, mac)
+         VALUES ('organization', $1, $2, 'Blocker', '1', '{}', '{}', decode(repeat('00', 32), 'hex'))",
+    )
+    .bind(&org)
+    .bind(version as i64 + 1)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
     let ledger = app.service.service.clone();
     let organization = uuid::Uuid::parse_str(&org).unwrap();
     let holder = tokio::spawn(async move {
@@ -3418,11 +3425,11 @@ async fn a_retry_taking_over_from_a_holder_still_appending_finds_its_events_on_p
         let request = send();
         async move { request.send().await.expect("request sent") }
     });
-    // The take-over's UPDATE of the claim joins the waiters (behind the holder's share lock).
+    // The retry joins the waiters, behind the holder's share lock on the claim.
     while count(&db, waiting_appends).await < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    blocker.commit().await.unwrap();
+    blocker.rollback().await.unwrap();
     let held = holder
         .await
         .unwrap()
@@ -4921,6 +4928,7 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
+        ("get", "/openapi.json"),
     ] {
         assert!(
             paths.get(path).and_then(|ops| ops.get(method)).is_some(),

@@ -331,6 +331,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 concurrency,
                 scale.seconds,
                 Answer::ReadYourWrites,
+                false,
             )
             .await?;
             let after = one_row_inserts(&pool, concurrency, scale.seconds).await?;
@@ -481,7 +482,15 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let cpu_at_start = CpuClock::now();
         let ceiling_now = one_row_inserts(&pool, 32, scale.seconds).await?;
         let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
-        let run = http_commands(&service, &address, 32, scale.seconds, Answer::OnceStored).await?;
+        let run = http_commands(
+            &service,
+            &address,
+            32,
+            scale.seconds,
+            Answer::OnceStored,
+            false,
+        )
+        .await?;
         report.line(format!(
             "answered once stored (X-Consistency: pending), the runner applying behind: {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling just before ({ceiling_now:.0} rows/s)",
             run.rate,
@@ -489,6 +498,44 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             run.p99,
             run.events_per_batch,
             run.rate / ceiling_now * 100.0,
+        ));
+        report_cpu(
+            &mut report,
+            &run,
+            ceiling_cpu,
+            ceiling_now * scale.seconds,
+            cores,
+        );
+
+        // 8. What an Idempotency-Key costs: section 2's 32 clients, each command keyed (a
+        // claim stored, renewed while it runs, its response kept, its append fenced).
+        report.line(
+            "\n## 8. Diagnostic, not a target: 32 clients, every command with an Idempotency-Key"
+                .into(),
+        );
+        service.projector.catch_up().await?;
+        let cpu_at_start = CpuClock::now();
+        let ceiling_now = one_row_inserts(&pool, 32, scale.seconds).await?;
+        let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
+        let run = http_commands(
+            &service,
+            &address,
+            32,
+            scale.seconds,
+            Answer::ReadYourWrites,
+            true,
+        )
+        .await?;
+        let mean = |total: Duration| ms(total) / run.times.commands.max(1) as f64;
+        report.line(format!(
+            "keyed, read-your-writes: {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling just before ({ceiling_now:.0} rows/s)\n            in the service, mean: committing {:>5.2} ms, waiting for the read models {:>5.2} ms",
+            run.rate,
+            run.p50,
+            run.p99,
+            run.events_per_batch,
+            run.rate / ceiling_now * 100.0,
+            mean(run.times.committing),
+            mean(run.times.waiting),
         ));
         report_cpu(
             &mut report,
@@ -674,13 +721,25 @@ async fn post(
     actor: &str,
     body: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let response = client
+    post_keyed(client, url, actor, body, None).await
+}
+
+/// [`post`], with an `Idempotency-Key` when `key` is given.
+async fn post_keyed(
+    client: &reqwest::Client,
+    url: String,
+    actor: &str,
+    body: serde_json::Value,
+    key: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut request = client
         .post(url)
         .bearer_auth(TOKEN)
-        .header("X-Actor-Id", actor)
-        .json(&body)
-        .send()
-        .await?;
+        .header("X-Actor-Id", actor);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.json(&body).send().await?;
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     anyhow::ensure!(status.is_success(), "{status}: {body}");
@@ -769,6 +828,7 @@ async fn http_commands(
     concurrency: usize,
     seconds: f64,
     answer: Answer,
+    keyed: bool,
 ) -> anyhow::Result<CommandRun> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -798,6 +858,8 @@ async fn http_commands(
     if answer == Answer::OnceStored {
         service.set_consistency_wait(Duration::ZERO);
     }
+    // Keys are scoped to the caller; this run's prefix keeps them apart from other runs'.
+    let keys = keyed.then(|| Uuid::now_v7().simple().to_string());
     let (events_before, batches_before) = audit_batches(service);
     let times_before = service.command_times();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -806,18 +868,24 @@ async fn http_commands(
     let tasks: Vec<_> = orgs.into_iter().enumerate().map(|(client_id, (org, owner, member))| {
         let client = client.clone();
         let address = address.to_owned();
+        let keys = keys.clone();
         tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = 0u64;
             while Instant::now() < deadline {
                 let start = Instant::now();
+                let key = keys.as_ref().map(|run| format!("{run}-{client_id}-{n}"));
                 if n % 2 == 0 {
-                    post(&client, format!("{address}/v1/organizations/{org}/invitations"), &owner,
-                        json!({"email": format!("g{client_id}-{n}@example.com"), "role": "viewer"})).await?;
+                    post_keyed(&client, format!("{address}/v1/organizations/{org}/invitations"), &owner,
+                        json!({"email": format!("g{client_id}-{n}@example.com"), "role": "viewer"}), key).await?;
                 } else {
                     let role = if n % 4 == 1 { "viewer" } else { "member" };
-                    let response = client.patch(format!("{address}/v1/organizations/{org}/members/{member}"))
-                        .bearer_auth(TOKEN).header("X-Actor-Id", &owner).json(&json!({"role": role})).send().await?;
+                    let mut request = client.patch(format!("{address}/v1/organizations/{org}/members/{member}"))
+                        .bearer_auth(TOKEN).header("X-Actor-Id", &owner);
+                    if let Some(key) = key {
+                        request = request.header("Idempotency-Key", key);
+                    }
+                    let response = request.json(&json!({"role": role})).send().await?;
                     anyhow::ensure!(response.status().is_success(), "role change: {}", response.status());
                     // Read to its end: a response dropped unread closes its connection, and the
                     // next request would pay for a new one on both ends.

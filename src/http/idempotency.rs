@@ -275,7 +275,7 @@ impl Drop for Claim {
     }
 }
 
-/// Inserts the claim; false if the key is already held (an expired one is cleared first).
+/// Inserts the claim, or replaces an expired one; false if the key is already held.
 async fn claim(
     database: &Database,
     scope: &str,
@@ -283,20 +283,34 @@ async fn claim(
     fingerprint: &str,
     claim_id: &str,
 ) -> Result<bool, sqlx::Error> {
+    const INSERT: &str = "INSERT INTO idempotency_keys
+                                 (scope, key, fingerprint, created_at_us, claim_id)";
+    const OR_REPLACE_EXPIRED: &str = "ON CONFLICT (scope, key) DO UPDATE
+            SET fingerprint = excluded.fingerprint, created_at_us = excluded.created_at_us,
+                claim_id = excluded.claim_id, status = NULL, content_type = NULL, etag = NULL,
+                consistency = NULL, body = NULL, completed_at_us = NULL, organization_id = NULL
+          WHERE idempotency_keys.created_at_us < $6";
     let now = to_micros(Utc::now());
     let expired_before = now - KEEP_FOR.num_microseconds().unwrap_or(i64::MAX);
-    let insert = "INSERT INTO idempotency_keys (scope, key, fingerprint, created_at_us, claim_id)
-                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (scope, key) DO NOTHING";
-    orgledger_projections::with_pool!(database, pool => {
-        sqlx::query("DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND created_at_us < $3")
-            .bind(scope).bind(key).bind(expired_before)
-            .execute(pool).await?;
-        let inserted = sqlx::query(insert)
-            .bind(scope).bind(key).bind(fingerprint).bind(now).bind(claim_id)
+    // PostgreSQL commits the claim without waiting for its WAL flush (the setting is local to
+    // the statement's transaction). Whatever makes a claim matter commits durably after it,
+    // which flushes it too: the command's events, or its kept response. A crash before
+    // either loses only a claim whose request got no answer and stored nothing.
+    let sql = match database {
+        Database::Postgres(_) => format!(
+            "{INSERT} SELECT $1, $2, $3, $4::bigint, $5
+                        FROM (SELECT set_config('synchronous_commit', 'off', true)) AS flushed_later
+             {OR_REPLACE_EXPIRED}"
+        ),
+        Database::Sqlite(_) => format!("{INSERT} VALUES ($1, $2, $3, $4, $5) {OR_REPLACE_EXPIRED}"),
+    };
+    let inserted = orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(&sql)
+            .bind(scope).bind(key).bind(fingerprint).bind(now).bind(claim_id).bind(expired_before)
             .execute(pool).await?
-            .rows_affected();
-        Ok(inserted == 1)
-    })
+            .rows_affected()
+    });
+    Ok(inserted == 1)
 }
 
 /// Where a claim's command was applied: its organization and version, if any stored event

@@ -121,8 +121,37 @@ pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
+/// `GET /openapi.json`, described in the document it serves.
+fn described_with_itself(
+    (routes, mut openapi): (Router<AppState>, utoipa::openapi::OpenApi),
+) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+    use utoipa::openapi::security::SecurityRequirement;
+    use utoipa::openapi::{ContentBuilder, ObjectBuilder, ResponseBuilder};
+    let document = ResponseBuilder::new()
+        .description("This document: every operation, its parameters, bodies and problems")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(ObjectBuilder::new()))
+                .build(),
+        )
+        .build();
+    let operation = OperationBuilder::new()
+        .tag("operations")
+        .summary(Some("The API's OpenAPI 3.1 description"))
+        .operation_id(Some("openapi"))
+        .security(SecurityRequirement::default())
+        .response("200", document)
+        .build();
+    openapi
+        .paths
+        .add_path_operation("/openapi.json", vec![HttpMethod::Get], operation);
+    (routes, openapi)
+}
+
 pub fn app(state: AppState) -> Router {
-    let (routes, openapi) = api();
+    let (routes, openapi) = described_with_itself(api());
     let openapi = Arc::new(openapi);
     let x_request_id = HeaderName::from_static("x-request-id");
     // Per route, so requests that match no route or method never reach the idempotency store.

@@ -44,6 +44,31 @@ const INSERT: &str = "INSERT INTO events (aggregate_type, aggregate_id, sequence
                       SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[],
                                            $5::text[], $6::jsonb[], $7::jsonb[], $8::bytea[])";
 
+/// [`INSERT`] for a group holding keyed appends, fenced on their idempotency claims in the
+/// same statement: the claims still unanswered are share-locked (a take-over, which updates
+/// the claim, waits for this commit; one that committed first leaves its claim out), only the
+/// events whose claim is held or who carry none are stored, and the held claims are returned.
+/// A plain filter on the function scan, so the rows go in in their order, as in [`INSERT`].
+const INSERT_FENCED: &str = "WITH held AS MATERIALIZED (
+                                 SELECT claim_id FROM idempotency_keys
+                                  WHERE claim_id = ANY($9) AND status IS NULL
+                                  ORDER BY claim_id FOR SHARE),
+                             stored AS (
+                                 INSERT INTO events (aggregate_type, aggregate_id, sequence,
+                                                     event_type, event_version, payload,
+                                                     metadata, mac)
+                                 SELECT aggregate_type, aggregate_id, sequence, event_type,
+                                        event_version, payload, metadata, mac
+                                   FROM UNNEST($1::text[], $2::text[], $3::bigint[],
+                                               $4::text[], $5::text[], $6::jsonb[],
+                                               $7::jsonb[], $8::bytea[], $10::text[])
+                                        AS appended (aggregate_type, aggregate_id, sequence,
+                                                     event_type, event_version, payload,
+                                                     metadata, mac, claim)
+                                  WHERE claim IS NULL
+                                     OR claim = ANY(ARRAY(SELECT claim_id FROM held)))
+                             SELECT claim_id FROM held";
+
 /// PostgreSQL's `deadlock_detected` and `serialization_failure`: the statement stored
 /// nothing, and the same append may well succeed if decided again.
 const RETRYABLE: [&str; 2] = ["40P01", "40001"];
@@ -271,35 +296,47 @@ fn refusal(error: sqlx::Error) -> GroupError {
     }
 }
 
-/// Stores `appends` in one INSERT; returns, for each, whether it was left out because its
-/// idempotency claim is no longer its own. Without a claim among them the INSERT commits on
-/// its own; with one, the claims are share-locked first in the same transaction.
+/// Binds the event columns of `$columns` as `$1` to `$8` (a plain query and a scalar one
+/// are different types in sqlx).
+macro_rules! bind_columns {
+    ($query:expr, $columns:expr) => {
+        $query
+            .bind(&$columns.aggregate_types)
+            .bind(&$columns.aggregate_ids)
+            .bind(&$columns.sequences)
+            .bind(&$columns.event_types)
+            .bind(&$columns.event_versions)
+            .bind(&$columns.payloads)
+            .bind(&$columns.metadata)
+            .bind(&$columns.macs)
+    };
+}
+
+/// Stores `appends` in one statement, in their order (positions are taken in it); returns,
+/// for each, whether it was left out because its idempotency claim is no longer its own.
 async fn store(pool: &PgPool, appends: &[Append]) -> Result<Vec<bool>, sqlx::Error> {
+    let mut columns = Columns::default();
+    for append in appends {
+        columns.push(&append.events, append.claim.as_deref());
+    }
     let claims: Vec<&str> = appends
         .iter()
         .filter_map(|append| append.claim.as_deref())
         .collect();
     if claims.is_empty() {
-        let mut connection = pool.acquire().await?;
-        insert(
-            &mut connection,
-            appends.iter().flat_map(|append| &append.events),
-        )
-        .await?;
+        bind_columns!(sqlx::query(INSERT), columns)
+            .execute(pool)
+            .await?;
         return Ok(vec![false; appends.len()]);
     }
-    let mut tx = pool.begin().await?;
-    let held: HashSet<String> = sqlx::query_scalar(
-        "SELECT claim_id FROM idempotency_keys
-          WHERE claim_id = ANY($1) AND status IS NULL
-          ORDER BY claim_id FOR SHARE",
-    )
-    .bind(&claims)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-    let fenced: Vec<bool> = appends
+    let held: HashSet<String> = bind_columns!(sqlx::query_scalar(INSERT_FENCED), columns)
+        .bind(&claims)
+        .bind(&columns.claims)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(appends
         .iter()
         .map(|append| {
             append
@@ -307,47 +344,10 @@ async fn store(pool: &PgPool, appends: &[Append]) -> Result<Vec<bool>, sqlx::Err
                 .as_ref()
                 .is_some_and(|claim| !held.contains(claim))
         })
-        .collect();
-    let kept = appends
-        .iter()
-        .zip(&fenced)
-        .filter(|(_, fenced)| !**fenced)
-        .flat_map(|(append, _)| &append.events);
-    insert(&mut tx, kept).await?;
-    tx.commit().await?;
-    Ok(fenced)
+        .collect())
 }
 
-/// One INSERT of `events`, in their order (positions are taken in it).
-async fn insert<'a>(
-    connection: &mut sqlx::PgConnection,
-    events: impl Iterator<Item = &'a AuthenticatedEvent>,
-) -> Result<(), sqlx::Error> {
-    let mut columns = Columns::default();
-    for AuthenticatedEvent { event, mac } in events {
-        columns.aggregate_types.push(event.aggregate_type.as_str());
-        columns.aggregate_ids.push(event.aggregate_id.as_str());
-        columns.sequences.push(event.sequence as i64);
-        columns.event_types.push(event.event_type.as_str());
-        columns.event_versions.push(event.event_version.as_str());
-        columns.payloads.push(event.payload.clone());
-        columns.metadata.push(event.metadata.clone());
-        columns.macs.push(&mac[..]);
-    }
-    sqlx::query(INSERT)
-        .bind(columns.aggregate_types)
-        .bind(columns.aggregate_ids)
-        .bind(columns.sequences)
-        .bind(columns.event_types)
-        .bind(columns.event_versions)
-        .bind(columns.payloads)
-        .bind(columns.metadata)
-        .bind(columns.macs)
-        .execute(connection)
-        .await?;
-    Ok(())
-}
-
+/// The events of a statement, one array per column (`$1` to `$8`), and each one's claim.
 #[derive(Default)]
 struct Columns<'a> {
     aggregate_types: Vec<&'a str>,
@@ -355,7 +355,25 @@ struct Columns<'a> {
     sequences: Vec<i64>,
     event_types: Vec<&'a str>,
     event_versions: Vec<&'a str>,
-    payloads: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
+    payloads: Vec<&'a serde_json::Value>,
+    metadata: Vec<&'a serde_json::Value>,
     macs: Vec<&'a [u8]>,
+    claims: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    /// One append's events, each with the append's claim.
+    fn push(&mut self, events: &'a [AuthenticatedEvent], claim: Option<&'a str>) {
+        for AuthenticatedEvent { event, mac } in events {
+            self.aggregate_types.push(event.aggregate_type.as_str());
+            self.aggregate_ids.push(event.aggregate_id.as_str());
+            self.sequences.push(event.sequence as i64);
+            self.event_types.push(event.event_type.as_str());
+            self.event_versions.push(event.event_version.as_str());
+            self.payloads.push(&event.payload);
+            self.metadata.push(&event.metadata);
+            self.macs.push(&mac[..]);
+            self.claims.push(claim);
+        }
+    }
 }
