@@ -615,6 +615,38 @@ mod tests {
     }
 
     #[test]
+    fn help_never_shows_the_value_of_a_variable_that_holds_a_secret() {
+        use clap::CommandFactory;
+        let secrets = [
+            "DATABASE_URL",
+            "ORGLEDGER_MASTER_KEY",
+            "ORGLEDGER_API_TOKEN",
+        ];
+        let cli = Cli::command();
+        let mut seen = Vec::new();
+        let mut commands = vec![&cli];
+        while let Some(command) = commands.pop() {
+            commands.extend(command.get_subcommands());
+            for argument in command.get_arguments() {
+                let Some(variable) = argument.get_env().and_then(|v| v.to_str()) else {
+                    continue;
+                };
+                if secrets.contains(&variable) {
+                    assert!(
+                        argument.is_hide_env_values_set(),
+                        "{} shows {variable}'s value in --help",
+                        command.get_name()
+                    );
+                    seen.push(variable);
+                }
+            }
+        }
+        for secret in secrets {
+            assert!(seen.contains(&secret), "no flag reads {secret}");
+        }
+    }
+
+    #[test]
     fn the_consistency_wait_defaults_to_five_seconds_and_is_bounded() {
         assert_eq!(serve_flags(&[]).3, 5_000);
         assert_eq!(serve_flags(&["--orgledger-consistency-wait-ms", "0"]).3, 0);
