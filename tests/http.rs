@@ -173,6 +173,39 @@ impl TestApp {
         accepted.body["member"].clone()
     }
 
+    /// Sends `keyed` (a keyed creation of the group "Support" at `path`) while another group
+    /// holds the name, then deletes that group: the key is left claimed by a command that
+    /// stored nothing.
+    async fn refused_while_its_name_was_taken(
+        &self,
+        path: &str,
+        keyed: impl Fn() -> reqwest::RequestBuilder,
+    ) {
+        let support = self
+            .call(
+                Method::POST,
+                path,
+                Some("olivia"),
+                Some(json!({"name": "Support"})),
+            )
+            .await;
+        assert_problem(
+            &self.send(keyed()).await,
+            StatusCode::CONFLICT,
+            "group_exists",
+        );
+        let id = support.body["id"].as_str().unwrap();
+        let deleted = self
+            .call(
+                Method::DELETE,
+                &format!("{path}/{id}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert!(deleted.status.is_success(), "{}", deleted.body);
+    }
+
     async fn event_count(&self, org: &str) -> usize {
         let reply = self
             .call(
@@ -3327,6 +3360,17 @@ async fn idempotency_keys_replay_every_method_with_its_headers(backend: Backend)
     );
 }
 
+/// What a process that died before keeping `key`'s response leaves: the claim without it,
+/// older than its lease.
+fn abandoned(key: &str) -> String {
+    format!(
+        "UPDATE idempotency_keys SET status = NULL, content_type = NULL, etag = NULL,
+                consistency = NULL, body = NULL, completed_at_us = NULL,
+                created_at_us = created_at_us - 600000000
+          WHERE key = '{key}'"
+    )
+}
+
 /// The race the fence closes (PostgreSQL, where appends and retries run in parallel): a
 /// holder past its lease is still appending when a retry comes for its key. The holder's
 /// append holds the claim share-locked while its INSERT waits (here on a row of its key that
@@ -3344,38 +3388,13 @@ async fn a_retry_taking_over_from_a_holder_still_appending_finds_its_events_on_p
             .header("Idempotency-Key", "late-holder")
             .json(&json!({"name": "Support"}))
     };
-    let support = app
-        .call(
-            Method::POST,
-            &path,
-            Some("olivia"),
-            Some(json!({"name": "Support"})),
-        )
-        .await;
-    assert_problem(
-        &app.send(send()).await,
-        StatusCode::CONFLICT,
-        "group_exists",
-    );
-    let id = support.body["id"].as_str().unwrap();
-    let deleted = app
-        .call(
-            Method::DELETE,
-            &format!("{path}/{id}"),
-            Some("olivia"),
-            None,
-        )
-        .await;
-    assert!(deleted.status.is_success(), "{}", deleted.body);
+    app.refused_while_its_name_was_taken(&path, send).await;
     let db = app.service.db().clone();
-    let abandon = "UPDATE idempotency_keys SET status = NULL, content_type = NULL, etag = NULL,
-                          consistency = NULL, body = NULL, completed_at_us = NULL,
-                          created_at_us = created_at_us - 600000000
-                    WHERE key = 'late-holder' RETURNING claim_id";
+    let abandon = format!("{} RETURNING claim_id", abandoned("late-holder"));
     let orgledger_projections::Database::Postgres(pool) = &db else {
         unreachable!("a PostgreSQL test")
     };
-    let claim: String = sqlx::query_scalar(abandon).fetch_one(pool).await.unwrap();
+    let claim: String = sqlx::query_scalar(&abandon).fetch_one(pool).await.unwrap();
     let version = app.event_count(&org).await;
 
     // The holder's event will wait on this uncommitted row of the same key.
@@ -3468,36 +3487,11 @@ async fn a_keyed_command_left_without_a_response_is_settled_from_the_log(backend
     let applied_at = app.event_count(&org).await;
     // A command that stored nothing: refused while another group held its name, which has
     // gone since.
-    let support = app
-        .call(
-            Method::POST,
-            &path,
-            Some("olivia"),
-            Some(json!({"name": "Support"})),
-        )
+    app.refused_while_its_name_was_taken(&path, || send("not-applied", "Support"))
         .await;
-    let refused = app.send(send("not-applied", "Support")).await;
-    assert_problem(&refused, StatusCode::CONFLICT, "group_exists");
-    let id = support.body["id"].as_str().unwrap();
-    let deleted = app
-        .call(
-            Method::DELETE,
-            &format!("{path}/{id}"),
-            Some("olivia"),
-            None,
-        )
-        .await;
-    assert!(deleted.status.is_success(), "{}", deleted.body);
     assert_eq!(count(db, &groups).await, 2);
-    // What a crash before the response was stored leaves: the claim without it, and old.
     for key in ["applied", "not-applied"] {
-        let abandon = format!(
-            "UPDATE idempotency_keys SET status = NULL, content_type = NULL, etag = NULL,
-                    consistency = NULL, body = NULL, completed_at_us = NULL,
-                    created_at_us = created_at_us - 600000000
-              WHERE key = '{key}'"
-        );
-        assert_eq!(try_execute(db, &abandon).await.unwrap(), 1);
+        assert_eq!(try_execute(db, &abandoned(key)).await.unwrap(), 1);
     }
 
     let lost = app.send(send("applied", "Engineering")).await;

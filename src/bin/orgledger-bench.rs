@@ -479,13 +479,10 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         service.projector.catch_up().await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         service.projector.spawn(stopped);
-        let cpu_at_start = CpuClock::now();
-        let ceiling_now = one_row_inserts(&pool, 32, scale.seconds).await?;
-        let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
-        let run = http_commands(
+        let (ceiling_now, ceiling_cpu, run) = beside_a_ceiling(
             &service,
+            &pool,
             &address,
-            32,
             scale.seconds,
             Answer::OnceStored,
             false,
@@ -514,13 +511,10 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 .into(),
         );
         service.projector.catch_up().await?;
-        let cpu_at_start = CpuClock::now();
-        let ceiling_now = one_row_inserts(&pool, 32, scale.seconds).await?;
-        let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
-        let run = http_commands(
+        let (ceiling_now, ceiling_cpu, run) = beside_a_ceiling(
             &service,
+            &pool,
             &address,
-            32,
             scale.seconds,
             Answer::ReadYourWrites,
             true,
@@ -547,6 +541,23 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let _ = stop.send(true);
     }
     Ok(())
+}
+
+/// A diagnostic's measurement: a one-row ceiling at 32 clients (its rate and CPU), then
+/// section 2's 32 clients answered as `answer`, with a key on every command if `keyed`.
+async fn beside_a_ceiling(
+    service: &Orgledger,
+    pool: &PgPool,
+    address: &str,
+    seconds: f64,
+    answer: Answer,
+    keyed: bool,
+) -> anyhow::Result<(f64, Option<CpuSpent>, CommandRun)> {
+    let cpu_at_start = CpuClock::now();
+    let ceiling = one_row_inserts(pool, 32, seconds).await?;
+    let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
+    let run = http_commands(service, address, 32, seconds, answer, keyed).await?;
+    Ok((ceiling, ceiling_cpu, run))
 }
 
 /// Starts a measurement with no checkpoint in progress, as pgbench does: seeding writes
