@@ -1169,7 +1169,7 @@ fn metadata_of(command: &Command, context: &RequestContext) -> HashMap<String, S
         ("client_ip", &context.client_ip),
         ("user_agent", &context.user_agent),
         ("idempotency_key", &context.idempotency_key),
-        ("idempotency_claim", &context.idempotency_claim),
+        (crate::store::CLAIM_FIELD, &context.idempotency_claim),
     ];
     for (name, value) in optional {
         if let Some(value) = value {

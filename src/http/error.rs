@@ -306,4 +306,14 @@ mod tests {
             assert_eq!((api.status.as_u16(), api.code), (status, code));
         }
     }
+
+    #[test]
+    fn a_request_whose_key_a_retry_took_over_is_told_the_key_is_in_use() {
+        let api = ApiError::from(LedgerError::ClaimTakenOver);
+        assert_eq!(
+            (api.status.as_u16(), api.code),
+            (409, "idempotency_key_in_use")
+        );
+        assert!(api.detail.contains("stored nothing"), "{}", api.detail);
+    }
 }

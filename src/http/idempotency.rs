@@ -510,6 +510,10 @@ pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
 }
 
 /// Deletes the claim, if it is still `claim_id`'s and unanswered.
+const RELEASE: &str = "DELETE FROM idempotency_keys
+                        WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL";
+
+/// Runs [`RELEASE`].
 async fn release(
     database: &Database,
     scope: &str,
@@ -517,11 +521,7 @@ async fn release(
     claim_id: &str,
 ) -> Result<(), sqlx::Error> {
     orgledger_projections::with_pool!(database, pool => {
-        sqlx::query(
-            "DELETE FROM idempotency_keys
-              WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
-        )
-            .bind(scope).bind(key).bind(claim_id).execute(pool).await?;
+        sqlx::query(RELEASE).bind(scope).bind(key).bind(claim_id).execute(pool).await?;
     });
     Ok(())
 }
@@ -643,9 +643,11 @@ async fn take_over(
 ) -> Result<Option<Replay>, sqlx::Error> {
     let database = state.service.database();
     let keys = state.service.ledger.keys();
-    let (begin, applied_sql) = match database {
-        Database::Postgres(_) => ("BEGIN", applied_sql(database)),
-        Database::Sqlite(_) => ("BEGIN IMMEDIATE", applied_sql(database)),
+    let applied_sql = applied_sql(database);
+    // SQLite: the write lock from the start, as the store's appends take it.
+    let begin = match database {
+        Database::Postgres(_) => "BEGIN",
+        Database::Sqlite(_) => "BEGIN IMMEDIATE",
     };
     // One transaction, the claim first. An append of the holder's still in flight holds the
     // claim share-locked (the store's fence), so taking it waits for that commit and the
@@ -675,11 +677,7 @@ async fn take_over(
         let completion = Completion::of(&parts, &keys.seal_blob(SEAL_PURPOSE, &body));
         if complete_on!(&mut *tx, scope, key, claim_id, completion) != 1 {
             // Its organization was purged since: the key is released for the retry.
-            sqlx::query(
-                "DELETE FROM idempotency_keys
-                  WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL",
-            )
-            .bind(scope).bind(key).bind(claim_id).execute(&mut *tx).await?;
+            sqlx::query(RELEASE).bind(scope).bind(key).bind(claim_id).execute(&mut *tx).await?;
             tx.commit().await?;
             return Ok(None);
         }

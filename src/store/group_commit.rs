@@ -19,8 +19,8 @@
 //!   key locks in one order and do not deadlock on each other.
 //!
 //! - An append that carries an idempotency claim is stored only if the claim is still its
-//!   own: a group holding any takes a share lock on them in its transaction first (see
-//!   `repository::FENCE_POSTGRES`), and an append whose claim a retry took over is left out.
+//!   own: a group holding any share-locks them in its one statement ([`INSERT_FENCED`]), and
+//!   an append whose claim a retry took over is left out.
 //!
 //! An append whose caller stopped waiting (a dropped request) is still stored once queued,
 //! as a lone INSERT already sent would be.

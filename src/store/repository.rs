@@ -90,7 +90,7 @@ enum AppendError {
 }
 
 /// The idempotency claim an append's events carry (its command's `Idempotency-Key`), if any.
-pub(crate) fn claim_of(events: &[SerializedEvent]) -> Option<&str> {
+fn claim_of(events: &[SerializedEvent]) -> Option<&str> {
     events
         .first()?
         .metadata
@@ -98,15 +98,16 @@ pub(crate) fn claim_of(events: &[SerializedEvent]) -> Option<&str> {
         .and_then(serde_json::Value::as_str)
 }
 
-/// The metadata field that names the idempotency claim of a command's events.
-pub(crate) const CLAIM_FIELD: &str = "idempotency_claim";
+/// The metadata field that names the idempotency claim of a command's events (the ledger
+/// writes it; the claims' index in the migrations names it too).
+pub const CLAIM_FIELD: &str = "idempotency_claim";
 
 /// The fence of an append that carries an idempotency claim: in the append's transaction, the
 /// claim must still be unanswered and its own. PostgreSQL holds a share lock on it until the
 /// commit, so a retry taking the claim over (an UPDATE of the row) waits for the append and
 /// then finds its events; one that took it first leaves this append nothing to store. SQLite
 /// runs the append under its write lock (`BEGIN IMMEDIATE`), which serializes the same way.
-pub(crate) const FENCE_POSTGRES: &str =
+const FENCE_POSTGRES: &str =
     "SELECT 1 FROM idempotency_keys WHERE claim_id = $1 AND status IS NULL FOR SHARE";
 const FENCE_SQLITE: &str = "SELECT 1 FROM idempotency_keys WHERE claim_id = $1 AND status IS NULL";
 
