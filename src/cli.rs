@@ -213,12 +213,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 repaired_purges = repaired,
                 "orgledger listening"
             );
-            let state = AppState {
-                service: service.clone(),
-                tokens: Arc::new(PlatformTokens::new(tokens.iter().map(String::as_str))),
-                metrics: crate::telemetry::metrics_handle(),
-                started: std::time::Instant::now(),
-            };
+            let state = AppState::new(
+                service.clone(),
+                PlatformTokens::new(tokens.iter().map(String::as_str)),
+            );
             crate::http::serve(listener, state, shutdown_signal()).await?;
             tracing::info!("requests drained; stopping projections");
             let _ = stop.send(true);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod exports;
 pub mod history;
 pub mod http;
+mod lazy_queue;
 pub mod ledger;
 pub mod service;
 pub mod store;

@@ -28,7 +28,8 @@ const COMMAND_SECONDS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
 
-/// Buckets of `orgledger_group_commit_appends`: a group carries at most about 1,000 events.
+/// Buckets of `orgledger_group_commit_appends` (a group carries at most about 1,000 events)
+/// and of `orgledger_kept_responses_per_commit` (at most 256).
 const GROUP_APPENDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
@@ -48,6 +49,11 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 .expect("the bucket list is not empty")
                 .set_buckets_for_metric(
                     Matcher::Full("orgledger_group_commit_appends".into()),
+                    GROUP_APPENDS,
+                )
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("orgledger_kept_responses_per_commit".into()),
                     GROUP_APPENDS,
                 )
                 .expect("the bucket list is not empty")
@@ -81,6 +87,10 @@ fn describe_metrics() {
     describe_histogram!(
         "orgledger_group_commit_appends",
         "Commands' appends committed together in one statement (PostgreSQL)."
+    );
+    describe_histogram!(
+        "orgledger_kept_responses_per_commit",
+        "Keyed commands' responses kept together in one statement (PostgreSQL)."
     );
     describe_histogram!(
         "orgledger_command_commit_seconds",

@@ -30,12 +30,7 @@ async fn spawn_app(backend: Backend) -> TestApp {
 async fn serve_app(service: TestService) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
-    let state = AppState {
-        service: service.service.clone(),
-        tokens: Arc::new(PlatformTokens::new([TOKEN])),
-        metrics: orgledger::telemetry::metrics_handle(),
-        started: std::time::Instant::now(),
-    };
+    let state = AppState::new(service.service.clone(), PlatformTokens::new([TOKEN]));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(orgledger::http::serve(listener, state, async {
         let _ = stopped.await;
@@ -262,6 +257,7 @@ on_both_backends!(
     no_operation_takes_malformed_input_for_a_change,
     a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing,
     idempotency_keys_replay_the_first_response,
+    keyed_commands_answered_together_each_replay_their_own_response,
     idempotency_keys_replay_every_method_with_its_headers,
     a_keyed_command_whose_client_went_away_is_replayed_not_run_again,
     a_keyed_command_left_without_a_response_is_settled_from_the_log,
@@ -3553,6 +3549,75 @@ async fn a_keyed_command_left_without_a_response_is_settled_from_the_log(backend
     assert_eq!(still_the_keys, 1, "the rerun's");
 }
 
+/// Responses kept at the same moment are kept together on PostgreSQL (one statement for
+/// all of them): each key must still replay its own.
+async fn keyed_commands_answered_together_each_replay_their_own_response(backend: Backend) {
+    const ORGANIZATIONS: usize = 8;
+    const EACH: usize = 5;
+    let app = Arc::new(spawn_app(backend).await);
+    let mut orgs = Vec::new();
+    for i in 0..ORGANIZATIONS {
+        orgs.push(app.create_org(&format!("Acme {i}"), "olivia").await);
+    }
+    let mut events_before = 0;
+    for org in &orgs {
+        events_before += app.event_count(org).await;
+    }
+    let invitations: Vec<(String, String, String)> = (0..ORGANIZATIONS * EACH)
+        .map(|i| {
+            let org = &orgs[i % ORGANIZATIONS];
+            (
+                format!("/v1/organizations/{org}/invitations"),
+                format!("together-{i}"),
+                format!("together{i}@example.com"),
+            )
+        })
+        .collect();
+    let send = |app: &TestApp, (path, key, email): &(String, String, String)| {
+        app.request(Method::POST, path, Some("olivia"))
+            .header("Idempotency-Key", key.as_str())
+            .json(&json!({"email": email, "role": "member"}))
+    };
+    let sent: Vec<_> = invitations
+        .iter()
+        .cloned()
+        .map(|invitation| {
+            let app = app.clone();
+            tokio::spawn(async move { app.send(send(&app, &invitation)).await })
+        })
+        .collect();
+    let mut firsts = Vec::new();
+    for reply in sent {
+        let reply = reply.await.expect("the request's task");
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        firsts.push(reply);
+    }
+    let mut events_after = 0;
+    for org in &orgs {
+        events_after += app.event_count(org).await;
+    }
+    assert_eq!(events_after, events_before + ORGANIZATIONS * EACH);
+    for (invitation, first) in invitations.iter().zip(&firsts) {
+        let retry = app.send(send(&app, invitation)).await;
+        assert_eq!(retry.status, StatusCode::CREATED, "{}", invitation.1);
+        assert_eq!(
+            retry.headers["idempotent-replayed"], "true",
+            "{}",
+            invitation.1
+        );
+        assert_eq!(retry.body, first.body, "{}: its own response", invitation.1);
+        assert_eq!(retry.body["invitation"]["email"], invitation.2.as_str());
+    }
+    let mut events_replayed = 0;
+    for org in &orgs {
+        events_replayed += app.event_count(org).await;
+    }
+    assert_eq!(
+        events_replayed, events_after,
+        "the retries appended nothing"
+    );
+}
+
 async fn idempotency_keys_replay_the_first_response(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
@@ -4811,6 +4876,14 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         .send(app.client.get(format!("{}/readyz", app.address)))
         .await;
     assert_eq!(ready.body["status"], "ready", "{}", ready.body);
+    let keyed = app
+        .send(
+            app.request(Method::POST, "/v1/organizations", Some("olivia"))
+                .header("Idempotency-Key", "metrics")
+                .json(&json!({"name": "Keyed", "owner": {"user_id": "olivia", "email": "olivia@example.com"}})),
+        )
+        .await;
+    assert_eq!(keyed.status, StatusCode::CREATED, "{}", keyed.body);
     let metrics = app
         .client
         .get(format!("{}/metrics", app.address))
@@ -4851,6 +4924,12 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
             "{metrics}"
         );
         assert!(metrics.contains("# HELP orgledger_group_commit_appends "));
+        // So is the number of keyed commands' responses kept together.
+        assert!(
+            metrics.contains("orgledger_kept_responses_per_commit_bucket{le=\"1\"}"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("# HELP orgledger_kept_responses_per_commit "));
     }
     let openapi = app
         .send(app.client.get(format!("{}/openapi.json", app.address)))

@@ -712,12 +712,7 @@ async fn batched_inserts(pool: &PgPool, seconds: f64) -> anyhow::Result<BatchedC
 async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
-    let state = AppState {
-        service,
-        tokens: Arc::new(PlatformTokens::new([TOKEN])),
-        metrics: orgledger::telemetry::metrics_handle(),
-        started: Instant::now(),
-    };
+    let state = AppState::new(service, PlatformTokens::new([TOKEN]));
     tokio::spawn(orgledger::http::serve(
         listener,
         state,

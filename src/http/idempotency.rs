@@ -2,6 +2,7 @@
 //! replayed for 24 hours to a retry with the same key and body; the same key with another
 //! body is `422 idempotency_key_reused`. Keys are scoped to the caller (token and actor).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
@@ -169,8 +170,9 @@ async fn run_and_record(
     request: Request,
 ) -> Response {
     let keys = state.service.ledger.keys().clone();
+    let responses = state.responses.clone();
     let mut claim = Claim {
-        database: Some(database.clone()),
+        responses: Some(responses.clone()),
         keys: keys.clone(),
         scope: scope.clone(),
         key: key.clone(),
@@ -195,14 +197,14 @@ async fn run_and_record(
         // `Claim` settles it as it goes: the failure may have come after the commit.
         Ok(())
     } else {
-        claim.database = None;
+        claim.responses = None;
         if parts.status == StatusCode::UNAUTHORIZED {
             release(&database, &scope, &key, &claim_id).await
         } else {
             // Responses can hold a secret shown once (an invitation token, a service-account
             // key): the stored copy is sealed.
             let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
-            complete(&database, &scope, &key, &claim_id, &parts, &sealed)
+            complete(&responses, &scope, &key, &claim_id, &parts, &sealed)
                 .await
                 .map(drop)
         }
@@ -247,7 +249,7 @@ async fn renew(
 /// a panic that unwound the task): settled from the log after [`SETTLE_GRACE`], so a retry is
 /// neither made to wait out the lease nor allowed to run a command that was applied.
 struct Claim {
-    database: Option<Database>,
+    responses: Option<Arc<KeptResponses>>,
     keys: DataKeys,
     scope: String,
     key: String,
@@ -258,7 +260,7 @@ struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.renewing.abort();
-        if let Some(database) = self.database.take() {
+        if let Some(responses) = self.responses.take() {
             let keys = self.keys.clone();
             let (scope, key, claim_id) = (
                 std::mem::take(&mut self.scope),
@@ -267,7 +269,7 @@ impl Drop for Claim {
             );
             tokio::spawn(async move {
                 tokio::time::sleep(SETTLE_GRACE).await;
-                if let Err(error) = settle(&database, &keys, &scope, &key, &claim_id).await {
+                if let Err(error) = settle(&responses, &keys, &scope, &key, &claim_id).await {
                     tracing::error!(%error, "could not settle an idempotency claim");
                 }
             });
@@ -348,14 +350,15 @@ fn applied_sql(database: &Database) -> &'static str {
 /// log holds the command's events, the key answers that it was applied (and where), for
 /// good; if not, the key is released for a retry to run the command.
 async fn settle(
-    database: &Database,
+    responses: &KeptResponses,
     keys: &DataKeys,
     scope: &str,
     key: &str,
     claim_id: &str,
 ) -> Result<Option<Response>, sqlx::Error> {
+    let database = responses.database();
     match applied(database, claim_id).await? {
-        Some(applied_at) => answer_lost(database, keys, scope, key, claim_id, applied_at).await,
+        Some(applied_at) => answer_lost(responses, keys, scope, key, claim_id, applied_at).await,
         None => {
             release(database, scope, key, claim_id).await?;
             Ok(None)
@@ -366,7 +369,7 @@ async fn settle(
 /// Keeps, for good, the answer that `claim_id`'s command was applied at `(organization,
 /// version)` but its response was lost; `None` if the claim was answered or settled meanwhile.
 async fn answer_lost(
-    database: &Database,
+    responses: &KeptResponses,
     keys: &DataKeys,
     scope: &str,
     key: &str,
@@ -375,7 +378,7 @@ async fn answer_lost(
 ) -> Result<Option<Response>, sqlx::Error> {
     let (parts, body) = lost_answer(applied_at).await;
     let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
-    if !complete(database, scope, key, claim_id, &parts, &sealed).await? {
+    if !complete(responses, scope, key, claim_id, &parts, &sealed).await? {
         // Answered or settled by someone else meanwhile.
         return Ok(None);
     }
@@ -408,10 +411,11 @@ async fn lost_answer(
     (parts, body)
 }
 
-/// Stores the response under the key, if the claim is still `claim_id`'s and unanswered;
-/// false if it was not stored.
+/// Keeps the response under the key (see [`KeptResponses`]), if the claim is still
+/// `claim_id`'s and unanswered; false if it was not kept. A claim whose response was not kept
+/// because its organization's key is gone (purged meanwhile) is released.
 async fn complete(
-    database: &Database,
+    responses: &KeptResponses,
     scope: &str,
     key: &str,
     claim_id: &str,
@@ -419,13 +423,12 @@ async fn complete(
     body: &[u8],
 ) -> Result<bool, sqlx::Error> {
     let completion = Completion::of(parts, body);
-    let stored = orgledger_projections::with_pool!(database, pool => {
-        complete_on!(pool, scope, key, claim_id, completion)
-    });
-    if stored == 0 && completion.organization.is_some() {
-        release(database, scope, key, claim_id).await?;
+    let organization = completion.organization.is_some();
+    let kept = responses.keep(scope, key, claim_id, completion).await?;
+    if !kept && organization {
+        release(responses.database(), scope, key, claim_id).await?;
     }
-    Ok(stored == 1)
+    Ok(kept)
 }
 
 /// A response as it is kept under its key.
@@ -490,7 +493,10 @@ macro_rules! complete_on {
         .rows_affected()
     };
 }
-use complete_on;
+
+// After the macro: `kept` uses it.
+mod kept;
+pub use kept::KeptResponses;
 
 /// Forgets the stored responses of organizations whose key is gone (purged): a purge
 /// interrupted between destroying the key and forgetting them is finished at start-up.
@@ -717,7 +723,7 @@ mod tests {
             .await
             .unwrap());
         drop(Claim {
-            database: Some(database.clone()),
+            responses: Some(Arc::new(KeptResponses::new(database.clone()))),
             keys: DataKeys::new(database.clone(), crate::store::MasterKey::generate()),
             scope: "scope".into(),
             key: "key".into(),
@@ -782,7 +788,8 @@ mod tests {
             .await
             .unwrap());
         let keys = DataKeys::new(database.clone(), crate::store::MasterKey::generate());
-        let lost = settle(&database, &keys, "scope", "key", "claim-1")
+        let responses = KeptResponses::new(database.clone());
+        let lost = settle(&responses, &keys, "scope", "key", "claim-1")
             .await
             .unwrap()
             .expect("applied");
@@ -797,13 +804,13 @@ mod tests {
         let stored = load(&database, "scope", "key").await.unwrap().unwrap();
         assert_eq!(stored.status, Some(409), "kept for every retry");
         // Settled once: neither a second settlement nor the holder's late response changes it.
-        assert!(settle(&database, &keys, "scope", "key", "claim-1")
+        assert!(settle(&responses, &keys, "scope", "key", "claim-1")
             .await
             .unwrap()
             .is_none());
         let (parts, _) = StatusCode::CREATED.into_response().into_parts();
         assert!(
-            !complete(&database, "scope", "key", "claim-1", &parts, b"{}")
+            !complete(&responses, "scope", "key", "claim-1", &parts, b"{}")
                 .await
                 .unwrap()
         );
@@ -842,35 +849,119 @@ mod tests {
         assert!(age().await < 60_000_000, "renewed: no retry takes it over");
     }
 
-    #[tokio::test]
-    async fn a_response_is_not_kept_once_its_organizations_key_is_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
-        let database = Database::connect(&url).await.unwrap();
-        database.migrate().await.unwrap();
-        let Database::Sqlite(pool) = &database else {
-            unreachable!("a SQLite URL")
+    /// A fresh, migrated database on PostgreSQL at `ORGLEDGER_TEST_POSTGRES` (the server the
+    /// integration tests use), or on SQLite.
+    async fn scratch_database(postgres: bool) -> (Option<tempfile::TempDir>, Database) {
+        if !postgres {
+            let (dir, database) = scratch_store().await;
+            return (Some(dir), database);
+        }
+        let admin = std::env::var("ORGLEDGER_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let name = format!("orgledger_test_{}", Uuid::now_v7().simple());
+        let server = Database::connect(&admin)
+            .await
+            .unwrap_or_else(|error| panic!("PostgreSQL at {admin} is unreachable: {error}"));
+        let Database::Postgres(pool) = &server else {
+            unreachable!("a PostgreSQL URL")
         };
-        let live = Uuid::now_v7();
-        sqlx::query("INSERT INTO organization_keys (organization_id, wrapped_key) VALUES (?1, ?2)")
-            .bind(live.to_string())
-            .bind(vec![0_u8; 8])
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(pool)
             .await
             .unwrap();
-        let purged = Uuid::now_v7();
-        for (key, organization, kept) in [("live", live, true), ("purged", purged, false)] {
-            assert!(claim(&database, "scope", key, "print", key).await.unwrap());
-            let mut response = StatusCode::OK.into_response();
-            response
-                .extensions_mut()
-                .insert(ResponseOrganization(organization));
-            let (parts, _) = response.into_parts();
-            complete(&database, "scope", key, key, &parts, b"{}")
+        let (server_url, _) = admin.rsplit_once('/').expect("a database in the URL");
+        let database = Database::connect(&format!("{server_url}/{name}"))
+            .await
+            .unwrap();
+        database.migrate().await.unwrap();
+        (None, database)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn responses_kept_together_are_kept_only_under_their_own_open_claim_on_postgres() {
+        responses_kept_together_are_kept_only_under_their_own_open_claim(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn responses_kept_together_are_kept_only_under_their_own_open_claim_on_sqlite() {
+        responses_kept_together_are_kept_only_under_their_own_open_claim(false).await;
+    }
+
+    /// Kept at the same moment (one statement on PostgreSQL), each response has its own
+    /// outcome: kept under its claim, or not kept when the claim is another's, already
+    /// answered, or its organization's key is gone (then the claim is released).
+    async fn responses_kept_together_are_kept_only_under_their_own_open_claim(postgres: bool) {
+        let (_dir, database) = scratch_database(postgres).await;
+        let live = Uuid::now_v7();
+        orgledger_projections::with_pool!(&database, pool => {
+            sqlx::query("INSERT INTO organization_keys (organization_id, wrapped_key) VALUES ($1, $2)")
+                .bind(live.to_string())
+                .bind(vec![0_u8; 8])
+                .execute(pool)
                 .await
                 .unwrap();
-            let stored = load(&database, "scope", key).await.unwrap();
-            assert_eq!(stored.is_some(), kept, "{key}");
+        });
+        let purged = Uuid::now_v7();
+        let responses = Arc::new(KeptResponses::new(database.clone()));
+        let answered_first = |status: StatusCode, organization: Option<Uuid>| {
+            let mut response = status.into_response();
+            if let Some(organization) = organization {
+                response
+                    .extensions_mut()
+                    .insert(ResponseOrganization(organization));
+            }
+            response.into_parts().0
+        };
+        for key in ["live", "none", "purged", "taken", "answered"] {
+            assert!(claim(&database, "scope", key, "print", key).await.unwrap());
         }
+        let parts = answered_first(StatusCode::ACCEPTED, Some(live));
+        assert!(
+            complete(&responses, "scope", "answered", "answered", &parts, b"first")
+                .await
+                .unwrap()
+        );
+        // (key, the claim keeping it, its organization, kept?)
+        let cases = [
+            ("live", "live", Some(live), true),
+            ("none", "none", None, true),
+            ("purged", "purged", Some(purged), false),
+            ("taken", "not-its-claim", Some(live), false),
+            ("answered", "answered", Some(live), false),
+        ];
+        let kept: Vec<_> = cases
+            .iter()
+            .map(|&(key, claim_id, organization, _)| {
+                let responses = responses.clone();
+                let parts = answered_first(StatusCode::CREATED, organization);
+                tokio::spawn(async move {
+                    complete(&responses, "scope", key, claim_id, &parts, key.as_bytes()).await
+                })
+            })
+            .collect();
+        for (&(key, _, _, expected), kept) in cases.iter().zip(kept) {
+            assert_eq!(kept.await.unwrap().unwrap(), expected, "{key}");
+        }
+        let stored = |key: &'static str| {
+            let database = database.clone();
+            async move { load(&database, "scope", key).await.unwrap() }
+        };
+        for key in ["live", "none"] {
+            let kept = stored(key).await.expect("kept");
+            assert_eq!(kept.status, Some(201), "{key}");
+            assert_eq!(kept.body.as_deref(), Some(key.as_bytes()), "{key}");
+        }
+        assert!(stored("purged").await.is_none(), "released for a retry");
+        let taken = stored("taken").await.expect("still claimed");
+        assert_eq!(
+            (taken.status, taken.claim_id.as_deref()),
+            (None, Some("taken"))
+        );
+        let answered = stored("answered").await.expect("answered");
+        assert_eq!(
+            (answered.status, answered.body.as_deref()),
+            (Some(202), Some(&b"first"[..])),
+            "the first answer stands"
+        );
     }
 }

@@ -73,6 +73,22 @@ pub struct AppState {
     pub tokens: Arc<PlatformTokens>,
     pub metrics: PrometheusHandle,
     pub started: Instant,
+    /// Where keyed commands keep their responses (see [`idempotency::KeptResponses`]).
+    pub responses: Arc<idempotency::KeptResponses>,
+}
+
+impl AppState {
+    /// The state of a service starting now, accepting `tokens`.
+    pub fn new(service: Arc<Orgledger>, tokens: PlatformTokens) -> Self {
+        let responses = Arc::new(idempotency::KeptResponses::new(service.database().clone()));
+        Self {
+            service,
+            tokens: Arc::new(tokens),
+            metrics: crate::telemetry::metrics_handle(),
+            started: Instant::now(),
+            responses,
+        }
+    }
 }
 
 #[derive(OpenApi)]

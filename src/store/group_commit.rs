@@ -27,9 +27,10 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::AuthenticatedEvent;
+use crate::lazy_queue::LazyQueue;
 use sqlx::postgres::{PgDatabaseError, PgSeverity};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
@@ -113,13 +114,11 @@ impl GroupStats {
     }
 }
 
-/// The queue of appends and the task that commits them. The task is started by the first
-/// append, on that caller's runtime, and again by the next append if it has stopped (its
-/// runtime was shut down).
+/// The queue of appends and the task that commits them (started by the first append).
 pub struct GroupCommit {
     pool: PgPool,
     stats: Arc<GroupStats>,
-    queue: Mutex<Option<mpsc::UnboundedSender<Append>>>,
+    queue: LazyQueue<Append>,
 }
 
 impl GroupCommit {
@@ -127,7 +126,7 @@ impl GroupCommit {
         Self {
             pool,
             stats,
-            queue: Mutex::new(None),
+            queue: LazyQueue::new(),
         }
     }
 
@@ -139,33 +138,17 @@ impl GroupCommit {
         claim: Option<String>,
     ) -> Result<(), GroupError> {
         let (done, outcome) = oneshot::channel();
-        self.queue()
-            .send(Append {
-                events,
-                claim,
-                done,
+        let append = Append {
+            events,
+            claim,
+            done,
+        };
+        self.queue
+            .send(append, |waiting| {
+                run(self.pool.clone(), waiting, self.stats.clone())
             })
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
-    }
-
-    fn queue(&self) -> mpsc::UnboundedSender<Append> {
-        let (sender, waiting) = {
-            let mut queue = self
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(running) = queue.as_ref().filter(|running| !running.is_closed()) {
-                return running.clone();
-            }
-            let (sender, waiting) = mpsc::unbounded_channel();
-            *queue = Some(sender.clone());
-            (sender, waiting)
-        };
-        // Outside the lock: if this panics (no runtime), the receiver goes with it, and the
-        // next append finds the queue closed and starts it again.
-        tokio::spawn(run(self.pool.clone(), waiting, self.stats.clone()));
-        sender
     }
 }
 
