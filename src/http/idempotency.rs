@@ -182,6 +182,7 @@ async fn run_and_record(
             scope.clone(),
             key.clone(),
             claim_id.clone(),
+            RENEW_EVERY,
         ))
         .abort_handle(),
     };
@@ -215,10 +216,16 @@ async fn run_and_record(
     Response::from_parts(parts, Body::from(body))
 }
 
-/// Keeps the claim's lease fresh while its command runs, so that no retry takes over a
-/// command that may still commit.
-async fn renew_while_running(database: Database, scope: String, key: String, claim_id: String) {
-    let mut ticks = tokio::time::interval(RENEW_EVERY);
+/// Keeps the claim's lease fresh while its command runs (renewed `every`, until the task is
+/// aborted), so that no retry takes over a command that may still commit.
+async fn renew_while_running(
+    database: Database,
+    scope: String,
+    key: String,
+    claim_id: String,
+    every: Duration,
+) {
+    let mut ticks = tokio::time::interval(every);
     ticks.tick().await;
     loop {
         ticks.tick().await;
@@ -847,6 +854,54 @@ mod tests {
         assert!(age().await > CLAIM_LEASE.num_microseconds().unwrap());
         renew(&database, "scope", "key", "claim-1").await.unwrap();
         assert!(age().await < 60_000_000, "renewed: no retry takes it over");
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_renewed_on_every_tick_until_its_command_ends() {
+        let (_dir, database) = scratch_store().await;
+        let Database::Sqlite(pool) = &database else {
+            unreachable!("a SQLite URL")
+        };
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
+        let age = || async {
+            let stored = load(&database, "scope", "key").await.unwrap().unwrap();
+            to_micros(Utc::now()) - stored.created_at_us
+        };
+        let make_stale = || async {
+            sqlx::query("UPDATE idempotency_keys SET created_at_us = created_at_us - 600000000")
+                .execute(pool)
+                .await
+                .unwrap();
+        };
+        let every = Duration::from_millis(20);
+        let renewing = tokio::spawn(renew_while_running(
+            database.clone(),
+            "scope".into(),
+            "key".into(),
+            "claim-1".into(),
+            every,
+        ));
+        // Stale again and again: each time a later tick renews it.
+        for _ in 0..3 {
+            make_stale().await;
+            let mut renewed = false;
+            for _ in 0..100 {
+                tokio::time::sleep(every).await;
+                if age().await < 60_000_000 {
+                    renewed = true;
+                    break;
+                }
+            }
+            assert!(renewed, "a tick renewed the claim");
+        }
+        // The command ended: its task is aborted, and the claim ages from then on.
+        renewing.abort();
+        let _ = renewing.await;
+        make_stale().await;
+        tokio::time::sleep(every * 5).await;
+        assert!(age().await > CLAIM_LEASE.num_microseconds().unwrap());
     }
 
     /// A fresh, migrated database on PostgreSQL at `ORGLEDGER_TEST_POSTGRES` (the server the
