@@ -200,7 +200,9 @@ async fn run_and_record(
     } else {
         claim.responses = None;
         if parts.status == StatusCode::UNAUTHORIZED {
-            release(&database, &scope, &key, &claim_id).await
+            release(&database, &scope, &key, &claim_id)
+                .await
+                .map_err(Arc::new)
         } else {
             // Responses can hold a secret shown once (an invitation token, a service-account
             // key): the stored copy is sealed.
@@ -362,7 +364,7 @@ async fn settle(
     scope: &str,
     key: &str,
     claim_id: &str,
-) -> Result<Option<Response>, sqlx::Error> {
+) -> Result<Option<Response>, Arc<sqlx::Error>> {
     let database = responses.database();
     match applied(database, claim_id).await? {
         Some(applied_at) => answer_lost(responses, keys, scope, key, claim_id, applied_at).await,
@@ -382,7 +384,7 @@ async fn answer_lost(
     key: &str,
     claim_id: &str,
     applied_at: (String, i64),
-) -> Result<Option<Response>, sqlx::Error> {
+) -> Result<Option<Response>, Arc<sqlx::Error>> {
     let (parts, body) = lost_answer(applied_at).await;
     let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
     if !complete(responses, scope, key, claim_id, &parts, &sealed).await? {
@@ -419,8 +421,9 @@ async fn lost_answer(
 }
 
 /// Keeps the response under the key (see [`KeptResponses`]), if the claim is still
-/// `claim_id`'s and unanswered; false if it was not kept. A claim whose response was not kept
-/// because its organization's key is gone (purged meanwhile) is released.
+/// `claim_id`'s and unanswered; false if it was not kept (or was kept by an attempt whose
+/// outcome a lost connection hid). A claim whose response was not kept because its
+/// organization's key is gone (purged meanwhile) is released.
 async fn complete(
     responses: &KeptResponses,
     scope: &str,
@@ -428,7 +431,7 @@ async fn complete(
     claim_id: &str,
     parts: &axum::http::response::Parts,
     body: &[u8],
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, Arc<sqlx::Error>> {
     let completion = Completion::of(parts, body);
     let organization = completion.organization.is_some();
     let kept = responses.keep(scope, key, claim_id, completion).await?;
@@ -831,50 +834,47 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_running_claim_keeps_its_lease_and_only_its_holder_renews_it() {
-        let (_dir, database) = scratch_store().await;
-        let Database::Sqlite(pool) = &database else {
+    /// How long ago `key`'s claim was made or last renewed, in microseconds.
+    async fn claim_age(database: &Database) -> i64 {
+        let stored = load(database, "scope", "key").await.unwrap().unwrap();
+        to_micros(Utc::now()) - stored.created_at_us
+    }
+
+    /// Ages `key`'s claim by ten minutes, past its lease.
+    async fn make_stale(database: &Database) {
+        let Database::Sqlite(pool) = database else {
             unreachable!("a SQLite URL")
-        };
-        assert!(claim(&database, "scope", "key", "print", "claim-1")
-            .await
-            .unwrap());
-        let age = || async {
-            let stored = load(&database, "scope", "key").await.unwrap().unwrap();
-            to_micros(Utc::now()) - stored.created_at_us
         };
         sqlx::query("UPDATE idempotency_keys SET created_at_us = created_at_us - 600000000")
             .execute(pool)
             .await
             .unwrap();
-        renew(&database, "scope", "key", "someone-else")
-            .await
-            .unwrap();
-        assert!(age().await > CLAIM_LEASE.num_microseconds().unwrap());
-        renew(&database, "scope", "key", "claim-1").await.unwrap();
-        assert!(age().await < 60_000_000, "renewed: no retry takes it over");
     }
 
     #[tokio::test]
-    async fn a_claim_is_renewed_on_every_tick_until_its_command_ends() {
+    async fn a_running_claim_keeps_its_lease_and_only_its_holder_renews_it() {
         let (_dir, database) = scratch_store().await;
-        let Database::Sqlite(pool) = &database else {
-            unreachable!("a SQLite URL")
-        };
         assert!(claim(&database, "scope", "key", "print", "claim-1")
             .await
             .unwrap());
-        let age = || async {
-            let stored = load(&database, "scope", "key").await.unwrap().unwrap();
-            to_micros(Utc::now()) - stored.created_at_us
-        };
-        let make_stale = || async {
-            sqlx::query("UPDATE idempotency_keys SET created_at_us = created_at_us - 600000000")
-                .execute(pool)
-                .await
-                .unwrap();
-        };
+        make_stale(&database).await;
+        renew(&database, "scope", "key", "someone-else")
+            .await
+            .unwrap();
+        assert!(claim_age(&database).await > CLAIM_LEASE.num_microseconds().unwrap());
+        renew(&database, "scope", "key", "claim-1").await.unwrap();
+        assert!(
+            claim_age(&database).await < 60_000_000,
+            "renewed: no retry takes it over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_renewed_while_its_command_runs_and_no_longer_once_it_ends() {
+        let (_dir, database) = scratch_store().await;
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
         let every = Duration::from_millis(20);
         let renewing = tokio::spawn(renew_while_running(
             database.clone(),
@@ -885,11 +885,11 @@ mod tests {
         ));
         // Stale again and again: each time a later tick renews it.
         for _ in 0..3 {
-            make_stale().await;
+            make_stale(&database).await;
             let mut renewed = false;
             for _ in 0..100 {
                 tokio::time::sleep(every).await;
-                if age().await < 60_000_000 {
+                if claim_age(&database).await < 60_000_000 {
                     renewed = true;
                     break;
                 }
@@ -899,9 +899,11 @@ mod tests {
         // The command ended: its task is aborted, and the claim ages from then on.
         renewing.abort();
         let _ = renewing.await;
-        make_stale().await;
+        // A renewal already handed to SQLite's thread when the task was aborted lands first.
         tokio::time::sleep(every * 5).await;
-        assert!(age().await > CLAIM_LEASE.num_microseconds().unwrap());
+        make_stale(&database).await;
+        tokio::time::sleep(every * 5).await;
+        assert!(claim_age(&database).await > CLAIM_LEASE.num_microseconds().unwrap());
     }
 
     /// A fresh, migrated database on PostgreSQL at `ORGLEDGER_TEST_POSTGRES` (the server the
@@ -984,18 +986,44 @@ mod tests {
             ("taken", "not-its-claim", Some(live), false),
             ("answered", "answered", Some(live), false),
         ];
-        let kept: Vec<_> = cases
-            .iter()
-            .map(|&(key, claim_id, organization, _)| {
-                let responses = responses.clone();
-                let parts = answered_first(StatusCode::CREATED, organization);
-                tokio::spawn(async move {
-                    complete(&responses, "scope", key, claim_id, &parts, key.as_bytes()).await
-                })
+        let keep = |(key, claim_id, organization, _): (&'static str, &'static str, _, bool)| {
+            let responses = responses.clone();
+            let parts = answered_first(StatusCode::CREATED, organization);
+            tokio::spawn(async move {
+                complete(&responses, "scope", key, claim_id, &parts, key.as_bytes()).await
             })
-            .collect();
+        };
+        // PostgreSQL: the first response's row held locked by another transaction, so that
+        // the others queue behind its statement and are kept together in the next one.
+        let blocker = match &database {
+            Database::Postgres(pool) => {
+                let mut blocker = pool.begin().await.unwrap();
+                sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = 'live' FOR UPDATE")
+                    .execute(&mut *blocker)
+                    .await
+                    .unwrap();
+                Some(blocker)
+            }
+            Database::Sqlite(_) => None,
+        };
+        let statements_before = responses.statements();
+        let first = keep(cases[0]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rest: Vec<_> = cases[1..].iter().copied().map(keep).collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(blocker) = blocker {
+            blocker.rollback().await.unwrap();
+        }
+        let kept = std::iter::once(first).chain(rest);
         for (&(key, _, _, expected), kept) in cases.iter().zip(kept) {
             assert_eq!(kept.await.unwrap().unwrap(), expected, "{key}");
+        }
+        if postgres {
+            assert_eq!(
+                responses.statements() - statements_before,
+                2,
+                "the first alone, the four queued behind it together"
+            );
         }
         let stored = |key: &'static str| {
             let database = database.clone();

@@ -255,7 +255,7 @@ async fn commit_together(pool: &PgPool, together: Vec<Append>) {
 /// An `ERROR` ends the statement's transaction with nothing stored; a PostgreSQL `FATAL`
 /// may come after its commit (a shutdown while a synchronous standby is awaited). SQLite
 /// reports no severity: its errors all end the statement.
-fn refused(error: &sqlx::Error) -> bool {
+pub fn refused(error: &sqlx::Error) -> bool {
     error.as_database_error().is_some_and(|error| {
         error
             .try_downcast_ref::<PgDatabaseError>()

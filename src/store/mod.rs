@@ -10,7 +10,7 @@ mod sealing;
 
 pub use authenticity::{AuthenticatedEvent, Authenticity, EventMacKey, MAC_LEN};
 pub use feed::{decode, StoreFeed};
-pub use group_commit::GroupStats;
+pub use group_commit::{refused, GroupStats};
 pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
 pub use repository::{

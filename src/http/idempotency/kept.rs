@@ -12,13 +12,16 @@ use chrono::Utc;
 use orgledger_projections::{to_micros, Database};
 use sqlx::PgPool;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Completion;
 use crate::lazy_queue::LazyQueue;
+use crate::store::refused;
 
-/// Responses a statement takes before it stops taking more, by count and by their bodies'
-/// bytes (a body is at most 1 MiB).
+/// Responses a statement takes before it stops taking more: this many, or once their bodies
+/// pass this many bytes (a body is at most 1 MiB, so a statement holds at most 5 MiB).
 const MOST_RESPONSES: usize = 256;
 const MOST_BYTES: usize = 4 * 1024 * 1024;
 
@@ -45,6 +48,8 @@ const KEEP_TOGETHER: &str = "UPDATE idempotency_keys AS kept
 pub struct KeptResponses {
     database: Database,
     queue: LazyQueue<Keep>,
+    /// Statements run to keep them (PostgreSQL), retries alone included.
+    statements: Arc<AtomicU64>,
 }
 
 /// A response waiting for its statement, and where to say whether it was kept.
@@ -54,7 +59,7 @@ struct Keep {
     claim_id: String,
     completion: Completion,
     completed_at_us: i64,
-    done: oneshot::Sender<Result<bool, sqlx::Error>>,
+    done: oneshot::Sender<Result<bool, Arc<sqlx::Error>>>,
 }
 
 impl KeptResponses {
@@ -62,6 +67,7 @@ impl KeptResponses {
         Self {
             database,
             queue: LazyQueue::new(),
+            statements: Arc::default(),
         }
     }
 
@@ -69,22 +75,29 @@ impl KeptResponses {
         &self.database
     }
 
+    #[cfg(test)]
+    pub(super) fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
     /// Keeps `completion` under the key if the claim is still `claim_id`'s and unanswered,
-    /// durably; false if it was not kept.
+    /// durably; false if it was not kept. An error shared by a whole statement (the server
+    /// unreachable, a connection lost) is every one of its responses' error: whether a
+    /// statement whose connection broke committed is unknown, as for a lone UPDATE.
     pub(super) async fn keep(
         &self,
         scope: &str,
         key: &str,
         claim_id: &str,
         completion: Completion,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<bool, Arc<sqlx::Error>> {
         let pool = match &self.database {
             Database::Postgres(pool) => pool,
             Database::Sqlite(pool) => {
                 let alone = async {
                     Ok::<_, sqlx::Error>(complete_on!(pool, scope, key, claim_id, completion))
                 };
-                return alone.await.map(|kept| kept == 1);
+                return alone.await.map(|kept| kept == 1).map_err(Arc::new);
             }
         };
         let (done, outcome) = oneshot::channel();
@@ -97,18 +110,24 @@ impl KeptResponses {
             done,
         };
         self.queue
-            .send(waiting, |queue| keep_together(pool.clone(), queue))
+            .send(waiting, |queue| {
+                keep_together(pool.clone(), queue, self.statements.clone())
+            })
             .map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
     }
 }
 
 /// The keeping task stopped with the response in it (its runtime shut down).
-fn stopped() -> sqlx::Error {
-    sqlx::Error::WorkerCrashed
+fn stopped() -> Arc<sqlx::Error> {
+    Arc::new(sqlx::Error::WorkerCrashed)
 }
 
-async fn keep_together(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Keep>) {
+async fn keep_together(
+    pool: PgPool,
+    mut waiting: mpsc::UnboundedReceiver<Keep>,
+    statements: Arc<AtomicU64>,
+) {
     while let Some(first) = waiting.recv().await {
         let mut bytes = first.completion.body.len();
         let mut batch = vec![first];
@@ -118,26 +137,27 @@ async fn keep_together(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Keep>)
             batch.push(next);
         }
         metrics::histogram!("orgledger_kept_responses_per_commit").record(batch.len() as f64);
-        match store(&pool, &batch).await {
+        match store(&pool, &statements, &batch).await {
             Ok(kept) => {
                 for keep in batch {
                     let _ = keep.done.send(Ok(kept.contains(&keep.claim_id)));
                 }
             }
-            Err(error) if batch.len() == 1 => {
-                if let Some(keep) = batch.pop() {
-                    let _ = keep.done.send(Err(error));
+            // The server refused the statement, so it kept nothing: each again alone, so
+            // that one response it refuses costs the others nothing.
+            Err(error) if batch.len() > 1 && refused(&error) => {
+                for keep in batch {
+                    let outcome = store(&pool, &statements, std::slice::from_ref(&keep))
+                        .await
+                        .map(|kept| !kept.is_empty())
+                        .map_err(Arc::new);
+                    let _ = keep.done.send(outcome);
                 }
             }
-            // A statement that failed kept nothing (or, its connection lost, may have kept
-            // all: keeping again then finds them answered): each again alone, so that one
-            // response the server refuses costs the others nothing.
-            Err(_) => {
+            Err(error) => {
+                let error = Arc::new(error);
                 for keep in batch {
-                    let outcome = store(&pool, std::slice::from_ref(&keep))
-                        .await
-                        .map(|kept| !kept.is_empty());
-                    let _ = keep.done.send(outcome);
+                    let _ = keep.done.send(Err(error.clone()));
                 }
             }
         }
@@ -145,7 +165,12 @@ async fn keep_together(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Keep>)
 }
 
 /// Runs [`KEEP_TOGETHER`] for `batch`; the claims whose responses were kept.
-async fn store(pool: &PgPool, batch: &[Keep]) -> Result<HashSet<String>, sqlx::Error> {
+async fn store(
+    pool: &PgPool,
+    statements: &AtomicU64,
+    batch: &[Keep],
+) -> Result<HashSet<String>, sqlx::Error> {
+    statements.fetch_add(1, Ordering::Relaxed);
     let text = |column: fn(&Keep) -> &str| batch.iter().map(column).collect::<Vec<_>>();
     let optional = |column: fn(&Completion) -> Option<&str>| -> Vec<Option<&str>> {
         batch.iter().map(|keep| column(&keep.completion)).collect()
