@@ -1008,7 +1008,24 @@ mod tests {
         };
         let statements_before = responses.statements();
         let first = keep(cases[0]);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Database::Postgres(pool) = &database {
+            // Its statement waits on the lock.
+            let mut waiting = 0;
+            for _ in 0..500 {
+                waiting = sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(waiting, 1, "the first statement waits on the row");
+        }
         let rest: Vec<_> = cases[1..].iter().copied().map(keep).collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Some(blocker) = blocker {
