@@ -3559,10 +3559,14 @@ async fn keyed_commands_answered_together_each_replay_their_own_response(backend
     for i in 0..ORGANIZATIONS {
         orgs.push(app.create_org(&format!("Acme {i}"), "olivia").await);
     }
-    let mut events_before = 0;
-    for org in &orgs {
-        events_before += app.event_count(org).await;
-    }
+    let events_in = |app: Arc<TestApp>, orgs: Vec<String>| async move {
+        let mut total = 0;
+        for org in &orgs {
+            total += app.event_count(org).await;
+        }
+        total
+    };
+    let events_before = events_in(app.clone(), orgs.clone()).await;
     let invitations: Vec<(String, String, String)> = (0..ORGANIZATIONS * EACH)
         .map(|i| {
             let org = &orgs[i % ORGANIZATIONS];
@@ -3592,10 +3596,7 @@ async fn keyed_commands_answered_together_each_replay_their_own_response(backend
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         firsts.push(reply);
     }
-    let mut events_after = 0;
-    for org in &orgs {
-        events_after += app.event_count(org).await;
-    }
+    let events_after = events_in(app.clone(), orgs.clone()).await;
     assert_eq!(events_after, events_before + ORGANIZATIONS * EACH);
     for (invitation, first) in invitations.iter().zip(&firsts) {
         let retry = app.send(send(&app, invitation)).await;
@@ -3608,10 +3609,7 @@ async fn keyed_commands_answered_together_each_replay_their_own_response(backend
         assert_eq!(retry.body, first.body, "{}: its own response", invitation.1);
         assert_eq!(retry.body["invitation"]["email"], invitation.2.as_str());
     }
-    let mut events_replayed = 0;
-    for org in &orgs {
-        events_replayed += app.event_count(org).await;
-    }
+    let events_replayed = events_in(app.clone(), orgs.clone()).await;
     assert_eq!(
         events_replayed, events_after,
         "the retries appended nothing"

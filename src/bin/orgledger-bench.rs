@@ -479,7 +479,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         service.projector.catch_up().await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         service.projector.spawn(stopped);
-        let (ceiling_now, ceiling_cpu, run) = beside_a_ceiling(
+        let measured = beside_a_ceiling(
             &service,
             &pool,
             &address,
@@ -488,19 +488,11 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             false,
         )
         .await?;
-        report.line(format!(
-            "answered once stored (X-Consistency: pending), the runner applying behind: {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling just before ({ceiling_now:.0} rows/s)",
-            run.rate,
-            run.p50,
-            run.p99,
-            run.events_per_batch,
-            run.rate / ceiling_now * 100.0,
-        ));
-        report_cpu(
+        report_diagnostic(
             &mut report,
-            &run,
-            ceiling_cpu,
-            ceiling_now * scale.seconds,
+            "answered once stored (X-Consistency: pending), the runner applying behind",
+            measured,
+            scale.seconds,
             cores,
         );
 
@@ -511,7 +503,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
                 .into(),
         );
         service.projector.catch_up().await?;
-        let (ceiling_now, ceiling_cpu, run) = beside_a_ceiling(
+        let measured = beside_a_ceiling(
             &service,
             &pool,
             &address,
@@ -520,22 +512,11 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             true,
         )
         .await?;
-        let mean = |total: Duration| ms(total) / run.times.commands.max(1) as f64;
-        report.line(format!(
-            "keyed, read-your-writes: {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling just before ({ceiling_now:.0} rows/s)\n            in the service, mean: committing {:>5.2} ms, waiting for the read models {:>5.2} ms",
-            run.rate,
-            run.p50,
-            run.p99,
-            run.events_per_batch,
-            run.rate / ceiling_now * 100.0,
-            mean(run.times.committing),
-            mean(run.times.waiting),
-        ));
-        report_cpu(
+        report_diagnostic(
             &mut report,
-            &run,
-            ceiling_cpu,
-            ceiling_now * scale.seconds,
+            "keyed, read-your-writes",
+            measured,
+            scale.seconds,
             cores,
         );
         let _ = stop.send(true);
@@ -558,6 +539,29 @@ async fn beside_a_ceiling(
     let ceiling_cpu = CpuClock::spent_since(cpu_at_start);
     let run = http_commands(service, address, 32, seconds, answer, keyed).await?;
     Ok((ceiling, ceiling_cpu, run))
+}
+
+/// A diagnostic's lines: its commands as `label`, against the one-row ceiling measured just
+/// before them, where their time went in the service, and their CPU.
+fn report_diagnostic(
+    report: &mut Report,
+    label: &str,
+    (ceiling_now, ceiling_cpu, run): (f64, Option<CpuSpent>, CommandRun),
+    seconds: f64,
+    cores: usize,
+) {
+    let mean = |total: Duration| ms(total) / run.times.commands.max(1) as f64;
+    report.line(format!(
+        "{label}: {:>7.0} commands/s  p50 {:>6.1} ms  p99 {:>6.1} ms  {:>5.1} events per runner batch  = {:>5.1}% of the one-row ceiling just before ({ceiling_now:.0} rows/s)\n            in the service, mean: committing {:>5.2} ms, waiting for the read models {:>5.2} ms",
+        run.rate,
+        run.p50,
+        run.p99,
+        run.events_per_batch,
+        run.rate / ceiling_now * 100.0,
+        mean(run.times.committing),
+        mean(run.times.waiting),
+    ));
+    report_cpu(report, &run, ceiling_cpu, ceiling_now * seconds, cores);
 }
 
 /// Starts a measurement with no checkpoint in progress, as pgbench does: seeding writes

@@ -725,10 +725,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_claim_dropped_without_a_response_or_events_is_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
-        let database = Database::connect(&url).await.unwrap();
-        database.migrate().await.unwrap();
+        let (_dir, database) = scratch_store().await;
         assert!(claim(&database, "scope", "key", "print", "claim-1")
             .await
             .unwrap());
