@@ -20,7 +20,7 @@ use cqrs_es::persist::{
 use cqrs_es::{Aggregate, DomainEvent, EventEnvelope};
 use orgledger_domain::{
     upcasters, Command, Lifecycle, Organization, OrganizationCommand, OrganizationError,
-    OrganizationEvent, OrganizationKind, Slug,
+    OrganizationEvent, OrganizationKind, Slug, StateRules,
 };
 use rand::Rng;
 use uuid::Uuid;
@@ -92,9 +92,21 @@ fn store_failure(error: PersistenceError) -> LedgerError {
 }
 
 /// A snapshot's state from its JSON, off the runtime's workers: a large organization's
-/// takes tens of milliseconds of CPU.
+/// takes tens of milliseconds of CPU. A state derived under older rules is refused like an
+/// unreadable one: the events are replayed and the next commit replaces the snapshot.
 async fn parse_state(json: String) -> Result<Result<Organization, serde_json::Error>, LedgerError> {
-    let parsed = tokio::task::spawn_blocking(move || serde_json::from_str::<Organization>(&json));
+    let parsed = tokio::task::spawn_blocking(move || {
+        let state = serde_json::from_str::<Organization>(&json)?;
+        if state.rules == StateRules::CURRENT {
+            Ok(state)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "derived under the state's rules {}, not {}",
+                state.rules.0,
+                StateRules::CURRENT.0
+            )))
+        }
+    });
     Ok(parsed.await.map_err(StoreError::from)?)
 }
 

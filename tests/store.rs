@@ -31,6 +31,7 @@ on_both_backends!(
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
     a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted,
+    a_snapshot_derived_under_older_rules_is_replayed_around_and_replaced,
     importing_nothing_stores_nothing_and_needs_no_data_key,
     a_stored_version_one_event_is_upcast_on_read_and_never_rewritten,
     committed_events_survive_a_new_process,
@@ -899,6 +900,75 @@ async fn a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted(ba
         relabelled.load(org).await.is_err(),
         "a moved snapshot is refused"
     );
+}
+
+/// A snapshot whose state was derived under older rules (here, as before a member who
+/// joined through an invitation into a group was among the group's members) is not what a
+/// replay gives now: loads replay the events instead, `verify` does not call it tampered, and
+/// the next commit replaces it.
+async fn a_snapshot_derived_under_older_rules_is_replayed_around_and_replaced(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let ledger = &service.ledger;
+    let org = create_org(ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for i in 0..SNAPSHOT_EVERY {
+        add_member(ledger, org, "olivia", &format!("m{i:02}"), Role::Member).await;
+    }
+    let (state, at) = ledger.snapshot(org).await.unwrap().expect("a snapshot");
+    assert_eq!(state.rules, StateRules::CURRENT);
+    let mut older = serde_json::to_value(&state).unwrap();
+    older.as_object_mut().unwrap().remove("rules");
+    let older = serde_json::to_string(&older).unwrap();
+    // Sealed as the store seals a state: compressed (marked by a first byte of 1), then
+    // encrypted to the organization and the event it stands at.
+    let id = org.to_string();
+    let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
+    let mut plaintext = vec![1_u8];
+    plaintext.extend(lz4_flex::compress_prepend_size(older.as_bytes()));
+    let sealed = key.encrypt(
+        &plaintext,
+        format!("orgledger snapshot\0{id}\0{at}").as_bytes(),
+    );
+    orgledger_projections::with_pool!(service.db(), pool => {
+        sqlx::query("UPDATE snapshots SET state = $1")
+            .bind(sealed)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+
+    let cold = service.reopen().await.ledger;
+    let (loaded, version) = cold.load(org).await.unwrap();
+    assert_eq!(
+        cold.read_stats().snapshots(),
+        1,
+        "the snapshot was looked at"
+    );
+    assert_eq!(
+        cold.read_stats().events(),
+        version as u64,
+        "every event was replayed"
+    );
+    assert_eq!(loaded.rules, StateRules::CURRENT);
+    assert!(cold.snapshot(org).await.unwrap().is_none(), "not used");
+    let report = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.snapshots_not_compared, 1);
+
+    add_member(&cold, org, "olivia", "nia", Role::Member).await;
+    let (replaced, now_at) = service
+        .reopen()
+        .await
+        .ledger
+        .snapshot(org)
+        .await
+        .unwrap()
+        .expect("replaced, and used");
+    assert!(now_at > at);
+    assert_eq!(replaced.rules, StateRules::CURRENT);
 }
 
 /// An empty import is a no-op, even for an organization with no data key yet.

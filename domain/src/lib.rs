@@ -36,7 +36,7 @@ pub use events::{
 };
 pub use organization::{
     Access, AiProvider, ClientAccess, CustomRole, Group, Invitation, Lifecycle, Member,
-    Organization, OrganizationKind, Plan, ServiceAccount, Settings, WorkflowMode,
+    Organization, OrganizationKind, Plan, ServiceAccount, Settings, StateRules, WorkflowMode,
     RESTORE_WINDOW_DAYS,
 };
 pub use upcasting::upcasters;

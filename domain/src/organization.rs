@@ -191,6 +191,34 @@ pub struct Organization {
     pub plan: Plan,
     #[serde(default)]
     pub roles: OrdMap<String, CustomRole>,
+    /// The rules that derived this state from its events.
+    #[serde(default = "StateRules::unnamed")]
+    pub rules: StateRules,
+}
+
+/// The rules by which events build an [`Organization`]. A snapshot derived under older rules
+/// may differ from a replay under these, so a load ignores it and replays the events. Bump
+/// [`StateRules::CURRENT`] whenever `apply` derives something differently from the same
+/// events.
+///
+/// 2: a member who joins through an invitation into a group is among the group's members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StateRules(pub u32);
+
+impl StateRules {
+    pub const CURRENT: Self = Self(2);
+
+    /// Snapshots written before states named their rules.
+    fn unnamed() -> Self {
+        Self(1)
+    }
+}
+
+impl Default for StateRules {
+    fn default() -> Self {
+        Self::CURRENT
+    }
 }
 
 /// What an actor may do here: a member's role, or a service account's scopes.
@@ -318,6 +346,11 @@ impl Aggregate for Organization {
                 }
             }
             OrganizationEvent::MemberJoined(e) => {
+                for group_id in &e.group_ids {
+                    if let Some(group) = self.groups.get_mut(group_id) {
+                        group.member_ids.insert(e.user_id.clone());
+                    }
+                }
                 self.members.insert(
                     e.user_id,
                     Member {
@@ -511,6 +544,15 @@ impl Organization {
             OrganizationCommand::RestoreOrganization => self.restore(actor, at),
             OrganizationCommand::PurgeOrganization(c) => self.purge(actor, at, c),
             body => {
+                // A stranger is refused as on a live organization, learning nothing of its
+                // deletion; an invitee stands on its token, and is told.
+                let invitee = matches!(body, OrganizationCommand::AcceptInvitation(_));
+                if matches!(self.lifecycle, Lifecycle::Deleted { .. })
+                    && !invitee
+                    && !self.has_standing(actor)
+                {
+                    return Err(OrganizationError::PermissionDenied);
+                }
                 self.ensure_accepts_commands()?;
                 match body {
                     OrganizationCommand::UpdateOrganization(c) => self.update(actor, c),

@@ -127,6 +127,39 @@ fn group_membership_needs_a_member_and_follows_removal_and_deletion() {
     );
 }
 
+/// Joining through an invitation into a group makes the member one of the group's members,
+/// as adding them to it does: they can be taken out, and adding them again changes nothing.
+#[test]
+fn a_member_who_joined_through_an_invitation_into_a_group_can_be_taken_out_of_it() {
+    let mut nina = joined("nina", Role::Member);
+    if let OrganizationEvent::MemberJoined(joined) = &mut nina {
+        joined.group_ids = vec![id(1)];
+    }
+    let given = with(acme(), vec![group_created(1, "Eng"), nina]);
+    let state = state_after(given.clone());
+    assert!(state.groups[&id(1)].member_ids.contains(&uid("nina")));
+    let membership = GroupMembership {
+        group_id: id(1),
+        user_id: uid("nina"),
+    };
+    test()
+        .given(given.clone())
+        .when(by(
+            "adam",
+            OrganizationCommand::RemoveGroupMember(membership.clone()),
+        ))
+        .then_expect_events(vec![OrganizationEvent::GroupMemberRemoved(
+            GroupMemberRemoved {
+                group_id: id(1),
+                user_id: uid("nina"),
+            },
+        )]);
+    test()
+        .given(given)
+        .when(by("adam", OrganizationCommand::AddGroupMember(membership)))
+        .then_expect_events(vec![]);
+}
+
 #[test]
 fn an_invitation_puts_the_new_member_in_its_group() {
     let given = with(acme(), vec![group_created(1, "Eng")]);
@@ -691,4 +724,17 @@ fn the_state_keeps_the_json_shape_its_snapshots_were_written_in() {
     let old_shape = serde_json::to_string(&json).unwrap();
     let loaded: Organization = serde_json::from_str(&old_shape).unwrap();
     assert_eq!(loaded, state);
+}
+
+/// A snapshot written before states named their rules reads as derived under the first
+/// ones, so a load knows to replay its events; a state built now names the current rules.
+#[test]
+fn a_state_names_the_rules_it_was_derived_under() {
+    let state = state_after(acme());
+    assert_eq!(state.rules, StateRules::CURRENT);
+    let mut json = serde_json::to_value(&state).unwrap();
+    json.as_object_mut().unwrap().remove("rules");
+    let older: Organization = serde_json::from_value(json).unwrap();
+    assert_eq!(older.rules, StateRules(1));
+    assert_ne!(older.rules, StateRules::CURRENT);
 }

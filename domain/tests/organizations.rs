@@ -188,22 +188,128 @@ fn only_an_owner_may_delete() {
     assert_eq!(error, OrganizationError::PermissionDenied);
 }
 
-#[test]
-fn a_deleted_organization_accepts_no_command_but_restore_and_purge() {
-    let mut given = acme();
-    given.push(deleted());
-    let refused = [
+/// Every command but create, restore and purge: what a deleted organization refuses.
+fn every_other_command() -> Vec<OrganizationCommand> {
+    let some_id = uuid::Uuid::from_u128(7);
+    let member = |user_id: &str| UpdateMember {
+        role: Some(Role::Viewer),
+        ..UpdateMember::of(uid(user_id))
+    };
+    vec![
+        OrganizationCommand::UpdateOrganization(UpdateOrganization {
+            workflow_mode: Some(WorkflowMode::Founder),
+            ..Default::default()
+        }),
         delete("Acme"),
-        OrganizationCommand::LeaveOrganization,
+        OrganizationCommand::TransferOwnership(TransferOwnership {
+            new_owner_id: uid("adam"),
+        }),
         OrganizationCommand::SendInvitation(send(1, Some("new@example.com"), Role::Member)),
+        OrganizationCommand::ResendInvitation(ResendInvitation {
+            invitation_id: invitation_id(1),
+            token_sha256: "hash-2".into(),
+        }),
+        OrganizationCommand::RevokeInvitation(RevokeInvitation {
+            invitation_id: invitation_id(1),
+        }),
+        OrganizationCommand::UpdateMember(member("mia")),
         OrganizationCommand::RemoveMember(RemoveMember {
             user_id: uid("mia"),
         }),
-    ];
-    for body in refused {
-        let error = error_of(given.clone(), command(user("olivia"), body));
-        assert_eq!(error, OrganizationError::OrganizationDeleted);
+        OrganizationCommand::LeaveOrganization,
+        OrganizationCommand::CreateGroup(CreateGroup {
+            group_id: some_id,
+            name: "Eng".into(),
+            description: None,
+        }),
+        OrganizationCommand::UpdateGroup(UpdateGroup {
+            group_id: some_id,
+            name: Some("Ops".into()),
+            description: None,
+        }),
+        OrganizationCommand::DeleteGroup(GroupRef { group_id: some_id }),
+        OrganizationCommand::AddGroupMember(GroupMembership {
+            group_id: some_id,
+            user_id: uid("mia"),
+        }),
+        OrganizationCommand::RemoveGroupMember(GroupMembership {
+            group_id: some_id,
+            user_id: uid("mia"),
+        }),
+        OrganizationCommand::CreateServiceAccount(CreateServiceAccount {
+            service_account_id: some_id,
+            name: "ci".into(),
+            description: None,
+            scopes: vec![Scope::MembersRead],
+            key_prefix: "sa_1234".into(),
+            key_sha256: "hash-sa".into(),
+        }),
+        OrganizationCommand::RotateServiceAccountKey(RotateServiceAccountKey {
+            service_account_id: some_id,
+            key_prefix: "sa_5678".into(),
+            key_sha256: "hash-sa-2".into(),
+        }),
+        OrganizationCommand::DeleteServiceAccount(ServiceAccountRef {
+            service_account_id: some_id,
+        }),
+        OrganizationCommand::SetClientRestrictions(ClientAccess::default()),
+        OrganizationCommand::SetSmartToolRouting(true),
+        OrganizationCommand::AddAiProvider(AddAiProvider {
+            provider_id: some_id,
+            name: "Main".into(),
+            kind: "openai".into(),
+            api_key: Secret::from("sk-test-1234".to_owned()),
+            enabled: true,
+        }),
+        OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
+            provider_id: some_id,
+            enabled: Some(false),
+            api_key: None,
+        }),
+        OrganizationCommand::RemoveAiProvider(AiProviderRef {
+            provider_id: some_id,
+        }),
+        OrganizationCommand::ChangePlan(ChangePlan {
+            plan: "team".into(),
+            seats: Some(10),
+        }),
+        OrganizationCommand::DefineRole(DefineRole {
+            key: "organizer".into(),
+            name: "Organizer".into(),
+            permissions: vec![Permission::InviteMembers],
+        }),
+        OrganizationCommand::DeleteRole(RoleRef {
+            key: "organizer".into(),
+        }),
+    ]
+}
+
+/// Whatever the command and whoever in the organization asks, a deleted organization says
+/// it is deleted; an invitee holding its token is told so too. Someone with no standing
+/// there is refused as on a live organization, and learns nothing of its deletion.
+#[test]
+fn a_deleted_organization_refuses_every_command_and_tells_only_those_with_standing() {
+    let mut given = acme();
+    given.push(sent(1, "nina@example.com", Role::Member));
+    given.push(deleted());
+    for body in every_other_command() {
+        for actor in ["olivia", "adam", "mia", "vic"] {
+            let error = error_of(given.clone(), command(user(actor), body.clone()));
+            assert_eq!(
+                error,
+                OrganizationError::OrganizationDeleted,
+                "{actor}: {body:?}"
+            );
+        }
+        let error = error_of(given.clone(), command(user("stranger"), body.clone()));
+        assert_eq!(error, OrganizationError::PermissionDenied, "{body:?}");
     }
+    let accept =
+        OrganizationCommand::AcceptInvitation(accept("hash-1", "nina", "nina@example.com"));
+    assert_eq!(
+        error_of(given, command(user("nina"), accept)),
+        OrganizationError::OrganizationDeleted
+    );
 }
 
 #[test]
