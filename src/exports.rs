@@ -23,11 +23,12 @@ const PAGE: usize = 500;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Field names whose values are secrets or hashes of secrets; dropped from exported and
-/// served events.
+/// served events. Not `key`: in events it is a custom role's name for itself (`RoleDefined`,
+/// `RoleDeleted`); a service account's key is stored only as its hash.
 fn is_secret_field(name: &str) -> bool {
     name.ends_with("_sha256")
         || name.ends_with("_hash")
-        || matches!(name, "token" | "key" | "secret")
+        || matches!(name, "token" | "secret")
         || orgledger_domain::SECRET_FIELDS.contains(&name)
 }
 

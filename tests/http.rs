@@ -1399,6 +1399,35 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         .map(|r| r["key"].as_str().unwrap())
         .collect();
     assert_eq!(keys, ["owner", "admin", "member", "viewer", "organizer"]);
+    // A role's key names it, and is no secret: the history and the export show it.
+    let events = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/events?limit=500"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let export = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/export"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    for logged in [&events.body["items"], &export.body["events"]] {
+        let defined = logged
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|event| event["event_type"] == "RoleDefined")
+            .expect("the role's definition is in the history");
+        assert_eq!(
+            defined["payload"]["RoleDefined"]["key"], "organizer",
+            "{defined}"
+        );
+    }
     let permissions = |key: &str| -> Vec<String> {
         let role = roles.body["items"]
             .as_array()
@@ -1519,6 +1548,13 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
         created += usize::from(reply.status == StatusCode::CREATED);
         ids.insert(reply.body["id"].as_str().unwrap().to_owned());
         assert_eq!(reply.body["kind"], "personal");
+        // Stored in clear for good, so neither names its person: a purge could not erase it.
+        assert_eq!(reply.body["name"], "Personal workspace");
+        let slug = reply.body["slug"].as_str().unwrap();
+        assert!(
+            slug.starts_with("personal") && !slug.contains("nina"),
+            "{slug}"
+        );
     }
     assert_eq!(
         (created, ids.len()),
@@ -5052,6 +5088,23 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
                 commands += 1;
                 for header in ["Idempotency-Key", "If-Match", "X-Actor-Id"] {
                     assert!(headers.contains(&header), "{method} {path}: no {header}");
+                }
+                // And what its success may answer with.
+                let successes: Vec<&Value> = operation["responses"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(status, _)| status.starts_with('2'))
+                    .map(|(_, response)| response)
+                    .collect();
+                assert!(!successes.is_empty(), "{method} {path}: no success");
+                for response in successes {
+                    for header in ["X-Consistency", "Idempotent-Replayed"] {
+                        assert!(
+                            response["headers"][header].is_object(),
+                            "{method} {path}: no {header} in {response}"
+                        );
+                    }
                 }
             }
         }

@@ -163,7 +163,53 @@ fn described_with_itself(
     openapi
         .paths
         .add_path_operation("/openapi.json", vec![HttpMethod::Get], operation);
+    describe_command_headers(&mut openapi);
     (routes, openapi)
+}
+
+/// The headers a command's success may carry, on every command's 2xx responses.
+fn describe_command_headers(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::header::HeaderBuilder;
+    use utoipa::openapi::{ObjectBuilder, RefOr, Type};
+    let flag = |value: &str, description: &str| {
+        HeaderBuilder::new()
+            .schema(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .enum_values(Some([value])),
+            )
+            .description(Some(description))
+            .build()
+    };
+    let consistency = flag(
+        "pending",
+        "The events are stored, but the read models did not reflect them within the bounded \
+         wait (ORGLEDGER_CONSISTENCY_WAIT_MS, 5 s by default); absent when they did",
+    );
+    let replayed = flag(
+        "true",
+        "The first response to this Idempotency-Key, replayed: nothing was appended",
+    );
+    for item in openapi.paths.paths.values_mut() {
+        let commands = [
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in commands.into_iter().flatten() {
+            for (status, response) in &mut operation.responses.responses {
+                if let (true, RefOr::T(response)) = (status.starts_with('2'), response) {
+                    response
+                        .headers
+                        .insert("X-Consistency".into(), consistency.clone());
+                    response
+                        .headers
+                        .insert("Idempotent-Replayed".into(), replayed.clone());
+                }
+            }
+        }
+    }
 }
 
 pub fn app(state: AppState) -> Router {

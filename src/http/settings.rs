@@ -510,14 +510,11 @@ async fn personal_organization(
         _ => return Err(ApiError::forbidden()),
     }
     let first_name = super::dto::optional_text(request.first_name);
-    let display = first_name.clone().unwrap_or_else(|| user_id.to_string());
-    let name = OrganizationName::parse("name", &format!("{display}'s workspace"))
-        .or_else(|_| OrganizationName::parse("name", "Personal workspace"))?;
+    // Neither the name nor the slug is personal data, which a purge must be able to erase:
+    // an organization's name and slug are stored in clear, for good, in its first event.
+    let name = OrganizationName::parse("name", "Personal workspace")?;
     let organization_id = Uuid::now_v7();
-    let slug = Slug::derive(
-        &format!("personal {}", user_id),
-        &organization_id.simple().to_string()[..8],
-    );
+    let slug = Slug::derive("personal", &organization_id.simple().to_string()[..8]);
     let command = Command::new(
         caller.actor,
         Utc::now(),
