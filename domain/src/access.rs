@@ -69,6 +69,21 @@ pub enum Permission {
 }
 
 impl Permission {
+    pub const ALL: [Permission; 12] = [
+        Permission::ViewOrganization,
+        Permission::InviteMembers,
+        Permission::ManageMembers,
+        Permission::ManageGroups,
+        Permission::ManageServiceAccounts,
+        Permission::ManageSettings,
+        Permission::ReadAudit,
+        Permission::ReadExport,
+        Permission::ManageBilling,
+        Permission::TransferOwnership,
+        Permission::DeleteOrganization,
+        Permission::ManageRoles,
+    ];
+
     /// The permissions a custom role may hold, by their contract names.
     pub const GRANTABLE: [(Permission, &'static str); 8] = [
         (Permission::ViewOrganization, "members:read"),

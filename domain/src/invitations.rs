@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::access::{Actor, Permission, Role};
+use crate::access::{Actor, Permission};
 use crate::commands::{AcceptInvitation, ResendInvitation, RevokeInvitation, SendInvitation};
 use crate::error::OrganizationError;
 use crate::events::*;
@@ -21,7 +21,8 @@ impl Organization {
         if self.kind == OrganizationKind::Personal {
             return Err(OrganizationError::PersonalOrganization);
         }
-        if c.role == Role::Owner && !authority.is_owner() {
+        // Only an owner invites an owner; nobody invites past their own role.
+        if !self.reaches(&authority, &c.role) {
             return Err(OrganizationError::PermissionDenied);
         }
         self.ensure_role_exists("role", &c.role)?;
@@ -78,7 +79,7 @@ impl Organization {
             .invitations
             .get(&c.invitation_id)
             .ok_or(OrganizationError::NotFound("invitation"))?;
-        if invitation.role == Role::Owner && !authority.is_owner() {
+        if !self.reaches(&authority, &invitation.role) {
             return Err(OrganizationError::PermissionDenied);
         }
         if let Some(email) = invitation.email.as_deref() {

@@ -47,9 +47,9 @@ impl Organization {
         };
 
         if manages {
-            // Only an owner may touch an owner or make one.
-            let touches_owner = target.role == Role::Owner || c.role == Some(Role::Owner);
-            if touches_owner && !authority.is_owner() {
+            // Only an owner may touch an owner or make one; nobody reaches past their own role.
+            let beyond = |role: &Role| !self.reaches(&authority, role);
+            if beyond(&target.role) || c.role.as_ref().is_some_and(beyond) {
                 return Err(OrganizationError::PermissionDenied);
             }
             if let Some(change) = &role {
@@ -121,13 +121,11 @@ impl Organization {
             .members
             .get(&c.user_id)
             .ok_or(OrganizationError::NotFound("member"))?;
-        if target.role == Role::Owner {
-            if !authority.is_owner() {
-                return Err(OrganizationError::PermissionDenied);
-            }
-            if self.owner_count() == 1 {
-                return Err(OrganizationError::LastOwner);
-            }
+        if !self.reaches(&authority, &target.role) {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        if target.role == Role::Owner && self.owner_count() == 1 {
+            return Err(OrganizationError::LastOwner);
         }
         Ok(vec![OrganizationEvent::MemberRemoved(MemberRemoved {
             user_id: c.user_id.clone(),

@@ -643,13 +643,33 @@ impl Organization {
     pub(crate) fn grant<'a>(&'a self, authority: &Authority<'a>) -> Grant<'a> {
         match (authority.account, authority.role) {
             (Some(account), _) => Grant::Scopes(&account.scopes),
-            (None, Some(Role::Custom(key))) => self
+            (None, Some(role)) => self.grant_of(role),
+            (None, None) => Grant::Nothing,
+        }
+    }
+
+    /// What a role grants here (nothing, for a custom role not defined).
+    fn grant_of<'a>(&'a self, role: &'a Role) -> Grant<'a> {
+        match role {
+            Role::Custom(key) => self
                 .roles
                 .get(key)
                 .map_or(Grant::Nothing, |role| Grant::Custom(&role.permissions)),
-            (None, Some(role)) => Grant::BuiltIn(role),
-            (None, None) => Grant::Nothing,
+            role => Grant::BuiltIn(role),
         }
+    }
+
+    /// Whether `authority` holds every power `role` grants. Nobody gives a role that reaches
+    /// further than their own, nor changes or removes a member who holds one: an owner
+    /// reaches every role, an admin every role but owner, and a custom role or a service
+    /// account only the roles its permissions or scopes cover. Viewing is no power here:
+    /// every member has it.
+    pub(crate) fn reaches(&self, authority: &Authority<'_>, role: &Role) -> bool {
+        let (held, given) = (self.grant(authority), self.grant_of(role));
+        Permission::ALL
+            .into_iter()
+            .filter(|power| *power != Permission::ViewOrganization)
+            .all(|power| !given.permits(power) || held.permits(power))
     }
 
     /// The actor's authority, if it holds `permission`.

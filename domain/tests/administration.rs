@@ -645,6 +645,101 @@ fn no_custom_role_reaches_the_owner_role() {
     }
 }
 
+/// A narrow grant stays narrow: a custom role or a service account gives no role, and
+/// touches no member holding one, that has a power it lacks. Managing members alone does not
+/// make an admin, of someone else or of oneself; inviting alone does not invite one.
+#[test]
+fn nobody_gives_or_touches_a_role_that_reaches_further_than_their_own() {
+    let manager = OrganizationEvent::RoleDefined(RoleDefined {
+        key: "manager".into(),
+        name: "Manager".into(),
+        permissions: vec![Permission::ViewOrganization, Permission::ManageMembers],
+    });
+    let given = with(
+        acme(),
+        vec![
+            manager,
+            organizer(),
+            joined("max", Role::Custom("manager".into())),
+            joined("ora", Role::Custom("organizer".into())),
+            account_created(vec![
+                Scope::MembersRead,
+                Scope::MembersWrite,
+                Scope::InvitationsWrite,
+            ]),
+        ],
+    );
+    let set_role = |user_id: &str, role: Role| {
+        OrganizationCommand::UpdateMember(UpdateMember {
+            role: Some(role),
+            ..UpdateMember::of(uid(user_id))
+        })
+    };
+    let account = Actor::ServiceAccount(id(7));
+    let refused = [
+        ("max", "make someone an admin", set_role("mia", Role::Admin)),
+        ("max", "make himself an admin", set_role("max", Role::Admin)),
+        ("max", "demote an admin", set_role("adam", Role::Member)),
+        (
+            "max",
+            "change an organizer, who may invite",
+            set_role("ora", Role::Member),
+        ),
+        (
+            "max",
+            "remove an admin",
+            OrganizationCommand::RemoveMember(RemoveMember {
+                user_id: uid("adam"),
+            }),
+        ),
+        (
+            "ora",
+            "invite an admin",
+            OrganizationCommand::SendInvitation(send(1, Some("x@example.com"), Role::Admin)),
+        ),
+    ];
+    for (actor, what, body) in refused {
+        assert_eq!(
+            error_of(given.clone(), by(actor, body)),
+            OrganizationError::PermissionDenied,
+            "{actor}: {what}"
+        );
+    }
+    assert_eq!(
+        error_of(
+            given.clone(),
+            command(account.clone(), set_role("mia", Role::Admin))
+        ),
+        OrganizationError::PermissionDenied,
+        "a service account makes no admin"
+    );
+    // Within their reach they act as before.
+    test()
+        .given(given.clone())
+        .when(by("max", set_role("mia", Role::Viewer)))
+        .then_expect_events(vec![role_changed("mia", Role::Member, Role::Viewer)]);
+    test()
+        .given(given.clone())
+        .when(command(account, set_role("vic", Role::Member)))
+        .then_expect_events(vec![role_changed("vic", Role::Viewer, Role::Member)]);
+    test()
+        .given(given.clone())
+        .when(by("adam", set_role("max", Role::Admin)))
+        .then_expect_events(vec![role_changed(
+            "max",
+            Role::Custom("manager".into()),
+            Role::Admin,
+        )]);
+    let invited = test()
+        .given(given)
+        .when(by(
+            "ora",
+            OrganizationCommand::SendInvitation(send(1, Some("x@example.com"), Role::Member)),
+        ))
+        .inspect_result();
+    assert!(invited.is_ok(), "{invited:?}");
+}
+
 #[test]
 fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
     let to_organizer = OrganizationCommand::UpdateMember(UpdateMember {
