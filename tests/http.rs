@@ -4812,18 +4812,21 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         )
         .await;
     assert_eq!(restricted.status, StatusCode::OK, "{}", restricted.body);
-    let purged = app
-        .call(
-            Method::POST,
-            &format!("{path}/purge"),
-            Some("olivia"),
-            Some(json!({"confirm_name": "Acme"})),
-        )
-        .await;
+    let keyed_purge = || {
+        app.request(Method::POST, &format!("{path}/purge"), Some("olivia"))
+            .header("Idempotency-Key", "purge-1")
+            .json(&json!({"confirm_name": "Acme"}))
+    };
+    let purged = app.send(keyed_purge()).await;
     assert_eq!(
         (purged.status, purged.body["status"].as_str()),
         (StatusCode::OK, Some("purged"))
     );
+    // The purge's own answer names no personal data: a retry whose answer was lost gets it.
+    let purged_again = app.send(keyed_purge()).await;
+    assert_eq!(purged_again.status, StatusCode::OK, "{}", purged_again.body);
+    assert_eq!(purged_again.headers["idempotent-replayed"], "true");
+    assert_eq!(purged_again.body, purged.body);
     let gone = app.call(Method::GET, &path, None, None).await;
     assert_problem(&gone, StatusCode::NOT_FOUND, "not_found");
     let tombstone = app

@@ -249,7 +249,13 @@ async fn purge_organization(
         status: "purged".to_owned(),
         version: outcome.committed.version as i64,
     };
-    Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
+    let mut response = committed(&outcome, StatusCode::OK, axum::Json(body));
+    // Its answer names no personal data, so it is not filed under the organization whose
+    // responses the purge forgot: a retry with its Idempotency-Key gets it again.
+    response
+        .extensions_mut()
+        .remove::<super::idempotency::ResponseOrganization>();
+    Ok(response)
 }
 
 /// Make an admin the owner; the acting owner becomes an admin.
