@@ -255,6 +255,7 @@ on_both_backends!(
     conflicts_are_refused_with_their_codes_and_append_nothing,
     a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at,
     no_operation_takes_malformed_input_for_a_change,
+    a_command_that_takes_no_body_refuses_an_unparseable_one,
     a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing,
     idempotency_keys_replay_the_first_response,
     keyed_commands_answered_together_each_replay_their_own_response,
@@ -2193,6 +2194,20 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         read_by_system.body
     );
     assert_eq!(read_by_system.body["items"], own_orgs.body["items"]);
+    // No user id is longer than 128 characters: such a path is a mistake, not an empty list.
+    let too_long = app
+        .call(
+            Method::GET,
+            &format!("/v1/users/{}/organizations", "u".repeat(129)),
+            None,
+            None,
+        )
+        .await;
+    assert_problem(
+        &too_long,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
     let created_by_system = app
         .call(
             Method::POST,
@@ -3014,6 +3029,39 @@ async fn no_operation_takes_malformed_input_for_a_change(backend: Backend) {
         before,
         "malformed input appended an event"
     );
+}
+
+/// A command that takes no body (leaving, here) takes none, or any JSON text, which it
+/// ignores; a body that is not JSON is `400 malformed_request` and changes nothing, as on
+/// every route.
+async fn a_command_that_takes_no_body_refuses_an_unparseable_one(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    app.add_member(&org, "olivia", "nina", "member").await;
+    let leave = |actor: &str, body: &str| {
+        app.request(
+            Method::POST,
+            &format!("/v1/organizations/{org}/leave"),
+            Some(actor),
+        )
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+    };
+    let version = app.event_count(&org).await;
+    let refused = app.send(leave("mia", "{")).await;
+    assert_problem(&refused, StatusCode::BAD_REQUEST, "malformed_request");
+    assert_eq!(app.event_count(&org).await, version, "nothing appended");
+    for (actor, body) in [("mia", "{}"), ("nina", "")] {
+        let left = app.send(leave(actor, body)).await;
+        assert_eq!(
+            left.status,
+            StatusCode::NO_CONTENT,
+            "{body:?}: {}",
+            left.body
+        );
+    }
+    assert_eq!(app.event_count(&org).await, version + 2);
 }
 
 /// PostgreSQL can hold U+0000 in neither text nor jsonb: a body carrying one is refused with
@@ -4443,6 +4491,20 @@ async fn audit_filters_bound_the_log_and_its_exports(backend: Backend) {
     let mut both = sequences(&before);
     both.extend(sequences(&since));
     assert_eq!(both, sequences(&all), "inclusive from, exclusive to");
+    // A range that ends before it begins is named, not answered with nothing.
+    let reversed = format!("from={boundary}&to=2000-01-01T00:00:00Z");
+    for url in [
+        format!("{base}/audit-log?{reversed}"),
+        format!("{base}/audit-log/export?format=json&{reversed}"),
+    ] {
+        let refused = app.call(Method::GET, &url, Some("olivia"), None).await;
+        assert_problem(
+            &refused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(refused.body["errors"][0]["field"], "to", "{}", refused.body);
+    }
 
     let by_mia = entries("actor=mia".to_owned()).await;
     let expected: Vec<i64> = sequences(&all)

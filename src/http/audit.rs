@@ -49,10 +49,18 @@ pub struct AuditQuery {
     cursor: Option<String>,
 }
 
+/// `from` (inclusive) and `to` (exclusive); a range that ends before it begins is a mistake
+/// worth naming, not an empty page.
 fn bounds(from: Option<&str>, to: Option<&str>) -> Result<AuditFilter, ApiError> {
+    let (from, to) = (instant("from", from)?, instant("to", to)?);
+    if let (Some(from), Some(to)) = (from, to) {
+        if to < from {
+            return Err(ApiError::field("to", "must not be before from"));
+        }
+    }
     Ok(AuditFilter {
-        from: instant("from", from)?,
-        to: instant("to", to)?,
+        from,
+        to,
         ..AuditFilter::default()
     })
 }

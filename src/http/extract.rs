@@ -62,6 +62,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     }
 }
 
+/// The body of a command that takes none: nothing, or any JSON text (ignored, as a client's
+/// `{}` or `null` is). Anything else is `400 malformed_request`, as on every other route.
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large()
+                } else {
+                    ApiError::malformed(rejection.body_text())
+                }
+            })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self);
+        }
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map(|_| Self)
+            .map_err(|error| {
+                ApiError::malformed(format!(
+                    "this command takes no body, and this one is not JSON either: {error}"
+                ))
+            })
+    }
+}
+
 pub fn too_large() -> ApiError {
     ApiError::new(
         axum::http::StatusCode::PAYLOAD_TOO_LARGE,

@@ -199,6 +199,7 @@ async fn delete_group(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_group)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let body = OrganizationCommand::DeleteGroup(GroupRef {
@@ -240,6 +241,7 @@ async fn add_group_member(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path(ids): Path<(String, String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     membership(&state, caller, &context, expected, ids, true).await
 }
@@ -254,6 +256,7 @@ async fn remove_group_member(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path(ids): Path<(String, String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     membership(&state, caller, &context, expected, ids, false).await
 }

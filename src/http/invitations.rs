@@ -143,6 +143,7 @@ async fn resend_invitation(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_invitation_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let invitation_id = invitation_id(&raw_invitation_id)?;
@@ -166,6 +167,7 @@ async fn revoke_invitation(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_invitation_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let invitation_id = invitation_id(&raw_invitation_id)?;

@@ -125,6 +125,7 @@ async fn remove_member(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, user_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let user_id = UserId::parse("user_id", &user_id).map_err(|_| ApiError::not_found("member"))?;
@@ -143,6 +144,7 @@ async fn leave_organization(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path(org_id): Path<String>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let outcome = super::execute(
@@ -167,6 +169,7 @@ async fn organizations_of_user(
     Path(user_id): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
+    UserId::parse("user_id", &user_id)?;
     let allowed = match &caller.actor {
         Actor::System => true,
         Actor::User(actor) => actor.as_str() == user_id,

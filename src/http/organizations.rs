@@ -212,6 +212,7 @@ async fn restore_organization(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path(org_id): Path<String>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let outcome = super::execute(

@@ -183,6 +183,7 @@ async fn rotate_service_account(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let account_id = account_id(&raw_id)?;
@@ -207,6 +208,7 @@ async fn delete_service_account(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let body = OrganizationCommand::DeleteServiceAccount(ServiceAccountRef {

@@ -240,6 +240,7 @@ async fn remove_ai_provider(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, raw_id)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let body = OrganizationCommand::RemoveAiProvider(AiProviderRef {
         provider_id: provider_id(&raw_id)?,
@@ -473,6 +474,7 @@ async fn delete_role(
     Meta(context): Meta,
     IfMatch(expected): IfMatch,
     Path((org_id, key)): Path<(String, String)>,
+    _: super::extract::NoBody,
 ) -> Result<Response, ApiError> {
     let body = OrganizationCommand::DeleteRole(RoleRef { key });
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
