@@ -31,6 +31,10 @@ fn with(
     events
 }
 
+fn acme_state() -> Organization {
+    state_after(acme())
+}
+
 fn state_after(events: Vec<OrganizationEvent>) -> Organization {
     let mut state = Organization::default();
     for event in events {
@@ -450,6 +454,46 @@ fn only_owners_change_the_plan_and_seats_cannot_drop_below_use() {
     );
 }
 
+/// A pending invitation holds its seat against a smaller plan; an expired one holds none.
+/// Accepting an invitation with every seat taken succeeds: its seat was held since it was
+/// sent.
+#[test]
+fn seats_count_pending_invitations_not_expired_ones_and_an_accepted_one_had_its_seat() {
+    let change = |seats| {
+        OrganizationCommand::ChangePlan(ChangePlan {
+            plan: "team".into(),
+            seats: Some(seats),
+        })
+    };
+    let mut expired = invitation_sent(2, Some("late@example.com"), Role::Member);
+    expired.expires_at = t0() + chrono::Duration::hours(1);
+    let given = with(
+        acme(),
+        vec![
+            sent(1, "nina@example.com", Role::Member),
+            OrganizationEvent::InvitationSent(expired),
+        ],
+    );
+    let at_day_one = |body| command_at(user("olivia"), days(1), body);
+    assert_eq!(
+        error_of(given.clone(), at_day_one(change(4))),
+        OrganizationError::SeatLimitReached,
+        "four members and Nina's pending invitation"
+    );
+    let state = state_after(given.clone());
+    assert!(
+        state.decide(&at_day_one(change(5))).is_ok(),
+        "the expired invitation holds no seat"
+    );
+    let full = with(given, vec![plan(5)]);
+    let joined = state_after(full).decide(&command_at(
+        user("nina"),
+        days(1),
+        OrganizationCommand::AcceptInvitation(accept("hash-1", "nina", "nina@example.com")),
+    ));
+    assert!(joined.is_ok(), "{joined:?}");
+}
+
 #[test]
 fn members_plus_pending_invitations_never_exceed_the_seats() {
     let given = with(acme(), vec![plan(5)]);
@@ -515,15 +559,33 @@ fn owners_define_custom_roles_from_grantable_permissions() {
         error_of(acme(), by("adam", define("organizer", vec![]))),
         OrganizationError::PermissionDenied
     );
-    assert_eq!(
-        error_of(acme(), by("olivia", define("owner", vec![]))).code(),
-        "validation_failed",
-        "no shadowing"
-    );
-    assert_eq!(
-        error_of(acme(), by("olivia", define("Bad-Key", vec![]))).code(),
-        "validation_failed"
-    );
+    for built_in in ["owner", "admin", "member", "viewer"] {
+        assert_eq!(
+            error_of(acme(), by("olivia", define(built_in, vec![]))).code(),
+            "validation_failed",
+            "no shadowing of {built_in}"
+        );
+    }
+    // ^[a-z][a-z0-9_]{1,31}$
+    for bad in [
+        "Bad-Key",
+        "a",
+        "1st",
+        "_lead",
+        "lead-er",
+        "lead er",
+        &"a".repeat(33),
+    ] {
+        assert_eq!(
+            error_of(acme(), by("olivia", define(bad, vec![]))).code(),
+            "validation_failed",
+            "{bad:?}"
+        );
+    }
+    for good in ["ab", "team_lead_2", &format!("a{}", "b".repeat(31))] {
+        let defined = acme_state().decide(&by("olivia", define(good, vec![])));
+        assert!(defined.is_ok(), "{good:?}: {defined:?}");
+    }
     assert_eq!(
         error_of(
             acme(),
@@ -772,6 +834,67 @@ fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
         })]);
 }
 
+/// A custom role is usable wherever a role is: an invitation with it makes a member holding
+/// it, an undefined one is refused, and a pending invitation keeps its role in use. Only an
+/// owner resends an invitation to be an owner.
+#[test]
+fn an_invitation_gives_a_custom_role_and_keeps_it_in_use() {
+    let as_organizer = |n| {
+        OrganizationCommand::SendInvitation(send(
+            n,
+            Some("nina@example.com"),
+            Role::Custom("organizer".into()),
+        ))
+    };
+    assert_eq!(
+        error_of(acme(), by("adam", as_organizer(1))).code(),
+        "validation_failed",
+        "undefined role"
+    );
+    let given = with(acme(), vec![organizer()]);
+    let sent_events = test()
+        .given(given.clone())
+        .when(by("adam", as_organizer(1)))
+        .inspect_result()
+        .unwrap();
+    let pending = with(given, sent_events);
+    assert_eq!(
+        error_of(
+            pending.clone(),
+            by(
+                "olivia",
+                OrganizationCommand::DeleteRole(RoleRef {
+                    key: "organizer".into()
+                })
+            )
+        ),
+        OrganizationError::RoleInUse,
+        "a pending invitation uses it"
+    );
+    let events = state_after(pending)
+        .decide(&command_at(
+            user("nina"),
+            days(1),
+            OrganizationCommand::AcceptInvitation(accept("hash-1", "nina", "nina@example.com")),
+        ))
+        .unwrap();
+    let Some(OrganizationEvent::MemberJoined(joined)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(joined.role, Role::Custom("organizer".into()));
+
+    let to_owner = with(acme(), vec![sent(1, "otto@example.com", Role::Owner)]);
+    let resend = OrganizationCommand::ResendInvitation(ResendInvitation {
+        invitation_id: invitation_id(1),
+        token_sha256: "hash-2".into(),
+    });
+    assert_eq!(
+        error_of(to_owner.clone(), by("adam", resend.clone())),
+        OrganizationError::PermissionDenied
+    );
+    assert!(state_after(to_owner).decide(&by("olivia", resend)).is_ok());
+}
+
 /// The state's collections are persistent maps: a command copies the state in constant time
 /// and applies its events to the copy, and the copy a cache holds must not see them.
 #[test]
@@ -832,4 +955,290 @@ fn a_state_names_the_rules_it_was_derived_under() {
     let older: Organization = serde_json::from_value(json).unwrap();
     assert_eq!(older.rules, StateRules(1));
     assert_ne!(older.rules, StateRules::CURRENT);
+}
+
+/// Each command the permission table governs, by the permission it takes: what the table
+/// test below sends, on the organization `table_organization` builds.
+fn commands_by_permission() -> Vec<(Permission, OrganizationCommand)> {
+    use OrganizationCommand as C;
+    use Permission as P;
+    vec![
+        (
+            P::InviteMembers,
+            C::SendInvitation(send(2, Some("new@example.com"), Role::Member)),
+        ),
+        (
+            P::InviteMembers,
+            C::ResendInvitation(ResendInvitation {
+                invitation_id: invitation_id(1),
+                token_sha256: "hash-9".into(),
+            }),
+        ),
+        (
+            P::InviteMembers,
+            C::RevokeInvitation(RevokeInvitation {
+                invitation_id: invitation_id(1),
+            }),
+        ),
+        (
+            P::ManageMembers,
+            C::UpdateMember(UpdateMember {
+                role: Some(Role::Viewer),
+                ..UpdateMember::of(uid("max"))
+            }),
+        ),
+        (
+            P::ManageMembers,
+            C::RemoveMember(RemoveMember {
+                user_id: uid("max"),
+            }),
+        ),
+        (
+            P::ManageGroups,
+            C::CreateGroup(CreateGroup {
+                group_id: id(2),
+                name: "Ops".into(),
+                description: None,
+            }),
+        ),
+        (
+            P::ManageGroups,
+            C::UpdateGroup(UpdateGroup {
+                group_id: id(1),
+                name: Some("Platform".into()),
+                description: None,
+            }),
+        ),
+        (
+            P::ManageGroups,
+            C::DeleteGroup(GroupRef { group_id: id(1) }),
+        ),
+        (
+            P::ManageGroups,
+            C::AddGroupMember(GroupMembership {
+                group_id: id(1),
+                user_id: uid("vic"),
+            }),
+        ),
+        (
+            P::ManageGroups,
+            C::RemoveGroupMember(GroupMembership {
+                group_id: id(1),
+                user_id: uid("mia"),
+            }),
+        ),
+        (
+            P::ManageServiceAccounts,
+            C::CreateServiceAccount(CreateServiceAccount {
+                service_account_id: id(8),
+                name: "deploy".into(),
+                description: None,
+                scopes: vec![Scope::MembersRead],
+                key_prefix: "sa_efgh".into(),
+                key_sha256: "h2".into(),
+            }),
+        ),
+        (
+            P::ManageServiceAccounts,
+            C::RotateServiceAccountKey(RotateServiceAccountKey {
+                service_account_id: id(7),
+                key_prefix: "sa_ijkl".into(),
+                key_sha256: "h3".into(),
+            }),
+        ),
+        (
+            P::ManageServiceAccounts,
+            C::DeleteServiceAccount(ServiceAccountRef {
+                service_account_id: id(7),
+            }),
+        ),
+        (
+            P::ManageSettings,
+            C::UpdateOrganization(UpdateOrganization {
+                name: Some(OrganizationName::parse("name", "Acme 2").unwrap()),
+                ..Default::default()
+            }),
+        ),
+        (
+            P::ManageSettings,
+            C::SetClientRestrictions(ClientAccess {
+                default: Access::Block,
+                clients: Default::default(),
+            }),
+        ),
+        (P::ManageSettings, C::SetSmartToolRouting(true)),
+        (
+            P::ManageSettings,
+            C::AddAiProvider(AddAiProvider {
+                provider_id: id(10),
+                name: "Second".into(),
+                kind: "openai".into(),
+                api_key: Secret::from("sk-second-5678".to_owned()),
+                enabled: true,
+            }),
+        ),
+        (
+            P::ManageSettings,
+            C::UpdateAiProvider(UpdateAiProvider {
+                provider_id: id(9),
+                enabled: Some(false),
+                api_key: None,
+            }),
+        ),
+        (
+            P::ManageSettings,
+            C::RemoveAiProvider(AiProviderRef { provider_id: id(9) }),
+        ),
+        (
+            P::ManageBilling,
+            C::ChangePlan(ChangePlan {
+                plan: "team".into(),
+                seats: Some(20),
+            }),
+        ),
+        (
+            P::TransferOwnership,
+            C::TransferOwnership(TransferOwnership {
+                new_owner_id: uid("adam"),
+            }),
+        ),
+        (
+            P::DeleteOrganization,
+            C::DeleteOrganization(DeleteOrganization {
+                confirm_name: "Acme".into(),
+            }),
+        ),
+        (
+            P::ManageRoles,
+            C::DefineRole(DefineRole {
+                key: "reader".into(),
+                name: "Reader".into(),
+                permissions: vec![Permission::ReadAudit],
+            }),
+        ),
+        (
+            P::ManageRoles,
+            C::DeleteRole(RoleRef {
+                key: "organizer".into(),
+            }),
+        ),
+    ]
+}
+
+/// Acme with a second member (Max, whom the members' commands are about), a group (Mia in
+/// it), a service account, an AI provider, a pending invitation and an unused custom role:
+/// every command of `commands_by_permission` has its object.
+fn table_organization() -> Vec<OrganizationEvent> {
+    with(
+        acme(),
+        vec![
+            joined("max", Role::Member),
+            group_created(1, "Eng"),
+            OrganizationEvent::GroupMemberAdded(GroupMemberAdded {
+                group_id: id(1),
+                user_id: uid("mia"),
+            }),
+            account_created(vec![Scope::MembersRead]),
+            OrganizationEvent::AiProviderAdded(AiProviderAdded {
+                provider_id: id(9),
+                name: "Main".into(),
+                kind: "openai".into(),
+                enabled: true,
+                api_key: Secret::from("sk-main-1234".to_owned()),
+                api_key_last4: "1234".into(),
+            }),
+            sent(1, "nina@example.com", Role::Member),
+            organizer(),
+        ],
+    )
+}
+
+/// Decides every command of the table as `actor` on `given`: allowed exactly when `holds`
+/// the command's permission, refused with `permission_denied` otherwise.
+fn assert_allowed_exactly(
+    given: &[OrganizationEvent],
+    actor: Actor,
+    holds: impl Fn(Permission) -> bool,
+    who: &str,
+) {
+    let state = state_after(given.to_vec());
+    for (permission, body) in commands_by_permission() {
+        let decided = state.decide(&command(actor.clone(), body.clone()));
+        if holds(permission) {
+            assert!(decided.is_ok(), "{who} may {body:?}: {decided:?}");
+        } else {
+            assert_eq!(
+                decided,
+                Err(OrganizationError::PermissionDenied),
+                "{who} may not {body:?}"
+            );
+        }
+    }
+}
+
+/// The contract's permission table, command by command: owners do everything; admins all
+/// but billing, ownership transfer, deletion and roles; members and viewers none of it. A
+/// custom role holding one grantable permission, and a service account holding one scope,
+/// do exactly that permission's commands.
+#[test]
+fn the_permission_table_holds_for_every_command() {
+    let given = table_organization();
+    let owner_only = |p: Permission| {
+        matches!(
+            p,
+            Permission::ManageBilling
+                | Permission::TransferOwnership
+                | Permission::DeleteOrganization
+                | Permission::ManageRoles
+        )
+    };
+    assert_allowed_exactly(&given, user("olivia"), |_| true, "an owner");
+    assert_allowed_exactly(&given, user("adam"), |p| !owner_only(p), "an admin");
+    assert_allowed_exactly(&given, user("mia"), |_| false, "a member");
+    assert_allowed_exactly(&given, user("vic"), |_| false, "a viewer");
+    for (granted, name) in Permission::GRANTABLE {
+        let role = OrganizationEvent::RoleDefined(RoleDefined {
+            key: "solo".into(),
+            name: "Solo".into(),
+            permissions: vec![Permission::ViewOrganization, granted],
+        });
+        let given = with(
+            table_organization(),
+            vec![role, joined("cara", Role::Custom("solo".into()))],
+        );
+        assert_allowed_exactly(&given, user("cara"), |p| p == granted, name);
+    }
+    for scope in [
+        Scope::MembersWrite,
+        Scope::InvitationsWrite,
+        Scope::GroupsWrite,
+        Scope::SettingsWrite,
+        Scope::AuditRead,
+    ] {
+        let mut given = table_organization();
+        given.push(OrganizationEvent::ServiceAccountCreated(
+            ServiceAccountCreated {
+                service_account_id: id(11),
+                name: "scoped".into(),
+                description: None,
+                scopes: vec![Scope::MembersRead, scope],
+                key_prefix: "sa_mnop".into(),
+                key_sha256: "h4".into(),
+                created_at: t0(),
+            },
+        ));
+        let granted = match scope {
+            Scope::MembersWrite => Some(Permission::ManageMembers),
+            Scope::InvitationsWrite => Some(Permission::InviteMembers),
+            Scope::GroupsWrite => Some(Permission::ManageGroups),
+            Scope::SettingsWrite => Some(Permission::ManageSettings),
+            _ => None,
+        };
+        assert_allowed_exactly(
+            &given,
+            Actor::ServiceAccount(id(11)),
+            |p| Some(p) == granted,
+            &format!("a service account with {scope:?}"),
+        );
+    }
 }
