@@ -94,20 +94,24 @@ fn store_failure(error: PersistenceError) -> LedgerError {
 /// A snapshot's state from its JSON, off the runtime's workers: a large organization's
 /// takes tens of milliseconds of CPU. A state derived under older rules is refused like an
 /// unreadable one: the events are replayed and the next commit replaces the snapshot.
-async fn parse_state(json: String) -> Result<Result<Organization, serde_json::Error>, LedgerError> {
+async fn parse_state(json: String) -> Result<Result<Organization, UnusableState>, LedgerError> {
     let parsed = tokio::task::spawn_blocking(move || {
-        let state = serde_json::from_str::<Organization>(&json)?;
+        let state = serde_json::from_str::<Organization>(&json).map_err(UnusableState::Shape)?;
         if state.rules == StateRules::CURRENT {
             Ok(state)
         } else {
-            Err(serde::de::Error::custom(format!(
-                "derived under the state's rules {}, not {}",
-                state.rules.0,
-                StateRules::CURRENT.0
-            )))
+            Err(UnusableState::OlderRules(state.rules))
         }
     });
     Ok(parsed.await.map_err(StoreError::from)?)
+}
+
+/// Why a snapshot's state is not used.
+enum UnusableState {
+    /// A shape this version cannot read: unexpected.
+    Shape(serde_json::Error),
+    /// Derived under rules since changed: expected once after an upgrade.
+    OlderRules(StateRules),
 }
 
 /// An organization as loaded: its state, version and the number of its snapshot. The state
@@ -316,9 +320,13 @@ impl Ledger {
                     snapshot: Some(number),
                     replace_snapshot: false,
                 },
-                Err(error) => {
-                    // An older state shape: replay everything; the next snapshot replaces it.
+                // Replay everything; the next snapshot replaces it.
+                Err(UnusableState::Shape(error)) => {
                     tracing::warn!(%organization_id, %error, "unreadable snapshot ignored");
+                    ignored(number)
+                }
+                Err(UnusableState::OlderRules(rules)) => {
+                    tracing::info!(%organization_id, rules = rules.0, "snapshot under older state rules ignored");
                     ignored(number)
                 }
             },

@@ -1587,6 +1587,22 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
         .call(Method::POST, path, Some("mallory"), Some(body))
         .await;
     assert_problem(&someone_else, StatusCode::FORBIDDEN, "permission_denied");
+    // However many there are, each has a slug of its own (a slug derived from a word alone
+    // would run out of numbered suffixes).
+    let mut slugs = std::collections::BTreeSet::new();
+    for i in 0..25 {
+        let created = app
+            .call(
+                Method::POST,
+                &format!("/v1/users/user-{i}/personal-organization"),
+                None,
+                Some(json!({"email": format!("user-{i}@example.com")})),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{i}: {}", created.body);
+        slugs.insert(created.body["slug"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(slugs.len(), 25);
     // The general route makes personal organizations too, under the same one-per-user rule.
     let second = app
         .call(

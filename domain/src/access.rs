@@ -163,7 +163,7 @@ impl Scope {
     }
 
     /// The one permission a scope allows.
-    fn permission(self) -> Permission {
+    pub(crate) fn permission(self) -> Permission {
         match self {
             Self::MembersRead => Permission::ViewOrganization,
             Self::MembersWrite => Permission::ManageMembers,

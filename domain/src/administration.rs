@@ -52,8 +52,11 @@ impl Organization {
                 self.create_service_account(actor, at, c)
             }
             OrganizationCommand::RotateServiceAccountKey(c) => {
-                self.authorize(actor, Permission::ManageServiceAccounts)?;
-                self.service_account(c.service_account_id)?;
+                let authority = self.authorize(actor, Permission::ManageServiceAccounts)?;
+                let account = self.service_account(c.service_account_id)?;
+                if !self.reaches_scopes(&authority, &account.scopes) {
+                    return Err(OrganizationError::PermissionDenied);
+                }
                 Ok(vec![OrganizationEvent::ServiceAccountKeyRotated(
                     ServiceAccountKeyRotated {
                         service_account_id: c.service_account_id,
@@ -231,7 +234,10 @@ impl Organization {
         at: DateTime<Utc>,
         c: &CreateServiceAccount,
     ) -> Decision {
-        self.authorize(actor, Permission::ManageServiceAccounts)?;
+        let authority = self.authorize(actor, Permission::ManageServiceAccounts)?;
+        if !self.reaches_scopes(&authority, &c.scopes) {
+            return Err(OrganizationError::PermissionDenied);
+        }
         check_text("name", &c.name, 100)?;
         check_optional_text("description", c.description.as_deref(), 500)?;
         if c.scopes.is_empty() {

@@ -672,6 +672,13 @@ impl Organization {
             .all(|power| !given.permits(power) || held.permits(power))
     }
 
+    /// Whether `authority` holds what each of `scopes` allows: a service account's key is
+    /// handed (created or rotated) only to someone who could do all it does.
+    pub(crate) fn reaches_scopes(&self, authority: &Authority<'_>, scopes: &[Scope]) -> bool {
+        let held = self.grant(authority);
+        scopes.iter().all(|scope| held.permits(scope.permission()))
+    }
+
     /// The actor's authority, if it holds `permission`.
     pub(crate) fn authorize<'a>(
         &'a self,

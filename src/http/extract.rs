@@ -79,7 +79,10 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
                     ApiError::malformed(rejection.body_text())
                 }
             })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes
+            .iter()
+            .all(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+        {
             return Ok(Self);
         }
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)

@@ -516,7 +516,9 @@ async fn personal_organization(
     // an organization's name and slug are stored in clear, for good, in its first event.
     let name = OrganizationName::parse("name", "Personal workspace")?;
     let organization_id = Uuid::now_v7();
-    let slug = Slug::derive("personal", &organization_id.simple().to_string()[..8]);
+    // A UUIDv7 begins with its time and ends in random bits: the end tells workspaces apart.
+    let id = organization_id.simple().to_string();
+    let slug = Slug::derive(&format!("personal {}", &id[20..]), &id[20..]);
     let command = Command::new(
         caller.actor,
         Utc::now(),
