@@ -426,8 +426,8 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
         "read models not checked (one organization)".to_owned()
     };
     println!(
-        "verified {}, {} ({} with a matching MAC), {} (and {} in an older shape, not \
-         compared); {read_models}; {}",
+        "verified {}, {} ({} with a matching MAC), {} (and {} in an older shape or under \
+         older state rules, not compared); {read_models}; {}",
         plural(report.organizations, "organization", "organizations"),
         plural(report.events as usize, "event", "events"),
         report.events_authenticated,

@@ -52,8 +52,9 @@ pub struct VerifyReport {
     pub events_authenticated: u64,
     /// Snapshots compared with the replay.
     pub snapshots: usize,
-    /// Snapshots in a state shape this version no longer reads: loads ignore them and
-    /// replay the events, and the next snapshot replaces them. Not a fault.
+    /// Snapshots in a state shape this version no longer reads, or derived under older
+    /// state rules: loads ignore them and replay the events, and the next snapshot replaces
+    /// them. Not a fault.
     pub snapshots_not_compared: usize,
     /// Whether the read models were looked at (a whole-log run).
     pub read_models_checked: bool,
