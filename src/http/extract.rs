@@ -35,15 +35,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                     .to_ascii_lowercase();
                 mime == "application/json" || mime.ends_with("+json")
             });
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large()
-                } else {
-                    ApiError::malformed(rejection.body_text())
-                }
-            })?;
+        let bytes = body_bytes(request, state).await?;
         // No body at all is a body missing, as unparseable as an empty JSON text; a body in
         // another media type is refused as such.
         if bytes.is_empty() {
@@ -70,15 +62,7 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    too_large()
-                } else {
-                    ApiError::malformed(rejection.body_text())
-                }
-            })?;
+        let bytes = body_bytes(request, state).await?;
         if bytes
             .iter()
             .all(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
@@ -93,6 +77,19 @@ impl<S: Send + Sync> FromRequest<S> for NoBody {
                 ))
             })
     }
+}
+
+/// The request's body, whole: too long is `413 payload_too_large`, unreadable `400`.
+async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                too_large()
+            } else {
+                ApiError::malformed(rejection.body_text())
+            }
+        })
 }
 
 pub fn too_large() -> ApiError {
