@@ -3467,6 +3467,78 @@ fn abandoned(key: &str) -> String {
     )
 }
 
+/// On the embedded store a purge leaves no personal data in clear in the files: the read
+/// models' deleted rows are zeroed (`secure_delete`) and the write-ahead log that held their
+/// old pages is truncated. The events keep their sealed fields, unreadable without the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_leaves_no_personal_data_in_clear_in_the_sqlite_files() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let path = format!("/v1/organizations/{org}");
+    let invited = app
+        .call(
+            Method::POST,
+            &format!("{path}/invitations"),
+            Some("olivia"),
+            Some(json!({"email": "zelda.quux@example.com", "role": "member", "first_name": "Zeldaquux"})),
+        )
+        .await;
+    assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+    let accepted = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            Some("zelda"),
+            Some(json!({"token": invited.body["token"], "user_id": "zelda", "email": "zelda.quux@example.com"})),
+        )
+        .await;
+    assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.body);
+    let file = app
+        .service
+        .database
+        .url
+        .strip_prefix("sqlite://")
+        .unwrap()
+        .to_owned();
+    let files = [file.clone(), format!("{file}-wal")];
+    let in_clear = |needle: &str| {
+        files.iter().any(|file| {
+            std::fs::read(file).is_ok_and(|bytes| {
+                bytes
+                    .windows(needle.len())
+                    .any(|window| window == needle.as_bytes())
+            })
+        })
+    };
+    assert!(in_clear("zelda.quux"), "the read models hold it before");
+    let deleted = app
+        .call(
+            Method::DELETE,
+            &path,
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+    let purged = app
+        .call(
+            Method::POST,
+            &format!("{path}/purge"),
+            Some("olivia"),
+            Some(json!({"confirm_name": "Acme"})),
+        )
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    // The log is truncated in the background once the read models have applied the purge.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while (in_clear("zelda.quux") || in_clear("Zeldaquux")) && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!in_clear("zelda.quux"), "an email in clear after the purge");
+    assert!(!in_clear("Zeldaquux"), "a name in clear after the purge");
+}
+
 /// The race the fence closes (PostgreSQL, where appends and retries run in parallel): a
 /// holder past its lease is still appending when a retry comes for its key. The holder's
 /// append holds the claim share-locked while its INSERT waits (here on a row of its key that

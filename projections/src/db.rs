@@ -138,10 +138,13 @@ impl Database {
                 .foreign_keys(true)
                 .log_slow_statements(SLOW_STATEMENT_LOG.0, SLOW_STATEMENT_LOG.1);
             let options = match access {
+                // Deleted rows are overwritten with zeros: a purge's read-model rows (emails,
+                // names) do not linger in freed pages of the file.
                 Access::ReadWrite => options
                     .create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Full),
+                    .synchronous(SqliteSynchronous::Full)
+                    .pragma("secure_delete", "on"),
                 Access::ReadOnly => options.read_only(true),
             };
             let pool = SqlitePoolOptions::new()
