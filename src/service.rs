@@ -262,41 +262,10 @@ impl Orgledger {
                 false
             }
         };
-        let purged = committed.events.iter().any(|event| {
-            matches!(
-                event.payload,
-                orgledger_domain::OrganizationEvent::OrganizationPurged(_)
-            )
-        });
-        if purged && consistent {
-            self.erase_old_pages();
-        }
         Ok(Outcome {
             committed,
             consistent,
         })
-    }
-
-    /// SQLite, once a purge's read-model rows are deleted: their old page images, personal
-    /// data in clear, remain in the write-ahead log until it is overwritten. A checkpoint
-    /// that truncates it drops them (the file's own pages were zeroed by `secure_delete`).
-    /// In the background, as it waits for readers; best effort, as a busy log is retried by
-    /// the next purge. PostgreSQL keeps dead rows until vacuumed, and then reuses their space.
-    fn erase_old_pages(&self) {
-        if let Database::Sqlite(pool) = self.database() {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let checkpoint =
-                    sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
-                        .fetch_one(&pool)
-                        .await;
-                match checkpoint {
-                    Ok((0, _, _)) => {}
-                    Ok(_) => tracing::info!("the write-ahead log was busy after a purge: truncated at a later purge or restart"),
-                    Err(error) => tracing::warn!(%error, "could not checkpoint the write-ahead log after a purge"),
-                }
-            });
-        }
     }
 
     /// Purges, as `system`, every soft-deleted organization whose restore window has

@@ -467,6 +467,10 @@ impl Projector {
                 if live_tables {
                     self.track_backlog(batch.read);
                 }
+                // A rebuild's copies replace the live tables whole: only live batches.
+                if live_tables && batch.purges {
+                    self.erase_old_pages();
+                }
                 // Only the live projections: a rebuild's copies must not become metric
                 // labels or linger in the read-your-writes map.
                 let live = |name: &String| PROJECTION_NAMES.contains(&name.as_str());
@@ -569,6 +573,12 @@ impl Projector {
         let mut batch = GroupBatch {
             read: events.len(),
             lowest: last,
+            purges: events.iter().any(|event| {
+                matches!(
+                    event.event,
+                    orgledger_domain::OrganizationEvent::OrganizationPurged(_)
+                )
+            }),
             ..GroupBatch::default()
         };
         let mut version_rows: Vec<(&str, &str, i64)> = Vec::new();
@@ -628,6 +638,34 @@ impl Projector {
         record_versions_and_move_checkpoints(&mut conn, &version_rows, last, &batch.applied)
             .await?;
         Ok(batch)
+    }
+
+    /// SQLite, once a batch deleted a purged organization's rows: their old page images,
+    /// personal data in clear, remain in the write-ahead log until it is overwritten (the
+    /// file's own pages are zeroed by `secure_delete`). A checkpoint that truncates the log
+    /// drops them. In the background, as it waits for readers; best effort: a busy log is
+    /// truncated at a later purge, or when the last connection closes. PostgreSQL keeps dead
+    /// rows until vacuum reuses their space.
+    fn erase_old_pages(&self) {
+        let Database::Sqlite(pool) = &self.database else {
+            return;
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let checkpoint =
+                sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .fetch_one(&pool)
+                    .await;
+            match checkpoint {
+                Ok((0, _, _)) => {}
+                Ok(_) => {
+                    tracing::info!("the write-ahead log was busy after a purge: truncated later")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not checkpoint the write-ahead log after a purge")
+                }
+            }
+        });
     }
 
     /// Counts a live batch of `read` events into the current run of full batches. When a
@@ -1487,6 +1525,8 @@ struct GroupBatch {
     read: usize,
     /// The group's furthest-behind checkpoint once the batch commits.
     lowest: Checkpoint,
+    /// Whether the batch holds a purge: its rows, personal data among them, are deleted.
+    purges: bool,
     applied: Vec<(String, usize)>,
     versions: Vec<(String, HashMap<String, i64>)>,
 }
