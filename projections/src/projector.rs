@@ -1559,36 +1559,34 @@ async fn lock_checkpoints(
               WHERE name IN ({list}) ORDER BY name"
         )
     };
-    let mut args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
+    let args: Vec<Arg> = names.iter().map(|name| Arg::from(*name)).collect();
     let mut versions = None;
     let organizations = match (conn.backend(), events) {
         (Backend::Postgres, Some(events)) => organizations_of(events),
         _ => Vec::new(),
     };
     let rows: Vec<(String, i64, i64)> = match conn.backend() {
-        Backend::Postgres
-            if !organizations.is_empty() && organizations.len() <= MAX_ROWS_PER_STATEMENT =>
-        {
-            let sql = format!(
-                "WITH locked AS MATERIALIZED (
+        Backend::Postgres if !organizations.is_empty() => {
+            // Arrays, not a list of parameters: one shape whatever the batch's size, so the
+            // connection prepares it once and the server plans it without a parse per size.
+            let sql = "WITH locked AS MATERIALIZED (
                      SELECT name, commit_txid, position, xmin FROM projection_checkpoints
-                      WHERE name IN ({list}) ORDER BY name FOR UPDATE)
+                      WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE)
                  SELECT name, NULL::text, commit_txid, position,
                         coalesce(xmin = (SELECT seen.xmin FROM projection_checkpoints seen
                                           WHERE seen.name = locked.name), false)
                    FROM locked
                  UNION ALL
                  SELECT projection, organization_id, version, 0, true FROM projected_versions
-                  WHERE projection IN ({list}) AND organization_id IN ({})",
-                in_list(organizations.len(), names.len() + 1)
-            );
-            args.extend(
-                organizations
-                    .iter()
-                    .map(|organization| Arg::from(*organization)),
-            );
-            let mixed: Vec<(String, Option<String>, i64, i64, bool)> =
-                conn.fetch_all(&sql, &args).await?;
+                  WHERE projection = ANY($1::text[]) AND organization_id = ANY($2::text[])";
+            let Conn::Postgres(pg) = conn else {
+                unreachable!("matched on the backend")
+            };
+            let mixed: Vec<(String, Option<String>, i64, i64, bool)> = sqlx::query_as(sql)
+                .bind(names)
+                .bind(&organizations)
+                .fetch_all(&mut **pg)
+                .await?;
             let mut checkpoints = Vec::with_capacity(names.len());
             let mut known = Versions::new();
             let mut unchanged = true;
@@ -1691,7 +1689,7 @@ async fn projected_versions(
 
 /// Upserts the `(projection, organization, version)` rows of a batch and moves the
 /// checkpoints of the projections that took part in it to `to`, adding to each its count of
-/// events passed. On PostgreSQL one statement does both when the rows fit in one.
+/// events passed. On PostgreSQL one statement of fixed shape does both.
 async fn record_versions_and_move_checkpoints(
     conn: &mut Conn<'_>,
     rows: &[(&str, &str, i64)],
@@ -1701,30 +1699,49 @@ async fn record_versions_and_move_checkpoints(
     if applied.is_empty() {
         return record_versions(conn, rows).await;
     }
-    let merge = conn.backend() == Backend::Postgres && rows.len() <= MAX_ROWS_PER_STATEMENT;
-    if !merge {
-        record_versions(conn, rows).await?;
+    let now = to_micros(Utc::now());
+    if let Conn::Postgres(pg) = conn {
+        // One array per column: the statement keeps one shape whatever the batch's size (a
+        // list of parameters took a shape, a parse and a plan per size, and pushed the
+        // connection's other statements out of its cache).
+        let sql = "WITH recorded AS (
+                 INSERT INTO projected_versions (projection, organization_id, version)
+                 SELECT * FROM UNNEST($4::text[], $5::text[], $6::int8[])
+                 ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version),
+             moved (name, events) AS (SELECT * FROM UNNEST($7::text[], $8::int8[]))
+             UPDATE projection_checkpoints
+                SET commit_txid = $1, position = $2, events_applied = events_applied + moved.events,
+                    updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
+               FROM moved
+              WHERE projection_checkpoints.name = moved.name";
+        let (projections, (organizations, versions)): (Vec<&str>, (Vec<&str>, Vec<i64>)) = rows
+            .iter()
+            .map(|(projection, organization, version)| (*projection, (*organization, *version)))
+            .unzip();
+        let (names, events): (Vec<&str>, Vec<i64>) = applied
+            .iter()
+            .map(|(name, events)| (name.as_str(), *events as i64))
+            .unzip();
+        sqlx::query(sql)
+            .bind(to.commit_txid)
+            .bind(to.position)
+            .bind(now)
+            .bind(projections)
+            .bind(organizations)
+            .bind(versions)
+            .bind(names)
+            .bind(events)
+            .execute(&mut **pg)
+            .await?;
+        return Ok(());
     }
-    let mut args = args![to.commit_txid, to.position, to_micros(Utc::now())].to_vec();
+    record_versions(conn, rows).await?;
+    let mut args = args![to.commit_txid, to.position, now].to_vec();
     for (name, events) in applied {
         args.extend(args![name, *events as i64]);
     }
-    let recorded = if merge && !rows.is_empty() {
-        let first = args.len() + 1;
-        args.extend(rows.iter().flat_map(|(projection, organization, version)| {
-            args![*projection, *organization, *version]
-        }));
-        format!(
-            "recorded AS (
-                 INSERT INTO projected_versions (projection, organization_id, version) VALUES {}
-                 ON CONFLICT (projection, organization_id) DO UPDATE SET version = excluded.version),",
-            value_rows(rows.len(), 3, first)
-        )
-    } else {
-        String::new()
-    };
     let sql = format!(
-        "WITH {recorded} moved (name, events) AS (VALUES {})
+        "WITH moved (name, events) AS (VALUES {})
          UPDATE projection_checkpoints
             SET commit_txid = $1, position = $2, events_applied = events_applied + moved.events,
                 updated_at_us = $3, failed_at_us = NULL, failed_event = NULL, last_error = NULL
