@@ -542,8 +542,20 @@ impl Ledger {
         context: &RequestContext,
         expected_version: Option<usize>,
     ) -> Result<Committed, LedgerError> {
-        let metadata = metadata_of(&command, context);
         let _turn = self.turns.take(organization_id).await;
+        self.execute_in_turn(organization_id, command, context, expected_version)
+            .await
+    }
+
+    /// [`Ledger::execute`], for a caller that already holds the organization's turn.
+    async fn execute_in_turn(
+        &self,
+        organization_id: Uuid,
+        command: Command,
+        context: &RequestContext,
+        expected_version: Option<usize>,
+    ) -> Result<Committed, LedgerError> {
+        let metadata = metadata_of(&command, context);
         // The first attempt decides on the cached state without reading the store: if
         // another process appended since, the commit's sequence is taken and the command is
         // decided again on the latest state. A refusal or a no-op commits nothing that could
@@ -659,10 +671,7 @@ impl Ledger {
         };
         let mut reserved = None;
         for candidate in candidates {
-            if self
-                .reserve_slug(&candidate, organization_id, command.at)
-                .await?
-            {
+            if self.reserve_slug(&candidate, organization_id).await? {
                 reserved = Some(candidate);
                 break;
             }
@@ -856,24 +865,25 @@ impl Ledger {
             }
             return Ok(committed);
         };
+        // The organization's turn is held from the look at its slug to the release of the old
+        // one: a second rename of it in this process then starts from the first's outcome,
+        // and never releases a reservation the first is about to commit under.
+        let _turn = self.turns.take(organization_id).await;
         let current = self.load_latest(organization_id).await?;
         if current.state.slug == new_slug.as_str() || !current.state.exists() {
             return self
-                .execute(organization_id, command, context, expected_version)
+                .execute_in_turn(organization_id, command, context, expected_version)
                 .await;
         }
         // Decided before the slug is reserved: a command refused anyway (no permission, a
         // stale If-Match, a deleted organization) is refused as such, and nobody learns
         // which slugs are taken without the right to take one.
         decide(&current, &command, expected_version)?;
-        if !self
-            .reserve_slug(&new_slug, organization_id, command.at)
-            .await?
-        {
+        if !self.reserve_slug(&new_slug, organization_id).await? {
             return Err(OrganizationError::SlugTaken.into());
         }
         match self
-            .execute(organization_id, command, context, expected_version)
+            .execute_in_turn(organization_id, command, context, expected_version)
             .await
         {
             Ok(committed) => {
@@ -887,13 +897,35 @@ impl Ledger {
                         _ => None,
                     })
                 {
+                    // A rename of the same organization in another process that failed
+                    // meanwhile may have released the reservation both shared: claim it again.
+                    if !self
+                        .claim_reservation(new_slug.as_str(), &organization_id.to_string())
+                        .await?
+                    {
+                        tracing::error!(
+                            organization_id = %organization_id,
+                            slug = new_slug.as_str(),
+                            "renamed to a slug another organization reserved meanwhile"
+                        );
+                    }
                     self.release_slug(&old, organization_id).await?;
                 }
                 Ok(committed)
             }
             Err(error) => {
-                self.release_slug(new_slug.as_str(), organization_id)
-                    .await?;
+                // Released only when the organization does not hold it: a rename of the same
+                // organization by another process may have committed it meanwhile (this one
+                // then failed on its If-Match). When that cannot be told, the reservation
+                // stays, and is taken over once older than the grace period.
+                let holds = self
+                    .load_latest(organization_id)
+                    .await
+                    .map_or(true, |latest| latest.state.slug == new_slug.as_str());
+                if !holds {
+                    self.release_slug(new_slug.as_str(), organization_id)
+                        .await?;
+                }
                 Err(error)
             }
         }
@@ -1032,53 +1064,56 @@ impl Ledger {
     }
 
     /// Claims `slug` for the organization. A claim held by another organization stands while
-    /// that organization lives under this slug, or is a create still in flight; otherwise it
-    /// is a leftover (renamed away, purged, crashed create) and is taken over.
-    async fn reserve_slug(
-        &self,
-        slug: &Slug,
-        organization_id: Uuid,
-        now: DateTime<Utc>,
-    ) -> Result<bool, LedgerError> {
+    /// that organization lives under this slug, and for [`RESERVATION_GRACE`] after it was
+    /// made or renewed (a create or a rename in flight); otherwise it is a leftover (renamed
+    /// away, purged, a crash's) and is taken over.
+    async fn reserve_slug(&self, slug: &Slug, organization_id: Uuid) -> Result<bool, LedgerError> {
         let id = organization_id.to_string();
         for _ in 0..3 {
-            if self.insert_reservation(slug.as_str(), &id).await? {
+            if self.claim_reservation(slug.as_str(), &id).await? {
                 return Ok(true);
             }
-            let Some((holder, reserved_at)) = self.reservation(slug.as_str()).await? else {
+            let Some(holder) = self.reservation_holder(slug.as_str()).await? else {
                 continue;
             };
-            if holder == id {
-                return Ok(true);
-            }
             let holder_id = Uuid::parse_str(&holder).map_err(|_| {
                 LedgerError::Store(format!(
                     "slug {slug:?} is held by a malformed id {holder:?}"
                 ))
             })?;
             let (holder_state, _) = self.load(holder_id).await?;
-            let stands = match holder_state.lifecycle {
-                Lifecycle::Unborn => now - reserved_at < RESERVATION_GRACE,
-                Lifecycle::Purged => false,
-                Lifecycle::Active | Lifecycle::Deleted { .. } => holder_state.slug == slug.as_str(),
-            };
-            if stands {
-                return Ok(false);
+            match holder_state.lifecycle {
+                Lifecycle::Purged => self.release_slug(slug.as_str(), holder_id).await?,
+                Lifecycle::Active | Lifecycle::Deleted { .. }
+                    if holder_state.slug == slug.as_str() =>
+                {
+                    return Ok(false)
+                }
+                // Not (yet) its slug: stands while it may be in flight, judged by the
+                // database's clock, which also stamped it.
+                _ => {
+                    if !self.release_stale_slug(slug.as_str(), holder_id).await? {
+                        return Ok(false);
+                    }
+                }
             }
-            self.release_slug(slug.as_str(), holder_id).await?;
         }
         Ok(false)
     }
 
-    async fn insert_reservation(
+    /// Reserves `slug` for the organization, or renews its own reservation (so that an old
+    /// one it takes up again stands for the grace period from now). False when another
+    /// organization holds it.
+    async fn claim_reservation(
         &self,
         slug: &str,
         organization_id: &str,
     ) -> Result<bool, LedgerError> {
-        let inserted = match &self.database {
+        let claimed = match &self.database {
             Database::Postgres(pool) => sqlx::query(
                 "INSERT INTO organization_slugs (slug, organization_id) VALUES ($1, $2)
-                 ON CONFLICT (slug) DO NOTHING",
+                 ON CONFLICT (slug) DO UPDATE SET reserved_at = now()
+                  WHERE organization_slugs.organization_id = excluded.organization_id",
             )
             .bind(slug)
             .bind(organization_id)
@@ -1087,7 +1122,9 @@ impl Ledger {
             .map(|done| done.rows_affected()),
             Database::Sqlite(pool) => sqlx::query(
                 "INSERT INTO organization_slugs (slug, organization_id) VALUES (?1, ?2)
-                 ON CONFLICT (slug) DO NOTHING",
+                 ON CONFLICT (slug) DO UPDATE
+                    SET reserved_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                  WHERE organization_slugs.organization_id = excluded.organization_id",
             )
             .bind(slug)
             .bind(organization_id)
@@ -1096,30 +1133,61 @@ impl Ledger {
             .map(|done| done.rows_affected()),
         }
         .map_err(StoreError::from)?;
-        Ok(inserted == 1)
+        Ok(claimed == 1)
     }
 
-    async fn reservation(
+    /// Releases `slug` if `organization_id` still holds it and its reservation is older than
+    /// [`RESERVATION_GRACE`]; true when it did.
+    async fn release_stale_slug(
         &self,
         slug: &str,
-    ) -> Result<Option<(String, DateTime<Utc>)>, LedgerError> {
-        let row: Option<(String, DateTime<Utc>)> =
-            match &self.database {
-                Database::Postgres(pool) => sqlx::query_as(
-                    "SELECT organization_id, reserved_at FROM organization_slugs WHERE slug = $1",
-                )
-                .bind(slug)
-                .fetch_optional(pool)
-                .await,
-                Database::Sqlite(pool) => sqlx::query_as(
-                    "SELECT organization_id, reserved_at FROM organization_slugs WHERE slug = ?1",
-                )
-                .bind(slug)
-                .fetch_optional(pool)
-                .await,
+        organization_id: Uuid,
+    ) -> Result<bool, LedgerError> {
+        let id = organization_id.to_string();
+        let grace = RESERVATION_GRACE.num_seconds();
+        let released = match &self.database {
+            Database::Postgres(pool) => sqlx::query(&format!(
+                "DELETE FROM organization_slugs
+                  WHERE slug = $1 AND organization_id = $2
+                    AND reserved_at < now() - interval '{grace} seconds'"
+            ))
+            .bind(slug)
+            .bind(&id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+            Database::Sqlite(pool) => sqlx::query(&format!(
+                "DELETE FROM organization_slugs
+                  WHERE slug = ?1 AND organization_id = ?2
+                    AND reserved_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{grace} seconds')"
+            ))
+            .bind(slug)
+            .bind(&id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()),
+        }
+        .map_err(StoreError::from)?;
+        Ok(released == 1)
+    }
+
+    async fn reservation_holder(&self, slug: &str) -> Result<Option<String>, LedgerError> {
+        let holder: Option<String> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_scalar("SELECT organization_id FROM organization_slugs WHERE slug = $1")
+                    .bind(slug)
+                    .fetch_optional(pool)
+                    .await
             }
-            .map_err(StoreError::from)?;
-        Ok(row)
+            Database::Sqlite(pool) => {
+                sqlx::query_scalar("SELECT organization_id FROM organization_slugs WHERE slug = ?1")
+                    .bind(slug)
+                    .fetch_optional(pool)
+                    .await
+            }
+        }
+        .map_err(StoreError::from)?;
+        Ok(holder)
     }
 
     /// Releases `slug` only if `organization_id` still holds it.

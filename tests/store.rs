@@ -28,6 +28,9 @@ on_both_backends!(
     a_derived_slug_that_is_taken_gets_a_suffix,
     renaming_a_slug_frees_the_old_one,
     a_slug_reservation_left_by_a_crashed_create_is_taken_over,
+    a_slug_reserved_by_a_rename_in_flight_is_not_taken_until_it_is_stale,
+    two_organizations_renamed_to_one_slug_at_once_have_exactly_one_winner,
+    a_rename_that_loses_a_race_for_its_slug_leaves_the_winners_reservation,
     a_command_on_a_ten_thousand_event_organization_reads_the_snapshot_and_what_follows,
     snapshots_equal_a_full_replay,
     a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted,
@@ -594,6 +597,173 @@ async fn a_slug_reservation_left_by_a_crashed_create_is_taken_over(backend: Back
     ));
     let taken_over = create_org(&ledger, "Y", "crashed", "olivia").await;
     assert_eq!(taken_over.state.slug, "crashed");
+}
+
+fn rename_to(slug: &str) -> OrganizationCommand {
+    OrganizationCommand::UpdateOrganization(UpdateOrganization {
+        slug: Some(Slug::parse("slug", slug).unwrap()),
+        ..Default::default()
+    })
+}
+
+/// A reservation by a live organization whose slug is not (yet) the reserved one is a rename
+/// in flight while fresh, and a crash's leftover once older than the grace period.
+async fn a_slug_reserved_by_a_rename_in_flight_is_not_taken_until_it_is_stale(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let renaming = create_org(&ledger, "Alpha", "alpha", "olivia")
+        .await
+        .organization_id;
+    let other = create_org(&ledger, "Beta", "beta", "bob")
+        .await
+        .organization_id;
+    try_execute(
+        ledger.db(),
+        &format!("INSERT INTO organization_slugs (slug, organization_id) VALUES ('wanted', '{renaming}')"),
+    )
+    .await
+    .unwrap();
+    let context = RequestContext::default();
+    let rename = ledger
+        .run(other, cmd(user("bob"), rename_to("wanted")), &context, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(rename, LedgerError::Rejected(OrganizationError::SlugTaken)),
+        "{rename:?}"
+    );
+    let create = ledger
+        .create_organization(create_command("Wanted", "wanted", "zed"), true, &context)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(create, LedgerError::Rejected(OrganizationError::SlugTaken)),
+        "{create:?}"
+    );
+    let age = match backend {
+        Backend::Postgres => "now() - interval '1 hour'",
+        Backend::Sqlite => "'2020-01-01T00:00:00Z'",
+    };
+    try_execute(
+        ledger.db(),
+        &format!("UPDATE organization_slugs SET reserved_at = {age} WHERE slug = 'wanted'"),
+    )
+    .await
+    .unwrap();
+    let renamed = run(&ledger, other, "bob", rename_to("wanted")).await;
+    assert_eq!(renamed.state.slug, "wanted");
+    let holder = format!(
+        "SELECT count(*) FROM organization_slugs WHERE slug = 'wanted' AND organization_id = '{other}'"
+    );
+    assert_eq!(count(ledger.db(), &holder).await, 1);
+}
+
+/// Two processes, so that nothing but the reservations stands between the two renames.
+async fn two_organizations_renamed_to_one_slug_at_once_have_exactly_one_winner(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let other = ledger.reopen().await;
+    let context = RequestContext::default();
+    let first = create_org(&ledger, "First", "first", "olivia")
+        .await
+        .organization_id;
+    let second = create_org(&ledger, "Second", "second", "otto")
+        .await
+        .organization_id;
+    for round in 0..10 {
+        let slug = format!("wanted-{round}");
+        let (a, b) = tokio::join!(
+            ledger.run(first, cmd(user("olivia"), rename_to(&slug)), &context, None),
+            other.run(second, cmd(user("otto"), rename_to(&slug)), &context, None),
+        );
+        let loser = match (a, b) {
+            (Ok(_), Err(error)) | (Err(error), Ok(_)) => error,
+            other => panic!("round {round}: expected one winner: {other:?}"),
+        };
+        assert!(
+            matches!(loser, LedgerError::Rejected(OrganizationError::SlugTaken)),
+            "round {round}: {loser:?}"
+        );
+        let (first_state, _) = ledger.load(first).await.unwrap();
+        let (second_state, _) = ledger.load(second).await.unwrap();
+        assert_eq!(
+            [&first_state.slug, &second_state.slug]
+                .iter()
+                .filter(|held| ***held == slug)
+                .count(),
+            1,
+            "round {round}"
+        );
+    }
+}
+
+/// Two renames of one organization to one slug under one If-Match, from two processes: one
+/// commits, the other fails on its version and must not release the reservation the winner
+/// now holds, or a later create would take the slug a second time.
+async fn a_rename_that_loses_a_race_for_its_slug_leaves_the_winners_reservation(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let other = ledger.reopen().await;
+    let context = RequestContext::default();
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    for round in 0..5 {
+        let slug = format!("renamed-{round}");
+        let (_, version) = ledger.load(org).await.unwrap();
+        let (a, b) = tokio::join!(
+            ledger.run(
+                org,
+                cmd(user("olivia"), rename_to(&slug)),
+                &context,
+                Some(version)
+            ),
+            other.run(
+                org,
+                cmd(user("olivia"), rename_to(&slug)),
+                &context,
+                Some(version)
+            ),
+        );
+        let loser = match (a, b) {
+            (Ok(_), Err(error)) | (Err(error), Ok(_)) => error,
+            other => panic!("round {round}: expected one winner: {other:?}"),
+        };
+        assert!(
+            matches!(loser, LedgerError::VersionMismatch { .. }),
+            "round {round}: {loser:?}"
+        );
+        let later = ledger
+            .create_organization(create_command("Later", &slug, "zed"), true, &context)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(later, LedgerError::Rejected(OrganizationError::SlugTaken)),
+            "round {round}: {later:?}"
+        );
+    }
+    // The same race within one process: its renames take turns.
+    let (_, version) = ledger.load(org).await.unwrap();
+    let (a, b) = tokio::join!(
+        ledger.run(
+            org,
+            cmd(user("olivia"), rename_to("in-turn")),
+            &context,
+            Some(version)
+        ),
+        ledger.run(
+            org,
+            cmd(user("olivia"), rename_to("in-turn")),
+            &context,
+            Some(version)
+        ),
+    );
+    assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+    let later = ledger
+        .create_organization(create_command("Later", "in-turn", "zed"), true, &context)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(later, LedgerError::Rejected(OrganizationError::SlugTaken)),
+        "{later:?}"
+    );
 }
 
 /// 5,000 events are 35,000 parameters: more than SQLite takes in one statement.
