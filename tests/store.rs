@@ -599,6 +599,22 @@ async fn a_slug_reservation_left_by_a_crashed_create_is_taken_over(backend: Back
     assert_eq!(taken_over.state.slug, "crashed");
 }
 
+/// A create that names `slug` is refused: the slug is held.
+async fn a_create_finds_the_slug_taken(ledger: &Ledger, slug: &str) {
+    let refused = ledger
+        .create_organization(
+            create_command("Later", slug, "zed"),
+            true,
+            &RequestContext::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, LedgerError::Rejected(OrganizationError::SlugTaken)),
+        "{slug}: {refused:?}"
+    );
+}
+
 fn rename_to(slug: &str) -> OrganizationCommand {
     OrganizationCommand::UpdateOrganization(UpdateOrganization {
         slug: Some(Slug::parse("slug", slug).unwrap()),
@@ -631,14 +647,7 @@ async fn a_slug_reserved_by_a_rename_in_flight_is_not_taken_until_it_is_stale(ba
         matches!(rename, LedgerError::Rejected(OrganizationError::SlugTaken)),
         "{rename:?}"
     );
-    let create = ledger
-        .create_organization(create_command("Wanted", "wanted", "zed"), true, &context)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(create, LedgerError::Rejected(OrganizationError::SlugTaken)),
-        "{create:?}"
-    );
+    a_create_finds_the_slug_taken(&ledger, "wanted").await;
     let age = match backend {
         Backend::Postgres => "now() - interval '1 hour'",
         Backend::Sqlite => "'2020-01-01T00:00:00Z'",
@@ -730,14 +739,7 @@ async fn a_rename_that_loses_a_race_for_its_slug_leaves_the_winners_reservation(
             matches!(loser, LedgerError::VersionMismatch { .. }),
             "round {round}: {loser:?}"
         );
-        let later = ledger
-            .create_organization(create_command("Later", &slug, "zed"), true, &context)
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(later, LedgerError::Rejected(OrganizationError::SlugTaken)),
-            "round {round}: {later:?}"
-        );
+        a_create_finds_the_slug_taken(&ledger, &slug).await;
     }
     // The same race within one process: its renames take turns.
     let (_, version) = ledger.load(org).await.unwrap();
@@ -756,14 +758,7 @@ async fn a_rename_that_loses_a_race_for_its_slug_leaves_the_winners_reservation(
         ),
     );
     assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
-    let later = ledger
-        .create_organization(create_command("Later", "in-turn", "zed"), true, &context)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(later, LedgerError::Rejected(OrganizationError::SlugTaken)),
-        "{later:?}"
-    );
+    a_create_finds_the_slug_taken(&ledger, "in-turn").await;
 }
 
 /// 5,000 events are 35,000 parameters: more than SQLite takes in one statement.
