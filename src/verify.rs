@@ -63,7 +63,8 @@ pub struct VerifyReport {
     pub findings: Vec<Finding>,
 }
 
-/// Checks `only` one organization, or every organization in the log and the read models.
+/// Checks `only` one organization, or every organization in the log, their slugs' uniqueness
+/// and the read models.
 pub async fn verify(
     service: &Orgledger,
     only: Option<Uuid>,
@@ -106,11 +107,17 @@ pub async fn verify(
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Each slug's holders among the organizations not purged, as their histories replay.
+    let mut slugs: std::collections::BTreeMap<String, Vec<&String>> = Default::default();
     for id in &organizations {
         match Uuid::parse_str(id) {
             Ok(organization_id) => {
                 let applied = applied.get(id).map(|version| *version as usize);
-                verify_organization(service, organization_id, applied, &mut report).await?;
+                let slug =
+                    verify_organization(service, organization_id, applied, &mut report).await?;
+                if let Some(slug) = slug {
+                    slugs.entry(slug).or_default().push(id);
+                }
             }
             Err(_) => report.findings.push(Finding {
                 organization_id: Some(id.clone()),
@@ -136,6 +143,25 @@ pub async fn verify(
             sequence: Some(1),
             problem: cut_short(1, *version as usize),
         });
+    }
+    // The contract's slugs are unique among organizations not purged; two renames racing
+    // could break that before 2026-12-06 (see ARCHITECTURE, slugs).
+    for (slug, holders) in slugs.iter().filter(|(_, holders)| holders.len() > 1) {
+        for holder in holders {
+            report.findings.push(Finding {
+                organization_id: Some((*holder).clone()),
+                sequence: None,
+                problem: format!(
+                    "its slug {slug:?} is also held by {}",
+                    holders
+                        .iter()
+                        .filter(|other| *other != holder)
+                        .map(|other| other.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
     }
     if only.is_none() {
         verify_read_models(service, &mut report).await?;
@@ -199,12 +225,13 @@ where
 /// One organization: sequences from 1 without a gap, every event readable and carrying a
 /// MAC that matches it, the first one its creation, its snapshot equal to the replay up to
 /// the snapshot's event, and its last event no earlier than the read models' (`applied`).
+/// Returns its slug unless it is purged.
 async fn verify_organization(
     service: &Orgledger,
     organization_id: Uuid,
     applied: Option<usize>,
     report: &mut VerifyReport,
-) -> Result<(), VerifyError> {
+) -> Result<Option<String>, VerifyError> {
     let ledger = &service.ledger;
     let mut findings = Vec::new();
     let mut found = |sequence: Option<usize>, problem: String| {
@@ -352,7 +379,7 @@ async fn verify_organization(
     }
     report.events += events;
     report.findings.extend(findings);
-    Ok(())
+    Ok(state.exists().then_some(state.slug))
 }
 
 /// Checks the MAC of each of the organization's events up to `through` (where the replay

@@ -54,6 +54,7 @@ on_both_backends!(
     concurrent_appends_each_keep_their_own_outcome,
     an_import_beside_commands_on_one_organization_lands_with_them,
     verify_passes_a_history_that_holds_together,
+    verify_names_every_organization_holding_a_slug_another_holds,
     verify_names_every_tampering_with_its_organization_and_event,
     the_log_keeps_the_layout_stock_postgres_es_and_sqlite_es_read,
     a_stored_command_whose_wait_fails_answers_pending_not_an_error,
@@ -1941,6 +1942,57 @@ async fn an_import_beside_commands_on_one_organization_lands_with_them(backend: 
     imported.unwrap();
     let (_, after) = ledger.load(org).await.unwrap();
     assert_eq!(after, before + 8 + 100);
+}
+
+/// A store written before slugs were kept unique under racing renames may hold one slug
+/// twice: verify names both holders.
+async fn verify_names_every_organization_holding_a_slug_another_holds(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let ledger = &service.ledger;
+    let first = create_org(ledger, "Alpha", "alpha", "olivia")
+        .await
+        .organization_id;
+    let second = create_org(ledger, "Beta", "beta", "bob")
+        .await
+        .organization_id;
+    create_org(ledger, "Gamma", "gamma", "gus").await;
+    // Appended without the rules, as the race did.
+    let renamed = OrganizationEvent::OrganizationUpdated(OrganizationUpdated {
+        slug: Some(Change {
+            from: "beta".into(),
+            to: "alpha".into(),
+        }),
+        ..Default::default()
+    });
+    ledger
+        .import(second, vec![renamed], HashMap::new())
+        .await
+        .unwrap();
+    service.catch_up().await;
+
+    let report = orgledger::verify::verify(&service, None, false)
+        .await
+        .unwrap();
+
+    let mut problems: Vec<(Option<String>, String)> = report
+        .findings
+        .into_iter()
+        .map(|finding| (finding.organization_id, finding.problem))
+        .collect();
+    problems.sort();
+    let mut expected = vec![
+        (
+            Some(first.to_string()),
+            format!("its slug \"alpha\" is also held by {second}"),
+        ),
+        (
+            Some(second.to_string()),
+            format!("its slug \"alpha\" is also held by {first}"),
+        ),
+    ];
+    expected.sort();
+    assert_eq!(problems, expected);
+    assert_eq!(report.organizations, 3);
 }
 
 async fn verify_passes_a_history_that_holds_together(backend: Backend) {
