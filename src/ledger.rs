@@ -866,8 +866,7 @@ impl Ledger {
             return Ok(committed);
         };
         // The organization's turn is held from the look at its slug to the release of the old
-        // one: a second rename of it in this process then starts from the first's outcome,
-        // and never releases a reservation the first is about to commit under.
+        // one: a second rename of it in this process starts from the first's outcome.
         let _turn = self.turns.take(organization_id).await;
         let current = self.load_latest(organization_id).await?;
         if current.state.slug == new_slug.as_str() || !current.state.exists() {
@@ -882,53 +881,37 @@ impl Ledger {
         if !self.reserve_slug(&new_slug, organization_id).await? {
             return Err(OrganizationError::SlugTaken.into());
         }
-        match self
+        // On failure the reservation is kept, not released: a rename of the same organization
+        // in another process may share it, in flight or committed (this one then failed on
+        // its If-Match). Left unused, it is taken over once older than the grace period.
+        let committed = self
             .execute_in_turn(organization_id, command, context, expected_version)
-            .await
+            .await?;
+        if let Some(old) = committed
+            .events
+            .iter()
+            .find_map(|event| match &event.payload {
+                orgledger_domain::OrganizationEvent::OrganizationUpdated(update) => {
+                    update.slug.as_ref().map(|change| change.from.clone())
+                }
+                _ => None,
+            })
         {
-            Ok(committed) => {
-                if let Some(old) = committed
-                    .events
-                    .iter()
-                    .find_map(|event| match &event.payload {
-                        orgledger_domain::OrganizationEvent::OrganizationUpdated(update) => {
-                            update.slug.as_ref().map(|change| change.from.clone())
-                        }
-                        _ => None,
-                    })
-                {
-                    // A rename of the same organization in another process that failed
-                    // meanwhile may have released the reservation both shared: claim it again.
-                    if !self
-                        .claim_reservation(new_slug.as_str(), &organization_id.to_string())
-                        .await?
-                    {
-                        tracing::error!(
-                            organization_id = %organization_id,
-                            slug = new_slug.as_str(),
-                            "renamed to a slug another organization reserved meanwhile"
-                        );
-                    }
-                    self.release_slug(&old, organization_id).await?;
-                }
-                Ok(committed)
+            // A rename that outlasted the grace period may have lost its reservation to a
+            // takeover: claim it again, and say so if another organization holds it now.
+            if !self
+                .claim_reservation(new_slug.as_str(), &organization_id.to_string())
+                .await?
+            {
+                tracing::error!(
+                    organization_id = %organization_id,
+                    slug = new_slug.as_str(),
+                    "renamed to a slug another organization reserved meanwhile"
+                );
             }
-            Err(error) => {
-                // Released only when the organization does not hold it: a rename of the same
-                // organization by another process may have committed it meanwhile (this one
-                // then failed on its If-Match). When that cannot be told, the reservation
-                // stays, and is taken over once older than the grace period.
-                let holds = self
-                    .load_latest(organization_id)
-                    .await
-                    .map_or(true, |latest| latest.state.slug == new_slug.as_str());
-                if !holds {
-                    self.release_slug(new_slug.as_str(), organization_id)
-                        .await?;
-                }
-                Err(error)
-            }
+            self.release_slug(&old, organization_id).await?;
         }
+        Ok(committed)
     }
 
     /// After `OrganizationPurged` is stored: destroy the data key (erasing personal data in
