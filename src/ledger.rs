@@ -1126,32 +1126,7 @@ impl Ledger {
         slug: &str,
         organization_id: Uuid,
     ) -> Result<bool, LedgerError> {
-        let id = organization_id.to_string();
-        let grace = RESERVATION_GRACE.num_seconds();
-        let released = match &self.database {
-            Database::Postgres(pool) => sqlx::query(&format!(
-                "DELETE FROM organization_slugs
-                  WHERE slug = $1 AND organization_id = $2
-                    AND reserved_at < now() - interval '{grace} seconds'"
-            ))
-            .bind(slug)
-            .bind(&id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => sqlx::query(&format!(
-                "DELETE FROM organization_slugs
-                  WHERE slug = ?1 AND organization_id = ?2
-                    AND reserved_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{grace} seconds')"
-            ))
-            .bind(slug)
-            .bind(&id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-        }
-        .map_err(StoreError::from)?;
-        Ok(released == 1)
+        self.release_reservation(slug, organization_id, true).await
     }
 
     async fn reservation_holder(&self, slug: &str) -> Result<Option<String>, LedgerError> {
@@ -1175,27 +1150,57 @@ impl Ledger {
 
     /// Releases `slug` only if `organization_id` still holds it.
     async fn release_slug(&self, slug: &str, organization_id: Uuid) -> Result<(), LedgerError> {
+        self.release_reservation(slug, organization_id, false)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes `organization_id`'s reservation of `slug`, when `only_stale` only one older
+    /// than [`RESERVATION_GRACE`] by the database's clock, which stamped it; true when it did.
+    async fn release_reservation(
+        &self,
+        slug: &str,
+        organization_id: Uuid,
+        only_stale: bool,
+    ) -> Result<bool, LedgerError> {
         let id = organization_id.to_string();
-        match &self.database {
-            Database::Postgres(pool) => sqlx::query(
-                "DELETE FROM organization_slugs WHERE slug = $1 AND organization_id = $2",
-            )
-            .bind(slug)
-            .bind(&id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => sqlx::query(
-                "DELETE FROM organization_slugs WHERE slug = ?1 AND organization_id = ?2",
-            )
-            .bind(slug)
-            .bind(&id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
+        let grace = RESERVATION_GRACE.num_seconds();
+        let released = match &self.database {
+            Database::Postgres(pool) => {
+                let stale = if only_stale {
+                    format!("AND reserved_at < now() - interval '{grace} seconds'")
+                } else {
+                    String::new()
+                };
+                sqlx::query(&format!(
+                    "DELETE FROM organization_slugs WHERE slug = $1 AND organization_id = $2 {stale}"
+                ))
+                .bind(slug)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+            }
+            Database::Sqlite(pool) => {
+                let stale = if only_stale {
+                    format!(
+                        "AND reserved_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{grace} seconds')"
+                    )
+                } else {
+                    String::new()
+                };
+                sqlx::query(&format!(
+                    "DELETE FROM organization_slugs WHERE slug = ?1 AND organization_id = ?2 {stale}"
+                ))
+                .bind(slug)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+            }
         }
         .map_err(StoreError::from)?;
-        Ok(())
+        Ok(released == 1)
     }
 }
 

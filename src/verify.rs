@@ -108,7 +108,7 @@ pub async fn verify(
         indicatif::ProgressBar::hidden()
     };
     // Each slug's holders among the organizations not purged, as their histories replay.
-    let mut slugs: std::collections::BTreeMap<String, Vec<&String>> = Default::default();
+    let mut slugs: std::collections::BTreeMap<String, Vec<Uuid>> = Default::default();
     for id in &organizations {
         match Uuid::parse_str(id) {
             Ok(organization_id) => {
@@ -116,7 +116,7 @@ pub async fn verify(
                 let slug =
                     verify_organization(service, organization_id, applied, &mut report).await?;
                 if let Some(slug) = slug {
-                    slugs.entry(slug).or_default().push(id);
+                    slugs.entry(slug).or_default().push(organization_id);
                 }
             }
             Err(_) => report.findings.push(Finding {
@@ -150,11 +150,8 @@ pub async fn verify(
     for (slug, holders) in slugs.iter().filter(|(_, holders)| holders.len() > 1) {
         let mut still = Vec::with_capacity(holders.len());
         for holder in holders {
-            let Ok(id) = Uuid::parse_str(holder) else {
-                continue;
-            };
             // One that no longer loads (its own findings say why) is taken as replayed.
-            let holds = match service.ledger.load(id).await {
+            let holds = match service.ledger.load(*holder).await {
                 Ok((state, _)) => state.exists() && state.slug == *slug,
                 Err(_) => true,
             };
@@ -162,19 +159,19 @@ pub async fn verify(
                 still.push(*holder);
             }
         }
-        for holder in still.iter().filter(|_| still.len() > 1) {
+        if still.len() < 2 {
+            continue;
+        }
+        for holder in &still {
+            let others: Vec<String> = still
+                .iter()
+                .filter(|other| *other != holder)
+                .map(Uuid::to_string)
+                .collect();
             report.findings.push(Finding {
-                organization_id: Some((*holder).clone()),
+                organization_id: Some(holder.to_string()),
                 sequence: None,
-                problem: format!(
-                    "its slug {slug:?} is also held by {}",
-                    still
-                        .iter()
-                        .filter(|other| *other != holder)
-                        .map(|other| other.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                problem: format!("its slug {slug:?} is also held by {}", others.join(", ")),
             });
         }
     }
