@@ -2968,6 +2968,35 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(bad_zone.body["errors"][0]["field"], "timezone");
+    // A missing field is named itself, nested or not, not the object that lacks it; an
+    // owner who could never act (HTTP strips the space from `X-Actor-Id`) is refused.
+    for (actor, body, field) in [
+        (Some("olivia"), json!({}), "name"),
+        (
+            None,
+            json!({"name": "Beta", "owner": {"email": "o@example.com"}}),
+            "owner.user_id",
+        ),
+        (
+            None,
+            json!({"name": "Beta", "owner": {"user_id": " lead", "email": "o@example.com"}}),
+            "owner.user_id",
+        ),
+    ] {
+        let missing = app
+            .call(Method::POST, "/v1/organizations", actor, Some(body))
+            .await;
+        assert_problem(
+            &missing,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(
+            missing.body["errors"][0]["field"], field,
+            "{}",
+            missing.body
+        );
+    }
     let bad_id = app
         .call(
             Method::GET,
@@ -4484,6 +4513,42 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
     assert_eq!(metadata["request_id"], "req-meta", "{metadata}");
     assert_eq!(metadata["user_agent"], "orgledger-test/1.0", "{metadata}");
     assert_eq!(metadata["client_ip"], "203.0.113.7", "{metadata}");
+
+    // A request id that could not be recorded as sent is replaced, in the response and the
+    // events alike.
+    let too_long = "r".repeat(513);
+    for sent in [b"caf\xc3\xa9".as_slice(), too_long.as_bytes()] {
+        let renamed = app
+            .send(
+                app.request(
+                    Method::PATCH,
+                    &format!("/v1/organizations/{org}"),
+                    Some("olivia"),
+                )
+                .header(
+                    "X-Request-Id",
+                    reqwest::header::HeaderValue::from_bytes(sent).unwrap(),
+                )
+                .json(&json!({"name": format!("Acme {}", sent.len())})),
+            )
+            .await;
+        assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+        let echoed = renamed.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(echoed.as_bytes(), sent);
+        let version = renamed.body["version"].as_i64().unwrap();
+        let events = app
+            .call(
+                Method::GET,
+                &format!(
+                    "/v1/organizations/{org}/events?after_sequence={}",
+                    version - 1
+                ),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_eq!(events.body["items"][0]["metadata"]["request_id"], echoed);
+    }
 }
 
 /// `limit` defaults to 50.
@@ -4578,6 +4643,21 @@ async fn audit_filters_bound_the_log_and_its_exports(backend: Backend) {
     let mut both = sequences(&before);
     both.extend(sequences(&since));
     assert_eq!(both, sequences(&all), "inclusive from, exclusive to");
+    // Entries hold whole microseconds; a bound a nanosecond past one is past it, not cut
+    // back onto it.
+    let just_after = (instant(&boundary) + chrono::Duration::nanoseconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let to_just_after = sequences(&entries(format!("to={just_after}")).await);
+    let from_just_after = sequences(&entries(format!("from={just_after}")).await);
+    let boundary_sequence = sequences(&since)[0];
+    assert!(to_just_after.contains(&boundary_sequence), "{just_after}");
+    assert!(
+        !from_just_after.contains(&boundary_sequence),
+        "{just_after}"
+    );
+    let mut both = to_just_after;
+    both.extend(from_just_after);
+    assert_eq!(both, sequences(&all), "{just_after} splits the log");
     // A range that ends before it begins is named, not answered with nothing.
     let reversed = format!("from={boundary}&to=2000-01-01T00:00:00Z");
     for url in [
@@ -4831,6 +4911,63 @@ async fn audit_history_and_exports_are_served(backend: Backend) {
         let role = if promoted { "admin" } else { "member" };
         assert_eq!(mia_then["role"], role, "{action} at {at}");
     }
+    // An event is recorded no earlier than it occurred (SQLite's clock has milliseconds), so
+    // the state as of the moment `/events` says it was recorded holds it too.
+    let recorded = app
+        .call(
+            Method::GET,
+            &format!("{base}/events?limit=500"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    for event in recorded.body["items"].as_array().unwrap() {
+        let recorded_at = event["recorded_at"].as_str().unwrap();
+        let occurred_at = event["metadata"]["occurred_at"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(recorded_at).unwrap()
+                >= chrono::DateTime::parse_from_rfc3339(occurred_at).unwrap(),
+            "{event}"
+        );
+        let then = app
+            .call(
+                Method::GET,
+                &format!("{base}/state?as_of={recorded_at}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert!(
+            then.body["as_of_sequence"].as_i64() >= event["sequence"].as_i64(),
+            "{event}: {}",
+            then.body
+        );
+    }
+    // The past state lists members as the live list does (olivia joined before mia).
+    let user_ids = |members: &Value| -> Vec<String> {
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|member| member["user_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let live = app
+        .call(
+            Method::GET,
+            &format!("{base}/members"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let now = app
+        .call(Method::GET, &format!("{base}/state"), Some("olivia"), None)
+        .await;
+    assert_eq!(
+        user_ids(&now.body["members"]),
+        user_ids(&live.body["items"])
+    );
+    assert_eq!(user_ids(&live.body["items"]), ["olivia", "mia"]);
 
     let export = app
         .call(Method::GET, &format!("{base}/export"), Some("olivia"), None)
@@ -4992,6 +5129,25 @@ async fn deletion_restore_and_purge_follow_the_contract(backend: Backend) {
         restriction["payload"]["ClientRestrictionsChanged"]["to"]["clients"],
         json!({"email": "block", "user_agent": "allow"})
     );
+    // The audit log keeps the purge's entry as a tombstone, for auditors alone: a former
+    // owner is no member of anything left.
+    for url in [
+        format!("{path}/audit-log"),
+        format!("{path}/audit-log/export?format=json"),
+    ] {
+        let audited = app.call(Method::GET, &url, None, None).await;
+        assert_eq!(audited.status, StatusCode::OK, "{url}: {}", audited.body);
+        let entries = audited.body.get("items").unwrap_or(&audited.body);
+        let actions: Vec<&str> = entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| entry["action"].as_str().unwrap())
+            .collect();
+        assert_eq!(actions, ["organization.purged"], "{url}");
+        let former_owner = app.call(Method::GET, &url, Some("olivia"), None).await;
+        assert_problem(&former_owner, StatusCode::NOT_FOUND, "not_found");
+    }
     // Every event of the purged history still decodes: the read models rebuild from it.
     app.service
         .projector

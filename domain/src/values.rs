@@ -56,6 +56,21 @@ impl UserId {
         Ok(Self(raw.to_owned()))
     }
 
+    /// A user id given to someone who will act under it (an organization's first owner, a
+    /// member joining): also without a space at either end, which HTTP strips from an
+    /// `X-Actor-Id` header, so such a user could never act. Ids already held are looked up with
+    /// [`UserId::parse`].
+    pub fn parse_for_actor(field: &str, raw: &str) -> Result<Self, FieldError> {
+        let id = Self::parse(field, raw)?;
+        if raw.starts_with(' ') || raw.ends_with(' ') {
+            return Err(FieldError::new(
+                field,
+                "must not begin or end with a space (an X-Actor-Id header cannot carry it)",
+            ));
+        }
+        Ok(id)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -231,6 +246,21 @@ mod tests {
         ] {
             let error = Email::parse("email", bad).unwrap_err();
             assert_eq!(error.field, "email", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_user_id_to_act_under_has_no_space_at_its_ends() {
+        for bad in [" lead", "lead ", " ", "  "] {
+            let error = UserId::parse_for_actor("owner.user_id", bad).unwrap_err();
+            assert_eq!(error.field, "owner.user_id", "{bad:?}");
+            assert!(
+                UserId::parse("user_id", bad).is_ok(),
+                "{bad:?} is still looked up"
+            );
+        }
+        for good in ["lead", "ada lovelace", "ü", &"x".repeat(128)] {
+            assert!(UserId::parse_for_actor("user_id", good).is_ok(), "{good:?}");
         }
     }
 

@@ -13,7 +13,7 @@ use crate::db::{index, unique_index, Arg, Backend, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
 use crate::projector::Projection;
-use crate::{args, from_micros, to_micros, Page};
+use crate::{args, ceil_micros, from_micros, to_micros, Page};
 
 /// What an event means to an auditor.
 #[derive(Debug, Clone, PartialEq)]
@@ -593,8 +593,8 @@ async fn entries_after(
             &args![
                 organization,
                 after,
-                filter.from.map(to_micros),
-                filter.to.map(to_micros),
+                filter.from.map(ceil_micros),
+                filter.to.map(ceil_micros),
                 &filter.actor,
                 &action_exact,
                 &action_prefix,

@@ -26,7 +26,7 @@ pub use projector::{
     all_projections, projection_named, Projection, ProjectionError, ProjectionStatus, Projector,
     RebuildReport, PROJECTION_NAMES,
 };
-pub use time::{from_micros, to_micros};
+pub use time::{ceil_micros, from_micros, to_micros};
 
 /// A map a projector builds per batch, keyed by ids from the log: foldhash rather than the
 /// standard SipHash, which cost a twentieth of a rebuild's CPU (its seed is still random).

@@ -75,7 +75,7 @@ async fn audit_log(
     Path(org_id): Path<String>,
     Query(query): Query<AuditQuery>,
 ) -> Result<axum::Json<AuditEntryPage>, ApiError> {
-    let organization = authorize(&state, &caller, &org_id, Permission::ReadAudit).await?;
+    let organization = history_of(&state, &caller, &org_id, &[Permission::ReadAudit]).await?;
     if let Some(kind) = query.resource_type.as_deref() {
         if !audit::RESOURCE_TYPES.contains(&kind) {
             return Err(ApiError::field(
@@ -94,7 +94,7 @@ async fn audit_log(
     let limit = page_limit(query.limit)?;
     let page = audit::list(
         state.service.database(),
-        &organization.id,
+        &organization,
         &filter,
         limit,
         query.cursor.as_deref(),
@@ -142,7 +142,7 @@ async fn export_audit_log(
     Query(query): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
     // The audit log is in the data export too, so either permission reads it.
-    let organization = authorize_any(
+    let organization = history_of(
         &state,
         &caller,
         &org_id,
@@ -155,10 +155,10 @@ async fn export_audit_log(
         _ => return Err(ApiError::field("format", "must be csv or json")),
     };
     let filter = bounds(query.from.as_deref(), query.to.as_deref())?;
-    let file_name = attachment_name("audit-log", &organization.id, extension);
+    let file_name = attachment_name("audit-log", &organization, extension);
     let stream = exports::audit_log(
         state.service.database().clone(),
-        organization.id,
+        organization,
         filter,
         format,
     );
@@ -240,15 +240,29 @@ async fn authorize_history(
     caller: &Caller,
     org_id: &str,
 ) -> Result<(), ApiError> {
-    match authorize(state, caller, org_id, Permission::ReadAudit).await {
-        Ok(_) => Ok(()),
+    history_of(state, caller, org_id, &[Permission::ReadAudit])
+        .await
+        .map(drop)
+}
+
+/// The id of the organization whose history the caller may read with one of `permissions`.
+/// `system` (auditors) also reads a purged organization's: its read models are gone, but its
+/// log and the audit log's `organization.purged` entry are its tombstone.
+async fn history_of(
+    state: &AppState,
+    caller: &Caller,
+    org_id: &str,
+    permissions: &[Permission],
+) -> Result<String, ApiError> {
+    match authorize_any(state, caller, org_id, permissions).await {
+        Ok(organization) => Ok(organization.id),
         Err(error) if caller.is_system() && error.code == "not_found" => {
             let id = organization_id(org_id)?;
             let (_, version) = state.service.ledger.load(id).await?;
             if version == 0 {
                 Err(error)
             } else {
-                Ok(())
+                Ok(id.to_string())
             }
         }
         Err(error) => Err(error),
@@ -294,11 +308,18 @@ async fn state_as_of(
         AsOf::Sequence(_) => Utc::now(),
     };
     let organization = &past.organization;
+    // In the live lists' orders: members by `joined_at, user_id`, groups by creation, at the
+    // microseconds the read models keep.
+    let mut members: Vec<_> = organization.members.iter().collect();
+    members.sort_by_cached_key(|(user_id, member)| {
+        (member.joined_at.timestamp_micros(), (*user_id).clone())
+    });
+    let mut groups: Vec<_> = organization.groups.iter().collect();
+    groups.sort_by_key(|(id, group)| (group.created_at.timestamp_micros(), **id));
     Ok(axum::Json(PastStateDto {
         organization: OrganizationDto::from_state(organization, past.as_of_sequence),
-        members: organization
-            .members
-            .iter()
+        members: members
+            .into_iter()
             .map(|(user_id, member)| MemberDto::from_state(user_id, member))
             .collect(),
         invitations: organization
@@ -306,9 +327,8 @@ async fn state_as_of(
             .iter()
             .map(|(id, invitation)| InvitationDto::from_state(*id, invitation, at))
             .collect(),
-        groups: organization
-            .groups
-            .iter()
+        groups: groups
+            .into_iter()
             .map(|(id, group)| {
                 serde_json::json!({
                     "id": id, "name": group.name, "description": group.description,

@@ -123,15 +123,32 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = error.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let field = if path == "." { "body".to_owned() } else { path };
+                let message = strip_position(&inner.to_string());
                 ApiError::validation(vec![FieldProblem {
-                    field,
-                    message: strip_position(&inner.to_string()),
+                    field: field_named(&path, &message, "body"),
+                    message,
                 }])
             }
             _ => ApiError::malformed(format!("the body is not valid JSON: {inner}")),
         }
     })
+}
+
+/// The field a shape error is about. serde reports a missing or unknown field at the path of
+/// the object holding it and names the field only in its message (`` missing field `name` ``),
+/// so the name is taken from there; `whole` stands for the top level.
+fn field_named(path: &str, message: &str, whole: &str) -> String {
+    let named = ["missing field `", "unknown field `"]
+        .iter()
+        .find_map(|lead| message.strip_prefix(lead))
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name);
+    match (path, named) {
+        (".", Some(name)) => name.to_owned(),
+        (".", None) => whole.to_owned(),
+        (path, Some(name)) => format!("{path}.{name}"),
+        (path, None) => path.to_owned(),
+    }
 }
 
 /// The path (`owner.first_name`, `items[2]`) of a string or key holding `\u0000` in a
@@ -248,6 +265,29 @@ pub async fn refuse_repeated_headers(
     next.run(request).await
 }
 
+/// The longest header value (request id, user agent, client address) an event records.
+const RECORDED_HEADER_LIMIT: usize = 512;
+
+/// An `X-Request-Id` that could not be recorded as sent (empty, longer than
+/// [`RECORDED_HEADER_LIMIT`], or not printable ASCII) is dropped before one is generated for a
+/// request without it: the id echoed in the response is then always the one its events carry.
+/// A tracing aid is not worth refusing a request over.
+pub async fn replace_unrecordable_request_id(
+    mut request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let recordable = request.headers().get("x-request-id").map(|id| {
+        let id = id.as_bytes();
+        !id.is_empty()
+            && id.len() <= RECORDED_HEADER_LIMIT
+            && id.iter().all(|byte| (b' '..=b'~').contains(byte))
+    });
+    if recordable == Some(false) {
+        request.headers_mut().remove("x-request-id");
+    }
+    next.run(request).await
+}
+
 /// Query parameters: anything unparseable is `422 validation_failed`.
 pub struct Query<T>(pub T);
 
@@ -261,11 +301,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
         serde_path_to_error::deserialize(deserializer)
             .map(Query)
             .map_err(|error| {
-                let field = error.path().to_string();
-                ApiError::field(
-                    if field == "." { "query" } else { &field },
-                    &error.into_inner().to_string(),
-                )
+                let path = error.path().to_string();
+                let message = error.into_inner().to_string();
+                ApiError::field(&field_named(&path, &message, "query"), &message)
             })
     }
 }
@@ -378,7 +416,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
                 .headers
                 .get(name)
                 .and_then(|value| value.to_str().ok())
-                .map(|value| value.chars().take(512).collect::<String>())
+                .map(|value| {
+                    value
+                        .chars()
+                        .take(RECORDED_HEADER_LIMIT)
+                        .collect::<String>()
+                })
         };
         let forwarded = text("x-forwarded-for")
             .and_then(|list| list.split(',').next().map(|ip| ip.trim().to_owned()));
@@ -430,8 +473,9 @@ pub struct ActorHeaders {
     /// Act as this end user (1-128 characters); without it the request acts as `system`.
     #[param(rename = "X-Actor-Id", max_length = 128, min_length = 1)]
     x_actor_id: Option<String>,
-    /// Correlates logs and audit entries.
-    #[param(rename = "X-Request-Id")]
+    /// Correlates logs and audit entries; echoed in the response. One that is empty, longer
+    /// than 512 characters or not printable ASCII is replaced by a generated one, as is none.
+    #[param(rename = "X-Request-Id", max_length = 512)]
     x_request_id: Option<String>,
 }
 
