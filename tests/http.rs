@@ -2840,6 +2840,13 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         StatusCode::UNPROCESSABLE_ENTITY,
         "validation_failed",
     );
+    assert_eq!(unknown_field.body["errors"][0]["field"], "colour");
+    let repeated_field = app
+        .send(raw(
+            "{\"email\": \"a@b.co\", \"role\": \"member\", \"role\": \"admin\"}",
+        ))
+        .await;
+    assert_eq!(repeated_field.body["errors"][0]["field"], "role");
     let unknown_enum = app
         .call(
             Method::POST,
@@ -2917,6 +2924,22 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(bad_limit.body["errors"][0]["field"], "limit");
+    for (query, field) in [("bogus=1", "bogus"), ("limit=1&limit=2", "limit")] {
+        let refused = app
+            .call(
+                Method::GET,
+                &format!("{base}/audit-log?{query}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_problem(
+            &refused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(refused.body["errors"][0]["field"], field, "{query}");
+    }
     let bad_limit_type = app
         .call(
             Method::GET,

@@ -134,11 +134,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// The field a shape error is about. serde reports a missing or unknown field at the path of
+/// The field a shape error is about. serde reports a missing or repeated field at the path of
 /// the object holding it and names the field only in its message (`` missing field `name` ``),
-/// so the name is taken from there; `whole` stands for the top level.
+/// so the name is taken from there; an unknown field's path already ends in it. `whole`
+/// stands for the top level.
 fn field_named(path: &str, message: &str, whole: &str) -> String {
-    let named = ["missing field `", "unknown field `"]
+    let named = ["missing field `", "duplicate field `"]
         .iter()
         .find_map(|lead| message.strip_prefix(lead))
         .and_then(|rest| rest.split_once('`'))
@@ -475,7 +476,7 @@ pub struct ActorHeaders {
     x_actor_id: Option<String>,
     /// Correlates logs and audit entries; echoed in the response. One that is empty, longer
     /// than 512 characters or not printable ASCII is replaced by a generated one, as is none.
-    #[param(rename = "X-Request-Id", max_length = 512)]
+    #[param(rename = "X-Request-Id")]
     x_request_id: Option<String>,
 }
 
