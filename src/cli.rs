@@ -72,6 +72,17 @@ pub enum Commands {
             value_name = "MS"
         )]
         consistency_wait_ms: u64,
+        /// How long a stop (SIGTERM, SIGINT) waits for the requests in flight before it closes
+        /// their connections, in milliseconds: a client that never finishes sending its
+        /// request must not hold the process up. Events already committed are kept either way.
+        #[arg(
+            long = "orgledger-shutdown-grace-ms",
+            env = "ORGLEDGER_SHUTDOWN_GRACE_MS",
+            default_value_t = 30_000,
+            value_parser = clap::value_parser!(u64).range(0..=600_000),
+            value_name = "MS"
+        )]
+        shutdown_grace_ms: u64,
     },
     /// Check the stored history: every organization's events read back and replayed
     /// (sequences without gaps, personal data that opens under its key, upcasts that
@@ -141,9 +152,13 @@ pub async fn open_store(
     let database = database.map_err(|error| {
         anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
     })?;
-    let master_key = store.master_key()?;
+    let (master_key, generated) = store.master_key()?;
     database.migrate().await?;
-    Ok(Orgledger::open_to_rebuild(database, master_key, to_rebuild).await?)
+    let service = Orgledger::open_to_rebuild(database, master_key, to_rebuild).await?;
+    if let Some(generated) = generated {
+        generated.keep()?;
+    }
+    Ok(service)
 }
 
 /// Opens an existing store to read only: nothing migrated, no key generated, no read-model
@@ -191,6 +206,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             bind,
             api_token,
             consistency_wait_ms,
+            shutdown_grace_ms,
         } => {
             let service = Arc::new(open_store(&store, true, &[]).await?);
             service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
@@ -217,7 +233,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 service.clone(),
                 PlatformTokens::new(tokens.iter().map(String::as_str)),
             );
-            crate::http::serve(listener, state, shutdown_signal()).await?;
+            let grace = Duration::from_millis(shutdown_grace_ms);
+            crate::http::serve(listener, state, shutdown_signal(), grace).await?;
             tracing::info!("requests drained; stopping projections");
             let _ = stop.send(true);
             for task in tasks {
@@ -349,7 +366,7 @@ async fn export_to(
     let bar = spinner_on_terminal("{spinner} exporting: {bytes} written ({bytes_per_sec})");
     let mut stream = crate::exports::data_export(service, view);
     let mut written = 0_u64;
-    let streamed: anyhow::Result<()> = async {
+    let copied = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             sink.write_all(&chunk)?;
@@ -358,8 +375,12 @@ async fn export_to(
         }
         sink.flush()?;
         Ok(())
-    }
-    .await;
+    };
+    // A signal must not leave half an export behind: it holds personal data in clear.
+    let streamed: anyhow::Result<()> = tokio::select! {
+        copied = copied => copied,
+        () = interrupted() => Err(anyhow::anyhow!("interrupted by a signal; nothing was written")),
+    };
     bar.finish_and_clear();
     drop(sink);
     // On an error the new file is dropped, and with it deleted.
@@ -439,6 +460,26 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
         bail!("verification found {problems}");
     }
     Ok(())
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP (a closed terminal): for work that cleans up
+/// after itself before it exits.
+async fn interrupted() {
+    #[cfg(unix)]
+    let hangup = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let hangup = std::future::pending::<()>();
+    tokio::select! {
+        () = shutdown_signal() => {},
+        () = hangup => {},
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -526,6 +567,7 @@ mod tests {
                 bind,
                 api_token,
                 consistency_wait_ms,
+                ..
             } => (store, bind, api_token, consistency_wait_ms),
             other => panic!("parsed as {other:?}"),
         }

@@ -66,17 +66,18 @@ impl StoreConfig {
         })
     }
 
-    /// The configured master key; for SQLite, the one kept beside the data, created once.
-    pub fn master_key(&self) -> anyhow::Result<MasterKey> {
+    /// The configured master key; for SQLite, the one kept beside the data, or a new one the
+    /// caller keeps ([`GeneratedKey::keep`]) once the store has taken it.
+    pub fn master_key(&self) -> anyhow::Result<(MasterKey, Option<GeneratedKey>)> {
         self.master_key_making(true)
     }
 
     /// As [`StoreConfig::master_key`], but never creating one: for commands that only read.
     pub fn existing_master_key(&self) -> anyhow::Result<MasterKey> {
-        self.master_key_making(false)
+        self.master_key_making(false).map(|(key, _)| key)
     }
 
-    fn master_key_making(&self, create: bool) -> anyhow::Result<MasterKey> {
+    fn master_key_making(&self, create: bool) -> anyhow::Result<(MasterKey, Option<GeneratedKey>)> {
         let postgres = ["postgres:", "postgresql:"]
             .iter()
             .any(|scheme| self.database_url.starts_with(scheme));
@@ -88,7 +89,8 @@ impl StoreConfig {
         }
         if let Some(encoded) = &self.master_key {
             return MasterKey::from_base64(encoded)
-                .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes");
+                .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes")
+                .map(|key| (key, None));
         }
         let Some(path) = self.beside_data("master-key") else {
             bail!(
@@ -100,7 +102,8 @@ impl StoreConfig {
             let encoded = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             return MasterKey::from_base64(&encoded)
-                .with_context(|| format!("{} does not hold a valid master key", path.display()));
+                .with_context(|| format!("{} does not hold a valid master key", path.display()))
+                .map(|key| (key, None));
         }
         if !create {
             bail!(
@@ -109,9 +112,35 @@ impl StoreConfig {
             );
         }
         let key = MasterKey::generate();
-        write_secret_file(&path, &key.to_base64())?;
-        tracing::warn!(path = %path.display(), "generated a new master key; back it up with the database");
-        Ok(key)
+        let generated = GeneratedKey {
+            encoded: key.to_base64(),
+            path,
+        };
+        Ok((key, Some(generated)))
+    }
+}
+
+/// A master key generated for a SQLite store without a key file. It is written only once
+/// the store has taken it: a store written under another key (its file lost) refuses it, and
+/// must not be left beside a file that does not open it.
+pub struct GeneratedKey {
+    path: PathBuf,
+    encoded: String,
+}
+
+impl std::fmt::Debug for GeneratedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedKey")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GeneratedKey {
+    pub fn keep(self) -> anyhow::Result<()> {
+        write_secret_file(&self.path, &self.encoded)?;
+        tracing::warn!(path = %self.path.display(), "generated a new master key; back it up with the database");
+        Ok(())
     }
 }
 
@@ -139,8 +168,16 @@ pub fn platform_tokens(
     if path.exists() {
         let token = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
+        let token = token.trim();
+        if token.is_empty() {
+            // Served with it, every request would be refused as unauthenticated.
+            bail!(
+                "{} holds no platform token: remove it to have one generated, or set ORGLEDGER_API_TOKEN",
+                path.display()
+            );
+        }
         tracing::info!(path = %path.display(), "using the platform token kept beside the data");
-        return Ok(vec![token.trim().to_owned()]);
+        return Ok(vec![token.to_owned()]);
     }
     let token = crate::tokens::issue("olg").secret;
     write_secret_file(&path, &token)?;
@@ -244,6 +281,15 @@ mod tests {
             "postgres://u:***@h/db?sslmode=require&password=***&SSLPASSWORD=***"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn an_empty_platform_token_file_is_refused_not_served_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&format!("sqlite://{}/org.db", dir.path().display()));
+        std::fs::write(dir.path().join("org.db.api-token"), " \n").unwrap();
+        let error = platform_tokens(&store, None).unwrap_err().to_string();
+        assert!(error.contains("holds no platform token"), "{error}");
     }
 
     #[test]

@@ -1005,6 +1005,14 @@ impl Ledger {
             .await?)
     }
 
+    /// Refuses a master key that is not the one the store was written with: it must open the
+    /// organizations' data keys, and, for a store with none left to open (every organization
+    /// purged), check out against the stored events' MACs.
+    pub async fn verify_master_key(&self) -> Result<(), LedgerError> {
+        self.keys().verify_master_key().await?;
+        Ok(self.repository.verify_master_key_against_events().await?)
+    }
+
     /// Gives the events a version before MACs stored theirs (see
     /// [`OrganizationRepository::authenticate_legacy`]).
     pub async fn authenticate_legacy(

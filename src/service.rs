@@ -89,7 +89,7 @@ impl Orgledger {
         to_rebuild: &[&str],
     ) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(database.clone(), master_key);
-        ledger.keys().verify_master_key().await?;
+        ledger.verify_master_key().await?;
         // Commands wait for the runner; with a pool of its own it never queues behind them.
         let runner_database = database.separate_pool(RUNNER_CONNECTIONS);
         let feed = Arc::new(StoreFeed::new(
@@ -120,7 +120,7 @@ impl Orgledger {
         master_key: MasterKey,
     ) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(database.clone(), master_key);
-        ledger.keys().verify_master_key().await?;
+        ledger.verify_master_key().await?;
         let feed = Arc::new(StoreFeed::new(database.clone(), ledger.keys().clone()));
         let projector = Arc::new(Projector::new(database, feed));
         Ok(Self::wired(ledger, projector))

@@ -152,11 +152,12 @@ struct Served {
     stderr: std::thread::JoinHandle<String>,
 }
 
-fn serve_logging_everything(database_url: &str) -> Served {
+fn serve_logging_everything(database_url: &str, flags: &[&str]) -> Served {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
         .args(["serve", "--orgledger-bind", "127.0.0.1:0"])
+        .args(flags)
         .env("DATABASE_URL", database_url)
         .env_remove("ORGLEDGER_MASTER_KEY")
         .env_remove("ORGLEDGER_API_TOKEN")
@@ -206,6 +207,83 @@ impl Served {
         self.child.wait().unwrap();
         (self.stdout.join().unwrap(), self.stderr.join().unwrap())
     }
+
+    /// Sends SIGTERM and waits up to `within` for the process to end: its exit status and
+    /// its log.
+    fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let started = Instant::now();
+        let exit = loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                break exit;
+            }
+            if started.elapsed() > within {
+                self.child.kill().unwrap();
+                panic!("still running {within:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (exit, self.stderr.join().unwrap())
+    }
+}
+
+/// A client that never finishes sending its request does not hold a stop up: once the
+/// shutdown grace has passed, its connection is closed and the process exits cleanly.
+#[test]
+fn a_stop_closes_a_request_that_never_completes_once_its_grace_has_passed() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let server = serve_logging_everything(&url, &["--orgledger-shutdown-grace-ms", "300"]);
+    let mut stuck =
+        std::net::TcpStream::connect(server.address.trim_start_matches("http://")).unwrap();
+    stuck
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: orgledger\r\n")
+        .unwrap();
+    // The head is read in part: the connection has a request in flight.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let (exit, log) = server.terminate(Duration::from_secs(20));
+
+    assert!(exit.success(), "{exit:?}");
+    assert!(log.contains("after the shutdown grace"), "{log}");
+    drop(stuck);
+}
+
+/// A SQLite store whose key file was lost refuses a new key, and no file holding that key,
+/// which could never open the store, is left beside it.
+#[tokio::test]
+async fn a_lost_key_file_is_not_replaced_by_a_key_that_cannot_open_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let server = serve_logging_everything(&url, &[]);
+    let platform = std::fs::read_to_string(dir.path().join("orgledger.db.api-token")).unwrap();
+    let created = reqwest::Client::new()
+        .post(format!("{}/v1/organizations", server.address))
+        .bearer_auth(platform.trim())
+        .header("X-Actor-Id", "olivia")
+        .json(&serde_json::json!({"name": "Acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+    server.stop();
+    let key_file = dir.path().join("orgledger.db.master-key");
+    std::fs::remove_file(&key_file).unwrap();
+
+    let status = orgledger_with_key_beside_data(&["projections", "status"], &url);
+
+    assert!(!status.status.success());
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(stderr.contains("master key"), "{stderr}");
+    assert!(
+        !key_file.exists(),
+        "a key that does not open the store was kept"
+    );
 }
 
 /// Every secret the API hands out, and the platform token `serve` generated, stay out of
@@ -214,7 +292,7 @@ impl Served {
 async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
-    let server = serve_logging_everything(&url);
+    let server = serve_logging_everything(&url, &[]);
     let token_file = dir.path().join("orgledger.db.api-token");
     let platform = std::fs::read_to_string(&token_file)
         .expect("the generated token is kept beside the data")
@@ -338,7 +416,7 @@ async fn serve_prints_its_generated_token_once_and_logs_no_secret_even_at_trace(
         assert!(!logs.contains(secret), "{what} is in the logs");
     }
 
-    let again = serve_logging_everything(&url);
+    let again = serve_logging_everything(&url, &[]);
     let kept = client
         .get(format!("{}{base}", again.address))
         .bearer_auth(&platform)

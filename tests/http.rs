@@ -32,9 +32,14 @@ async fn serve_app(service: TestService) -> TestApp {
     let address = format!("http://{}", listener.local_addr().unwrap());
     let state = AppState::new(service.service.clone(), PlatformTokens::new([TOKEN]));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(orgledger::http::serve(listener, state, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(orgledger::http::serve(
+        listener,
+        state,
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(30),
+    ));
     TestApp {
         address,
         client: reqwest::Client::new(),

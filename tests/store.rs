@@ -1227,11 +1227,28 @@ async fn a_master_key_that_does_not_open_the_stored_keys_is_refused_at_start(bac
     };
     // An empty store takes any key: it has nothing sealed yet.
     assert!(open(MasterKey::generate()).await.is_ok());
-    create_org(&ledger, "Acme", "acme", "olivia").await;
+    let org = create_org(&ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
     let Err(refused) = open(MasterKey::generate()).await else {
         panic!("a wrong master key was accepted");
     };
     assert!(refused.to_string().contains("master key"), "{refused}");
+    assert!(open(ledger.master_key.clone()).await.is_ok());
+    // With every organization purged no data key is left to open, and the events' MACs
+    // refuse it: else new events would be stored under it, out of step with the history's.
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Acme".into(),
+    });
+    run(&ledger, org, "olivia", purge).await;
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM organization_keys").await,
+        0
+    );
+    let Err(refused) = open(MasterKey::generate()).await else {
+        panic!("a wrong master key was accepted once no data key was left");
+    };
+    assert!(refused.to_string().contains("MACs"), "{refused}");
     assert!(open(ledger.master_key.clone()).await.is_ok());
 }
 

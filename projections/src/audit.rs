@@ -570,40 +570,54 @@ async fn entries_after(
         },
         None => (None, None),
     };
-    let q = filter.q.as_deref().map(contains_pattern);
-    let sql = "SELECT sequence, occurred_at_us, actor_type, actor_id, action,
-                      resource_type, resource_id, details, request_id
-                 FROM rm_audit_log
-                WHERE organization_id = $1 AND sequence > $2
-                  AND ($3 IS NULL OR occurred_at_us >= $3)
-                  AND ($4 IS NULL OR occurred_at_us < $4)
-                  AND ($5 IS NULL OR actor_id = $5)
-                  AND ($6 IS NULL OR action = $6)
-                  AND ($7 IS NULL OR action LIKE $7 ESCAPE '\\')
-                  AND ($8 IS NULL OR resource_type = $8)
-                  AND ($9 IS NULL
-                       OR coalesce(search_folded,
-                                   lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details))
-                          LIKE $9 ESCAPE '\\')
-                ORDER BY sequence
-                LIMIT $10";
-    let rows: Vec<AuditRow> = database
-        .fetch_all(
-            sql,
-            &args![
-                organization,
-                after,
-                filter.from.map(ceil_micros),
-                filter.to.map(ceil_micros),
-                &filter.actor,
-                &action_exact,
-                &action_prefix,
-                &filter.resource_type,
-                &q,
-                limit as i64
-            ],
-        )
-        .await?;
+    // Only the filters given are written into the statement. A catch-all
+    // `($n IS NULL OR column = $n)` got one generic plan on PostgreSQL after a few runs, one
+    // that walks the organization's whole log by sequence instead of the filter's index: an
+    // actor's 2 entries among 53,000 took 25 ms, against 0.04 ms through `_by_actor`.
+    let mut args = vec![Arg::from(organization), Arg::from(after)];
+    let mut conditions = String::new();
+    let mut and = |clause: &str, value: Arg| {
+        args.push(value);
+        conditions.push_str(" AND ");
+        conditions.push_str(&clause.replace("$?", &format!("${}", args.len())));
+    };
+    if let Some(from) = filter.from {
+        and("occurred_at_us >= $?", Arg::from(ceil_micros(from)));
+    }
+    if let Some(to) = filter.to {
+        and("occurred_at_us < $?", Arg::from(ceil_micros(to)));
+    }
+    if let Some(actor) = &filter.actor {
+        and("actor_id = $?", Arg::from(actor));
+    }
+    if let Some(action) = action_exact {
+        and("action = $?", Arg::from(action));
+    }
+    if let Some(prefix) = action_prefix {
+        and("action LIKE $? ESCAPE '\\'", Arg::from(prefix));
+    }
+    if let Some(resource_type) = &filter.resource_type {
+        and("resource_type = $?", Arg::from(resource_type));
+    }
+    if let Some(q) = filter.q.as_deref().map(contains_pattern) {
+        and(
+            "coalesce(search_folded,
+                      lower(action || ' ' || resource_id || ' ' || actor_id || ' ' || details))
+                 LIKE $? ESCAPE '\\'",
+            Arg::from(q),
+        );
+    }
+    args.push(Arg::from(limit as i64));
+    let sql = format!(
+        "SELECT sequence, occurred_at_us, actor_type, actor_id, action,
+                resource_type, resource_id, details, request_id
+           FROM rm_audit_log
+          WHERE organization_id = $1 AND sequence > $2{conditions}
+          ORDER BY sequence
+          LIMIT ${}",
+        args.len()
+    );
+    let rows: Vec<AuditRow> = database.fetch_all(&sql, &args).await?;
     Ok(rows
         .into_iter()
         .map(|row| AuditEntryView::of(organization, row))

@@ -721,6 +721,7 @@ async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
         listener,
         state,
         std::future::pending(),
+        Duration::from_secs(30),
     ));
     Ok(address)
 }

@@ -251,18 +251,46 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves; in-flight requests finish first.
+/// Serves until `shutdown` resolves; in-flight requests then have `grace` to finish, after
+/// which their connections are closed (a client that never completes its request would hold
+/// the stop up for good).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
 ) -> std::io::Result<()> {
-    axum::serve(
+    use axum::serve::ListenerExt;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    // A streamed body ends in a small last chunk: with Nagle's algorithm it waited for the
+    // client's delayed ACK, about 40 ms, on every streamed response of a kept-alive connection.
+    let listener = listener.tap_io(|connection| {
+        if let Err(error) = connection.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on a connection");
+        }
+    });
+    let server = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
-    .await
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    });
+    let overdue = async move {
+        if stopped.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served,
+        () = overdue => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still in flight after the shutdown grace; closing their connections");
+            Ok(())
+        }
+    }
 }
 
 /// A path's organization id; a malformed one cannot exist.

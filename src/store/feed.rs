@@ -37,6 +37,26 @@ pub fn decode(
     EventEnvelope::try_from(upcast).map_err(|error| error.to_string())
 }
 
+/// The log in position order past a checkpoint (SQLite). `CROSS JOIN` keeps `event_log` the
+/// outer loop and the `+` keeps its type off the index, so SQLite seeks the position: without
+/// statistics it took the type as the better key, read every event and sorted them, on every
+/// call (32 ms at 68,000 events, twice a command).
+const SQLITE_READ_AFTER: &str = "SELECT 0 AS txid, l.position, l.recorded_at, e.aggregate_type,
+                                        e.aggregate_id, e.sequence, e.event_type,
+                                        e.event_version, e.payload, e.metadata
+                                   FROM event_log l
+                                  CROSS JOIN events e
+                                     ON e.aggregate_type = l.aggregate_type
+                                    AND e.aggregate_id = l.aggregate_id
+                                    AND e.sequence = l.sequence
+                                  WHERE +l.aggregate_type = 'organization' AND l.position > $1
+                                  ORDER BY l.position
+                                  LIMIT $2";
+
+/// How far the log runs past a checkpoint (SQLite), by position for the same reason.
+const SQLITE_BACKLOG: &str = "SELECT count(*), min(recorded_at) FROM event_log
+                               WHERE +aggregate_type = 'organization' AND position > $1";
+
 pub struct StoreFeed {
     database: Database,
     keys: DataKeys,
@@ -250,21 +270,12 @@ impl EventFeed for StoreFeed {
                 .await
             }
             Database::Sqlite(pool) => {
-                let rows = sqlx::query(
-                    "SELECT 0 AS txid, l.position, l.recorded_at, e.aggregate_type,
-                            e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                            e.payload, e.metadata
-                       FROM event_log l
-                       JOIN events e USING (aggregate_type, aggregate_id, sequence)
-                      WHERE l.aggregate_type = 'organization' AND l.position > $1
-                      ORDER BY l.position
-                      LIMIT $2",
-                )
-                .bind(after.position)
-                .bind(limit as i64)
-                .fetch_all(pool)
-                .await
-                .map_err(read_failed)?;
+                let rows = sqlx::query(SQLITE_READ_AFTER)
+                    .bind(after.position)
+                    .bind(limit as i64)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(read_failed)?;
                 self.decode_rows(rows.iter().map(|row| {
                     let recorded: &str = row.try_get(RECORDED_AT)?;
                     // A time that does not parse is a read error, never replaced by another:
@@ -336,21 +347,18 @@ impl EventFeed for StoreFeed {
                 .fetch_one(pool)
                 .await
             }
-            Database::Sqlite(pool) => sqlx::query_as::<_, (i64, Option<String>)>(
-                "SELECT count(*), min(recorded_at) FROM event_log
-                  WHERE aggregate_type = 'organization' AND position > $1",
-            )
-            .bind(after.position)
-            .fetch_one(pool)
-            .await
-            .map(|(count, oldest)| {
-                let oldest = oldest.and_then(|at| {
-                    DateTime::parse_from_rfc3339(&at)
-                        .ok()
-                        .map(|at| at.with_timezone(&Utc))
-                });
-                (count, oldest)
-            }),
+            Database::Sqlite(pool) => sqlx::query_as::<_, (i64, Option<String>)>(SQLITE_BACKLOG)
+                .bind(after.position)
+                .fetch_one(pool)
+                .await
+                .map(|(count, oldest)| {
+                    let oldest = oldest.and_then(|at| {
+                        DateTime::parse_from_rfc3339(&at)
+                            .ok()
+                            .map(|at| at.with_timezone(&Utc))
+                    });
+                    (count, oldest)
+                }),
         };
         let (count, oldest) = result.map_err(|error| FeedError(error.to_string()))?;
         Ok((count as u64, oldest))
@@ -507,5 +515,40 @@ mod tests {
             ),
             "version 1 of InvitationSent is upcast"
         );
+    }
+
+    /// SQLite plans these without statistics (a new store has none): each must seek the log
+    /// by position, not read the whole of it, whatever its size.
+    #[tokio::test]
+    async fn the_sqlite_feed_seeks_the_log_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("feed.db").display());
+        let database = Database::connect(&url).await.unwrap();
+        database.migrate().await.unwrap();
+        let Database::Sqlite(pool) = &database else {
+            unreachable!()
+        };
+        for (sql, parameters) in [(SQLITE_READ_AFTER, 2), (SQLITE_BACKLOG, 1)] {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let mut query = sqlx::query(&explain).bind(0_i64);
+            if parameters == 2 {
+                query = query.bind(500_i64);
+            }
+            let plan: Vec<String> = query
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| row.get::<String, _>("detail"))
+                .collect();
+            assert!(
+                plan[0].contains("USING INTEGER PRIMARY KEY (rowid>?)"),
+                "{plan:?}"
+            );
+            assert!(
+                plan.iter().all(|step| !step.contains("TEMP B-TREE")),
+                "{plan:?}"
+            );
+        }
     }
 }

@@ -460,16 +460,11 @@ impl OrganizationRepository {
             .collect())
     }
 
-    /// Gives each event a version before MACs stored (listed in `events_before_macs` when
-    /// the column was added) and that has none yet its MAC, as the event stands: once, on a
-    /// store whose rows are trusted. Events whose payload or metadata is not JSON are left
-    /// without (`verify` names them). `on_page` hears the running count of events marked.
-    /// Refused when none of the events this version stored checks out under this master
-    /// key: the marks would never match under the right one.
-    pub async fn authenticate_legacy(
-        &self,
-        mut on_page: impl FnMut(u64),
-    ) -> Result<MarkedEvents, StoreError> {
+    /// Refuses a master key that matches none of a sample of the stored events' MACs (one
+    /// altered event must not refuse the right key). A store without organization keys left
+    /// to open (every organization purged, or a lost key file on SQLite) would otherwise take
+    /// any key, and append events whose MACs no longer agree with the history's.
+    pub async fn verify_master_key_against_events(&self) -> Result<(), StoreError> {
         // Events this version stored: a listed one's MAC may be anyone's (see the trigger).
         const MARKED: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
                                      event_version, CAST(payload AS text) AS payload,
@@ -482,6 +477,34 @@ impl OrganizationRepository {
                                         AND listed.aggregate_id = e.aggregate_id
                                         AND listed.sequence = e.sequence)
                                LIMIT 100";
+        let macs = self.keys.event_macs();
+        let marked: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_as(MARKED).fetch_all(pool).await?
+        });
+        if !marked.is_empty()
+            && !marked
+                .into_iter()
+                .any(|row| row.check(macs) == Some(Authenticity::Authentic))
+        {
+            return Err(StoreError::Integrity(
+                "the master key matches none of the stored events' MACs: \
+                 ORGLEDGER_MASTER_KEY must be the key the events were stored with"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Gives each event a version before MACs stored (listed in `events_before_macs` when
+    /// the column was added) and that has none yet its MAC, as the event stands: once, on a
+    /// store whose rows are trusted. Events whose payload or metadata is not JSON are left
+    /// without (`verify` names them). `on_page` hears the running count of events marked.
+    /// Refused when none of the events this version stored checks out under this master
+    /// key: the marks would never match under the right one.
+    pub async fn authenticate_legacy(
+        &self,
+        mut on_page: impl FnMut(u64),
+    ) -> Result<MarkedEvents, StoreError> {
         const UNMARKED: &str = "SELECT e.aggregate_type, e.aggregate_id, e.sequence,
                                        e.event_type, e.event_version,
                                        CAST(e.payload AS text) AS payload,
@@ -506,22 +529,8 @@ impl OrganizationRepository {
                                   WHERE e.aggregate_type = page.aggregate_type
                                     AND e.aggregate_id = page.aggregate_id
                                     AND e.sequence = page.sequence AND e.mac IS NULL";
+        self.verify_master_key_against_events().await?;
         let macs = self.keys.event_macs();
-        // Some of them: one altered event must not refuse the right key.
-        let marked: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query_as(MARKED).fetch_all(pool).await?
-        });
-        if !marked.is_empty()
-            && !marked
-                .into_iter()
-                .any(|row| row.check(macs) == Some(Authenticity::Authentic))
-        {
-            return Err(StoreError::Integrity(
-                "the master key matches none of the stored events' MACs: \
-                 ORGLEDGER_MASTER_KEY must be the key the events were stored with"
-                    .to_owned(),
-            ));
-        }
         let mut done = MarkedEvents::default();
         let mut after = (String::new(), String::new(), 0_i64);
         loop {
@@ -850,8 +859,10 @@ impl OrganizationRepository {
                 "SELECT l.position, e.aggregate_type, e.aggregate_id, e.sequence, e.event_type,
                             e.event_version, e.payload, e.metadata
                        FROM event_log l
-                       JOIN events e USING (aggregate_type, aggregate_id, sequence)
-                      WHERE l.aggregate_type = ?1 AND l.position > ?2
+                      CROSS JOIN events e
+                         ON e.aggregate_type = l.aggregate_type
+                        AND e.aggregate_id = l.aggregate_id AND e.sequence = l.sequence
+                      WHERE +l.aggregate_type = ?1 AND l.position > ?2
                       ORDER BY l.position LIMIT ?3",
             )
             .bind(aggregate_type)
