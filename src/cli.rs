@@ -235,7 +235,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let grace = Duration::from_millis(shutdown_grace_ms);
             crate::http::serve(listener, state, shutdown_signal(), grace).await?;
-            tracing::info!("requests drained; stopping projections");
+            tracing::info!("stopping projections");
             let _ = stop.send(true);
             for task in tasks {
                 let _ = task.await;
@@ -376,10 +376,16 @@ async fn export_to(
         sink.flush()?;
         Ok(())
     };
-    // A signal must not leave half an export behind: it holds personal data in clear.
-    let streamed: anyhow::Result<()> = tokio::select! {
-        copied = copied => copied,
-        () = interrupted() => Err(anyhow::anyhow!("interrupted by a signal; nothing was written")),
+    // A signal must not leave half an export file behind: it holds personal data in clear.
+    // (Written to standard output, what was sent is out; the signal ends the process as
+    // usual.)
+    let streamed: anyhow::Result<()> = if file.is_some() {
+        tokio::select! {
+            copied = copied => copied,
+            () = interrupted() => Err(anyhow::anyhow!("interrupted by a signal; nothing was written")),
+        }
+    } else {
+        copied.await
     };
     bar.finish_and_clear();
     drop(sink);

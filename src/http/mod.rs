@@ -251,9 +251,10 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves; in-flight requests then have `grace` to finish, after
-/// which their connections are closed (a client that never completes its request would hold
-/// the stop up for good).
+/// Serves until `shutdown` resolves; in-flight requests then have `grace` to finish. Past it,
+/// returns without waiting for them (a client that never completes its request would hold
+/// the stop up for good): they end with the process, as in a crash, which loses no committed
+/// event and leaves a keyed command's answer to be settled as after one.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -287,7 +288,7 @@ pub async fn serve(
     tokio::select! {
         served = std::future::IntoFuture::into_future(server) => served,
         () = overdue => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "requests still in flight after the shutdown grace; closing their connections");
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "connections still open after the shutdown grace; stopping without them");
             Ok(())
         }
     }
