@@ -472,19 +472,23 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
 /// after itself before it exits.
 async fn interrupted() {
     #[cfg(unix)]
-    let hangup = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let hangup = unix_signal(tokio::signal::unix::SignalKind::hangup());
     #[cfg(not(unix))]
     let hangup = std::future::pending::<()>();
     tokio::select! {
         () = shutdown_signal() => {},
         () = hangup => {},
+    }
+}
+
+/// Resolves when the signal arrives; never, if it cannot be listened for.
+#[cfg(unix)]
+async fn unix_signal(kind: tokio::signal::unix::SignalKind) {
+    match tokio::signal::unix::signal(kind) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending::<()>().await,
     }
 }
 
@@ -494,14 +498,7 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    let terminate = unix_signal(tokio::signal::unix::SignalKind::terminate());
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {

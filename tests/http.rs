@@ -4525,19 +4525,27 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
         )
         .await;
     assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
-    let version = renamed.body["version"].as_i64().unwrap();
-    let events = app
-        .call(
-            Method::GET,
-            &format!(
-                "/v1/organizations/{org}/events?after_sequence={}",
-                version - 1
-            ),
-            Some("olivia"),
-            None,
-        )
-        .await;
-    let metadata = &events.body["items"][0]["metadata"];
+    // The metadata of the event a rename appended.
+    let metadata_of = |renamed: Reply| {
+        let app = &app;
+        let org = &org;
+        async move {
+            let version = renamed.body["version"].as_i64().unwrap();
+            let events = app
+                .call(
+                    Method::GET,
+                    &format!(
+                        "/v1/organizations/{org}/events?after_sequence={}",
+                        version - 1
+                    ),
+                    Some("olivia"),
+                    None,
+                )
+                .await;
+            events.body["items"][0]["metadata"].clone()
+        }
+    };
+    let metadata = metadata_of(renamed).await;
     assert_eq!(metadata["request_id"], "req-meta", "{metadata}");
     assert_eq!(metadata["user_agent"], "orgledger-test/1.0", "{metadata}");
     assert_eq!(metadata["client_ip"], "203.0.113.7", "{metadata}");
@@ -4563,19 +4571,7 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
         assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
         let echoed = renamed.headers["x-request-id"].to_str().unwrap().to_owned();
         assert_ne!(echoed.as_bytes(), sent);
-        let version = renamed.body["version"].as_i64().unwrap();
-        let events = app
-            .call(
-                Method::GET,
-                &format!(
-                    "/v1/organizations/{org}/events?after_sequence={}",
-                    version - 1
-                ),
-                Some("olivia"),
-                None,
-            )
-            .await;
-        assert_eq!(events.body["items"][0]["metadata"]["request_id"], echoed);
+        assert_eq!(metadata_of(renamed).await["request_id"], echoed);
     }
 }
 
