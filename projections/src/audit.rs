@@ -8,7 +8,7 @@ use orgledger_domain::OrganizationEvent as E;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::cursor::{contains_pattern, fold, paginate, Cursor, CursorError, List};
+use crate::cursor::{contains_pattern, fold, paginate, prefix_pattern, Cursor, CursorError, List};
 use crate::db::{index, unique_index, Arg, Backend, Conn, Database, Index};
 use crate::feed::RecordedEvent;
 use crate::invitations::ActorView;
@@ -559,13 +559,7 @@ async fn entries_after(
     };
     let (action_exact, action_prefix) = match filter.action.as_deref() {
         Some(action) => match action.strip_suffix('*') {
-            Some(prefix) => (
-                None,
-                Some(format!(
-                    "{}%",
-                    prefix.replace('%', "\\%").replace('_', "\\_")
-                )),
-            ),
+            Some(prefix) => (None, Some(prefix_pattern(prefix))),
             None => (Some(action.to_owned()), None),
         },
         None => (None, None),

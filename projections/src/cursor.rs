@@ -153,19 +153,40 @@ pub(crate) fn fold(text: &str) -> String {
 pub(crate) fn contains_pattern(needle: &str) -> String {
     let mut pattern = String::with_capacity(needle.len() + 2);
     pattern.push('%');
-    for c in fold(needle).chars() {
+    push_literal(&mut pattern, &fold(needle));
+    pattern.push('%');
+    pattern
+}
+
+/// A `LIKE ... ESCAPE '\'` pattern for what begins with `prefix`, taken literally.
+pub(crate) fn prefix_pattern(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    push_literal(&mut pattern, prefix);
+    pattern.push('%');
+    pattern
+}
+
+/// `text` into a `LIKE ... ESCAPE '\'` pattern as itself: its wildcards and the escape
+/// character escaped.
+fn push_literal(pattern: &mut String, text: &str) {
+    for c in text.chars() {
         if matches!(c, '%' | '_' | '\\') {
             pattern.push('\\');
         }
         pattern.push(c);
     }
-    pattern.push('%');
-    pattern
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_pattern_takes_wildcards_and_the_escape_literally() {
+        assert_eq!(prefix_pattern("member."), "member.%");
+        assert_eq!(prefix_pattern("a\\b_c%"), "a\\\\b\\_c\\%%");
+        assert_eq!(contains_pattern("A\\b"), "%a\\\\b%");
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
