@@ -465,7 +465,9 @@ impl OrganizationRepository {
     /// to open (every organization purged, or a lost key file on SQLite) would otherwise take
     /// any key, and append events whose MACs no longer agree with the history's.
     pub async fn verify_master_key_against_events(&self) -> Result<(), StoreError> {
-        // Events this version stored: a listed one's MAC may be anyone's (see the trigger).
+        // The latest events this version stored: a listed one's MAC may be anyone's (see the
+        // trigger). Newest first, so a store upgraded with millions of listed events is not
+        // walked through them at every start (both keys are an index or the rowid).
         const MARKED: &str = "SELECT aggregate_type, aggregate_id, sequence, event_type,
                                      event_version, CAST(payload AS text) AS payload,
                                      CAST(metadata AS text) AS metadata, mac
@@ -476,11 +478,21 @@ impl OrganizationRepository {
                                       WHERE listed.aggregate_type = e.aggregate_type
                                         AND listed.aggregate_id = e.aggregate_id
                                         AND listed.sequence = e.sequence)
+                               ORDER BY NEWEST DESC
                                LIMIT 100";
         let macs = self.keys.event_macs();
-        let marked: Vec<StoredRow> = orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query_as(MARKED).fetch_all(pool).await?
-        });
+        let marked: Vec<StoredRow> = match &self.database {
+            Database::Postgres(pool) => {
+                sqlx::query_as(&MARKED.replace("NEWEST", "position"))
+                    .fetch_all(pool)
+                    .await?
+            }
+            Database::Sqlite(pool) => {
+                sqlx::query_as(&MARKED.replace("NEWEST", "rowid"))
+                    .fetch_all(pool)
+                    .await?
+            }
+        };
         if !marked.is_empty()
             && !marked
                 .into_iter()
