@@ -87,6 +87,14 @@ impl StoreConfig {
                 redact_url(&self.database_url)
             );
         }
+        if self.is_sqlite() && self.sqlite_path().is_none() {
+            // sqlx would open a store in memory, one per connection: migrated on one, empty on
+            // the next, and gone at exit.
+            bail!(
+                "{} names no file: use sqlite://PATH",
+                redact_url(&self.database_url)
+            );
+        }
         if let Some(encoded) = &self.master_key {
             return MasterKey::from_base64(encoded)
                 .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes")
@@ -281,6 +289,22 @@ mod tests {
             "postgres://u:***@h/db?sslmode=require&password=***&SSLPASSWORD=***"
         );
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn a_sqlite_url_without_a_file_is_refused() {
+        for url in [
+            "sqlite://",
+            "sqlite:",
+            "sqlite::memory:",
+            "sqlite://?mode=rwc",
+        ] {
+            let mut store = store(url);
+            let error = store.master_key().unwrap_err().to_string();
+            assert!(error.contains("names no file"), "{url}: {error}");
+            store.master_key = Some(MasterKey::generate().to_base64());
+            assert!(store.existing_master_key().is_err(), "{url}");
+        }
     }
 
     #[test]
