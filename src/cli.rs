@@ -72,9 +72,9 @@ pub enum Commands {
             value_name = "MS"
         )]
         consistency_wait_ms: u64,
-        /// How long a stop (SIGTERM, SIGINT) waits for the requests in flight before it closes
-        /// their connections, in milliseconds: a client that never finishes sending its
-        /// request must not hold the process up. Events already committed are kept either way.
+        /// How long a stop (SIGTERM, SIGINT) waits for the requests in flight, in milliseconds,
+        /// before the process stops without those still open: a client that never finishes
+        /// sending its request must not hold it up. Events already committed are kept.
         #[arg(
             long = "orgledger-shutdown-grace-ms",
             env = "ORGLEDGER_SHUTDOWN_GRACE_MS",

@@ -1100,29 +1100,20 @@ impl Ledger {
         slug: &str,
         organization_id: &str,
     ) -> Result<bool, LedgerError> {
-        let claimed = match &self.database {
-            Database::Postgres(pool) => sqlx::query(
-                "INSERT INTO organization_slugs (slug, organization_id) VALUES ($1, $2)
-                 ON CONFLICT (slug) DO UPDATE SET reserved_at = now()
-                  WHERE organization_slugs.organization_id = excluded.organization_id",
-            )
-            .bind(slug)
-            .bind(organization_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => sqlx::query(
-                "INSERT INTO organization_slugs (slug, organization_id) VALUES (?1, ?2)
-                 ON CONFLICT (slug) DO UPDATE
-                    SET reserved_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                  WHERE organization_slugs.organization_id = excluded.organization_id",
-            )
-            .bind(slug)
-            .bind(organization_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-        }
+        let sql = format!(
+            "INSERT INTO organization_slugs (slug, organization_id) VALUES ($1, $2)
+             ON CONFLICT (slug) DO UPDATE SET reserved_at = {}
+              WHERE organization_slugs.organization_id = excluded.organization_id",
+            self.database_time_ago(0)
+        );
+        let claimed = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query(&sql)
+                .bind(slug)
+                .bind(organization_id)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+        })
         .map_err(StoreError::from)?;
         Ok(claimed == 1)
     }
@@ -1138,20 +1129,10 @@ impl Ledger {
     }
 
     async fn reservation_holder(&self, slug: &str) -> Result<Option<String>, LedgerError> {
-        let holder: Option<String> = match &self.database {
-            Database::Postgres(pool) => {
-                sqlx::query_scalar("SELECT organization_id FROM organization_slugs WHERE slug = $1")
-                    .bind(slug)
-                    .fetch_optional(pool)
-                    .await
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query_scalar("SELECT organization_id FROM organization_slugs WHERE slug = ?1")
-                    .bind(slug)
-                    .fetch_optional(pool)
-                    .await
-            }
-        }
+        const HOLDER: &str = "SELECT organization_id FROM organization_slugs WHERE slug = $1";
+        let holder: Option<String> = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query_scalar(HOLDER).bind(slug).fetch_optional(pool).await
+        })
         .map_err(StoreError::from)?;
         Ok(holder)
     }
@@ -1171,44 +1152,36 @@ impl Ledger {
         organization_id: Uuid,
         only_stale: bool,
     ) -> Result<bool, LedgerError> {
+        let stale = if only_stale {
+            let grace = self.database_time_ago(RESERVATION_GRACE.num_seconds());
+            format!("AND reserved_at < {grace}")
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "DELETE FROM organization_slugs WHERE slug = $1 AND organization_id = $2 {stale}"
+        );
         let id = organization_id.to_string();
-        let grace = RESERVATION_GRACE.num_seconds();
-        let released = match &self.database {
-            Database::Postgres(pool) => {
-                let stale = if only_stale {
-                    format!("AND reserved_at < now() - interval '{grace} seconds'")
-                } else {
-                    String::new()
-                };
-                sqlx::query(&format!(
-                    "DELETE FROM organization_slugs WHERE slug = $1 AND organization_id = $2 {stale}"
-                ))
+        let released = orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query(&sql)
                 .bind(slug)
                 .bind(&id)
                 .execute(pool)
                 .await
                 .map(|done| done.rows_affected())
-            }
-            Database::Sqlite(pool) => {
-                let stale = if only_stale {
-                    format!(
-                        "AND reserved_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{grace} seconds')"
-                    )
-                } else {
-                    String::new()
-                };
-                sqlx::query(&format!(
-                    "DELETE FROM organization_slugs WHERE slug = ?1 AND organization_id = ?2 {stale}"
-                ))
-                .bind(slug)
-                .bind(&id)
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected())
-            }
-        }
+        })
         .map_err(StoreError::from)?;
         Ok(released == 1)
+    }
+
+    /// The database's clock `seconds` ago, in SQL, as each backend stamps `reserved_at`.
+    fn database_time_ago(&self, seconds: i64) -> String {
+        match &self.database {
+            Database::Postgres(_) => format!("now() - interval '{seconds} seconds'"),
+            Database::Sqlite(_) => {
+                format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{seconds} seconds')")
+            }
+        }
     }
 }
 

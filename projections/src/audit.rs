@@ -557,13 +557,6 @@ async fn entries_after(
         Ok(organization) if organization.to_string() == organization_id => organization,
         _ => return Ok(Vec::new()),
     };
-    let (action_exact, action_prefix) = match filter.action.as_deref() {
-        Some(action) => match action.strip_suffix('*') {
-            Some(prefix) => (None, Some(prefix_pattern(prefix))),
-            None => (Some(action.to_owned()), None),
-        },
-        None => (None, None),
-    };
     // Only the filters given are written into the statement. A catch-all
     // `($n IS NULL OR column = $n)` got one generic plan on PostgreSQL after a few runs, one
     // that walks the organization's whole log by sequence instead of the filter's index: an
@@ -584,11 +577,14 @@ async fn entries_after(
     if let Some(actor) = &filter.actor {
         and("actor_id = $?", Arg::from(actor));
     }
-    if let Some(action) = action_exact {
-        and("action = $?", Arg::from(action));
-    }
-    if let Some(prefix) = action_prefix {
-        and("action LIKE $? ESCAPE '\\'", Arg::from(prefix));
+    if let Some(action) = filter.action.as_deref() {
+        match action.strip_suffix('*') {
+            Some(family) => and(
+                "action LIKE $? ESCAPE '\\'",
+                Arg::from(prefix_pattern(family)),
+            ),
+            None => and("action = $?", Arg::from(action)),
+        }
     }
     if let Some(resource_type) = &filter.resource_type {
         and("resource_type = $?", Arg::from(resource_type));

@@ -1565,8 +1565,8 @@ async fn lock_checkpoints(
         (Backend::Postgres, Some(events)) => organizations_of(events),
         _ => Vec::new(),
     };
-    let rows: Vec<(String, i64, i64)> = match conn.backend() {
-        Backend::Postgres if !organizations.is_empty() => {
+    let rows: Vec<(String, i64, i64)> = match &mut *conn {
+        Conn::Postgres(pg) if !organizations.is_empty() => {
             // Arrays, not a list of parameters: one shape whatever the batch's size, so the
             // connection prepares it once and the server plans it without a parse per size.
             let sql = "WITH locked AS MATERIALIZED (
@@ -1579,9 +1579,6 @@ async fn lock_checkpoints(
                  UNION ALL
                  SELECT projection, organization_id, version, 0, true FROM projected_versions
                   WHERE projection = ANY($1::text[]) AND organization_id = ANY($2::text[])";
-            let Conn::Postgres(pg) = conn else {
-                unreachable!("matched on the backend")
-            };
             let mixed: Vec<(String, Option<String>, i64, i64, bool)> = sqlx::query_as(sql)
                 .bind(names)
                 .bind(&organizations)
@@ -1604,11 +1601,11 @@ async fn lock_checkpoints(
             versions = unchanged.then_some(known);
             checkpoints
         }
-        Backend::Postgres => {
+        Conn::Postgres(_) => {
             conn.fetch_all(&format!("{} FOR UPDATE", select()), &args)
                 .await?
         }
-        Backend::Sqlite => {
+        Conn::Sqlite(_) => {
             let lock =
                 format!("UPDATE projection_checkpoints SET name = name WHERE name IN ({list})");
             conn.execute(&lock, &args).await?;
