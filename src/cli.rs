@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::config::{platform_tokens, redact_url, StoreConfig};
+use crate::config::{platform_tokens, redact_url, GeneratedKey, StoreConfig};
 use crate::http::{AppState, PlatformTokens};
 use crate::service::Orgledger;
 use crate::store::{Database, MasterKey};
@@ -152,13 +152,17 @@ pub async fn open_store(
     let database = database.map_err(|error| {
         anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
     })?;
-    let (master_key, generated) = store.master_key()?;
     database.migrate().await?;
-    let service = Orgledger::open_to_rebuild(database, master_key, to_rebuild).await?;
-    if let Some(generated) = generated {
-        generated.keep()?;
+    loop {
+        let (master_key, generated) = store.master_key()?;
+        let service = Orgledger::open_to_rebuild(database.clone(), master_key, to_rebuild).await?;
+        match generated.map(GeneratedKey::keep).transpose()? {
+            None | Some(true) => return Ok(service),
+            // Another process on this new store kept its key first. Nothing was written under
+            // this one (the service has not run), so open again under the kept key.
+            Some(false) => tracing::info!("another process kept its master key first; using it"),
+        }
     }
-    Ok(service)
 }
 
 /// Opens an existing store to read only: nothing migrated, no key generated, no read-model

@@ -145,10 +145,17 @@ impl std::fmt::Debug for GeneratedKey {
 }
 
 impl GeneratedKey {
-    pub fn keep(self) -> anyhow::Result<()> {
-        write_secret_file(&self.path, &self.encoded)?;
-        tracing::warn!(path = %self.path.display(), "generated a new master key; back it up with the database");
-        Ok(())
+    /// Writes the key beside the data. `Ok(false)`: another process started on the same new
+    /// store (a `migrate` beside a `serve`) kept its own key first; this one is not kept, and
+    /// the caller must reopen the store with the kept one.
+    pub fn keep(self) -> anyhow::Result<bool> {
+        match write_secret_file(&self.path, &self.encoded)? {
+            Written::Now => {
+                tracing::warn!(path = %self.path.display(), "generated a new master key; back it up with the database");
+                Ok(true)
+            }
+            Written::Before => Ok(false),
+        }
     }
 }
 
@@ -174,44 +181,73 @@ pub fn platform_tokens(
         .beside_data("api-token")
         .unwrap_or_else(|| PathBuf::from("orgledger.api-token"));
     if path.exists() {
-        let token = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let token = token.trim();
-        if token.is_empty() {
-            // Served with it, every request would be refused as unauthenticated.
-            bail!(
-                "{} holds no platform token: remove it to have one generated, or set ORGLEDGER_API_TOKEN",
-                path.display()
-            );
-        }
-        tracing::info!(path = %path.display(), "using the platform token kept beside the data");
-        return Ok(vec![token.to_owned()]);
+        return kept_platform_token(&path);
     }
     let token = crate::tokens::issue("olg").secret;
-    write_secret_file(&path, &token)?;
-    println!(
-        "Generated a platform token (shown once; kept in {}):\n{token}",
-        path.display()
-    );
-    Ok(vec![token])
+    match write_secret_file(&path, &token)? {
+        Written::Now => {
+            println!(
+                "Generated a platform token (shown once; kept in {}):\n{token}",
+                path.display()
+            );
+            Ok(vec![token])
+        }
+        // Another process on the same new store generated one first: it is the one kept.
+        Written::Before => kept_platform_token(&path),
+    }
 }
 
-/// Writes a file readable by its owner only.
-pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+fn kept_platform_token(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        // Served with it, every request would be refused as unauthenticated.
+        bail!(
+            "{} holds no platform token: remove it to have one generated, or set ORGLEDGER_API_TOKEN",
+            path.display()
+        );
     }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    tracing::info!(path = %path.display(), "using the platform token kept beside the data");
+    Ok(vec![token.to_owned()])
+}
+
+/// Whether [`write_secret_file`] wrote the file, or found one there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Now,
+    Before,
+}
+
+/// Writes a file readable by its owner only, unless one is already there. It appears whole
+/// or not at all (written aside, then linked into place): a process starting beside this
+/// one never reads it empty or half-written.
+pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Result<Written> {
+    use std::io::Write;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    // `tempfile` creates it readable by its owner only.
+    let mut file = tempfile::Builder::new()
+        .prefix(".orgledger-secret")
+        .tempfile_in(directory)
+        .with_context(|| format!("creating a file in {}", directory.display()))?;
     file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    Ok(())
+    file.as_file().sync_all()?;
+    match file.persist_noclobber(path) {
+        Ok(_) => {
+            // The link itself is durable once the directory is.
+            std::fs::File::open(directory)
+                .and_then(|directory| directory.sync_all())
+                .with_context(|| format!("syncing {}", directory.display()))?;
+            Ok(Written::Now)
+        }
+        Err(error) if error.error.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(Written::Before)
+        }
+        Err(error) => Err(error.error).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 /// The URL without its password, for messages and logs.

@@ -633,3 +633,49 @@ fn verify_changes_nothing_in_a_store_it_cannot_read() {
     assert!(stderr.contains("no master key"), "{stderr}");
     assert!(!key_file.exists(), "a master key was made beside the data");
 }
+
+#[test]
+fn processes_started_together_on_a_new_store_all_open_it_under_one_kept_key() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+
+        let started: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_orgledger"))
+                    .arg("migrate")
+                    .env("DATABASE_URL", &url)
+                    .env_remove("ORGLEDGER_MASTER_KEY")
+                    .env("RUST_LOG", "warn")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("the binary runs")
+            })
+            .collect();
+
+        for process in started {
+            let done = process.wait_with_output().unwrap();
+            assert!(
+                done.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&done.stderr)
+            );
+        }
+        let key_file = dir.path().join("orgledger.db.master-key");
+        let kept = std::fs::read_to_string(&key_file).unwrap();
+        assert_eq!(kept.trim().len(), 44, "one whole key: {kept:?}");
+        let strays: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".orgledger-secret"))
+            .collect();
+        assert!(strays.is_empty(), "round {round}: left behind {strays:?}");
+        let verified = orgledger_with_key_beside_data(&["verify"], &url);
+        assert!(
+            verified.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
+}

@@ -147,12 +147,28 @@ impl Database {
                     .pragma("secure_delete", "on"),
                 Access::ReadOnly => options.read_only(true),
             };
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options)
-                .await?;
-            Ok(Self::Sqlite(pool))
+            // A new file's first connections switch it to WAL, which needs the file to
+            // itself: SQLite answers "database is locked" there without waiting out the busy
+            // timeout when another process opens the same new file at that moment. Retried
+            // within the same bound.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let opened = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options.clone())
+                    .await;
+                match opened {
+                    Ok(pool) => return Ok(Self::Sqlite(pool)),
+                    Err(sqlx::Error::Database(error))
+                        if error.code().as_deref() == Some("5")
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
         } else {
             let scheme = url
                 .split_once("://")
@@ -217,9 +233,27 @@ impl Database {
                     .await?;
             }
             Self::Sqlite(pool) => {
-                up_to(sqlx::migrate!("../migrations/sqlite"))
-                    .run(pool)
-                    .await?;
+                // sqlx takes no lock across processes on SQLite: two processes starting on a
+                // new store (a `migrate` beside a `serve`) both apply a migration, and the one
+                // whose statements wait out the other's transaction fails on what it created.
+                // Each migration commits with its record, so a failure after which more are
+                // recorded is the other process's progress: run again from there.
+                let migrator = up_to(sqlx::migrate!("../migrations/sqlite"));
+                let mut attempts = 0;
+                loop {
+                    let before = applied_migrations(pool).await;
+                    match migrator.run(pool).await {
+                        Ok(()) => break,
+                        Err(error) => {
+                            attempts += 1;
+                            if attempts > migrator.iter().count()
+                                || applied_migrations(pool).await <= before
+                            {
+                                return Err(error.into());
+                            }
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -832,6 +866,14 @@ pub fn unique_index(table: &str, suffix: &'static str, columns: &'static str) ->
 /// Most rows one multi-row statement carries: keeps every statement within both backends'
 /// parameter limits (SQLite: 32,766) for up to 16 columns.
 pub const MAX_ROWS_PER_STATEMENT: usize = 2_000;
+
+/// How many migrations SQLite's store records as applied; none before its table exists.
+async fn applied_migrations(pool: &SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
 
 #[cfg(test)]
 mod tests {
