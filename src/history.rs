@@ -59,8 +59,9 @@ const REPLAY_PAGE: usize = 1_000;
 /// in the snapshot and not in the replay. No command runs for a minute.
 const OCCURRED_AT_DISORDER: chrono::Duration = chrono::Duration::minutes(1);
 
-/// Replays the events up to the moment, from the stored snapshot when that stands at or
-/// before it; `None` if the organization did not exist then (not yet, or no longer: purged).
+/// Replays the events up to the moment, from the latest snapshot (current or past) that
+/// stands at or before it; `None` if the organization did not exist then (not yet, or no
+/// longer: purged).
 pub async fn state_as_of(
     ledger: &Ledger,
     organization_id: Uuid,
@@ -70,38 +71,36 @@ pub async fn state_as_of(
         AsOf::Sequence(sequence) => event.sequence <= sequence,
         AsOf::Time(at) => occurred_at(event).is_some_and(|occurred| occurred <= at),
     };
-    // The snapshot stands for the moment when every event in it is included, which its last
-    // event tells: by its sequence, or by its time with room for commits out of order.
-    let covers = |last: &EventEnvelope<Organization>| match as_of {
-        AsOf::Sequence(sequence) => last.sequence <= sequence,
-        AsOf::Time(at) => occurred_at(last)
-            .and_then(|occurred| occurred.checked_add_signed(OCCURRED_AT_DISORDER))
-            .is_some_and(|later| later <= at),
+    // A snapshot stands for the moment when every event in it is included, which its last
+    // event tells: by its sequence, or by its time with room for commits out of order. The
+    // latest one that does is the start; only its state is read (a large organization's
+    // takes a while to open).
+    let sequences = ledger.snapshot_sequences(organization_id).await?;
+    let standing = match as_of {
+        AsOf::Sequence(sequence) => sequences.iter().rev().find(|at| **at <= sequence).copied(),
+        AsOf::Time(at) => latest_standing_before(ledger, organization_id, &sequences, at).await?,
     };
-    // The snapshot's state is read only once its last event says it stands for the moment
-    // (a large organization's takes a while to open); one stored meanwhile is not used.
-    let start = match ledger.snapshot_marks(organization_id).await? {
-        Some(marks) => {
-            let last = ledger
-                .events_after(organization_id, marks.last_sequence.saturating_sub(1), 1)
-                .await?;
-            if last.first().is_some_and(covers) {
-                ledger
-                    .snapshot(organization_id)
-                    .await?
-                    .filter(|(_, sequence)| *sequence == marks.last_sequence)
-            } else {
-                None
-            }
-        }
+    let start = match standing {
+        Some(sequence) => ledger
+            .snapshot_standing_at(organization_id, sequence)
+            .await?
+            .map(|state| (state, sequence)),
         None => None,
     };
     let (mut organization, mut as_of_sequence) = start.unwrap_or_default();
     'replay: loop {
+        // Up to a sequence, no further than it: a start just before it reads a few events.
+        let limit = match as_of {
+            AsOf::Sequence(sequence) => REPLAY_PAGE.min(sequence.saturating_sub(as_of_sequence)),
+            AsOf::Time(_) => REPLAY_PAGE,
+        };
+        if limit == 0 {
+            break;
+        }
         let page = ledger
-            .events_after(organization_id, as_of_sequence, REPLAY_PAGE)
+            .events_after(organization_id, as_of_sequence, limit)
             .await?;
-        let complete = page.len() < REPLAY_PAGE;
+        let complete = page.len() < limit;
         for event in page {
             if !included(&event) {
                 break 'replay;
@@ -117,6 +116,38 @@ pub async fn state_as_of(
         organization,
         as_of_sequence,
     }))
+}
+
+/// Of the snapshots standing at `sequences` (ascending), the latest whose last event occurred
+/// at least [`OCCURRED_AT_DISORDER`] before `at`: found by halving, one event read a step.
+async fn latest_standing_before(
+    ledger: &Ledger,
+    organization_id: Uuid,
+    sequences: &[usize],
+    at: DateTime<Utc>,
+) -> Result<Option<usize>, LedgerError> {
+    let (mut low, mut high) = (0, sequences.len());
+    let mut latest = None;
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let sequence = sequences[middle];
+        let last = ledger
+            .events_after(organization_id, sequence.saturating_sub(1), 1)
+            .await?;
+        let stands = last.first().is_some_and(|event| {
+            event.sequence == sequence
+                && occurred_at(event)
+                    .and_then(|occurred| occurred.checked_add_signed(OCCURRED_AT_DISORDER))
+                    .is_some_and(|later| later <= at)
+        });
+        if stands {
+            latest = Some(sequence);
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    Ok(latest)
 }
 
 fn occurred_at(event: &EventEnvelope<Organization>) -> Option<DateTime<Utc>> {

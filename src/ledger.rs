@@ -425,6 +425,41 @@ impl Ledger {
         Ok((loaded.version > 0).then(|| (Arc::unwrap_or_clone(loaded.state), loaded.version)))
     }
 
+    /// The sequences at which the organization has a snapshot, current or past, ascending.
+    pub async fn snapshot_sequences(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Vec<usize>, LedgerError> {
+        Ok(self
+            .repository
+            .snapshot_sequences(Organization::TYPE, &organization_id.to_string())
+            .await?)
+    }
+
+    /// The state of the snapshot standing at `sequence`, current or past, when there is a
+    /// usable one there (none after a purge, nor one derived under older rules).
+    pub async fn snapshot_standing_at(
+        &self,
+        organization_id: Uuid,
+        sequence: usize,
+    ) -> Result<Option<Organization>, LedgerError> {
+        let Some(json) = self
+            .repository
+            .snapshot_standing_at(Organization::TYPE, &organization_id.to_string(), sequence)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(match parse_state(json).await? {
+            Ok(state) => Some(state),
+            Err(UnusableState::Shape(error)) => {
+                tracing::warn!(%organization_id, sequence, %error, "unreadable snapshot ignored");
+                None
+            }
+            Err(UnusableState::OlderRules(_)) => None,
+        })
+    }
+
     /// Raw stored events after `after_sequence`, opened, in sequence order.
     pub async fn raw_events(
         &self,
@@ -925,6 +960,13 @@ impl Ledger {
         self.keys.destroy(&id).await?;
         orgledger_projections::with_pool!(&self.database, pool => {
             sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
+            // Unreadable without the key already; gone with it, as the current one is below.
+            sqlx::query("DELETE FROM past_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
+                .bind(Organization::TYPE)
                 .bind(&id)
                 .execute(pool)
                 .await

@@ -235,8 +235,9 @@ where
 }
 
 /// One organization: sequences from 1 without a gap, every event readable and carrying a
-/// MAC that matches it, the first one its creation, its snapshot equal to the replay up to
-/// the snapshot's event, and its last event no earlier than the read models' (`applied`).
+/// MAC that matches it, the first one its creation, its snapshot and those kept for past
+/// moments each equal to the replay up to its event, and its last event no earlier than the
+/// read models' (`applied`).
 /// Returns its slug unless it is purged.
 async fn verify_organization(
     service: &Orgledger,
@@ -280,6 +281,15 @@ async fn verify_organization(
             }
         }
     };
+    // The snapshots it replaced, kept for past moments: each compared with the replay where
+    // it stands.
+    let current = marks.map(|marks| marks.last_sequence);
+    let mut past: std::collections::VecDeque<usize> = ledger
+        .snapshot_sequences(organization_id)
+        .await?
+        .into_iter()
+        .filter(|at| Some(*at) != current)
+        .collect();
     let mut state = Organization::default();
     let mut at_snapshot = None;
     // The first event that could not be read: the replay after it is not the history.
@@ -346,6 +356,38 @@ async fn verify_organization(
             if snapshot.as_ref().is_some_and(|(_, at)| *at == last) {
                 at_snapshot = Some(state.clone());
             }
+            while let Some(at) = past.front().copied().filter(|at| *at <= last) {
+                past.pop_front();
+                report.snapshots += 1;
+                if at < last {
+                    found(
+                        Some(at),
+                        format!("event {at}, where a past snapshot stands, is missing"),
+                    );
+                    continue;
+                }
+                let stored = read_twice(ledger.database(), || {
+                    ledger.snapshot_standing_at(organization_id, at)
+                })
+                .await?;
+                match stored {
+                    // The replay up to it skipped an event: already reported.
+                    _ if unreadable.is_some() => {}
+                    Ok(Some(stored)) if stored == state => {}
+                    Ok(Some(_)) => found(
+                        Some(at),
+                        format!(
+                            "its past snapshot at event {at} differs from the replay of its events"
+                        ),
+                    ),
+                    Ok(None) if !keyed => {}
+                    Ok(None) => report.snapshots_not_compared += 1,
+                    Err(error) => found(
+                        Some(at),
+                        format!("its past snapshot at event {at} cannot be opened: {error}"),
+                    ),
+                }
+            }
         }
         if complete {
             break;
@@ -382,6 +424,13 @@ async fn verify_organization(
                 format!("its snapshot stands at event {at}, past its last event ({last})"),
             ),
         }
+    }
+    for at in past {
+        report.snapshots += 1;
+        found(
+            Some(at),
+            format!("a past snapshot stands at event {at}, past its last event ({last})"),
+        );
     }
     verify_macs(service, organization_id, last, report, &mut found).await?;
     // The read models record the last event they applied of each organization: a log that

@@ -1726,9 +1726,9 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         }
     };
     flips_at(org, 1, 700).await;
-    flips_at(org, 2, 600).await;
+    flips_at(org, 90, 600).await;
     let (_, snapshot_at) = service.ledger.snapshot(org).await.unwrap().unwrap();
-    flips_at(org, 3, 7).await;
+    flips_at(org, 91, 7).await;
     let events = service.ledger.events(org).await.unwrap();
     let last = events.last().unwrap().sequence;
     assert!(
@@ -1747,7 +1747,11 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         AsOf::Time(start),
         AsOf::Time(start + chrono::Duration::milliseconds(1_500)),
         AsOf::Time(start + chrono::Duration::milliseconds(2_500)),
+        AsOf::Time(start + chrono::Duration::seconds(60)),
+        AsOf::Time(start + chrono::Duration::seconds(61)),
         AsOf::Time(start + chrono::Duration::seconds(62)),
+        AsOf::Time(start + chrono::Duration::seconds(149)),
+        AsOf::Time(start + chrono::Duration::seconds(150)),
         AsOf::Time(start + chrono::Duration::days(1)),
     ];
     for as_of in moments {
@@ -1767,17 +1771,50 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
     assert_eq!(latest.as_of_sequence, last);
     let read = stats.events() - read_before;
     assert!(read <= 10, "{read} events read for the latest state");
-    // A moment before the snapshot does not open it, only replays.
-    let snapshots_before = stats.snapshots();
-    state_as_of(&service.ledger, org, AsOf::Sequence(704))
+    // The snapshot the current one replaced is kept: a moment between the two starts from
+    // it and reads only the events after it.
+    let sequences = service.ledger.snapshot_sequences(org).await.unwrap();
+    assert!(
+        sequences.len() >= 2 && sequences.last() == Some(&snapshot_at),
+        "{sequences:?}"
+    );
+    let past = sequences[0];
+    let (snapshots_before, read_before) = (stats.snapshots(), stats.events());
+    let between = state_as_of(&service.ledger, org, AsOf::Sequence(past + 1))
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(between.as_of_sequence, past + 1);
     assert_eq!(
-        stats.snapshots(),
-        snapshots_before,
-        "the snapshot was opened"
+        stats.snapshots() - snapshots_before,
+        1,
+        "one snapshot opened"
     );
+    assert_eq!(stats.events() - read_before, 1, "one event read after it");
+    // By time too: a minute after the first import's events (the room left for commits
+    // out of order), before the second's, starts from the snapshot between them.
+    let snapshots_before = stats.snapshots();
+    let by_time = state_as_of(
+        &service.ledger,
+        org,
+        AsOf::Time(start + chrono::Duration::seconds(62)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(by_time.as_of_sequence, past);
+    assert_eq!(
+        stats.snapshots() - snapshots_before,
+        1,
+        "one snapshot opened"
+    );
+    // A moment before every snapshot opens none, and replays from the first event.
+    let snapshots_before = stats.snapshots();
+    state_as_of(&service.ledger, org, AsOf::Sequence(past - 1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.snapshots(), snapshots_before, "a snapshot was opened");
 
     // Commands commit in the order they finish, not the one they began in: an event may
     // have occurred after one that follows it. A moment between the two is not taken from a

@@ -56,6 +56,7 @@ on_both_backends!(
     verify_passes_a_history_that_holds_together,
     verify_names_every_organization_holding_a_slug_another_holds,
     verify_names_every_tampering_with_its_organization_and_event,
+    verify_compares_each_kept_snapshot_with_the_replay_where_it_stands,
     the_log_keeps_the_layout_stock_postgres_es_and_sqlite_es_read,
     a_stored_command_whose_wait_fails_answers_pending_not_an_error,
     a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written_since,
@@ -255,6 +256,10 @@ async fn purging_erases_personal_data_everywhere_and_frees_the_slug(backend: Bac
         run(&ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
         run(&ledger, org, "olivia", set_role("mia", Role::Member)).await;
     }
+    assert!(
+        count(ledger.db(), "SELECT count(*) FROM past_snapshots").await >= 1,
+        "a replaced snapshot is kept for past moments"
+    );
     let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
         confirm_name: "Acme".into(),
     });
@@ -267,6 +272,11 @@ async fn purging_erases_personal_data_everywhere_and_frees_the_slug(backend: Bac
     assert_eq!(
         count(ledger.db(), "SELECT count(*) FROM snapshots").await,
         0
+    );
+    assert_eq!(
+        count(ledger.db(), "SELECT count(*) FROM past_snapshots").await,
+        0,
+        "the kept snapshots go with the current one"
     );
     // Another process that never saw the key reads the history as erased.
     let other = ledger.reopen().await;
@@ -2730,4 +2740,93 @@ async fn an_append_under_an_idempotency_claim_no_longer_its_own_stores_nothing(b
         .unwrap();
     assert_eq!(unkeyed.version, before + 1);
     assert_eq!(unkeyed.version % SNAPSHOT_EVERY, 0);
+}
+
+async fn verify_compares_each_kept_snapshot_with_the_replay_where_it_stands(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let ledger = &service.ledger;
+    let org = acme_with_mia(ledger).await;
+    for _ in 0..SNAPSHOT_EVERY * 3 / 2 {
+        run(ledger, org, "olivia", set_role("mia", Role::Viewer)).await;
+        run(ledger, org, "olivia", set_role("mia", Role::Member)).await;
+    }
+    let sequences = ledger.snapshot_sequences(org).await.unwrap();
+    assert!(sequences.len() >= 3, "{sequences:?}");
+    let report = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+    assert!(report.findings.is_empty(), "{:?}", report.findings);
+    assert_eq!(report.snapshots, sequences.len(), "each compared");
+
+    // The first kept snapshot replaced by a state sealed as the store seals one, for its
+    // event, so that it opens, but renamed; the second's bytes altered, so that it does not.
+    let (first, second) = (sequences[0], sequences[1]);
+    let mut renamed = ledger
+        .snapshot_standing_at(org, first)
+        .await
+        .unwrap()
+        .unwrap();
+    renamed.name = "Not what happened".into();
+    let id = org.to_string();
+    let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
+    let mut plaintext = vec![1_u8];
+    plaintext.extend(lz4_flex::compress_prepend_size(
+        serde_json::to_string(&renamed).unwrap().as_bytes(),
+    ));
+    let sealed = key.encrypt(
+        &plaintext,
+        format!("orgledger snapshot\0{id}\0{first}").as_bytes(),
+    );
+    let replace =
+        "UPDATE past_snapshots SET state = $1 WHERE aggregate_id = $2 AND last_sequence = $3";
+    orgledger_projections::with_pool!(service.db(), pool => {
+        sqlx::query(replace)
+            .bind(sealed)
+            .bind(&id)
+            .bind(first as i64)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(replace)
+            .bind(b"not a sealed state".to_vec())
+            .bind(&id)
+            .bind(second as i64)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+
+    let report = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+    let found: Vec<(Option<usize>, &str)> = report
+        .findings
+        .iter()
+        .map(|finding| (finding.sequence, finding.problem.as_str()))
+        .collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(
+        found[0],
+        (
+            Some(first),
+            format!("its past snapshot at event {first} differs from the replay of its events")
+                .as_str()
+        )
+    );
+    assert_eq!(found[1].0, Some(second));
+    assert!(
+        found[1].1.starts_with(&format!(
+            "its past snapshot at event {second} cannot be opened"
+        )),
+        "{found:?}"
+    );
+    // A past moment refuses to start from the one that does not open rather than answer
+    // from it.
+    assert!(orgledger::history::state_as_of(
+        ledger,
+        org,
+        orgledger::history::AsOf::Sequence(second)
+    )
+    .await
+    .is_err());
 }

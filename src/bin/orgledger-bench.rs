@@ -393,7 +393,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         report.line(format!("  its snapshot every {} events: the command that writes one {:.0} ms; a cold load just before it (snapshot + {} events) {:.0} ms",
             crowded.interval, crowded.snapshot_commit, crowded.replayed, crowded.cold_load));
         let (latest, middle) = past_state_cost(&service, big_organization).await?;
-        report.line(format!("past state of the {}-event organization (GET .../state), p50: as of its latest event {latest:.1} ms (from its snapshot), as of its middle {middle:.1} ms (replayed from the first event)",
+        report.line(format!("past state of the {}-event organization (GET .../state), p50: as of its latest event {latest:.1} ms, as of its middle {middle:.1} ms (each from the latest snapshot at or before it)",
             scale.history_events));
         let (vanilla_small, vanilla_big) = vanilla_history_cost(&pool, scale).await?;
         report.line(format!("vanilla cqrs-es+postgres-es: 10 events {vanilla_small:>8.2} ms   {} events {vanilla_big:>8.2} ms   ratio {:.1}",
