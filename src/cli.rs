@@ -352,9 +352,13 @@ async fn export_to(
         eprintln!("warning: the read models are {behind} events behind the log; the export shows them as they stand");
     }
     let mut file = None;
+    // Listened for before the file exists: a signal between its creation and the first look
+    // for one would leave it behind.
+    let mut interruption = None;
     let mut sink: Box<dyn Write> = if output.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
     } else {
+        interruption = Some(interruption_from_now());
         let directory = match output.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => std::path::Path::new("."),
@@ -383,10 +387,10 @@ async fn export_to(
     // A signal must not leave half an export file behind: it holds personal data in clear.
     // (Written to standard output, what was sent is out; the signal ends the process as
     // usual.)
-    let streamed: anyhow::Result<()> = if file.is_some() {
+    let streamed: anyhow::Result<()> = if let Some(interruption) = interruption {
         tokio::select! {
             copied = copied => copied,
-            () = interrupted() => Err(anyhow::anyhow!("interrupted by a signal; nothing was written")),
+            () = interruption => Err(anyhow::anyhow!("interrupted by a signal; nothing was written")),
         }
     } else {
         copied.await
@@ -472,16 +476,38 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
     Ok(())
 }
 
-/// Resolves on SIGINT, SIGTERM or SIGHUP (a closed terminal): for work that cleans up
-/// after itself before it exits.
-async fn interrupted() {
+/// Listens for SIGINT, SIGTERM and SIGHUP (a closed terminal) from this call on, not from
+/// the first poll; resolves when one arrives: for work that cleans up after itself before it
+/// exits. Once listened for, a signal no longer ends the process by itself.
+fn interruption_from_now() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let hangup = unix_signal(tokio::signal::unix::SignalKind::hangup());
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listening: Vec<_> = [
+            SignalKind::interrupt(),
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+        ]
+        .into_iter()
+        .filter_map(|kind| signal(kind).ok())
+        .collect();
+        async move {
+            if listening.is_empty() {
+                return std::future::pending().await;
+            }
+            let arrivals = listening.into_iter().map(|mut signal| {
+                Box::pin(async move {
+                    signal.recv().await;
+                })
+            });
+            futures::future::select_all(arrivals).await;
+        }
+    }
     #[cfg(not(unix))]
-    let hangup = std::future::pending::<()>();
-    tokio::select! {
-        () = shutdown_signal() => {},
-        () = hangup => {},
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

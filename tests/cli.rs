@@ -1,5 +1,7 @@
 //! The `orgledger` binary's commands, run as an operator runs them.
 
+mod support;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -678,4 +680,77 @@ fn processes_started_together_on_a_new_store_all_open_it_under_one_kept_key() {
             String::from_utf8_lossy(&verified.stderr)
         );
     }
+}
+
+/// An export to a file that a signal stops leaves nothing behind: not the file, and not the
+/// partial one beside it, which holds personal data in clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_stopped_by_a_signal_leaves_no_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let database = orgledger::store::Database::connect(&url).await.unwrap();
+    database.migrate().await.unwrap();
+    // The key `orgledger()` runs the binary with.
+    let key =
+        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
+    let service = orgledger::service::Orgledger::open(database, key)
+        .await
+        .unwrap();
+    let org = support::create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    // Enough members that the export is still being written when the signal lands.
+    let joined_at = support::now();
+    for batch in 0..15 {
+        let joins = (0..2_000)
+            .map(|n| support::member_joined(&format!("user-{batch}-{n}"), joined_at))
+            .collect();
+        service
+            .ledger
+            .import(org, joins, std::collections::HashMap::new())
+            .await
+            .unwrap();
+    }
+    service.projector.catch_up().await.unwrap();
+    service.close().await;
+    let exports = dir.path().join("exports");
+    std::fs::create_dir(&exports).unwrap();
+    let output = exports.join("acme.json");
+    let files = || std::fs::read_dir(&exports).unwrap().count();
+
+    let mut export = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(["export", "--organization", &org.to_string(), "--output"])
+        .arg(&output)
+        .env("DATABASE_URL", &url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signalled once its partial file exists, while it is being written.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while files() == 0 && export.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        export.try_wait().unwrap().is_none(),
+        "the export ended before it could be signalled"
+    );
+    assert_eq!(files(), 1, "its partial file");
+    let signalled = Command::new("kill")
+        .args(["-TERM", &export.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let stopped = export.wait_with_output().unwrap();
+
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted by a signal"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&exports).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
