@@ -155,7 +155,14 @@ pub async fn open_store(
     database.migrate().await?;
     loop {
         let (master_key, generated) = store.master_key()?;
-        let service = Orgledger::open_to_rebuild(database.clone(), master_key, to_rebuild).await?;
+        let service =
+            match Orgledger::open_to_rebuild(database.clone(), master_key, to_rebuild).await {
+                Ok(service) => service,
+                // Another process on this new store kept its key, and wrote under it, after
+                // this one generated its own: open again under the kept one.
+                Err(_) if generated.as_ref().is_some_and(GeneratedKey::kept_elsewhere) => continue,
+                Err(error) => return Err(error.into()),
+            };
         match generated.map(GeneratedKey::keep).transpose()? {
             None | Some(true) => return Ok(service),
             // Another process on this new store kept its key first. Nothing was written under
@@ -478,7 +485,8 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
 
 /// Listens for SIGINT, SIGTERM and SIGHUP (a closed terminal) from this call on, not from
 /// the first poll; resolves when one arrives: for work that cleans up after itself before it
-/// exits. Once listened for, a signal no longer ends the process by itself.
+/// exits. Once listened for, a signal no longer ends the process by itself. (Elsewhere than
+/// on Unix: Ctrl-C, listened for from the first poll.)
 fn interruption_from_now() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {

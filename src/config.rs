@@ -157,6 +157,11 @@ impl GeneratedKey {
             Written::Before => Ok(false),
         }
     }
+
+    /// True once another process has kept its own key where this one would go.
+    pub fn kept_elsewhere(&self) -> bool {
+        self.path.exists()
+    }
 }
 
 /// The platform tokens: configured, or generated once, printed once and kept beside the
@@ -238,6 +243,7 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Resu
     match file.persist_noclobber(path) {
         Ok(_) => {
             // The link itself is durable once the directory is.
+            #[cfg(unix)]
             std::fs::File::open(directory)
                 .and_then(|directory| directory.sync_all())
                 .with_context(|| format!("syncing {}", directory.display()))?;

@@ -957,16 +957,19 @@ impl Ledger {
     /// A keyed command still in flight stores no response once the key is gone.
     pub async fn finish_purge(&self, organization_id: Uuid) -> Result<(), LedgerError> {
         let id = organization_id.to_string();
-        self.keys.destroy(&id).await?;
+        // Before the key goes: a purge cut short after that is not finished at start-up, and
+        // these would stay, unreadable.
         orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
+            sqlx::query("DELETE FROM past_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
+                .bind(Organization::TYPE)
                 .bind(&id)
                 .execute(pool)
                 .await
                 .map_err(StoreError::from)?;
-            // Unreadable without the key already; gone with it, as the current one is below.
-            sqlx::query("DELETE FROM past_snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
-                .bind(Organization::TYPE)
+        });
+        self.keys.destroy(&id).await?;
+        orgledger_projections::with_pool!(&self.database, pool => {
+            sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
                 .bind(&id)
                 .execute(pool)
                 .await

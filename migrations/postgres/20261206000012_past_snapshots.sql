@@ -2,8 +2,9 @@
 -- from the nearest snapshot at or before it instead of the first event: at 53,000 events the
 -- replay took 0.4 to 0.9 s. The trigger keeps it in the transaction that replaces it, so a
 -- kept snapshot stands exactly where its row said (it is sealed to that sequence, too).
--- Snapshots in the older `payload` form name no event they can be trusted at: not kept.
--- A purge deletes an organization's kept snapshots with its current one.
+-- Snapshots in the older `payload` form name no event they can be trusted at: not kept; a
+-- `state` sealed before snapshots named their event is kept but never used. A purge deletes
+-- an organization's kept snapshots before its key.
 CREATE TABLE past_snapshots
 (
     aggregate_type text   NOT NULL,

@@ -1,7 +1,9 @@
 -- A snapshot replaced by a later one is kept, so that a past moment (`GET .../state`) starts
 -- from the nearest snapshot at or before it instead of the first event (see the PostgreSQL
--- migration of the same name). Snapshots in the older `payload` form are not kept. A purge
--- deletes an organization's kept snapshots with its current one.
+-- migration of the same name). Snapshots in the older `payload` form are not kept; a `state`
+-- sealed before snapshots named their event is kept but never used. A purge deletes an
+-- organization's kept snapshots before its key. A later migration that rebuilds `snapshots`
+-- (as migration 6 did) drops this trigger with it, and must create it again.
 CREATE TABLE past_snapshots
 (
     aggregate_type text    NOT NULL,

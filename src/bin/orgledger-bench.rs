@@ -392,6 +392,9 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
             scale.history_events, crowded.p50, crowded.p50 / small, crowded.p99));
         report.line(format!("  its snapshot every {} events: the command that writes one {:.0} ms; a cold load just before it (snapshot + {} events) {:.0} ms",
             crowded.interval, crowded.snapshot_commit, crowded.replayed, crowded.cold_load));
+        let mb = |bytes: i64| bytes as f64 / 1e6;
+        report.line(format!("  kept for past moments: {} snapshots, {:.1} MB sealed (its current one {:.1} MB, its events {:.1} MB as stored)",
+            crowded.kept.0, mb(crowded.kept.1), mb(crowded.current_bytes), mb(crowded.event_bytes)));
         let (latest, middle) = past_state_cost(&service, big_organization).await?;
         report.line(format!("past state of the {}-event organization (GET .../state), p50: as of its latest event {latest:.1} ms, as of its middle {middle:.1} ms (each from the latest snapshot at or before it)",
             scale.history_events));
@@ -1054,6 +1057,11 @@ struct CrowdedCost {
     snapshot_commit: f64,
     cold_load: f64,
     replayed: usize,
+    /// The snapshots kept for past moments: how many, and their sealed bytes; then the
+    /// current snapshot's and the events' bytes as stored, for scale.
+    kept: (i64, i64),
+    current_bytes: i64,
+    event_bytes: i64,
 }
 
 /// Role changes on an organization of `members` members: warm p50 and p99, then, one event
@@ -1089,6 +1097,28 @@ async fn crowded_cost(
         loads.push(ms(start.elapsed()));
     }
     let snapshot_commit = time_role_changes(service, org, 1).await?;
+    let id = org.to_string();
+    let kept: (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(octet_length(state)), 0)::int8 FROM past_snapshots
+          WHERE aggregate_type = 'organization' AND aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(pool)
+    .await?;
+    let current_bytes: i64 = sqlx::query_scalar(
+        "SELECT octet_length(state)::int8 FROM snapshots
+          WHERE aggregate_type = 'organization' AND aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(pool)
+    .await?;
+    let event_bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_column_size(events.*)), 0)::int8 FROM events
+          WHERE aggregate_type = 'organization' AND aggregate_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(pool)
+    .await?;
     Ok(CrowdedCost {
         p50,
         p99,
@@ -1096,6 +1126,9 @@ async fn crowded_cost(
         snapshot_commit,
         cold_load: percentile(&mut loads, 0.5),
         replayed: (version + short) - stored as usize,
+        kept,
+        current_bytes,
+        event_bytes,
     })
 }
 
