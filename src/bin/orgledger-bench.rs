@@ -468,6 +468,12 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let floor = events as f64 / (written + indexed);
         report.line(format!("floor: the audit log alone (one entry per event), rows made by the server, no client: {events} rows in {written:.1} s + its key and 4 indexes in {indexed:.1} s = {floor:.0} rows/s = {:.1}% of the batched-insert ceiling, {:.1}% of the server-generated rows at the start",
             floor / ceiling_now * 100.0, floor / ceilings.server_generated * 100.0));
+        // Not a target: what an auditor's `orgledger verify` of the whole log takes.
+        let started = Instant::now();
+        let verified = orgledger::verify::verify(&service, None, false).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        report.line(format!("not a target: `orgledger verify` of the whole log ({} events of {} organizations, each read, opened, replayed and its MAC checked; {} snapshots compared) in {seconds:.1} s = {:.0} events/s, {} findings",
+            verified.events, verified.organizations, verified.snapshots, verified.events as f64 / seconds, verified.findings.len()));
     }
 
     // 7. What read-your-writes costs: section 2's 32 clients answered once stored. Last, so
