@@ -150,6 +150,25 @@ fn open_state(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<String, StoreE
     String::from_utf8(json).map_err(|_| StoreError::Integrity("snapshot state is not UTF-8".into()))
 }
 
+/// A snapshot's sealed state standing at `last_sequence`, opened off the runtime's workers
+/// (opening and decompressing a large state is CPU work). `None` for one sealed before
+/// snapshots named their event (2026-12-06): nothing says where it stands, so it is not used.
+async fn open_sealed_state(
+    key: DataKey,
+    aggregate_id: &str,
+    last_sequence: i64,
+    sealed: Vec<u8>,
+) -> Result<Option<String>, StoreError> {
+    let aad = snapshot_aad(aggregate_id, last_sequence);
+    let before_binding = aggregate_id.as_bytes().to_vec();
+    tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
+        Ok(json) => Ok(Some(json)),
+        Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => Ok(None),
+        Err(error) => Err(error),
+    })
+    .await?
+}
+
 /// What a snapshot's state is sealed to: its organization and the event it stands at, in
 /// words no event's field is sealed to (those name the organization alone). A state moved to
 /// another organization or event, or a field's ciphertext put in its place, does not open:
@@ -745,15 +764,7 @@ impl OrganizationRepository {
         let Some(key) = self.keys.get(aggregate_id).await? else {
             return Ok(None);
         };
-        let aad = snapshot_aad(aggregate_id, stands_at);
-        let before_binding = aggregate_id.as_bytes().to_vec();
-        tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
-            Ok(json) => Ok(Some(json)),
-            // Sealed before snapshots named their event: not used (see `stored_snapshot`).
-            Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => Ok(None),
-            Err(error) => Err(error),
-        })
-        .await?
+        open_sealed_state(key, aggregate_id, stands_at, sealed).await
     }
 
     /// The aggregate's snapshot, opened: `None` when there is none, or when the organization
@@ -785,18 +796,8 @@ impl OrganizationRepository {
         let stands_at = usize::try_from(last_sequence)
             .map_err(|_| StoreError::Integrity(format!("snapshot at event {last_sequence}")))?;
         let state = match (state, payload) {
-            // Opening and decompressing a large state is CPU work: off the workers.
             (Some(sealed), _) => {
-                let aad = snapshot_aad(aggregate_id, last_sequence);
-                let before_binding = aggregate_id.as_bytes().to_vec();
-                tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
-                    Ok(json) => Ok(Some(json)),
-                    // Sealed before snapshots named their event (2026-12-06): nothing says
-                    // where it stands, so it is not used; the next snapshot replaces it.
-                    Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => Ok(None),
-                    Err(error) => Err(error),
-                })
-                .await??
+                open_sealed_state(key, aggregate_id, last_sequence, sealed).await?
             }
             // Written before the state had a column of its own, and sealed as a field is:
             // not used, for the same reason.
