@@ -61,6 +61,11 @@ type Chunks = Sender<Result<Vec<u8>, ExportError>>;
 pub fn data_export(service: Arc<Orgledger>, organization: OrganizationView) -> ByteStream {
     channel_stream(move |sender| async move {
         if let Err(error) = write_export(&service, &organization, &sender).await {
+            // Nobody reads any more (the client went away, or an interrupted `orgledger
+            // export` closed the pools behind it): the failure is that, not the export's.
+            if sender.is_closed() {
+                return;
+            }
             tracing::error!(organization_id = %organization.id, %error, "data export failed mid-stream");
             let _ = sender.send(Err(error)).await;
         }

@@ -751,6 +751,10 @@ async fn an_export_stopped_by_a_signal_leaves_no_file_behind() {
     let stderr = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success(), "{stderr}");
     assert!(stderr.contains("interrupted by a signal"), "{stderr}");
+    assert!(
+        !stderr.contains("ERROR"),
+        "the interruption logged as a failure: {stderr}"
+    );
     let left: Vec<_> = std::fs::read_dir(&exports).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -19,6 +19,7 @@ use support::*;
 use uuid::Uuid;
 
 on_both_backends!(
+    processes_starting_together_on_a_new_database_all_prepare_the_read_models,
     read_models_show_each_command_when_it_returns,
     commands_time_their_commit_apart_from_their_wait_for_the_read_models,
     events_committed_while_no_projector_ran_are_applied_once_after_restart,
@@ -2314,4 +2315,28 @@ async fn only_the_runners_connections_commit_asynchronously() {
         setting(service.service.projector.database().clone()).await,
         "off"
     );
+}
+
+/// Four processes opening a new database at once (`migrate` beside `serve`, or replicas)
+/// each create the read models' tables: on PostgreSQL two creates of one table at once fail
+/// on the catalog's unique index, `IF NOT EXISTS` or not.
+async fn processes_starting_together_on_a_new_database_all_prepare_the_read_models(
+    backend: Backend,
+) {
+    let database = fresh_database(backend).await;
+    let db = Database::connect(&database.url).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let master_key = orgledger::store::MasterKey::generate();
+
+    let opened = futures::future::join_all(
+        (0..4).map(|_| orgledger::service::Orgledger::open(db.clone(), master_key.clone())),
+    )
+    .await;
+
+    for open in &opened {
+        assert!(open.is_ok(), "{:?}", open.as_ref().err());
+    }
+    let service = opened.into_iter().next().unwrap().unwrap();
+    let statuses = service.projector.status().await.unwrap();
+    assert_eq!(statuses.len(), PROJECTION_NAMES.len());
 }

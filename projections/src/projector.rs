@@ -251,6 +251,30 @@ impl Projector {
     /// `to_rebuild` are left as they are: the caller rebuilds them next (`projections
     /// rebuild`), and rebuilding them here first would replay the log for them twice.
     pub async fn prepare_leaving(&self, to_rebuild: &[&str]) -> Result<(), ProjectionError> {
+        // Processes starting together on one PostgreSQL database (`migrate` beside `serve`,
+        // replicas) would create the same tables at once, which fails on the catalog's unique
+        // index, `IF NOT EXISTS` or not: one prepares at a time, and the next finds the tables
+        // made. The lock is held on a connection of its own, closed at the end.
+        let turn = match &self.database {
+            Database::Postgres(pool) => {
+                let mut connection = pool.acquire().await?.detach();
+                sqlx::query("SELECT pg_advisory_lock(hashtext($1)::bigint)")
+                    .bind("orgledger.prepare")
+                    .execute(&mut connection)
+                    .await?;
+                Some(connection)
+            }
+            Database::Sqlite(_) => None,
+        };
+        let prepared = self.prepare_in_turn(to_rebuild).await;
+        if let Some(connection) = turn {
+            // Closing ends the session, and the lock with it.
+            drop(sqlx::Connection::close(connection).await);
+        }
+        prepared
+    }
+
+    async fn prepare_in_turn(&self, to_rebuild: &[&str]) -> Result<(), ProjectionError> {
         let stored: HashMap<String, i64> = crate::with_pool!(&self.database, pool => {
             sqlx::query_as("SELECT name, schema_version FROM projection_checkpoints")
                 .fetch_all(pool)
