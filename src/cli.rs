@@ -245,7 +245,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 PlatformTokens::new(tokens.iter().map(String::as_str)),
             );
             let grace = Duration::from_millis(shutdown_grace_ms);
-            crate::http::serve(listener, state, shutdown_signal(), grace).await?;
+            crate::http::serve(listener, state, signals_from_now(Stop::Requested), grace).await?;
             tracing::info!("stopping projections");
             let _ = stop.send(true);
             for task in tasks {
@@ -365,7 +365,7 @@ async fn export_to(
     let mut sink: Box<dyn Write> = if output.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
     } else {
-        interruption = Some(interruption_from_now());
+        interruption = Some(signals_from_now(Stop::RequestedOrHungUp));
         let directory = match output.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => std::path::Path::new("."),
@@ -483,22 +483,28 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
     Ok(())
 }
 
-/// Listens for SIGINT, SIGTERM and SIGHUP (a closed terminal) from this call on, not from
-/// the first poll; resolves when one arrives: for work that cleans up after itself before it
-/// exits. Once listened for, a signal no longer ends the process by itself. (Elsewhere than
-/// on Unix: Ctrl-C, listened for from the first poll.)
-fn interruption_from_now() -> impl std::future::Future<Output = ()> {
+/// Which signals a future from [`signals_from_now`] resolves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGINT or SIGTERM: the service's stop.
+    Requested,
+    /// Those, or SIGHUP (a closed terminal): for CLI work that cleans up before it exits.
+    RequestedOrHungUp,
+}
+
+/// Listens for the signals of `stop` from this call on, not from the first poll, and
+/// resolves when one arrives. Once listened for, a signal no longer ends the process by
+/// itself. Elsewhere than on Unix: Ctrl-C, listened for from the first poll.
+fn signals_from_now(stop: Stop) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let listening: Vec<_> = [
-            SignalKind::interrupt(),
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-        ]
-        .into_iter()
-        .filter_map(|kind| signal(kind).ok())
-        .collect();
+        let hangup = (stop == Stop::RequestedOrHungUp).then(SignalKind::hangup);
+        let listening: Vec<_> = [SignalKind::interrupt(), SignalKind::terminate()]
+            .into_iter()
+            .chain(hangup)
+            .filter_map(|kind| signal(kind).ok())
+            .collect();
         async move {
             if listening.is_empty() {
                 return std::future::pending().await;
@@ -513,35 +519,10 @@ fn interruption_from_now() -> impl std::future::Future<Output = ()> {
     }
     #[cfg(not(unix))]
     {
+        let _ = stop;
         async {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// Resolves when the signal arrives; never, if it cannot be listened for.
-#[cfg(unix)]
-async fn unix_signal(kind: tokio::signal::unix::SignalKind) {
-    match tokio::signal::unix::signal(kind) {
-        Ok(mut signal) => {
-            signal.recv().await;
-        }
-        Err(_) => std::future::pending::<()>().await,
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = unix_signal(tokio::signal::unix::SignalKind::terminate());
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
     }
 }
 

@@ -350,6 +350,30 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_file_is_written_once_whole_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("org.db.master-key");
+        assert_eq!(write_secret_file(&path, "first").unwrap(), Written::Now);
+        assert_eq!(write_secret_file(&path, "second").unwrap(), Written::Before);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "first");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "only its owner reads it");
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["org.db.master-key"],
+            "nothing written aside is left"
+        );
+    }
+
+    #[test]
     fn an_empty_platform_token_file_is_refused_not_served_with() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&format!("sqlite://{}/org.db", dir.path().display()));

@@ -974,39 +974,18 @@ impl Ledger {
                 .execute(pool)
                 .await
                 .map_err(StoreError::from)?;
+            sqlx::query("DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2")
+                .bind(Organization::TYPE)
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
+            sqlx::query("DELETE FROM organization_slugs WHERE organization_id = $1")
+                .bind(&id)
+                .execute(pool)
+                .await
+                .map_err(StoreError::from)?;
         });
-        match &self.database {
-            Database::Postgres(pool) => {
-                sqlx::query(
-                    "DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
-                )
-                .bind(Organization::TYPE)
-                .bind(&id)
-                .execute(pool)
-                .await
-                .map_err(StoreError::from)?;
-                sqlx::query("DELETE FROM organization_slugs WHERE organization_id = $1")
-                    .bind(&id)
-                    .execute(pool)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
-            Database::Sqlite(pool) => {
-                sqlx::query(
-                    "DELETE FROM snapshots WHERE aggregate_type = ?1 AND aggregate_id = ?2",
-                )
-                .bind(Organization::TYPE)
-                .bind(&id)
-                .execute(pool)
-                .await
-                .map_err(StoreError::from)?;
-                sqlx::query("DELETE FROM organization_slugs WHERE organization_id = ?1")
-                    .bind(&id)
-                    .execute(pool)
-                    .await
-                    .map_err(StoreError::from)?;
-            }
-        }
         tracing::info!(%organization_id, "purge finished: data key destroyed");
         Ok(())
     }
