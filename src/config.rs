@@ -224,6 +224,12 @@ pub enum Written {
     Before,
 }
 
+/// How secret files written aside are named, until they are linked into place.
+const WRITTEN_ASIDE: &str = ".orgledger-secret";
+
+/// An aside file older than this was left by a crash: writing one takes milliseconds.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
 /// Writes a file readable by its owner only, unless one is already there. It appears whole
 /// or not at all (written aside, then linked into place): a process starting beside this
 /// one never reads it empty or half-written.
@@ -233,9 +239,10 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Resu
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => std::path::Path::new("."),
     };
+    remove_abandoned_secret_files(directory);
     // `tempfile` creates it readable by its owner only.
     let mut file = tempfile::Builder::new()
-        .prefix(".orgledger-secret")
+        .prefix(WRITTEN_ASIDE)
         .tempfile_in(directory)
         .with_context(|| format!("creating a file in {}", directory.display()))?;
     file.write_all(contents.as_bytes())?;
@@ -253,6 +260,33 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Resu
             Ok(Written::Before)
         }
         Err(error) => Err(error.error).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// Removes the files a crash left written aside in `directory` (each holds a secret that was
+/// never linked into place, so never used). Best effort: one that cannot be removed is left
+/// for the next write.
+fn remove_abandoned_secret_files(directory: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(WRITTEN_ASIDE)
+        {
+            continue;
+        }
+        let abandoned = entry
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age >= ABANDONED_AFTER);
+        if abandoned && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed a secret file a crash left unfinished");
+        }
     }
 }
 
@@ -371,6 +405,28 @@ mod tests {
             ["org.db.master-key"],
             "nothing written aside is left"
         );
+    }
+
+    #[test]
+    fn secret_files_a_crash_left_written_aside_are_removed_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let aside = |name: &str, age: std::time::Duration| {
+            let path = dir.path().join(name);
+            let file = std::fs::File::create(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+            path
+        };
+        let abandoned = aside(".orgledger-secretAbC123", ABANDONED_AFTER * 2);
+        // Another process's, being written now: not touched.
+        let in_progress = aside(".orgledger-secretXyZ789", std::time::Duration::ZERO);
+        let unrelated = aside("org.db-wal", ABANDONED_AFTER * 2);
+        let path = dir.path().join("org.db.api-token");
+        assert_eq!(write_secret_file(&path, "token").unwrap(), Written::Now);
+        assert!(!abandoned.exists(), "the abandoned one is removed");
+        assert!(in_progress.exists(), "a recent one is another writer's");
+        assert!(unrelated.exists(), "only secret files written aside");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "token");
     }
 
     #[test]

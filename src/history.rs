@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, SnapshotRead};
 
 /// One stored event as recorded: personal data opened, or `[erased]` after purge.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -80,13 +80,26 @@ pub async fn state_as_of(
         AsOf::Sequence(sequence) => sequences.iter().rev().find(|at| **at <= sequence).copied(),
         AsOf::Time(at) => latest_standing_before(ledger, organization_id, &sequences, at).await?,
     };
-    let start = match standing {
-        Some(sequence) => ledger
+    // One that does not open is passed over for the one before it (every snapshot before
+    // a standing one stands too), loudly: `verify` names it.
+    let mut start = None;
+    let candidates = sequences.iter().rev().copied();
+    for sequence in candidates.skip_while(|at| standing.is_none_or(|standing| *at > standing)) {
+        match ledger
             .snapshot_standing_at(organization_id, sequence)
             .await?
-            .map(|state| (state, sequence)),
-        None => None,
-    };
+        {
+            SnapshotRead::Usable(state) => {
+                start = Some((*state, sequence));
+                break;
+            }
+            SnapshotRead::Damaged(error) => {
+                tracing::error!(%organization_id, sequence, %error, "past snapshot cannot be opened; one before it is used");
+                metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
+            }
+            SnapshotRead::Unused => break,
+        }
+    }
     let (mut organization, mut as_of_sequence) = start.unwrap_or_default();
     'replay: loop {
         // Up to a sequence, no further than it: a start just before it reads a few events.

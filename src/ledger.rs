@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::store::{
     snapshot_interval, DataKeys, Database, MacCheck, MarkedEvents, MasterKey,
-    OrganizationRepository, ReadStats, SnapshotMarks, StoreError, StoredSnapshot,
+    OrganizationRepository, ReadStats, SnapshotMarks, SnapshotState, StoreError, StoredSnapshot,
 };
 use crate::turns::Turns;
 
@@ -106,6 +106,17 @@ async fn parse_state(json: String) -> Result<Result<Organization, UnusableState>
     Ok(parsed.await.map_err(StoreError::from)?)
 }
 
+/// A snapshot as a reader finds it.
+pub enum SnapshotRead {
+    Usable(Box<Organization>),
+    /// There is none there, or it is not trusted: sealed before snapshots named their
+    /// event, of a shape this version cannot read, derived under older rules, or its
+    /// organization purged.
+    Unused,
+    /// It does not open (see [`SnapshotState::Damaged`]): why.
+    Damaged(String),
+}
+
 /// Why a snapshot's state is not used.
 enum UnusableState {
     /// A shape this version cannot read: unexpected.
@@ -124,6 +135,19 @@ struct Loaded {
     /// The stored snapshot could not be used (an older form or shape): the next commit
     /// replaces it, whatever the interval, so loads stop replaying every event.
     replace_snapshot: bool,
+}
+
+impl Loaded {
+    /// Nothing from stored snapshot `number`, which is not used: every event is replayed,
+    /// and the next commit replaces it.
+    fn replacing(number: usize) -> Self {
+        Self {
+            state: Arc::default(),
+            version: 0,
+            snapshot: Some(number),
+            replace_snapshot: true,
+        }
+    }
 }
 
 /// Organizations kept in memory after a load or commit.
@@ -286,23 +310,36 @@ impl Ledger {
     }
 
     /// The snapshot if there is a readable one; the events after it are read by the caller.
+    /// One that does not open is replayed around, loudly, rather than failing every command
+    /// of its organization: the events it was derived from are checked one by one as they
+    /// are read, and the next commit replaces it.
     async fn load_from_snapshot(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
+        Ok(match self.open_snapshot(organization_id).await? {
+            Ok(loaded) => loaded,
+            Err((number, error)) => {
+                tracing::error!(%organization_id, %error, "snapshot cannot be opened; its events are replayed instead");
+                metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
+                Loaded::replacing(number)
+            }
+        })
+    }
+
+    /// The stored snapshot, loaded, or its number and why it does not open.
+    async fn open_snapshot(
+        &self,
+        organization_id: Uuid,
+    ) -> Result<Result<Loaded, (usize, StoreError)>, LedgerError> {
         let id = organization_id.to_string();
         let snapshot = self
             .repository
             .stored_snapshot(Organization::TYPE, &id)
             .await?;
-        let ignored = |number| Loaded {
-            state: Arc::default(),
-            version: 0,
-            snapshot: Some(number),
-            replace_snapshot: true,
-        };
-        Ok(match snapshot {
+        let ignored = Loaded::replacing;
+        Ok(Ok(match snapshot {
             // Sealed before snapshots named their event: replay everything; the next
             // snapshot replaces it.
             Some(StoredSnapshot {
-                state: None,
+                state: SnapshotState::Unbound,
                 number,
                 ..
             }) => {
@@ -310,7 +347,12 @@ impl Ledger {
                 ignored(number)
             }
             Some(StoredSnapshot {
-                state: Some(state),
+                state: SnapshotState::Damaged(error),
+                number,
+                ..
+            }) => return Ok(Err((number, error))),
+            Some(StoredSnapshot {
+                state: SnapshotState::Opened(state),
                 last_sequence,
                 number,
             }) => match parse_state(state).await? {
@@ -336,7 +378,7 @@ impl Ledger {
                 snapshot: None,
                 replace_snapshot: false,
             },
-        })
+        }))
     }
 
     /// Upcasts a stored event to the current schema and deserializes it.
@@ -416,12 +458,16 @@ impl Ledger {
     }
 
     /// The stored snapshot's state and the sequence it stands at, when there is a readable
-    /// one (none after a purge, nor of a state shape this version cannot read).
+    /// one (none after a purge, nor of a state shape this version cannot read); an error
+    /// when it does not open.
     pub async fn snapshot(
         &self,
         organization_id: Uuid,
     ) -> Result<Option<(Organization, usize)>, LedgerError> {
-        let loaded = self.load_from_snapshot(organization_id).await?;
+        let loaded = self
+            .open_snapshot(organization_id)
+            .await?
+            .map_err(|(_, error)| error)?;
         Ok((loaded.version > 0).then(|| (Arc::unwrap_or_clone(loaded.state), loaded.version)))
     }
 
@@ -436,27 +482,30 @@ impl Ledger {
             .await?)
     }
 
-    /// The state of the snapshot standing at `sequence`, current or past, when there is a
-    /// usable one there (none after a purge, nor one derived under older rules).
+    /// The snapshot standing at `sequence`, current or past.
     pub async fn snapshot_standing_at(
         &self,
         organization_id: Uuid,
         sequence: usize,
-    ) -> Result<Option<Organization>, LedgerError> {
-        let Some(json) = self
+    ) -> Result<SnapshotRead, LedgerError> {
+        let json = match self
             .repository
             .snapshot_standing_at(Organization::TYPE, &organization_id.to_string(), sequence)
             .await?
-        else {
-            return Ok(None);
+        {
+            Some(SnapshotState::Opened(json)) => json,
+            Some(SnapshotState::Damaged(error)) => {
+                return Ok(SnapshotRead::Damaged(LedgerError::from(error).to_string()))
+            }
+            Some(SnapshotState::Unbound) | None => return Ok(SnapshotRead::Unused),
         };
         Ok(match parse_state(json).await? {
-            Ok(state) => Some(state),
+            Ok(state) => SnapshotRead::Usable(Box::new(state)),
             Err(UnusableState::Shape(error)) => {
                 tracing::warn!(%organization_id, sequence, %error, "unreadable snapshot ignored");
-                None
+                SnapshotRead::Unused
             }
-            Err(UnusableState::OlderRules(_)) => None,
+            Err(UnusableState::OlderRules(_)) => SnapshotRead::Unused,
         })
     }
 

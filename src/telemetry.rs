@@ -84,6 +84,12 @@ fn describe_metrics() {
         "orgledger_events_appended_total",
         "Events appended to the log by this process."
     );
+    describe_counter!(
+        "orgledger_snapshots_unopened_total",
+        "Snapshots, current or kept, that did not open under their organization's key \
+         (altered, relabelled or damaged) and were read around: their events replayed \
+         instead. `orgledger verify` names them."
+    );
     describe_histogram!(
         "orgledger_group_commit_appends",
         "Commands' appends committed together in one statement (PostgreSQL)."

@@ -12,7 +12,7 @@ use orgledger_projections::Database;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, SnapshotRead};
 use crate::service::Orgledger;
 use crate::store::Authenticity;
 
@@ -377,21 +377,22 @@ async fn verify_organization(
                 let stored = read_twice(ledger.database(), || {
                     ledger.snapshot_standing_at(organization_id, at)
                 })
-                .await?;
-                if matches!(stored, Ok(Some(_))) {
+                .await?
+                .unwrap_or_else(|error| SnapshotRead::Damaged(error.to_string()));
+                if matches!(stored, SnapshotRead::Usable(_)) {
                     report.snapshots += 1;
                 }
                 match stored {
-                    Ok(Some(stored)) if stored == state => {}
-                    Ok(Some(_)) => found(
+                    SnapshotRead::Usable(stored) if *stored == state => {}
+                    SnapshotRead::Usable(_) => found(
                         Some(at),
                         format!(
                             "its past snapshot at event {at} differs from the replay of its events"
                         ),
                     ),
-                    Ok(None) if !keyed => {}
-                    Ok(None) => report.snapshots_not_compared += 1,
-                    Err(error) => found(
+                    SnapshotRead::Unused if !keyed => {}
+                    SnapshotRead::Unused => report.snapshots_not_compared += 1,
+                    SnapshotRead::Damaged(error) => found(
                         Some(at),
                         format!("its past snapshot at event {at} cannot be opened: {error}"),
                     ),

@@ -295,6 +295,7 @@ on_both_backends!(
     custom_roles_grant_exactly_their_permissions,
     personal_organizations_are_one_per_user,
     a_removed_or_departed_member_loses_access_at_once,
+    an_organization_whose_snapshots_no_longer_open_keeps_answering,
 );
 
 async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
@@ -1736,6 +1737,98 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
 
 /// Access follows membership at once: a removed or departed member's next request, read or
 /// command, is refused.
+/// A snapshot is a cache of the events, not their authority: when its bytes are damaged
+/// (here the current one and the one it replaced, kept for past moments), the organization
+/// still takes commands in a process that never loaded it, and its past states are what they
+/// were; the next commit replaces the current one, and `/metrics` counts each read around.
+async fn an_organization_whose_snapshots_no_longer_open_keeps_answering(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let member = format!("/v1/organizations/{org}/members/mia");
+    for i in 0..2 * orgledger::store::SNAPSHOT_EVERY {
+        let role = if i % 2 == 0 { "admin" } else { "member" };
+        let changed = app
+            .call(
+                Method::PATCH,
+                &member,
+                Some("olivia"),
+                Some(json!({"role": role})),
+            )
+            .await;
+        assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    }
+    let db = app.service.db();
+    assert_eq!(count(db, "SELECT count(*) FROM past_snapshots").await, 1);
+    let kept_at = count(db, "SELECT last_sequence FROM past_snapshots").await;
+    let current_at = count(db, "SELECT last_sequence FROM snapshots").await;
+    let state_at = |sequence: i64| format!("/v1/organizations/{org}/state?sequence={sequence}");
+    let moments = [kept_at, kept_at + 1, current_at, current_at + 1];
+    let mut before = Vec::new();
+    for sequence in moments {
+        let reply = app.call(Method::GET, &state_at(sequence), None, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        before.push(reply.body);
+    }
+
+    let damaged = b"no longer a sealed state".to_vec();
+    orgledger_projections::with_pool!(db, pool => {
+        for table in ["snapshots", "past_snapshots"] {
+            sqlx::query(&format!("UPDATE {table} SET state = $1"))
+                .bind(&damaged)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    });
+    for (sequence, before) in moments.into_iter().zip(&before) {
+        let reply = app.call(Method::GET, &state_at(sequence), None, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(&reply.body, before, "the state as of event {sequence}");
+    }
+
+    // Another process, which has to load the organization from the store.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other = format!("http://{}", listener.local_addr().unwrap());
+    let reopened = Arc::new(app.service.reopen().await);
+    tokio::spawn(orgledger::http::serve(
+        listener,
+        AppState::new(reopened, PlatformTokens::new([TOKEN])),
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    let changed = app
+        .send(
+            app.client
+                .patch(format!("{other}{member}"))
+                .bearer_auth(TOKEN)
+                .header("X-Actor-Id", "olivia")
+                .json(&json!({"title": "Engineer"})),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(changed.body["title"], "Engineer");
+    assert_eq!(changed.body["role"], "member");
+    let replaced = format!("SELECT count(*) FROM snapshots WHERE last_sequence > {current_at}");
+    assert_eq!(count(db, &replaced).await, 1, "replaced by the next commit");
+    let metrics = app
+        .client
+        .get(format!("{other}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unopened: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("orgledger_snapshots_unopened_total "))
+        .expect("counted")
+        .parse()
+        .unwrap();
+    assert!(unopened >= 3.0, "{unopened}");
+}
+
 async fn a_removed_or_departed_member_loses_access_at_once(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashMap;
 
 use cqrs_es::persist::SerializedEvent;
-use orgledger::ledger::{Ledger, LedgerError, RequestContext};
+use orgledger::ledger::{Ledger, LedgerError, RequestContext, SnapshotRead};
 use orgledger::service::Orgledger;
 use orgledger::store::{seal_personal_data, snapshot_interval, MasterKey, SNAPSHOT_EVERY};
 use orgledger_domain::*;
@@ -1064,7 +1064,8 @@ async fn a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted(ba
     assert_eq!(at, now_at);
 
     // Relabelled as standing one event further on, a load would skip that event: it does
-    // not open, and the organization is not loaded from it.
+    // not open, so the organization is loaded from its events alone (not refused: every
+    // command of it would fail), and the next commit replaces it.
     try_execute(
         ledger.db(),
         "UPDATE snapshots SET last_sequence = last_sequence + 1",
@@ -1072,10 +1073,35 @@ async fn a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted(ba
     .await
     .unwrap();
     let relabelled = ledger.reopen().await;
-    assert!(
-        relabelled.load(org).await.is_err(),
-        "a moved snapshot is refused"
+    let (loaded, version) = relabelled.load(org).await.expect("loaded around it");
+    assert_eq!(
+        relabelled.read_stats().events(),
+        version as u64,
+        "every event was replayed"
     );
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(loaded, replayed);
+    assert!(
+        relabelled.snapshot(org).await.is_err(),
+        "read as a snapshot, it is refused"
+    );
+    add_member(&relabelled, org, "olivia", "noor", Role::Member).await;
+    let (replaced, at) = ledger
+        .reopen()
+        .await
+        .snapshot(org)
+        .await
+        .unwrap()
+        .expect("replaced by the next commit");
+    assert_eq!(at, version + 1, "by the first command after it");
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap().into_iter().take(at) {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(replaced, replayed);
 }
 
 /// A snapshot whose state was derived under older rules (here, as before a member who
@@ -2758,16 +2784,55 @@ async fn verify_compares_each_kept_snapshot_with_the_replay_where_it_stands(back
     assert!(report.findings.is_empty(), "{:?}", report.findings);
     assert_eq!(report.snapshots, sequences.len(), "each compared");
 
-    // The first kept snapshot replaced by a state sealed as the store seals one, for its
-    // event, so that it opens, but renamed; the second's bytes altered, so that it does not.
+    // The second kept snapshot's bytes altered, so that it does not open: a past moment it
+    // stood for starts from the one before it instead, and answers what the events say.
     let (first, second) = (sequences[0], sequences[1]);
-    let mut renamed = ledger
-        .snapshot_standing_at(org, first)
-        .await
-        .unwrap()
-        .unwrap();
-    renamed.name = "Not what happened".into();
     let id = org.to_string();
+    let replace =
+        "UPDATE past_snapshots SET state = $1 WHERE aggregate_id = $2 AND last_sequence = $3";
+    orgledger_projections::with_pool!(service.db(), pool => {
+        sqlx::query(replace)
+            .bind(b"not a sealed state".to_vec())
+            .bind(&id)
+            .bind(second as i64)
+            .execute(pool)
+            .await
+            .unwrap();
+    });
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        if event.sequence > second + 1 {
+            break;
+        }
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    let cold = service.reopen().await.ledger;
+    let past =
+        orgledger::history::state_as_of(&cold, org, orgledger::history::AsOf::Sequence(second + 1))
+            .await
+            .expect("answered around the snapshot that does not open")
+            .expect("it existed then");
+    assert_eq!(past.as_of_sequence, second + 1);
+    assert_eq!(past.organization, replayed);
+    let stats = cold.read_stats();
+    assert_eq!(
+        stats.snapshots(),
+        2,
+        "the one at {second}, then the one at {first}"
+    );
+    assert_eq!(
+        stats.events() as usize,
+        second + 1 - first,
+        "read from the one that opens"
+    );
+
+    // The first replaced by a state sealed as the store seals one, for its event, so that
+    // it opens, but renamed.
+    let SnapshotRead::Usable(mut renamed) = ledger.snapshot_standing_at(org, first).await.unwrap()
+    else {
+        panic!("the first kept snapshot is usable");
+    };
+    renamed.name = "Not what happened".into();
     let key = ledger.keys().get(&id).await.unwrap().expect("a live key");
     let mut plaintext = vec![1_u8];
     plaintext.extend(lz4_flex::compress_prepend_size(
@@ -2777,20 +2842,11 @@ async fn verify_compares_each_kept_snapshot_with_the_replay_where_it_stands(back
         &plaintext,
         format!("orgledger snapshot\0{id}\0{first}").as_bytes(),
     );
-    let replace =
-        "UPDATE past_snapshots SET state = $1 WHERE aggregate_id = $2 AND last_sequence = $3";
     orgledger_projections::with_pool!(service.db(), pool => {
         sqlx::query(replace)
             .bind(sealed)
             .bind(&id)
             .bind(first as i64)
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query(replace)
-            .bind(b"not a sealed state".to_vec())
-            .bind(&id)
-            .bind(second as i64)
             .execute(pool)
             .await
             .unwrap();
@@ -2820,15 +2876,6 @@ async fn verify_compares_each_kept_snapshot_with_the_replay_where_it_stands(back
         )),
         "{found:?}"
     );
-    // A past moment refuses to start from the one that does not open rather than answer
-    // from it.
-    assert!(orgledger::history::state_as_of(
-        ledger,
-        org,
-        orgledger::history::AsOf::Sequence(second)
-    )
-    .await
-    .is_err());
 
     // The event the first kept snapshot stands at made unreadable: that is the finding; the
     // kept snapshots from there on are not compared with a replay that skipped it, nor said

@@ -15,7 +15,7 @@ pub use keys::{DataKeys, MasterKey};
 pub use orgledger_projections::{Backend, Database, DatabaseError};
 pub use repository::{
     open_event, MacCheck, MarkedEvents, OrganizationRepository, ReadStats, SnapshotMarks,
-    StoredSnapshot, CLAIM_FIELD,
+    SnapshotState, StoredSnapshot, CLAIM_FIELD,
 };
 pub use sealing::{open_personal_data, seal_personal_data, DataKey, SealError, SEALED_PREFIX};
 

@@ -51,11 +51,22 @@ impl ReadStats {
     }
 }
 
+/// A snapshot's state as read from the store.
+pub enum SnapshotState {
+    /// Its JSON.
+    Opened(String),
+    /// Sealed before snapshots named the event they stand at (2026-12-06): nothing says
+    /// where it stands, so it is never used.
+    Unbound,
+    /// It does not open under its organization's key: altered, relabelled as standing
+    /// elsewhere, or damaged. The events say what it said, so readers replay them instead;
+    /// `verify` names it.
+    Damaged(StoreError),
+}
+
 /// An aggregate's snapshot as stored, opened.
 pub struct StoredSnapshot {
-    /// The state's JSON; `None` for a snapshot sealed before snapshots named the event they
-    /// stand at, which is never used (loads replay every event instead).
-    pub state: Option<String>,
+    pub state: SnapshotState,
     /// The sequence of the last event it includes.
     pub last_sequence: usize,
     /// Its number: a commit that replaces it must name the next one.
@@ -151,22 +162,23 @@ fn open_state(key: &DataKey, sealed: &[u8], aad: &[u8]) -> Result<String, StoreE
 }
 
 /// A snapshot's sealed state standing at `last_sequence`, opened off the runtime's workers
-/// (opening and decompressing a large state is CPU work). `None` for one sealed before
-/// snapshots named their event (2026-12-06): nothing says where it stands, so it is not used.
+/// (opening and decompressing a large state is CPU work).
 async fn open_sealed_state(
     key: DataKey,
     aggregate_id: &str,
     last_sequence: i64,
     sealed: Vec<u8>,
-) -> Result<Option<String>, StoreError> {
+) -> Result<SnapshotState, StoreError> {
     let aad = snapshot_aad(aggregate_id, last_sequence);
     let before_binding = aggregate_id.as_bytes().to_vec();
-    tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
-        Ok(json) => Ok(Some(json)),
-        Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => Ok(None),
-        Err(error) => Err(error),
-    })
-    .await?
+    Ok(
+        tokio::task::spawn_blocking(move || match open_state(&key, &sealed, &aad) {
+            Ok(json) => SnapshotState::Opened(json),
+            Err(_) if key.decrypt(&sealed, &before_binding).is_ok() => SnapshotState::Unbound,
+            Err(error) => SnapshotState::Damaged(error),
+        })
+        .await?,
+    )
 }
 
 /// What a snapshot's state is sealed to: its organization and the event it stands at, in
@@ -733,14 +745,14 @@ impl OrganizationRepository {
             .collect()
     }
 
-    /// The state's JSON of the aggregate's snapshot standing at `last_sequence`, current or
-    /// past, opened: `None` when there is none there, or the organization was purged.
+    /// The state of the aggregate's snapshot standing at `last_sequence`, current or past:
+    /// `None` when there is none there, or the organization was purged.
     pub async fn snapshot_standing_at(
         &self,
         aggregate_type: &str,
         aggregate_id: &str,
         last_sequence: usize,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<SnapshotState>, StoreError> {
         const STATE: &str = "SELECT state FROM snapshots
                WHERE aggregate_type = $1 AND aggregate_id = $2 AND last_sequence = $3
                  AND state IS NOT NULL
@@ -764,7 +776,9 @@ impl OrganizationRepository {
         let Some(key) = self.keys.get(aggregate_id).await? else {
             return Ok(None);
         };
-        open_sealed_state(key, aggregate_id, stands_at, sealed).await
+        open_sealed_state(key, aggregate_id, stands_at, sealed)
+            .await
+            .map(Some)
     }
 
     /// The aggregate's snapshot, opened: `None` when there is none, or when the organization
@@ -793,16 +807,17 @@ impl OrganizationRepository {
         let Some(key) = self.keys.get(aggregate_id).await? else {
             return Ok(None);
         };
-        let stands_at = usize::try_from(last_sequence)
-            .map_err(|_| StoreError::Integrity(format!("snapshot at event {last_sequence}")))?;
+        let damaged = |what: String| SnapshotState::Damaged(StoreError::Integrity(what));
+        let stands_at = usize::try_from(last_sequence).unwrap_or_default();
         let state = match (state, payload) {
+            _ if last_sequence < 0 => damaged(format!("snapshot at event {last_sequence}")),
             (Some(sealed), _) => {
                 open_sealed_state(key, aggregate_id, last_sequence, sealed).await?
             }
             // Written before the state had a column of its own, and sealed as a field is:
             // not used, for the same reason.
-            (None, Some(_)) => None,
-            (None, None) => return Err(StoreError::Integrity("snapshot without a state".into())),
+            (None, Some(_)) => SnapshotState::Unbound,
+            (None, None) => damaged("snapshot without a state".into()),
         };
         Ok(Some(StoredSnapshot {
             state,
@@ -1111,8 +1126,10 @@ impl PersistedEventRepository for OrganizationRepository {
         else {
             return Ok(None);
         };
-        let Some(state) = snapshot.state else {
-            return Ok(None);
+        let state = match snapshot.state {
+            SnapshotState::Opened(state) => state,
+            SnapshotState::Unbound => return Ok(None),
+            SnapshotState::Damaged(error) => return Err(failure(error)),
         };
         Ok(Some(SerializedSnapshot {
             aggregate_id: aggregate_id.to_owned(),
@@ -1241,7 +1258,9 @@ mod tests {
     #[test]
     fn a_snapshot_prints_its_numbers_and_never_its_state() {
         let snapshot = StoredSnapshot {
-            state: Some(r#"{"members":{"mia":{"email":"mia@example.com"}}}"#.into()),
+            state: SnapshotState::Opened(
+                r#"{"members":{"mia":{"email":"mia@example.com"}}}"#.into(),
+            ),
             last_sequence: 50,
             number: 1,
         };
