@@ -227,6 +227,8 @@ pub enum Written {
 /// How secret files written aside are named, until they are linked into place.
 const WRITTEN_ASIDE: &str = ".orgledger-secret";
 
+const ASIDE_RANDOM_CHARACTERS: usize = 6;
+
 /// An aside file older than this was left by a crash: writing one takes milliseconds.
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 
@@ -243,6 +245,7 @@ pub fn write_secret_file(path: &std::path::Path, contents: &str) -> anyhow::Resu
     // `tempfile` creates it readable by its owner only.
     let mut file = tempfile::Builder::new()
         .prefix(WRITTEN_ASIDE)
+        .rand_bytes(ASIDE_RANDOM_CHARACTERS)
         .tempfile_in(directory)
         .with_context(|| format!("creating a file in {}", directory.display()))?;
     file.write_all(contents.as_bytes())?;
@@ -271,11 +274,17 @@ fn remove_abandoned_secret_files(directory: &std::path::Path) {
         return;
     };
     for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(WRITTEN_ASIDE)
-        {
+        // The names `write_secret_file` gives: the prefix and six random letters or
+        // digits. Regular files only (the type as listed: links are not followed).
+        let name = entry.file_name();
+        let written_aside = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(WRITTEN_ASIDE))
+            .is_some_and(|random| {
+                random.len() == ASIDE_RANDOM_CHARACTERS
+                    && random.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+        if !written_aside || !entry.file_type().is_ok_and(|kind| kind.is_file()) {
             continue;
         }
         let abandoned = entry
@@ -421,11 +430,16 @@ mod tests {
         // Another process's, being written now: not touched.
         let in_progress = aside(".orgledger-secretXyZ789", std::time::Duration::ZERO);
         let unrelated = aside("org.db-wal", ABANDONED_AFTER * 2);
+        let kept_by_hand = aside(".orgledger-secrets.bak", ABANDONED_AFTER * 2);
         let path = dir.path().join("org.db.api-token");
         assert_eq!(write_secret_file(&path, "token").unwrap(), Written::Now);
         assert!(!abandoned.exists(), "the abandoned one is removed");
         assert!(in_progress.exists(), "a recent one is another writer's");
         assert!(unrelated.exists(), "only secret files written aside");
+        assert!(
+            kept_by_hand.exists(),
+            "only the names they are written aside under"
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "token");
     }
 

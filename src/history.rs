@@ -83,8 +83,16 @@ pub async fn state_as_of(
     // One that does not open is passed over for the one before it (every snapshot before
     // a standing one stands too), loudly: `verify` names it.
     let mut start = None;
-    let candidates = sequences.iter().rev().copied();
-    for sequence in candidates.skip_while(|at| standing.is_none_or(|standing| *at > standing)) {
+    let candidates = match standing {
+        Some(standing) => sequences
+            .iter()
+            .rev()
+            .copied()
+            .filter(|at| *at <= standing)
+            .collect(),
+        None => Vec::new(),
+    };
+    for sequence in candidates {
         match ledger
             .snapshot_standing_at(organization_id, sequence)
             .await?
@@ -94,7 +102,7 @@ pub async fn state_as_of(
                 break;
             }
             SnapshotRead::Damaged(error) => {
-                tracing::error!(%organization_id, sequence, %error, "past snapshot cannot be opened; one before it is used");
+                tracing::error!(%organization_id, sequence, %error, "snapshot cannot be opened; an earlier one, or the events from the first, are used");
                 metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
             }
             SnapshotRead::Unused => break,

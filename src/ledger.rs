@@ -137,6 +137,14 @@ struct Loaded {
     replace_snapshot: bool,
 }
 
+/// A stored snapshot that does not open: its number, the event its row says it stands at,
+/// and why.
+struct Unopened {
+    number: usize,
+    last_sequence: usize,
+    error: StoreError,
+}
+
 impl Loaded {
     /// Nothing from stored snapshot `number`, which is not used: every event is replayed,
     /// and the next commit replaces it.
@@ -316,19 +324,23 @@ impl Ledger {
     async fn load_from_snapshot(&self, organization_id: Uuid) -> Result<Loaded, LedgerError> {
         Ok(match self.open_snapshot(organization_id).await? {
             Ok(loaded) => loaded,
-            Err((number, error)) => {
-                tracing::error!(%organization_id, %error, "snapshot cannot be opened; its events are replayed instead");
+            Err(Unopened {
+                number,
+                last_sequence,
+                error,
+            }) => {
+                tracing::error!(%organization_id, snapshot = number, last_sequence, %error, "snapshot cannot be opened; its events are replayed instead");
                 metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
                 Loaded::replacing(number)
             }
         })
     }
 
-    /// The stored snapshot, loaded, or its number and why it does not open.
+    /// The stored snapshot, loaded, or where it stands and why it does not open.
     async fn open_snapshot(
         &self,
         organization_id: Uuid,
-    ) -> Result<Result<Loaded, (usize, StoreError)>, LedgerError> {
+    ) -> Result<Result<Loaded, Unopened>, LedgerError> {
         let id = organization_id.to_string();
         let snapshot = self
             .repository
@@ -349,8 +361,14 @@ impl Ledger {
             Some(StoredSnapshot {
                 state: SnapshotState::Damaged(error),
                 number,
-                ..
-            }) => return Ok(Err((number, error))),
+                last_sequence,
+            }) => {
+                return Ok(Err(Unopened {
+                    number,
+                    last_sequence,
+                    error,
+                }))
+            }
             Some(StoredSnapshot {
                 state: SnapshotState::Opened(state),
                 last_sequence,
@@ -467,7 +485,7 @@ impl Ledger {
         let loaded = self
             .open_snapshot(organization_id)
             .await?
-            .map_err(|(_, error)| error)?;
+            .map_err(|unopened| unopened.error)?;
         Ok((loaded.version > 0).then(|| (Arc::unwrap_or_clone(loaded.state), loaded.version)))
     }
 
