@@ -206,6 +206,18 @@ impl TestApp {
         assert!(deleted.status.is_success(), "{}", deleted.body);
     }
 
+    /// `GET /metrics`, as text.
+    async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn event_count(&self, org: &str) -> usize {
         let reply = self
             .call(
@@ -1790,16 +1802,8 @@ async fn an_organization_whose_snapshots_no_longer_open_keeps_answering(backend:
     // Process-wide, so at least what this test reads around: the other backend's twin may
     // count meanwhile.
     let unopened = || async {
-        let metrics = app
-            .client
-            .get(format!("{}/metrics", app.address))
-            .send()
+        app.metrics()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics
             .lines()
             .find_map(|line| line.strip_prefix("orgledger_snapshots_unopened_total "))
             .map_or(0.0, |value| value.parse::<f64>().unwrap())
@@ -5358,15 +5362,7 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         )
         .await;
     assert_eq!(keyed.status, StatusCode::CREATED, "{}", keyed.body);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "orgledger_http_requests_total",
         "orgledger_http_request_duration_seconds",
