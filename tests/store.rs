@@ -1020,25 +1020,39 @@ async fn a_snapshot_sealed_without_its_event_is_replayed_around_never_trusted(ba
     set_state(key.encrypt(&compressed, id.as_bytes())).await;
     replayed_around("compressed, sealed to the organization").await;
 
-    let payload = serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) });
     // The payload column is jsonb on PostgreSQL, text on SQLite.
-    let rewrite = "UPDATE snapshots SET payload = $1, state = NULL";
-    match ledger.db() {
-        Database::Postgres(pool) => {
-            sqlx::query(rewrite)
-                .bind(payload)
-                .execute(pool)
-                .await
-                .unwrap();
+    let set_payload = |payload: serde_json::Value| {
+        let ledger = &ledger;
+        async move {
+            let rewrite = "UPDATE snapshots SET payload = $1, state = NULL";
+            match ledger.db() {
+                Database::Postgres(pool) => {
+                    sqlx::query(rewrite)
+                        .bind(payload)
+                        .execute(pool)
+                        .await
+                        .unwrap();
+                }
+                Database::Sqlite(pool) => {
+                    sqlx::query(rewrite)
+                        .bind(payload.to_string())
+                        .execute(pool)
+                        .await
+                        .unwrap();
+                }
+            }
         }
-        Database::Sqlite(pool) => {
-            sqlx::query(rewrite)
-                .bind(payload.to_string())
-                .execute(pool)
-                .await
-                .unwrap();
-        }
-    }
+    };
+    // A payload that does not open is damaged, not an older form: read around all the same,
+    // and refused when read as a snapshot, so that `verify` names it.
+    set_payload(serde_json::json!({ "sealed": "not a sealed state" })).await;
+    let damaged = ledger.reopen().await;
+    let (loaded, version) = damaged.load(org).await.expect("loaded around it");
+    assert_eq!(damaged.read_stats().events(), version as u64);
+    assert_eq!(loaded, replayed);
+    assert!(damaged.snapshot(org).await.is_err());
+
+    set_payload(serde_json::json!({ "sealed": key.seal_str(&state, id.as_bytes()) })).await;
     assert_eq!(count(ledger.db(), new_form).await, 0);
     let cold = replayed_around("base64 in the payload").await;
 

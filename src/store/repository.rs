@@ -181,6 +181,34 @@ async fn open_sealed_state(
     )
 }
 
+/// A snapshot written before the state had a column of its own: the state sealed as a field
+/// is, to its organization alone, inside the JSON `payload` (`{"sealed": ...}`). It is never
+/// used, for the same reason as [`SnapshotState::Unbound`], but one that does not open is
+/// damaged like any other. Opened off the runtime's workers.
+async fn open_payload_state(
+    key: DataKey,
+    aggregate_id: &str,
+    payload: String,
+) -> Result<SnapshotState, StoreError> {
+    let aad = aggregate_id.as_bytes().to_vec();
+    Ok(tokio::task::spawn_blocking(move || {
+        let payload: Option<Value> = serde_json::from_str(&payload).ok();
+        match payload
+            .as_ref()
+            .and_then(|payload| payload.get("sealed")?.as_str())
+        {
+            Some(sealed) => match key.open_str(sealed, &aad) {
+                Ok(_) => SnapshotState::Unbound,
+                Err(error) => SnapshotState::Damaged(error.into()),
+            },
+            None => SnapshotState::Damaged(StoreError::Integrity(
+                "snapshot payload holds no sealed state".into(),
+            )),
+        }
+    })
+    .await?)
+}
+
 /// What a snapshot's state is sealed to: its organization and the event it stands at, in
 /// words no event's field is sealed to (those name the organization alone). A state moved to
 /// another organization or event, or a field's ciphertext put in its place, does not open:
@@ -814,9 +842,7 @@ impl OrganizationRepository {
             (Some(sealed), _) => {
                 open_sealed_state(key, aggregate_id, last_sequence, sealed).await?
             }
-            // Written before the state had a column of its own, and sealed as a field is:
-            // not used, for the same reason.
-            (None, Some(_)) => SnapshotState::Unbound,
+            (None, Some(payload)) => open_payload_state(key, aggregate_id, payload).await?,
             (None, None) => damaged("snapshot without a state".into()),
         };
         Ok(Some(StoredSnapshot {
