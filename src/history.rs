@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::ledger::{Ledger, LedgerError, SnapshotRead};
+use crate::ledger::{read_around, Ledger, LedgerError, SnapshotRead};
 
 /// One stored event as recorded: personal data opened, or `[erased]` after purge.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -83,16 +83,8 @@ pub async fn state_as_of(
     // One that does not open is passed over for the one before it (every snapshot before
     // a standing one stands too), loudly: `verify` names it.
     let mut start = None;
-    let candidates = match standing {
-        Some(standing) => sequences
-            .iter()
-            .rev()
-            .copied()
-            .filter(|at| *at <= standing)
-            .collect(),
-        None => Vec::new(),
-    };
-    for sequence in candidates {
+    let candidates = sequences.iter().rev().copied();
+    for sequence in candidates.filter(|at| standing.is_some_and(|standing| *at <= standing)) {
         match ledger
             .snapshot_standing_at(organization_id, sequence)
             .await?
@@ -101,10 +93,7 @@ pub async fn state_as_of(
                 start = Some((*state, sequence));
                 break;
             }
-            SnapshotRead::Damaged(error) => {
-                tracing::error!(%organization_id, sequence, %error, "snapshot cannot be opened; an earlier one, or the events from the first, are used");
-                metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
-            }
+            SnapshotRead::Damaged(error) => read_around(organization_id, sequence, &error),
             SnapshotRead::Unused => break,
         }
     }

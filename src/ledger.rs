@@ -117,6 +117,13 @@ pub enum SnapshotRead {
     Damaged(String),
 }
 
+/// Says that the snapshot standing at `sequence` did not open and is read around: an ERROR
+/// line and `orgledger_snapshots_unopened_total`, wherever a reader meets one.
+pub(crate) fn read_around(organization_id: Uuid, sequence: usize, error: &dyn std::fmt::Display) {
+    tracing::error!(%organization_id, sequence, %error, "snapshot cannot be opened; read around it");
+    metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
+}
+
 /// Why a snapshot's state is not used.
 enum UnusableState {
     /// A shape this version cannot read: unexpected.
@@ -329,8 +336,7 @@ impl Ledger {
                 last_sequence,
                 error,
             }) => {
-                tracing::error!(%organization_id, snapshot = number, last_sequence, %error, "snapshot cannot be opened; its events are replayed instead");
-                metrics::counter!("orgledger_snapshots_unopened_total").increment(1);
+                read_around(organization_id, last_sequence, &error);
                 Loaded::replacing(number)
             }
         })
