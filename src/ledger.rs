@@ -165,6 +165,17 @@ impl Loaded {
     }
 }
 
+/// The number of the snapshot that replaces stored snapshot `stored`. A number only tells
+/// a replacement from a race; one the column cannot follow (a row set so from outside)
+/// starts again at 1, which replaces whatever is stored instead of failing every later
+/// snapshot write of its organization.
+fn next_snapshot_number(stored: Option<usize>) -> usize {
+    stored
+        .and_then(|number| number.checked_add(1))
+        .filter(|&next| i64::try_from(next).is_ok())
+        .unwrap_or(1)
+}
+
 /// Organizations kept in memory after a load or commit.
 const CACHED_ORGANIZATIONS: usize = 10_000;
 
@@ -580,7 +591,7 @@ impl Ledger {
         // Straight to JSON text: a `Value` tree of a 100,000-member state first took longer
         // than the text.
         let snapshot = if loaded.replace_snapshot || last / interval > loaded.version / interval {
-            let number = loaded.snapshot.map_or(1, |n| n + 1);
+            let number = next_snapshot_number(loaded.snapshot);
             // A large state takes tens of milliseconds of CPU: off the runtime's workers, so
             // other requests do not wait behind it.
             let state = after.clone();

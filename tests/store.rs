@@ -47,6 +47,7 @@ on_both_backends!(
     a_commit_decided_on_an_outdated_cache_lands_after_the_other_process_commits,
     if_match_is_checked_against_the_latest_version_not_an_outdated_cache,
     a_snapshot_another_process_wrote_since_does_not_block_the_next_one,
+    a_snapshot_numbered_as_high_as_numbers_go_is_replaced_not_overflowed,
     a_command_on_a_cached_organization_reads_nothing_before_it_commits,
     an_import_larger_than_one_statement_is_stored_whole_in_one_transaction,
     an_append_over_several_statements_with_a_stale_snapshot_leaves_none_of_them,
@@ -1852,6 +1853,54 @@ async fn a_snapshot_another_process_wrote_since_does_not_block_the_next_one(back
         count(ledger.db(), "SELECT max(current_snapshot) FROM snapshots").await,
         3
     );
+}
+
+/// A snapshot's number only tells its replacement from a race. One set as high as a column
+/// holds (from outside: nothing here writes it) cannot be followed by the next number, so
+/// the next snapshot starts again at 1 and replaces it, rather than every later snapshot
+/// write of the organization failing the column's check.
+async fn a_snapshot_numbered_as_high_as_numbers_go_is_replaced_not_overflowed(backend: Backend) {
+    let ledger = spawn_ledger(backend).await;
+    let org = acme_with_mia(&ledger).await;
+    ledger
+        .import(org, role_flips(SNAPSHOT_EVERY, "mia"), HashMap::new())
+        .await
+        .unwrap();
+    let first_at = count(ledger.db(), "SELECT last_sequence FROM snapshots").await;
+    assert!(first_at > 0, "the import wrote a snapshot");
+    try_execute(
+        ledger.db(),
+        "UPDATE snapshots SET current_snapshot = 9223372036854775807",
+    )
+    .await
+    .unwrap();
+
+    let cold = ledger.reopen().await;
+    cold.import(org, role_flips(SNAPSHOT_EVERY, "mia"), HashMap::new())
+        .await
+        .expect("the next snapshot is written");
+    let (_, version) = cold.load(org).await.unwrap();
+    assert_eq!(
+        count(ledger.db(), "SELECT last_sequence FROM snapshots").await as usize,
+        version
+    );
+    assert_eq!(
+        count(ledger.db(), "SELECT current_snapshot FROM snapshots").await,
+        1
+    );
+    add_member(&cold, org, "olivia", "noor", Role::Member).await;
+    let fresh = ledger.reopen().await;
+    let (loaded, now) = fresh.load(org).await.unwrap();
+    assert_eq!(
+        fresh.read_stats().events(),
+        (now - version) as u64,
+        "loads start from it"
+    );
+    let mut replayed = Organization::default();
+    for event in ledger.events(org).await.unwrap() {
+        cqrs_es::Aggregate::apply(&mut replayed, event.payload);
+    }
+    assert_eq!(loaded, replayed);
 }
 
 async fn a_command_on_a_cached_organization_reads_nothing_before_it_commits(backend: Backend) {
