@@ -35,6 +35,9 @@ pub enum AsOf {
 pub struct PastState {
     pub organization: Organization,
     pub as_of_sequence: usize,
+    /// The instant it stood at, which an invitation's expiry is judged against: the instant
+    /// asked for, or when the event asked for occurred.
+    pub moment: DateTime<Utc>,
 }
 
 pub async fn raw_events(
@@ -98,6 +101,7 @@ pub async fn state_as_of(
         }
     }
     let (mut organization, mut as_of_sequence) = start.unwrap_or_default();
+    let mut last_occurred = None;
     'replay: loop {
         // Up to a sequence, no further than it: a start just before it reads a few events.
         let limit = match as_of {
@@ -116,15 +120,32 @@ pub async fn state_as_of(
                 break 'replay;
             }
             as_of_sequence = event.sequence;
+            last_occurred = occurred_at(&event);
             organization.apply(event.payload);
         }
         if complete {
             break;
         }
     }
-    Ok(organization.exists().then_some(PastState {
+    if !organization.exists() {
+        return Ok(None);
+    }
+    let moment = match (as_of, last_occurred) {
+        (AsOf::Time(at), _) => at,
+        (AsOf::Sequence(_), Some(occurred)) => occurred,
+        // Started from a snapshot at the very event: read when it occurred.
+        (AsOf::Sequence(_), None) => ledger
+            .events_after(organization_id, as_of_sequence.saturating_sub(1), 1)
+            .await?
+            .first()
+            .filter(|event| event.sequence == as_of_sequence)
+            .and_then(occurred_at)
+            .unwrap_or_else(Utc::now),
+    };
+    Ok(Some(PastState {
         organization,
         as_of_sequence,
+        moment,
     }))
 }
 

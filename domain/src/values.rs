@@ -296,9 +296,12 @@ mod tests {
     fn expiry_and_max_uses_have_bounds() {
         assert!(ExpiryDays::new("expires_in_days", 0).is_err());
         assert!(ExpiryDays::new("expires_in_days", 91).is_err());
+        assert_eq!(ExpiryDays::new("expires_in_days", 1).unwrap().days(), 1);
         assert_eq!(ExpiryDays::new("expires_in_days", 90).unwrap().days(), 90);
         assert!(MaxUses::new("max_uses", 0).is_err());
         assert!(MaxUses::new("max_uses", 1001).is_err());
+        assert_eq!(MaxUses::new("max_uses", 1).unwrap(), MaxUses::ONE);
+        assert_eq!(MaxUses::new("max_uses", 1000).unwrap().get(), 1000);
     }
 
     #[test]

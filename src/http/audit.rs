@@ -310,10 +310,6 @@ async fn state_as_of(
     let past = history::state_as_of(&state.service.ledger, id, as_of)
         .await?
         .ok_or_else(|| ApiError::not_found("organization at that moment"))?;
-    let at = match as_of {
-        AsOf::Time(at) => at,
-        AsOf::Sequence(_) => Utc::now(),
-    };
     let organization = &past.organization;
     // In the live lists' orders: members by `joined_at, user_id`, groups by creation, at the
     // microseconds the read models keep.
@@ -332,7 +328,7 @@ async fn state_as_of(
         invitations: organization
             .invitations
             .iter()
-            .map(|(id, invitation)| InvitationDto::from_state(*id, invitation, at))
+            .map(|(id, invitation)| InvitationDto::from_state(*id, invitation, past.moment))
             .collect(),
         groups: groups
             .into_iter()

@@ -240,6 +240,12 @@ async fn purge_organization(
     Path(org_id): Path<String>,
     Json(request): Json<ConfirmNameRequest>,
 ) -> Result<Response, ApiError> {
+    // The domain lets `system` purge once the restore window has elapsed: that is the
+    // scheduled purge, run inside the service. Over HTTP `system` commands nothing but
+    // creations (api.md).
+    if caller.is_system() {
+        return Err(OrganizationError::ActorRequired.into());
+    }
     let id = organization_id(&org_id)?;
     let body = OrganizationCommand::PurgeOrganization(PurgeOrganization {
         confirm_name: request.confirm_name,
