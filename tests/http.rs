@@ -114,6 +114,13 @@ impl TestApp {
         self.send(request).await
     }
 
+    /// GETs `path` as `actor`, which must answer `200`; its body.
+    async fn read(&self, path: &str, actor: Option<&str>) -> Value {
+        let reply = self.call(Method::GET, path, actor, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+        reply.body
+    }
+
     /// Sends every request at once, each from a task of its own: `(method, path, actor,
     /// body)`. The replies come back in the requests' order.
     async fn all_at_once(
@@ -143,6 +150,21 @@ impl TestApp {
             .await;
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         reply.body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a group of each name in `org`, in order, as `by`.
+    async fn create_groups(&self, org: &str, by: &str, names: &[&str]) {
+        for name in names {
+            let made = self
+                .call(
+                    Method::POST,
+                    &format!("/v1/organizations/{org}/groups"),
+                    Some(by),
+                    Some(json!({"name": name})),
+                )
+                .await;
+            assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+        }
     }
 
     /// Sends an invitation; returns `{invitation, token}`.
@@ -317,17 +339,8 @@ async fn short_lists_are_paged_like_the_long_ones(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
     let base = format!("/v1/organizations/{org}");
-    for name in ["Engineering", "Support", "Sales"] {
-        let more = app
-            .call(
-                Method::POST,
-                &format!("{base}/groups"),
-                Some("olivia"),
-                Some(json!({"name": name})),
-            )
-            .await;
-        assert_eq!(more.status, StatusCode::CREATED);
-    }
+    app.create_groups(&org, "olivia", &["Engineering", "Support", "Sales"])
+        .await;
     let mut names = Vec::new();
     let mut cursor = String::new();
     loop {
@@ -387,17 +400,8 @@ async fn every_list_pages_through_each_item_once_in_its_order(backend: Backend) 
     for email in ["a@example.com", "b@example.com", "c@example.com"] {
         app.invite(&org, "olivia", email, "viewer").await;
     }
-    for name in ["Engineering", "Support", "Sales"] {
-        let made = app
-            .call(
-                Method::POST,
-                &format!("{base}/groups"),
-                Some("olivia"),
-                Some(json!({"name": name})),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
-    }
+    app.create_groups(&org, "olivia", &["Engineering", "Support", "Sales"])
+        .await;
     for name in ["ci", "deploy", "backup"] {
         let made = app
             .call(
@@ -424,30 +428,21 @@ async fn every_list_pages_through_each_item_once_in_its_order(backend: Backend) 
         ),
     ];
     for (list, actor, at_least) in lists {
-        let whole = app
-            .call(Method::GET, &format!("{list}?limit=500"), actor, None)
-            .await;
-        assert_eq!(whole.status, StatusCode::OK, "{list}: {}", whole.body);
-        assert_eq!(whole.body["next_cursor"], Value::Null, "{list}");
-        let whole = whole.body["items"].as_array().unwrap().clone();
+        let whole = app.read(&format!("{list}?limit=500"), actor).await;
+        assert_eq!(whole["next_cursor"], Value::Null, "{list}");
+        let whole = whole["items"].as_array().unwrap().clone();
         assert!(whole.len() >= at_least, "{list}: {} items", whole.len());
         for size in [1, 2] {
             let mut paged = Vec::new();
             let mut cursor = String::new();
             loop {
                 let page = app
-                    .call(
-                        Method::GET,
-                        &format!("{list}?limit={size}{cursor}"),
-                        actor,
-                        None,
-                    )
+                    .read(&format!("{list}?limit={size}{cursor}"), actor)
                     .await;
-                assert_eq!(page.status, StatusCode::OK, "{list}: {}", page.body);
-                let items = page.body["items"].as_array().unwrap();
+                let items = page["items"].as_array().unwrap();
                 assert!(items.len() <= size, "{list}");
                 paged.extend(items.iter().cloned());
-                match page.body["next_cursor"].as_str() {
+                match page["next_cursor"].as_str() {
                     Some(next) => cursor = format!("&cursor={next}"),
                     None => break,
                 }
@@ -463,30 +458,13 @@ async fn a_cursor_is_refused_by_every_list_but_the_one_that_issued_it(backend: B
     let org = app.create_org("Acme", "olivia").await;
     let base = format!("/v1/organizations/{org}");
     app.add_member(&org, "olivia", "mia", "member").await;
-    for name in ["Engineering", "Support"] {
-        let made = app
-            .call(
-                Method::POST,
-                &format!("{base}/groups"),
-                Some("olivia"),
-                Some(json!({"name": name})),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
-    }
+    app.create_groups(&org, "olivia", &["Engineering", "Support"])
+        .await;
     let first_page = |list: String| {
         let app = &app;
         async move {
-            let page = app
-                .call(
-                    Method::GET,
-                    &format!("{list}?limit=1"),
-                    Some("olivia"),
-                    None,
-                )
-                .await;
-            assert_eq!(page.status, StatusCode::OK, "{list}: {}", page.body);
-            page.body["next_cursor"]
+            let page = app.read(&format!("{list}?limit=1"), Some("olivia")).await;
+            page["next_cursor"]
                 .as_str()
                 .unwrap_or_else(|| panic!("{list} has a second page"))
                 .to_owned()
@@ -5039,15 +5017,12 @@ async fn a_past_state_by_sequence_shows_invitations_as_they_stood_then(backend: 
         let app = &app;
         async move {
             let state = app
-                .call(
-                    Method::GET,
+                .read(
                     &format!("/v1/organizations/{org}/state{query}"),
                     Some("olivia"),
-                    None,
                 )
                 .await;
-            assert_eq!(state.status, StatusCode::OK, "{}", state.body);
-            state.body["invitations"][0]["status"].clone()
+            state["invitations"][0]["status"].clone()
         }
     };
     assert_eq!(
