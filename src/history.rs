@@ -1,6 +1,8 @@
 //! History for auditors: an organization's raw events, and its state at a past moment
 //! rebuilt with the domain's own `apply`.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use cqrs_es::{Aggregate, EventEnvelope};
 use orgledger_domain::Organization;
@@ -101,7 +103,7 @@ pub async fn state_as_of(
         }
     }
     let (mut organization, mut as_of_sequence) = start.unwrap_or_default();
-    let mut last_occurred = None;
+    let mut last_metadata = None;
     'replay: loop {
         // Up to a sequence, no further than it: a start just before it reads a few events.
         let limit = match as_of {
@@ -120,7 +122,8 @@ pub async fn state_as_of(
                 break 'replay;
             }
             as_of_sequence = event.sequence;
-            last_occurred = occurred_at(&event);
+            // Kept whole, read once at the end: only the last event's time is wanted.
+            last_metadata = Some(event.metadata);
             organization.apply(event.payload);
         }
         if complete {
@@ -130,6 +133,7 @@ pub async fn state_as_of(
     if !organization.exists() {
         return Ok(None);
     }
+    let last_occurred = last_metadata.as_ref().and_then(occurred_at_in);
     let moment = match (as_of, last_occurred) {
         (AsOf::Time(at), _) => at,
         (AsOf::Sequence(_), Some(occurred)) => occurred,
@@ -182,7 +186,11 @@ async fn latest_standing_before(
 }
 
 fn occurred_at(event: &EventEnvelope<Organization>) -> Option<DateTime<Utc>> {
-    let occurred = event.metadata.get("occurred_at")?;
+    occurred_at_in(&event.metadata)
+}
+
+fn occurred_at_in(metadata: &HashMap<String, String>) -> Option<DateTime<Utc>> {
+    let occurred = metadata.get("occurred_at")?;
     DateTime::parse_from_rfc3339(occurred)
         .ok()
         .map(|at| at.with_timezone(&Utc))
