@@ -38,7 +38,8 @@ pub struct PastState {
     pub organization: Organization,
     pub as_of_sequence: usize,
     /// The instant it stood at, which an invitation's expiry is judged against: the instant
-    /// asked for, or when the event asked for occurred.
+    /// asked for; or when the event asked for occurred, and now when the log does not reach
+    /// that event yet (it still stands as it is) or the event does not say when.
     pub moment: DateTime<Utc>,
 }
 
@@ -133,10 +134,10 @@ pub async fn state_as_of(
     if !organization.exists() {
         return Ok(None);
     }
-    let last_occurred = last_metadata.as_ref().and_then(occurred_at_in);
-    let moment = match (as_of, last_occurred) {
+    let moment = match (as_of, last_metadata) {
         (AsOf::Time(at), _) => at,
-        (AsOf::Sequence(_), Some(occurred)) => occurred,
+        (AsOf::Sequence(asked), _) if asked > as_of_sequence => Utc::now(),
+        (AsOf::Sequence(_), Some(metadata)) => occurred_at_in(&metadata).unwrap_or_else(Utc::now),
         // Started from a snapshot at the very event: read when it occurred.
         (AsOf::Sequence(_), None) => ledger
             .events_after(organization_id, as_of_sequence.saturating_sub(1), 1)

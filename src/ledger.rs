@@ -167,8 +167,8 @@ impl Loaded {
 
 /// The number of the snapshot that replaces stored snapshot `stored`. A number only tells
 /// a replacement from a race; one the column cannot follow (a row set so from outside)
-/// starts again at 1, which replaces whatever is stored instead of failing every later
-/// snapshot write of its organization.
+/// starts again at 1, which replaces whatever is stored (without keeping it for past
+/// states) instead of failing every later snapshot write of its organization.
 fn next_snapshot_number(stored: Option<usize>) -> usize {
     stored
         .and_then(|number| number.checked_add(1))

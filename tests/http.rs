@@ -5030,6 +5030,11 @@ async fn a_past_state_by_sequence_shows_invitations_as_they_stood_then(backend: 
         "pending"
     );
     assert_eq!(status_at(String::new()).await, "expired");
+    // Past the log's end the organization still stands as it is: judged now.
+    assert_eq!(
+        status_at(format!("?sequence={}", sent.version + 10)).await,
+        "expired"
+    );
 }
 
 async fn audit_history_and_exports_are_served(backend: Backend) {
@@ -5291,6 +5296,13 @@ async fn system_cannot_purge_over_http_even_past_the_restore_window(backend: Bac
         .call(Method::POST, &path, None, Some(confirm.clone()))
         .await;
     assert_problem(&by_system, StatusCode::BAD_REQUEST, "actor_required");
+    // Refused before the organization is looked up: a request without an actor is wrong
+    // whatever it names.
+    let unknown = format!("/v1/organizations/{}/purge", uuid::Uuid::now_v7());
+    let nowhere = app
+        .call(Method::POST, &unknown, None, Some(confirm.clone()))
+        .await;
+    assert_problem(&nowhere, StatusCode::BAD_REQUEST, "actor_required");
     let by_owner = app
         .call(Method::POST, &path, Some("olivia"), Some(confirm))
         .await;
