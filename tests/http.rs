@@ -2535,7 +2535,7 @@ async fn invitations_expire_after_the_organizations_default_and_a_resend_restart
 /// kind, so a snapshot pins every field's name, type and place, and every fixed value.
 /// Server-issued ids are UUIDv7 (api.md): only those are redacted, so any other id shows in
 /// the snapshot and fails it. Request ids, which the contract leaves free (a caller's own or
-/// a generated v4), are redacted whatever their form.
+/// a generated v4), and service accounts' key prefixes are redacted by their field's name.
 fn is_uuid_v7(text: &str) -> bool {
     uuid::Uuid::parse_str(text).is_ok_and(|id| id.get_version_num() == 7)
 }
@@ -2557,6 +2557,10 @@ fn redacted(value: &Value) -> Value {
                 .iter()
                 .map(|(name, value)| match value {
                     Value::String(_) if name == "request_id" => (name.clone(), json!("[uuid]")),
+                    // A service account key's first characters: random.
+                    Value::String(_) if name == "key_prefix" => {
+                        (name.clone(), json!("[key prefix]"))
+                    }
                     _ => (name.clone(), redacted(value)),
                 })
                 .collect(),
@@ -2621,6 +2625,27 @@ async fn responses_keep_the_contracts_shapes(backend: Backend) {
     insta::assert_json_snapshot!("responses", shapes);
     let export = get(format!("{base}/export")).await;
     insta::assert_json_snapshot!("data_export", export);
+
+    // The lists' items, each as the contract names its fields.
+    app.create_groups(&org, "olivia", &["Engineering"]).await;
+    let account = app
+        .call(
+            Method::POST,
+            &format!("{base}/service-accounts"),
+            Some("olivia"),
+            Some(json!({"name": "ci", "description": "Deploys", "scopes": ["members:read"]})),
+        )
+        .await;
+    assert_eq!(account.status, StatusCode::CREATED, "{}", account.body);
+    let directory = app.read("/v1/organizations", None).await;
+    let lists = json!({
+        "invitations": get(format!("{base}/invitations")).await,
+        "groups": get(format!("{base}/groups")).await,
+        "service_accounts": get(format!("{base}/service-accounts")).await,
+        "users_organizations": get("/v1/users/olivia/organizations".to_owned()).await,
+        "organizations": redacted(&directory),
+    });
+    insta::assert_json_snapshot!("list_shapes", lists);
 }
 
 async fn the_invitation_flow_works_end_to_end(backend: Backend) {
