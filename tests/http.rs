@@ -3011,6 +3011,49 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             .header("content-type", "application/json")
             .body(body)
     };
+    // An array where an object is wanted, at the top or nested, is the wrong shape, though
+    // serde_json would read it field by field; so is a number no field can hold.
+    for (method, path, body, field) in [
+        (
+            Method::POST,
+            "/v1/organizations".to_owned(),
+            r#"["Beta", null, null, null]"#,
+            "body",
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".to_owned(),
+            r#"{"name": "Beta", "owner": ["zed", "zed@example.com", null, null]}"#,
+            "owner",
+        ),
+        (Method::DELETE, base.clone(), r#"["Acme"]"#, "body"),
+        (
+            Method::PUT,
+            format!("{base}/plan"),
+            r#"{"plan": "team", "seats": 1e400}"#,
+            "seats",
+        ),
+    ] {
+        let reply = app
+            .send(
+                app.request(method.clone(), &path, Some("olivia"))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .await;
+        assert_validation_failed(&reply, &format!("{method} {path} {body}"));
+        assert_eq!(
+            reply.body["errors"][0]["field"], field,
+            "{body}: {}",
+            reply.body
+        );
+    }
+    let directory = app.read("/v1/organizations", None).await;
+    assert_eq!(
+        directory["items"].as_array().map(Vec::len),
+        Some(1),
+        "nothing created"
+    );
     // URLs that cannot be decoded, or that carry a NUL byte (which PostgreSQL refuses in
     // text), in a path segment or a query value.
     for url in [
@@ -3289,6 +3332,10 @@ async fn no_operation_takes_malformed_input_for_a_change(backend: Backend) {
         None,
         Some("{".to_owned()),
         Some("[]".to_owned()),
+        // serde_json would read a struct from these, field by field: never here.
+        Some(r#"["Acme"]"#.to_owned()),
+        Some(r#"["Acme", null, null, null]"#.to_owned()),
+        Some("[true]".to_owned()),
         Some("\"text\"".to_owned()),
         Some("null".to_owned()),
         Some(r#"{"name": 5, "email": [], "role": {}, "enabled": "yes"}"#.to_owned()),

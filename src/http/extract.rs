@@ -11,11 +11,13 @@ use orgledger_domain::{Actor, UserId};
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, FieldProblem};
+use super::strict_json::Strict;
 use super::AppState;
 use crate::ledger::RequestContext;
 
 /// A JSON body: unparseable is `400 malformed_request`; well-formed but of the wrong shape
-/// (types, unknown enum values, missing fields) is `422 validation_failed` naming the field.
+/// (types, unknown enum values, missing fields, an array where an object is wanted, a number
+/// no field can hold) is `422 validation_failed` naming the field.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
@@ -117,21 +119,26 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             message: "must not contain the NUL character (\\u0000)".to_owned(),
         }]));
     }
-    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+    // The syntax is sound, so whatever fails from here is the body's shape (a number no field
+    // can hold, too many elements) and named by its field.
+    let shape_error = |error: serde_path_to_error::Error<serde_json::Error>| {
         let path = error.path().to_string();
-        let inner = error.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let message = strip_position(&inner.to_string());
-                ApiError::validation(vec![FieldProblem {
-                    field: field_named(&path, &message, "body"),
-                    message,
-                }])
-            }
-            _ => ApiError::malformed(format!("the body is not valid JSON: {inner}")),
-        }
-    })
+        let message = strip_position(&error.into_inner().to_string());
+        ApiError::validation(vec![FieldProblem {
+            field: field_named(&path, &message, "body"),
+            message,
+        }])
+    };
+    let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize(deserializer).map_err(shape_error)?;
+    // An array may stand where a struct is wanted only if the body holds one at all: most
+    // bodies hold none and are read once.
+    if bytes.contains(&b'[') {
+        let value: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|error| ApiError::malformed(error.to_string()))?;
+        serde_path_to_error::deserialize::<_, T>(Strict(&value)).map_err(shape_error)?;
+    }
+    Ok(parsed)
 }
 
 /// The field a shape error is about. serde reports a missing or repeated field at the path of

@@ -14,6 +14,7 @@ mod operations;
 mod organizations;
 mod service_accounts;
 mod settings;
+mod strict_json;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
