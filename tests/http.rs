@@ -325,6 +325,7 @@ on_both_backends!(
     every_list_pages_through_each_item_once_in_its_order,
     a_query_value_outside_its_set_is_refused_by_name,
     searches_fold_letters_beyond_ascii_alike_on_both_stores,
+    names_are_trimmed_alike_and_a_blank_profile_edit_is_refused,
     service_accounts_act_only_within_their_scopes_and_organization,
     a_rotated_or_deleted_key_fails_at_once_while_the_read_models_lag,
     settings_and_ai_providers_keep_keys_secret,
@@ -628,6 +629,45 @@ async fn the_events_list_pages_on_with_its_own_next_cursor(backend: Backend) {
             .await;
         assert_validation_failed(&refused, &query);
         assert_eq!(refused.body["errors"][0]["field"], "cursor", "{query}");
+    }
+}
+
+/// Names and titles are stored trimmed on every route. A blank one is absent where the field
+/// may be left out (an invitation here) and refused where `null` is how to clear it (a
+/// member's profile).
+async fn names_are_trimmed_alike_and_a_blank_profile_edit_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let base = format!("/v1/organizations/{org}");
+    let edit = |body: Value| {
+        let app = &app;
+        let path = format!("{base}/members/mia");
+        async move {
+            app.call(Method::PATCH, &path, Some("olivia"), Some(body))
+                .await
+        }
+    };
+    let edited = edit(json!({"first_name": "  Mia  ", "title": " CTO "})).await;
+    assert_eq!(edited.status, StatusCode::OK, "{}", edited.body);
+    assert_eq!(
+        (&edited.body["first_name"], &edited.body["title"]),
+        (&json!("Mia"), &json!("CTO"))
+    );
+    let blank = edit(json!({"last_name": "   "})).await;
+    assert_validation_failed(&blank, "a blank last name");
+    assert_eq!(blank.body["errors"][0]["field"], "last_name");
+    for (first_name, stored) in [("  Xavier ", json!("Xavier")), ("   ", Value::Null)] {
+        let invited = app
+            .call(
+                Method::POST,
+                &format!("{base}/invitations"),
+                Some("olivia"),
+                Some(json!({"role": "viewer", "first_name": first_name})),
+            )
+            .await;
+        assert_eq!(invited.status, StatusCode::CREATED, "{}", invited.body);
+        assert_eq!(invited.body["invitation"]["first_name"], stored);
     }
 }
 

@@ -60,6 +60,17 @@ pub(super) fn optional_text(value: Option<String>) -> Option<String> {
     value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
+/// A profile edit's name or title: trimmed as [`optional_text`] trims, but a blank one is
+/// kept for the domain to refuse, since `null` is how a profile field is cleared.
+fn trimmed(value: Option<Option<String>>) -> Option<Option<String>> {
+    value.map(|text| {
+        text.map(|text| match text.trim() {
+            "" => text,
+            kept => kept.to_owned(),
+        })
+    })
+}
+
 // ---------------------------------------------------------------- responses
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -705,9 +716,9 @@ impl UpdateMemberRequest {
         Ok(orgledger_domain::UpdateMember {
             user_id,
             role,
-            first_name: self.first_name,
-            last_name: self.last_name,
-            title: self.title,
+            first_name: trimmed(self.first_name),
+            last_name: trimmed(self.last_name),
+            title: trimmed(self.title),
             image_url: self.image_url,
             locked_fields: self
                 .locked_fields
