@@ -33,6 +33,9 @@ pub struct Problem {
     pub errors: Vec<FieldProblem>,
 }
 
+/// The code of a command that could not commit because its organization kept changing.
+const CONTENDED: &str = "conflict";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -115,8 +118,15 @@ impl ApiError {
     }
 }
 
+/// On a response: a refusal that says nothing of the request itself (the organization kept
+/// changing under it), which a retry may get past. An `Idempotency-Key` does not keep it, so
+/// the retry runs the command rather than replaying the refusal for a day.
+#[derive(Debug, Clone, Copy)]
+pub struct Transient;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let transient = self.code == CONTENDED;
         let problem = Problem {
             kind: format!("urn:orgledger:problem:{}", self.code),
             title: self.title().to_owned(),
@@ -130,6 +140,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if transient {
+            response.extensions_mut().insert(Transient);
+        }
         response
     }
 }
@@ -198,7 +211,7 @@ impl From<LedgerError> for ApiError {
             ),
             LedgerError::Contended => Self::new(
                 StatusCode::CONFLICT,
-                "conflict",
+                CONTENDED,
                 "the organization kept changing concurrently; retry the request",
             ),
             LedgerError::ClaimTakenOver => Self::new(

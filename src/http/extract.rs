@@ -450,7 +450,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
     }
 }
 
-/// `If-Match: <version>` (bare or quoted); `*` or absent means no precondition.
+/// `If-Match: <version>` (bare or quoted); `*` or absent means no precondition. A weak tag
+/// (`W/"12"`) is refused: `If-Match` compares strongly (RFC 9110), so it could never hold.
 pub struct IfMatch(pub Option<usize>);
 
 impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
@@ -464,7 +465,14 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
         if raw == "*" {
             return Ok(Self(None));
         }
-        let bare = raw.trim_start_matches("W/").trim_matches('"');
+        if raw.starts_with("W/") {
+            return Err(ApiError::field(
+                "If-Match",
+                "a weak entity tag never matches (If-Match compares strongly): send the \
+                 version, bare or quoted, e.g. \"12\"",
+            ));
+        }
+        let bare = raw.trim_matches('"');
         bare.parse::<usize>()
             .map(|version| Self(Some(version)))
             .map_err(|_| {

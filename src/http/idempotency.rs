@@ -15,7 +15,7 @@ use orgledger_projections::{to_micros, Database};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::error::ApiError;
+use super::error::{ApiError, Transient};
 use super::extract::too_large;
 use super::{AppState, BODY_LIMIT};
 use crate::store::DataKeys;
@@ -158,7 +158,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
 }
 
 /// Runs the claimed command and stores its response under the key, renewing the claim while
-/// it runs. A 401 releases the key (a bad token must not hold its slot); a 5xx, or a
+/// it runs. A 401 or a transient refusal releases the key ([`settlement_of`]); a 5xx, or a
 /// response too large to keep, has the claim settled from the log (see [`settle`]).
 async fn run_and_record(
     state: AppState,
@@ -194,16 +194,17 @@ async fn run_and_record(
         // `Claim` settles it as it goes.
         return ApiError::internal("a command response was too large to keep").into_response();
     };
-    let stored = if parts.status.is_server_error() {
+    let stored = match settlement_of(&parts) {
         // `Claim` settles it as it goes: the failure may have come after the commit.
-        Ok(())
-    } else {
-        claim.responses = None;
-        if parts.status == StatusCode::UNAUTHORIZED {
+        Settlement::FromLog => Ok(()),
+        Settlement::Release => {
+            claim.responses = None;
             release(&database, &scope, &key, &claim_id)
                 .await
                 .map_err(Arc::new)
-        } else {
+        }
+        Settlement::Keep => {
+            claim.responses = None;
             // Responses can hold a secret shown once (an invitation token, a service-account
             // key): the stored copy is sealed.
             let sealed = keys.seal_blob(SEAL_PURPOSE, &body);
@@ -216,6 +217,30 @@ async fn run_and_record(
         tracing::error!(%error, "could not record an idempotent response");
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// What becomes of a claim once its command has answered.
+#[derive(Debug, PartialEq)]
+enum Settlement {
+    /// The response is the key's answer for 24 hours.
+    Keep,
+    /// Nothing was applied and a retry may fare otherwise (a bad token must not hold its
+    /// slot; an organization that kept changing may hold still): the key is free again.
+    Release,
+    /// A failure that may have come after the commit: the log tells (see [`settle`]).
+    FromLog,
+}
+
+fn settlement_of(parts: &axum::http::response::Parts) -> Settlement {
+    if parts.status.is_server_error() {
+        Settlement::FromLog
+    } else if parts.status == StatusCode::UNAUTHORIZED
+        || parts.extensions.get::<Transient>().is_some()
+    {
+        Settlement::Release
+    } else {
+        Settlement::Keep
+    }
 }
 
 /// Keeps the claim's lease fresh while its command runs (renewed `every`, until the task is
@@ -750,6 +775,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(released, "a retry may claim the key again");
+    }
+
+    #[test]
+    fn a_refusal_a_retry_may_get_past_is_not_kept_for_the_key() {
+        let settlement = |response: Response| settlement_of(&response.into_parts().0);
+        let contended = ApiError::from(crate::ledger::LedgerError::Contended).into_response();
+        assert_eq!(contended.status(), StatusCode::CONFLICT);
+        assert_eq!(settlement(contended), Settlement::Release);
+        assert_eq!(
+            settlement(
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "no").into_response()
+            ),
+            Settlement::Release
+        );
+        for kept in [
+            ApiError::new(StatusCode::CONFLICT, "slug_taken", "taken").into_response(),
+            ApiError::new(StatusCode::PRECONDITION_FAILED, "version_mismatch", "moved")
+                .into_response(),
+            StatusCode::OK.into_response(),
+        ] {
+            assert_eq!(settlement(kept), Settlement::Keep);
+        }
+        assert_eq!(
+            settlement(ApiError::internal("down").into_response()),
+            Settlement::FromLog
+        );
     }
 
     async fn scratch_store() -> (tempfile::TempDir, Database) {
