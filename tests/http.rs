@@ -5876,6 +5876,21 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
         }
     }
     assert!(commands > 25, "{commands} commands");
+    // The creations take a key, and no `If-Match`: there is no version yet to name.
+    for path in [
+        "/v1/organizations",
+        "/v1/users/{user_id}/personal-organization",
+    ] {
+        let headers: Vec<&Value> = paths[path]["post"]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|parameter| parameter["in"] == "header")
+            .map(|parameter| &parameter["name"])
+            .collect();
+        assert!(headers.contains(&&json!("Idempotency-Key")), "{path}");
+        assert!(!headers.contains(&&json!("If-Match")), "{path}");
+    }
     assert!(
         openapi.body["components"]["schemas"]["Problem"].is_object(),
         "the problem+json shape is described"

@@ -495,6 +495,17 @@ pub struct ActorHeaders {
     x_request_id: Option<String>,
 }
 
+/// Headers of the commands that create an organization, for the OpenAPI description: there is
+/// no version yet for `If-Match` to name.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct CreationHeaders {
+    /// A retry with the same key and body within 24 h replays the first response.
+    #[param(rename = "Idempotency-Key", max_length = 255)]
+    idempotency_key: Option<String>,
+}
+
 /// Headers of commands, for the OpenAPI description.
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]

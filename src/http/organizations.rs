@@ -18,7 +18,9 @@ use uuid::Uuid;
 
 use super::dto::*;
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
+use super::extract::{
+    ActorHeaders, Caller, CommandHeaders, CreationHeaders, IfMatch, Json, Meta, Path, Query,
+};
 use super::{
     authorize, committed, organization_id, organization_response, page_limit, with_etag, AppState,
 };
@@ -38,7 +40,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// Create an organization; the actor (or the named `owner`) becomes its first owner.
 #[utoipa::path(post, path = "/v1/organizations", tag = "organizations",
-    params(ActorHeaders, CommandHeaders), request_body = CreateOrganizationRequest,
+    params(ActorHeaders, CreationHeaders), request_body = CreateOrganizationRequest,
     responses((status = 201, body = OrganizationDto, description = "Created"), ProblemResponses))]
 async fn create_organization(
     State(state): State<AppState>,

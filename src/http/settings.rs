@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use super::dto::{ClientRestrictionsDto, OrganizationDto, Problems};
 use super::error::{ApiError, ProblemResponses};
-use super::extract::{ActorHeaders, Caller, CommandHeaders, IfMatch, Json, Meta, Path, Query};
+use super::extract::{
+    ActorHeaders, Caller, CommandHeaders, CreationHeaders, IfMatch, Json, Meta, Path, Query,
+};
 use super::{authorize, committed, organization_id, AppState, PageQuery};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -491,7 +493,7 @@ pub struct PersonalOrganizationRequest {
 
 /// The user's personal organization: created once (`201`), then returned (`200`).
 #[utoipa::path(post, path = "/v1/users/{user_id}/personal-organization", tag = "organizations",
-    params(("user_id" = String, Path), ActorHeaders, CommandHeaders), request_body = PersonalOrganizationRequest,
+    params(("user_id" = String, Path), ActorHeaders, CreationHeaders), request_body = PersonalOrganizationRequest,
     responses((status = 201, body = OrganizationDto, description = "Created"),
               (status = 200, body = OrganizationDto, description = "The existing one"), ProblemResponses))]
 async fn personal_organization(
