@@ -1759,8 +1759,8 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         let past = state_as_of(&service.ledger, org, as_of).await.unwrap();
         let replayed = replayed_as_of(&events, as_of);
         // The instant it stood at: the one asked for, or when the event asked for occurred
-        // (read apart when the start is a snapshot at that very event).
-        // Past the log's end, it still stands: judged now.
+        // (read apart when the start is a snapshot at that very event), or now past the
+        // log's end, where it still stands.
         if let (Some(past), Some((_, sequence))) = (&past, &replayed) {
             match as_of {
                 AsOf::Time(at) => assert_eq!(past.moment, at),

@@ -135,7 +135,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // bodies hold none and are read once.
     if bytes.contains(&b'[') {
         let value: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|error| ApiError::malformed(error.to_string()))?;
+            .map_err(|error| ApiError::malformed(format!("the body is not valid JSON: {error}")))?;
         serde_path_to_error::deserialize::<_, T>(Strict(&value)).map_err(shape_error)?;
     }
     Ok(parsed)
