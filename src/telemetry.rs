@@ -22,8 +22,8 @@ pub fn init() {
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
     std::sync::OnceLock::new();
 
-/// Bucket bounds, in seconds, of the commands' time histograms: from a fraction of a
-/// millisecond to the 5 s bound of the wait for the read models.
+/// Bucket bounds, in seconds, of the requests' and commands' time histograms: from a
+/// fraction of a millisecond to the 5 s bound of the wait for the read models.
 const COMMAND_SECONDS: &[f64] = &[
     0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
@@ -34,9 +34,9 @@ const GROUP_APPENDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
-/// The process-wide Prometheus recorder (installed on first use). The commands' times and
-/// the group commits' sizes are histograms with buckets, which aggregate across instances;
-/// other timings stay summaries.
+/// The process-wide Prometheus recorder (installed on first use). The requests' and
+/// commands' times and the group commits' sizes are histograms with buckets, which
+/// aggregate across instances; other timings stay summaries.
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     METRICS
@@ -44,6 +44,11 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Prefix("orgledger_command_".into()),
+                    COMMAND_SECONDS,
+                )
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("orgledger_http_request_duration_seconds".into()),
                     COMMAND_SECONDS,
                 )
                 .expect("the bucket list is not empty")
@@ -78,7 +83,8 @@ fn describe_metrics() {
     );
     describe_counter!(
         "orgledger_commands_total",
-        "Non-GET requests, by outcome: committed (2xx), rejected (4xx) or failed (5xx)."
+        "Commands (a route's POST, PUT, PATCH or DELETE), by outcome: committed (2xx), \
+         replayed (a kept response to a repeated Idempotency-Key), rejected (4xx) or failed (5xx)."
     );
     describe_counter!(
         "orgledger_events_appended_total",

@@ -391,10 +391,12 @@ impl Organization {
 }
 
 fn check_api_key(key: &str) -> Result<(), OrganizationError> {
-    if !(8..=512).contains(&key.len()) || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !(16..=512).contains(&key.chars().count())
+        || key.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(OrganizationError::validation(
             "api_key",
-            "must be 8 to 512 characters with no spaces",
+            "must be 16 to 512 characters with no spaces",
         ));
     }
     Ok(())

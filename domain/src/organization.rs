@@ -582,6 +582,23 @@ impl Organization {
         }
     }
 
+    /// Refuses `actor` a command that needs `permission` as `decide` would before reading
+    /// any of the command's values: a stranger to a deleted organization, an organization that
+    /// takes no commands, an actor without the permission. An edge that finds a value it
+    /// cannot accept asks this first, so a caller who may not act at all is told that, and
+    /// not which value was wrong.
+    pub fn may_issue(
+        &self,
+        actor: &Actor,
+        permission: Permission,
+    ) -> Result<(), OrganizationError> {
+        if matches!(self.lifecycle, Lifecycle::Deleted { .. }) && !self.has_standing(actor) {
+            return Err(OrganizationError::PermissionDenied);
+        }
+        self.ensure_accepts_commands()?;
+        self.authorize(actor, permission).map(|_| ())
+    }
+
     /// Whether `actor` has standing here: `system`, a member, or one of its service
     /// accounts. Anyone else learns nothing of the organization from a refusal.
     pub fn has_standing(&self, actor: &Actor) -> bool {

@@ -363,7 +363,7 @@ fn ai_provider_keys_show_only_their_last_four_characters() {
         provider_id: id(3),
         name: "OpenAI".into(),
         kind: "openai".into(),
-        api_key: "sk-secret-1234".into(),
+        api_key: "sk-secret-test-key-1234".into(),
         enabled: true,
     });
     let events = test()
@@ -380,7 +380,7 @@ fn ai_provider_keys_show_only_their_last_four_characters() {
     let update = OrganizationCommand::UpdateAiProvider(UpdateAiProvider {
         provider_id: id(3),
         enabled: Some(false),
-        api_key: Some("sk-other-9999".into()),
+        api_key: Some("sk-other-test-key-9999".into()),
     });
     let updated = test()
         .given(with(acme(), events.clone()))
@@ -395,17 +395,29 @@ fn ai_provider_keys_show_only_their_last_four_characters() {
         ),
         ("9999", false)
     );
-    let short = OrganizationCommand::AddAiProvider(AddAiProvider {
-        provider_id: id(4),
-        name: "x".into(),
-        kind: "x".into(),
-        api_key: "k".into(),
-        enabled: true,
-    });
-    assert_eq!(
-        error_of(acme(), by("adam", short)).code(),
-        "validation_failed"
-    );
+    // Its last four characters are shown wherever the provider is: at most a quarter of a
+    // key of 16 characters, the shortest taken.
+    let with_key = |key: &str| {
+        OrganizationCommand::AddAiProvider(AddAiProvider {
+            provider_id: id(4),
+            name: "x".into(),
+            kind: "x".into(),
+            api_key: key.into(),
+            enabled: true,
+        })
+    };
+    for short in ["k", "sk-fifteen-char"] {
+        assert_eq!(
+            error_of(acme(), by("adam", with_key(short))).code(),
+            "validation_failed",
+            "{short}"
+        );
+    }
+    test()
+        .given(acme())
+        .when(by("adam", with_key("sk-sixteen-chars")))
+        .inspect_result()
+        .unwrap();
     let remove = OrganizationCommand::RemoveAiProvider(AiProviderRef { provider_id: id(3) });
     let removed = test()
         .given(with(acme(), events))
@@ -1162,7 +1174,7 @@ fn commands_by_permission() -> Vec<(Permission, OrganizationCommand)> {
                 provider_id: id(10),
                 name: "Second".into(),
                 kind: "openai".into(),
-                api_key: Secret::from("sk-second-5678".to_owned()),
+                api_key: Secret::from("sk-second-test-key-5678".to_owned()),
                 enabled: true,
             }),
         ),
@@ -1253,6 +1265,12 @@ fn assert_allowed_exactly(
     let state = state_after(given.to_vec());
     for (permission, body) in commands_by_permission() {
         let decided = state.decide(&command(actor.clone(), body.clone()));
+        // What the HTTP edge asks before judging a body's values agrees with the decision.
+        assert_eq!(
+            state.may_issue(&actor, permission).is_ok(),
+            holds(permission),
+            "{who} may issue what takes {permission:?}"
+        );
         if holds(permission) {
             assert!(decided.is_ok(), "{who} may {body:?}: {decided:?}");
         } else {
@@ -1330,4 +1348,33 @@ fn the_permission_table_holds_for_every_command() {
             &format!("a service account with {scope:?}"),
         );
     }
+}
+
+/// Before any value of a command is read, a caller is refused as `decide` refuses it: a
+/// stranger to a deleted organization learns nothing, a member is told it is deleted,
+/// `system` must name a user, and an organization never created is not found.
+#[test]
+fn who_may_issue_a_command_is_decided_before_its_values() {
+    let live = state_after(acme());
+    assert_eq!(
+        live.may_issue(&Actor::System, Permission::ManageSettings),
+        Err(OrganizationError::ActorRequired)
+    );
+    assert_eq!(
+        live.may_issue(&user("stranger"), Permission::ManageSettings),
+        Err(OrganizationError::PermissionDenied)
+    );
+    let gone = state_after(with(acme(), vec![deleted()]));
+    assert_eq!(
+        gone.may_issue(&user("olivia"), Permission::ManageSettings),
+        Err(OrganizationError::OrganizationDeleted)
+    );
+    assert_eq!(
+        gone.may_issue(&user("stranger"), Permission::ManageSettings),
+        Err(OrganizationError::PermissionDenied)
+    );
+    assert_eq!(
+        Organization::default().may_issue(&user("olivia"), Permission::ManageSettings),
+        Err(OrganizationError::NotFound("organization"))
+    );
 }

@@ -258,7 +258,7 @@ fn every_other_command() -> Vec<OrganizationCommand> {
             provider_id: some_id,
             name: "Main".into(),
             kind: "openai".into(),
-            api_key: Secret::from("sk-test-1234".to_owned()),
+            api_key: Secret::from("sk-test-provider-key-1234".to_owned()),
             enabled: true,
         }),
         OrganizationCommand::UpdateAiProvider(UpdateAiProvider {

@@ -340,6 +340,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already resolved by the idempotency layer, which claims keys for callers only.
+        if let Some(caller) = parts.extensions.get::<Self>() {
+            return Ok(caller.clone());
+        }
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthenticated)?;
         if !state.tokens.accepts(token) {
             return service_account(state, token, &parts.headers).await;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::error::{ApiError, Transient};
-use super::extract::too_large;
+use super::extract::{too_large, Caller};
 use super::{AppState, BODY_LIMIT};
 use crate::store::DataKeys;
 
@@ -90,13 +90,18 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let Some(key) = request.headers().get("idempotency-key").cloned() else {
         return next.run(request).await;
     };
-    // Platform tokens and service-account keys (checked by the handler; a 401 is never
-    // stored). Other requests get their 401 from the handler and nothing is claimed.
-    let authenticated = super::extract::bearer(request.headers()).is_some_and(|token| {
-        state.tokens.accepts(token) || token.starts_with(crate::tokens::SERVICE_ACCOUNT_PREFIX)
-    });
-    if !is_command || !authenticated {
+    if !is_command {
         return next.run(request).await;
+    }
+    // Only a caller the service knows claims a key: a request with no valid token (or a bad
+    // `X-Actor-Id`) writes nothing to the store and gets its refusal from the handler, which
+    // reuses the caller resolved here.
+    let (mut parts, body) = request.into_parts();
+    match Caller::from_request_parts(&mut parts, &state).await {
+        Ok(caller) => {
+            parts.extensions.insert(caller);
+        }
+        Err(_) => return next.run(Request::from_parts(parts, body)).await,
     }
     let key = match key.to_str() {
         Ok(key) if (1..=255).contains(&key.len()) => key.to_owned(),
@@ -108,7 +113,6 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .into_response()
         }
     };
-    let (parts, body) = request.into_parts();
     let Ok(bytes) = to_bytes(body, BODY_LIMIT).await else {
         return too_large().into_response();
     };

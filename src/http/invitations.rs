@@ -67,7 +67,8 @@ async fn send_invitation(
     let id = organization_id(&org_id)?;
     let invitation_id = Uuid::now_v7();
     let token = tokens::issue("inv");
-    let send = request.into_command(invitation_id, token.sha256)?;
+    let send = request.into_command(invitation_id, token.sha256);
+    let send = super::checked_for(&state, &caller, id, Permission::InviteMembers, send).await?;
     let outcome = super::execute(
         &state,
         caller,

@@ -95,7 +95,9 @@ async fn update_member(
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
     let user_id = UserId::parse("user_id", &user_id).map_err(|_| ApiError::not_found("member"))?;
-    let update = request.into_command(user_id.clone())?;
+    // The edge reads only the role: a bad one is a role change, which takes the permission.
+    let update = request.into_command(user_id.clone());
+    let update = super::checked_for(&state, &caller, id, Permission::ManageMembers, update).await?;
     let outcome = super::execute(
         &state,
         caller,

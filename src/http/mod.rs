@@ -218,8 +218,11 @@ pub fn app(state: AppState) -> Router {
     let openapi = Arc::new(openapi);
     let x_request_id = HeaderName::from_static("x-request-id");
     // Per route, so requests that match no route or method never reach the idempotency store.
-    routes
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::layer))
+    let routes = routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -229,13 +232,16 @@ pub fn app(state: AppState) -> Router {
         )
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(extract::refuse_nul_in_url))
-        .layer(axum::middleware::from_fn(extract::refuse_repeated_headers))
-        .layer(axum::middleware::from_fn(operations::record_request))
-        .layer(CatchPanicLayer::custom(|_| ApiError::internal("a handler panicked").into_response()))
+        .layer(axum::middleware::from_fn(extract::refuse_repeated_headers));
+    recorded(routes)
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
                 let request_id = request
@@ -250,6 +256,16 @@ pub fn app(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .layer(axum::middleware::from_fn(extract::replace_unrecordable_request_id))
         .with_state(state)
+}
+
+/// Every answer counted, timed and logged (`record_request`), a handler's panic among them:
+/// it becomes a problem+json 500 inside the record, not outside it.
+fn recorded<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    routes
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal("a handler panicked").into_response()
+        }))
+        .layer(axum::middleware::from_fn(operations::record_request))
 }
 
 /// Serves until `shutdown` resolves; in-flight requests then have `grace` to finish. Past it,
@@ -372,6 +388,27 @@ fn permits_any(grant: &Grant<'_>, permissions: &[Permission]) -> bool {
         .any(|permission| grant.permits(*permission))
 }
 
+/// `parsed`, or, when its values broke a rule, the refusal a caller who may not issue the
+/// command at all gets (`403`, or `404`/`409` for an organization unknown or deleted) before
+/// the `422`: bad values are told only to a caller who could act on good ones, as on the
+/// routes whose values the domain checks after its permission. Asked of the organization as
+/// stored, not of the read models, which may lag a promotion.
+pub(crate) async fn checked_for<T>(
+    state: &AppState,
+    caller: &Caller,
+    organization_id: Uuid,
+    permission: Permission,
+    parsed: Result<T, impl Into<ApiError>>,
+) -> Result<T, ApiError> {
+    let invalid = match parsed {
+        Ok(value) => return Ok(value),
+        Err(invalid) => invalid.into(),
+    };
+    let organization = state.service.ledger.current(organization_id).await?;
+    organization.may_issue(&caller.actor, permission)?;
+    Err(invalid)
+}
+
 /// Runs `body` as the caller, now, against the organization; waits for the read models.
 pub(crate) async fn execute(
     state: &AppState,
@@ -489,6 +526,38 @@ pub(crate) fn instant(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn panics() -> StatusCode {
+        panic!("deliberately")
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_as_a_problem_and_counted() {
+        use tower::ServiceExt;
+        let metrics = crate::telemetry::metrics_handle();
+        let routes: Router = Router::new().route("/test/panics", axum::routing::post(panics));
+        let request = axum::http::Request::post("/test/panics")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = recorded(routes).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.headers()[axum::http::header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let text = metrics.render();
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("orgledger_http_requests_total")
+                    && line.contains("route=\"/test/panics\"")
+                    && line.contains("status=\"500\"")),
+            "{text}"
+        );
+        assert!(
+            text.contains("orgledger_commands_total{outcome=\"failed\"}"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn platform_tokens_accept_only_configured_ones() {

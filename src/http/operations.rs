@@ -42,14 +42,16 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, 
     match database.is_migrated().await {
         Ok(true) => {}
         Ok(false) => return Err(not_ready("migrations are pending".into())),
-        Err(error) => return Err(not_ready(format!("database unreachable: {error}"))),
+        Err(error) => {
+            // The cause names hosts and users; this route answers anyone.
+            tracing::warn!(%error, "readiness: database unreachable");
+            return Err(not_ready("database unreachable".into()));
+        }
     }
-    let statuses = state
-        .service
-        .projector
-        .status()
-        .await
-        .map_err(|error| not_ready(format!("projection status unavailable: {error}")))?;
+    let statuses = state.service.projector.status().await.map_err(|error| {
+        tracing::warn!(%error, "readiness: projection status unavailable");
+        not_ready("projection status unavailable".into())
+    })?;
     if let Some(behind) = statuses.iter().find(|s| s.lag_seconds > READY_LAG_SECONDS) {
         return Err(not_ready(format!(
             "projection {} is {:.1} s behind",
@@ -101,18 +103,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// Counts requests and their latency by route, method and status; commands by outcome.
 pub async fn record_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = method_label(request.method());
+    let matched = request.extensions().get::<MatchedPath>();
+    // Only a route's command methods are commands: not a 404, nor a HEAD or OPTIONS.
+    let command = matched.is_some() && matches!(method, "POST" | "PUT" | "PATCH" | "DELETE");
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     let elapsed = started.elapsed().as_secs_f64();
-    metrics::counter!("orgledger_http_requests_total", "method" => method.to_string(), "route" => route.clone(), "status" => status.clone()).increment(1);
-    metrics::histogram!("orgledger_http_request_duration_seconds", "method" => method.to_string(), "route" => route).record(elapsed);
-    if method != axum::http::Method::GET {
+    metrics::counter!("orgledger_http_requests_total", "method" => method, "route" => route.clone(), "status" => status.clone()).increment(1);
+    metrics::histogram!("orgledger_http_request_duration_seconds", "method" => method, "route" => route).record(elapsed);
+    if command {
         let outcome = match response.status().as_u16() {
+            _ if response.headers().contains_key("idempotent-replayed") => "replayed",
             200..=299 => "committed",
             500..=599 => "failed",
             _ => "rejected",
@@ -125,4 +128,16 @@ pub async fn record_request(request: Request, next: Next) -> Response {
         "request finished"
     );
     response
+}
+
+/// A method as a metric label: the standard ones by name, any other as `other`, so a client
+/// inventing methods cannot add series without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+    ];
+    STANDARD
+        .into_iter()
+        .find(|standard| *standard == method.as_str())
+        .unwrap_or("other")
 }

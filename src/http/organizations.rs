@@ -48,6 +48,10 @@ async fn create_organization(
     Meta(context): Meta,
     Json(request): Json<CreateOrganizationRequest>,
 ) -> Result<Response, ApiError> {
+    // A service account acts inside its own organization only, whatever its body says.
+    if matches!(caller.actor, orgledger_domain::Actor::ServiceAccount(_)) {
+        return Err(OrganizationError::PermissionDenied.into());
+    }
     let request = NewOrganization::try_from(request)?;
     let organization_id = Uuid::now_v7();
     let owner = match (&caller.actor, request.owner) {
@@ -63,7 +67,6 @@ async fn create_organization(
             first_name: None,
             last_name: None,
         },
-        // A service account acts inside its own organization only.
         (orgledger_domain::Actor::ServiceAccount(_), None) => {
             return Err(OrganizationError::PermissionDenied.into())
         }
@@ -170,7 +173,9 @@ async fn update_organization(
     Json(request): Json<UpdateOrganizationRequest>,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
-    let update = UpdateOrganization::try_from(request)?;
+    let update = UpdateOrganization::try_from(request);
+    let update =
+        super::checked_for(&state, &caller, id, Permission::ManageSettings, update).await?;
     let outcome = super::execute(
         &state,
         caller,
@@ -281,7 +286,15 @@ async fn transfer_ownership(
     Json(request): Json<TransferOwnershipRequest>,
 ) -> Result<Response, ApiError> {
     let id = organization_id(&org_id)?;
-    let new_owner_id = UserId::parse("new_owner_id", &request.new_owner_id)?;
+    let new_owner_id = UserId::parse("new_owner_id", &request.new_owner_id);
+    let new_owner_id = super::checked_for(
+        &state,
+        &caller,
+        id,
+        Permission::TransferOwnership,
+        new_owner_id,
+    )
+    .await?;
     let body = OrganizationCommand::TransferOwnership(TransferOwnership { new_owner_id });
     let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
     Ok(organization_response(&outcome, StatusCode::OK))

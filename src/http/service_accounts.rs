@@ -131,7 +131,14 @@ async fn create_service_account(
         .enumerate()
         .filter_map(|(i, scope)| problems.check(Scope::parse(&format!("scopes[{i}]"), scope)))
         .collect();
-    problems.finish()?;
+    super::checked_for(
+        &state,
+        &caller,
+        id,
+        Permission::ManageServiceAccounts,
+        problems.finish(),
+    )
+    .await?;
     let account_id = Uuid::now_v7();
     let (key, key_prefix, key_sha256) = new_key();
     let body = OrganizationCommand::CreateServiceAccount(CreateServiceAccount {

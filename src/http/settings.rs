@@ -282,17 +282,17 @@ async fn change_plan(
     Path(org_id): Path<String>,
     Json(request): Json<ChangePlanRequest>,
 ) -> Result<Response, ApiError> {
+    let id = organization_id(&org_id)?;
     let seats = match request.seats {
-        None => {
-            return Err(ApiError::field(
-                "seats",
-                "is required: a number of seats, or null for no limit",
-            ))
-        }
-        Some(None) => None,
-        Some(Some(seats)) if (1..=1_000_000).contains(&seats) => Some(seats as u32),
-        Some(Some(_)) => return Err(ApiError::field("seats", "must be between 1 and 1000000")),
+        None => Err(ApiError::field(
+            "seats",
+            "is required: a number of seats, or null for no limit",
+        )),
+        Some(None) => Ok(None),
+        Some(Some(seats)) if (1..=1_000_000).contains(&seats) => Ok(Some(seats as u32)),
+        Some(Some(_)) => Err(ApiError::field("seats", "must be between 1 and 1000000")),
     };
+    let seats = super::checked_for(&state, &caller, id, Permission::ManageBilling, seats).await?;
     let body = OrganizationCommand::ChangePlan(ChangePlan {
         plan: request.plan,
         seats,
@@ -438,7 +438,15 @@ async fn define_role(
             ),
         }
     }
-    problems.finish()?;
+    let id = organization_id(&org_id)?;
+    super::checked_for(
+        &state,
+        &caller,
+        id,
+        Permission::ManageRoles,
+        problems.finish(),
+    )
+    .await?;
     let key = request.key.clone();
     let body = OrganizationCommand::DefineRole(DefineRole {
         key: request.key,
@@ -503,16 +511,17 @@ async fn personal_organization(
     Path(raw_user): Path<String>,
     Json(request): Json<PersonalOrganizationRequest>,
 ) -> Result<Response, ApiError> {
+    // Who may ask comes before what is asked: the user themselves, or `system`.
+    match &caller.actor {
+        Actor::System => {}
+        Actor::User(actor) if actor.as_str() == raw_user => {}
+        _ => return Err(ApiError::forbidden()),
+    }
     let mut problems = Problems::default();
     let user_id = problems.check(UserId::parse_for_actor("user_id", &raw_user));
     let email = problems.check(Email::parse("email", &request.email));
     problems.finish()?;
     let user_id = user_id.expect("checked");
-    match &caller.actor {
-        Actor::System => {}
-        Actor::User(actor) if *actor == user_id => {}
-        _ => return Err(ApiError::forbidden()),
-    }
     let first_name = super::dto::optional_text(request.first_name);
     // Neither the name nor the slug is personal data, which a purge must be able to erase:
     // an organization's name and slug are stored in clear, for good, in its first event.
