@@ -1182,12 +1182,15 @@ impl Projector {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{msg:>14} [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
+                    "{spinner} {msg} [{bar:40}] {pos}/{len} events {per_sec} eta {eta}",
                 )
                 .expect("a valid template")
                 .progress_chars("=> "),
             );
-            bar.set_message(names.join(", "));
+            bar.set_message(format!("{}: replaying", names.join(", ")));
+            // The stages after the replay move no count and can take as long as it: the
+            // spinner and the stage's name say the work goes on.
+            bar.enable_steady_tick(Duration::from_millis(200));
             bar
         } else {
             indicatif::ProgressBar::hidden()
@@ -1243,10 +1246,14 @@ impl Projector {
             }
             tx.commit().await?;
             replayed = Instant::now();
+            let stage = |name: &str| bar.set_message(format!("{}: {name}", names.join(", ")));
+            stage("building indexes");
             self.index_copies(shadows.iter().copied()).await?;
             indexed = Instant::now();
+            stage("analyzing");
             self.analyze_copies(shadows.iter().copied()).await;
             analyzed = Instant::now();
+            stage("swapping in");
             let mut tail = 0;
             for (live, shadow) in &copies {
                 tail = tail.max(self.swap(live.as_ref(), shadow.as_ref()).await?);
