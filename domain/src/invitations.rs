@@ -1,5 +1,7 @@
 //! Inviting people: send, resend, revoke, accept.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Duration, Utc};
 
 use crate::access::{Actor, Permission};
@@ -232,11 +234,34 @@ impl Organization {
     }
 
     /// Members plus the seats pending invitations hold (a link holds its remaining uses).
+    /// An invitation to an address that has joined since (through a link, say) holds none:
+    /// it can be neither accepted nor resent, so that person would take two seats.
     pub fn seats_in_use(&self, now: DateTime<Utc>) -> u32 {
-        let pending: u32 = self
-            .invitations
-            .values()
-            .filter(|invitation| !invitation.is_expired(now))
+        let live = || {
+            self.invitations
+                .values()
+                .filter(|invitation| !invitation.is_expired(now))
+        };
+        let invited: HashSet<&str> = live()
+            .filter_map(|invitation| invitation.email.as_deref())
+            .collect();
+        // One pass over the members, and only when some pending invitation names an address.
+        let joined: HashSet<&str> = if invited.is_empty() {
+            HashSet::new()
+        } else {
+            self.members
+                .values()
+                .map(|member| member.email.as_str())
+                .filter(|email| invited.contains(email))
+                .collect()
+        };
+        let pending: u32 = live()
+            .filter(|invitation| {
+                invitation
+                    .email
+                    .as_deref()
+                    .is_none_or(|email| !joined.contains(email))
+            })
             .map(|invitation| invitation.max_uses.saturating_sub(invitation.uses))
             .sum();
         self.members.len() as u32 + pending

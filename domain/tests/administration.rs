@@ -497,6 +497,51 @@ fn a_smaller_plan_counts_pending_invitations_not_expired_ones() {
     );
 }
 
+/// Someone invited by address who joins through a shareable link instead takes one seat:
+/// the invitation to their address, which can no longer be accepted or resent, holds none.
+#[test]
+fn an_invitation_to_someone_who_joined_by_a_link_holds_no_seat() {
+    let link = InvitationSent {
+        max_uses: 1,
+        ..invitation_sent(2, None, Role::Member)
+    };
+    let nina_joined_by_the_link = vec![
+        OrganizationEvent::InvitationAccepted(InvitationAccepted {
+            invitation_id: invitation_id(2),
+            user_id: uid("nina"),
+            email: "nina@example.com".into(),
+            accepted_at: t0(),
+        }),
+        joined("nina", Role::Member),
+    ];
+    // Four members, Nina's invitation and the link: the six seats are taken.
+    let full = with(
+        acme(),
+        vec![
+            plan(6),
+            sent(1, "nina@example.com", Role::Member),
+            OrganizationEvent::InvitationSent(link),
+        ],
+    );
+    let invite_bea = || {
+        by(
+            "adam",
+            OrganizationCommand::SendInvitation(send(3, Some("bea@example.com"), Role::Member)),
+        )
+    };
+    assert_eq!(
+        error_of(full.clone(), invite_bea()),
+        OrganizationError::SeatLimitReached
+    );
+    let joined = with(full, nina_joined_by_the_link);
+    assert_eq!(state_after(joined.clone()).seats_in_use(t0()), 5);
+    test()
+        .given(joined)
+        .when(invite_bea())
+        .inspect_result()
+        .expect("Nina takes one seat, not two: the sixth is free");
+}
+
 #[test]
 fn members_plus_pending_invitations_never_exceed_the_seats() {
     let given = with(acme(), vec![plan(5)]);
