@@ -101,6 +101,36 @@ async fn projections_rebuild_replays_an_older_schema_once() {
     assert_eq!(after, current);
 }
 
+/// A rebuild draws its progress, stage by stage, on a terminal (here a pseudo-terminal made
+/// by util-linux's `script`), and nothing of it into a pipe or a log file.
+#[test]
+fn a_rebuild_shows_its_progress_on_a_terminal_and_only_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    let binary = env!("CARGO_BIN_EXE_orgledger");
+    let on_terminal = Command::new("script")
+        .args(["--quiet", "--return", "--command"])
+        .arg(format!("'{binary}' projections rebuild"))
+        .arg("/dev/null")
+        .env("DATABASE_URL", &url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("util-linux's script runs");
+    let drawn = String::from_utf8_lossy(&on_terminal.stdout);
+    assert!(on_terminal.status.success(), "{drawn}");
+    assert!(drawn.contains("replaying ["), "{drawn}");
+    assert!(drawn.contains("rebuilt all 6 projections"), "{drawn}");
+    let piped = orgledger(&["projections", "rebuild"], &url);
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(!stderr.contains("replaying"), "{stderr}");
+}
+
 #[test]
 fn an_unreachable_postgres_is_reported_at_once_with_its_cause() {
     // A port nothing listens on: bound, then released.
