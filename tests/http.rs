@@ -294,6 +294,7 @@ on_both_backends!(
     conflicts_are_refused_with_their_codes_and_append_nothing,
     a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at,
     a_caller_who_may_not_act_is_refused_before_its_values_are_judged,
+    null_clears_only_what_can_be_cleared,
     no_operation_takes_malformed_input_for_a_change,
     a_command_that_takes_no_body_refuses_an_unparseable_one,
     a_nul_character_in_any_field_is_refused_by_name_and_stalls_nothing,
@@ -3745,6 +3746,90 @@ async fn a_caller_who_may_not_act_is_refused_before_its_values_are_judged(backen
         .call(Method::PATCH, &unknown, Some("olivia"), Some(body.clone()))
         .await;
     assert_problem(&missing, StatusCode::NOT_FOUND, "not_found");
+}
+
+/// In a patch, `null` clears a field that can be empty (a logo, a description, a title) and
+/// is refused, by name, for one that cannot: read as absent, it would answer "cleared" with
+/// a success that changed nothing.
+async fn null_clears_only_what_can_be_cleared(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    app.add_member(&org, "olivia", "mia", "member").await;
+    app.create_groups(&org, "olivia", &["Support"]).await;
+    let base = format!("/v1/organizations/{org}");
+    let groups = app.read(&format!("{base}/groups"), Some("olivia")).await;
+    let group = groups["items"][0]["id"].as_str().unwrap().to_owned();
+    let provider = app
+        .call(
+            Method::POST,
+            &format!("{base}/ai-providers"),
+            Some("olivia"),
+            Some(json!({"name": "Main", "kind": "openai", "api_key": "sk-provider-key-0001"})),
+        )
+        .await;
+    assert_eq!(provider.status, StatusCode::CREATED, "{}", provider.body);
+    let provider = provider.body["id"].as_str().unwrap().to_owned();
+    let before = app.event_count(&org).await;
+    let member = format!("{base}/members/mia");
+    let group_path = format!("{base}/groups/{group}");
+    let provider_path = format!("{base}/ai-providers/{provider}");
+    for (path, field) in [
+        (&base, "name"),
+        (&base, "slug"),
+        (&base, "timezone"),
+        (&base, "workflow_mode"),
+        (&base, "default_invite_expiry_days"),
+        (&member, "role"),
+        (&member, "locked_fields"),
+        (&group_path, "name"),
+        (&provider_path, "enabled"),
+        (&provider_path, "api_key"),
+    ] {
+        let reply = app
+            .call(
+                Method::PATCH,
+                path,
+                Some("olivia"),
+                Some(json!({ field: null })),
+            )
+            .await;
+        assert_validation_failed(&reply, &format!("{path} {field}"));
+        assert_eq!(reply.body["errors"][0]["field"], field, "{}", reply.body);
+    }
+    assert_eq!(app.event_count(&org).await, before, "nothing changed");
+    for (path, body, shown) in [
+        (
+            &base,
+            json!({"logo_url": "https://example.com/logo.png"}),
+            "/settings/logo_url",
+        ),
+        (
+            &group_path,
+            json!({"description": "First line"}),
+            "/description",
+        ),
+        (&member, json!({"title": "Engineer"}), "/title"),
+    ] {
+        let set = app
+            .call(Method::PATCH, path, Some("olivia"), Some(body.clone()))
+            .await;
+        assert!(!set.body.pointer(shown).unwrap().is_null(), "{}", set.body);
+        let field = body.as_object().unwrap().keys().next().unwrap().clone();
+        let cleared = app
+            .call(
+                Method::PATCH,
+                path,
+                Some("olivia"),
+                Some(json!({ field: null })),
+            )
+            .await;
+        assert_eq!(cleared.status, StatusCode::OK, "{}", cleared.body);
+        assert!(
+            cleared.body.pointer(shown).unwrap().is_null(),
+            "{}",
+            cleared.body
+        );
+    }
 }
 
 /// Invitations are listed in the order they were first sent: a resend, which moves

@@ -22,6 +22,20 @@ pub(crate) fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
+/// A field that may be left out but cannot be cleared: an explicit `null` is refused (`422`
+/// naming it) rather than read as absent, which would answer a client meaning "clear it"
+/// with a success that changed nothing.
+pub(crate) fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    match Option::<T>::deserialize(deserializer)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom(
+            "may be left out, but not null: it cannot be cleared",
+        )),
+    }
+}
+
 /// Collects every field error of a request instead of stopping at the first.
 #[derive(Default)]
 pub struct Problems(pub Vec<FieldError>);
@@ -618,16 +632,26 @@ impl TryFrom<CreateOrganizationRequest> for NewOrganization {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOrganizationRequest {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     pub name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     pub slug: Option<String>,
     /// An IANA time zone, e.g. `Europe/Paris`.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     pub timezone: Option<String>,
     /// An absolute http(s) URL; `null` removes the logo.
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub logo_url: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = WorkflowModeDto)]
     pub workflow_mode: Option<WorkflowModeDto>,
     /// 1 to 90.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = i64)]
     pub default_invite_expiry_days: Option<i64>,
 }
 
@@ -686,6 +710,8 @@ pub struct TransferOwnershipRequest {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMemberRequest {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = String)]
     pub role: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
@@ -699,6 +725,8 @@ pub struct UpdateMemberRequest {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub image_url: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(value_type = Vec<LockedFieldDto>)]
     pub locked_fields: Option<Vec<LockedFieldDto>>,
 }
 

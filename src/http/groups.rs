@@ -9,7 +9,7 @@ use orgledger_domain::{
 };
 use orgledger_projections::groups::{self, GroupView};
 use orgledger_projections::List;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -73,18 +73,14 @@ pub struct CreateGroupRequest {
     pub description: Option<String>,
 }
 
-fn double_option<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<Option<String>>, D::Error> {
-    Option::<String>::deserialize(deserializer).map(Some)
-}
-
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateGroupRequest {
+    #[serde(default, deserialize_with = "super::dto::not_null")]
+    #[schema(value_type = String)]
     pub name: Option<String>,
     /// `null` clears it.
-    #[serde(default, deserialize_with = "double_option")]
+    #[serde(default, deserialize_with = "super::dto::double_option")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
 }

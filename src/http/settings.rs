@@ -128,9 +128,12 @@ pub struct AddAiProviderRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateAiProviderRequest {
+    #[serde(default, deserialize_with = "super::dto::not_null")]
+    #[schema(value_type = bool)]
     pub enabled: Option<bool>,
     /// Replaces the key.
-    #[schema(value_type = Option<String>)]
+    #[serde(default, deserialize_with = "super::dto::not_null")]
+    #[schema(value_type = String)]
     pub api_key: Option<orgledger_domain::Secret>,
 }
 
