@@ -88,6 +88,14 @@ impl TestApp {
                 "every problem names its contract code: {body}"
             );
         }
+        if status == StatusCode::UNAUTHORIZED {
+            assert!(
+                headers
+                    .get("www-authenticate")
+                    .is_some_and(|scheme| scheme.as_bytes().starts_with(b"Bearer ")),
+                "a 401 names the scheme it would accept: {headers:?}"
+            );
+        }
         assert_ne!(
             status,
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -287,6 +295,8 @@ on_both_backends!(
     requests_without_a_valid_token_are_unauthenticated,
     a_creator_who_gave_no_email_has_none_rather_than_an_empty_one,
     actors_are_authorized_by_their_role,
+    no_user_acts_under_the_platforms_name,
+    a_derived_slug_spells_the_name_in_ascii,
     the_invitation_flow_works_end_to_end,
     responses_keep_the_contracts_shapes,
     invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
@@ -1688,6 +1698,27 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
     assert_eq!(problem_code(&in_use), "role_in_use");
 }
 
+/// A slug left out is derived from the name, its letters beyond ASCII spelled in ASCII, and
+/// numbered when another organization holds it.
+async fn a_derived_slug_spells_the_name_in_ascii(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut slugs = Vec::new();
+    for name in ["Café Société", "Łódź Ünïcode & Co", "Café Société"] {
+        let created = app
+            .call(
+                Method::POST,
+                "/v1/organizations",
+                Some("olivia"),
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        assert_eq!(created.body["name"], name);
+        slugs.push(created.body["slug"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(slugs, ["cafe-societe", "lodz-unicode-co", "cafe-societe-2"]);
+}
+
 async fn personal_organizations_are_one_per_user(backend: Backend) {
     let app = Arc::new(spawn_app(backend).await);
     let path = "/v1/users/nina/personal-organization";
@@ -2223,6 +2254,22 @@ async fn a_creator_who_gave_no_email_has_none_rather_than_an_empty_one(backend: 
         .await;
     assert_eq!(exported.body["members"][0]["user_id"], "olivia");
     assert_eq!(exported.body["members"][0]["email"], Value::Null);
+    // The audit log says the same of the owner's joining, in the export and served.
+    let joined = |entries: &Value| {
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|entry| entry["action"] == "member.joined")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        joined(&exported.body["audit_log"])["details"]["email"],
+        Value::Null
+    );
+    let audit = app.read(&format!("{base}/audit-log"), Some("olivia")).await;
+    assert_eq!(joined(&audit["items"])["details"]["email"], Value::Null);
 }
 
 async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
@@ -2247,6 +2294,59 @@ async fn requests_without_a_valid_token_are_unauthenticated(backend: Backend) {
         )
         .await;
     assert_problem(&create, StatusCode::UNAUTHORIZED, "unauthenticated");
+}
+
+/// `system` is the platform's own name in the audit log: no user acts, or is made a member
+/// or an owner, under it, so `?actor=system` means the platform alone.
+async fn no_user_acts_under_the_platforms_name(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let as_header = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("system"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_validation_failed(&as_header, "X-Actor-Id: system");
+    assert_eq!(as_header.body["errors"][0]["field"], "X-Actor-Id");
+    let as_owner = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Acme", "owner": {"user_id": "system", "email": "s@example.com"}})),
+        )
+        .await;
+    assert_validation_failed(&as_owner, "owner.user_id: system");
+    assert_eq!(as_owner.body["errors"][0]["field"], "owner.user_id");
+    let org = app.create_org("Acme", "olivia").await;
+    let link = app
+        .call(
+            Method::POST,
+            &format!("/v1/organizations/{org}/invitations"),
+            Some("olivia"),
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    let joining = app
+        .call(
+            Method::POST,
+            "/v1/invitations/accept",
+            None,
+            Some(
+                json!({"token": link.body["token"], "user_id": "system", "email": "s@example.com"}),
+            ),
+        )
+        .await;
+    assert_validation_failed(&joining, "accepting as system");
+    let audit = app
+        .read(
+            &format!("/v1/organizations/{org}/audit-log?actor=system"),
+            Some("olivia"),
+        )
+        .await;
+    assert_eq!(audit["items"].as_array().map(Vec::len), Some(0), "{audit}");
 }
 
 async fn actors_are_authorized_by_their_role(backend: Backend) {
@@ -3112,6 +3212,27 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         assert_eq!(
             reply.body["errors"][0]["field"], field,
             "{body}: {}",
+            reply.body
+        );
+    }
+    // A string that is not text is not JSON: bytes that are not UTF-8, a lone surrogate.
+    for body in [
+        b"{\"name\": \"\xff\xfe\"}".to_vec(),
+        br#"{"name": "\ud800"}"#.to_vec(),
+        br#"{"name": "a\udc00b"}"#.to_vec(),
+    ] {
+        let reply = app
+            .send(
+                app.request(Method::POST, "/v1/organizations", Some("olivia"))
+                    .header("content-type", "application/json")
+                    .body(body.clone()),
+            )
+            .await;
+        assert_eq!(
+            (reply.status, problem_code(&reply)),
+            (StatusCode::BAD_REQUEST, "malformed_request"),
+            "{}: {}",
+            String::from_utf8_lossy(&body),
             reply.body
         );
     }

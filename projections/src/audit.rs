@@ -121,7 +121,12 @@ pub fn describe(organization_id: &str, event: &E) -> Description {
             "member.joined",
             "member",
             e.user_id.to_string(),
-            json!({"email": e.email, "role": e.role, "invitation_id": e.invitation_id}),
+            // A first owner created without an address has none: shown as the member is.
+            json!({
+                "email": (!e.email.is_empty()).then_some(&e.email),
+                "role": e.role,
+                "invitation_id": e.invitation_id
+            }),
         ),
         E::MemberRoleChanged(e) => (
             "member.role_changed",

@@ -27,7 +27,9 @@ pub struct Problem {
     pub detail: String,
     /// The contract's error code, e.g. `last_owner`.
     pub code: String,
-    /// For `validation_failed`: every offending field.
+    /// For `validation_failed`: the offending fields found. Values are checked together; a
+    /// body not of the route's shape (a wrong type, an unknown field) names the first such
+    /// field alone, and rules that need the organization are checked once the values pass.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     #[schema(nullable = false)]
     pub errors: Vec<FieldProblem>,
@@ -142,6 +144,13 @@ impl IntoResponse for ApiError {
         );
         if transient {
             response.extensions_mut().insert(Transient);
+        }
+        // RFC 9110, section 11.6.1: a 401 names the scheme that would be accepted.
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"orgledger\""),
+            );
         }
         response
     }

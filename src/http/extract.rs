@@ -119,9 +119,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             message: "must not contain the NUL character (\\u0000)".to_owned(),
         }]));
     }
-    // The syntax is sound, so whatever fails from here is the body's shape (a number no field
-    // can hold, too many elements) and named by its field.
+    // The structure is sound, so whatever fails from here is the body's shape (a number no
+    // field can hold, too many elements) and named by its field; but for a string that is
+    // not text (bytes that are not UTF-8, a lone surrogate escape), which the first pass
+    // skips over undecoded: the body is then not JSON at all.
     let shape_error = |error: serde_path_to_error::Error<serde_json::Error>| {
+        let inner = error.inner();
+        let out_of_range = inner.to_string().starts_with("number out of range");
+        if inner.is_syntax() && !out_of_range {
+            return ApiError::malformed(format!("the body is not valid JSON: {inner}"));
+        }
         let path = error.path().to_string();
         let message = strip_position(&error.into_inner().to_string());
         ApiError::validation(vec![FieldProblem {
@@ -355,7 +362,7 @@ impl FromRequestParts<AppState> for Caller {
                 // clients send for a non-ASCII header value), not only visible ASCII.
                 let raw = std::str::from_utf8(value.as_bytes())
                     .map_err(|_| ApiError::field("X-Actor-Id", "must be UTF-8"))?;
-                Actor::User(UserId::parse("X-Actor-Id", raw)?)
+                Actor::User(UserId::parse_for_actor("X-Actor-Id", raw)?)
             }
         };
         Ok(Self {

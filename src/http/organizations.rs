@@ -75,9 +75,11 @@ async fn create_organization(
         }
     };
     let slug_was_given = request.slug.is_some();
+    // Letters beyond ASCII are spelled in it first, so "Café Société" is `cafe-societe`
+    // rather than losing them (`caf-soci-t`).
     let slug = request.slug.unwrap_or_else(|| {
         Slug::derive(
-            request.name.as_str(),
+            &deunicode::deunicode(request.name.as_str()),
             &organization_id.simple().to_string()[..8],
         )
     });
