@@ -280,6 +280,13 @@ fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
     );
 }
 
+/// A 422 `validation_failed` problem naming `field` first.
+#[track_caller]
+fn assert_refused_field(reply: &Reply, field: &str) {
+    assert_validation_failed(reply, field);
+    assert_eq!(reply.body["errors"][0]["field"], field, "{}", reply.body);
+}
+
 /// A 422 `validation_failed` problem; `context` says which request in a loop.
 #[track_caller]
 fn assert_validation_failed(reply: &Reply, context: &str) {
@@ -667,8 +674,7 @@ async fn names_are_trimmed_alike_and_a_blank_profile_edit_is_refused(backend: Ba
         (&json!("Mia"), &json!("CTO"))
     );
     let blank = edit(json!({"last_name": "   "})).await;
-    assert_validation_failed(&blank, "a blank last name");
-    assert_eq!(blank.body["errors"][0]["field"], "last_name");
+    assert_refused_field(&blank, "last_name");
     for (first_name, stored) in [("  Xavier ", json!("Xavier")), ("   ", Value::Null)] {
         let invited = app
             .call(
@@ -1452,8 +1458,7 @@ async fn seats_hold_under_concurrent_invitations(backend: Backend) {
             Some(json!({"plan": "enterprise"})),
         )
         .await;
-    assert_validation_failed(&without_seats, "without_seats");
-    assert_eq!(without_seats.body["errors"][0]["field"], "seats");
+    assert_refused_field(&without_seats, "seats");
     let unlimited = app
         .call(
             Method::PUT,
@@ -1885,8 +1890,7 @@ async fn personal_organizations_are_one_per_user(backend: Backend) {
                 Some(body),
             )
             .await;
-        assert_validation_failed(&refused, "another user's personal organization");
-        assert_eq!(refused.body["errors"][0]["field"], "owner.user_id");
+        assert_refused_field(&refused, "owner.user_id");
     }
     // `system` makes one for a named owner; a slug already taken frees the claim again.
     let team = app
@@ -2308,8 +2312,7 @@ async fn no_user_acts_under_the_platforms_name(backend: Backend) {
             Some(json!({"name": "Acme"})),
         )
         .await;
-    assert_validation_failed(&as_header, "X-Actor-Id: system");
-    assert_eq!(as_header.body["errors"][0]["field"], "X-Actor-Id");
+    assert_refused_field(&as_header, "X-Actor-Id");
     let as_owner = app
         .call(
             Method::POST,
@@ -2318,8 +2321,7 @@ async fn no_user_acts_under_the_platforms_name(backend: Backend) {
             Some(json!({"name": "Acme", "owner": {"user_id": "system", "email": "s@example.com"}})),
         )
         .await;
-    assert_validation_failed(&as_owner, "owner.user_id: system");
-    assert_eq!(as_owner.body["errors"][0]["field"], "owner.user_id");
+    assert_refused_field(&as_owner, "owner.user_id");
     let org = app.create_org("Acme", "olivia").await;
     let link = app
         .call(
@@ -2646,11 +2648,7 @@ async fn invitations_expire_after_the_organizations_default_and_a_resend_restart
         let refused = app
             .call(Method::PATCH, &base, Some("olivia"), Some(bad))
             .await;
-        assert_validation_failed(&refused, "expiry days");
-        assert_eq!(
-            refused.body["errors"][0]["field"],
-            "default_invite_expiry_days"
-        );
+        assert_refused_field(&refused, "default_invite_expiry_days");
     }
     let bad_mode = app
         .call(
@@ -3282,8 +3280,7 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
     let malformed = app.send(raw("{\"email\": 5")).await;
     assert_problem(&malformed, StatusCode::BAD_REQUEST, "malformed_request");
     let wrong_type = app.send(raw("{\"email\": 5, \"role\": \"member\"}")).await;
-    assert_validation_failed(&wrong_type, "wrong_type");
-    assert_eq!(wrong_type.body["errors"][0]["field"], "email");
+    assert_refused_field(&wrong_type, "email");
     let many = app
         .send(raw(
             "{\"email\": \"not-an-email\", \"role\": \"Emperor!\", \"expires_in_days\": 91}",
@@ -3914,8 +3911,7 @@ async fn null_clears_only_what_can_be_cleared(backend: Backend) {
                 Some(json!({ field: null })),
             )
             .await;
-        assert_validation_failed(&reply, &format!("{path} {field}"));
-        assert_eq!(reply.body["errors"][0]["field"], field, "{}", reply.body);
+        assert_refused_field(&reply, field);
     }
     assert_eq!(app.event_count(&org).await, before, "nothing changed");
     for (path, body, shown) in [
