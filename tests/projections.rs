@@ -45,6 +45,7 @@ on_both_backends!(
     status_reports_positions_and_backlog,
     a_second_process_opens_and_rebuilds_beside_a_busy_writer,
     the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one,
+    the_copies_of_a_rebuild_that_died_go_with_a_purge_and_at_the_next_start,
 );
 
 fn member_filter() -> MemberFilter {
@@ -133,8 +134,8 @@ async fn a_second_process_opens_and_rebuilds_beside_a_busy_writer(backend: Backe
     );
 }
 
-/// A rebuild killed midway leaves its copies; the next rebuild drops those whose checkpoint
-/// stopped moving an hour ago and leaves a copy of a rebuild still running alone.
+/// A rebuild killed midway leaves its copies; the next rebuild drops those no rebuild has
+/// touched for minutes and leaves a copy of a rebuild still running alone.
 async fn the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one(backend: Backend) {
     let service = spawn_service(backend).await;
     acme_with_mia(&service.ledger).await;
@@ -166,6 +167,164 @@ async fn the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one(backend: Bac
     assert!(try_execute(db, "SELECT 1 FROM rm_audit_log__rb2")
         .await
         .is_ok());
+}
+
+/// Makes the copy `name` + `suffix` of a read model, holding the live table's rows, as a
+/// rebuild leaves it, last touched at `touched_at_us`.
+async fn leave_copy(service: &TestService, name: &str, suffix: &str, touched_at_us: i64) {
+    let copy = projection_named(name, suffix).unwrap();
+    for statement in copy.create_tables(service.db().backend()) {
+        try_execute(service.db(), &statement).await.unwrap();
+    }
+    let live = projection_named(name, "").unwrap();
+    for ((_, live), (_, copied)) in live.tables().iter().zip(copy.tables()) {
+        let fill = format!("INSERT INTO {copied} SELECT * FROM {live}");
+        try_execute(service.db(), &fill).await.unwrap();
+    }
+    let checkpoint = format!(
+        "INSERT INTO projection_checkpoints (name, schema_version, updated_at_us)
+         VALUES ('{name}{suffix}', 1, {touched_at_us})"
+    );
+    try_execute(service.db(), &checkpoint).await.unwrap();
+}
+
+/// The copies of a rebuild that died hold read-model rows, personal data among them, that
+/// a purge does not reach: the runner drops them once it has applied a purge, and a process
+/// drops them as it opens. A copy a live rebuild keeps touching stays.
+async fn the_copies_of_a_rebuild_that_died_go_with_a_purge_and_at_the_next_start(backend: Backend) {
+    let mut service = spawn_service(backend).await;
+    let org = acme_with_mia(&service.ledger).await;
+    service.catch_up().await;
+    let now = orgledger_projections::to_micros(chrono::Utc::now());
+    let minutes_ago = now - 3 * 60_000_000;
+    leave_copy(&service, "members", "__rb71", minutes_ago).await;
+    leave_copy(&service, "audit_log", "__rb72", now).await;
+    let db = service.db().clone();
+    let mia_in_copy = "SELECT count(*) FROM rm_members__rb71 WHERE email = 'mia@example.com'";
+    assert_eq!(
+        count(&db, mia_in_copy).await,
+        1,
+        "the copy holds Mia's address"
+    );
+    service.start_projections();
+    let purge = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Acme".into(),
+    });
+    service.run_as(org, "olivia", purge).await;
+    let gone = |table: &'static str| {
+        let db = db.clone();
+        async move {
+            try_execute(&db, &format!("SELECT 1 FROM {table}"))
+                .await
+                .is_err()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gone("rm_members__rb71").await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead rebuild's copy outlived the purge"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let checkpoint_of =
+        |name: &str| format!("SELECT count(*) FROM projection_checkpoints WHERE name = '{name}'");
+    assert_eq!(count(&db, &checkpoint_of("members__rb71")).await, 0);
+    assert!(
+        !gone("rm_audit_log__rb72").await,
+        "a live rebuild's copy stays"
+    );
+    service.stop_projections().await;
+
+    // Its rebuild died since: the next process to open drops it.
+    let touched = format!(
+        "UPDATE projection_checkpoints SET updated_at_us = {minutes_ago} WHERE name = 'audit_log__rb72'"
+    );
+    assert_eq!(try_execute(&db, &touched).await, Ok(1));
+    let reopened = service.reopen().await;
+    assert!(gone("rm_audit_log__rb72").await);
+    assert_eq!(count(&db, &checkpoint_of("audit_log__rb72")).await, 0);
+    reopened.close().await;
+}
+
+/// A runner whose lock's session ends (cut off, or ended by the server once a hung leader
+/// stopped pinging it) stops running the projections, and one process leads again, alone;
+/// the read models keep up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_that_loses_its_lock_stops_and_one_process_leads_again_on_postgres() {
+    let mut first = spawn_service(Backend::Postgres).await;
+    let Database::Postgres(pool) = first.db().clone() else {
+        unreachable!("a PostgreSQL service")
+    };
+    let org = acme_with_mia(&first.ledger).await;
+    first.start_projections();
+    let second = first.reopen().await;
+    let (stop_second, second_stopped) = tokio::sync::watch::channel(false);
+    second.projector.spawn(second_stopped);
+    let holder = "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                   WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()";
+    let leaders = || {
+        [&first.projector, &second.projector]
+            .iter()
+            .filter(|projector| !projector.leading().is_empty())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lost: i32 = loop {
+        if let (1, Ok(pid)) = (leaders(), sqlx::query_scalar(holder).fetch_one(&pool).await) {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "nobody leads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(lost)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let holder = sqlx::query_scalar::<_, i32>(holder)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if leaders() == 1 && holder.is_some_and(|pid| pid != lost) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} processes lead",
+            leaders()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past a ping of the old leader's: still one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(leaders(), 1, "both processes run the projections");
+    let promoted = second
+        .run(
+            org,
+            cmd(
+                user("olivia"),
+                OrganizationCommand::UpdateMember(UpdateMember {
+                    user_id: uid("mia"),
+                    role: Some(Role::Admin),
+                    first_name: None,
+                    last_name: None,
+                    title: None,
+                    image_url: None,
+                    locked_fields: None,
+                }),
+            ),
+            &RequestContext::default(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(promoted.consistent, "the read models keep up");
+    let _ = stop_second.send(true);
+    first.stop_projections().await;
+    second.close().await;
 }
 
 /// The declared type of the audit log's organization column, lower-cased.

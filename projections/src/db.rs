@@ -301,16 +301,20 @@ impl Database {
     /// checkpoints commit together, so a server crash loses at most the last few batches,
     /// whole, and the runner applies them again from its checkpoints; visibility does not
     /// wait for the flush, so read-your-writes holds. Events are never written through it.
-    /// SQLite has one writer whatever the pool, so it shares the pool.
+    /// A transaction left open by a runner that stopped answering (a hung process) is ended
+    /// by the server after 30 s idle, so the row locks it holds on the checkpoints do not
+    /// stall whichever process leads next. SQLite has one writer whatever the pool, so it
+    /// shares the pool.
     pub fn separate_pool(&self, max_connections: u32) -> Self {
         match self {
-            Self::Postgres(pool) => Self::Postgres(
-                pg_pool_options(max_connections).connect_lazy_with(
-                    (*pool.connect_options())
-                        .clone()
-                        .options([("synchronous_commit", "off")]),
-                ),
-            ),
+            Self::Postgres(pool) => {
+                Self::Postgres(pg_pool_options(max_connections).connect_lazy_with(
+                    (*pool.connect_options()).clone().options([
+                        ("synchronous_commit", "off"),
+                        ("idle_in_transaction_session_timeout", "30000"),
+                    ]),
+                ))
+            }
             Self::Sqlite(_) => self.clone(),
         }
     }
@@ -436,6 +440,21 @@ fn sqlite_uuid(value: uuid::Uuid) -> String {
 }
 
 impl Database {
+    /// Runs a statement on the pool, its `args` bound as [`Conn::execute`] binds them;
+    /// returns the rows it affected.
+    pub async fn execute(&self, sql: &str, args: &[Arg]) -> Result<u64, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(pool) => bind_all!(sql, args, std::convert::identity)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+            Self::Sqlite(pool) => bind_all!(sql, args, sqlite_uuid)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+        })
+    }
+
     /// All rows of a read on the pool, each decoded as `T`, its `args` bound as
     /// [`Conn::fetch_all`] binds them.
     pub async fn fetch_all<T>(&self, sql: &str, args: &[Arg]) -> Result<Vec<T>, sqlx::Error>

@@ -43,11 +43,19 @@ const HELD_BACK_FIRST_LOOK: Duration = Duration::from_millis(2);
 const HELD_BACK_LAST_LOOK: Duration = Duration::from_millis(64);
 /// Poll interval when no wake-up arrives: the fallback for lost notifications.
 const POLL: Duration = Duration::from_millis(1_000);
-/// A rebuild's copy whose checkpoint has not moved for this long belongs to a rebuild that
-/// died (killed, crashed, failed before it could drop it): the next rebuild drops it. A live
-/// rebuild moves its copies' checkpoints every batch; its index builds, the longest step
-/// without a move, take seconds per million rows.
-const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(3_600);
+/// A rebuild's copy whose checkpoint has not been touched for this long belongs to a rebuild
+/// that died (killed, crashed, failed before it could drop it): it holds read-model rows,
+/// personal data among them, that no purge would reach, so it is dropped when a process
+/// starts, when a rebuild starts, after a purge and every [`COPY_CHECK`]. A live rebuild
+/// touches its copies every [`COPY_HEARTBEAT`], whatever step it is at.
+const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(120);
+const COPY_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the live runner looks for the copies of rebuilds that died.
+const COPY_CHECK: Duration = Duration::from_secs(60);
+/// How long the server lets the projector's lock session sit idle before ending it, and how
+/// often a live leader pings it (see [`Leadership`]).
+const LEADER_IDLE_LIMIT: Duration = Duration::from_secs(10);
+const LEADER_PING: Duration = Duration::from_secs(2);
 /// Separates a projection's name from a rebuild copy's suffix (`members__rb<micros>`).
 const COPY_MARK: &str = "__rb";
 const NOTIFY_CHANNEL: &str = "orgledger_events";
@@ -208,6 +216,9 @@ pub struct Projector {
     backlog_run: std::sync::atomic::AtomicUsize,
     /// True while the `ANALYZE` after a backlog runs: one at a time.
     analyzing: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by a live batch that applied a purge: the runner then drops the copies of
+    /// rebuilds that died, which hold the purged organization's rows too.
+    purged: std::sync::atomic::AtomicBool,
 }
 
 impl Projector {
@@ -225,6 +236,7 @@ impl Projector {
             notifier: OnceLock::new(),
             backlog_run: std::sync::atomic::AtomicUsize::new(0),
             analyzing: Arc::default(),
+            purged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -275,6 +287,7 @@ impl Projector {
     }
 
     async fn prepare_in_turn(&self, to_rebuild: &[&str]) -> Result<(), ProjectionError> {
+        self.discard_abandoned_copies().await?;
         let stored: HashMap<String, i64> = crate::with_pool!(&self.database, pool => {
             sqlx::query_as("SELECT name, schema_version FROM projection_checkpoints")
                 .fetch_all(pool)
@@ -393,7 +406,7 @@ impl Projector {
     }
 
     /// Drops the copies of rebuilds that died (see [`ABANDONED_COPY_AFTER`]).
-    async fn discard_abandoned_copies(&self) -> Result<(), ProjectionError> {
+    pub async fn discard_abandoned_copies(&self) -> Result<(), ProjectionError> {
         let stale_before = to_micros(Utc::now()) - ABANDONED_COPY_AFTER.as_micros() as i64;
         let sql = format!(
             "SELECT name FROM projection_checkpoints
@@ -494,6 +507,8 @@ impl Projector {
                 // A rebuild's copies replace the live tables whole: only live batches.
                 if live_tables && batch.purges {
                     self.erase_old_pages();
+                    self.purged
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 // Only the live projections: a rebuild's copies must not become metric
                 // labels or linger in the read-your-writes map.
@@ -836,25 +851,42 @@ impl Projector {
     /// is left out of the batches, with a growing backoff, and tried again from its own
     /// checkpoint; the others carry on meanwhile.
     async fn run_projections(&self, mut shutdown: watch::Receiver<bool>) {
-        // One active runner across processes: the holder of the advisory lock. The lock dies
-        // with its session, so another process takes over.
-        let _leadership = match &self.database {
-            Database::Postgres(pool) => loop {
-                if *shutdown.borrow() {
-                    return;
-                }
-                match try_lead(pool).await {
-                    Ok(Some(connection)) => break Some(connection),
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(%error, "projector leader election failed"),
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            },
-            Database::Sqlite(_) => None,
-        };
+        loop {
+            // One active runner across processes: the holder of the advisory lock. The lock
+            // dies with its session, so another process takes over.
+            let leadership = match &self.database {
+                Database::Postgres(pool) => loop {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    match try_lead(pool).await {
+                        Ok(Some(connection)) => break Some(Leadership::hold(connection)),
+                        Ok(None) => {}
+                        Err(error) => tracing::warn!(%error, "projector leader election failed"),
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                },
+                Database::Sqlite(_) => None,
+            };
+            // SQLite's single writer needs no lock, and it is never lost.
+            let (_kept, never_lost) = watch::channel(false);
+            let mut lost = leadership
+                .as_ref()
+                .map_or(never_lost, |held| held.lost.clone());
+            self.lead(&mut shutdown, &mut lost).await;
+            if *shutdown.borrow() {
+                return;
+            }
+            tracing::warn!("the projection runner's lock was lost; electing again");
+        }
+    }
+
+    /// Runs the projections while this process holds the lead: until `shutdown`, or until
+    /// `lost` says the lock's session ended.
+    async fn lead(&self, shutdown: &mut watch::Receiver<bool>, lost: &mut watch::Receiver<bool>) {
         tracing::info!("projection runner active");
         self.leading
             .lock()
@@ -871,8 +903,18 @@ impl Projector {
         // Where the group's checkpoints stood after its last batch, and the group: the next
         // batch is read from there before any transaction is opened.
         let mut lowest: Option<(Vec<&str>, Checkpoint)> = None;
-        while !*shutdown.borrow() {
+        let mut copies_checked = Instant::now();
+        while !*shutdown.borrow() && !*lost.borrow() {
             let now = Instant::now();
+            let purged = self
+                .purged
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            if purged || now >= copies_checked + COPY_CHECK {
+                copies_checked = now;
+                if let Err(error) = self.discard_abandoned_copies().await {
+                    tracing::warn!(%error, "could not look for the copies of rebuilds that died");
+                }
+            }
             let group: Vec<&dyn Projection> = self
                 .projections
                 .iter()
@@ -939,6 +981,7 @@ impl Projector {
                 _ = commits.changed() => {}
                 () = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => break,
+                _ = lost.changed() => break,
             }
         }
     }
@@ -1175,6 +1218,13 @@ impl Projector {
             self.prepare_copy(live.as_ref(), true).await?;
             self.prepare_copy(shadow.as_ref(), false).await?;
         }
+        let _alive = CopiesAlive::start(
+            self.database.clone(),
+            copies
+                .iter()
+                .map(|(_, shadow)| shadow.name().to_owned())
+                .collect(),
+        );
 
         self.feed.prepare_full_read().await?;
         let (total, _) = self.feed.backlog(Checkpoint::default()).await?;
@@ -1449,6 +1499,36 @@ impl Projector {
     }
 }
 
+/// Touches a live rebuild's copies every [`COPY_HEARTBEAT`] until dropped, so that no
+/// process takes them for the copies of a rebuild that died, however long a step lasts.
+struct CopiesAlive(JoinHandle<()>);
+
+impl CopiesAlive {
+    fn start(database: Database, names: Vec<String>) -> Self {
+        Self(tokio::spawn(async move {
+            let sql = format!(
+                "UPDATE projection_checkpoints SET updated_at_us = ${} WHERE name IN ({})",
+                names.len() + 1,
+                in_list(names.len(), 1)
+            );
+            loop {
+                tokio::time::sleep(COPY_HEARTBEAT).await;
+                let mut args: Vec<Arg> = names.iter().map(Arg::from).collect();
+                args.push(Arg::from(to_micros(Utc::now())));
+                if let Err(error) = database.execute(&sql, &args).await {
+                    tracing::warn!(%error, "could not mark a rebuild's copies as alive; trying again");
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for CopiesAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct CheckpointRow {
     name: String,
@@ -1516,6 +1596,46 @@ fn spawn_notifier(pool: sqlx::PgPool) -> watch::Sender<u64> {
         }
     });
     asks
+}
+
+/// The projector's lock, held on a connection of its own while this process leads. A leader
+/// that stops answering (stopped, hung, cut off) must not keep it for good: the server ends
+/// the session once it has been idle for [`LEADER_IDLE_LIMIT`], lock and all, while a live
+/// leader pings it every [`LEADER_PING`]. A failed ping says the lock is gone.
+struct Leadership {
+    lost: watch::Receiver<bool>,
+    pinger: JoinHandle<()>,
+}
+
+impl Leadership {
+    fn hold(mut connection: sqlx::PgConnection) -> Self {
+        let (tell, lost) = watch::channel(false);
+        let pinger = tokio::spawn(async move {
+            let limit = format!(
+                "SET idle_session_timeout = {}",
+                LEADER_IDLE_LIMIT.as_millis()
+            );
+            if let Err(error) = sqlx::query(&limit).execute(&mut connection).await {
+                tracing::warn!(%error, "the projector's lock may outlive a hung leader");
+            }
+            loop {
+                tokio::time::sleep(LEADER_PING).await;
+                let ping = sqlx::query("SELECT 1").execute(&mut connection);
+                if !matches!(tokio::time::timeout(LEADER_PING, ping).await, Ok(Ok(_))) {
+                    tell.send_replace(true);
+                    return;
+                }
+            }
+        });
+        Self { lost, pinger }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        // The task owns the connection: dropped with it, the session and the lock end.
+        self.pinger.abort();
+    }
 }
 
 /// Takes the projector's advisory lock on a connection of its own, held while it leads.
