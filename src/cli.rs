@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::config::{platform_tokens, redact_url, GeneratedKey, StoreConfig};
+use crate::config::{
+    platform_token_kept_in, platform_tokens, redact_url, GeneratedKey, PlatformTokenSource,
+    StoreConfig,
+};
 use crate::http::{AppState, PlatformTokens};
 use crate::service::Orgledger;
 use crate::store::{Database, MasterKey};
@@ -221,10 +224,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let service = Arc::new(open_store(&store, true, &[]).await?);
             service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
-            let tokens = platform_tokens(
+            let tokens = match platform_tokens(
                 &store,
                 api_token.as_ref().map(orgledger_domain::Secret::expose),
-            )?;
+            )? {
+                PlatformTokenSource::Tokens(tokens) => {
+                    PlatformTokens::new(tokens.iter().map(String::as_str))
+                }
+                PlatformTokenSource::KeptInDatabase { legacy } => PlatformTokens::new([])
+                    .with_digest(platform_token_kept_in(service.database(), &legacy).await?),
+            };
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -240,10 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 repaired_purges = repaired,
                 "orgledger listening"
             );
-            let state = AppState::new(
-                service.clone(),
-                PlatformTokens::new(tokens.iter().map(String::as_str)),
-            );
+            let state = AppState::new(service.clone(), tokens);
             let grace = Duration::from_millis(shutdown_grace_ms);
             crate::http::serve(listener, state, signals_from_now(Stop::Requested), grace).await?;
             tracing::info!("stopping projections");

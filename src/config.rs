@@ -164,12 +164,24 @@ impl GeneratedKey {
     }
 }
 
+/// Where the platform tokens come from.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PlatformTokenSource {
+    /// Configured (`ORGLEDGER_API_TOKEN`), or generated for a SQLite store and kept in a
+    /// file beside it (`<database file>.api-token`).
+    Tokens(Vec<String>),
+    /// PostgreSQL with none configured: generated once and kept beside the data, in the
+    /// database that every process serving it shares (see [`platform_token_kept_in`]).
+    /// `legacy` is where earlier versions kept it: their working directory.
+    KeptInDatabase { legacy: PathBuf },
+}
+
 /// The platform tokens: configured, or generated once, printed once and kept beside the
-/// data (`<database file>.api-token`, or `orgledger.api-token` for PostgreSQL).
+/// data.
 pub fn platform_tokens(
     store: &StoreConfig,
     configured: Option<&str>,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<PlatformTokenSource> {
     if let Some(list) = configured {
         let tokens: Vec<String> = list
             .split(',')
@@ -180,13 +192,15 @@ pub fn platform_tokens(
         if tokens.is_empty() {
             bail!("ORGLEDGER_API_TOKEN is set but holds no token");
         }
-        return Ok(tokens);
+        return Ok(PlatformTokenSource::Tokens(tokens));
     }
-    let path = store
-        .beside_data("api-token")
-        .unwrap_or_else(|| PathBuf::from("orgledger.api-token"));
+    let Some(path) = store.beside_data("api-token") else {
+        return Ok(PlatformTokenSource::KeptInDatabase {
+            legacy: PathBuf::from("orgledger.api-token"),
+        });
+    };
     if path.exists() {
-        return kept_platform_token(&path);
+        return kept_platform_token(&path).map(PlatformTokenSource::Tokens);
     }
     let token = crate::tokens::issue("olg").secret;
     match write_secret_file(&path, &token)? {
@@ -195,11 +209,57 @@ pub fn platform_tokens(
                 "Generated a platform token (shown once; kept in {}):\n{token}",
                 path.display()
             );
-            Ok(vec![token])
+            Ok(PlatformTokenSource::Tokens(vec![token]))
         }
         // Another process on the same new store generated one first: it is the one kept.
-        Written::Before => kept_platform_token(&path),
+        Written::Before => kept_platform_token(&path).map(PlatformTokenSource::Tokens),
     }
+}
+
+/// PostgreSQL: the SHA-256 of the platform token generated for this database, which every
+/// process serving it accepts, whatever its working directory. With none kept yet, the
+/// token earlier versions kept in `legacy` is adopted if that file exists; otherwise one is
+/// generated, and printed once by the one process whose digest the database took. The
+/// token itself is never stored: lost, it is replaced by configuring `ORGLEDGER_API_TOKEN`,
+/// or by deleting the `generated_platform_token` row to have a new one generated.
+pub async fn platform_token_kept_in(
+    database: &orgledger_projections::Database,
+    legacy: &std::path::Path,
+) -> anyhow::Result<[u8; 32]> {
+    let orgledger_projections::Database::Postgres(pool) = database else {
+        bail!("a SQLite store keeps its platform token in a file beside it");
+    };
+    let adopted = if legacy.exists() {
+        kept_platform_token(legacy)?.pop()
+    } else {
+        None
+    };
+    let token = adopted
+        .clone()
+        .unwrap_or_else(|| crate::tokens::issue("olg").secret);
+    let taken = sqlx::query(
+        "INSERT INTO generated_platform_token (id, token_sha256) VALUES (1, $1)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(crate::tokens::sha256_hex(&token))
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    if taken && adopted.is_none() {
+        println!(
+            "Generated a platform token (shown once; the database keeps only its SHA-256):\n{token}"
+        );
+    }
+    let kept: String =
+        sqlx::query_scalar("SELECT token_sha256 FROM generated_platform_token WHERE id = 1")
+            .fetch_one(pool)
+            .await?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(kept.trim(), &mut digest)
+        .context("the generated_platform_token row does not hold a SHA-256")?;
+    tracing::info!("using the platform token generated for this database");
+    Ok(digest)
 }
 
 fn kept_platform_token(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
@@ -456,7 +516,11 @@ mod tests {
     fn a_generated_platform_token_is_kept_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(&format!("sqlite://{}/org.db", dir.path().display()));
-        let first = platform_tokens(&store, None).unwrap();
+        let tokens = |configured| match platform_tokens(&store, configured).unwrap() {
+            PlatformTokenSource::Tokens(tokens) => tokens,
+            elsewhere => panic!("a SQLite store keeps its token in a file: {elsewhere:?}"),
+        };
+        let first = tokens(None);
         let kept = dir.path().join("org.db.api-token");
         assert_eq!(std::fs::read_to_string(&kept).unwrap(), first[0]);
         #[cfg(unix)]
@@ -465,14 +529,15 @@ mod tests {
             let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "only its owner reads it");
         }
-        assert_eq!(
-            platform_tokens(&store, None).unwrap(),
-            first,
-            "reused on the next start"
-        );
-        let configured = platform_tokens(&store, Some(" a , b ,")).unwrap();
-        assert_eq!(configured, ["a", "b"]);
+        assert_eq!(tokens(None), first, "reused on the next start");
+        assert_eq!(tokens(Some(" a , b ,")), ["a", "b"]);
         assert!(platform_tokens(&store, Some(" , ")).is_err());
+        assert_eq!(
+            platform_tokens(&self::store("postgres://db/orgs"), None).unwrap(),
+            PlatformTokenSource::KeptInDatabase {
+                legacy: PathBuf::from("orgledger.api-token")
+            }
+        );
     }
 
     #[test]

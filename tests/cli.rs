@@ -185,16 +185,32 @@ struct Served {
 }
 
 fn serve_logging_everything(database_url: &str, flags: &[&str]) -> Served {
+    serve_from(&std::env::current_dir().unwrap(), database_url, flags, None)
+}
+
+/// `serve` started in `directory`, with `master_key` (none: the one kept beside the data).
+fn serve_from(
+    directory: &std::path::Path,
+    database_url: &str,
+    flags: &[&str],
+    master_key: Option<&str>,
+) -> Served {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orgledger"));
+    command
+        .current_dir(directory)
         .args(["serve", "--orgledger-bind", "127.0.0.1:0"])
         .args(flags)
         .env("DATABASE_URL", database_url)
         .env_remove("ORGLEDGER_MASTER_KEY")
         .env_remove("ORGLEDGER_API_TOKEN")
         .env_remove("ORGLEDGER_BIND")
-        .env("RUST_LOG", "trace")
+        .env("RUST_LOG", "trace");
+    if let Some(key) = master_key {
+        command.env("ORGLEDGER_MASTER_KEY", key);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -261,6 +277,53 @@ impl Served {
         };
         (exit, self.stderr.join().unwrap())
     }
+}
+
+/// On PostgreSQL the platform token `serve` generates is kept beside the data, in the
+/// database: processes started from any directory accept the one token, printed once, by
+/// the first; none is written into a working directory. A token an earlier version kept in
+/// its working directory is adopted, not replaced.
+#[tokio::test]
+async fn processes_on_one_postgres_database_share_the_token_generated_for_it() {
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let accepts = |server: &Served, token: &str| {
+        let request = reqwest::Client::new()
+            .get(format!("{}/v1/organizations", server.address))
+            .bearer_auth(token)
+            .send();
+        async move { request.await.unwrap().status() == reqwest::StatusCode::OK }
+    };
+    let generated_once = support::fresh_database(support::Backend::Postgres).await;
+    let (here, there) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = serve_from(here.path(), &generated_once.url, &[], Some(KEY));
+    let (printed, _) = first.stop();
+    let token = printed
+        .lines()
+        .find(|line| line.starts_with("olg_"))
+        .unwrap_or_else(|| panic!("the first start prints its token: {printed}"))
+        .to_owned();
+    for directory in [here.path(), there.path()] {
+        let server = serve_from(directory, &generated_once.url, &[], Some(KEY));
+        assert!(accepts(&server, &token).await);
+        assert!(!accepts(&server, "olg_another").await);
+        let (printed, _) = server.stop();
+        assert!(!printed.contains("olg_"), "printed again: {printed}");
+        assert!(!directory.join("orgledger.api-token").exists());
+    }
+
+    let adopted = support::fresh_database(support::Backend::Postgres).await;
+    std::fs::write(
+        here.path().join("orgledger.api-token"),
+        "olg_kept-by-an-earlier-version\n",
+    )
+    .unwrap();
+    let earlier = serve_from(here.path(), &adopted.url, &[], Some(KEY));
+    assert!(accepts(&earlier, "olg_kept-by-an-earlier-version").await);
+    let (printed, _) = earlier.stop();
+    assert!(!printed.contains("olg_"), "{printed}");
+    let elsewhere = serve_from(there.path(), &adopted.url, &[], Some(KEY));
+    assert!(accepts(&elsewhere, "olg_kept-by-an-earlier-version").await);
+    elsewhere.stop();
 }
 
 /// A client that never finishes sending its request does not hold a stop up: once the
