@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::config::{
-    platform_token_kept_in, platform_tokens, redact_url, GeneratedKey, PlatformTokenSource,
+    platform_tokens, platform_tokens_kept_in, redact_url, GeneratedKey, PlatformTokenSource,
     StoreConfig,
 };
 use crate::http::{AppState, PlatformTokens};
@@ -231,8 +231,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 PlatformTokenSource::Tokens(tokens) => {
                     PlatformTokens::new(tokens.iter().map(String::as_str))
                 }
-                PlatformTokenSource::KeptInDatabase { legacy } => PlatformTokens::new([])
-                    .with_digest(platform_token_kept_in(service.database(), &legacy).await?),
+                PlatformTokenSource::KeptInDatabase { legacy } => {
+                    platform_tokens_kept_in(service.database(), &legacy)
+                        .await?
+                        .into_iter()
+                        .fold(PlatformTokens::new([]), PlatformTokens::with_digest)
+                }
             };
             let repaired = service.ledger.finish_interrupted_purges().await?;
             crate::http::idempotency::forget_purged(service.database()).await?;

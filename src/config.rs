@@ -171,7 +171,7 @@ pub enum PlatformTokenSource {
     /// file beside it (`<database file>.api-token`).
     Tokens(Vec<String>),
     /// PostgreSQL with none configured: generated once and kept beside the data, in the
-    /// database that every process serving it shares (see [`platform_token_kept_in`]).
+    /// database that every process serving it shares (see [`platform_tokens_kept_in`]).
     /// `legacy` is where earlier versions kept it: their working directory.
     KeptInDatabase { legacy: PathBuf },
 }
@@ -217,49 +217,73 @@ pub fn platform_tokens(
 }
 
 /// PostgreSQL: the SHA-256 of the platform token generated for this database, which every
-/// process serving it accepts, whatever its working directory. With none kept yet, the
-/// token earlier versions kept in `legacy` is adopted if that file exists; otherwise one is
-/// generated, and printed once by the one process whose digest the database took. The
-/// token itself is never stored: lost, it is replaced by configuring `ORGLEDGER_API_TOKEN`,
-/// or by deleting the `generated_platform_token` row to have a new one generated.
-pub async fn platform_token_kept_in(
+/// process serving it accepts, whatever its working directory; generated, its digest kept
+/// and the token printed once, by the one process whose digest the database took. The token
+/// itself is never stored: lost, it is replaced by deleting the `generated_platform_token`
+/// row (a new one is generated at the next start), or by configuring `ORGLEDGER_API_TOKEN`.
+///
+/// `legacy` is where earlier versions kept a generated token: their working directory. One
+/// found there is adopted when the database keeps none yet, and otherwise still accepted by
+/// this process, as before the upgrade, with a warning when it is not the one kept.
+pub async fn platform_tokens_kept_in(
     database: &orgledger_projections::Database,
     legacy: &std::path::Path,
-) -> anyhow::Result<[u8; 32]> {
+) -> anyhow::Result<Vec<[u8; 32]>> {
     let orgledger_projections::Database::Postgres(pool) = database else {
         bail!("a SQLite store keeps its platform token in a file beside it");
     };
-    let adopted = if legacy.exists() {
-        kept_platform_token(legacy)?.pop()
+    let legacy_token = if legacy.exists() {
+        match kept_platform_token(legacy) {
+            Ok(mut tokens) => tokens.pop(),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a platform token file an earlier version kept");
+                None
+            }
+        }
     } else {
         None
     };
-    let token = adopted
-        .clone()
-        .unwrap_or_else(|| crate::tokens::issue("olg").secret);
-    let taken = sqlx::query(
-        "INSERT INTO generated_platform_token (id, token_sha256) VALUES (1, $1)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(crate::tokens::sha256_hex(&token))
-    .execute(pool)
-    .await?
-    .rows_affected()
-        == 1;
-    if taken && adopted.is_none() {
-        println!(
-            "Generated a platform token (shown once; the database keeps only its SHA-256):\n{token}"
-        );
+    let kept = "SELECT token_sha256 FROM generated_platform_token WHERE id = 1";
+    let mut kept_digest: Option<String> = sqlx::query_scalar(kept).fetch_optional(pool).await?;
+    if kept_digest.is_none() {
+        let token = legacy_token
+            .clone()
+            .unwrap_or_else(|| crate::tokens::issue("olg").secret);
+        let taken = sqlx::query(
+            "INSERT INTO generated_platform_token (id, token_sha256) VALUES (1, $1)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(crate::tokens::sha256_hex(&token))
+        .execute(pool)
+        .await?
+        .rows_affected()
+            == 1;
+        if taken && legacy_token.is_none() {
+            println!(
+                "Generated a platform token (shown once; the database keeps only its SHA-256):\n{token}"
+            );
+        }
+        kept_digest = Some(sqlx::query_scalar(kept).fetch_one(pool).await?);
     }
-    let kept: String =
-        sqlx::query_scalar("SELECT token_sha256 FROM generated_platform_token WHERE id = 1")
-            .fetch_one(pool)
-            .await?;
-    let mut digest = [0u8; 32];
-    hex::decode_to_slice(kept.trim(), &mut digest)
-        .context("the generated_platform_token row does not hold a SHA-256")?;
+    let digest = |hex_digest: &str| -> anyhow::Result<[u8; 32]> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex_digest.trim(), &mut digest)
+            .context("the generated_platform_token row does not hold a SHA-256")?;
+        Ok(digest)
+    };
+    let mut digests = vec![digest(kept_digest.as_deref().unwrap_or_default())?];
+    if let Some(token) = legacy_token {
+        let legacy_digest = digest(&crate::tokens::sha256_hex(&token))?;
+        if legacy_digest != digests[0] {
+            tracing::warn!(
+                path = %legacy.display(),
+                "the platform token in this file is not the one the database keeps: accepted by this process only"
+            );
+            digests.push(legacy_digest);
+        }
+    }
     tracing::info!("using the platform token generated for this database");
-    Ok(digest)
+    Ok(digests)
 }
 
 fn kept_platform_token(path: &std::path::Path) -> anyhow::Result<Vec<String>> {

@@ -311,6 +311,16 @@ async fn processes_on_one_postgres_database_share_the_token_generated_for_it() {
         assert!(!directory.join("orgledger.api-token").exists());
     }
 
+    // A process that finds a token an earlier version kept in its directory, other than the
+    // one the database keeps, goes on accepting it beside the kept one; no other process does.
+    std::fs::write(there.path().join("orgledger.api-token"), "olg_kept-there\n").unwrap();
+    let upgraded = serve_from(there.path(), &generated_once.url, &[], Some(KEY));
+    let elsewhere = serve_from(here.path(), &generated_once.url, &[], Some(KEY));
+    assert!(accepts(&upgraded, &token).await && accepts(&upgraded, "olg_kept-there").await);
+    assert!(accepts(&elsewhere, &token).await && !accepts(&elsewhere, "olg_kept-there").await);
+    upgraded.stop();
+    elsewhere.stop();
+
     let adopted = support::fresh_database(support::Backend::Postgres).await;
     std::fs::write(
         here.path().join("orgledger.api-token"),

@@ -46,6 +46,7 @@ on_both_backends!(
     a_second_process_opens_and_rebuilds_beside_a_busy_writer,
     the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one,
     the_copies_of_a_rebuild_that_died_go_with_a_purge_and_at_the_next_start,
+    the_runner_stops_when_nothing_is_left_that_could_stop_it,
 );
 
 fn member_filter() -> MemberFilter {
@@ -245,6 +246,27 @@ async fn the_copies_of_a_rebuild_that_died_go_with_a_purge_and_at_the_next_start
     assert!(gone("rm_audit_log__rb72").await);
     assert_eq!(count(&db, &checkpoint_of("audit_log__rb72")).await, 0);
     reopened.close().await;
+}
+
+/// The runner stops when its stop signal's sender goes away without a word (its owner
+/// failed on the way out): nothing could stop it later, so it must not run, or spin, on.
+async fn the_runner_stops_when_nothing_is_left_that_could_stop_it(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = service.projector.spawn(stopped);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while service.projector.leading().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the runner never led");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stop);
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the runner ends")
+            .unwrap();
+    }
+    assert!(service.projector.leading().is_empty());
 }
 
 /// A runner whose lock's session ends (cut off, or ended by the server once a hung leader

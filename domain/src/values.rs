@@ -58,21 +58,14 @@ impl UserId {
 
     /// A user id someone acts under (an `X-Actor-Id`, an organization's first owner, a
     /// member joining): also without a space at either end, which HTTP strips from an
-    /// `X-Actor-Id` header, so such a user could never act; and not `system`, the platform's
-    /// own name in the audit log, where a user of that name could not be told from it. Ids
-    /// already held are looked up with [`UserId::parse`].
+    /// `X-Actor-Id` header, so such a user could never act. Ids already held are looked up
+    /// with [`UserId::parse`].
     pub fn parse_for_actor(field: &str, raw: &str) -> Result<Self, FieldError> {
         let id = Self::parse(field, raw)?;
         if raw.starts_with(' ') || raw.ends_with(' ') {
             return Err(FieldError::new(
                 field,
                 "must not begin or end with a space (an X-Actor-Id header cannot carry it)",
-            ));
-        }
-        if raw == "system" {
-            return Err(FieldError::new(
-                field,
-                "`system` is reserved: it names the platform itself in the audit log",
             ));
         }
         Ok(id)
@@ -258,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_user_id_to_act_under_has_no_space_at_its_ends() {
-        for bad in [" lead", "lead ", " ", "  ", "system"] {
+        for bad in [" lead", "lead ", " ", "  "] {
             let error = UserId::parse_for_actor("owner.user_id", bad).unwrap_err();
             assert_eq!(error.field, "owner.user_id", "{bad:?}");
             assert!(

@@ -424,11 +424,46 @@ impl Projector {
                 .find(COPY_MARK)
                 .and_then(|at| projection_named(&name[..at], &name[at..]));
             if let Some(copy) = copy {
-                tracing::warn!(copy = %name, "dropping the copy of a rebuild that did not finish");
-                self.discard(copy.as_ref()).await;
+                self.discard_if_untouched(copy.as_ref(), stale_before).await;
             }
         }
         Ok(())
+    }
+
+    /// Drops a copy if its checkpoint is still untouched since `stale_before`, checked again
+    /// in the transaction that drops it: a rebuild that touched it since keeps it.
+    async fn discard_if_untouched(&self, copy: &dyn Projection, stale_before: i64) {
+        let result = async {
+            let mut tx = self.database.begin().await?;
+            let mut conn = tx.conn();
+            let claimed = conn
+                .execute(
+                    "DELETE FROM projection_checkpoints WHERE name = $1 AND updated_at_us < $2",
+                    &args![copy.name(), stale_before],
+                )
+                .await?;
+            if claimed == 0 {
+                return tx.rollback().await;
+            }
+            tracing::warn!(
+                copy = copy.name(),
+                "dropping the copy of a rebuild that did not finish"
+            );
+            for (_, table) in copy.tables() {
+                conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
+                    .await?;
+            }
+            conn.execute(
+                "DELETE FROM projected_versions WHERE projection = $1",
+                &args![copy.name()],
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(projection = copy.name(), %error, "could not drop an abandoned rebuild");
+        }
     }
 
     /// Tells the runners in this process that events were committed.
@@ -876,17 +911,20 @@ impl Projector {
             let mut lost = leadership
                 .as_ref()
                 .map_or(never_lost, |held| held.lost.clone());
-            self.lead(&mut shutdown, &mut lost).await;
-            if *shutdown.borrow() {
+            if !self.lead(&mut shutdown, &mut lost).await {
                 return;
             }
             tracing::warn!("the projection runner's lock was lost; electing again");
         }
     }
 
-    /// Runs the projections while this process holds the lead: until `shutdown`, or until
-    /// `lost` says the lock's session ended.
-    async fn lead(&self, shutdown: &mut watch::Receiver<bool>, lost: &mut watch::Receiver<bool>) {
+    /// Runs the projections while this process holds the lead: until `shutdown` (false), or
+    /// until `lost` says the lock's session ended (true).
+    async fn lead(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        lost: &mut watch::Receiver<bool>,
+    ) -> bool {
         tracing::info!("projection runner active");
         self.leading
             .lock()
@@ -980,10 +1018,12 @@ impl Projector {
             tokio::select! {
                 _ = commits.changed() => {}
                 () = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => break,
-                _ = lost.changed() => break,
+                // Asked to stop, or no one is left who could ask: either way, stop.
+                _ = shutdown.changed() => return false,
+                _ = lost.changed() => return true,
             }
         }
+        *lost.borrow()
     }
 
     /// One batch of the live runner. Knowing where the group stood after its last batch, it
@@ -1506,10 +1546,19 @@ struct CopiesAlive(JoinHandle<()>);
 impl CopiesAlive {
     fn start(database: Database, names: Vec<String>) -> Self {
         Self(tokio::spawn(async move {
+            // A row a batch or a swap holds is skipped, not waited for (waiting while holding
+            // the others could deadlock with the batch): its holder moves it as it commits.
+            let rows = match database.backend() {
+                Backend::Postgres => format!(
+                    "SELECT name FROM projection_checkpoints WHERE name IN ({})
+                      ORDER BY name FOR UPDATE SKIP LOCKED",
+                    in_list(names.len(), 1)
+                ),
+                Backend::Sqlite => in_list(names.len(), 1),
+            };
             let sql = format!(
-                "UPDATE projection_checkpoints SET updated_at_us = ${} WHERE name IN ({})",
+                "UPDATE projection_checkpoints SET updated_at_us = ${} WHERE name IN ({rows})",
                 names.len() + 1,
-                in_list(names.len(), 1)
             );
             loop {
                 tokio::time::sleep(COPY_HEARTBEAT).await;
