@@ -424,46 +424,10 @@ impl Projector {
                 .find(COPY_MARK)
                 .and_then(|at| projection_named(&name[..at], &name[at..]));
             if let Some(copy) = copy {
-                self.discard_if_untouched(copy.as_ref(), stale_before).await;
+                self.discard(copy.as_ref(), Some(stale_before)).await;
             }
         }
         Ok(())
-    }
-
-    /// Drops a copy if its checkpoint is still untouched since `stale_before`, checked again
-    /// in the transaction that drops it: a rebuild that touched it since keeps it.
-    async fn discard_if_untouched(&self, copy: &dyn Projection, stale_before: i64) {
-        let result = async {
-            let mut tx = self.database.begin().await?;
-            let mut conn = tx.conn();
-            let claimed = conn
-                .execute(
-                    "DELETE FROM projection_checkpoints WHERE name = $1 AND updated_at_us < $2",
-                    &args![copy.name(), stale_before],
-                )
-                .await?;
-            if claimed == 0 {
-                return tx.rollback().await;
-            }
-            tracing::warn!(
-                copy = copy.name(),
-                "dropping the copy of a rebuild that did not finish"
-            );
-            for (_, table) in copy.tables() {
-                conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
-                    .await?;
-            }
-            conn.execute(
-                "DELETE FROM projected_versions WHERE projection = $1",
-                &args![copy.name()],
-            )
-            .await?;
-            tx.commit().await
-        }
-        .await;
-        if let Err(error) = result {
-            tracing::warn!(projection = copy.name(), %error, "could not drop an abandoned rebuild");
-        }
     }
 
     /// Tells the runners in this process that events were committed.
@@ -1356,7 +1320,7 @@ impl Projector {
         bar.finish_and_clear();
         if let Err(error) = result {
             for (_, shadow) in &copies {
-                self.discard(shadow.as_ref()).await;
+                self.discard(shadow.as_ref(), None).await;
             }
             return Err(error);
         }
@@ -1511,20 +1475,32 @@ impl Projector {
         }
     }
 
-    /// Drops a shadow copy left by a failed rebuild.
-    async fn discard(&self, shadow: &dyn Projection) {
+    /// Drops a rebuild's copy: its tables, checkpoint and versions. With `untouched_since`,
+    /// only if its checkpoint is still untouched since then, checked again in the
+    /// transaction that drops it: a rebuild that touched it meanwhile keeps it.
+    async fn discard(&self, shadow: &dyn Projection, untouched_since: Option<i64>) {
         let result = async {
             let mut tx = self.database.begin().await?;
             let mut conn = tx.conn();
+            let claimed = conn
+                .execute(
+                    "DELETE FROM projection_checkpoints WHERE name = $1 AND updated_at_us < $2",
+                    &args![shadow.name(), untouched_since.unwrap_or(i64::MAX)],
+                )
+                .await?;
+            if claimed == 0 && untouched_since.is_some() {
+                return tx.rollback().await;
+            }
+            if untouched_since.is_some() {
+                tracing::warn!(
+                    copy = shadow.name(),
+                    "dropping the copy of a rebuild that did not finish"
+                );
+            }
             for (_, table) in shadow.tables() {
                 conn.execute(&format!("DROP TABLE IF EXISTS {table}"), &[])
                     .await?;
             }
-            conn.execute(
-                "DELETE FROM projection_checkpoints WHERE name = $1",
-                &args![shadow.name()],
-            )
-            .await?;
             conn.execute(
                 "DELETE FROM projected_versions WHERE projection = $1",
                 &args![shadow.name()],
