@@ -406,7 +406,7 @@ impl Projector {
     }
 
     /// Drops the copies of rebuilds that died (see [`ABANDONED_COPY_AFTER`]).
-    pub async fn discard_abandoned_copies(&self) -> Result<(), ProjectionError> {
+    async fn discard_abandoned_copies(&self) -> Result<(), ProjectionError> {
         let stale_before = to_micros(Utc::now()) - ABANDONED_COPY_AFTER.as_micros() as i64;
         let sql = format!(
             "SELECT name FROM projection_checkpoints
