@@ -372,13 +372,25 @@ impl Projection for AuditLogProjection {
     async fn replay_done(&self, conn: &mut Conn<'_>) -> Result<(), sqlx::Error> {
         if self.purges_deferred.swap(false, Ordering::AcqRel) {
             let t = &self.table;
-            let sql = format!(
-                "DELETE FROM {t} WHERE EXISTS (
-                    SELECT 1 FROM {t} AS tombstone
-                     WHERE tombstone.action = 'organization.purged'
-                       AND tombstone.organization_id = {t}.organization_id
-                       AND tombstone.sequence > {t}.sequence)"
-            );
+            let sql = match conn.backend() {
+                Backend::Postgres => format!(
+                    "DELETE FROM {t} WHERE EXISTS (
+                        SELECT 1 FROM {t} AS tombstone
+                         WHERE tombstone.action = 'organization.purged'
+                           AND tombstone.organization_id = {t}.organization_id
+                           AND tombstone.sequence > {t}.sequence)"
+                ),
+                // SQLite runs the statement above as a scan of the copy, which has no index
+                // yet, for every row of it (17,000 entries: 24 s); the tombstones gathered
+                // once, it takes one pass (0.1 s).
+                Backend::Sqlite => format!(
+                    "WITH purged (organization_id, at) AS MATERIALIZED (
+                        SELECT organization_id, max(sequence) FROM {t}
+                         WHERE action = 'organization.purged' GROUP BY organization_id)
+                     DELETE FROM {t} WHERE sequence < (
+                        SELECT at FROM purged WHERE purged.organization_id = {t}.organization_id)"
+                ),
+            };
             conn.execute(&sql, &[]).await?;
         }
         self.keyed.store(true, Ordering::Release);

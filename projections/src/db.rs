@@ -439,6 +439,53 @@ fn sqlite_uuid(value: uuid::Uuid) -> String {
     value.to_string()
 }
 
+/// `sql` for SQLite: when its `$n` placeholders are `$1, $2, ..` in order, each used once,
+/// they become plain `?`. SQLite looks a numbered or named placeholder up in a list, when it
+/// parses the statement and again when each value is bound, so a statement's cost grows with
+/// the square of its placeholders: a 2,000-row INSERT of 22,000 took 2.5 s where `?` takes
+/// 20 ms. Any other use of `$n` is left as written. Quoted text is skipped.
+fn sqlite_statement(sql: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = sql.as_bytes();
+    let mut rewritten = String::with_capacity(sql.len());
+    let (mut next, mut copied, mut at) = (1_usize, 0, 0);
+    while at < bytes.len() {
+        match bytes[at] {
+            quote @ (b'\'' | b'"') => {
+                at += 1;
+                while at < bytes.len() && bytes[at] != quote {
+                    at += 1;
+                }
+                at += 1;
+            }
+            b'$' => {
+                let digits = bytes[at + 1..]
+                    .iter()
+                    .take_while(|byte| byte.is_ascii_digit())
+                    .count();
+                if digits == 0 {
+                    at += 1;
+                    continue;
+                }
+                let number = &sql[at + 1..at + 1 + digits];
+                if number.parse::<usize>().ok() != Some(next) {
+                    return std::borrow::Cow::Borrowed(sql);
+                }
+                rewritten.push_str(&sql[copied..at]);
+                rewritten.push('?');
+                next += 1;
+                at += 1 + digits;
+                copied = at;
+            }
+            _ => at += 1,
+        }
+    }
+    if next == 1 {
+        return std::borrow::Cow::Borrowed(sql);
+    }
+    rewritten.push_str(&sql[copied..]);
+    std::borrow::Cow::Owned(rewritten)
+}
+
 impl Database {
     /// Runs a statement on the pool, its `args` bound as [`Conn::execute`] binds them;
     /// returns the rows it affected.
@@ -448,10 +495,13 @@ impl Database {
                 .execute(pool)
                 .await?
                 .rows_affected(),
-            Self::Sqlite(pool) => bind_all!(sql, args, sqlite_uuid)
-                .execute(pool)
-                .await?
-                .rows_affected(),
+            Self::Sqlite(pool) => {
+                let sql = sqlite_statement(sql);
+                bind_all!(&sql, args, sqlite_uuid)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
         })
     }
 
@@ -469,12 +519,15 @@ impl Database {
                 .iter()
                 .map(T::from_row)
                 .collect(),
-            Self::Sqlite(pool) => bind_all!(sql, args, sqlite_uuid)
-                .fetch_all(pool)
-                .await?
-                .iter()
-                .map(T::from_row)
-                .collect(),
+            Self::Sqlite(pool) => {
+                let sql = sqlite_statement(sql);
+                bind_all!(&sql, args, sqlite_uuid)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(T::from_row)
+                    .collect()
+            }
         }
     }
 }
@@ -487,10 +540,13 @@ impl Conn<'_> {
                 .execute(&mut **conn)
                 .await?
                 .rows_affected(),
-            Self::Sqlite(conn) => bind_all!(sql, args, sqlite_uuid)
-                .execute(&mut **conn)
-                .await?
-                .rows_affected(),
+            Self::Sqlite(conn) => {
+                let sql = sqlite_statement(sql);
+                bind_all!(&sql, args, sqlite_uuid)
+                    .execute(&mut **conn)
+                    .await?
+                    .rows_affected()
+            }
         })
     }
 
@@ -502,10 +558,13 @@ impl Conn<'_> {
                 .fetch_optional(&mut **conn)
                 .await?
                 .map(|row| row.get::<i64, _>(0)),
-            Self::Sqlite(conn) => bind_all!(sql, args, sqlite_uuid)
-                .fetch_optional(&mut **conn)
-                .await?
-                .map(|row| row.get::<i64, _>(0)),
+            Self::Sqlite(conn) => {
+                let sql = sqlite_statement(sql);
+                bind_all!(&sql, args, sqlite_uuid)
+                    .fetch_optional(&mut **conn)
+                    .await?
+                    .map(|row| row.get::<i64, _>(0))
+            }
         })
     }
 
@@ -522,12 +581,15 @@ impl Conn<'_> {
                 .iter()
                 .map(T::from_row)
                 .collect(),
-            Self::Sqlite(conn) => bind_all!(sql, args, sqlite_uuid)
-                .fetch_all(&mut **conn)
-                .await?
-                .iter()
-                .map(T::from_row)
-                .collect(),
+            Self::Sqlite(conn) => {
+                let sql = sqlite_statement(sql);
+                bind_all!(&sql, args, sqlite_uuid)
+                    .fetch_all(&mut **conn)
+                    .await?
+                    .iter()
+                    .map(T::from_row)
+                    .collect()
+            }
         }
     }
 
@@ -916,6 +978,35 @@ mod tests {
         assert_eq!(value_rows(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
         assert_eq!(value_rows(1, 2, 4), "($4, $5)");
         assert_eq!(value_rows(0, 2, 1), "");
+    }
+
+    #[test]
+    fn sqlite_takes_placeholders_in_order_as_plain_question_marks() {
+        assert_eq!(
+            sqlite_statement("INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)"),
+            "INSERT INTO t (a, b) VALUES (?, ?), (?, ?)"
+        );
+        assert_eq!(
+            sqlite_statement(
+                "SELECT x FROM t WHERE j = json_extract(m, '$.key $9') AND \"c$2\" = $1 AND y = $2"
+            ),
+            "SELECT x FROM t WHERE j = json_extract(m, '$.key $9') AND \"c$2\" = ? AND y = ?"
+        );
+        let written_as_is = [
+            "UPDATE t SET a = $2 WHERE id = $1",
+            "SELECT * FROM t WHERE a = $1 OR b = $1",
+            "SELECT * FROM t WHERE a = $2",
+            "SELECT 1",
+        ];
+        for sql in written_as_is {
+            assert!(
+                matches!(sqlite_statement(sql), std::borrow::Cow::Borrowed(same) if same == sql),
+                "{sql}"
+            );
+        }
+        let rows = value_rows(2_000, 11, 1);
+        assert_eq!(sqlite_statement(&rows).matches('?').count(), 22_000);
+        assert!(!sqlite_statement(&rows).contains('$'));
     }
 
     #[test]
