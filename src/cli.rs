@@ -208,11 +208,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             service.close().await;
             if let Some(marked) = marked.transpose()? {
-                println!(
+                say(format_args!(
                     "events given their MAC: {}; left without one (not JSON, `verify` names \
                      them): {}",
                     marked.marked, marked.unreadable
-                );
+                ))?;
             }
         }
         Commands::Serve {
@@ -275,26 +275,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ProjectionsAction::Rebuild { name: Some(name) } => {
                     let show_progress = std::io::stderr().is_terminal();
                     let report = service.projector.rebuild(&name, show_progress).await?;
-                    println!(
+                    say(format_args!(
                         "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
                         report.projection,
                         report.events,
                         report.seconds,
                         report.events_per_second,
                         phases(&report)
-                    );
+                    ))?;
                 }
                 ProjectionsAction::Rebuild { name: None } => {
                     let show_progress = std::io::stderr().is_terminal();
                     let report = service.projector.rebuild_all(show_progress).await?;
-                    println!(
+                    say(format_args!(
                         "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s; {})",
                         PROJECTION_NAMES.len(),
                         report.events,
                         report.seconds,
                         report.events_per_second,
                         phases(&report)
-                    );
+                    ))?;
                 }
             }
             service.close().await;
@@ -331,7 +331,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let written = written?;
             eprintln!("exported organization {organization}: {written} bytes");
         }
-        Commands::MasterKey => println!("{}", MasterKey::generate().to_base64()),
+        Commands::MasterKey => say(format_args!("{}", MasterKey::generate().to_base64()))?,
     }
     Ok(())
 }
@@ -447,13 +447,23 @@ async fn authenticate_legacy(
     marked
 }
 
+/// Writes a line to standard output. A reader that left early (`| head`) ends nothing: the
+/// rest is dropped and the command still ends with its own exit status.
+fn say(line: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written,
+    }
+}
+
 /// Prints `verify`'s report, as lines or as JSON; an error when it found anything.
 fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
     let plural =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let problems = plural(report.findings.len(), "problem", "problems");
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say(format_args!("{}", serde_json::to_string_pretty(&report)?))?;
         if !report.findings.is_empty() {
             bail!("verification found {problems}");
         }
@@ -467,7 +477,7 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
             (Some(organization), None) => format!("organization {organization}"),
             (None, _) => "read models".to_owned(),
         };
-        println!("FAIL {at}: {}", finding.problem);
+        say(format_args!("FAIL {at}: {}", finding.problem))?;
     }
     let read_models = if report.read_models_checked {
         format!(
@@ -477,7 +487,7 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
     } else {
         "read models not checked (one organization)".to_owned()
     };
-    println!(
+    say(format_args!(
         "verified {}, {} ({} with a matching MAC), {} (and {} in an older shape or under \
          older state rules, not compared); {read_models}; {}",
         plural(report.organizations, "organization", "organizations"),
@@ -486,7 +496,7 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
         plural(report.snapshots, "snapshot", "snapshots"),
         report.snapshots_not_compared,
         problems,
-    );
+    ))?;
     if !report.findings.is_empty() {
         bail!("verification found {problems}");
     }
@@ -544,12 +554,12 @@ fn phases(report: &RebuildReport) -> String {
 }
 
 async fn print_status(service: &Orgledger) -> anyhow::Result<()> {
-    println!(
+    say(format_args!(
         "{:<16} {:>10} {:>12} {:>9} {:>9}  last error",
         "projection", "position", "applied", "backlog", "lag (s)"
-    );
+    ))?;
     for status in service.projector.status().await? {
-        println!(
+        say(format_args!(
             "{:<16} {:>10} {:>12} {:>9} {:>9.1}  {}",
             status.name,
             status.position,
@@ -561,7 +571,7 @@ async fn print_status(service: &Orgledger) -> anyhow::Result<()> {
                 (None, Some(error)) => error.clone(),
                 _ => "-".to_owned(),
             }
-        );
+        ))?;
     }
     Ok(())
 }

@@ -63,7 +63,17 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 )
                 .expect("the bucket list is not empty")
                 .install_recorder()
-                .inspect(|_| describe_metrics())
+                .inspect(|_| {
+                    describe_metrics();
+                    // Exported from the start, at 0: an alert on `increase()` sees the first
+                    // rise from 0 to 1, which it would miss if the series first appeared at 1.
+                    for counter in [
+                        "orgledger_snapshots_unopened_total",
+                        "orgledger_events_appended_total",
+                    ] {
+                        metrics::counter!(counter).absolute(0);
+                    }
+                })
                 .expect("no other metrics recorder is installed")
         })
         .clone()

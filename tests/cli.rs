@@ -72,6 +72,32 @@ fn projections_status_opens_a_store_that_migrate_created() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("audit_log"));
 }
 
+#[test]
+fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    for args in [&["projections", "status"][..], &["verify", "--json"]] {
+        // As `| head -0`: the pipe's reading end is closed before the command writes.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .env(
+                "ORGLEDGER_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 /// `projections rebuild` on a store whose audit log is in an older schema replays it once:
 /// the start-up rebuild that `serve` would run first is left to the rebuild asked for.
 #[tokio::test]
@@ -704,6 +730,60 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
             "FAIL organization {garbled}, event 1: it cannot be read"
         )),
         "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn verify_tells_a_wrong_master_key_from_altered_events_once_every_organization_is_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    // The key `orgledger` passes: 32 zero bytes.
+    let key =
+        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
+    let database = orgledger::store::Database::connect(&url).await.unwrap();
+    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let org = support::acme_with_mia(&ledger).await;
+    let purge = orgledger_domain::PurgeOrganization {
+        confirm_name: "Acme".into(),
+    };
+    support::run(
+        &ledger,
+        org,
+        "olivia",
+        orgledger_domain::OrganizationCommand::PurgeOrganization(purge),
+    )
+    .await;
+    database.close().await;
+
+    let right_key = orgledger(&["verify"], &url);
+    assert_eq!(right_key.status.code(), Some(0), "{right_key:?}");
+
+    // No data key is left to try a key on: the events' MACs tell it is the key, not them.
+    let wrong_key = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(["verify"])
+        .env("DATABASE_URL", &url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong_key.stderr);
+    assert_eq!(
+        wrong_key.status.code(),
+        Some(2),
+        "could not check: {stderr}"
+    );
+    assert!(
+        stderr.contains("the master key matches none of the stored events' MACs"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&wrong_key.stdout).contains("FAIL"),
+        "no event reported altered: {wrong_key:?}"
     );
 }
 

@@ -140,12 +140,24 @@ fn csv_fields(entry: &AuditEntryView) -> [String; 8] {
             .occurred_at
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         entry.actor.kind.clone(),
-        entry.actor.id.clone(),
+        inert_in_a_spreadsheet(&entry.actor.id),
         entry.action.clone(),
         entry.resource.kind.clone(),
-        entry.resource.id.clone(),
+        inert_in_a_spreadsheet(&entry.resource.id),
         entry.details.to_string(),
     ]
+}
+
+/// A cell a spreadsheet would run as a formula (it starts with `=`, `+`, `-`, `@`, a tab or
+/// a carriage return) gets a leading `'`, which spreadsheets read as "text": user ids are
+/// the caller's choice, and whoever opens a compliance export must not run one. The JSON
+/// export keeps every value exact.
+fn inert_in_a_spreadsheet(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    }
 }
 
 /// One RFC 4180 record (quoted as needed, CRLF-terminated).
@@ -174,6 +186,18 @@ mod tests {
     use futures::StreamExt;
 
     use super::*;
+
+    #[test]
+    fn a_cell_a_spreadsheet_would_run_as_a_formula_is_written_as_text() {
+        for formula in ["=1+2", "+x", "-y", "@SUM(A1)", "\t=1", "\r=1"] {
+            assert_eq!(inert_in_a_spreadsheet(formula), format!("'{formula}"));
+        }
+        for plain in ["olivia", "0190f5a0-0000-7000-8000-000000000001", "a=b", ""] {
+            assert_eq!(inert_in_a_spreadsheet(plain), plain);
+        }
+        let record = csv_record(&["1", &inert_in_a_spreadsheet("=HYPERLINK(\"x\")")]).unwrap();
+        assert_eq!(record, b"1,\"'=HYPERLINK(\"\"x\"\")\"\r\n");
+    }
 
     #[tokio::test]
     async fn a_producer_that_panics_ends_the_stream_with_an_error_not_a_clean_end() {

@@ -208,8 +208,9 @@ impl DataKeys {
     /// Refuses a master key that does not open the stored organization keys (one is tried;
     /// one master key wraps them all). A mistyped key would otherwise seal new
     /// organizations under itself and fail on every old one, and the projections would
-    /// stall on the first event they cannot open once the right key is back.
-    pub async fn verify_master_key(&self) -> Result<(), StoreError> {
+    /// stall on the first event they cannot open once the right key is back. False when
+    /// there was none to try (no organization, or every one purged).
+    pub async fn verify_master_key(&self) -> Result<bool, StoreError> {
         const SAMPLE: &str =
             "SELECT organization_id, wrapped_key FROM organization_keys ORDER BY organization_id LIMIT 1";
         let sample: Option<(String, Vec<u8>)> = match &self.database {
@@ -226,7 +227,7 @@ impl DataKeys {
                         .to_owned(),
                 ))
             }
-            _ => Ok(()),
+            sample => Ok(sample.is_some()),
         }
     }
 
