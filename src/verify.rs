@@ -30,6 +30,8 @@ pub enum VerifyError {
     ReadModels(String),
     #[error("the events' MACs could not be read: {0}")]
     Macs(String),
+    #[error("the events' recording times could not be read: {0}")]
+    RecordingTimes(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
@@ -442,6 +444,10 @@ async fn verify_organization(
         );
     }
     verify_macs(service, organization_id, last, report, &mut found).await?;
+    verify_recording_times(ledger.database(), organization_id, &mut found).await?;
+    if unreadable.is_none() && last > 0 {
+        verify_read_models_of(ledger.database(), organization_id, &state, last, &mut found).await?;
+    }
     // The read models record the last event they applied of each organization: a log that
     // ends before it lost its last events, which no gap shows.
     if let Some(applied) = applied.filter(|applied| *applied > last) {
@@ -503,6 +509,185 @@ async fn verify_macs(
         if complete {
             break;
         }
+    }
+    Ok(())
+}
+
+/// Compares what the members and audit-log read models hold of the organization with its
+/// history, where both stand at its last event `last` (read models that lag, or moved on
+/// while this ran, are not compared): its members and their roles, and one audit entry for
+/// each of its events (only its purge's, once purged). The entries' contents are not
+/// compared.
+async fn verify_read_models_of(
+    database: &Database,
+    organization_id: Uuid,
+    state: &Organization,
+    last: usize,
+    found: &mut impl FnMut(Option<usize>, String),
+) -> Result<(), VerifyError> {
+    use orgledger_projections::args;
+    let id = organization_id.to_string();
+    let failed = |error: sqlx::Error| VerifyError::ReadModels(error.to_string());
+    let versions = || async {
+        let rows: Vec<(String, i64)> = database
+            .fetch_all(
+                "SELECT projection, version FROM projected_versions
+                  WHERE organization_id = $1 AND projection IN ('members', 'audit_log')",
+                &args![id.as_str()],
+            )
+            .await?;
+        Ok::<_, sqlx::Error>(
+            rows.len() == 2 && rows.iter().all(|(_, version)| *version as usize == last),
+        )
+    };
+    if !versions().await.map_err(failed)? {
+        return Ok(());
+    }
+    let members: Vec<(String, String)> = database
+        .fetch_all(
+            "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
+            &args![id.as_str()],
+        )
+        .await
+        .map_err(failed)?;
+    let entries: Vec<(i64, Option<i64>, Option<i64>)> = database
+        .fetch_all(
+            "SELECT count(*), min(sequence), max(sequence) FROM rm_audit_log
+              WHERE organization_id = $1",
+            &args![organization_id],
+        )
+        .await
+        .map_err(failed)?;
+    // Moved on meanwhile: what was read may be a later state than the replay's.
+    if !versions().await.map_err(failed)? {
+        return Ok(());
+    }
+    let purged = state.lifecycle == Lifecycle::Purged;
+    let mut expected: Vec<(String, String)> = if purged {
+        Vec::new()
+    } else {
+        state
+            .members
+            .iter()
+            .map(|(user, member)| (user.as_str().to_owned(), member.role.as_str().to_owned()))
+            .collect()
+    };
+    let mut held = members;
+    expected.sort();
+    held.sort();
+    if held != expected {
+        let differing: Vec<String> = held
+            .iter()
+            .filter(|row| !expected.contains(row))
+            .map(|(user, role)| format!("{user} as {role}"))
+            .collect();
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|row| !held.contains(row))
+            .map(|(user, role)| format!("{user} as {role}"))
+            .collect();
+        found(
+            None,
+            format!(
+                "its members read model differs from its history: it holds [{}] where the \
+                 events say [{}]",
+                differing.join(", "),
+                missing.join(", ")
+            ),
+        );
+    }
+    let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
+    let whole = if purged {
+        count == 1 && first == Some(last as i64)
+    } else {
+        count == last as i64 && first == Some(1) && latest == Some(last as i64)
+    };
+    if !whole {
+        found(
+            None,
+            format!(
+                "its audit log holds {count} entries where its history has {}",
+                if purged {
+                    "its purge's alone".to_owned()
+                } else {
+                    format!("one for each of its {last} events")
+                }
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// How far an event's `recorded_at` may run behind its predecessor's, or ahead of now,
+/// before it is a finding: a clock stepped back by a little (NTP) is not tampering.
+const RECORDING_TIME_SLACK_SECONDS: i64 = 60;
+
+/// Checks that the organization's `recorded_at`s, which its MACs do not cover (the database
+/// sets them as it commits), follow its sequence and lie in the past: an event is committed
+/// only after the one before it. Past state "as of" a time reads them.
+async fn verify_recording_times(
+    database: &Database,
+    organization_id: Uuid,
+    found: &mut impl FnMut(Option<usize>, String),
+) -> Result<(), VerifyError> {
+    let sql = match database.backend() {
+        orgledger_projections::Backend::Postgres => {
+            "SELECT sequence, micros, before_micros, now_micros FROM (
+                 SELECT sequence,
+                        (extract(epoch FROM recorded_at) * 1000000)::bigint AS micros,
+                        (extract(epoch FROM lag(recorded_at) OVER (ORDER BY sequence))
+                            * 1000000)::bigint AS before_micros,
+                        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_micros
+                   FROM events
+                  WHERE aggregate_type = 'organization' AND aggregate_id = $1) t
+              WHERE micros < before_micros - $2 OR micros > now_micros + $2
+              ORDER BY sequence LIMIT 100"
+        }
+        orgledger_projections::Backend::Sqlite => {
+            "SELECT sequence, micros, before_micros, now_micros FROM (
+                 SELECT sequence,
+                        CAST(round((julianday(recorded_at) - 2440587.5) * 86400000000) AS INTEGER)
+                            AS micros,
+                        CAST(round((julianday(lag(recorded_at) OVER (ORDER BY sequence))
+                            - 2440587.5) * 86400000000) AS INTEGER) AS before_micros,
+                        CAST(round((julianday('now') - 2440587.5) * 86400000000) AS INTEGER)
+                            AS now_micros
+                   FROM event_log
+                  WHERE aggregate_type = 'organization' AND aggregate_id = $1) t
+              WHERE micros IS NULL OR micros < before_micros - $2 OR micros > now_micros + $2
+              ORDER BY sequence LIMIT 100"
+        }
+    };
+    let slack = RECORDING_TIME_SLACK_SECONDS * 1_000_000;
+    let args = orgledger_projections::args![organization_id.to_string(), slack];
+    let rows: Vec<(i64, Option<i64>, Option<i64>, i64)> =
+        read_twice(database, || database.fetch_all(sql, &args))
+            .await?
+            .map_err(|error| VerifyError::RecordingTimes(error.to_string()))?;
+    let at = |micros: i64| {
+        chrono::DateTime::from_timestamp_micros(micros)
+            .map_or_else(|| micros.to_string(), |at| at.to_rfc3339())
+    };
+    for (sequence, micros, before, now) in rows {
+        let sequence = sequence as usize;
+        let problem = match (micros, before) {
+            // SQLite keeps it as text.
+            (None, _) => "its recording time cannot be read as a time".to_owned(),
+            (Some(micros), Some(before)) if micros < before - slack => format!(
+                "it was recorded at {}, before event {} ({}): the log's recording times were \
+                 altered, or the database's clock stepped back",
+                at(micros),
+                sequence - 1,
+                at(before)
+            ),
+            (Some(micros), _) => format!(
+                "it was recorded at {}, later than now ({}): the log's recording times were \
+                 altered, or the database's clock ran ahead",
+                at(micros),
+                at(now)
+            ),
+        };
+        found(Some(sequence), problem);
     }
     Ok(())
 }

@@ -2468,6 +2468,14 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
     let vanished = create_org(ledger, "Vanished", "vanished", "val")
         .await
         .organization_id;
+    let backdated = create_org(ledger, "Backdated", "backdated", "bea")
+        .await
+        .organization_id;
+    add_member(ledger, backdated, "bea", "ben", Role::Member).await;
+    let postdated = create_org(ledger, "Postdated", "postdated", "pia")
+        .await
+        .organization_id;
+    add_member(ledger, postdated, "pia", "pat", Role::Member).await;
     service.catch_up().await;
     let db = service.db();
     let last_of = |org: Uuid| {
@@ -2480,6 +2488,7 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         last_of(forged).await,
         last_of(vanished).await,
     );
+    let (backdated_last, postdated_last) = (last_of(backdated).await, last_of(postdated).await);
 
     // What only someone with the database's own rights can do: the triggers go first.
     let unguard: &[&str] = match backend {
@@ -2487,10 +2496,49 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         Backend::Sqlite => &[
             "DROP TRIGGER events_refuse_update",
             "DROP TRIGGER events_refuse_delete",
+            "DROP TRIGGER event_log_refuse_update",
         ],
     };
     for sql in unguard {
         try_execute(db, sql).await.unwrap();
+    }
+    // The recording times, which the database sets and no MAC covers: a last event moved a
+    // day before the one it follows, and another a year ahead.
+    let retimed = match backend {
+        Backend::Postgres => [
+            format!(
+                "UPDATE events SET recorded_at = recorded_at - interval '1 day'
+                  WHERE aggregate_id = '{backdated}' AND sequence = {backdated_last}"
+            ),
+            format!(
+                "UPDATE events SET recorded_at = recorded_at + interval '1 year'
+                  WHERE aggregate_id = '{postdated}' AND sequence = {postdated_last}"
+            ),
+        ],
+        Backend::Sqlite => [
+            format!(
+                "UPDATE event_log SET recorded_at = strftime('%Y-%m-%dT%H:%M:%fZ', recorded_at, '-1 day')
+                  WHERE aggregate_id = '{backdated}' AND sequence = {backdated_last}"
+            ),
+            format!(
+                "UPDATE event_log SET recorded_at = strftime('%Y-%m-%dT%H:%M:%fZ', recorded_at, '+1 year')
+                  WHERE aggregate_id = '{postdated}' AND sequence = {postdated_last}"
+            ),
+        ],
+    };
+    for sql in &retimed {
+        assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
+    }
+    // The read models, which no MAC covers either: a member made owner, an entry gone.
+    let rewritten = [
+        format!(
+            "UPDATE rm_members SET role = 'owner'
+              WHERE organization_id = '{postdated}' AND user_id = 'pat'"
+        ),
+        format!("DELETE FROM rm_audit_log WHERE organization_id = '{backdated}' AND sequence = 2"),
+    ];
+    for sql in &rewritten {
+        assert_eq!(try_execute(db, sql).await, Ok(1), "{sql}");
     }
     let tamper = [
         format!("DELETE FROM events WHERE aggregate_id = '{gapped}' AND sequence = 2"),
@@ -2569,13 +2617,21 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         (forged.to_string(), at(forged_last + 1)),
         (stripped.to_string(), Some(1)),
         (vanished.to_string(), Some(1)),
+        (backdated.to_string(), at(backdated_last)),
+        (backdated.to_string(), None),
+        (postdated.to_string(), at(postdated_last)),
+        (postdated.to_string(), None),
+        // Its last event read back as the one before, and its owner's joining gone: the
+        // members read model, which applied the events as written, differs from the history.
+        (swapped.to_string(), None),
+        (gapped.to_string(), None),
     ];
     expected.sort();
     let mut found_sorted = found.clone();
     found_sorted.sort();
     assert_eq!(found_sorted, expected, "{report:#?}");
     assert_eq!(
-        report.organizations, 9,
+        report.organizations, 11,
         "the vanished one is not in the log"
     );
     let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
@@ -2591,7 +2647,9 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         about(swapped),
         [
             "its MAC does not match it: it was altered, moved from elsewhere, or written \
-          without the master key"
+          without the master key",
+            "its members read model differs from its history: it holds [sia as admin] where \
+             the events say [sia as viewer]"
         ]
     );
     assert_eq!(
@@ -2604,6 +2662,36 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
     let unmarked = "it carries no MAC, and no version before MACs stored it: it was written \
                     without the master key";
     assert_eq!(about(forged), [unmarked]);
+    assert!(
+        about(backdated).iter().any(|p| p
+            .contains(&format!("before event {}", backdated_last - 1))
+            && p.contains("recording times were altered")),
+        "{problems:?}"
+    );
+    assert!(
+        about(backdated).contains(
+            &format!(
+                "its audit log holds {} entries where its history has one for each of its \
+             {backdated_last} events",
+                backdated_last - 1
+            )
+            .as_str()
+        ),
+        "{problems:?}"
+    );
+    assert!(
+        about(postdated)
+            .iter()
+            .any(|p| p.contains("later than now")),
+        "{problems:?}"
+    );
+    assert!(
+        about(postdated).contains(
+            &"its members read model differs from its history: it holds [pat as owner] where \
+              the events say [pat as member]"
+        ),
+        "{problems:?}"
+    );
     assert_eq!(about(stripped), [unmarked]);
     assert_eq!(
         about(vanished),
