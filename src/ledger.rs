@@ -74,18 +74,36 @@ pub enum LedgerError {
     ClaimTakenOver,
     #[error("event store failure: {0}")]
     Store(String),
+    /// The database did not take the work in time (see [`orgledger_projections::is_busy`]);
+    /// nothing was stored.
+    #[error("the database is busy: {0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for LedgerError {
     fn from(error: StoreError) -> Self {
-        Self::Store(error.to_string())
+        if error.is_busy() {
+            Self::Busy(error.to_string())
+        } else {
+            Self::Store(error.to_string())
+        }
     }
 }
 
 fn store_failure(error: PersistenceError) -> LedgerError {
-    if let PersistenceError::UnknownError(cause) = &error {
+    if let PersistenceError::UnknownError(cause) | PersistenceError::ConnectionError(cause) = &error
+    {
         if let Some(StoreError::ClaimTakenOver) = cause.downcast_ref::<StoreError>() {
             return LedgerError::ClaimTakenOver;
+        }
+        let busy = cause
+            .downcast_ref::<StoreError>()
+            .is_some_and(StoreError::is_busy)
+            || cause
+                .downcast_ref::<sqlx::Error>()
+                .is_some_and(orgledger_projections::is_busy);
+        if busy {
+            return LedgerError::Busy(error.to_string());
         }
     }
     LedgerError::Store(error.to_string())

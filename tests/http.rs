@@ -554,6 +554,9 @@ async fn a_query_value_outside_its_set_is_refused_by_name(backend: Backend) {
         ("/v1/organizations?status=bogus".to_owned(), "status"),
         (format!("{base}/events?after_sequence=-1"), "after_sequence"),
         (format!("{base}/audit-log?from=yesterday"), "from"),
+        // Blank, as a form's empty field sends it: not a filter that matches nothing.
+        (format!("{base}/audit-log?actor="), "actor"),
+        (format!("{base}/audit-log?action="), "action"),
         (format!("{base}/audit-log?to=2026-13-01T00:00:00Z"), "to"),
         (
             format!("{base}/audit-log?resource_type=Member"),
@@ -1486,6 +1489,14 @@ async fn seats_hold_under_concurrent_invitations(backend: Backend) {
     let org = app.create_org("Acme", "olivia").await;
     app.add_member(&org, "olivia", "adam", "admin").await;
     let base = format!("/v1/organizations/{org}");
+    let unset = app
+        .call(Method::GET, &format!("{base}/plan"), Some("olivia"), None)
+        .await;
+    assert_eq!(
+        unset.body,
+        json!({"plan": null, "seats": null}),
+        "no plan yet reads as none, not as a name a PUT would refuse"
+    );
     let by_admin = app
         .call(
             Method::PUT,

@@ -435,6 +435,28 @@ macro_rules! bind_all {
     }};
 }
 
+/// Whether `error` says the database was too busy to take the statement in time: SQLite's
+/// write lock still held when its busy timeout ran out, or no pooled connection free within
+/// the pool's acquire timeout. Not a fault of the request, nor of the data: a retry may
+/// pass.
+pub fn is_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut => true,
+        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte).
+        sqlx::Error::Database(error)
+            if error
+                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .is_some() =>
+        {
+            error
+                .code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+        }
+        _ => false,
+    }
+}
+
 fn sqlite_uuid(value: uuid::Uuid) -> String {
     value.to_string()
 }

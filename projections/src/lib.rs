@@ -20,7 +20,7 @@ pub mod service_accounts;
 mod time;
 
 pub use cursor::{page_of, Cursor, CursorError, List, Page};
-pub use db::{Arg, Backend, Conn, Database, DatabaseError, Transaction, PING_IDLE_FOR};
+pub use db::{is_busy, Arg, Backend, Conn, Database, DatabaseError, Transaction, PING_IDLE_FOR};
 pub use feed::{Checkpoint, EventFeed, EventMetadata, FeedError, RecordedEvent};
 pub use projector::{
     all_projections, projection_named, Projection, ProjectionError, ProjectionStatus, Projector,

@@ -84,6 +84,15 @@ async fn audit_log(
             ));
         }
     }
+    // As every other filter: a blank one is refused, not taken for one that matches nothing.
+    for (field, value) in [("actor", &query.actor), ("action", &query.action)] {
+        if value.as_deref().is_some_and(str::is_empty) {
+            return Err(ApiError::field(
+                field,
+                "must not be empty (leave it out to match every entry)",
+            ));
+        }
+    }
     let filter = AuditFilter {
         actor: query.actor,
         action: query.action,

@@ -38,6 +38,9 @@ pub struct Problem {
 /// The code of a command that could not commit because its organization kept changing.
 const CONTENDED: &str = "conflict";
 
+/// The code of a request the database was too busy to take in time.
+const BUSY: &str = "database_busy";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -105,6 +108,18 @@ impl ApiError {
         )
     }
 
+    /// The database did not take the request's work in time (a long rebuild holding
+    /// SQLite's write lock, every pooled connection busy): nothing was changed, and a retry
+    /// after `Retry-After` may pass. Logged as a warning, its cause never shown.
+    pub fn busy(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(%cause, "database busy: request answered 503");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            BUSY,
+            "the database is busy; nothing was changed; retry shortly",
+        )
+    }
+
     /// A failure that is ours, not the caller's: logged in full, shown as a bare 500.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
@@ -128,7 +143,8 @@ pub struct Transient;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let transient = self.code == CONTENDED;
+        let transient = self.code == CONTENDED || self.code == BUSY;
+        let busy = self.code == BUSY;
         let problem = Problem {
             kind: format!("urn:orgledger:problem:{}", self.code),
             title: self.title().to_owned(),
@@ -144,6 +160,11 @@ impl IntoResponse for ApiError {
         );
         if transient {
             response.extensions_mut().insert(Transient);
+        }
+        if busy {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         // RFC 9110, section 11.6.1: a 401 names the scheme that would be accepted.
         if self.status == StatusCode::UNAUTHORIZED {
@@ -230,13 +251,18 @@ impl From<LedgerError> for ApiError {
                  stored nothing",
             ),
             LedgerError::Store(cause) => Self::internal(cause),
+            LedgerError::Busy(cause) => Self::busy(cause),
         }
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        Self::internal(error)
+        if orgledger_projections::is_busy(&error) {
+            Self::busy(error)
+        } else {
+            Self::internal(error)
+        }
     }
 }
 
@@ -248,7 +274,14 @@ impl From<orgledger_projections::CursorError> for ApiError {
 
 impl From<orgledger_projections::ProjectionError> for ApiError {
     fn from(error: orgledger_projections::ProjectionError) -> Self {
-        Self::internal(error)
+        match &error {
+            orgledger_projections::ProjectionError::Database(cause)
+                if orgledger_projections::is_busy(cause) =>
+            {
+                Self::busy(error)
+            }
+            _ => Self::internal(error),
+        }
     }
 }
 
@@ -274,7 +307,7 @@ impl utoipa::IntoResponses for ProblemResponses {
             ("415", "unsupported_media_type: send application/json"),
             ("422", "validation_failed (with errors per field), cannot_remove_self, target_not_admin, confirmation_mismatch, personal_organization, idempotency_key_reused"),
             ("500", "internal_error: logged, never detailed"),
-            ("503", "not_ready"),
+            ("503", "not_ready (/readyz); database_busy: nothing was changed, retry after `Retry-After`"),
         ]
         .into_iter()
         .map(|(status, description)| {
@@ -337,5 +370,55 @@ mod tests {
             (409, "idempotency_key_in_use")
         );
         assert!(api.detail.contains("stored nothing"), "{}", api.detail);
+    }
+
+    #[tokio::test]
+    async fn a_database_too_busy_to_take_the_request_is_a_503_to_retry_not_a_500() {
+        use sqlx::{ConnectOptions, Connection};
+        let dir = tempfile::tempdir().unwrap();
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.db"))
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let mut holder = options.connect().await.unwrap();
+        sqlx::query("CREATE TABLE t (x)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut writer = options.connect().await.unwrap();
+        let locked = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut writer)
+            .await
+            .unwrap_err();
+        assert!(orgledger_projections::is_busy(&locked), "{locked}");
+        let missing = sqlx::query("INSERT INTO missing VALUES (1)")
+            .execute(&mut writer)
+            .await
+            .unwrap_err();
+        assert!(!orgledger_projections::is_busy(&missing), "{missing}");
+        writer.close().await.unwrap();
+
+        let busy_store = crate::store::StoreError::Database(sqlx::Error::PoolTimedOut);
+        for api in [
+            ApiError::from(locked),
+            ApiError::from(sqlx::Error::PoolTimedOut),
+            ApiError::from(LedgerError::from(busy_store)),
+        ] {
+            assert_eq!((api.status.as_u16(), api.code), (503, "database_busy"));
+            let response = api.into_response();
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+            assert!(
+                response.extensions().get::<Transient>().is_some(),
+                "an Idempotency-Key does not keep it: the retry runs the command"
+            );
+        }
+        assert_eq!(
+            ApiError::from(missing).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

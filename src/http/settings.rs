@@ -256,8 +256,8 @@ async fn remove_ai_provider(
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PlanDto {
-    /// Empty until an owner sets one.
-    pub plan: String,
+    /// `null` until an owner sets one.
+    pub plan: Option<String>,
     /// 1 to 1000000; members plus pending invitations may not exceed it. `null`: no limit.
     pub seats: Option<i64>,
 }
@@ -303,7 +303,7 @@ async fn change_plan(
     let outcome = run(&state, caller, &context, expected, &org_id, body).await?;
     let plan = &outcome.committed.state.plan;
     let body = PlanDto {
-        plan: plan.name.clone().unwrap_or_default(),
+        plan: plan.name.clone(),
         seats: plan.seats.map(i64::from),
     };
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
@@ -320,7 +320,7 @@ async fn read_plan(
 ) -> Result<axum::Json<PlanDto>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ManageBilling).await?;
     Ok(axum::Json(PlanDto {
-        plan: organization.settings.plan.unwrap_or_default(),
+        plan: organization.settings.plan,
         seats: organization.settings.seats,
     }))
 }

@@ -72,6 +72,17 @@ pub enum StoreError {
     Shared(std::sync::Arc<sqlx::Error>),
 }
 
+impl StoreError {
+    /// The database did not take the work in time (see [`orgledger_projections::is_busy`]).
+    pub fn is_busy(&self) -> bool {
+        match self {
+            Self::Database(error) => orgledger_projections::is_busy(error),
+            Self::Shared(error) => orgledger_projections::is_busy(error),
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
