@@ -185,6 +185,7 @@ async fn open_store_to_read(store: &StoreConfig) -> anyhow::Result<Orgledger> {
         .map_err(|error| {
             anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
         })?;
+    database.refuse_another_applications_file().await?;
     if !database.is_migrated().await? {
         bail!("the store's schema is behind this binary: run `orgledger migrate` first");
     }

@@ -62,6 +62,17 @@ fn projections_status_opens_a_store_that_migrate_created() {
         "{}",
         String::from_utf8_lossy(&migrated.stderr)
     );
+    // Its read models hold addresses in clear: the file is its owner's alone, whatever the
+    // umask.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("orgledger.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
     let status = orgledger(&["projections", "status"], &url);
 
     assert!(
@@ -785,6 +796,51 @@ async fn verify_tells_a_wrong_master_key_from_altered_events_once_every_organiza
         !String::from_utf8_lossy(&wrong_key.stdout).contains("FAIL"),
         "no event reported altered: {wrong_key:?}"
     );
+}
+
+#[tokio::test]
+async fn another_applications_database_is_neither_migrated_nor_read_as_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crm.db");
+    let url = format!("sqlite://{}", file.display());
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&file)
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    sqlx::query("CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    for args in [&["verify"][..], &["migrate"], &["projections", "status"]] {
+        let refused = orgledger(args, &url);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("holds another application's tables"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, ["customers"], "nothing added to it");
+
+    // A file that is not a database at all is named as such, not as a store to migrate.
+    let text = dir.path().join("notes.db");
+    std::fs::write(
+        &text,
+        "not a database, but long enough to have a header of some sort",
+    )
+    .unwrap();
+    let refused = orgledger(&["verify"], &format!("sqlite://{}", text.display()));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a database"), "{stderr}");
 }
 
 #[test]

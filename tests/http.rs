@@ -5260,6 +5260,32 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
     assert_eq!(metadata["user_agent"], "orgledger-test/1.0", "{metadata}");
     assert_eq!(metadata["client_ip"], "203.0.113.7", "{metadata}");
 
+    // Text that is not an address is not recorded as the client's: the peer's is.
+    for (forwarded, recorded) in [
+        ("not-an-ip", "127.0.0.1"),
+        ("<script>, 10.0.0.1", "127.0.0.1"),
+        ("2001:db8::1", "2001:db8::1"),
+        ("[2001:db8::2], 10.0.0.1", "2001:db8::2"),
+    ] {
+        let renamed = app
+            .send(
+                app.request(
+                    Method::PATCH,
+                    &format!("/v1/organizations/{org}"),
+                    Some("olivia"),
+                )
+                .header("X-Forwarded-For", forwarded)
+                .json(&json!({"name": format!("Acme {}", forwarded.len())})),
+            )
+            .await;
+        assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+        assert_eq!(
+            metadata_of(renamed).await["client_ip"],
+            recorded,
+            "{forwarded}"
+        );
+    }
+
     // A request id that could not be recorded as sent is replaced, in the response and the
     // events alike.
     let too_long = "r".repeat(513);

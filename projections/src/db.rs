@@ -19,6 +19,11 @@ pub enum DatabaseError {
     NoSuchStore(PathBuf),
     #[error("the database server did not answer within {0:?}")]
     NoAnswer(Duration),
+    #[error(
+        "{0} holds another application's tables and none of orgledger's migrations: \
+             DATABASE_URL must name an orgledger store, or a file that does not exist yet"
+    )]
+    ForeignStore(PathBuf),
 }
 
 /// How long the first connection of a PostgreSQL pool may take (the pool's own acquire
@@ -147,6 +152,9 @@ impl Database {
                     .pragma("secure_delete", "on"),
                 Access::ReadOnly => options.read_only(true),
             };
+            if matches!(access, Access::ReadWrite) {
+                create_private(options.get_filename());
+            }
             // A new file's first connections switch it to WAL, which needs the file to
             // itself: SQLite answers "database is locked" there without waiting out the busy
             // timeout when another process opens the same new file at that moment. Retried
@@ -233,6 +241,7 @@ impl Database {
                     .await?;
             }
             Self::Sqlite(pool) => {
+                self.refuse_another_applications_file().await?;
                 // sqlx takes no lock across processes on SQLite: two processes starting on a
                 // new store (a `migrate` beside a `serve`) both apply a migration, and the one
                 // whose statements wait out the other's transaction fails on what it created.
@@ -262,6 +271,27 @@ impl Database {
     /// True when every known migration has been applied.
     /// An error when the database cannot be asked, so it is not taken for one whose
     /// migrations are pending.
+    /// Refuses an SQLite file that holds tables but none of orgledger's migrations: another
+    /// application's database, which `migrate` must not add its tables to, nor a reader take
+    /// for a store whose migrations are merely behind.
+    pub async fn refuse_another_applications_file(&self) -> Result<(), DatabaseError> {
+        let Self::Sqlite(pool) = self else {
+            return Ok(());
+        };
+        let (migrations, tables): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(name = '_sqlx_migrations'), 0), count(*) FROM sqlite_master
+              WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!'",
+        )
+        .fetch_one(pool)
+        .await?;
+        if migrations == 0 && tables > 0 {
+            return Err(DatabaseError::ForeignStore(
+                pool.connect_options().get_filename().to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
     pub async fn is_migrated(&self) -> Result<bool, DatabaseError> {
         const APPLIED: &str = "SELECT count(*) FROM _sqlx_migrations WHERE success";
         let (known, applied) = match self {
@@ -433,6 +463,18 @@ macro_rules! bind_all {
         }
         query
     }};
+}
+
+/// Creates the SQLite file at `path`, if missing, readable by its owner only: its read
+/// models hold members' addresses in clear. SQLite gives the `-wal` and `-shm` files it makes
+/// beside it the same mode. A file that exists keeps its own; a failure here leaves the
+/// error to SQLite's open.
+fn create_private(path: &std::path::Path) {
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    drop(file.open(path));
 }
 
 /// Whether `error` says the database was too busy to take the statement in time: SQLite's

@@ -235,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
             rebuild_events: 1_000_000,
             lag_seconds: 5.0,
             export_members: 100_000,
-            embedded_rebuild_events: 200_000,
+            embedded_rebuild_events: 100_000,
         }
     };
     if let Some(events) = args.rebuild_events {

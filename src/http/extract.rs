@@ -442,8 +442,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Meta {
                         .collect::<String>()
                 })
         };
-        let forwarded = text("x-forwarded-for")
-            .and_then(|list| list.split(',').next().map(|ip| ip.trim().to_owned()));
+        // The first address, as the nearest proxy saw the client; text that is not an
+        // address is not recorded as one (the peer's address is).
+        let forwarded = text("x-forwarded-for").and_then(|list| {
+            let first = list.split(',').next()?.trim();
+            let ip = first
+                .strip_prefix('[')
+                .and_then(|bracketed| bracketed.strip_suffix(']'))
+                .unwrap_or(first);
+            ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string())
+        });
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
