@@ -109,14 +109,14 @@ impl ApiError {
     }
 
     /// The database did not take the request's work in time (a long rebuild holding
-    /// SQLite's write lock, every pooled connection busy): nothing was changed, and a retry
-    /// after `Retry-After` may pass. Logged as a warning, its cause never shown.
+    /// SQLite's write lock, every pooled connection busy): a retry after `Retry-After` may
+    /// pass. Logged as a warning, its cause never shown.
     pub fn busy(cause: impl std::fmt::Display) -> Self {
         tracing::warn!(%cause, "database busy: request answered 503");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             BUSY,
-            "the database is busy; nothing was changed; retry shortly",
+            "the database is busy; retry shortly",
         )
     }
 
@@ -143,7 +143,9 @@ pub struct Transient;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let transient = self.code == CONTENDED || self.code == BUSY;
+        let transient = self.code == CONTENDED;
+        // Not `Transient`: a busy database may refuse a read after the command committed,
+        // so an Idempotency-Key's claim is settled from the log, as after any 5xx.
         let busy = self.code == BUSY;
         let problem = Problem {
             kind: format!("urn:orgledger:problem:{}", self.code),
@@ -307,7 +309,7 @@ impl utoipa::IntoResponses for ProblemResponses {
             ("415", "unsupported_media_type: send application/json"),
             ("422", "validation_failed (with errors per field), cannot_remove_self, target_not_admin, confirmation_mismatch, personal_organization, idempotency_key_reused"),
             ("500", "internal_error: logged, never detailed"),
-            ("503", "not_ready (/readyz); database_busy: nothing was changed, retry after `Retry-After`"),
+            ("503", "not_ready (/readyz); database_busy: retry after `Retry-After`"),
         ]
         .into_iter()
         .map(|(status, description)| {
@@ -412,8 +414,9 @@ mod tests {
             let response = api.into_response();
             assert_eq!(response.headers()[header::RETRY_AFTER], "1");
             assert!(
-                response.extensions().get::<Transient>().is_some(),
-                "an Idempotency-Key does not keep it: the retry runs the command"
+                response.extensions().get::<Transient>().is_none(),
+                "a key's claim is settled from the log, as after any 5xx: the command may \
+                 have committed before a later read found the database busy"
             );
         }
         assert_eq!(
