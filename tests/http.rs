@@ -5221,25 +5221,20 @@ async fn every_kind_of_change_is_audited_under_its_contract_action(backend: Back
 async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
-    let renamed = app
-        .send(
-            app.request(
+    // Olivia renames Acme `name`, sending `headers`; the metadata of the event it appended.
+    let rename = |name: String, headers: Vec<(&'static str, reqwest::header::HeaderValue)>| {
+        let (app, org) = (&app, &org);
+        async move {
+            let mut request = app.request(
                 Method::PATCH,
                 &format!("/v1/organizations/{org}"),
                 Some("olivia"),
-            )
-            .header("X-Request-Id", "req-meta")
-            .header("User-Agent", "orgledger-test/1.0")
-            .header("X-Forwarded-For", "203.0.113.7, 10.0.0.1")
-            .json(&json!({"name": "Acme Inc"})),
-        )
-        .await;
-    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
-    // The metadata of the event a rename appended.
-    let metadata_of = |renamed: Reply| {
-        let app = &app;
-        let org = &org;
-        async move {
+            );
+            for (header, value) in headers {
+                request = request.header(header, value);
+            }
+            let renamed = app.send(request.json(&json!({ "name": name }))).await;
+            assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
             let version = renamed.body["version"].as_i64().unwrap();
             let events = app
                 .call(
@@ -5252,10 +5247,19 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
                     None,
                 )
                 .await;
-            events.body["items"][0]["metadata"].clone()
+            (renamed, events.body["items"][0]["metadata"].clone())
         }
     };
-    let metadata = metadata_of(renamed).await;
+    let text = reqwest::header::HeaderValue::from_static;
+    let (_, metadata) = rename(
+        "Acme Inc".into(),
+        vec![
+            ("X-Request-Id", text("req-meta")),
+            ("User-Agent", text("orgledger-test/1.0")),
+            ("X-Forwarded-For", text("203.0.113.7, 10.0.0.1")),
+        ],
+    )
+    .await;
     assert_eq!(metadata["request_id"], "req-meta", "{metadata}");
     assert_eq!(metadata["user_agent"], "orgledger-test/1.0", "{metadata}");
     assert_eq!(metadata["client_ip"], "203.0.113.7", "{metadata}");
@@ -5267,47 +5271,21 @@ async fn request_headers_are_recorded_in_the_metadata_of_the_events(backend: Bac
         ("2001:db8::1", "2001:db8::1"),
         ("[2001:db8::2], 10.0.0.1", "2001:db8::2"),
     ] {
-        let renamed = app
-            .send(
-                app.request(
-                    Method::PATCH,
-                    &format!("/v1/organizations/{org}"),
-                    Some("olivia"),
-                )
-                .header("X-Forwarded-For", forwarded)
-                .json(&json!({"name": format!("Acme {}", forwarded.len())})),
-            )
-            .await;
-        assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
-        assert_eq!(
-            metadata_of(renamed).await["client_ip"],
-            recorded,
-            "{forwarded}"
-        );
+        let name = format!("Acme {}", forwarded.len());
+        let (_, metadata) = rename(name, vec![("X-Forwarded-For", text(forwarded))]).await;
+        assert_eq!(metadata["client_ip"], recorded, "{forwarded}");
     }
 
     // A request id that could not be recorded as sent is replaced, in the response and the
     // events alike.
     let too_long = "r".repeat(513);
     for sent in [b"caf\xc3\xa9".as_slice(), too_long.as_bytes()] {
-        let renamed = app
-            .send(
-                app.request(
-                    Method::PATCH,
-                    &format!("/v1/organizations/{org}"),
-                    Some("olivia"),
-                )
-                .header(
-                    "X-Request-Id",
-                    reqwest::header::HeaderValue::from_bytes(sent).unwrap(),
-                )
-                .json(&json!({"name": format!("Acme {}", sent.len())})),
-            )
-            .await;
-        assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.body);
+        let id = reqwest::header::HeaderValue::from_bytes(sent).unwrap();
+        let (renamed, metadata) =
+            rename(format!("Acme {}", sent.len()), vec![("X-Request-Id", id)]).await;
         let echoed = renamed.headers["x-request-id"].to_str().unwrap().to_owned();
         assert_ne!(echoed.as_bytes(), sent);
-        assert_eq!(metadata_of(renamed).await["request_id"], echoed);
+        assert_eq!(metadata["request_id"], echoed);
     }
 }
 

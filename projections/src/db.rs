@@ -268,9 +268,6 @@ impl Database {
         Ok(())
     }
 
-    /// True when every known migration has been applied.
-    /// An error when the database cannot be asked, so it is not taken for one whose
-    /// migrations are pending.
     /// Refuses an SQLite file that holds tables but none of orgledger's migrations: another
     /// application's database, which `migrate` must not add its tables to, nor a reader take
     /// for a store whose migrations are merely behind.
@@ -292,6 +289,9 @@ impl Database {
         Ok(())
     }
 
+    /// True when every known migration has been applied.
+    /// An error when the database cannot be asked, so it is not taken for one whose
+    /// migrations are pending.
     pub async fn is_migrated(&self) -> Result<bool, DatabaseError> {
         const APPLIED: &str = "SELECT count(*) FROM _sqlx_migrations WHERE success";
         let (known, applied) = match self {

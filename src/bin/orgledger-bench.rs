@@ -224,7 +224,7 @@ async fn main() -> anyhow::Result<()> {
             rebuild_events: 50_000,
             lag_seconds: 2.0,
             export_members: 5_000,
-            embedded_rebuild_events: 20_000,
+            embedded_rebuild_events: 10_000,
         }
     } else {
         Scale {
