@@ -155,3 +155,24 @@ fn describe_metrics() {
         "Seconds since the service started."
     );
 }
+
+#[cfg(test)]
+mod tests {
+    /// Nothing in this test process reads around a snapshot: the series is there only
+    /// because it starts at 0.
+    #[test]
+    fn counters_an_alert_watches_are_exported_before_they_first_count() {
+        let rendered = super::metrics_handle().render();
+        for counter in [
+            "orgledger_snapshots_unopened_total",
+            "orgledger_events_appended_total",
+        ] {
+            assert!(
+                rendered
+                    .lines()
+                    .any(|line| line.starts_with(&format!("{counter} "))),
+                "{counter} missing: {rendered}"
+            );
+        }
+    }
+}
