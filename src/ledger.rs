@@ -74,8 +74,9 @@ pub enum LedgerError {
     ClaimTakenOver,
     #[error("event store failure: {0}")]
     Store(String),
-    /// The database did not take the work in time (see [`orgledger_projections::is_busy`]);
-    /// nothing was stored.
+    /// The database did not take a statement in time (see [`orgledger_projections::is_busy`]).
+    /// It says nothing of statements before it: a keyed command's claim is settled from the
+    /// log, as after any 5xx.
     #[error("the database is busy: {0}")]
     Busy(String),
 }
