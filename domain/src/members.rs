@@ -159,19 +159,72 @@ fn patch(
         .and_then(|value| Change::between(current.clone(), value.clone()))
 }
 
-/// An absolute http(s) URL of at most 2048 characters.
+/// An absolute http(s) URL with a host and no user name or password, of at most 2048
+/// characters.
 pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), OrganizationError> {
-    let has_scheme = url.starts_with("https://") || url.starts_with("http://");
-    let host_present = url.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
-    if !has_scheme
-        || !host_present
-        || url.len() > 2048
-        || url.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(OrganizationError::validation(
-            field,
-            "must be an absolute http(s) URL of at most 2048 characters",
-        ));
+    const SHAPE: &str = "must be an absolute http(s) URL with a host, of at most 2048 characters";
+    let invalid = |message: &str| Err(OrganizationError::validation(field, message));
+    if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return invalid(SHAPE);
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return invalid(SHAPE);
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return invalid(SHAPE);
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // A user name or password would be stored in the log for good and shown to everyone
+    // who can read the organization.
+    if authority.contains('@') {
+        return invalid("must not carry a user name or password");
+    }
+    if !is_host_and_port(authority) {
+        return invalid(SHAPE);
     }
     Ok(())
+}
+
+/// `host` or `host:port`, the host a name (letters, digits, `-`, `.`), or an IPv6 literal
+/// in brackets.
+fn is_host_and_port(authority: &str) -> bool {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(literal) => match literal.split_once(']') {
+            Some((address, after)) => {
+                if address.is_empty()
+                    || !address
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+                {
+                    return false;
+                }
+                match after {
+                    "" => return true,
+                    _ => match after.strip_prefix(':') {
+                        Some(port) => (None, Some(port)),
+                        None => return false,
+                    },
+                }
+            }
+            None => return false,
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(authority), None),
+        },
+    };
+    let host_ok = host.is_none_or(|host| {
+        !host.is_empty()
+            && host.chars().any(char::is_alphanumeric)
+            && host
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
+    });
+    let port_ok = port.is_none_or(|port| {
+        !port.is_empty()
+            && port.len() <= 5
+            && port.chars().all(|c| c.is_ascii_digit())
+            && port.parse::<u32>().is_ok_and(|n| n <= 65_535)
+    });
+    host_ok && port_ok
 }

@@ -262,7 +262,12 @@ fn blank_names_and_bad_image_urls_are_validation_errors() {
         error_of(acme(), patch("mia", blank)).code(),
         "validation_failed"
     );
-    for bad in ["ftp://x", "https://a\u{0}b", "https://a\u{7f}"] {
+    for bad in [
+        "ftp://x",
+        "https://a\u{0}b",
+        "https://a\u{7f}",
+        "https://me:hunter2@images.example/me.png",
+    ] {
         let url = UpdateMember {
             image_url: Some(Some(bad.into())),
             ..UpdateMember::of(uid("mia"))

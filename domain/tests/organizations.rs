@@ -162,6 +162,71 @@ fn malformed_logo_urls_and_timezones_are_validation_errors() {
     );
 }
 
+fn logo(url: &str) -> Command {
+    command(
+        user("adam"),
+        update(UpdateOrganization {
+            logo_url: Some(Some(url.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+#[test]
+fn a_logo_url_needs_an_http_scheme_and_a_host_and_may_carry_a_port() {
+    for good in [
+        "https://cdn.example.com/logo.png",
+        "HTTPS://Example.com",
+        "http://localhost:8080/logo.svg?v=2#top",
+        "https://[2001:db8::1]:8443/logo.png",
+        "https://bücher.example/logo.png",
+        "https://example.com/logo.png?signed_by=a@b",
+    ] {
+        let events = test()
+            .given(acme())
+            .when(logo(good))
+            .inspect_result()
+            .unwrap_or_else(|error| panic!("{good:?}: {error:?}"));
+        assert_eq!(events.len(), 1, "{good:?}");
+    }
+    for bad in [
+        "javascript:alert(1)",
+        "https://",
+        "http:///logo.png",
+        "https://:443/logo.png",
+        "https://example.com:99999/logo.png",
+        "https://example.com:+80/logo.png",
+        "https://exa mple.com/logo.png",
+        "https://[zz]/logo.png",
+        "https://[::1]x/logo.png",
+        "ftp://example.com/logo.png",
+    ] {
+        assert_eq!(
+            error_of(acme(), logo(bad)),
+            OrganizationError::validation(
+                "logo_url",
+                "must be an absolute http(s) URL with a host, of at most 2048 characters"
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn a_logo_url_that_carries_a_user_name_or_password_is_refused() {
+    for secret in [
+        "https://user:hunter2@cdn.example.com/logo.png",
+        "https://token@cdn.example.com/logo.png",
+        "http://:hunter2@cdn.example.com",
+    ] {
+        assert_eq!(
+            error_of(acme(), logo(secret)),
+            OrganizationError::validation("logo_url", "must not carry a user name or password"),
+            "{secret:?}"
+        );
+    }
+}
+
 fn delete(confirm: &str) -> OrganizationCommand {
     OrganizationCommand::DeleteOrganization(DeleteOrganization {
         confirm_name: confirm.into(),
