@@ -306,6 +306,7 @@ on_both_backends!(
     the_invitation_flow_works_end_to_end,
     responses_keep_the_contracts_shapes,
     invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
+    an_accepted_or_revoked_invitation_is_not_pending_to_resend_or_revoke,
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
     a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at,
@@ -557,6 +558,9 @@ async fn a_query_value_outside_its_set_is_refused_by_name(backend: Backend) {
         // Blank, as a form's empty field sends it: not a filter that matches nothing.
         (format!("{base}/audit-log?actor="), "actor"),
         (format!("{base}/audit-log?action="), "action"),
+        // An action there is none of, or a family there is none of.
+        (format!("{base}/audit-log?action=NOT_AN_ACTION"), "action"),
+        (format!("{base}/audit-log?action=bogus.*"), "action"),
         (format!("{base}/audit-log?to=2026-13-01T00:00:00Z"), "to"),
         (
             format!("{base}/audit-log?resource_type=Member"),
@@ -2623,6 +2627,77 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
 
 /// An invitation expires after the organization's `default_invite_expiry_days` unless it
 /// says otherwise, and a resend starts its days again.
+/// An invitation that was accepted or revoked is still listed, so resending or revoking it
+/// is `409 invitation_not_pending`, not the `404` of an id that never was; and appends
+/// nothing. Whoever may not invite is refused as before, without learning how it ended.
+async fn an_accepted_or_revoked_invitation_is_not_pending_to_resend_or_revoke(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "mia", "member").await;
+    let accepted = app
+        .call(
+            Method::GET,
+            &format!("{base}/invitations?status=accepted"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    let accepted = accepted.body["items"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = app
+        .invite(&org, "olivia", "zed@example.com", "viewer")
+        .await;
+    let revoked = revoked["invitation"]["id"].as_str().unwrap().to_owned();
+    let revoke = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/invitations/{revoked}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(revoke.status, StatusCode::NO_CONTENT, "{}", revoke.body);
+    let events_before = app
+        .call(Method::GET, &format!("{base}/events?limit=500"), None, None)
+        .await;
+    for (id, how) in [(&accepted, "accepted"), (&revoked, "revoked")] {
+        for (method, path) in [
+            (Method::POST, format!("{base}/invitations/{id}/resend")),
+            (Method::DELETE, format!("{base}/invitations/{id}")),
+        ] {
+            let reply = app.call(method, &path, Some("olivia"), None).await;
+            assert_problem(&reply, StatusCode::CONFLICT, "invitation_not_pending");
+            assert!(
+                reply.body["detail"].as_str().unwrap().contains(how),
+                "{path}: {}",
+                reply.body
+            );
+            let member = app
+                .call(
+                    Method::DELETE,
+                    &format!("{base}/invitations/{id}"),
+                    Some("mia"),
+                    None,
+                )
+                .await;
+            assert_problem(&member, StatusCode::FORBIDDEN, "permission_denied");
+        }
+    }
+    let unknown = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/invitations/{}", uuid::Uuid::now_v7()),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_problem(&unknown, StatusCode::NOT_FOUND, "not_found");
+    let events_after = app
+        .call(Method::GET, &format!("{base}/events?limit=500"), None, None)
+        .await;
+    assert_eq!(events_after.body, events_before.body, "nothing appended");
+}
+
 async fn invitations_expire_after_the_organizations_default_and_a_resend_restarts_it(
     backend: Backend,
 ) {
@@ -3448,8 +3523,17 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(bad_time.body["errors"][0]["field"], "from");
-    // Not a version; a list; a weak tag, which If-Match's strong comparison never matches.
-    for value in ["banana", "\"1\", \"2\"", "W/\"1\""] {
+    // Not a version; a list; a weak tag, which If-Match's strong comparison never matches;
+    // a quote left open.
+    for value in [
+        "banana",
+        "\"1\", \"2\"",
+        "W/\"1\"",
+        "\"1",
+        "1\"",
+        "\"\"1\"\"",
+        "+1",
+    ] {
         let bad_if_match = app
             .send(
                 app.request(Method::PATCH, &base, Some("olivia"))

@@ -24,7 +24,52 @@ pub struct Description {
     pub details: Value,
 }
 
-/// The contract's `action`, `resource` and `details` of an event.
+/// Every `action` [`describe`] gives; it gives no other.
+pub const ACTIONS: [&str; 32] = [
+    "organization.created",
+    "organization.updated",
+    "organization.deleted",
+    "organization.restored",
+    "organization.purged",
+    "organization.ownership_transferred",
+    "invitation.sent",
+    "invitation.resent",
+    "invitation.revoked",
+    "invitation.accepted",
+    "member.joined",
+    "member.role_changed",
+    "member.profile_updated",
+    "member.removed",
+    "member.left",
+    "group.created",
+    "group.updated",
+    "group.deleted",
+    "group.member_added",
+    "group.member_removed",
+    "service_account.created",
+    "service_account.rotated",
+    "service_account.deleted",
+    "settings.updated",
+    "settings.client_restrictions_changed",
+    "settings.smart_tool_routing_changed",
+    "settings.ai_provider_added",
+    "settings.ai_provider_updated",
+    "settings.ai_provider_removed",
+    "settings.plan_changed",
+    "settings.role_defined",
+    "settings.role_deleted",
+];
+
+/// Whether an `action` filter can match: one of [`ACTIONS`], or a prefix of one followed by
+/// `*` (`member.*`, or `*` alone). Anything else names no action there is, and is refused
+/// rather than answered with an empty page.
+pub fn is_action_filter(filter: &str) -> bool {
+    match filter.strip_suffix('*') {
+        Some(prefix) => ACTIONS.iter().any(|action| action.starts_with(prefix)),
+        None => ACTIONS.contains(&filter),
+    }
+}
+
 /// What an entry's `resource.type` can be (api.md); [`describe`] gives no other.
 pub const RESOURCE_TYPES: [&str; 6] = [
     "organization",
@@ -35,6 +80,7 @@ pub const RESOURCE_TYPES: [&str; 6] = [
     "settings",
 ];
 
+/// The contract's `action`, `resource` and `details` of an event.
 pub fn describe(organization_id: &str, event: &E) -> Description {
     let org = || organization_id.to_owned();
     let (action, resource_type, resource_id, details) = match event {
@@ -243,6 +289,7 @@ pub fn describe(organization_id: &str, event: &E) -> Description {
     };
     // Every kind of change is audited in the tests: a type outside the list stops them.
     debug_assert!(RESOURCE_TYPES.contains(&resource_type), "{resource_type}");
+    debug_assert!(ACTIONS.contains(&action), "{action}");
     Description {
         action,
         resource_type,
@@ -637,6 +684,27 @@ async fn entries_after(
 mod tests {
     use super::*;
     use orgledger_domain::{Change, MemberRoleChanged, OrganizationUpdated, Role, UserId};
+
+    #[test]
+    fn an_action_filter_names_an_action_or_a_family_of_them() {
+        for filter in [
+            "member.role_changed",
+            "member.*",
+            "settings.ai_provider_*",
+            "*",
+        ] {
+            assert!(is_action_filter(filter), "{filter}");
+        }
+        for filter in [
+            "NOT_AN_ACTION",
+            "member",
+            "member.promoted",
+            "bogus.*",
+            "Member.*",
+        ] {
+            assert!(!is_action_filter(filter), "{filter}");
+        }
+    }
 
     #[test]
     fn a_role_change_is_described_with_from_and_to() {

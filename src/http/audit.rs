@@ -93,6 +93,15 @@ async fn audit_log(
             ));
         }
     }
+    if let Some(action) = query.action.as_deref() {
+        if !audit::is_action_filter(action) {
+            return Err(ApiError::field(
+                "action",
+                "must be an audit action (such as member.role_changed) or the start of one \
+                 followed by * (such as member.*)",
+            ));
+        }
+    }
     let filter = AuditFilter {
         actor: query.actor,
         action: query.action,

@@ -302,7 +302,7 @@ impl utoipa::IntoResponses for ProblemResponses {
             ("403", "permission_denied, field_locked or email_mismatch"),
             ("404", "not_found or invalid_invitation"),
             ("405", "method_not_allowed"),
-            ("409", "a rule of state: last_owner, slug_taken, already_member, invitation_pending, organization_deleted, restore_window_elapsed, seat_limit_reached, role_in_use, personal_organization_exists, conflict, idempotency_key_in_use, idempotency_response_lost"),
+            ("409", "a rule of state: last_owner, slug_taken, already_member, invitation_pending, invitation_not_pending, organization_deleted, restore_window_elapsed, seat_limit_reached, role_in_use, personal_organization_exists, conflict, idempotency_key_in_use, idempotency_response_lost"),
             ("410", "invitation_expired"),
             ("412", "version_mismatch: If-Match names an older version"),
             ("413", "payload_too_large"),

@@ -491,12 +491,21 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
                  version, bare or quoted, e.g. \"12\"",
             ));
         }
-        let bare = raw.trim_matches('"');
-        bare.parse::<usize>()
-            .map(|version| Self(Some(version)))
-            .map_err(|_| {
-                ApiError::field("If-Match", "must be an organization version, e.g. \"12\"")
-            })
+        // Bare, or one pair of quotes: an entity tag is quoted whole or not at all.
+        let bare = raw
+            .strip_prefix('"')
+            .and_then(|quoted| quoted.strip_suffix('"'))
+            .unwrap_or(raw);
+        // Digits only: `parse` would also take a sign.
+        match bare.parse::<usize>() {
+            Ok(version) if bare.bytes().all(|byte| byte.is_ascii_digit()) => {
+                Ok(Self(Some(version)))
+            }
+            _ => Err(ApiError::field(
+                "If-Match",
+                "must be an organization version, e.g. \"12\"",
+            )),
+        }
     }
 }
 

@@ -153,7 +153,13 @@ async fn resend_invitation(
         invitation_id,
         token_sha256: token.sha256,
     });
-    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body)
+        .await
+        .map_err(|error| ended_or(&state, id, invitation_id, error));
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => return Err(error.await),
+    };
     let body = issued(&outcome, invitation_id, token.secret)?;
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }
@@ -173,8 +179,47 @@ async fn revoke_invitation(
     let id = organization_id(&org_id)?;
     let invitation_id = invitation_id(&raw_invitation_id)?;
     let body = OrganizationCommand::RevokeInvitation(RevokeInvitation { invitation_id });
-    let outcome = super::execute(&state, caller, &context, expected, id, body).await?;
+    let outcome = super::execute(&state, caller, &context, expected, id, body)
+        .await
+        .map_err(|error| ended_or(&state, id, invitation_id, error));
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => return Err(error.await),
+    };
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
+}
+
+/// An invitation the organization no longer holds as pending is `404` from the domain; one
+/// that was accepted or revoked, as its list shows, is `409 invitation_not_pending` instead.
+/// The domain refuses a caller without the permission first, so only those who may resend
+/// and revoke learn how an invitation ended. The lists show the caller's own writes, so the
+/// status read is never older than what the caller did.
+async fn ended_or(state: &AppState, id: Uuid, invitation_id: Uuid, error: ApiError) -> ApiError {
+    if error.status != StatusCode::NOT_FOUND {
+        return error;
+    }
+    let view = invitations::get(
+        state.service.database(),
+        &id.to_string(),
+        &invitation_id.to_string(),
+        Utc::now(),
+    )
+    .await;
+    match view {
+        Ok(Some(view)) if matches!(view.status.as_str(), "accepted" | "revoked") => ApiError::new(
+            StatusCode::CONFLICT,
+            "invitation_not_pending",
+            format!(
+                "the invitation was {} and is no longer pending",
+                view.status
+            ),
+        ),
+        Ok(_) => error,
+        Err(lookup) => {
+            tracing::warn!(error = %lookup, "could not read how an invitation ended");
+            error
+        }
+    }
 }
 
 /// Accept an invitation as the user named by `X-Actor-Id`.
