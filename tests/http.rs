@@ -327,6 +327,7 @@ on_both_backends!(
     audit_history_and_exports_are_served,
     a_past_state_by_sequence_shows_invitations_as_they_stood_then,
     audit_filters_bound_the_log_and_its_exports,
+    a_cursor_pages_only_the_organization_it_came_from,
     every_kind_of_change_is_audited_under_its_contract_action,
     request_headers_are_recorded_in_the_metadata_of_the_events,
     a_list_without_a_limit_pages_by_fifty,
@@ -2696,6 +2697,48 @@ async fn an_accepted_or_revoked_invitation_is_not_pending_to_resend_or_revoke(ba
         .call(Method::GET, &format!("{base}/events?limit=500"), None, None)
         .await;
     assert_eq!(events_after.body, events_before.body, "nothing appended");
+}
+
+/// A cursor of one organization's list is refused on another's (`422`, field `cursor`),
+/// rather than starting that list at a place that means nothing there.
+async fn a_cursor_pages_only_the_organization_it_came_from(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let acme = app.create_org("Acme", "olivia").await;
+    let globex = app.create_org("Globex", "olivia").await;
+    for org in [&acme, &globex] {
+        app.add_member(org, "olivia", "mia", "member").await;
+        app.add_member(org, "olivia", "nina", "member").await;
+    }
+    for list in ["audit-log", "members", "invitations?status=accepted"] {
+        let separator = if list.contains('?') { '&' } else { '?' };
+        let first = app
+            .call(
+                Method::GET,
+                &format!("/v1/organizations/{acme}/{list}{separator}limit=1"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        let cursor = first.body["next_cursor"].as_str().expect("a next page");
+        let own = app
+            .call(
+                Method::GET,
+                &format!("/v1/organizations/{acme}/{list}{separator}cursor={cursor}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_eq!(own.status, StatusCode::OK, "{list}: {}", own.body);
+        let other = app
+            .call(
+                Method::GET,
+                &format!("/v1/organizations/{globex}/{list}{separator}cursor={cursor}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_refused_field(&other, "cursor");
+    }
 }
 
 async fn invitations_expire_after_the_organizations_default_and_a_resend_restarts_it(

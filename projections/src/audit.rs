@@ -588,15 +588,19 @@ pub async fn list(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Result<Page<AuditEntryView>, CursorError>, sqlx::Error> {
-    let after = match cursor.map(|raw| Cursor::<i64>::decode(raw, List::AuditLog)) {
+    let after = match cursor.map(|raw| Cursor::<i64>::decode(raw, List::AuditLog(organization_id)))
+    {
         Some(Ok(Cursor(sequence))) => sequence,
         Some(Err(error)) => return Ok(Err(error)),
         None => 0,
     };
     let views = entries_after(database, organization_id, filter, after, limit + 1).await?;
-    Ok(Ok(paginate(views, limit, List::AuditLog, |entry| {
-        entry.sequence
-    })))
+    Ok(Ok(paginate(
+        views,
+        limit,
+        List::AuditLog(organization_id),
+        |entry| entry.sequence,
+    )))
 }
 
 /// Entries after sequence `after`, in sequence order.

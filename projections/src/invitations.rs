@@ -344,7 +344,7 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(|raw| Cursor::<InvitationKey>::decode(raw, List::Invitations))
+        .map(|raw| Cursor::<InvitationKey>::decode(raw, List::Invitations(organization_id)))
     {
         Some(Ok(Cursor(InvitationKey::Id(id) | InvitationKey::SentAtAndId(_, id)))) => Some(id),
         Some(Err(error)) => return Ok(Err(error)),
@@ -381,7 +381,7 @@ pub async fn list(
     Ok(Ok(paginate(
         views,
         filter.limit,
-        List::Invitations,
+        List::Invitations(organization_id),
         |invitation| invitation.id.clone(),
     )))
 }

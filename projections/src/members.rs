@@ -439,7 +439,7 @@ pub async fn list(
     let after = match filter
         .cursor
         .as_deref()
-        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Members))
+        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::Members(organization_id)))
     {
         Some(Ok(Cursor(key))) => Some(key),
         Some(Err(error)) => return Ok(Err(error)),
@@ -470,9 +470,12 @@ pub async fn list(
             .await?
     });
     let views: Vec<MemberView> = rows.into_iter().map(Into::into).collect();
-    Ok(Ok(paginate(views, filter.limit, List::Members, |member| {
-        (to_micros(member.joined_at), member.user_id.clone())
-    })))
+    Ok(Ok(paginate(
+        views,
+        filter.limit,
+        List::Members(organization_id),
+        |member| (to_micros(member.joined_at), member.user_id.clone()),
+    )))
 }
 
 /// The role of `user_id` in the organization, if a member.
@@ -523,12 +526,13 @@ pub async fn organizations_of(
     limit: usize,
     cursor: Option<&str>,
 ) -> Result<Result<Page<UserOrganizationView>, CursorError>, sqlx::Error> {
-    let after =
-        match cursor.map(|raw| Cursor::<(i64, String)>::decode(raw, List::UserOrganizations)) {
-            Some(Ok(Cursor(key))) => Some(key),
-            Some(Err(error)) => return Ok(Err(error)),
-            None => None,
-        };
+    let after = match cursor
+        .map(|raw| Cursor::<(i64, String)>::decode(raw, List::UserOrganizations(user_id)))
+    {
+        Some(Ok(Cursor(key))) => Some(key),
+        Some(Err(error)) => return Ok(Err(error)),
+        None => None,
+    };
     let (after_at, after_id) = after.unwrap_or((i64::MIN, String::new()));
     let sql = "SELECT o.id, o.name, o.slug, o.kind, o.status, m.role, m.joined_at_us
                  FROM rm_members m JOIN rm_organizations o ON o.id = m.organization_id
@@ -562,7 +566,7 @@ pub async fn organizations_of(
     Ok(Ok(paginate(
         views,
         limit,
-        List::UserOrganizations,
+        List::UserOrganizations(user_id),
         |view| (to_micros(view.joined_at), view.organization.id.clone()),
     )))
 }

@@ -135,7 +135,7 @@ async fn list_groups(
 ) -> Result<axum::Json<GroupList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let all = groups::list(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, List::Groups, |group| {
+    let page = query.page_of(all, List::Groups(&organization.id), |group| {
         (group.created_at.timestamp_micros(), group.id.clone())
     })?;
     Ok(axum::Json(GroupList {

@@ -486,7 +486,7 @@ impl PageQuery {
     pub(crate) fn page_of<T, K>(
         &self,
         items: Vec<T>,
-        list: orgledger_projections::List,
+        list: orgledger_projections::List<'_>,
         key: impl Fn(&T) -> K,
     ) -> Result<orgledger_projections::Page<T>, ApiError>
     where

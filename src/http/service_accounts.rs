@@ -167,7 +167,7 @@ async fn list_service_accounts(
     let organization =
         authorize(&state, &caller, &org_id, Permission::ManageServiceAccounts).await?;
     let all = service_accounts::list(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, List::ServiceAccounts, |account| {
+    let page = query.page_of(all, List::ServiceAccounts(&organization.id), |account| {
         (account.created_at.timestamp_micros(), account.id.clone())
     })?;
     Ok(axum::Json(ServiceAccountList {

@@ -194,7 +194,9 @@ async fn list_ai_providers(
 ) -> Result<axum::Json<AiProviderList>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
     let all = organizations::ai_providers(state.service.database(), &organization.id).await?;
-    let page = query.page_of(all, List::AiProviders, |provider| provider.id.clone())?;
+    let page = query.page_of(all, List::AiProviders(&organization.id), |provider| {
+        provider.id.clone()
+    })?;
     Ok(axum::Json(AiProviderList {
         items: page
             .items
@@ -411,7 +413,7 @@ async fn list_roles(
             },
         ));
     }
-    let page = query.page_of(keyed, List::Roles, |(key, _)| key.clone())?;
+    let page = query.page_of(keyed, List::Roles(&organization.id), |(key, _)| key.clone())?;
     Ok(axum::Json(RoleList {
         items: page.items.into_iter().map(|(_, role)| role).collect(),
         next_cursor: page.next_cursor,
