@@ -154,6 +154,11 @@ impl Organization {
         if self.members.contains_key(&c.user_id) || email_taken {
             return Err(OrganizationError::AlreadyMember);
         }
+        // Joined through a link, an invitation addressed to the same email would stay
+        // pending with no one left who could accept it.
+        if invitation.email.is_none() {
+            self.ensure_no_pending_invitation(email, at, Some(*invitation_id))?;
+        }
         validate_profile_text("first_name", c.first_name.as_deref())?;
         validate_profile_text("last_name", c.last_name.as_deref())?;
         // Names and title given on the invitation become managed, locked values.
@@ -234,8 +239,9 @@ impl Organization {
     }
 
     /// Members plus the seats pending invitations hold (a link holds its remaining uses).
-    /// An invitation to an address that has joined since (through a link, say) holds none:
-    /// it can be neither accepted nor resent, so that person would take two seats.
+    /// An invitation to an address that has joined since holds none: it can be neither
+    /// accepted nor resent, so that person would take two seats. (A link is no longer
+    /// accepted by such an address, but histories from before 2026-12-07 hold such joins.)
     pub fn seats_in_use(&self, now: DateTime<Utc>) -> u32 {
         let live = || {
             self.invitations

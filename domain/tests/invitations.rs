@@ -523,6 +523,39 @@ fn a_shareable_link_is_accepted_by_anyone_up_to_max_uses() {
 }
 
 #[test]
+fn joining_through_a_link_is_refused_while_an_invitation_to_that_email_is_pending() {
+    let link = InvitationSent {
+        max_uses: 3,
+        expires_at: days(30),
+        ..invitation_sent(1, None, Role::Member)
+    };
+    let given = with(
+        acme(),
+        vec![
+            OrganizationEvent::InvitationSent(link),
+            sent(2, "nina@example.com", Role::Viewer),
+        ],
+    );
+    // Accepted through the link, the invitation addressed to her would stay pending with
+    // no one left who could accept it: she accepts that one, or it is revoked first.
+    let error = error_of(
+        given.clone(),
+        accept_cmd("nina", 1, accept("hash-1", "nina", "nina@example.com")),
+    );
+    assert_eq!(error, OrganizationError::InvitationPending);
+    // Once it has expired it stands in no one's way.
+    test()
+        .given(given)
+        .when(accept_cmd(
+            "nina",
+            8,
+            accept("hash-1", "nina", "nina@example.com"),
+        ))
+        .inspect_result()
+        .expect("the link is accepted once the other invitation expired");
+}
+
+#[test]
 fn resending_keeps_the_original_lifetime() {
     let long = InvitationSent {
         expires_at: t0() + Duration::days(60),
