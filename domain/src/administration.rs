@@ -350,15 +350,16 @@ impl Organization {
                 "may not shadow a built-in role",
             ));
         }
-        if self.roles.contains_key(&c.key) {
-            return Err(OrganizationError::RoleExists);
-        }
         check_text("name", &c.name, 100)?;
         if c.permissions.iter().any(|p| p.grantable_name().is_none()) {
             return Err(OrganizationError::validation(
                 "permissions",
                 "owner-only powers cannot be granted",
             ));
+        }
+        // A request of the wrong shape is told so whatever the state: it would fail anyway.
+        if self.roles.contains_key(&c.key) {
+            return Err(OrganizationError::RoleExists);
         }
         let mut permissions = c.permissions.clone();
         permissions.sort();

@@ -650,6 +650,16 @@ fn owners_define_custom_roles_from_grantable_permissions() {
         ),
         OrganizationError::RoleExists
     );
+    // A blank name is refused as such, whether or not the key is taken.
+    let blank = OrganizationCommand::DefineRole(DefineRole {
+        key: "organizer".into(),
+        name: " ".into(),
+        permissions: vec![],
+    });
+    assert_eq!(
+        error_of(with(acme(), vec![organizer()]), by("olivia", blank)).code(),
+        "validation_failed"
+    );
 }
 
 #[test]
