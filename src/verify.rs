@@ -513,10 +513,11 @@ async fn verify_macs(
     Ok(())
 }
 
-/// Compares what the members and audit-log read models hold of the organization with its
-/// history, where both stand at its last event `last` (read models that lag, or moved on
-/// while this ran, are not compared): its members and their roles, and one audit entry for
-/// each of its events (only its purge's, once purged). The entries' contents are not
+/// Compares what the read models hold of the organization with its history, each where it
+/// stands at the organization's last event `last` (one that lags, or moved on while this
+/// ran, is not compared): its members and their roles; one audit entry for each of its
+/// events (only its purge's, once purged); its pending invitations and the role each
+/// offers; its groups, their names and members. The audit entries' contents are not
 /// compared.
 async fn verify_read_models_of(
     database: &Database,
@@ -528,19 +529,24 @@ async fn verify_read_models_of(
     use orgledger_projections::args;
     let id = organization_id.to_string();
     let failed = |error: sqlx::Error| VerifyError::ReadModels(error.to_string());
-    let versions = || async {
+    let at_last = || async {
         let rows: Vec<(String, i64)> = database
             .fetch_all(
                 "SELECT projection, version FROM projected_versions
-                  WHERE organization_id = $1 AND projection IN ('members', 'audit_log')",
+                  WHERE organization_id = $1
+                    AND projection IN ('members', 'audit_log', 'invitations', 'groups')",
                 &args![id.as_str()],
             )
             .await?;
         Ok::<_, sqlx::Error>(
-            rows.len() == 2 && rows.iter().all(|(_, version)| *version as usize == last),
+            rows.into_iter()
+                .filter(|(_, version)| *version as usize == last)
+                .map(|(projection, _)| projection)
+                .collect::<std::collections::HashSet<String>>(),
         )
     };
-    if !versions().await.map_err(failed)? {
+    let before = at_last().await.map_err(failed)?;
+    if before.is_empty() {
         return Ok(());
     }
     let members: Vec<(String, String)> = database
@@ -558,64 +564,134 @@ async fn verify_read_models_of(
         )
         .await
         .map_err(failed)?;
+    let invitations: Vec<(String, String)> = database
+        .fetch_all(
+            "SELECT id, role FROM rm_invitations
+              WHERE organization_id = $1 AND status = 'pending'",
+            &args![id.as_str()],
+        )
+        .await
+        .map_err(failed)?;
+    let groups: Vec<(String, String, String)> = database
+        .fetch_all(
+            "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
+            &args![id.as_str()],
+        )
+        .await
+        .map_err(failed)?;
     // Moved on meanwhile: what was read may be a later state than the replay's.
-    if !versions().await.map_err(failed)? {
-        return Ok(());
-    }
+    let after = at_last().await.map_err(failed)?;
+    let compared = |projection: &str| before.contains(projection) && after.contains(projection);
     let purged = state.lifecycle == Lifecycle::Purged;
-    let mut expected: Vec<(String, String)> = if purged {
-        Vec::new()
-    } else {
-        state
-            .members
-            .iter()
-            .map(|(user, member)| (user.as_str().to_owned(), member.role.as_str().to_owned()))
-            .collect()
-    };
-    let mut held = members;
-    expected.sort();
-    held.sort();
-    if held != expected {
-        let differing: Vec<String> = held
-            .iter()
-            .filter(|row| !expected.contains(row))
+    // Purge deletes an organization's rows from every read model but the audit log.
+    let expected = |rows: Vec<String>| if purged { Vec::new() } else { rows };
+    if compared("members") {
+        let held = members
+            .into_iter()
             .map(|(user, role)| format!("{user} as {role}"))
             .collect();
-        let missing: Vec<String> = expected
-            .iter()
-            .filter(|row| !held.contains(row))
-            .map(|(user, role)| format!("{user} as {role}"))
-            .collect();
-        found(
-            None,
-            format!(
-                "its members read model differs from its history: it holds [{}] where the \
-                 events say [{}]",
-                differing.join(", "),
-                missing.join(", ")
-            ),
+        let events_say = expected(
+            state
+                .members
+                .iter()
+                .map(|(user, member)| format!("{} as {}", user.as_str(), member.role.as_str()))
+                .collect(),
         );
+        differs("members", held, events_say, found);
     }
-    let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
-    let whole = if purged {
-        count == 1 && first == Some(last as i64)
-    } else {
-        count == last as i64 && first == Some(1) && latest == Some(last as i64)
-    };
-    if !whole {
-        found(
-            None,
-            format!(
-                "its audit log holds {count} entries where its history has {}",
-                if purged {
-                    "its purge's alone".to_owned()
-                } else {
-                    format!("one for each of its {last} events")
-                }
-            ),
+    if compared("invitations") {
+        let held = invitations
+            .into_iter()
+            .map(|(id, role)| format!("{id} for {role}"))
+            .collect();
+        let events_say = expected(
+            state
+                .invitations
+                .iter()
+                .map(|(id, invitation)| format!("{id} for {}", invitation.role.as_str()))
+                .collect(),
         );
+        differs("pending invitations", held, events_say, found);
+    }
+    if compared("groups") {
+        let held = groups
+            .into_iter()
+            .map(|(id, name, member_ids)| {
+                let mut member_ids: Vec<String> =
+                    serde_json::from_str(&member_ids).unwrap_or_else(|_| vec![member_ids]);
+                member_ids.sort();
+                format!("{id} {name:?} of [{}]", member_ids.join(", "))
+            })
+            .collect();
+        let events_say = expected(
+            state
+                .groups
+                .iter()
+                .map(|(id, group)| {
+                    let member_ids: Vec<&str> =
+                        group.member_ids.iter().map(|user| user.as_str()).collect();
+                    format!("{id} {:?} of [{}]", group.name, member_ids.join(", "))
+                })
+                .collect(),
+        );
+        differs("groups", held, events_say, found);
+    }
+    if compared("audit_log") {
+        let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
+        let whole = if purged {
+            count == 1 && first == Some(last as i64)
+        } else {
+            count == last as i64 && first == Some(1) && latest == Some(last as i64)
+        };
+        if !whole {
+            found(
+                None,
+                format!(
+                    "its audit log holds {count} entries where its history has {}",
+                    if purged {
+                        "its purge's alone".to_owned()
+                    } else {
+                        format!("one for each of its {last} events")
+                    }
+                ),
+            );
+        }
     }
     Ok(())
+}
+
+/// Reports the rows of a read model (`what`) that its history does not hold, and those its
+/// history holds that it lacks.
+fn differs(
+    what: &str,
+    mut held: Vec<String>,
+    mut events_say: Vec<String>,
+    found: &mut impl FnMut(Option<usize>, String),
+) {
+    held.sort();
+    events_say.sort();
+    if held == events_say {
+        return;
+    }
+    let extra: Vec<&str> = held
+        .iter()
+        .filter(|row| events_say.binary_search(row).is_err())
+        .map(String::as_str)
+        .collect();
+    let missing: Vec<&str> = events_say
+        .iter()
+        .filter(|row| held.binary_search(row).is_err())
+        .map(String::as_str)
+        .collect();
+    found(
+        None,
+        format!(
+            "its {what} read model differs from its history: it holds [{}] where the events \
+             say [{}]",
+            extra.join(", "),
+            missing.join(", ")
+        ),
+    );
 }
 
 /// How far an event's `recorded_at` may run behind its predecessor's, or ahead of now,

@@ -55,6 +55,7 @@ on_both_backends!(
     concurrent_appends_each_keep_their_own_outcome,
     an_import_beside_commands_on_one_organization_lands_with_them,
     verify_passes_a_history_that_holds_together,
+    verify_finds_invitations_and_groups_that_differ_from_the_history,
     verify_names_every_organization_holding_a_slug_another_holds,
     verify_names_every_tampering_with_its_organization_and_event,
     verify_compares_each_kept_snapshot_with_the_replay_where_it_stands,
@@ -2111,6 +2112,112 @@ async fn verify_names_every_organization_holding_a_slug_another_holds(backend: B
     assert_eq!(report.organizations, 3);
 }
 
+/// An organization whose invitations and groups went through every way they change: one
+/// invitation pending, one revoked, a link used once of three, a link used up, a group
+/// whose members joined, left it, and left the organization.
+async fn organization_with_invitations_and_groups(ledger: &Ledger) -> Uuid {
+    let org = create_org(ledger, "Initech", "initech", "olivia")
+        .await
+        .organization_id;
+    add_member(ledger, org, "olivia", "mia", Role::Member).await;
+    add_member(ledger, org, "olivia", "nina", Role::Member).await;
+    add_member(ledger, org, "olivia", "omar", Role::Viewer).await;
+    let send = |email: Option<&str>, max_uses: i64| {
+        let token = orgledger::tokens::issue("inv");
+        let id = Uuid::now_v7();
+        let command = OrganizationCommand::SendInvitation(SendInvitation {
+            invitation_id: id,
+            email: email.map(|email| Email::parse("email", email).unwrap()),
+            role: Role::Viewer,
+            first_name: None,
+            last_name: None,
+            title: None,
+            group_id: None,
+            expires_in_days: None,
+            max_uses: MaxUses::new("max_uses", max_uses).unwrap(),
+            token_sha256: token.sha256.clone(),
+        });
+        (id, token.sha256, command)
+    };
+    let accept = |token: &str, user: &str| {
+        OrganizationCommand::AcceptInvitation(AcceptInvitation {
+            token_sha256: token.to_owned(),
+            user_id: uid(user),
+            email: Email::parse("email", &format!("{user}@example.org")).unwrap(),
+            first_name: None,
+            last_name: None,
+        })
+    };
+    let (_, _, pending) = send(Some("pam@example.com"), 1);
+    run(ledger, org, "olivia", pending).await;
+    let (revoked, _, to_revoke) = send(Some("rex@example.com"), 1);
+    run(ledger, org, "olivia", to_revoke).await;
+    let revoke = RevokeInvitation {
+        invitation_id: revoked,
+    };
+    run(
+        ledger,
+        org,
+        "olivia",
+        OrganizationCommand::RevokeInvitation(revoke),
+    )
+    .await;
+    let (_, open_link, link) = send(None, 3);
+    run(ledger, org, "olivia", link).await;
+    run(ledger, org, "lou", accept(&open_link, "lou")).await;
+    let (_, used_up, link) = send(None, 1);
+    run(ledger, org, "olivia", link).await;
+    run(ledger, org, "uma", accept(&used_up, "uma")).await;
+    let group_id = Uuid::now_v7();
+    let group = CreateGroup {
+        group_id,
+        name: "Support \"Ω\"".into(),
+        description: None,
+    };
+    run(
+        ledger,
+        org,
+        "olivia",
+        OrganizationCommand::CreateGroup(group),
+    )
+    .await;
+    for user in ["mia", "nina", "omar"] {
+        let membership = GroupMembership {
+            group_id,
+            user_id: uid(user),
+        };
+        run(
+            ledger,
+            org,
+            "olivia",
+            OrganizationCommand::AddGroupMember(membership),
+        )
+        .await;
+    }
+    let leaves_group = GroupMembership {
+        group_id,
+        user_id: uid("omar"),
+    };
+    run(
+        ledger,
+        org,
+        "olivia",
+        OrganizationCommand::RemoveGroupMember(leaves_group),
+    )
+    .await;
+    let removed = RemoveMember {
+        user_id: uid("nina"),
+    };
+    run(
+        ledger,
+        org,
+        "olivia",
+        OrganizationCommand::RemoveMember(removed),
+    )
+    .await;
+    org
+}
+
 async fn verify_passes_a_history_that_holds_together(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
@@ -2132,6 +2239,7 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         .await
         .unwrap();
     let big = acme_with_mia(ledger).await;
+    organization_with_invitations_and_groups(ledger).await;
     for _ in 0..SNAPSHOT_EVERY / 2 {
         run(ledger, big, "olivia", set_role("mia", Role::Viewer)).await;
         run(ledger, big, "olivia", set_role("mia", Role::Member)).await;
@@ -2169,7 +2277,7 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         problem: "the first event is MemberRoleChanged, not OrganizationCreated".into(),
     };
     assert_eq!(report.findings, [imported_finding], "{report:?}");
-    assert_eq!(report.organizations, 4);
+    assert_eq!(report.organizations, 5);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
     assert_eq!(
@@ -2421,6 +2529,70 @@ async fn a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written
     assert!(
         matches!(&refused, Err(error) if error.to_string().contains("matches none")),
         "{refused:?}"
+    );
+}
+
+/// The pending invitations and the groups read models are compared with the history too:
+/// an invitation offering another role, a group that lost a member, are findings.
+async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = organization_with_invitations_and_groups(&service.ledger).await;
+    service.catch_up().await;
+    let clean = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+    assert_eq!(clean.findings, [], "{clean:?}");
+    let db = service.db();
+    let pending = format!(
+        "SELECT id FROM rm_invitations WHERE organization_id = '{org}' AND email IS NOT NULL \
+           AND status = 'pending'"
+    );
+    let pending: Vec<(String,)> = db.fetch_all(&pending, &[]).await.unwrap();
+    assert_eq!(pending.len(), 1, "pam's");
+    let pending = &pending[0].0;
+    for sql in [
+        format!("UPDATE rm_invitations SET role = 'admin' WHERE id = '{pending}'"),
+        format!(
+            "UPDATE rm_groups SET member_ids = '[\"mia\", \"omar\"]' \
+              WHERE organization_id = '{org}'"
+        ),
+    ] {
+        assert_eq!(try_execute(db, &sql).await, Ok(1), "{sql}");
+    }
+
+    let report = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+
+    let problems: Vec<&str> = report.findings.iter().map(|f| f.problem.as_str()).collect();
+    let group = count(
+        db,
+        &format!("SELECT count(*) FROM rm_groups WHERE organization_id = '{org}'"),
+    )
+    .await;
+    assert_eq!(group, 1);
+    let group_id: Vec<(String,)> = db
+        .fetch_all(
+            &format!("SELECT id FROM rm_groups WHERE organization_id = '{org}'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let group_id = &group_id[0].0;
+    assert_eq!(
+        problems,
+        [
+            format!(
+                "its pending invitations read model differs from its history: it holds \
+                 [{pending} for admin] where the events say [{pending} for viewer]"
+            ),
+            format!(
+                "its groups read model differs from its history: it holds [{group_id} \
+                 \"Support \\\"Ω\\\"\" of [mia, omar]] where the events say [{group_id} \
+                 \"Support \\\"Ω\\\"\" of [mia]]"
+            ),
+        ],
+        "{report:#?}"
     );
 }
 
