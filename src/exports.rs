@@ -23,12 +23,13 @@ const PAGE: usize = 500;
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Field names whose values are secrets or hashes of secrets; dropped from exported and
-/// served events. Not `key`: in events it is a custom role's name for itself (`RoleDefined`,
+/// served events. `idempotency_key`: the metadata of events stored before 2026-12-07 holds
+/// a request's key in clear. Not `key`: in events it is a custom role's name for itself (`RoleDefined`,
 /// `RoleDeleted`); a service account's key is stored only as its hash.
 fn is_secret_field(name: &str) -> bool {
     name.ends_with("_sha256")
         || name.ends_with("_hash")
-        || matches!(name, "token" | "secret")
+        || matches!(name, "token" | "secret" | "idempotency_key")
         || orgledger_domain::SECRET_FIELDS.contains(&name)
 }
 
@@ -228,5 +229,13 @@ mod tests {
             value,
             json!({"InvitationSent": {"email": "a@b.c", "nested": [{"name": "n"}]}})
         );
+    }
+
+    #[test]
+    fn an_idempotency_key_and_its_hash_are_stripped_from_metadata() {
+        let mut metadata = json!({"actor_id": "olivia", "idempotency_key": "key-1",
+            "idempotency_key_sha256": "9f86"});
+        strip_secrets(&mut metadata);
+        assert_eq!(metadata, json!({"actor_id": "olivia"}));
     }
 }

@@ -1352,13 +1352,20 @@ fn metadata_of(command: &Command, context: &RequestContext) -> HashMap<String, S
         ("request_id", &context.request_id),
         ("client_ip", &context.client_ip),
         ("user_agent", &context.user_agent),
-        ("idempotency_key", &context.idempotency_key),
         (crate::store::CLAIM_FIELD, &context.idempotency_claim),
     ];
     for (name, value) in optional {
         if let Some(value) = value {
             metadata.insert(name.to_owned(), value.clone());
         }
+    }
+    // A key stays out of the log in clear, as tokens do; its hash still ties the event to
+    // the request for whoever holds the key. (Events before 2026-12-07 hold it in clear.)
+    if let Some(key) = &context.idempotency_key {
+        metadata.insert(
+            "idempotency_key_sha256".to_owned(),
+            crate::tokens::sha256_hex(key),
+        );
     }
     metadata
 }

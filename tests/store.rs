@@ -247,7 +247,12 @@ async fn event_metadata_records_actor_time_and_request(backend: Backend) {
     assert_eq!(m["request_id"], "req-42");
     assert_eq!(m["client_ip"], "198.51.100.1");
     assert_eq!(m["user_agent"], "curl/8");
-    assert_eq!(m["idempotency_key"], "key-1");
+    // The key itself stays out of the log, as tokens do.
+    assert!(!m.contains_key("idempotency_key"), "{m:?}");
+    assert_eq!(
+        m["idempotency_key_sha256"],
+        orgledger::tokens::sha256_hex("key-1")
+    );
     assert!(chrono::DateTime::parse_from_rfc3339(&m["occurred_at"]).is_ok());
 }
 
