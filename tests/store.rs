@@ -2128,21 +2128,12 @@ async fn organization_with_invitations_and_groups(ledger: &Ledger) -> Uuid {
     add_member(ledger, org, "olivia", "nina", Role::Member).await;
     add_member(ledger, org, "olivia", "omar", Role::Viewer).await;
     let send = |email: Option<&str>, max_uses: i64| {
-        let token = orgledger::tokens::issue("inv");
-        let id = Uuid::now_v7();
-        let command = OrganizationCommand::SendInvitation(SendInvitation {
-            invitation_id: id,
-            email: email.map(|email| Email::parse("email", email).unwrap()),
-            role: Role::Viewer,
-            first_name: None,
-            last_name: None,
-            title: None,
-            group_id: None,
-            expires_in_days: None,
-            max_uses: MaxUses::new("max_uses", max_uses).unwrap(),
-            token_sha256: token.sha256.clone(),
-        });
-        (id, token.sha256, command)
+        let (send, token) = invitation(email, Role::Viewer, max_uses);
+        (
+            send.invitation_id,
+            token.sha256,
+            OrganizationCommand::SendInvitation(send),
+        )
     };
     let accept = |token: &str, user: &str| {
         OrganizationCommand::AcceptInvitation(AcceptInvitation {

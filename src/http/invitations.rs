@@ -153,13 +153,15 @@ async fn resend_invitation(
         invitation_id,
         token_sha256: token.sha256,
     });
-    let outcome = super::execute(&state, caller, &context, expected, id, body)
-        .await
-        .map_err(|error| ended_or(&state, id, invitation_id, error));
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(error) => return Err(error.await),
-    };
+    let outcome = execute_on_pending(
+        &state,
+        caller,
+        &context,
+        expected,
+        (id, invitation_id),
+        body,
+    )
+    .await?;
     let body = issued(&outcome, invitation_id, token.secret)?;
     Ok(committed(&outcome, StatusCode::OK, axum::Json(body)))
 }
@@ -179,21 +181,38 @@ async fn revoke_invitation(
     let id = organization_id(&org_id)?;
     let invitation_id = invitation_id(&raw_invitation_id)?;
     let body = OrganizationCommand::RevokeInvitation(RevokeInvitation { invitation_id });
-    let outcome = super::execute(&state, caller, &context, expected, id, body)
-        .await
-        .map_err(|error| ended_or(&state, id, invitation_id, error));
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(error) => return Err(error.await),
-    };
+    let outcome = execute_on_pending(
+        &state,
+        caller,
+        &context,
+        expected,
+        (id, invitation_id),
+        body,
+    )
+    .await?;
     Ok(committed(&outcome, StatusCode::NO_CONTENT, ()))
 }
 
-/// An invitation the organization no longer holds as pending is `404` from the domain; one
-/// that was accepted or revoked, as its list shows, is `409 invitation_not_pending` instead.
-/// The domain refuses a caller without the permission first, so only those who may resend
-/// and revoke learn how an invitation ended. The lists show the caller's own writes, so the
-/// status read is never older than what the caller did.
+/// Runs a command on a pending invitation (resend, revoke). An invitation the organization
+/// no longer holds as pending is `404` from the domain; one that was accepted or revoked,
+/// as its list shows, is `409 invitation_not_pending` instead. The domain refuses a caller
+/// without the permission first, so only those who may resend and revoke learn how an
+/// invitation ended. The lists show the caller's own writes, so the status read is never
+/// older than what the caller did.
+async fn execute_on_pending(
+    state: &AppState,
+    caller: Caller,
+    context: &crate::ledger::RequestContext,
+    expected: Option<usize>,
+    (id, invitation_id): (Uuid, Uuid),
+    body: OrganizationCommand,
+) -> Result<crate::service::Outcome, ApiError> {
+    match super::execute(state, caller, context, expected, id, body).await {
+        Ok(outcome) => Ok(outcome),
+        Err(error) => Err(ended_or(state, id, invitation_id, error).await),
+    }
+}
+
 async fn ended_or(state: &AppState, id: Uuid, invitation_id: Uuid, error: ApiError) -> ApiError {
     if error.status != StatusCode::NOT_FOUND {
         return error;

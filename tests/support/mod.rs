@@ -175,22 +175,33 @@ pub async fn acme_with_mia(ledger: &Ledger) -> Uuid {
     org
 }
 
-/// Invites `email` with `role` as `by` and accepts as `user_id`; returns the token used.
-pub async fn add_member(ledger: &Ledger, org: Uuid, by: &str, user_id: &str, role: Role) -> String {
+/// An invitation to `email` (a link without one) for `role`, usable `max_uses` times, with
+/// a new token: the command and the token's secret and hash.
+pub fn invitation(
+    email: Option<&str>,
+    role: Role,
+    max_uses: i64,
+) -> (SendInvitation, orgledger::tokens::IssuedSecret) {
     let token = orgledger::tokens::issue("inv");
-    let address = format!("{user_id}@example.com");
     let send = SendInvitation {
         invitation_id: Uuid::now_v7(),
-        email: Some(Email::parse("email", &address).unwrap()),
+        email: email.map(|email| Email::parse("email", email).unwrap()),
         role,
         first_name: None,
         last_name: None,
         title: None,
         group_id: None,
         expires_in_days: None,
-        max_uses: MaxUses::ONE,
+        max_uses: MaxUses::new("max_uses", max_uses).unwrap(),
         token_sha256: token.sha256.clone(),
     };
+    (send, token)
+}
+
+/// Invites `email` with `role` as `by` and accepts as `user_id`; returns the token used.
+pub async fn add_member(ledger: &Ledger, org: Uuid, by: &str, user_id: &str, role: Role) -> String {
+    let address = format!("{user_id}@example.com");
+    let (send, token) = invitation(Some(&address), role, 1);
     run(ledger, org, by, OrganizationCommand::SendInvitation(send)).await;
     let accept = AcceptInvitation {
         token_sha256: token.sha256,
