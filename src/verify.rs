@@ -549,36 +549,55 @@ async fn verify_read_models_of(
     if before.is_empty() {
         return Ok(());
     }
-    let members: Vec<(String, String)> = database
-        .fetch_all(
-            "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
-            &args![id.as_str()],
-        )
-        .await
-        .map_err(failed)?;
-    let entries: Vec<(i64, Option<i64>, Option<i64>)> = database
-        .fetch_all(
-            "SELECT count(*), min(sequence), max(sequence) FROM rm_audit_log
-              WHERE organization_id = $1",
-            &args![organization_id],
-        )
-        .await
-        .map_err(failed)?;
-    let invitations: Vec<(String, String)> = database
-        .fetch_all(
-            "SELECT id, role FROM rm_invitations
-              WHERE organization_id = $1 AND status = 'pending'",
-            &args![id.as_str()],
-        )
-        .await
-        .map_err(failed)?;
-    let groups: Vec<(String, String, String)> = database
-        .fetch_all(
-            "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
-            &args![id.as_str()],
-        )
-        .await
-        .map_err(failed)?;
+    // Only the read models that stand at the last event are read: another's table is not
+    // looked at, so it can neither fail this check nor be compared.
+    let read = |projection: &str| before.contains(projection);
+    let members: Vec<(String, String)> = if read("members") {
+        database
+            .fetch_all(
+                "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
+                &args![id.as_str()],
+            )
+            .await
+            .map_err(failed)?
+    } else {
+        Vec::new()
+    };
+    let entries: Vec<(i64, Option<i64>, Option<i64>)> = if read("audit_log") {
+        database
+            .fetch_all(
+                "SELECT count(*), min(sequence), max(sequence) FROM rm_audit_log
+                  WHERE organization_id = $1",
+                &args![organization_id],
+            )
+            .await
+            .map_err(failed)?
+    } else {
+        Vec::new()
+    };
+    let invitations: Vec<(String, String)> = if read("invitations") {
+        database
+            .fetch_all(
+                "SELECT id, role FROM rm_invitations
+                  WHERE organization_id = $1 AND status = 'pending'",
+                &args![id.as_str()],
+            )
+            .await
+            .map_err(failed)?
+    } else {
+        Vec::new()
+    };
+    let groups: Vec<(String, String, String)> = if read("groups") {
+        database
+            .fetch_all(
+                "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
+                &args![id.as_str()],
+            )
+            .await
+            .map_err(failed)?
+    } else {
+        Vec::new()
+    };
     // Moved on meanwhile: what was read may be a later state than the replay's.
     let after = at_last().await.map_err(failed)?;
     let compared = |projection: &str| before.contains(projection) && after.contains(projection);

@@ -2626,8 +2626,6 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
     assert_eq!(problem_code(&system_without_owner), "actor_required");
 }
 
-/// An invitation expires after the organization's `default_invite_expiry_days` unless it
-/// says otherwise, and a resend starts its days again.
 /// An invitation that was accepted or revoked is still listed, so resending or revoking it
 /// is `409 invitation_not_pending`, not the `404` of an id that never was; and appends
 /// nothing. Whoever may not invite is refused as before, without learning how it ended.
@@ -2741,6 +2739,8 @@ async fn a_cursor_pages_only_the_organization_it_came_from(backend: Backend) {
     }
 }
 
+/// An invitation expires after the organization's `default_invite_expiry_days` unless it
+/// says otherwise, and a resend starts its days again.
 async fn invitations_expire_after_the_organizations_default_and_a_resend_restarts_it(
     backend: Backend,
 ) {

@@ -48,6 +48,9 @@ pub enum OrganizationError {
     AlreadyMember,
     #[error("a pending invitation for this email already exists")]
     InvitationPending,
+    /// A link accepted by an email that has an invitation of its own pending.
+    #[error("an invitation addressed to this email is pending: accept that one, or ask for it to be revoked")]
+    OwnInvitationPending,
     #[error("the invitation has expired")]
     InvitationExpired,
     #[error("the invitation token is unknown, revoked, superseded or used")]
@@ -99,7 +102,7 @@ impl OrganizationError {
             Self::ConfirmationMismatch => "confirmation_mismatch",
             Self::SlugTaken => "slug_taken",
             Self::AlreadyMember => "already_member",
-            Self::InvitationPending => "invitation_pending",
+            Self::InvitationPending | Self::OwnInvitationPending => "invitation_pending",
             Self::InvitationExpired => "invitation_expired",
             Self::InvalidInvitation => "invalid_invitation",
             Self::EmailMismatch => "email_mismatch",

@@ -157,7 +157,8 @@ impl Organization {
         // Joined through a link, an invitation addressed to the same email would stay
         // pending with no one left who could accept it.
         if invitation.email.is_none() {
-            self.ensure_no_pending_invitation(email, at, Some(*invitation_id))?;
+            self.ensure_no_pending_invitation(email, at, Some(*invitation_id))
+                .map_err(|_| OrganizationError::OwnInvitationPending)?;
         }
         validate_profile_text("first_name", c.first_name.as_deref())?;
         validate_profile_text("last_name", c.last_name.as_deref())?;

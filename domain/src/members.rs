@@ -83,8 +83,12 @@ impl Organization {
         ] {
             validate_profile_text(field, value.as_ref().and_then(|v| v.as_deref()))?;
         }
+        // Only a new value is judged: one stored under older rules, sent back unchanged with
+        // the rest of a profile, is no change.
         if let Some(Some(url)) = &c.image_url {
-            validate_url("image_url", url)?;
+            if target.image_url.as_ref() != Some(url) {
+                validate_url("image_url", url)?;
+            }
         }
 
         let mut events = Vec::new();
@@ -185,8 +189,8 @@ pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), OrganizationErr
     Ok(())
 }
 
-/// `host` or `host:port`, the host a name (letters, digits, `-`, `.`), or an IPv6 literal
-/// in brackets.
+/// `host` or `host:port`, the host a name (letters, digits, `-`, `.`, `_`), or an IPv6
+/// literal in brackets; the port may be empty.
 fn is_host_and_port(authority: &str) -> bool {
     let (host, port) = match authority.strip_prefix('[') {
         Some(literal) => match literal.split_once(']') {
@@ -218,13 +222,14 @@ fn is_host_and_port(authority: &str) -> bool {
             && host.chars().any(char::is_alphanumeric)
             && host
                 .chars()
-                .all(|c| c.is_alphanumeric() || c == '-' || c == '.')
+                .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_'))
     });
+    // An empty port (`https://example.com:/logo.png`) is the scheme's default.
     let port_ok = port.is_none_or(|port| {
-        !port.is_empty()
-            && port.len() <= 5
-            && port.chars().all(|c| c.is_ascii_digit())
-            && port.parse::<u32>().is_ok_and(|n| n <= 65_535)
+        port.is_empty()
+            || (port.len() <= 5
+                && port.chars().all(|c| c.is_ascii_digit())
+                && port.parse::<u32>().is_ok_and(|n| n <= 65_535))
     });
     host_ok && port_ok
 }

@@ -787,8 +787,12 @@ impl Organization {
 
     fn update(&self, actor: &Actor, c: &UpdateOrganization) -> Decision {
         self.authorize(actor, Permission::ManageSettings)?;
+        // Only a new value is judged: one stored under older rules, sent back unchanged with
+        // the rest of the settings, is no change.
         if let Some(Some(url)) = &c.logo_url {
-            crate::members::validate_url("logo_url", url)?;
+            if self.settings.logo_url.as_ref() != Some(url) {
+                crate::members::validate_url("logo_url", url)?;
+            }
         }
         if let Some(timezone) = &c.timezone {
             validate_timezone_shape(timezone)?;

@@ -542,7 +542,8 @@ fn joining_through_a_link_is_refused_while_an_invitation_to_that_email_is_pendin
         given.clone(),
         accept_cmd("nina", 1, accept("hash-1", "nina", "nina@example.com")),
     );
-    assert_eq!(error, OrganizationError::InvitationPending);
+    assert_eq!(error, OrganizationError::OwnInvitationPending);
+    assert_eq!(error.code(), "invitation_pending");
     // Once it has expired it stands in no one's way.
     test()
         .given(given)

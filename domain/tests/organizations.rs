@@ -181,6 +181,8 @@ fn a_logo_url_needs_an_http_scheme_and_a_host_and_may_carry_a_port() {
         "https://[2001:db8::1]:8443/logo.png",
         "https://bücher.example/logo.png",
         "https://example.com/logo.png?signed_by=a@b",
+        "https://my_cdn.example.com/logo.png",
+        "https://example.com:/logo.png",
     ] {
         let events = test()
             .given(acme())
@@ -225,6 +227,36 @@ fn a_logo_url_that_carries_a_user_name_or_password_is_refused() {
             "{secret:?}"
         );
     }
+}
+
+#[test]
+fn a_logo_url_stored_under_older_rules_may_be_sent_back_unchanged() {
+    let old = "https://user:hunter2@cdn.example.com/logo.png";
+    let stored = OrganizationEvent::OrganizationUpdated(OrganizationUpdated {
+        logo_url: Some(Change {
+            from: None,
+            to: Some(old.into()),
+        }),
+        ..Default::default()
+    });
+    let mut given = acme();
+    given.push(stored);
+    let resent = UpdateOrganization {
+        logo_url: Some(Some(old.into())),
+        timezone: Some("Europe/Paris".into()),
+        ..Default::default()
+    };
+    let events = test()
+        .given(given.clone())
+        .when(command(user("adam"), update(resent)))
+        .inspect_result()
+        .expect("an unchanged value is no change to judge");
+    assert_eq!(events.len(), 1);
+    // A new value is judged as ever.
+    assert_eq!(
+        error_of(given, logo("https://other:pw@cdn.example.com/logo.png")).code(),
+        "validation_failed"
+    );
 }
 
 fn delete(confirm: &str) -> OrganizationCommand {
@@ -596,6 +628,10 @@ fn every_error_maps_to_one_contract_code() {
         (OrganizationError::AlreadyMember, "already_member"),
         (OrganizationError::InvitationPending, "invitation_pending"),
         (OrganizationError::InvitationExpired, "invitation_expired"),
+        (
+            OrganizationError::OwnInvitationPending,
+            "invitation_pending",
+        ),
         (OrganizationError::InvalidInvitation, "invalid_invitation"),
         (OrganizationError::EmailMismatch, "email_mismatch"),
         (OrganizationError::FieldLocked("title"), "field_locked"),

@@ -220,6 +220,7 @@ impl From<OrganizationError> for ApiError {
             | E::SlugTaken
             | E::AlreadyMember
             | E::InvitationPending
+            | E::OwnInvitationPending
             | E::SeatLimitReached
             | E::GroupExists
             | E::RoleExists
@@ -347,6 +348,7 @@ mod tests {
             (E::SlugTaken, 409),
             (E::AlreadyMember, 409),
             (E::InvitationPending, 409),
+            (E::OwnInvitationPending, 409),
             (E::OrganizationDeleted, 409),
             (E::RestoreWindowElapsed, 409),
             (E::CannotRemoveSelf, 422),

@@ -197,8 +197,9 @@ async fn revoke_invitation(
 /// no longer holds as pending is `404` from the domain; one that was accepted or revoked,
 /// as its list shows, is `409 invitation_not_pending` instead. The domain refuses a caller
 /// without the permission first, so only those who may resend and revoke learn how an
-/// invitation ended. The lists show the caller's own writes, so the status read is never
-/// older than what the caller did.
+/// invitation ended. Best effort: where the list does not show the end yet (a command
+/// answered `X-Consistency: pending`, a revocation racing this one) or cannot be read, the
+/// answer stays `404`.
 async fn execute_on_pending(
     state: &AppState,
     caller: Caller,
@@ -241,7 +242,9 @@ async fn ended_or(state: &AppState, id: Uuid, invitation_id: Uuid, error: ApiErr
     }
 }
 
-/// Accept an invitation as the user named by `X-Actor-Id`.
+/// Accept an invitation as the user named by `X-Actor-Id`. A shareable link is refused
+/// (`409 invitation_pending`) to an email that has an invitation of its own pending: that one
+/// is to be accepted, or revoked first, else it would stay pending with no one to accept it.
 #[utoipa::path(post, path = "/v1/invitations/accept", tag = "invitations",
     params(ActorHeaders, CommandHeaders),
     request_body = AcceptInvitationRequest,
