@@ -553,6 +553,8 @@ async fn a_query_value_outside_its_set_is_refused_by_name(backend: Backend) {
     for (url, field) in [
         (format!("{base}/invitations?status=bogus"), "status"),
         (format!("{base}/members?role=Not%20a%20role"), "role"),
+        // Well formed, but no role this organization defined.
+        (format!("{base}/members?role=organizer"), "role"),
         ("/v1/organizations?status=bogus".to_owned(), "status"),
         (format!("{base}/events?after_sequence=-1"), "after_sequence"),
         (format!("{base}/audit-log?from=yesterday"), "from"),
@@ -1705,6 +1707,23 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
     assert_eq!(rest.body["items"][0]["key"], "organizer");
     assert_eq!(rest.body["next_cursor"], Value::Null);
     app.add_member(&org, "olivia", "otis", "organizer").await;
+    // A custom role filters the members list as a built-in one does.
+    let organizers = app
+        .call(
+            Method::GET,
+            &format!("/v1/organizations/{org}/members?role=organizer"),
+            Some("adam"),
+            None,
+        )
+        .await;
+    assert_eq!(organizers.status, StatusCode::OK, "{}", organizers.body);
+    let organizers: Vec<&str> = organizers.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| member["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(organizers, ["otis"]);
     let invites = app
         .call(
             Method::POST,

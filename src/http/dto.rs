@@ -65,8 +65,12 @@ impl Problems {
 }
 
 pub fn parse_role(field: &str, raw: &str) -> Result<Role, FieldError> {
-    Role::parse(raw)
-        .ok_or_else(|| FieldError::new(field, "must be one of owner, admin, member, viewer"))
+    Role::parse(raw).ok_or_else(|| {
+        FieldError::new(
+            field,
+            "must be a built-in role (owner, admin, member, viewer) or a custom role's key",
+        )
+    })
 }
 
 /// An optional name or title: trimmed; empty means absent.

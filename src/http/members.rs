@@ -3,8 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use orgledger_domain::{Actor, OrganizationCommand, Permission, RemoveMember, UserId};
+use orgledger_domain::{Actor, OrganizationCommand, Permission, RemoveMember, Role, UserId};
 use orgledger_projections::members::{self, MemberFilter};
+use orgledger_projections::organizations;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -47,8 +48,21 @@ async fn list_members(
     Query(query): Query<ListMembersQuery>,
 ) -> Result<axum::Json<MemberPage>, ApiError> {
     let organization = authorize(&state, &caller, &org_id, Permission::ViewOrganization).await?;
+    // A role this organization does not have is refused, as an unknown value of any other
+    // filter is, rather than answered with an empty page.
     if let Some(role) = &query.role {
-        parse_role("role", role)?;
+        if let Role::Custom(key) = parse_role("role", role)? {
+            let defined = organizations::custom_roles(state.service.database(), &organization.id)
+                .await?
+                .into_iter()
+                .any(|custom| custom.key == key);
+            if !defined {
+                return Err(ApiError::field(
+                    "role",
+                    "is neither a built-in role nor one this organization defined",
+                ));
+            }
+        }
     }
     let filter = MemberFilter {
         role: query.role,
