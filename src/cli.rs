@@ -140,14 +140,15 @@ pub enum ProjectionsAction {
 }
 
 /// Connects and migrates: what every command that touches data starts with. Only `serve`
-/// and `migrate` may create the store (`create`); the others open an existing one. Read
-/// models named in `to_rebuild` are left for the caller to rebuild (see
-/// [`Orgledger::open_to_rebuild`]).
+/// and `migrate` may create or migrate the store (`create`); the others open an existing one
+/// and refuse it when its migrations are behind this binary. Read models named in
+/// `to_rebuild` are left for the caller to rebuild (see [`Orgledger::open_to_rebuild`]).
 pub async fn open_store(
     store: &StoreConfig,
     create: bool,
     to_rebuild: &[&str],
 ) -> anyhow::Result<Orgledger> {
+    store.refuse_unopenable()?;
     // The store first: a missing one must not get a master key file generated beside it.
     let database = if create {
         Database::connect(&store.database_url).await
@@ -157,7 +158,14 @@ pub async fn open_store(
     let database = database.map_err(|error| {
         anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
     })?;
-    database.migrate().await?;
+    if create {
+        database.migrate().await?;
+    } else {
+        database.refuse_another_applications_file().await?;
+        if !database.is_migrated().await? {
+            bail!("the store's schema is behind this binary: run `orgledger migrate` first");
+        }
+    }
     loop {
         let (master_key, generated) = store.master_key()?;
         let service =
@@ -180,6 +188,7 @@ pub async fn open_store(
 /// Opens an existing store to read only: nothing migrated, no key generated, no read-model
 /// table prepared. A store whose migrations are behind this binary is refused.
 async fn open_store_to_read(store: &StoreConfig) -> anyhow::Result<Orgledger> {
+    store.refuse_unopenable()?;
     let database = Database::connect_read_only(&store.database_url)
         .await
         .map_err(|error| {
@@ -488,7 +497,7 @@ fn print_verification(report: &crate::verify::VerifyReport, json: bool) -> anyho
             plural(report.events_not_yet_projected as usize, "event", "events")
         )
     } else {
-        "read models not checked (one organization)".to_owned()
+        "read models' lag not checked (one organization)".to_owned()
     };
     say(format_args!(
         "verified {}, {} ({} with a matching MAC), {} (and {} in an older shape or under \

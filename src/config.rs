@@ -72,6 +72,16 @@ impl StoreConfig {
         self.master_key_making(true)
     }
 
+    /// Refuses, before anything is opened or created, a store no command could open: an
+    /// unsupported URL, an SQLite URL that names no file, a PostgreSQL store without its
+    /// master key (a command refused for want of it then leaves the store as it was).
+    pub fn refuse_unopenable(&self) -> anyhow::Result<()> {
+        if self.beside_data("master-key").is_none() {
+            self.existing_master_key()?;
+        }
+        Ok(())
+    }
+
     /// As [`StoreConfig::master_key`], but never creating one: for commands that only read.
     pub fn existing_master_key(&self) -> anyhow::Result<MasterKey> {
         self.master_key_making(false).map(|(key, _)| key)

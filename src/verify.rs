@@ -58,7 +58,8 @@ pub struct VerifyReport {
     /// state rules: loads ignore them and replay the events, and the next snapshot replaces
     /// the current one (those kept for past moments stay, unused). Not a fault.
     pub snapshots_not_compared: usize,
-    /// Whether the read models were looked at (a whole-log run).
+    /// Whether the read models' lag and failures were looked at (a whole-log run). An
+    /// organization's own rows in them are compared with its history either way.
     pub read_models_checked: bool,
     /// Committed events the furthest-behind read model has not applied yet: a lag.
     pub events_not_yet_projected: u64,

@@ -51,6 +51,72 @@ fn projections_status_on_a_mistyped_sqlite_path_fails_and_creates_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// Only `serve` and `migrate` set a store up: `projections` refuses one never migrated, and
+/// a command refused for want of the master key leaves the store as it was.
+#[tokio::test]
+async fn commands_that_are_refused_leave_a_new_store_as_it_was() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orgledger.db");
+    std::fs::File::create(&file).unwrap();
+    let url = format!("sqlite://{}", file.display());
+    for args in [&["projections", "status"][..], &["projections", "rebuild"]] {
+        let refused = orgledger(args, &url);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("run `orgledger migrate` first"), "{stderr}");
+    }
+    let mut sqlite = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master")
+        .fetch_one(&mut sqlite)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "nothing migrated");
+
+    let database = support::fresh_database(support::Backend::Postgres).await;
+    for args in [&["migrate"][..], &["projections", "status"]] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+            .args(args)
+            .env("DATABASE_URL", &database.url)
+            .env_remove("ORGLEDGER_MASTER_KEY")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("ORGLEDGER_MASTER_KEY is required"),
+            "{stderr}"
+        );
+    }
+    let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "nothing migrated");
+
+    // A store in memory is refused before sqlx opens one, so no file appears where it runs.
+    let here = tempfile::tempdir().unwrap();
+    for args in [&["migrate"][..], &["verify"], &["projections", "status"]] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+            .args(args)
+            .current_dir(here.path())
+            .env("DATABASE_URL", "sqlite::memory:")
+            .env_remove("ORGLEDGER_MASTER_KEY")
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("names no file"), "{args:?}: {stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(here.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 #[test]
 fn projections_status_opens_a_store_that_migrate_created() {
     let dir = tempfile::tempdir().unwrap();
