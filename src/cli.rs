@@ -161,10 +161,7 @@ pub async fn open_store(
     if create {
         database.migrate().await?;
     } else {
-        database.refuse_another_applications_file().await?;
-        if !database.is_migrated().await? {
-            bail!("the store's schema is behind this binary: run `orgledger migrate` first");
-        }
+        refuse_unmigrated(&database).await?;
     }
     loop {
         let (master_key, generated) = store.master_key()?;
@@ -194,12 +191,19 @@ async fn open_store_to_read(store: &StoreConfig) -> anyhow::Result<Orgledger> {
         .map_err(|error| {
             anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
         })?;
+    refuse_unmigrated(&database).await?;
+    let master_key = store.existing_master_key()?;
+    Ok(Orgledger::open_to_read(database, master_key).await?)
+}
+
+/// For the commands that only `serve` and `migrate` set a store up for: refuses another
+/// application's SQLite file, and a store whose migrations are behind this binary.
+async fn refuse_unmigrated(database: &Database) -> anyhow::Result<()> {
     database.refuse_another_applications_file().await?;
     if !database.is_migrated().await? {
         bail!("the store's schema is behind this binary: run `orgledger migrate` first");
     }
-    let master_key = store.existing_master_key()?;
-    Ok(Orgledger::open_to_read(database, master_key).await?)
+    Ok(())
 }
 
 /// How often the purge of organizations past their restore window runs.

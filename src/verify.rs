@@ -552,53 +552,39 @@ async fn verify_read_models_of(
     }
     // Only the read models that stand at the last event are read: another's table is not
     // looked at, so it can neither fail this check nor be compared.
-    let read = |projection: &str| before.contains(projection);
-    let members: Vec<(String, String)> = if read("members") {
-        database
-            .fetch_all(
-                "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
-                &args![id.as_str()],
-            )
-            .await
-            .map_err(failed)?
-    } else {
-        Vec::new()
-    };
-    let entries: Vec<(i64, Option<i64>, Option<i64>)> = if read("audit_log") {
-        database
-            .fetch_all(
-                "SELECT count(*), min(sequence), max(sequence) FROM rm_audit_log
-                  WHERE organization_id = $1",
-                &args![organization_id],
-            )
-            .await
-            .map_err(failed)?
-    } else {
-        Vec::new()
-    };
-    let invitations: Vec<(String, String)> = if read("invitations") {
-        database
-            .fetch_all(
-                "SELECT id, role FROM rm_invitations
-                  WHERE organization_id = $1 AND status = 'pending'",
-                &args![id.as_str()],
-            )
-            .await
-            .map_err(failed)?
-    } else {
-        Vec::new()
-    };
-    let groups: Vec<(String, String, String)> = if read("groups") {
-        database
-            .fetch_all(
-                "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
-                &args![id.as_str()],
-            )
-            .await
-            .map_err(failed)?
-    } else {
-        Vec::new()
-    };
+    let members: Vec<(String, String)> = rows_if_at_last(
+        database,
+        &before,
+        "members",
+        "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
+        &args![id.as_str()],
+    )
+    .await?;
+    let entries: Vec<(i64, Option<i64>, Option<i64>)> = rows_if_at_last(
+        database,
+        &before,
+        "audit_log",
+        "SELECT count(*), min(sequence), max(sequence) FROM rm_audit_log
+          WHERE organization_id = $1",
+        &args![organization_id],
+    )
+    .await?;
+    let invitations: Vec<(String, String)> = rows_if_at_last(
+        database,
+        &before,
+        "invitations",
+        "SELECT id, role FROM rm_invitations WHERE organization_id = $1 AND status = 'pending'",
+        &args![id.as_str()],
+    )
+    .await?;
+    let groups: Vec<(String, String, String)> = rows_if_at_last(
+        database,
+        &before,
+        "groups",
+        "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
+        &args![id.as_str()],
+    )
+    .await?;
     // Moved on meanwhile: what was read may be a later state than the replay's.
     let after = at_last().await.map_err(failed)?;
     let compared = |projection: &str| before.contains(projection) && after.contains(projection);
@@ -678,6 +664,28 @@ async fn verify_read_models_of(
         }
     }
     Ok(())
+}
+
+/// The rows `sql` reads (with `args`) from `projection`'s tables, or none when that read
+/// model does not stand at the organization's last event (`at_last`).
+async fn rows_if_at_last<T>(
+    database: &Database,
+    at_last: &std::collections::HashSet<String>,
+    projection: &str,
+    sql: &str,
+    args: &[orgledger_projections::Arg],
+) -> Result<Vec<T>, VerifyError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+        + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>,
+{
+    if !at_last.contains(projection) {
+        return Ok(Vec::new());
+    }
+    database
+        .fetch_all(sql, args)
+        .await
+        .map_err(|error| VerifyError::ReadModels(error.to_string()))
 }
 
 /// Reports the rows of a read model (`what`) that its history does not hold, and those its

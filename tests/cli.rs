@@ -75,13 +75,7 @@ async fn commands_that_are_refused_leave_a_new_store_as_it_was() {
 
     let database = support::fresh_database(support::Backend::Postgres).await;
     for args in [&["migrate"][..], &["projections", "status"]] {
-        let refused = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-            .args(args)
-            .env("DATABASE_URL", &database.url)
-            .env_remove("ORGLEDGER_MASTER_KEY")
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
+        let refused = orgledger_with_key_beside_data(args, &database.url);
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success(), "{args:?}: {stderr}");
         assert!(

@@ -37,7 +37,7 @@ pub use events::{
 pub use organization::{
     Access, AiProvider, ClientAccess, CustomRole, Group, Invitation, Lifecycle, Member,
     Organization, OrganizationKind, Plan, ServiceAccount, Settings, StateRules, WorkflowMode,
-    RESTORE_WINDOW_DAYS,
+    NO_SUCH_ROLE, RESTORE_WINDOW_DAYS,
 };
 pub use upcasting::upcasters;
 pub use values::{Email, ExpiryDays, LockedField, MaxUses, OrganizationName, Secret, Slug, UserId};

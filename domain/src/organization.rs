@@ -23,6 +23,9 @@ use crate::values::{LockedField, UserId};
 /// Days a soft-deleted organization can still be restored.
 pub const RESTORE_WINDOW_DAYS: i64 = 30;
 
+/// What is said of a role key that is neither built in nor defined by the organization.
+pub const NO_SUCH_ROLE: &str = "is neither a built-in role nor one this organization defined";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OrganizationKind {
@@ -730,10 +733,7 @@ impl Organization {
     ) -> Result<(), OrganizationError> {
         match role {
             Role::Custom(key) if !self.roles.contains_key(key) => {
-                Err(OrganizationError::validation(
-                    field,
-                    "is neither a built-in role nor one this organization defined",
-                ))
+                Err(OrganizationError::validation(field, NO_SUCH_ROLE))
             }
             _ => Ok(()),
         }

@@ -3,7 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use orgledger_domain::{Actor, OrganizationCommand, Permission, RemoveMember, Role, UserId};
+use orgledger_domain::{
+    Actor, OrganizationCommand, Permission, RemoveMember, Role, UserId, NO_SUCH_ROLE,
+};
 use orgledger_projections::members::{self, MemberFilter};
 use orgledger_projections::organizations;
 use serde::Deserialize;
@@ -52,15 +54,12 @@ async fn list_members(
     // filter is, rather than answered with an empty page.
     if let Some(role) = &query.role {
         if let Role::Custom(key) = parse_role("role", role)? {
-            let defined = organizations::custom_roles(state.service.database(), &organization.id)
+            let database = state.service.database();
+            if organizations::custom_role_permissions(database, &organization.id, &key)
                 .await?
-                .into_iter()
-                .any(|custom| custom.key == key);
-            if !defined {
-                return Err(ApiError::field(
-                    "role",
-                    "is neither a built-in role nor one this organization defined",
-                ));
+                .is_none()
+            {
+                return Err(ApiError::field("role", NO_SUCH_ROLE));
             }
         }
     }
