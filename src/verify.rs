@@ -2,13 +2,15 @@
 //! Every organization's events are read back as the service reads them (opened, upcast,
 //! decoded) and replayed with the domain's own `apply`; each event's MAC is checked against
 //! the event as stored; its snapshot is opened and compared with the replay at the same
-//! event; a log that ends before what the read models applied is named; the projections'
-//! recorded failures are reported.
+//! event; a log that ends before what the read models applied is named; the read models'
+//! rows for it (every audit entry among them, column by column) are compared with what its
+//! events make; the projections' recorded failures are reported.
 //! It only reads: `cli` opens the store without migrating or preparing anything.
 
 use cqrs_es::Aggregate;
 use orgledger_domain::{Lifecycle, Organization, OrganizationEvent};
-use orgledger_projections::Database;
+use orgledger_projections::audit::{self, StoredEntry};
+use orgledger_projections::{Database, EventMetadata};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -294,6 +296,7 @@ async fn verify_organization(
         .filter(|at| Some(*at) != current)
         .collect();
     let mut state = Organization::default();
+    let mut entries = ExpectedEntries::new(organization_id);
     let mut at_snapshot = None;
     // The first event that could not be read: the replay after it is not the history.
     let mut unreadable = None;
@@ -360,6 +363,7 @@ async fn verify_organization(
             }
             last = event.sequence;
             events += 1;
+            entries.push(&event);
             state.apply(event.payload);
             if snapshot.as_ref().is_some_and(|(_, at)| *at == last) {
                 at_snapshot = Some(state.clone());
@@ -447,7 +451,13 @@ async fn verify_organization(
     verify_macs(service, organization_id, last, report, &mut found).await?;
     verify_recording_times(ledger.database(), organization_id, &mut found).await?;
     if unreadable.is_none() && last > 0 {
-        verify_read_models_of(ledger.database(), organization_id, &state, last, &mut found).await?;
+        let replay = Replay {
+            state: &state,
+            entries: &entries,
+            last,
+            keyed,
+        };
+        verify_read_models_of(ledger, organization_id, replay, &mut found).await?;
     }
     // The read models record the last event they applied of each organization: a log that
     // ends before it lost its last events, which no gap shows.
@@ -518,16 +528,22 @@ async fn verify_macs(
 /// stands at the organization's last event `last` (one that lags, or moved on while this
 /// ran, is not compared): its members and their roles; one audit entry for each of its
 /// events (only its purge's, once purged); its pending invitations and the role each
-/// offers; its groups, their names and members. The audit entries' contents are not
-/// compared.
+/// offers; its groups, their names and members; and every audit entry, column by column,
+/// with the entry its event makes.
 async fn verify_read_models_of(
-    database: &Database,
+    ledger: &crate::ledger::Ledger,
     organization_id: Uuid,
-    state: &Organization,
-    last: usize,
+    replay: Replay<'_>,
     found: &mut impl FnMut(Option<usize>, String),
 ) -> Result<(), VerifyError> {
     use orgledger_projections::args;
+    let Replay {
+        state,
+        entries: expected_entries,
+        last,
+        keyed,
+    } = replay;
+    let database = ledger.database();
     let id = organization_id.to_string();
     let failed = |error: sqlx::Error| VerifyError::ReadModels(error.to_string());
     let at_last = || async {
@@ -585,10 +601,22 @@ async fn verify_read_models_of(
         &args![id.as_str()],
     )
     .await?;
+    // Its entries, column by column, only when there are as many as its history makes.
+    let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
+    let purged = state.lifecycle == Lifecycle::Purged;
+    let whole = if purged {
+        count == 1 && first == Some(last as i64)
+    } else {
+        count == last as i64 && first == Some(1) && latest == Some(last as i64)
+    };
+    let altered = if whole && keyed && before.contains("audit_log") {
+        expected_entries.altered(database, purged).await?
+    } else {
+        Vec::new()
+    };
     // Moved on meanwhile: what was read may be a later state than the replay's.
     let after = at_last().await.map_err(failed)?;
     let compared = |projection: &str| before.contains(projection) && after.contains(projection);
-    let purged = state.lifecycle == Lifecycle::Purged;
     // Purge deletes an organization's rows from every read model but the audit log.
     let expected = |rows: Vec<String>| if purged { Vec::new() } else { rows };
     if compared("members") {
@@ -643,12 +671,6 @@ async fn verify_read_models_of(
         differs("groups", held, events_say, found);
     }
     if compared("audit_log") {
-        let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
-        let whole = if purged {
-            count == 1 && first == Some(last as i64)
-        } else {
-            count == last as i64 && first == Some(1) && latest == Some(last as i64)
-        };
         if !whole {
             found(
                 None,
@@ -662,8 +684,238 @@ async fn verify_read_models_of(
                 ),
             );
         }
+        report_altered_entries(ledger, organization_id, &altered, found).await?;
     }
     Ok(())
+}
+
+/// What an organization's replay gives the comparison with its read models.
+struct Replay<'r> {
+    state: &'r Organization,
+    entries: &'r ExpectedEntries,
+    last: usize,
+    /// Without its key the replay reads personal data as erased, which the entries written
+    /// before hold: they are not compared (a finding says the key is missing).
+    keyed: bool,
+}
+
+/// The audit entry each replayed event makes, kept as a fingerprint (17 bytes an event): an
+/// organization's history is never held whole.
+struct ExpectedEntries {
+    organization_id: String,
+    /// Random keys for this run: an entry altered to collide with its event's cannot be
+    /// prepared ahead.
+    hasher: std::hash::RandomState,
+    /// By sequence, ascending.
+    entries: Vec<ExpectedEntry>,
+}
+
+struct ExpectedEntry {
+    sequence: i64,
+    fingerprint: u64,
+    /// False for an event whose metadata names no moment: the projection took the time it
+    /// was recorded, which is not compared.
+    timed: bool,
+}
+
+/// The audit entry stored for an event that is not the one its event makes.
+struct AlteredEntry {
+    sequence: i64,
+    stored: StoredEntry,
+}
+
+impl ExpectedEntries {
+    fn new(organization_id: Uuid) -> Self {
+        Self {
+            organization_id: organization_id.to_string(),
+            hasher: std::hash::RandomState::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, event: &cqrs_es::EventEnvelope<Organization>) {
+        let (entry, timed) = expected_entry(&self.organization_id, event);
+        self.entries.push(ExpectedEntry {
+            sequence: entry.sequence,
+            fingerprint: self.fingerprint(&entry, timed),
+            timed,
+        });
+    }
+
+    fn fingerprint(&self, entry: &StoredEntry, timed: bool) -> u64 {
+        let StoredEntry {
+            sequence,
+            occurred_at_us,
+            actor_type,
+            actor_id,
+            action,
+            resource_type,
+            resource_id,
+            details,
+            request_id,
+            search_folded,
+        } = entry;
+        std::hash::BuildHasher::hash_one(
+            &self.hasher,
+            (
+                sequence,
+                timed.then_some(occurred_at_us),
+                actor_type,
+                actor_id,
+                action,
+                resource_type,
+                resource_id,
+                details,
+                request_id,
+                search_folded,
+            ),
+        )
+    }
+
+    /// The stored entries (all of them, or only the purge's tombstone once `purged`) that
+    /// differ from what their events make, read a page at a time.
+    async fn altered(
+        &self,
+        database: &Database,
+        purged: bool,
+    ) -> Result<Vec<AlteredEntry>, VerifyError> {
+        let organization_id =
+            Uuid::parse_str(&self.organization_id).expect("made from a Uuid in `new`");
+        let mut altered = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = read_twice(database, || {
+                audit::stored_entries(database, organization_id, after, PAGE)
+            })
+            .await?
+            .map_err(|error| VerifyError::ReadModels(error.to_string()))?;
+            let complete = page.len() < PAGE;
+            for stored in page {
+                after = stored.sequence;
+                let Ok(at) = self
+                    .entries
+                    .binary_search_by_key(&stored.sequence, |entry| entry.sequence)
+                else {
+                    // Its event is missing from the log: a finding of the replay's already.
+                    continue;
+                };
+                let expected = &self.entries[at];
+                // Once purged, only the purge's own entry is left to compare.
+                if purged && at + 1 != self.entries.len() {
+                    continue;
+                }
+                if self.fingerprint(&stored, expected.timed) != expected.fingerprint {
+                    altered.push(AlteredEntry {
+                        sequence: stored.sequence,
+                        stored,
+                    });
+                }
+            }
+            if complete {
+                return Ok(altered);
+            }
+        }
+    }
+}
+
+/// The entry the audit log's projection makes of `event`, and whether its moment is known.
+fn expected_entry(
+    organization_id: &str,
+    event: &cqrs_es::EventEnvelope<Organization>,
+) -> (StoredEntry, bool) {
+    let read = |name: &str| event.metadata.get(name).cloned();
+    let metadata = EventMetadata {
+        actor_type: read("actor_type"),
+        actor_id: read("actor_id"),
+        occurred_at: read("occurred_at"),
+        request_id: read("request_id"),
+    };
+    let occurred_at = crate::history::occurred_at_in(&event.metadata);
+    let entry = StoredEntry::of(
+        organization_id,
+        event.sequence as i64,
+        &event.payload,
+        &metadata,
+        occurred_at.unwrap_or_default(),
+    );
+    (entry, occurred_at.is_some())
+}
+
+/// Most altered entries named one by one; past them, a count.
+const ALTERED_ENTRIES_NAMED: usize = 10;
+
+/// Names each altered entry and the columns in which it differs from what its event makes
+/// (not their values: an entry may hold personal data). The event is read again for it.
+async fn report_altered_entries(
+    ledger: &crate::ledger::Ledger,
+    organization_id: Uuid,
+    altered: &[AlteredEntry],
+    found: &mut impl FnMut(Option<usize>, String),
+) -> Result<(), VerifyError> {
+    let id = organization_id.to_string();
+    for AlteredEntry { sequence, stored } in altered.iter().take(ALTERED_ENTRIES_NAMED) {
+        let at = *sequence as usize;
+        let event = read_twice(ledger.database(), || {
+            ledger.events_after_as_stored(organization_id, at - 1, 1)
+        })
+        .await?
+        .ok()
+        .and_then(|events| events.into_iter().find(|event| event.sequence == at));
+        let columns = match event {
+            Some(event) => {
+                let (expected, timed) = expected_entry(&id, &event);
+                differing_columns(stored, &expected, timed).join(", ")
+            }
+            // Gone since the replay read it: named without its columns.
+            None => "columns not compared again".to_owned(),
+        };
+        found(
+            Some(at),
+            format!("its audit entry for event {at} is not the one its event makes ({columns})"),
+        );
+    }
+    if altered.len() > ALTERED_ENTRIES_NAMED {
+        found(
+            None,
+            format!(
+                "and {} more of its audit entries are not the ones their events make",
+                altered.len() - ALTERED_ENTRIES_NAMED
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn differing_columns(
+    stored: &StoredEntry,
+    expected: &StoredEntry,
+    timed: bool,
+) -> Vec<&'static str> {
+    let columns = [
+        (
+            "occurred_at",
+            timed && stored.occurred_at_us != expected.occurred_at_us,
+        ),
+        ("actor_type", stored.actor_type != expected.actor_type),
+        ("actor_id", stored.actor_id != expected.actor_id),
+        ("action", stored.action != expected.action),
+        (
+            "resource_type",
+            stored.resource_type != expected.resource_type,
+        ),
+        ("resource_id", stored.resource_id != expected.resource_id),
+        ("details", stored.details != expected.details),
+        ("request_id", stored.request_id != expected.request_id),
+        (
+            "search_folded",
+            stored.search_folded != expected.search_folded,
+        ),
+    ];
+    columns
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(column, _)| column)
+        .collect()
 }
 
 /// The rows `sql` reads (with `args`) from `projection`'s tables, or none when that read

@@ -56,6 +56,7 @@ on_both_backends!(
     an_import_beside_commands_on_one_organization_lands_with_them,
     verify_passes_a_history_that_holds_together,
     verify_finds_invitations_and_groups_that_differ_from_the_history,
+    verify_names_audit_entries_that_are_not_the_ones_their_events_make,
     verify_names_every_organization_holding_a_slug_another_holds,
     verify_names_every_tampering_with_its_organization_and_event,
     verify_compares_each_kept_snapshot_with_the_replay_where_it_stands,
@@ -2592,6 +2593,63 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
     );
 }
 
+/// Every audit entry is compared, column by column, with the one its event makes: an entry
+/// rewritten in place (who acted, what was done, when) is named with the columns that
+/// differ, not their values.
+async fn verify_names_audit_entries_that_are_not_the_ones_their_events_make(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = organization_with_invitations_and_groups(&service.ledger).await;
+    service.catch_up().await;
+    let clean = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+    assert_eq!(clean.findings, [], "{clean:?}");
+    let db = service.db();
+    let entry =
+        |sequence: u32| format!("WHERE organization_id = '{org}' AND sequence = {sequence}");
+    for sql in [
+        format!("UPDATE rm_audit_log SET actor_id = 'mallory' {}", entry(2)),
+        format!(
+            "UPDATE rm_audit_log SET occurred_at_us = occurred_at_us - 1000000 {}",
+            entry(3)
+        ),
+        format!(
+            "UPDATE rm_audit_log SET action = 'member.left', details = '{{}}' {}",
+            entry(5)
+        ),
+    ] {
+        assert_eq!(try_execute(db, &sql).await, Ok(1), "{sql}");
+    }
+
+    let report = orgledger::verify::verify(&service, Some(org), false)
+        .await
+        .unwrap();
+
+    let findings: Vec<(Option<usize>, &str)> = report
+        .findings
+        .iter()
+        .map(|finding| (finding.sequence, finding.problem.as_str()))
+        .collect();
+    assert_eq!(
+        findings,
+        [
+            (
+                Some(2),
+                "its audit entry for event 2 is not the one its event makes (actor_id)"
+            ),
+            (
+                Some(3),
+                "its audit entry for event 3 is not the one its event makes (occurred_at)"
+            ),
+            (
+                Some(5),
+                "its audit entry for event 5 is not the one its event makes (action, details)"
+            ),
+        ],
+        "{report:#?}"
+    );
+}
+
 async fn verify_names_every_tampering_with_its_organization_and_event(backend: Backend) {
     let service = spawn_service(backend).await;
     let ledger = &service.ledger;
@@ -2790,8 +2848,10 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
         (postdated.to_string(), at(postdated_last)),
         (postdated.to_string(), None),
         // Its last event read back as the one before, and its owner's joining gone: the
-        // members read model, which applied the events as written, differs from the history.
+        // members read model, which applied the events as written, differs from the history;
+        // so does the audit entry written for the event as it was.
         (swapped.to_string(), None),
+        (swapped.to_string(), at(swapped_last)),
         (gapped.to_string(), None),
     ];
     expected.sort();
@@ -2817,7 +2877,12 @@ async fn verify_names_every_tampering_with_its_organization_and_event(backend: B
             "its MAC does not match it: it was altered, moved from elsewhere, or written \
           without the master key",
             "its members read model differs from its history: it holds [sia as admin] where \
-             the events say [sia as viewer]"
+             the events say [sia as viewer]",
+            format!(
+                "its audit entry for event {swapped_last} is not the one its event makes \
+                 (details)"
+            )
+            .as_str()
         ]
     );
     assert_eq!(

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 
 use crate::cursor::{contains_pattern, fold, paginate, prefix_pattern, Cursor, CursorError, List};
 use crate::db::{index, unique_index, Arg, Backend, Conn, Database, Index};
-use crate::feed::RecordedEvent;
+use crate::feed::{EventMetadata, RecordedEvent};
 use crate::invitations::ActorView;
 use crate::projector::Projection;
 use crate::{args, ceil_micros, from_micros, to_micros, Page};
@@ -466,28 +466,96 @@ type Pending<'e> = (usize, uuid::Uuid, &'e RecordedEvent);
 /// The entry of a pending event, in [`COLUMNS`] order. A function rather than a closure:
 /// rows are made lazily inside the `Send` future of `append_rows`.
 fn entry((_, organization, event): &Pending<'_>) -> Vec<Arg> {
-    let org = event.organization_id.as_str();
-    let description = describe(org, &event.event);
-    let details = description.details.to_string();
-    let folded = search_folded(
-        description.action,
-        &description.resource_id,
-        event.actor_id(),
-        &details,
+    let entry = StoredEntry::of(
+        &event.organization_id,
+        event.sequence,
+        &event.event,
+        &event.metadata,
+        event.occurred_at,
     );
     Vec::from(args![
         *organization,
-        event.sequence,
-        to_micros(event.occurred_at),
-        event.actor_type(),
-        event.actor_id(),
-        description.action,
-        description.resource_type,
-        description.resource_id,
-        details,
-        event.metadata.request_id.clone(),
-        folded
+        entry.sequence,
+        entry.occurred_at_us,
+        entry.actor_type,
+        entry.actor_id,
+        entry.action,
+        entry.resource_type,
+        entry.resource_id,
+        entry.details,
+        entry.request_id,
+        entry.search_folded
     ])
+}
+
+/// An audit entry's columns but its organization's, as the table stores them.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredEntry {
+    pub sequence: i64,
+    pub occurred_at_us: i64,
+    pub actor_type: String,
+    pub actor_id: String,
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub details: String,
+    pub request_id: Option<String>,
+    pub search_folded: Option<String>,
+}
+
+impl StoredEntry {
+    /// The entry the projection writes for an event: the one place that decides it, so that
+    /// `orgledger verify` can recompute every entry from the log and compare.
+    pub fn of(
+        organization_id: &str,
+        sequence: i64,
+        event: &E,
+        metadata: &EventMetadata,
+        occurred_at: DateTime<Utc>,
+    ) -> Self {
+        let description = describe(organization_id, event);
+        let details = description.details.to_string();
+        let actor_id = metadata.actor_id();
+        let search_folded = search_folded(
+            description.action,
+            &description.resource_id,
+            actor_id,
+            &details,
+        );
+        Self {
+            sequence,
+            occurred_at_us: to_micros(occurred_at),
+            actor_type: metadata.actor_type().to_owned(),
+            actor_id: actor_id.to_owned(),
+            action: description.action.to_owned(),
+            resource_type: description.resource_type.to_owned(),
+            resource_id: description.resource_id,
+            details,
+            request_id: metadata.request_id.clone(),
+            search_folded,
+        }
+    }
+}
+
+/// Up to `limit` of the organization's stored entries after `after_sequence`, in sequence
+/// order, every column as stored: what `verify` compares with the entries the log makes.
+pub async fn stored_entries(
+    database: &Database,
+    organization_id: uuid::Uuid,
+    after_sequence: i64,
+    limit: usize,
+) -> Result<Vec<StoredEntry>, sqlx::Error> {
+    database
+        .fetch_all(
+            "SELECT sequence, occurred_at_us, actor_type, actor_id, action, resource_type,
+                    resource_id, details, request_id, search_folded
+               FROM rm_audit_log
+              WHERE organization_id = $1 AND sequence > $2
+              ORDER BY sequence
+              LIMIT $3",
+            &args![organization_id, after_sequence, limit as i64],
+        )
+        .await
 }
 
 /// What `q` searches in an entry, folded (`cursor::fold`), when it holds a letter beyond

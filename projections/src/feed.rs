@@ -41,6 +41,15 @@ pub struct EventMetadata {
 }
 
 impl EventMetadata {
+    /// Who acted: a user, a service account, or `system` when the metadata does not say.
+    pub fn actor_type(&self) -> &str {
+        self.actor_type.as_deref().unwrap_or("system")
+    }
+
+    pub fn actor_id(&self) -> &str {
+        self.actor_id.as_deref().unwrap_or("system")
+    }
+
     /// When the command behind the event was decided, or, failing that, `recorded_at`: when
     /// it was stored.
     pub fn occurred_at(&self, recorded_at: DateTime<Utc>) -> DateTime<Utc> {
@@ -53,11 +62,11 @@ impl EventMetadata {
 
 impl RecordedEvent {
     pub fn actor_type(&self) -> &str {
-        self.metadata.actor_type.as_deref().unwrap_or("system")
+        self.metadata.actor_type()
     }
 
     pub fn actor_id(&self) -> &str {
-        self.metadata.actor_id.as_deref().unwrap_or("system")
+        self.metadata.actor_id()
     }
 
     pub fn describe(&self) -> String {
