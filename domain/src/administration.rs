@@ -9,13 +9,13 @@ use crate::error::OrganizationError;
 use crate::events::*;
 use crate::organization::{Decision, Organization};
 
-/// A short display text: 1 to `max` characters, no control characters.
+/// A short display text: 1 to `max` characters, no control or text-direction characters.
 fn check_text(field: &str, value: &str, max: usize) -> Result<(), OrganizationError> {
     let length = value.trim().chars().count();
-    if length == 0 || length > max || value.chars().any(char::is_control) {
+    if length == 0 || length > max || value.chars().any(crate::values::is_hidden_control) {
         return Err(OrganizationError::validation(
             field,
-            &format!("must be 1 to {max} characters with no control characters"),
+            &format!("must be 1 to {max} characters with no control or text-direction characters"),
         ));
     }
     Ok(())

@@ -275,7 +275,8 @@ impl Organization {
     }
 }
 
-/// Names and titles: at most 200 characters, no control characters, not blank.
+/// Names and titles: at most 200 characters, no control or text-direction characters, not
+/// blank.
 pub(crate) fn validate_profile_text(
     field: &str,
     value: Option<&str>,
@@ -284,11 +285,12 @@ pub(crate) fn validate_profile_text(
         Some(text)
             if text.trim().is_empty()
                 || text.chars().count() > 200
-                || text.chars().any(char::is_control) =>
+                || text.chars().any(crate::values::is_hidden_control) =>
         {
             Err(OrganizationError::validation(
                 field,
-                "must be 1 to 200 characters with no control characters (null clears it)",
+                "must be 1 to 200 characters with no control or text-direction characters \
+                 (null clears it)",
             ))
         }
         _ => Ok(()),

@@ -39,6 +39,18 @@ impl Email {
     }
 }
 
+/// A control character, or one that reorders the text around it when shown (the Unicode
+/// bidirectional formatting characters): a display name holding an override can read as
+/// another name ("Trojan Source"). Right-to-left scripts need none of them. User ids are
+/// not judged by it: ids stored before are looked up, and acted under, as they are.
+pub(crate) fn is_hidden_control(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 /// A user id: opaque, chosen by the caller, 1 to 128 characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -91,10 +103,10 @@ impl OrganizationName {
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldError> {
         let name = raw.trim();
         let length = name.chars().count();
-        if !(1..=200).contains(&length) || name.chars().any(char::is_control) {
+        if !(1..=200).contains(&length) || name.chars().any(is_hidden_control) {
             return Err(FieldError::new(
                 field,
-                "must be 1 to 200 characters with no control characters",
+                "must be 1 to 200 characters with no control or text-direction characters",
             ));
         }
         Ok(Self(name.to_owned()))

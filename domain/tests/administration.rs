@@ -43,6 +43,34 @@ fn state_after(events: Vec<OrganizationEvent>) -> Organization {
     state
 }
 
+/// A text-direction override would let a group read as another name in every list.
+#[test]
+fn a_group_name_that_reorders_the_text_around_it_is_refused_and_right_to_left_ones_are_not() {
+    let create = |name: &str| {
+        OrganizationCommand::CreateGroup(CreateGroup {
+            group_id: id(1),
+            name: name.into(),
+            description: None,
+        })
+    };
+    for name in ["Admins\u{202E}sresU", "\u{2067}Payroll", "Ops\u{200F}"] {
+        let OrganizationError::Validation(problems) = error_of(acme(), by("adam", create(name)))
+        else {
+            panic!("{name:?}: a validation error expected")
+        };
+        assert_eq!(problems[0].field, "name", "{name:?}");
+        assert!(
+            problems[0].message.contains("text-direction"),
+            "{:?}",
+            problems[0].message
+        );
+    }
+    test()
+        .given(acme())
+        .when(by("adam", create("צוות תמיכה")))
+        .then_expect_events(vec![group_created(1, "צוות תמיכה")]);
+}
+
 #[test]
 fn an_admin_creates_a_group_and_names_are_unique() {
     let create = |n, name: &str| {

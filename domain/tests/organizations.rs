@@ -65,6 +65,31 @@ fn an_owner_name_with_a_control_character_is_refused_at_creation() {
     }
 }
 
+/// "Acme\u{202E}moc.live" shows as "Acmeevil.com" wherever the name is shown: names that
+/// reorder the text around them are refused; right-to-left names are not.
+#[test]
+fn an_organization_or_owner_name_that_reorders_the_text_around_it_is_refused() {
+    let refused = OrganizationName::parse("name", "Acme\u{202E}moc.live").unwrap_err();
+    assert_eq!(refused.field, "name");
+    assert!(refused.message.contains("text-direction"), "{refused:?}");
+    assert!(OrganizationName::parse("name", "Acme\u{2066}Inc\u{2069}").is_err());
+    assert_eq!(
+        OrganizationName::parse("name", "شركة أكمي")
+            .unwrap()
+            .as_str(),
+        "شركة أكمي"
+    );
+    let mut command = create(user("olivia"), "olivia");
+    let OrganizationCommand::CreateOrganization(create) = &mut command.body else {
+        unreachable!("a create command")
+    };
+    create.owner.last_name = Some("Smith\u{061C}".into());
+    let OrganizationError::Validation(problems) = error_of(vec![], command) else {
+        panic!("a validation error expected")
+    };
+    assert_eq!(problems[0].field, "owner.last_name");
+}
+
 #[test]
 fn an_organization_cannot_be_created_twice() {
     let error = error_of(acme(), create(user("olivia"), "olivia"));
