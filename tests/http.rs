@@ -3500,6 +3500,25 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(text.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Two media types for one body: whichever a proxy or the client meant, it is not said.
+    for types in [
+        ["application/json", "text/plain"],
+        ["text/plain", "application/json"],
+    ] {
+        let twice = app
+            .send(
+                app.request(Method::POST, &format!("{base}/invitations"), Some("olivia"))
+                    .header("content-type", types[0])
+                    .header("content-type", types[1])
+                    .body(r#"{"email": "two@types.example", "role": "member"}"#),
+            )
+            .await;
+        assert_problem(
+            &twice,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        );
+    }
     let no_body = app.call(Method::DELETE, &base, Some("olivia"), None).await;
     assert_problem(&no_body, StatusCode::BAD_REQUEST, "malformed_request");
     let huge = format!(

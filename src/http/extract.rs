@@ -24,19 +24,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let is_json = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| {
-                let mime = value
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase();
-                mime == "application/json" || mime.ends_with("+json")
-            });
+        // Exactly one Content-Type: of two, which one a proxy or the client meant is unsaid.
+        let mut media_types = request.headers().get_all(header::CONTENT_TYPE).iter();
+        let is_json = match (media_types.next(), media_types.next()) {
+            (Some(only), None) => only.to_str().ok(),
+            _ => None,
+        }
+        .is_some_and(|value| {
+            let mime = value
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            mime == "application/json" || mime.ends_with("+json")
+        });
         let bytes = body_bytes(request, state).await?;
         // No body at all is a body missing, as unparseable as an empty JSON text; a body in
         // another media type is refused as such.
@@ -49,7 +51,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
             return Err(ApiError::new(
                 axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send the body as Content-Type: application/json",
+                "send the body with one header Content-Type: application/json",
             ));
         }
         parse_json(&bytes).map(Json)
