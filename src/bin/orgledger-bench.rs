@@ -475,7 +475,7 @@ async fn run(url: &str, scale: &Scale, quick: bool, only: &[Section]) -> anyhow:
         let started = Instant::now();
         let verified = orgledger::verify::verify(&service, None, false).await?;
         let seconds = started.elapsed().as_secs_f64();
-        report.line(format!("not a target: `orgledger verify` of the whole log ({} events of {} organizations, each read, opened, replayed and its MAC checked; {} snapshots compared) in {seconds:.1} s = {:.0} events/s, {} findings",
+        report.line(format!("not a target: `orgledger verify` of the whole log ({} events of {} organizations, each read, opened, replayed, its MAC checked and its audit entry compared; {} snapshots compared) in {seconds:.1} s = {:.0} events/s, {} findings",
             verified.events, verified.organizations, verified.snapshots, verified.events as f64 / seconds, verified.findings.len()));
     }
 
