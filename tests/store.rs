@@ -2323,6 +2323,20 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         (0, 0, 1),
         "{older:?}"
     );
+    // Its key destroyed, a purged organization's tombstone is still compared: it holds no
+    // personal data.
+    let tombstone =
+        format!("UPDATE rm_audit_log SET actor_id = 'mallory' WHERE organization_id = '{purged}'");
+    assert_eq!(try_execute(service.db(), &tombstone).await, Ok(1));
+    let retold = orgledger::verify::verify(&service, Some(purged), false)
+        .await
+        .unwrap();
+    let problems: Vec<&str> = retold.findings.iter().map(|f| f.problem.as_str()).collect();
+    assert_eq!(problems.len(), 1, "{retold:?}");
+    assert!(
+        problems[0].ends_with("is not the one its event makes (actor_id)"),
+        "{problems:?}"
+    );
     let unknown = Uuid::now_v7();
     let refused = orgledger::verify::verify(&service, Some(unknown), false).await;
     assert!(
