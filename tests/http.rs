@@ -353,6 +353,8 @@ on_both_backends!(
     seats_hold_under_concurrent_invitations,
     custom_roles_grant_exactly_their_permissions,
     personal_organizations_are_one_per_user,
+    a_personal_organization_refusal_names_the_field_its_body_holds,
+    a_newcomer_whose_id_or_email_would_show_as_another_is_refused,
     a_removed_or_departed_member_loses_access_at_once,
     an_organization_whose_snapshots_no_longer_open_keeps_answering,
 );
@@ -1816,6 +1818,71 @@ async fn a_derived_slug_spells_the_name_in_ascii(backend: Backend) {
         slugs.push(created.body["slug"].as_str().unwrap().to_owned());
     }
     assert_eq!(slugs, ["cafe-societe", "lodz-unicode-co", "cafe-societe-2"]);
+}
+
+async fn a_personal_organization_refusal_names_the_field_its_body_holds(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let refused = app
+        .call(
+            Method::POST,
+            "/v1/users/pia/personal-organization",
+            None,
+            Some(json!({"email": "pia@example.com", "first_name": "Pi\u{7}a", "last_name": "Ok"})),
+        )
+        .await;
+    assert_problem(
+        &refused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    assert_eq!(
+        refused.body["errors"][0]["field"], "first_name",
+        "{}",
+        refused.body
+    );
+    assert!(
+        !refused.body["detail"].as_str().unwrap().contains("owner."),
+        "{}",
+        refused.body
+    );
+}
+
+/// An id or an address holding a text-direction character would show as another in every
+/// list and audit entry: refused as it enters an organization.
+async fn a_newcomer_whose_id_or_email_would_show_as_another_is_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let cases = [
+        (
+            "/v1/users/r%E2%80%AEx/personal-organization".to_owned(),
+            json!({"email": "r@example.com"}),
+            "user_id",
+        ),
+        (
+            "/v1/users/pia/personal-organization".to_owned(),
+            json!({"email": "ev\u{202E}li@example.com"}),
+            "email",
+        ),
+        (
+            "/v1/organizations".to_owned(),
+            json!({"name": "Bidi", "owner": {"user_id": "u\u{2066}x", "email": "u@example.com"}}),
+            "owner.user_id",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let refused = app.call(Method::POST, &path, None, Some(body)).await;
+        assert_problem(
+            &refused,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        );
+        assert_eq!(
+            refused.body["errors"][0]["field"], field,
+            "{}",
+            refused.body
+        );
+    }
+    let organizations = app.read("/v1/organizations?limit=500", None).await;
+    assert_eq!(organizations["items"], json!([]), "nothing was created");
 }
 
 async fn personal_organizations_are_one_per_user(backend: Backend) {

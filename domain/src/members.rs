@@ -168,7 +168,11 @@ fn patch(
 pub(crate) fn validate_url(field: &str, url: &str) -> Result<(), OrganizationError> {
     const SHAPE: &str = "must be an absolute http(s) URL with a host, of at most 2048 characters";
     let invalid = |message: &str| Err(OrganizationError::validation(field, message));
-    if url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if url.len() > 2048
+        || url
+            .chars()
+            .any(|c| c.is_whitespace() || crate::values::is_hidden_control(c))
+    {
         return invalid(SHAPE);
     }
     let Some((scheme, rest)) = url.split_once("://") else {

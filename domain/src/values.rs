@@ -27,7 +27,9 @@ impl Email {
             && !domain.starts_with('.')
             && !domain.ends_with('.')
             && !domain.contains("..")
-            && email.chars().all(|c| !c.is_whitespace() && !c.is_control());
+            && email
+                .chars()
+                .all(|c| !c.is_whitespace() && !is_hidden_control(c));
         if !well_formed {
             return Err(invalid("must be an email address such as ada@example.com"));
         }
@@ -41,8 +43,9 @@ impl Email {
 
 /// A control character, or one that reorders the text around it when shown (the Unicode
 /// bidirectional formatting characters): a display name holding an override can read as
-/// another name ("Trojan Source"). Right-to-left scripts need none of them. User ids are
-/// not judged by it: ids stored before are looked up, and acted under, as they are.
+/// another name ("Trojan Source"). Right-to-left scripts need none of them. Only a user id
+/// entering an organization is judged by it ([`UserId::parse_for_newcomer`]): ids held
+/// before are looked up, and acted under, as they are.
 pub(crate) fn is_hidden_control(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -78,6 +81,21 @@ impl UserId {
             return Err(FieldError::new(
                 field,
                 "must not begin or end with a space (an X-Actor-Id header cannot carry it)",
+            ));
+        }
+        Ok(id)
+    }
+
+    /// A user id entering an organization (its first owner, a member joining, a personal
+    /// organization's owner): as [`UserId::parse_for_actor`], and with no text-direction
+    /// character either, since the id is shown as the actor of every entry it makes. Ids
+    /// already held are not judged again: they still act and are looked up as they are.
+    pub fn parse_for_newcomer(field: &str, raw: &str) -> Result<Self, FieldError> {
+        let id = Self::parse_for_actor(field, raw)?;
+        if raw.chars().any(is_hidden_control) {
+            return Err(FieldError::new(
+                field,
+                "must not hold a text-direction character (it would show as another id)",
             ));
         }
         Ok(id)
@@ -255,6 +273,8 @@ mod tests {
             "ada@example",
             "a b@example.com",
             "ada@@x.io",
+            "ev\u{202E}li@example.com",
+            "ada@exa\u{2066}mple.com",
         ] {
             let error = Email::parse("email", bad).unwrap_err();
             assert_eq!(error.field, "email", "{bad}");
@@ -274,6 +294,20 @@ mod tests {
         for good in ["lead", "ada lovelace", "ü", &"x".repeat(128)] {
             assert!(UserId::parse_for_actor("user_id", good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn a_user_id_entering_an_organization_has_no_text_direction_character() {
+        for bad in ["r\u{202E}x", "\u{200F}mia", "ada\u{2069}"] {
+            let error = UserId::parse_for_newcomer("user_id", bad).unwrap_err();
+            assert_eq!(error.field, "user_id", "{bad:?}");
+            assert!(
+                UserId::parse_for_actor("X-Actor-Id", bad).is_ok(),
+                "{bad:?}, held before, still acts"
+            );
+        }
+        assert!(UserId::parse_for_newcomer("user_id", " lead").is_err());
+        assert!(UserId::parse_for_newcomer("user_id", "יעל").is_ok());
     }
 
     #[test]

@@ -177,6 +177,11 @@ fn malformed_logo_urls_and_timezones_are_validation_errors() {
         error_of(acme(), command(user("adam"), update(bad_logo))).code(),
         "validation_failed"
     );
+    // Shown beside the logo's address, an override would reorder what follows it.
+    assert_eq!(
+        error_of(acme(), logo("https://x.example/\u{202E}gnp.exe")).code(),
+        "validation_failed"
+    );
     let bad_zone = UpdateOrganization {
         timezone: Some("Mars Base; DROP".into()),
         ..Default::default()

@@ -80,6 +80,26 @@ impl ApiError {
         }])
     }
 
+    /// The same error with `prefix` taken off its fields' names: for a route whose body holds
+    /// at its top what the command nests (a personal organization's owner).
+    pub fn without_field_prefix(self, prefix: &str) -> Self {
+        if self.errors.is_empty() {
+            return self;
+        }
+        let errors = self
+            .errors
+            .into_iter()
+            .map(|problem| FieldProblem {
+                field: problem
+                    .field
+                    .strip_prefix(prefix)
+                    .map_or_else(|| problem.field.clone(), str::to_owned),
+                message: problem.message,
+            })
+            .collect();
+        Self::validation(errors)
+    }
+
     pub fn malformed(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "malformed_request", detail)
     }

@@ -523,7 +523,7 @@ async fn personal_organization(
         _ => return Err(ApiError::forbidden()),
     }
     let mut problems = Problems::default();
-    let user_id = problems.check(UserId::parse_for_actor("user_id", &raw_user));
+    let user_id = problems.check(UserId::parse_for_newcomer("user_id", &raw_user));
     let email = problems.check(Email::parse("email", &request.email));
     problems.finish()?;
     let user_id = user_id.expect("checked");
@@ -551,10 +551,13 @@ async fn personal_organization(
             },
         }),
     );
+    // The domain names the owner's fields as a creation's (`owner.first_name`); this body
+    // holds them at its top.
     let (outcome, created) = state
         .service
         .personal_organization(command, &context)
-        .await?;
+        .await
+        .map_err(|error| ApiError::from(error).without_field_prefix("owner."))?;
     let status = if created {
         StatusCode::CREATED
     } else {
