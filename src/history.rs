@@ -190,7 +190,7 @@ fn occurred_at(event: &EventEnvelope<Organization>) -> Option<DateTime<Utc>> {
     occurred_at_in(&event.metadata)
 }
 
-pub(crate) fn occurred_at_in(metadata: &HashMap<String, String>) -> Option<DateTime<Utc>> {
+fn occurred_at_in(metadata: &HashMap<String, String>) -> Option<DateTime<Utc>> {
     let occurred = metadata.get("occurred_at")?;
     DateTime::parse_from_rfc3339(occurred)
         .ok()

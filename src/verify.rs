@@ -72,6 +72,28 @@ pub struct VerifyReport {
     pub findings: Vec<Finding>,
 }
 
+impl VerifyReport {
+    /// Adds one organization's counts and findings (`own`) to the whole run's.
+    fn absorb(&mut self, own: VerifyReport) {
+        // Every field named, so that a new one is not forgotten here.
+        let VerifyReport {
+            organizations: _,
+            events,
+            events_authenticated,
+            snapshots,
+            snapshots_not_compared,
+            read_models_checked: _,
+            events_not_yet_projected: _,
+            findings,
+        } = own;
+        self.events += events;
+        self.events_authenticated += events_authenticated;
+        self.snapshots += snapshots;
+        self.snapshots_not_compared += snapshots_not_compared;
+        self.findings.extend(findings);
+    }
+}
+
 /// Checks `only` one organization, or every organization in the log, their slugs' uniqueness
 /// and the read models.
 pub async fn verify(
@@ -146,11 +168,7 @@ pub async fn verify(
         if let Some((slug, organization_id)) = slug {
             slugs.entry(slug).or_default().push(organization_id);
         }
-        report.events += own.events;
-        report.events_authenticated += own.events_authenticated;
-        report.snapshots += own.snapshots;
-        report.snapshots_not_compared += own.snapshots_not_compared;
-        report.findings.extend(own.findings);
+        report.absorb(own);
         report.organizations += 1;
         bar.set_message(format!("{} events", report.events));
         bar.inc(1);
@@ -172,7 +190,7 @@ pub async fn verify(
         });
     }
     // The contract's slugs are unique among organizations not purged; renames racing could
-    // break that (ARCHITECTURE, slugs). The histories were replayed one after another while
+    // break that (ARCHITECTURE, slugs). The histories were replayed a few at a time while
     // the service may run: a pair is named only if their latest states still share the slug.
     for (slug, holders) in slugs.iter().filter(|(_, holders)| holders.len() > 1) {
         let mut still = Vec::with_capacity(holders.len());
@@ -318,7 +336,7 @@ async fn verify_organization(
         .filter(|at| Some(*at) != current)
         .collect();
     let mut state = Organization::default();
-    let mut entries = ExpectedEntries::new(organization_id);
+    let mut entries = ExpectedEntries::new(organization_id, keyed);
     let mut at_snapshot = None;
     // The first event that could not be read: the replay after it is not the history.
     let mut unreadable = None;
@@ -724,15 +742,18 @@ struct Replay<'r> {
     keyed: bool,
 }
 
-/// The audit entry each replayed event makes, kept as a fingerprint (17 bytes an event): an
-/// organization's history is never held whole.
+/// The audit entry each replayed event makes, kept as a fingerprint (24 bytes an event, an
+/// organization's events at most; their contents are never held).
 struct ExpectedEntries {
-    organization_id: String,
-    /// Random keys for this run: an entry altered to collide with its event's cannot be
-    /// prepared ahead.
+    organization_id: Uuid,
+    /// Random keys, drawn for each organization: an entry altered to collide with its
+    /// event's cannot be prepared ahead.
     hasher: std::hash::RandomState,
     /// By sequence, ascending.
     entries: Vec<ExpectedEntry>,
+    /// Without its key only a purge's tombstone, the last entry, can be compared: only the
+    /// latest is kept.
+    latest_only: bool,
 }
 
 struct ExpectedEntry {
@@ -750,16 +771,20 @@ struct AlteredEntry {
 }
 
 impl ExpectedEntries {
-    fn new(organization_id: Uuid) -> Self {
+    fn new(organization_id: Uuid, keyed: bool) -> Self {
         Self {
-            organization_id: organization_id.to_string(),
+            organization_id,
             hasher: std::hash::RandomState::new(),
             entries: Vec::new(),
+            latest_only: !keyed,
         }
     }
 
     fn push(&mut self, event: &cqrs_es::EventEnvelope<Organization>) {
-        let (entry, timed) = expected_entry(&self.organization_id, event);
+        let (entry, timed) = expected_entry(&self.organization_id.to_string(), event);
+        if self.latest_only {
+            self.entries.clear();
+        }
         self.entries.push(ExpectedEntry {
             sequence: entry.sequence,
             fingerprint: self.fingerprint(&entry, timed),
@@ -804,8 +829,7 @@ impl ExpectedEntries {
         database: &Database,
         purged: bool,
     ) -> Result<Vec<AlteredEntry>, VerifyError> {
-        let organization_id =
-            Uuid::parse_str(&self.organization_id).expect("made from a Uuid in `new`");
+        let organization_id = self.organization_id;
         let mut altered = Vec::new();
         let mut after = 0;
         loop {
@@ -855,7 +879,7 @@ fn expected_entry(
         occurred_at: read("occurred_at"),
         request_id: read("request_id"),
     };
-    let occurred_at = crate::history::occurred_at_in(&event.metadata);
+    let occurred_at = metadata.stated_occurred_at();
     let entry = StoredEntry::of(
         organization_id,
         event.sequence as i64,
@@ -916,25 +940,32 @@ fn differing_columns(
     expected: &StoredEntry,
     timed: bool,
 ) -> Vec<&'static str> {
+    // Every column named, so that a new one is compared here too.
+    let StoredEntry {
+        sequence: _,
+        occurred_at_us,
+        actor_type,
+        actor_id,
+        action,
+        resource_type,
+        resource_id,
+        details,
+        request_id,
+        search_folded,
+    } = stored;
     let columns = [
         (
             "occurred_at",
-            timed && stored.occurred_at_us != expected.occurred_at_us,
+            timed && *occurred_at_us != expected.occurred_at_us,
         ),
-        ("actor_type", stored.actor_type != expected.actor_type),
-        ("actor_id", stored.actor_id != expected.actor_id),
-        ("action", stored.action != expected.action),
-        (
-            "resource_type",
-            stored.resource_type != expected.resource_type,
-        ),
-        ("resource_id", stored.resource_id != expected.resource_id),
-        ("details", stored.details != expected.details),
-        ("request_id", stored.request_id != expected.request_id),
-        (
-            "search_folded",
-            stored.search_folded != expected.search_folded,
-        ),
+        ("actor_type", *actor_type != expected.actor_type),
+        ("actor_id", *actor_id != expected.actor_id),
+        ("action", *action != expected.action),
+        ("resource_type", *resource_type != expected.resource_type),
+        ("resource_id", *resource_id != expected.resource_id),
+        ("details", *details != expected.details),
+        ("request_id", *request_id != expected.request_id),
+        ("search_folded", *search_folded != expected.search_folded),
     ];
     columns
         .into_iter()
@@ -1094,5 +1125,78 @@ fn missing(first: usize, last: usize) -> String {
         format!("event {first} is missing")
     } else {
         format!("events {first} to {last} are missing")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use orgledger_domain::OrganizationRestored;
+
+    use super::*;
+
+    fn restored(metadata: &[(&str, &str)]) -> cqrs_es::EventEnvelope<Organization> {
+        cqrs_es::EventEnvelope {
+            aggregate_id: Uuid::nil().to_string(),
+            sequence: 7,
+            payload: OrganizationEvent::OrganizationRestored(OrganizationRestored {
+                restored_at: chrono::DateTime::UNIX_EPOCH,
+            }),
+            metadata: metadata
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect::<HashMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn an_entry_whose_event_names_no_moment_is_compared_without_its_time() {
+        let mut entries = ExpectedEntries::new(Uuid::nil(), true);
+        entries.push(&restored(&[("actor_id", "olivia"), ("actor_type", "user")]));
+        let expected = &entries.entries[0];
+        assert!(!expected.timed);
+        let (mut stored, _) = expected_entry(
+            &Uuid::nil().to_string(),
+            &restored(&[("actor_id", "olivia"), ("actor_type", "user")]),
+        );
+        // The projection took the time the event was recorded: not the metadata's to judge.
+        stored.occurred_at_us = 1_765_000_000_000_000;
+        assert_eq!(entries.fingerprint(&stored, false), expected.fingerprint);
+        stored.actor_id = "mallory".into();
+        assert_ne!(entries.fingerprint(&stored, false), expected.fingerprint);
+    }
+
+    #[test]
+    fn an_entry_whose_event_names_its_moment_is_compared_with_it() {
+        let moment = [
+            ("actor_id", "olivia"),
+            ("occurred_at", "2026-11-22T10:00:00.000001Z"),
+        ];
+        let mut entries = ExpectedEntries::new(Uuid::nil(), true);
+        entries.push(&restored(&moment));
+        let expected = &entries.entries[0];
+        assert!(expected.timed);
+        let (mut stored, _) = expected_entry(&Uuid::nil().to_string(), &restored(&moment));
+        assert_eq!(entries.fingerprint(&stored, true), expected.fingerprint);
+        stored.occurred_at_us -= 1;
+        assert_ne!(entries.fingerprint(&stored, true), expected.fingerprint);
+        assert_eq!(
+            differing_columns(
+                &stored,
+                &expected_entry("00000000-0000-0000-0000-000000000000", &restored(&moment)).0,
+                true
+            ),
+            ["occurred_at"]
+        );
+    }
+
+    #[test]
+    fn without_its_key_only_the_latest_entry_is_kept() {
+        let mut entries = ExpectedEntries::new(Uuid::nil(), false);
+        for _ in 0..3 {
+            entries.push(&restored(&[]));
+        }
+        assert_eq!(entries.entries.len(), 1);
     }
 }

@@ -1881,6 +1881,21 @@ async fn a_newcomer_whose_id_or_email_would_show_as_another_is_refused(backend: 
             refused.body
         );
     }
+    // Its own first owner, acting under such an id (a header carries it as UTF-8 bytes).
+    let actor = reqwest::header::HeaderValue::from_bytes("u\u{202E}x".as_bytes()).unwrap();
+    let own = app
+        .send(
+            app.request(Method::POST, "/v1/organizations", None)
+                .header("x-actor-id", actor)
+                .json(&json!({"name": "Mine"})),
+        )
+        .await;
+    assert_problem(&own, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(
+        own.body["errors"][0]["field"], "owner.user_id",
+        "{}",
+        own.body
+    );
     let organizations = app.read("/v1/organizations?limit=500", None).await;
     assert_eq!(organizations["items"], json!([]), "nothing was created");
 }
@@ -3586,6 +3601,22 @@ async fn bad_input_is_a_clear_4xx_and_appends_nothing(backend: Backend) {
             "unsupported_media_type",
         );
     }
+    // The same type repeated says one: taken (in an organization of its own, as this test
+    // counts what the first one's log holds).
+    let other = app.create_org("Other", "olivia").await;
+    let repeated = app
+        .send(
+            app.request(
+                Method::POST,
+                &format!("/v1/organizations/{other}/invitations"),
+                Some("olivia"),
+            )
+            .header("content-type", "application/json")
+            .header("content-type", "application/json")
+            .body(r#"{"email": "one@type.example", "role": "member"}"#),
+        )
+        .await;
+    assert_eq!(repeated.status, StatusCode::CREATED, "{}", repeated.body);
     let no_body = app.call(Method::DELETE, &base, Some("olivia"), None).await;
     assert_problem(&no_body, StatusCode::BAD_REQUEST, "malformed_request");
     let huge = format!(

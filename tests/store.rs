@@ -2662,6 +2662,62 @@ async fn verify_names_audit_entries_that_are_not_the_ones_their_events_make(back
         ],
         "{report:#?}"
     );
+
+    // Past ten altered entries, the rest are counted; organizations checked at once still
+    // report in the log's order.
+    let later = create_org(&service.ledger, "Later", "later", "lia")
+        .await
+        .organization_id;
+    service.catch_up().await;
+    let events = count(
+        db,
+        &format!("SELECT count(*) FROM rm_audit_log WHERE organization_id = '{org}'"),
+    )
+    .await;
+    assert!(events > 12, "{events}");
+    for sql in [
+        format!("UPDATE rm_audit_log SET request_id = 'forged' WHERE organization_id = '{org}'"),
+        format!("UPDATE rm_audit_log SET actor_id = 'mallory' WHERE organization_id = '{later}'"),
+    ] {
+        assert!(try_execute(db, &sql).await.unwrap() > 0, "{sql}");
+    }
+    let whole = orgledger::verify::verify(&service, None, false)
+        .await
+        .unwrap();
+    let of = |organization: Uuid| -> Vec<&str> {
+        whole
+            .findings
+            .iter()
+            .filter(|f| f.organization_id == Some(organization.to_string()))
+            .map(|f| f.problem.as_str())
+            .collect()
+    };
+    let mine = of(org);
+    assert_eq!(mine.len(), 11, "{whole:#?}");
+    assert!(
+        mine[..10].iter().all(|p| p.contains("request_id)")),
+        "{mine:?}"
+    );
+    assert_eq!(
+        mine[10],
+        format!(
+            "and {} more of its audit entries are not the ones their events make",
+            events - 10
+        )
+    );
+    assert_eq!(of(later).len(), 2, "{whole:#?}");
+    let order: Vec<Option<String>> = whole
+        .findings
+        .iter()
+        .map(|f| f.organization_id.clone())
+        .collect();
+    let mut grouped = order.clone();
+    grouped.dedup();
+    assert_eq!(
+        grouped,
+        [Some(org.to_string()), Some(later.to_string())],
+        "{order:?}"
+    );
 }
 
 async fn verify_names_every_tampering_with_its_organization_and_event(backend: Backend) {

@@ -168,7 +168,8 @@ impl Organization {
     fn update_group(&self, actor: &Actor, c: &UpdateGroup) -> Decision {
         self.authorize(actor, Permission::ManageGroups)?;
         let group = self.group(c.group_id)?;
-        if let Some(name) = &c.name {
+        // Only new values are judged: one held before, sent back unchanged, is no change.
+        if let Some(name) = c.name.as_ref().filter(|name| name.trim() != group.name) {
             check_text("name", name, 100)?;
             let taken = self.groups.iter().any(|(id, other)| {
                 *id != c.group_id && other.name.eq_ignore_ascii_case(name.trim())
@@ -178,7 +179,9 @@ impl Organization {
             }
         }
         if let Some(Some(description)) = &c.description {
-            check_text("description", description, 500)?;
+            if group.description.as_ref() != Some(description) {
+                check_text("description", description, 500)?;
+            }
         }
         let name = c
             .name

@@ -160,6 +160,7 @@ impl Organization {
             self.ensure_no_pending_invitation(email, at, Some(*invitation_id))
                 .map_err(|_| OrganizationError::OwnInvitationPending)?;
         }
+        crate::values::refuse_reordering("user_id", c.user_id.as_str())?;
         validate_profile_text("first_name", c.first_name.as_deref())?;
         validate_profile_text("last_name", c.last_name.as_deref())?;
         // Names and title given on the invitation become managed, locked values.

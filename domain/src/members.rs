@@ -76,15 +76,17 @@ impl Organization {
                 return Err(OrganizationError::LastOwner);
             }
         }
-        for (field, value) in [
-            ("first_name", &c.first_name),
-            ("last_name", &c.last_name),
-            ("title", &c.title),
-        ] {
-            validate_profile_text(field, value.as_ref().and_then(|v| v.as_deref()))?;
-        }
         // Only a new value is judged: one stored under older rules, sent back unchanged with
         // the rest of a profile, is no change.
+        for (field, value, held) in [
+            ("first_name", &c.first_name, &target.first_name),
+            ("last_name", &c.last_name, &target.last_name),
+            ("title", &c.title, &target.title),
+        ] {
+            if let Some(value) = value.as_ref().filter(|value| *value != held) {
+                validate_profile_text(field, value.as_deref())?;
+            }
+        }
         if let Some(Some(url)) = &c.image_url {
             if target.image_url.as_ref() != Some(url) {
                 validate_url("image_url", url)?;

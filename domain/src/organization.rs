@@ -18,6 +18,7 @@ use crate::commands::{
 use crate::error::OrganizationError;
 use crate::events::*;
 use crate::invitations::validate_profile_text;
+use crate::values::refuse_reordering;
 use crate::values::{LockedField, UserId};
 
 /// Days a soft-deleted organization can still be restored.
@@ -754,6 +755,8 @@ impl Organization {
             }
             Actor::ServiceAccount(_) => return Err(OrganizationError::PermissionDenied),
         }
+        refuse_reordering("name", c.name.as_str())?;
+        refuse_reordering("owner.user_id", c.owner.user_id.as_str())?;
         validate_profile_text("owner.first_name", c.owner.first_name.as_deref())?;
         validate_profile_text("owner.last_name", c.owner.last_name.as_deref())?;
         Ok(vec![
@@ -796,6 +799,10 @@ impl Organization {
         }
         if let Some(timezone) = &c.timezone {
             validate_timezone_shape(timezone)?;
+        }
+        // Only a new name is judged: one held before, sent back unchanged, is no change.
+        if let Some(name) = c.name.as_ref().filter(|name| name.as_str() != self.name) {
+            refuse_reordering("name", name.as_str())?;
         }
         let settings = &self.settings;
         let update = OrganizationUpdated {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::FieldError;
+use crate::error::{FieldError, OrganizationError};
 
 /// An email address, trimmed and lower-cased: emails compare case-insensitively.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -42,16 +42,25 @@ impl Email {
 }
 
 /// A control character, or one that reorders the text around it when shown (the Unicode
-/// bidirectional formatting characters): a display name holding an override can read as
-/// another name ("Trojan Source"). Right-to-left scripts need none of them. Only a user id
-/// entering an organization is judged by it ([`UserId::parse_for_newcomer`]): ids held
-/// before are looked up, and acted under, as they are.
+/// embeddings, overrides and isolates): "Acme\u{202E}moc.live" shows as "Acmeevil.com"
+/// ("Trojan Source"). The direction marks (U+200E, U+200F, U+061C), which mixed-direction
+/// names use and which move no letters, are not among them.
 pub(crate) fn is_hidden_control(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
-        )
+    c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Refuses a new value that reorders the text around it when shown, for values whose parse
+/// cannot refuse it because values already held are parsed alike (user ids, organization
+/// names): judged only as they enter.
+pub(crate) fn refuse_reordering(field: &str, value: &str) -> Result<(), OrganizationError> {
+    if value.chars().any(is_hidden_control) {
+        return Err(OrganizationError::validation(
+            field,
+            "must not hold a text-direction override or isolate (U+202A to U+202E, U+2066 to \
+             U+2069): it would show as other text",
+        ));
+    }
+    Ok(())
 }
 
 /// A user id: opaque, chosen by the caller, 1 to 128 characters.
@@ -86,21 +95,6 @@ impl UserId {
         Ok(id)
     }
 
-    /// A user id entering an organization (its first owner, a member joining, a personal
-    /// organization's owner): as [`UserId::parse_for_actor`], and with no text-direction
-    /// character either, since the id is shown as the actor of every entry it makes. Ids
-    /// already held are not judged again: they still act and are looked up as they are.
-    pub fn parse_for_newcomer(field: &str, raw: &str) -> Result<Self, FieldError> {
-        let id = Self::parse_for_actor(field, raw)?;
-        if raw.chars().any(is_hidden_control) {
-            return Err(FieldError::new(
-                field,
-                "must not hold a text-direction character (it would show as another id)",
-            ));
-        }
-        Ok(id)
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -121,10 +115,10 @@ impl OrganizationName {
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldError> {
         let name = raw.trim();
         let length = name.chars().count();
-        if !(1..=200).contains(&length) || name.chars().any(is_hidden_control) {
+        if !(1..=200).contains(&length) || name.chars().any(char::is_control) {
             return Err(FieldError::new(
                 field,
-                "must be 1 to 200 characters with no control or text-direction characters",
+                "must be 1 to 200 characters with no control characters",
             ));
         }
         Ok(Self(name.to_owned()))
@@ -297,17 +291,17 @@ mod tests {
     }
 
     #[test]
-    fn a_user_id_entering_an_organization_has_no_text_direction_character() {
-        for bad in ["r\u{202E}x", "\u{200F}mia", "ada\u{2069}"] {
-            let error = UserId::parse_for_newcomer("user_id", bad).unwrap_err();
-            assert_eq!(error.field, "user_id", "{bad:?}");
-            assert!(
-                UserId::parse_for_actor("X-Actor-Id", bad).is_ok(),
-                "{bad:?}, held before, still acts"
-            );
+    fn overrides_and_isolates_are_hidden_controls_and_direction_marks_are_not() {
+        for hidden in [
+            '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{0}', '\n',
+        ] {
+            assert!(is_hidden_control(hidden), "{hidden:?}");
         }
-        assert!(UserId::parse_for_newcomer("user_id", " lead").is_err());
-        assert!(UserId::parse_for_newcomer("user_id", "יעל").is_ok());
+        for shown in [
+            '\u{200E}', '\u{200F}', '\u{061C}', 'a', 'ש', '\u{2065}', '\u{202F}',
+        ] {
+            assert!(!is_hidden_control(shown), "{shown:?}");
+        }
     }
 
     #[test]

@@ -53,7 +53,7 @@ fn a_group_name_that_reorders_the_text_around_it_is_refused_and_right_to_left_on
             description: None,
         })
     };
-    for name in ["Admins\u{202E}sresU", "\u{2067}Payroll", "Ops\u{200F}"] {
+    for name in ["Admins\u{202E}sresU", "\u{2067}Payroll", "Ops\u{202A}"] {
         let OrganizationError::Validation(problems) = error_of(acme(), by("adam", create(name)))
         else {
             panic!("{name:?}: a validation error expected")
@@ -65,10 +65,11 @@ fn a_group_name_that_reorders_the_text_around_it_is_refused_and_right_to_left_on
             problems[0].message
         );
     }
+    // Right-to-left names, and the direction marks mixed-direction names use, are names.
     test()
         .given(acme())
-        .when(by("adam", create("צוות תמיכה")))
-        .then_expect_events(vec![group_created(1, "צוות תמיכה")]);
+        .when(by("adam", create("צוות תמיכה 2\u{200F}")))
+        .then_expect_events(vec![group_created(1, "צוות תמיכה 2\u{200F}")]);
 }
 
 #[test]

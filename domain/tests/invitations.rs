@@ -366,6 +366,21 @@ fn accepting_adds_the_member_with_the_invited_role() {
         ]);
 }
 
+/// The id becomes the actor of every entry the member makes: one that reorders the text
+/// around it would show as another.
+#[test]
+fn accepting_as_an_id_that_would_show_as_another_is_refused() {
+    let given = with(acme(), vec![sent(1, "nina@example.com", Role::Member)]);
+    let spoofing = "nina\u{202E}nimda";
+    let OrganizationError::Validation(problems) = error_of(
+        given,
+        accept_cmd(spoofing, 1, accept("hash-1", spoofing, "nina@example.com")),
+    ) else {
+        panic!("a validation error expected")
+    };
+    assert_eq!(problems[0].field, "user_id");
+}
+
 #[test]
 fn names_and_title_given_on_the_invitation_become_locked_profile_fields() {
     let invitation = InvitationSent {

@@ -137,6 +137,43 @@ fn an_admin_edits_a_profile_and_locks_fields_in_one_event() {
         )]);
 }
 
+/// A name held before the rule on text-direction characters, sent back unchanged with the
+/// rest of a profile, is no change; a new one is judged.
+#[test]
+fn only_new_profile_values_are_judged_for_text_direction_characters() {
+    let held = "Mia\u{202E}";
+    let mut given = acme();
+    given.push(OrganizationEvent::MemberProfileUpdated(
+        MemberProfileUpdated {
+            user_id: uid("mia"),
+            first_name: Some(Change {
+                from: None,
+                to: Some(held.into()),
+            }),
+            last_name: None,
+            title: None,
+            image_url: None,
+            locked_fields: None,
+        },
+    ));
+    let resent = UpdateMember {
+        first_name: Some(Some(held.into())),
+        ..UpdateMember::of(uid("mia"))
+    };
+    test()
+        .given(given.clone())
+        .when(patch("adam", resent))
+        .then_expect_events(vec![]);
+    let renamed = UpdateMember {
+        first_name: Some(Some("Ai\u{2067}m".into())),
+        ..UpdateMember::of(uid("mia"))
+    };
+    assert_eq!(
+        error_of(given, patch("adam", renamed)).code(),
+        "validation_failed"
+    );
+}
+
 fn mia_locked() -> Vec<OrganizationEvent> {
     let mut given = acme();
     given.push(OrganizationEvent::MemberProfileUpdated(

@@ -65,29 +65,95 @@ fn an_owner_name_with_a_control_character_is_refused_at_creation() {
     }
 }
 
-/// "Acme\u{202E}moc.live" shows as "Acmeevil.com" wherever the name is shown: names that
-/// reorder the text around them are refused; right-to-left names are not.
+/// "Acme\u{202E}moc.live" shows as "Acmeevil.com" wherever the name is shown: a new name,
+/// owner id or owner name that reorders the text around it is refused; right-to-left ones
+/// are not.
 #[test]
-fn an_organization_or_owner_name_that_reorders_the_text_around_it_is_refused() {
-    let refused = OrganizationName::parse("name", "Acme\u{202E}moc.live").unwrap_err();
-    assert_eq!(refused.field, "name");
-    assert!(refused.message.contains("text-direction"), "{refused:?}");
-    assert!(OrganizationName::parse("name", "Acme\u{2066}Inc\u{2069}").is_err());
+fn an_organization_or_owner_that_would_show_as_another_is_refused_at_creation() {
+    type Edit = dyn Fn(&mut CreateOrganization);
+    let creating = |change: &Edit| {
+        let mut command = create(Actor::System, "olivia");
+        let OrganizationCommand::CreateOrganization(create) = &mut command.body else {
+            unreachable!("a create command")
+        };
+        change(create);
+        command
+    };
+    let refusals: [(&Edit, &str); 3] = [
+        (
+            &|c| c.name = OrganizationName::parse("name", "Acme\u{202E}moc.live").unwrap(),
+            "name",
+        ),
+        (&|c| c.owner.user_id = uid("r\u{2066}x"), "owner.user_id"),
+        (
+            &|c| c.owner.last_name = Some("Smith\u{202D}".into()),
+            "owner.last_name",
+        ),
+    ];
+    for (change, field) in refusals {
+        let OrganizationError::Validation(problems) = error_of(vec![], creating(change)) else {
+            panic!("{field}: a validation error expected")
+        };
+        assert_eq!(problems[0].field, field);
+        assert!(
+            problems[0].message.contains("text-direction"),
+            "{problems:?}"
+        );
+    }
+    let arabic = creating(&|c| {
+        c.name = OrganizationName::parse("name", "شركة أكمي").unwrap();
+        c.owner.last_name = Some("O\u{200F}".into());
+    });
+    let (
+        OrganizationEvent::OrganizationCreated(mut created),
+        OrganizationEvent::MemberJoined(mut owner),
+    ) = (created(), joined("olivia", Role::Owner))
+    else {
+        unreachable!("a creation and a joining")
+    };
+    created.name = "شركة أكمي".into();
+    owner.last_name = Some("O\u{200F}".into());
+    test()
+        .given_no_previous_events()
+        .when(arabic)
+        .then_expect_events(vec![
+            OrganizationEvent::OrganizationCreated(created),
+            OrganizationEvent::MemberJoined(owner),
+        ]);
+}
+
+/// A name held before the rule, sent back unchanged (a client PATCHing the whole
+/// organization), is no change; a new one is judged.
+#[test]
+fn only_a_new_organization_name_is_judged_for_text_direction_characters() {
+    let held = "Old\u{202E}Name";
+    let mut history = acme();
+    history.push(OrganizationEvent::OrganizationUpdated(
+        OrganizationUpdated {
+            name: Some(Change {
+                from: "Acme".into(),
+                to: held.into(),
+            }),
+            ..Default::default()
+        },
+    ));
+    let rename = |name: &str| {
+        command(
+            user("olivia"),
+            update(UpdateOrganization {
+                name: Some(OrganizationName::parse("name", name).unwrap()),
+                ..Default::default()
+            }),
+        )
+    };
+    test()
+        .given(history.clone())
+        .when(rename(held))
+        .then_expect_events(vec![]);
     assert_eq!(
-        OrganizationName::parse("name", "شركة أكمي")
-            .unwrap()
-            .as_str(),
-        "شركة أكمي"
+        error_of(history, rename("New\u{202E}Name")).code(),
+        "validation_failed"
     );
-    let mut command = create(user("olivia"), "olivia");
-    let OrganizationCommand::CreateOrganization(create) = &mut command.body else {
-        unreachable!("a create command")
-    };
-    create.owner.last_name = Some("Smith\u{061C}".into());
-    let OrganizationError::Validation(problems) = error_of(vec![], command) else {
-        panic!("a validation error expected")
-    };
-    assert_eq!(problems[0].field, "owner.last_name");
 }
 
 #[test]

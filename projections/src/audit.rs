@@ -505,7 +505,10 @@ pub struct StoredEntry {
 
 impl StoredEntry {
     /// The entry the projection writes for an event: the one place that decides it, so that
-    /// `orgledger verify` can recompute every entry from the log and compare.
+    /// `orgledger verify` can recompute every entry from the log and compare. Whatever
+    /// changes what it gives for an event already stored must raise the projection's
+    /// `schema_version` (the entries are then rebuilt), or verify reports every older entry
+    /// as altered.
     pub fn of(
         organization_id: &str,
         sequence: i64,

@@ -53,10 +53,16 @@ impl EventMetadata {
     /// When the command behind the event was decided, or, failing that, `recorded_at`: when
     /// it was stored.
     pub fn occurred_at(&self, recorded_at: DateTime<Utc>) -> DateTime<Utc> {
+        self.stated_occurred_at().unwrap_or(recorded_at)
+    }
+
+    /// When the command behind the event was decided, if the metadata says (and says it as
+    /// RFC 3339).
+    pub fn stated_occurred_at(&self) -> Option<DateTime<Utc>> {
         self.occurred_at
             .as_deref()
             .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
-            .map_or(recorded_at, |at| at.with_timezone(&Utc))
+            .map(|at| at.with_timezone(&Utc))
     }
 }
 

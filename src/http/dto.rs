@@ -607,7 +607,7 @@ impl TryFrom<CreateOrganizationRequest> for NewOrganization {
         let owner = match request.owner {
             Some(owner) => {
                 let user_id =
-                    problems.check(UserId::parse_for_newcomer("owner.user_id", &owner.user_id));
+                    problems.check(UserId::parse_for_actor("owner.user_id", &owner.user_id));
                 let email = problems.check(Email::parse("owner.email", &owner.email));
                 user_id.zip(email).map(|(user_id, email)| {
                     Some((

@@ -24,21 +24,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        // Exactly one Content-Type: of two, which one a proxy or the client meant is unsaid.
+        // One media type: of two different ones, which a proxy or the client meant is unsaid
+        // (the same header repeated, as some proxies do, says one).
         let mut media_types = request.headers().get_all(header::CONTENT_TYPE).iter();
-        let is_json = match (media_types.next(), media_types.next()) {
-            (Some(only), None) => only.to_str().ok(),
-            _ => None,
-        }
-        .is_some_and(|value| {
-            let mime = value
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            mime == "application/json" || mime.ends_with("+json")
-        });
+        let first = media_types.next();
+        let is_json = first
+            .filter(|first| media_types.all(|other| other == *first))
+            .and_then(|only| only.to_str().ok())
+            .is_some_and(|value| {
+                let mime = value
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            });
         let bytes = body_bytes(request, state).await?;
         // No body at all is a body missing, as unparseable as an empty JSON text; a body in
         // another media type is refused as such.

@@ -257,7 +257,7 @@ async fn accept_invitation(
     Json(request): Json<AcceptInvitationRequest>,
 ) -> Result<Response, ApiError> {
     let mut problems = Problems::default();
-    let user_id = problems.check(UserId::parse_for_newcomer("user_id", &request.user_id));
+    let user_id = problems.check(UserId::parse_for_actor("user_id", &request.user_id));
     let email = problems.check(Email::parse("email", &request.email));
     if request.token.expose().is_empty() || request.token.expose().len() > 256 {
         problems.push("token", "must be the token of an invitation");

@@ -523,7 +523,7 @@ async fn personal_organization(
         _ => return Err(ApiError::forbidden()),
     }
     let mut problems = Problems::default();
-    let user_id = problems.check(UserId::parse_for_newcomer("user_id", &raw_user));
+    let user_id = problems.check(UserId::parse_for_actor("user_id", &raw_user));
     let email = problems.check(Email::parse("email", &request.email));
     problems.finish()?;
     let user_id = user_id.expect("checked");
