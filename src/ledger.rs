@@ -1072,8 +1072,14 @@ impl Ledger {
         });
         self.keys.destroy(&id).await?;
         orgledger_projections::with_pool!(&self.database, pool => {
-            sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = $1")
-                .bind(&id)
+            // Erased, not deleted: a retry under a key stays answered (`404`) for its 24 hours
+            // instead of running again, which would create a purged creation anew.
+            sqlx::query(
+                "UPDATE idempotency_keys
+                    SET body = NULL, content_type = NULL, etag = NULL, consistency = NULL
+                  WHERE organization_id = $1",
+            )
+            .bind(&id)
                 .execute(pool)
                 .await
                 .map_err(StoreError::from)?;

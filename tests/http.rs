@@ -353,6 +353,7 @@ on_both_backends!(
     seats_hold_under_concurrent_invitations,
     custom_roles_grant_exactly_their_permissions,
     personal_organizations_are_one_per_user,
+    a_keyed_creation_retried_after_its_organization_was_purged_creates_nothing,
     a_personal_organization_refusal_names_the_field_its_body_holds,
     a_newcomer_whose_id_or_email_would_show_as_another_is_refused,
     a_removed_or_departed_member_loses_access_at_once,
@@ -1898,6 +1899,71 @@ async fn a_newcomer_whose_id_or_email_would_show_as_another_is_refused(backend: 
     );
     let organizations = app.read("/v1/organizations?limit=500", None).await;
     assert_eq!(organizations["items"], json!([]), "nothing was created");
+}
+
+/// A retry under the key of a creation whose organization was purged since is told so: run
+/// again, it would bring back what its owner just erased.
+async fn a_keyed_creation_retried_after_its_organization_was_purged_creates_nothing(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
+    let create = || {
+        app.request(Method::POST, "/v1/organizations", Some("olivia"))
+            .header("Idempotency-Key", "create-once")
+            .json(&json!({"name": "Ephemeral"}))
+    };
+    let personal = || {
+        app.request(
+            Method::POST,
+            "/v1/users/olivia/personal-organization",
+            Some("olivia"),
+        )
+        .header("Idempotency-Key", "personal-once")
+        .json(&json!({"email": "olivia@example.com"}))
+    };
+    let mut created = Vec::new();
+    for request in [create(), personal()] {
+        let reply = app.send(request).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        created.push((
+            reply.body["id"].as_str().unwrap().to_owned(),
+            reply.body["name"].as_str().unwrap().to_owned(),
+        ));
+    }
+    for (id, name) in &created {
+        let path = format!("/v1/organizations/{id}");
+        let deleted = app
+            .call(
+                Method::DELETE,
+                &path,
+                Some("olivia"),
+                Some(json!({"confirm_name": name})),
+            )
+            .await;
+        assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+        let purged = app
+            .call(
+                Method::POST,
+                &format!("{path}/purge"),
+                Some("olivia"),
+                Some(json!({"confirm_name": name})),
+            )
+            .await;
+        assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    }
+    let logged = || async { app.service.ledger.organization_ids().await.unwrap().len() };
+    assert_eq!(logged().await, 2);
+    for request in [create(), personal()] {
+        let retried = app.send(request).await;
+        assert_problem(&retried, StatusCode::NOT_FOUND, "not_found");
+        assert_eq!(retried.headers["idempotent-replayed"], "true");
+        assert!(
+            retried.body["detail"].as_str().unwrap().contains("purged"),
+            "{}",
+            retried.body
+        );
+    }
+    assert_eq!(logged().await, 2, "nothing was created again");
 }
 
 async fn personal_organizations_are_one_per_user(backend: Backend) {

@@ -481,7 +481,7 @@ async fn lost_answer(
 /// Keeps the response under the key (see [`KeptResponses`]), if the claim is still
 /// `claim_id`'s and unanswered; false if it was not kept (or was kept by an attempt whose
 /// outcome a lost connection hid). A claim whose response was not kept because its
-/// organization's key is gone (purged meanwhile) is released.
+/// organization's key is gone (purged meanwhile) is answered as erased (see [`ERASE`]).
 async fn complete(
     responses: &KeptResponses,
     scope: &str,
@@ -492,9 +492,10 @@ async fn complete(
 ) -> Result<bool, Arc<sqlx::Error>> {
     let completion = Completion::of(parts, body);
     let organization = completion.organization.is_some();
+    let status = completion.status;
     let kept = responses.keep(scope, key, claim_id, completion).await?;
     if !kept && organization {
-        release(responses.database(), scope, key, claim_id).await?;
+        erase(responses.database(), scope, key, claim_id, status).await?;
     }
     Ok(kept)
 }
@@ -566,13 +567,14 @@ macro_rules! complete_on {
 mod kept;
 pub use kept::KeptResponses;
 
-/// Forgets the stored responses of organizations whose key is gone (purged): a purge
-/// interrupted between destroying the key and forgetting them is finished at start-up.
+/// Erases the stored responses of organizations whose key is gone (purged): a purge
+/// interrupted between destroying the key and erasing them is finished at start-up.
 pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
     Ok(orgledger_projections::with_pool!(database, pool => {
         sqlx::query(
-            "DELETE FROM idempotency_keys
-              WHERE organization_id IS NOT NULL
+            "UPDATE idempotency_keys
+                SET body = NULL, content_type = NULL, etag = NULL, consistency = NULL
+              WHERE organization_id IS NOT NULL AND body IS NOT NULL
                 AND NOT EXISTS (SELECT 1 FROM organization_keys
                                  WHERE organization_keys.organization_id
                                      = idempotency_keys.organization_id)",
@@ -581,6 +583,36 @@ pub async fn forget_purged(database: &Database) -> Result<u64, sqlx::Error> {
         .await?
         .rows_affected()
     }))
+}
+
+/// Answers the claim, if it is still `claim_id`'s and unanswered, as a response erased with
+/// its organization's purge: no body. The key stays taken for its 24 hours, so a retry is
+/// told so (`404`) rather than run again: a creation retried after its organization's purge
+/// must not create another.
+const ERASE: &str = "UPDATE idempotency_keys
+                        SET status = $4, completed_at_us = $5, body = NULL, content_type = NULL,
+                            etag = NULL, consistency = NULL
+                      WHERE scope = $1 AND key = $2 AND claim_id = $3 AND status IS NULL";
+
+/// Runs [`ERASE`].
+async fn erase(
+    database: &Database,
+    scope: &str,
+    key: &str,
+    claim_id: &str,
+    status: i64,
+) -> Result<(), sqlx::Error> {
+    orgledger_projections::with_pool!(database, pool => {
+        sqlx::query(ERASE)
+            .bind(scope)
+            .bind(key)
+            .bind(claim_id)
+            .bind(status)
+            .bind(to_micros(Utc::now()))
+            .execute(pool)
+            .await?;
+    });
+    Ok(())
 }
 
 /// Deletes the claim, if it is still `claim_id`'s and unanswered.
@@ -652,6 +684,19 @@ async fn replay(
                 )
                 .into_response(),
             );
+        }
+        if let (Some(_), None) = (stored.status, &stored.body) {
+            let mut erased = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the organization this request changed was purged since; its response went \
+                 with it",
+            )
+            .into_response();
+            erased
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return answer(erased);
         }
         if let Some(status) = stored.status {
             let body = match state
@@ -750,8 +795,11 @@ async fn take_over(
         let (parts, body) = lost_answer(applied_at).await;
         let completion = Completion::of(&parts, &keys.seal_blob(SEAL_PURPOSE, &body));
         if complete_on!(&mut *tx, scope, key, claim_id, completion) != 1 {
-            // Its organization was purged since: the key is released for the retry.
-            sqlx::query(RELEASE).bind(scope).bind(key).bind(claim_id).execute(&mut *tx).await?;
+            // Its organization was purged since: the answer is kept as erased.
+            sqlx::query(ERASE)
+                .bind(scope).bind(key).bind(claim_id).bind(i64::from(parts.status.as_u16()))
+                .bind(to_micros(Utc::now()))
+                .execute(&mut *tx).await?;
             tx.commit().await?;
             return Ok(None);
         }
@@ -1027,7 +1075,7 @@ mod tests {
 
     /// Kept at the same moment (one statement on PostgreSQL), each response has its own
     /// outcome: kept under its claim, or not kept when the claim is another's, already
-    /// answered, or its organization's key is gone (then the claim is released).
+    /// answered, or its organization's key is gone (then it is answered as erased).
     async fn responses_kept_together_are_kept_only_under_their_own_open_claim(postgres: bool) {
         let (_dir, database) = scratch_database(postgres).await;
         let live = Uuid::now_v7();
@@ -1132,7 +1180,12 @@ mod tests {
             assert_eq!(kept.status, Some(201), "{key}");
             assert_eq!(kept.body.as_deref(), Some(key.as_bytes()), "{key}");
         }
-        assert!(stored("purged").await.is_none(), "released for a retry");
+        let erased = stored("purged").await.expect("answered as erased");
+        assert_eq!(
+            (erased.status, erased.body),
+            (Some(201), None),
+            "a retry is told its organization was purged, not run again"
+        );
         let taken = stored("taken").await.expect("still claimed");
         assert_eq!(
             (taken.status, taken.claim_id.as_deref()),
