@@ -307,6 +307,7 @@ on_both_backends!(
     responses_keep_the_contracts_shapes,
     invitations_expire_after_the_organizations_default_and_a_resend_restarts_it,
     an_accepted_or_revoked_invitation_is_not_pending_to_resend_or_revoke,
+    revocations_racing_each_other_revoke_once_and_tell_the_rest_it_is_not_pending,
     bad_input_is_a_clear_4xx_and_appends_nothing,
     conflicts_are_refused_with_their_codes_and_append_nothing,
     a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_at,
@@ -2791,6 +2792,33 @@ async fn actors_are_authorized_by_their_role(backend: Backend) {
         )
         .await;
     assert_eq!(problem_code(&system_without_owner), "actor_required");
+}
+
+/// Revocations of one invitation sent at once: one revokes it; each of the others, whose
+/// command found it gone while the winner still waited for the read models, waits for them
+/// too and is told it is no longer pending, never the `404` of an id that never was.
+async fn revocations_racing_each_other_revoke_once_and_tell_the_rest_it_is_not_pending(
+    backend: Backend,
+) {
+    let app = Arc::new(spawn_app(backend).await);
+    let org = app.create_org("Acme", "olivia").await;
+    let invited = app
+        .invite(&org, "olivia", "zed@example.com", "viewer")
+        .await;
+    let id = invited["invitation"]["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/organizations/{org}/invitations/{id}");
+    let replies = app
+        .all_at_once((0..12).map(|_| (Method::DELETE, path.clone(), "olivia", json!({}))))
+        .await;
+    let mut revoked = 0;
+    for reply in &replies {
+        if reply.status == StatusCode::NO_CONTENT {
+            revoked += 1;
+        } else {
+            assert_problem(reply, StatusCode::CONFLICT, "invitation_not_pending");
+        }
+    }
+    assert_eq!(revoked, 1);
 }
 
 /// An invitation that was accepted or revoked is still listed, so resending or revoking it

@@ -197,9 +197,9 @@ async fn revoke_invitation(
 /// no longer holds as pending is `404` from the domain; one that was accepted or revoked,
 /// as its list shows, is `409 invitation_not_pending` instead. The domain refuses a caller
 /// without the permission first, so only those who may resend and revoke learn how an
-/// invitation ended. Best effort: where the list does not show the end yet (a command
-/// answered `X-Consistency: pending`, a revocation racing this one) or cannot be read, the
-/// answer stays `404`.
+/// invitation ended. The list is read once it shows the organization as the command found
+/// it (a revocation racing this one included), within the consistency wait; where it still
+/// does not, or cannot be read, the answer stays `404`.
 async fn execute_on_pending(
     state: &AppState,
     caller: Caller,
@@ -217,6 +217,23 @@ async fn execute_on_pending(
 async fn ended_or(state: &AppState, id: Uuid, invitation_id: Uuid, error: ApiError) -> ApiError {
     if error.status != StatusCode::NOT_FOUND {
         return error;
+    }
+    // The command that ended it may still be waiting for the read models itself (a revoke
+    // racing this one): the list is read once it shows the organization as this command
+    // found it, within the usual bound.
+    if let Ok((_, version)) = state.service.ledger.load(id).await {
+        let shown = state
+            .service
+            .projector
+            .wait_for(
+                &id.to_string(),
+                version as i64,
+                state.service.consistency_wait(),
+            )
+            .await;
+        if let Err(wait) = shown {
+            tracing::warn!(error = %wait, "could not wait for the invitations list");
+        }
     }
     let view = invitations::get(
         state.service.database(),
