@@ -793,33 +793,7 @@ impl ExpectedEntries {
     }
 
     fn fingerprint(&self, entry: &StoredEntry, timed: bool) -> u64 {
-        let StoredEntry {
-            sequence,
-            occurred_at_us,
-            actor_type,
-            actor_id,
-            action,
-            resource_type,
-            resource_id,
-            details,
-            request_id,
-            search_folded,
-        } = entry;
-        std::hash::BuildHasher::hash_one(
-            &self.hasher,
-            (
-                sequence,
-                timed.then_some(occurred_at_us),
-                actor_type,
-                actor_id,
-                action,
-                resource_type,
-                resource_id,
-                details,
-                request_id,
-                search_folded,
-            ),
-        )
+        std::hash::BuildHasher::hash_one(&self.hasher, compared_columns(entry, timed))
     }
 
     /// The stored entries (all of them, or only the purge's tombstone once `purged`) that
@@ -940,9 +914,26 @@ fn differing_columns(
     expected: &StoredEntry,
     timed: bool,
 ) -> Vec<&'static str> {
-    // Every column named, so that a new one is compared here too.
+    compared_columns(stored, timed)
+        .into_iter()
+        .zip(compared_columns(expected, timed))
+        .filter(|((_, held), (_, made))| held != made)
+        .map(|((column, _), _)| column)
+        .collect()
+}
+
+/// One column's value, as compared.
+#[derive(Debug, Hash, PartialEq, Eq)]
+enum Cell<'e> {
+    Number(Option<i64>),
+    Text(Option<&'e str>),
+}
+
+/// Every column of an entry `verify` compares, named: the time only where the event names
+/// it (`timed`). Every field is destructured, so that a new column is compared too.
+fn compared_columns(entry: &StoredEntry, timed: bool) -> [(&'static str, Cell<'_>); 10] {
     let StoredEntry {
-        sequence: _,
+        sequence,
         occurred_at_us,
         actor_type,
         actor_id,
@@ -952,26 +943,22 @@ fn differing_columns(
         details,
         request_id,
         search_folded,
-    } = stored;
-    let columns = [
+    } = entry;
+    [
+        ("sequence", Cell::Number(Some(*sequence))),
         (
             "occurred_at",
-            timed && *occurred_at_us != expected.occurred_at_us,
+            Cell::Number(timed.then_some(*occurred_at_us)),
         ),
-        ("actor_type", *actor_type != expected.actor_type),
-        ("actor_id", *actor_id != expected.actor_id),
-        ("action", *action != expected.action),
-        ("resource_type", *resource_type != expected.resource_type),
-        ("resource_id", *resource_id != expected.resource_id),
-        ("details", *details != expected.details),
-        ("request_id", *request_id != expected.request_id),
-        ("search_folded", *search_folded != expected.search_folded),
-    ];
-    columns
-        .into_iter()
-        .filter(|(_, differs)| *differs)
-        .map(|(column, _)| column)
-        .collect()
+        ("actor_type", Cell::Text(Some(actor_type))),
+        ("actor_id", Cell::Text(Some(actor_id))),
+        ("action", Cell::Text(Some(action))),
+        ("resource_type", Cell::Text(Some(resource_type))),
+        ("resource_id", Cell::Text(Some(resource_id))),
+        ("details", Cell::Text(Some(details))),
+        ("request_id", Cell::Text(request_id.as_deref())),
+        ("search_folded", Cell::Text(search_folded.as_deref())),
+    ]
 }
 
 /// The rows `sql` reads (with `args`) from `projection`'s tables, or none when that read

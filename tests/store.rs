@@ -2543,9 +2543,9 @@ async fn a_store_from_before_macs_has_its_events_vouched_for_and_nothing_written
     );
 }
 
-/// The pending invitations and the groups read models are compared with the history too:
-/// an invitation offering another role, a group that lost a member, are findings.
-async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backend: Backend) {
+/// A service holding [`organization_with_invitations_and_groups`], projected, which
+/// `verify` passes: the starting point of the read models' tamper tests.
+async fn an_organization_verify_passes(backend: Backend) -> (TestService, Uuid) {
     let service = spawn_service(backend).await;
     let org = organization_with_invitations_and_groups(&service.ledger).await;
     service.catch_up().await;
@@ -2553,6 +2553,13 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
         .await
         .unwrap();
     assert_eq!(clean.findings, [], "{clean:?}");
+    (service, org)
+}
+
+/// The pending invitations and the groups read models are compared with the history too:
+/// an invitation offering another role, a group that lost a member, are findings.
+async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backend: Backend) {
+    let (service, org) = an_organization_verify_passes(backend).await;
     let db = service.db();
     let pending = format!(
         "SELECT id FROM rm_invitations WHERE organization_id = '{org}' AND email IS NOT NULL \
@@ -2611,13 +2618,7 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
 /// rewritten in place (who acted, what was done, when) is named with the columns that
 /// differ, not their values.
 async fn verify_names_audit_entries_that_are_not_the_ones_their_events_make(backend: Backend) {
-    let service = spawn_service(backend).await;
-    let org = organization_with_invitations_and_groups(&service.ledger).await;
-    service.catch_up().await;
-    let clean = orgledger::verify::verify(&service, Some(org), false)
-        .await
-        .unwrap();
-    assert_eq!(clean.findings, [], "{clean:?}");
+    let (service, org) = an_organization_verify_passes(backend).await;
     let db = service.db();
     let entry =
         |sequence: u32| format!("WHERE organization_id = '{org}' AND sequence = {sequence}");
