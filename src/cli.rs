@@ -90,10 +90,10 @@ pub enum Commands {
     /// Check the stored history: every organization's events read back and replayed
     /// (sequences without gaps, personal data that opens under its key, upcasts that
     /// apply), each event's MAC and recording time, each snapshot against the replay, each
-    /// log's end against what the read models applied, each organization's members and
-    /// audit entries in the read models against its history, and the read models' recorded
-    /// failures. Exits 1 when
-    /// anything does not hold, 2 when it could not check. Writes nothing.
+    /// log's end against what the read models applied, each organization's members (roles
+    /// and profiles), pending invitations, groups and audit entries (column by column) in
+    /// the read models against its history, and the read models' recorded failures. Exits 1
+    /// when anything does not hold, 2 when it could not check. Writes nothing.
     Verify {
         #[command(flatten)]
         store: StoreConfig,

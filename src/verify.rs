@@ -9,7 +9,7 @@
 
 use cqrs_es::Aggregate;
 use futures::StreamExt;
-use orgledger_domain::{Lifecycle, Organization, OrganizationEvent};
+use orgledger_domain::{Lifecycle, Organization, OrganizationEvent, UserId};
 use orgledger_projections::audit::{self, StoredEntry};
 use orgledger_projections::{Database, EventMetadata};
 use serde::Serialize;
@@ -566,10 +566,10 @@ async fn verify_macs(
 
 /// Compares what the read models hold of the organization with its history, each where it
 /// stands at the organization's last event `last` (one that lags, or moved on while this
-/// ran, is not compared): its members and their roles; one audit entry for each of its
-/// events (only its purge's, once purged); its pending invitations and the role each
-/// offers; its groups, their names and members; and every audit entry, column by column,
-/// with the entry its event makes.
+/// ran, is not compared): its members, their roles and (where the replay opens them) their
+/// profiles; one audit entry for each of its events (only its purge's, once purged); its
+/// pending invitations and the role each offers; its groups, their names and members; and
+/// every audit entry, column by column, with the entry its event makes.
 async fn verify_read_models_of(
     ledger: &crate::ledger::Ledger,
     organization_id: Uuid,
@@ -608,11 +608,12 @@ async fn verify_read_models_of(
     }
     // Only the read models that stand at the last event are read: another's table is not
     // looked at, so it can neither fail this check nor be compared.
-    let members: Vec<(String, String)> = rows_if_at_last(
+    let members: Vec<HeldMember> = rows_if_at_last(
         database,
         &before,
         "members",
-        "SELECT user_id, role FROM rm_members WHERE organization_id = $1",
+        "SELECT user_id, role, email, first_name, last_name, title, image_url
+           FROM rm_members WHERE organization_id = $1",
         &args![id.as_str()],
     )
     .await?;
@@ -662,9 +663,42 @@ async fn verify_read_models_of(
     // Purge deletes an organization's rows from every read model but the audit log.
     let expected = |rows: Vec<String>| if purged { Vec::new() } else { rows };
     if compared("members") {
+        // Who holds which role, named; then each profile both hold, by its columns alone
+        // (their values are personal data), where the replay could open them.
+        if keyed {
+            for (user, _, email, first_name, last_name, title, image_url) in &members {
+                let Some(member) = UserId::parse("user_id", user)
+                    .ok()
+                    .and_then(|user| state.members.get(&user))
+                else {
+                    continue;
+                };
+                let columns: Vec<&str> = [
+                    ("email", *email == member.email),
+                    ("first_name", *first_name == member.first_name),
+                    ("last_name", *last_name == member.last_name),
+                    ("title", *title == member.title),
+                    ("image_url", *image_url == member.image_url),
+                ]
+                .into_iter()
+                .filter(|(_, same)| !same)
+                .map(|(column, _)| column)
+                .collect();
+                if !columns.is_empty() {
+                    found(
+                        None,
+                        format!(
+                            "its members read model holds a profile of {user} that differs \
+                             from its history ({})",
+                            columns.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
         let held = members
             .into_iter()
-            .map(|(user, role)| format!("{user} as {role}"))
+            .map(|(user, role, ..)| format!("{user} as {role}"))
             .collect();
         let events_say = expected(
             state
@@ -730,6 +764,18 @@ async fn verify_read_models_of(
     }
     Ok(())
 }
+
+/// A row of the members read model as compared: user, role, email, first and last name,
+/// title, image.
+type HeldMember = (
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
 
 /// What an organization's replay gives the comparison with its read models.
 struct Replay<'r> {

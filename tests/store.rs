@@ -2557,7 +2557,8 @@ async fn an_organization_verify_passes(backend: Backend) -> (TestService, Uuid) 
 }
 
 /// The pending invitations and the groups read models are compared with the history too:
-/// an invitation offering another role, a group that lost a member, are findings.
+/// an invitation offering another role, a group that lost a member, are findings; so is a
+/// member's profile rewritten in the members read model (named by its columns alone).
 async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backend: Backend) {
     let (service, org) = an_organization_verify_passes(backend).await;
     let db = service.db();
@@ -2570,6 +2571,10 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
     let pending = &pending[0].0;
     for sql in [
         format!("UPDATE rm_invitations SET role = 'admin' WHERE id = '{pending}'"),
+        format!(
+            "UPDATE rm_members SET email = 'mia@elsewhere.example', title = 'CEO' \
+              WHERE organization_id = '{org}' AND user_id = 'mia'"
+        ),
         format!(
             "UPDATE rm_groups SET member_ids = '[\"mia\", \"omar\"]' \
               WHERE organization_id = '{org}'"
@@ -2600,6 +2605,9 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
     assert_eq!(
         problems,
         [
+            "its members read model holds a profile of mia that differs from its history \
+             (email, title)"
+                .to_owned(),
             format!(
                 "its pending invitations read model differs from its history: it holds \
                  [{pending} for admin] where the events say [{pending} for viewer]"
