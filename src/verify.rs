@@ -173,7 +173,6 @@ pub async fn verify(
         bar.set_message(format!("{} events", report.events));
         bar.inc(1);
     }
-    drop(checks);
     bar.finish_and_clear();
     // An organization the read models know and the log does not: every event of it gone.
     let logged: std::collections::HashSet<&String> = organizations.iter().collect();
@@ -792,6 +791,8 @@ struct Replay<'r> {
 /// organization's events at most; their contents are never held).
 struct ExpectedEntries {
     organization_id: Uuid,
+    /// Its text, as the entries hold it: made once, not for every event.
+    organization: String,
     /// Random keys, drawn for each organization: an entry altered to collide with its
     /// event's cannot be prepared ahead.
     hasher: std::hash::RandomState,
@@ -810,16 +811,11 @@ struct ExpectedEntry {
     timed: bool,
 }
 
-/// The audit entry stored for an event that is not the one its event makes.
-struct AlteredEntry {
-    sequence: i64,
-    stored: StoredEntry,
-}
-
 impl ExpectedEntries {
     fn new(organization_id: Uuid, keyed: bool) -> Self {
         Self {
             organization_id,
+            organization: organization_id.to_string(),
             hasher: std::hash::RandomState::new(),
             entries: Vec::new(),
             latest_only: !keyed,
@@ -827,7 +823,7 @@ impl ExpectedEntries {
     }
 
     fn push(&mut self, event: &cqrs_es::EventEnvelope<Organization>) {
-        let (entry, timed) = expected_entry(&self.organization_id.to_string(), event);
+        let (entry, timed) = expected_entry(&self.organization, event);
         if self.latest_only {
             self.entries.clear();
         }
@@ -848,7 +844,7 @@ impl ExpectedEntries {
         &self,
         database: &Database,
         purged: bool,
-    ) -> Result<Vec<AlteredEntry>, VerifyError> {
+    ) -> Result<Vec<StoredEntry>, VerifyError> {
         let organization_id = self.organization_id;
         let mut altered = Vec::new();
         let mut after = 0;
@@ -874,10 +870,7 @@ impl ExpectedEntries {
                     continue;
                 }
                 if self.fingerprint(&stored, expected.timed) != expected.fingerprint {
-                    altered.push(AlteredEntry {
-                        sequence: stored.sequence,
-                        stored,
-                    });
+                    altered.push(stored);
                 }
             }
             if complete {
@@ -918,12 +911,12 @@ const ALTERED_ENTRIES_NAMED: usize = 10;
 async fn report_altered_entries(
     ledger: &crate::ledger::Ledger,
     organization_id: Uuid,
-    altered: &[AlteredEntry],
+    altered: &[StoredEntry],
     found: &mut impl FnMut(Option<usize>, String),
 ) -> Result<(), VerifyError> {
     let id = organization_id.to_string();
-    for AlteredEntry { sequence, stored } in altered.iter().take(ALTERED_ENTRIES_NAMED) {
-        let at = *sequence as usize;
+    for stored in altered.iter().take(ALTERED_ENTRIES_NAMED) {
+        let at = stored.sequence as usize;
         let event = read_twice(ledger.database(), || {
             ledger.events_after_as_stored(organization_id, at - 1, 1)
         })

@@ -72,6 +72,47 @@ fn a_group_name_that_reorders_the_text_around_it_is_refused_and_right_to_left_on
         .then_expect_events(vec![group_created(1, "צוות תמיכה 2\u{200F}")]);
 }
 
+/// A group named before the rule on text-direction characters, its name and description
+/// sent back unchanged (a client PUTting the whole group), is no change; a new one is judged.
+#[test]
+fn only_a_new_group_name_or_description_is_judged_for_text_direction_characters() {
+    let held = "Ops\u{202E}x";
+    let mut given = with(acme(), vec![group_created(1, held)]);
+    given.push(OrganizationEvent::GroupUpdated(GroupUpdated {
+        group_id: id(1),
+        name: None,
+        description: Some(Change {
+            from: None,
+            to: Some(held.into()),
+        }),
+    }));
+    let update = |name: &str, description: &str| {
+        by(
+            "adam",
+            OrganizationCommand::UpdateGroup(UpdateGroup {
+                group_id: id(1),
+                name: Some(name.into()),
+                description: Some(Some(description.into())),
+            }),
+        )
+    };
+    test()
+        .given(given.clone())
+        .when(update(held, held))
+        .then_expect_events(vec![]);
+    for (name, description, field) in [
+        ("Ops\u{2066}y", held, "name"),
+        (held, "\u{202D}z", "description"),
+    ] {
+        let OrganizationError::Validation(problems) =
+            error_of(given.clone(), update(name, description))
+        else {
+            panic!("{field}: a validation error expected")
+        };
+        assert_eq!(problems[0].field, field);
+    }
+}
+
 #[test]
 fn an_admin_creates_a_group_and_names_are_unique() {
     let create = |n, name: &str| {
