@@ -137,16 +137,16 @@ fn describe_metrics() {
         "orgledger_projection_failing",
         "1 while a projection's last batch failed, else 0."
     );
-    describe_gauge!(
-        "orgledger_projection_events_applied_here",
+    describe_counter!(
+        "orgledger_projection_events_applied_total",
         "Events a projection applied in this process since it started."
     );
-    describe_gauge!(
-        "orgledger_projection_batches_applied_here",
+    describe_counter!(
+        "orgledger_projection_batches_applied_total",
         "Batches a projection applied in this process since it started."
     );
-    describe_gauge!(
-        "orgledger_projection_failures_here",
+    describe_counter!(
+        "orgledger_projection_failures_total",
         "Failed batches of a projection in this process since it started."
     );
     describe_gauge!(

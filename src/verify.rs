@@ -7,10 +7,16 @@
 //! events make; the projections' recorded failures are reported.
 //! It only reads: `cli` opens the store without migrating or preparing anything.
 
+use std::collections::BTreeMap;
+
 use cqrs_es::Aggregate;
 use futures::StreamExt;
-use orgledger_domain::{Lifecycle, Organization, OrganizationEvent, UserId};
+use orgledger_domain::{Lifecycle, Organization, OrganizationEvent};
 use orgledger_projections::audit::{self, StoredEntry};
+use orgledger_projections::organizations::{
+    self, AiProviderView, CustomRoleView, IntBool, OrganizationView, SettingsView,
+};
+use orgledger_projections::service_accounts::{self, ServiceAccountView};
 use orgledger_projections::{Database, EventMetadata};
 use serde::Serialize;
 use uuid::Uuid;
@@ -590,7 +596,8 @@ async fn verify_read_models_of(
             .fetch_all(
                 "SELECT projection, version FROM projected_versions
                   WHERE organization_id = $1
-                    AND projection IN ('members', 'audit_log', 'invitations', 'groups')",
+                    AND projection IN ('members', 'audit_log', 'invitations', 'groups',
+                                       'organizations', 'service_accounts')",
                 &args![id.as_str()],
             )
             .await?;
@@ -611,7 +618,8 @@ async fn verify_read_models_of(
         database,
         &before,
         "members",
-        "SELECT user_id, role, email, first_name, last_name, title, image_url
+        "SELECT user_id, role, email, first_name, last_name, title, image_url, joined_at_us,
+                group_ids, locked_fields
            FROM rm_members WHERE organization_id = $1",
         &args![id.as_str()],
     )
@@ -625,22 +633,35 @@ async fn verify_read_models_of(
         &args![organization_id],
     )
     .await?;
-    let invitations: Vec<(String, String)> = rows_if_at_last(
+    let invitations: Vec<HeldInvitation> = rows_if_at_last(
         database,
         &before,
         "invitations",
-        "SELECT id, role FROM rm_invitations WHERE organization_id = $1 AND status = 'pending'",
+        "SELECT id, role, email, first_name, last_name, title, group_id, invited_by_type,
+                invited_by_id, sent_at_us, expires_at_us, max_uses, uses, token_sha256
+           FROM rm_invitations WHERE organization_id = $1 AND status = 'pending'",
         &args![id.as_str()],
     )
     .await?;
-    let groups: Vec<(String, String, String)> = rows_if_at_last(
+    let groups: Vec<(String, String, String, Option<String>, i64)> = rows_if_at_last(
         database,
         &before,
         "groups",
-        "SELECT id, name, member_ids FROM rm_groups WHERE organization_id = $1",
+        "SELECT id, name, member_ids, description, created_at_us FROM rm_groups
+          WHERE organization_id = $1",
         &args![id.as_str()],
     )
     .await?;
+    let settings = if before.contains("organizations") {
+        Some(HeldSettings::read(database, &id).await.map_err(failed)?)
+    } else {
+        None
+    };
+    let accounts = if before.contains("service_accounts") {
+        held_service_accounts(database, &id).await.map_err(failed)?
+    } else {
+        BTreeMap::new()
+    };
     // Its entries, column by column, only when there are as many as its history makes.
     let (count, first, latest) = entries.first().copied().unwrap_or((0, None, None));
     let purged = state.lifecycle == Lifecycle::Purged;
@@ -662,42 +683,21 @@ async fn verify_read_models_of(
     // Purge deletes an organization's rows from every read model but the audit log.
     let expected = |rows: Vec<String>| if purged { Vec::new() } else { rows };
     if compared("members") {
-        // Who holds which role, named; then each profile both hold, by its columns alone
-        // (their values are personal data), where the replay could open them.
-        if keyed {
-            for (user, _, email, first_name, last_name, title, image_url) in &members {
-                let Some(member) = UserId::parse("user_id", user)
-                    .ok()
-                    .and_then(|user| state.members.get(&user))
-                else {
-                    continue;
-                };
-                let columns: Vec<&str> = [
-                    ("email", *email == member.email),
-                    ("first_name", *first_name == member.first_name),
-                    ("last_name", *last_name == member.last_name),
-                    ("title", *title == member.title),
-                    ("image_url", *image_url == member.image_url),
-                ]
-                .into_iter()
-                .filter(|(_, same)| !same)
-                .map(|(column, _)| column)
-                .collect();
-                if !columns.is_empty() {
-                    found(
-                        None,
-                        format!(
-                            "its members read model holds a profile of {user} that differs \
-                             from its history ({})",
-                            columns.join(", ")
-                        ),
-                    );
-                }
-            }
-        }
+        // Who holds which role, named; then what else both sides hold of each member, by
+        // the fields that differ (a profile is personal data), its profile only where the
+        // replay could open it.
+        let held_fields = members
+            .iter()
+            .map(|member| (member.user_id.clone(), member.fields(keyed)))
+            .collect();
+        let expected_fields = state
+            .members
+            .iter()
+            .map(|(user, member)| (user.as_str().to_owned(), member_fields(member, keyed)))
+            .collect();
         let held = members
             .into_iter()
-            .map(|(user, role, ..)| format!("{user} as {role}"))
+            .map(|member| format!("{} as {}", member.user_id, member.role))
             .collect();
         let events_say = expected(
             state
@@ -707,11 +707,21 @@ async fn verify_read_models_of(
                 .collect(),
         );
         differs("members", held, events_say, found);
+        compare_shared_rows("members", held_fields, expected_fields, found);
     }
     if compared("invitations") {
+        let held_fields = invitations
+            .iter()
+            .map(|invitation| (invitation.id.clone(), invitation.fields(keyed)))
+            .collect();
+        let expected_fields = state
+            .invitations
+            .iter()
+            .map(|(id, invitation)| (id.to_string(), invitation_fields(invitation, keyed)))
+            .collect();
         let held = invitations
             .into_iter()
-            .map(|(id, role)| format!("{id} for {role}"))
+            .map(|invitation| format!("{} for {}", invitation.id, invitation.role))
             .collect();
         let events_say = expected(
             state
@@ -721,11 +731,33 @@ async fn verify_read_models_of(
                 .collect(),
         );
         differs("pending invitations", held, events_say, found);
+        compare_shared_rows("pending invitations", held_fields, expected_fields, found);
     }
     if compared("groups") {
+        let held_fields = groups
+            .iter()
+            .map(|(id, _, _, description, created_at_us)| {
+                let fields = serde_json::json!({
+                    "description": description,
+                    "created_at": created_at_us,
+                });
+                (id.clone(), fields)
+            })
+            .collect();
+        let expected_fields = state
+            .groups
+            .iter()
+            .map(|(id, group)| {
+                let fields = serde_json::json!({
+                    "description": group.description,
+                    "created_at": orgledger_projections::to_micros(group.created_at),
+                });
+                (id.to_string(), fields)
+            })
+            .collect();
         let held = groups
             .into_iter()
-            .map(|(id, name, member_ids)| {
+            .map(|(id, name, member_ids, ..)| {
                 let mut member_ids: Vec<String> =
                     serde_json::from_str(&member_ids).unwrap_or_else(|_| vec![member_ids]);
                 member_ids.sort();
@@ -744,6 +776,31 @@ async fn verify_read_models_of(
                 .collect(),
         );
         differs("groups", held, events_say, found);
+        compare_shared_rows("groups", held_fields, expected_fields, found);
+    }
+    if let (Some(held), true) = (settings, compared("organizations")) {
+        let expected = HeldSettings::of(state, &id, last);
+        compare_rows(
+            "organizations",
+            held.organization,
+            expected.organization,
+            found,
+        );
+        compare_rows(
+            "AI providers",
+            held.ai_providers,
+            expected.ai_providers,
+            found,
+        );
+        compare_rows("custom roles", held.roles, expected.roles, found);
+    }
+    if compared("service_accounts") {
+        compare_rows(
+            "service accounts",
+            accounts,
+            expected_service_accounts(state),
+            found,
+        );
     }
     if compared("audit_log") {
         if !whole {
@@ -764,17 +821,416 @@ async fn verify_read_models_of(
     Ok(())
 }
 
-/// A row of the members read model as compared: user, role, email, first and last name,
-/// title, image.
-type HeldMember = (
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// Rows of a read model by their id, each as JSON: compared field by field.
+type Rows = BTreeMap<String, serde_json::Value>;
+
+/// What the organizations read model holds for one organization: its directory row (its
+/// settings among them), its AI providers and its custom roles, as the API shows them.
+struct HeldSettings {
+    organization: Rows,
+    ai_providers: Rows,
+    roles: Rows,
+}
+
+impl HeldSettings {
+    async fn read(database: &Database, id: &str) -> Result<Self, sqlx::Error> {
+        let organization = organizations::get(database, id).await?;
+        let ai_providers = organizations::ai_providers(database, id).await?;
+        let roles = organizations::custom_roles(database, id).await?;
+        Ok(Self {
+            organization: rows(organization, |row| row.id.clone()),
+            ai_providers: rows(ai_providers, |provider| provider.id.clone()),
+            roles: rows(roles, |role| role.key.clone()),
+        })
+    }
+
+    /// The same, as the replayed `state` makes them: nothing once purged, or for a history
+    /// that never created its organization (an import).
+    fn of(state: &Organization, id: &str, last: usize) -> Self {
+        let (status, deleted_at, purge_after) = match &state.lifecycle {
+            Lifecycle::Active => ("active", None, None),
+            Lifecycle::Deleted {
+                deleted_at,
+                purge_after,
+            } => ("deleted", Some(*deleted_at), Some(*purge_after)),
+            Lifecycle::Unborn | Lifecycle::Purged => {
+                return Self {
+                    organization: Rows::new(),
+                    ai_providers: Rows::new(),
+                    roles: Rows::new(),
+                }
+            }
+        };
+        let organization = OrganizationView {
+            id: id.to_owned(),
+            name: state.name.clone(),
+            slug: state.slug.clone(),
+            kind: unit_name(&state.kind),
+            status: status.to_owned(),
+            created_at: stored_time(state.created_at.unwrap_or_default()),
+            deleted_at: deleted_at.map(stored_time),
+            purge_after: purge_after.map(stored_time),
+            member_count: state.members.len() as i64,
+            version: last as i64,
+            settings: SettingsView {
+                timezone: state.settings.timezone.clone(),
+                logo_url: state.settings.logo_url.clone(),
+                workflow_mode: unit_name(&state.settings.workflow_mode),
+                default_invite_expiry_days: i64::from(state.settings.default_invite_expiry_days),
+                client_restrictions: serde_json::to_value(&state.client_restrictions)
+                    .unwrap_or_default(),
+                smart_tool_routing: state.smart_tool_routing,
+                plan: state.plan.name.clone(),
+                seats: state.plan.seats.map(i64::from),
+            },
+        };
+        let ai_providers = state
+            .ai_providers
+            .iter()
+            .map(|(id, provider)| AiProviderView {
+                id: id.to_string(),
+                name: provider.name.clone(),
+                kind: provider.kind.clone(),
+                enabled: IntBool(provider.enabled),
+                api_key_last4: provider.api_key_last4.clone(),
+            });
+        let roles = state.roles.iter().map(|(key, role)| CustomRoleView {
+            key: key.clone(),
+            name: role.name.clone(),
+            permissions: role
+                .permissions
+                .iter()
+                .filter_map(|permission| permission.grantable_name())
+                .map(str::to_owned)
+                .collect(),
+        });
+        Self {
+            organization: rows([organization], |row| row.id.clone()),
+            ai_providers: rows(ai_providers, |provider| provider.id.clone()),
+            roles: rows(roles, |role| role.key.clone()),
+        }
+    }
+}
+
+/// The organization's service accounts as the API shows them, with each key's hash (never
+/// shown, but what a key is checked against).
+async fn held_service_accounts(database: &Database, id: &str) -> Result<Rows, sqlx::Error> {
+    use orgledger_projections::args;
+    let mut accounts = rows(service_accounts::list(database, id).await?, |account| {
+        account.id.clone()
+    });
+    let hashes: Vec<(String, String)> = database
+        .fetch_all(
+            "SELECT id, key_sha256 FROM rm_service_accounts WHERE organization_id = $1",
+            &args![id],
+        )
+        .await?;
+    for (account, hash) in hashes {
+        if let Some(serde_json::Value::Object(fields)) = accounts.get_mut(&account) {
+            fields.insert("key_sha256".to_owned(), hash.into());
+        }
+    }
+    Ok(accounts)
+}
+
+fn expected_service_accounts(state: &Organization) -> Rows {
+    if state.lifecycle == Lifecycle::Purged {
+        return Rows::new();
+    }
+    state
+        .service_accounts
+        .iter()
+        .map(|(id, account)| {
+            let view = ServiceAccountView {
+                id: id.to_string(),
+                name: account.name.clone(),
+                description: account.description.clone(),
+                scopes: account
+                    .scopes
+                    .iter()
+                    .map(|scope| scope.as_str().to_owned())
+                    .collect(),
+                key_prefix: account.key_prefix.clone(),
+                created_at: stored_time(account.created_at),
+                last_rotated_at: account.last_rotated_at.map(stored_time),
+            };
+            let mut fields = serde_json::to_value(view).unwrap_or_default();
+            if let serde_json::Value::Object(fields) = &mut fields {
+                fields.insert("key_sha256".to_owned(), account.key_sha256.clone().into());
+            }
+            (id.to_string(), fields)
+        })
+        .collect()
+}
+
+/// `items` as JSON by the id `id_of` gives each.
+fn rows<T: Serialize>(items: impl IntoIterator<Item = T>, id_of: impl Fn(&T) -> String) -> Rows {
+    items
+        .into_iter()
+        .map(|item| {
+            let id = id_of(&item);
+            (id, serde_json::to_value(item).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// A time as the read models store it: to the microsecond.
+fn stored_time(time: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    orgledger_projections::from_micros(orgledger_projections::to_micros(time))
+}
+
+/// A unit enum's name as stored (`Team` as `team`).
+fn unit_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        other => format!("{other:?}"),
+    }
+}
+
+/// Reports the rows of a read model (`what`) that only one side holds, by their ids, and
+/// those both hold that differ, by their ids and the fields that differ: not their values,
+/// which may be secrets' hashes.
+fn compare_rows(
+    what: &str,
+    held: Rows,
+    mut expected: Rows,
+    found: &mut impl FnMut(Option<usize>, String),
+) {
+    for (id, row) in held {
+        match expected.remove(&id) {
+            None => found(
+                None,
+                format!("its {what} read model holds {id}, which its history does not"),
+            ),
+            Some(expected) => {
+                let mut fields = Vec::new();
+                differing_fields(&row, &expected, "", &mut fields);
+                if !fields.is_empty() {
+                    found(
+                        None,
+                        format!(
+                            "its {what} read model holds {id} differing from its history ({})",
+                            fields.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    for id in expected.into_keys() {
+        found(
+            None,
+            format!("its {what} read model lacks {id}, which its history holds"),
+        );
+    }
+}
+
+/// Compares only the rows both sides hold: for a read model whose rows either side lacks
+/// are already named by another comparison.
+fn compare_shared_rows(
+    what: &str,
+    mut held: Rows,
+    mut expected: Rows,
+    found: &mut impl FnMut(Option<usize>, String),
+) {
+    held.retain(|id, _| expected.contains_key(id));
+    expected.retain(|id, _| held.contains_key(id));
+    compare_rows(what, held, expected, found);
+}
+
+/// The fields, by dotted path from `path`, in which `held` and `expected` differ.
+fn differing_fields(
+    held: &serde_json::Value,
+    expected: &serde_json::Value,
+    path: &str,
+    fields: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    let name = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match (held, expected) {
+        (Value::Object(held), Value::Object(expected)) => {
+            let keys: std::collections::BTreeSet<&String> =
+                held.keys().chain(expected.keys()).collect();
+            for key in keys {
+                match (held.get(key), expected.get(key)) {
+                    (Some(held), Some(expected)) => {
+                        differing_fields(held, expected, &name(key), fields)
+                    }
+                    _ => fields.push(name(key)),
+                }
+            }
+        }
+        (held, expected) if held != expected => fields.push(path.to_owned()),
+        _ => {}
+    }
+}
+
+/// A row of the members read model as compared.
+#[derive(sqlx::FromRow)]
+struct HeldMember {
+    user_id: String,
+    role: String,
+    email: String,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    title: Option<String>,
+    image_url: Option<String>,
+    joined_at_us: i64,
+    group_ids: String,
+    locked_fields: String,
+}
+
+impl HeldMember {
+    /// What is compared beside the role; the profile only when `keyed`.
+    fn fields(&self, keyed: bool) -> serde_json::Value {
+        let mut fields = serde_json::json!({
+            "joined_at": self.joined_at_us,
+            "groups": sorted_texts(&self.group_ids),
+            "locked_fields": sorted_texts(&self.locked_fields),
+        });
+        if keyed {
+            add_profile(
+                &mut fields,
+                [
+                    ("email", Some(&self.email)),
+                    ("first_name", self.first_name.as_ref()),
+                    ("last_name", self.last_name.as_ref()),
+                    ("title", self.title.as_ref()),
+                    ("image_url", self.image_url.as_ref()),
+                ],
+            );
+        }
+        fields
+    }
+}
+
+/// The same fields of a member as its replay holds them.
+fn member_fields(member: &orgledger_domain::Member, keyed: bool) -> serde_json::Value {
+    let mut groups: Vec<String> = member.group_ids.iter().map(Uuid::to_string).collect();
+    groups.sort();
+    let mut locked_fields: Vec<String> = member
+        .locked_fields
+        .iter()
+        .map(|field| field.as_str().to_owned())
+        .collect();
+    locked_fields.sort();
+    let mut fields = serde_json::json!({
+        "joined_at": orgledger_projections::to_micros(member.joined_at),
+        "groups": groups,
+        "locked_fields": locked_fields,
+    });
+    if keyed {
+        add_profile(
+            &mut fields,
+            [
+                ("email", Some(&member.email)),
+                ("first_name", member.first_name.as_ref()),
+                ("last_name", member.last_name.as_ref()),
+                ("title", member.title.as_ref()),
+                ("image_url", member.image_url.as_ref()),
+            ],
+        );
+    }
+    fields
+}
+
+/// A row of the invitations read model as compared (pending ones: the replay keeps no
+/// other).
+#[derive(sqlx::FromRow)]
+struct HeldInvitation {
+    id: String,
+    role: String,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    title: Option<String>,
+    group_id: Option<String>,
+    invited_by_type: String,
+    invited_by_id: String,
+    sent_at_us: i64,
+    expires_at_us: i64,
+    max_uses: i64,
+    uses: i64,
+    token_sha256: Option<String>,
+}
+
+impl HeldInvitation {
+    /// What is compared beside the role; who it is for only when `keyed`.
+    fn fields(&self, keyed: bool) -> serde_json::Value {
+        let mut fields = serde_json::json!({
+            "group_id": self.group_id,
+            "invited_by": format!("{} {}", self.invited_by_type, self.invited_by_id),
+            "sent_at": self.sent_at_us,
+            "expires_at": self.expires_at_us,
+            "max_uses": self.max_uses,
+            "uses": self.uses,
+            "token_sha256": self.token_sha256,
+        });
+        if keyed {
+            add_profile(
+                &mut fields,
+                [
+                    ("email", self.email.as_ref()),
+                    ("first_name", self.first_name.as_ref()),
+                    ("last_name", self.last_name.as_ref()),
+                    ("title", self.title.as_ref()),
+                ],
+            );
+        }
+        fields
+    }
+}
+
+/// The same fields of a pending invitation as its replay holds them.
+fn invitation_fields(invitation: &orgledger_domain::Invitation, keyed: bool) -> serde_json::Value {
+    let mut fields = serde_json::json!({
+        "group_id": invitation.group_id.map(|id| id.to_string()),
+        "invited_by": format!("{} {}", invitation.invited_by.kind(), invitation.invited_by.id()),
+        "sent_at": orgledger_projections::to_micros(invitation.sent_at),
+        "expires_at": orgledger_projections::to_micros(invitation.expires_at),
+        "max_uses": invitation.max_uses,
+        "uses": invitation.uses,
+        "token_sha256": invitation.token_sha256,
+    });
+    if keyed {
+        add_profile(
+            &mut fields,
+            [
+                ("email", invitation.email.as_ref()),
+                ("first_name", invitation.first_name.as_ref()),
+                ("last_name", invitation.last_name.as_ref()),
+                ("title", invitation.title.as_ref()),
+            ],
+        );
+    }
+    fields
+}
+
+/// Adds personal fields to a compared row.
+fn add_profile<const N: usize>(
+    fields: &mut serde_json::Value,
+    profile: [(&str, Option<&String>); N],
+) {
+    if let serde_json::Value::Object(fields) = fields {
+        for (name, value) in profile {
+            fields.insert(name.to_owned(), value.cloned().into());
+        }
+    }
+}
+
+/// A JSON array of texts as stored, sorted; the text itself if it is not one.
+fn sorted_texts(stored: &str) -> Vec<String> {
+    let mut texts: Vec<String> =
+        serde_json::from_str(stored).unwrap_or_else(|_| vec![stored.to_owned()]);
+    texts.sort();
+    texts
+}
 
 /// What an organization's replay gives the comparison with its read models.
 struct Replay<'r> {

@@ -6486,6 +6486,24 @@ async fn operations_endpoints_report_health_and_metrics(backend: Backend) {
             "{name} has no HELP line"
         );
     }
+    // What the projector counts only grows: counters, which `rate()` reads across restarts.
+    for name in [
+        "orgledger_projection_events_applied_total",
+        "orgledger_projection_batches_applied_total",
+        "orgledger_projection_failures_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} counter")),
+            "{name} is not a counter: {metrics}"
+        );
+    }
+    let applied = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("orgledger_projection_events_applied_total{projection=\"members\"}")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(applied.is_some_and(|count| count >= 1.0), "{metrics}");
     if backend == Backend::Postgres {
         // The group commit's size is exported as a histogram with buckets.
         assert!(

@@ -83,13 +83,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
             );
         }
     }
+    // Counters the projector keeps itself, only ever growing: exported as counters (at their
+    // absolute value), so that `rate()` and `increase()` read them across restarts.
     for (projection, counters) in state.service.projector.counters() {
-        metrics::gauge!("orgledger_projection_events_applied_here", "projection" => projection.clone())
-            .set(counters.events_applied as f64);
-        metrics::gauge!("orgledger_projection_batches_applied_here", "projection" => projection.clone())
-            .set(counters.batches_applied as f64);
-        metrics::gauge!("orgledger_projection_failures_here", "projection" => projection)
-            .set(counters.failures as f64);
+        metrics::counter!("orgledger_projection_events_applied_total", "projection" => projection.clone())
+            .absolute(counters.events_applied);
+        metrics::counter!("orgledger_projection_batches_applied_total", "projection" => projection.clone())
+            .absolute(counters.batches_applied);
+        metrics::counter!("orgledger_projection_failures_total", "projection" => projection)
+            .absolute(counters.failures);
     }
     metrics::gauge!("orgledger_uptime_seconds").set(state.started.elapsed().as_secs_f64());
     let mut response = state.metrics.render().into_response();
