@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::ledger::{read_around, Ledger, LedgerError, SnapshotRead};
+use crate::ledger::{continues_command, read_around, Ledger, LedgerError, SnapshotRead};
 
 /// One stored event as recorded: personal data opened, or `[erased]` after purge.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -26,7 +26,8 @@ pub struct RawEvent {
 /// Which past moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AsOf {
-    /// Just after the event with this sequence.
+    /// Just after the event with this sequence, and the rest of the command that appended
+    /// it.
     Sequence(usize),
     /// Everything that had occurred at or before this instant.
     Time(DateTime<Utc>),
@@ -129,6 +130,23 @@ pub async fn state_as_of(
         }
         if complete {
             break;
+        }
+    }
+    // A sequence inside a command: the state is the one its command left, a moment that
+    // was. (Its events share their `occurred_at`, so a time never falls inside one.)
+    if let AsOf::Sequence(_) = as_of {
+        while last_metadata.as_ref().is_some_and(continues_command) {
+            let Some(event) = ledger
+                .events_after(organization_id, as_of_sequence, 1)
+                .await?
+                .into_iter()
+                .next()
+            else {
+                break;
+            };
+            as_of_sequence = event.sequence;
+            last_metadata = Some(event.metadata);
+            organization.apply(event.payload);
         }
     }
     if !organization.exists() {

@@ -592,7 +592,16 @@ impl Ledger {
         metadata: &HashMap<String, String>,
     ) -> Result<Vec<EventEnvelope<Organization>>, PersistenceError> {
         let id = organization_id.to_string();
-        let metadata_json = serde_json::to_value(metadata)?;
+        // Every event of the command but its last says the command goes on: a past state
+        // asked for by sequence is never one caught inside a command.
+        let count = events.len();
+        let metadata_at = |offset: usize| {
+            let mut metadata = metadata.clone();
+            if offset + 1 < count {
+                metadata.insert(COMMAND_CONTINUES.to_owned(), "true".to_owned());
+            }
+            metadata
+        };
         let mut stored = Vec::with_capacity(events.len());
         for (offset, event) in events.iter().enumerate() {
             stored.push(SerializedEvent::new(
@@ -602,7 +611,7 @@ impl Ledger {
                 event.event_type(),
                 event.event_version(),
                 serde_json::to_value(event)?,
-                metadata_json.clone(),
+                serde_json::to_value(metadata_at(offset))?,
             ));
         }
         let last = loaded.version + events.len();
@@ -641,7 +650,7 @@ impl Ledger {
                 aggregate_id: id.clone(),
                 sequence: loaded.version + 1 + offset,
                 payload,
-                metadata: metadata.clone(),
+                metadata: metadata_at(offset),
             })
             .collect())
     }
@@ -1340,6 +1349,17 @@ fn decide(
         }),
         (decision, None) => decision.map_err(LedgerError::from),
     }
+}
+
+/// In the metadata of each event of a command but its last (events stored before
+/// 2026-12-07 do not say, nor do imported ones).
+pub const COMMAND_CONTINUES: &str = "command_continues";
+
+/// Whether the command that appended the event with `metadata` appended more after it.
+pub fn continues_command(metadata: &HashMap<String, String>) -> bool {
+    metadata
+        .get(COMMAND_CONTINUES)
+        .is_some_and(|value| value == "true")
 }
 
 /// Event metadata: who, when, and where the request came from.

@@ -1867,9 +1867,12 @@ fn replayed_as_of(
 ) -> Option<(Organization, usize)> {
     let mut state = Organization::default();
     let mut sequence = 0;
+    // Whether the event before was not its command's last: a sequence stands for the state
+    // its whole command left.
+    let mut command_goes_on = false;
     for event in events {
         let included = match as_of {
-            AsOf::Sequence(last) => event.sequence <= last,
+            AsOf::Sequence(last) => event.sequence <= last || command_goes_on,
             AsOf::Time(at) => {
                 event.metadata["occurred_at"]
                     .parse::<chrono::DateTime<chrono::Utc>>()
@@ -1882,6 +1885,8 @@ fn replayed_as_of(
         }
         cqrs_es::Aggregate::apply(&mut state, event.payload.clone());
         sequence = event.sequence;
+        command_goes_on =
+            event.metadata.get("command_continues").map(String::as_str) == Some("true");
     }
     (sequence > 0).then_some((state, sequence))
 }
@@ -1986,13 +1991,19 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(between.as_of_sequence, past + 1);
+    // Past the event asked for only to its command's end.
+    let through = replayed_as_of(&events, AsOf::Sequence(past + 1)).unwrap().1;
+    assert_eq!(between.as_of_sequence, through);
     assert_eq!(
         stats.snapshots() - snapshots_before,
         1,
         "one snapshot opened"
     );
-    assert_eq!(stats.events() - read_before, 1, "one event read after it");
+    assert_eq!(
+        stats.events() - read_before,
+        (through - past) as u64,
+        "only the events after it read"
+    );
     // By time too: a minute after the first import's events (the room left for commits
     // out of order), before the second's, starts from the snapshot between them.
     let snapshots_before = stats.snapshots();
@@ -2066,6 +2077,33 @@ async fn raw_events_and_past_states_come_from_the_log(backend: Backend) {
         .unwrap();
     assert_eq!(at_five.as_of_sequence, 5);
     assert_eq!(at_five.organization.members[&uid("mia")].role, Role::Member);
+    // A command's events are one moment: its creation with its first owner, an acceptance
+    // with the member it makes. A sequence inside one stands for the state it left, which
+    // its events' metadata tells (every one but the last goes on).
+    let continues: Vec<Option<&str>> = events
+        .iter()
+        .map(|event| event.metadata["command_continues"].as_str())
+        .collect();
+    assert_eq!(
+        continues,
+        [Some("true"), None, None, Some("true"), None, None]
+    );
+    let created = state_as_of(&service.ledger, org, AsOf::Sequence(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.as_of_sequence, 2);
+    assert_eq!(
+        created.organization.members[&uid("olivia")].role,
+        Role::Owner
+    );
+    let accepted = state_as_of(&service.ledger, org, AsOf::Sequence(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted.as_of_sequence, 5);
+    assert!(accepted.organization.members.contains_key(&uid("mia")));
+    assert!(accepted.organization.invitations.is_empty());
     let then = state_as_of(&service.ledger, org, AsOf::Time(before_promotion))
         .await
         .unwrap()
