@@ -238,6 +238,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             consistency_wait_ms,
             shutdown_grace_ms,
         } => {
+            // The address first: a start that cannot listen must fail before it creates a
+            // store, a master key or a platform token it would print and then lose.
+            let listener = tokio::net::TcpListener::bind(&bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind}"))?;
             let service = Arc::new(open_store(&store, true, &[]).await?);
             service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
             let tokens = match platform_tokens(
@@ -259,9 +264,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));
-            let listener = tokio::net::TcpListener::bind(&bind)
-                .await
-                .with_context(|| format!("cannot listen on {bind}"))?;
             let address = listener.local_addr()?;
             tracing::info!(
                 database = %redact_url(&store.database_url),
@@ -286,23 +288,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ProjectionsAction::Rebuild { name: None } => PROJECTION_NAMES.to_vec(),
             };
             let service = open_store(&store, false, &to_rebuild).await?;
-            match action {
+            match &action {
                 ProjectionsAction::Status => print_status(&service).await?,
-                ProjectionsAction::Rebuild { name: Some(name) } => {
+                ProjectionsAction::Rebuild { name } => {
                     let show_progress = std::io::stderr().is_terminal();
-                    let report = service.projector.rebuild(&name, show_progress).await?;
-                    say(format_args!(
-                        "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
-                        report.projection,
-                        report.events,
-                        report.seconds,
-                        report.events_per_second,
-                        phases(&report)
-                    ))?;
-                }
-                ProjectionsAction::Rebuild { name: None } => {
-                    let show_progress = std::io::stderr().is_terminal();
-                    let report = service.projector.rebuild_all(show_progress).await?;
+                    // Ctrl-C, SIGTERM or a closed terminal drop the copies at once: they
+                    // hold personal data in clear.
+                    let report = service
+                        .projector
+                        .rebuild_unless_stopped(
+                            &to_rebuild,
+                            show_progress,
+                            signals_from_now(Stop::RequestedOrHungUp),
+                        )
+                        .await;
+                    let report = match report {
+                        Ok(report) => report,
+                        Err(error) => {
+                            service.close().await;
+                            return Err(error.into());
+                        }
+                    };
+                    if let Some(name) = name {
+                        say(format_args!(
+                            "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
+                            name,
+                            report.events,
+                            report.seconds,
+                            report.events_per_second,
+                            phases(&report)
+                        ))?;
+                        service.close().await;
+                        return Ok(());
+                    }
                     say(format_args!(
                         "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s; {})",
                         PROJECTION_NAMES.len(),

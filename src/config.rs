@@ -204,16 +204,41 @@ pub fn platform_tokens(
         }
         return Ok(PlatformTokenSource::Tokens(tokens));
     }
+    let legacy = PathBuf::from(LEGACY_TOKEN_FILE);
     let Some(path) = store.beside_data("api-token") else {
-        return Ok(PlatformTokenSource::KeptInDatabase {
-            legacy: PathBuf::from("orgledger.api-token"),
-        });
+        return Ok(PlatformTokenSource::KeptInDatabase { legacy });
+    };
+    // One an earlier version kept in the working directory is adopted (kept beside the data
+    // from now on) when the store keeps none yet, and otherwise still accepted by this
+    // process, as on PostgreSQL.
+    let legacy_token = legacy_platform_token(&legacy);
+    let with_legacy = |mut tokens: Vec<String>| {
+        if let Some(token) = &legacy_token {
+            if !tokens.contains(token) {
+                tracing::warn!(
+                    path = %legacy.display(),
+                    "the platform token in this file is not the one kept beside the data: accepted by this process only"
+                );
+                tokens.push(token.clone());
+            }
+        }
+        PlatformTokenSource::Tokens(tokens)
     };
     if path.exists() {
-        return kept_platform_token(&path).map(PlatformTokenSource::Tokens);
+        return kept_platform_token(&path).map(with_legacy);
     }
-    let token = crate::tokens::issue("olg").secret;
+    let token = legacy_token
+        .clone()
+        .unwrap_or_else(|| crate::tokens::issue("olg").secret);
     match write_secret_file(&path, &token)? {
+        Written::Now if legacy_token.is_some() => {
+            tracing::info!(
+                from = %legacy.display(),
+                to = %path.display(),
+                "adopted the platform token an earlier version kept in the working directory"
+            );
+            Ok(PlatformTokenSource::Tokens(vec![token]))
+        }
         Written::Now => {
             println!(
                 "Generated a platform token (shown once; kept in {}):\n{token}",
@@ -222,7 +247,24 @@ pub fn platform_tokens(
             Ok(PlatformTokenSource::Tokens(vec![token]))
         }
         // Another process on the same new store generated one first: it is the one kept.
-        Written::Before => kept_platform_token(&path).map(PlatformTokenSource::Tokens),
+        Written::Before => kept_platform_token(&path).map(with_legacy),
+    }
+}
+
+/// Where versions before the token was kept beside the data kept a generated one.
+const LEGACY_TOKEN_FILE: &str = "orgledger.api-token";
+
+/// The token in `legacy`, if it holds one; a file that cannot be read is passed over.
+fn legacy_platform_token(legacy: &std::path::Path) -> Option<String> {
+    if !legacy.exists() {
+        return None;
+    }
+    match kept_platform_token(legacy) {
+        Ok(mut tokens) => tokens.pop(),
+        Err(error) => {
+            tracing::warn!(%error, "ignoring a platform token file an earlier version kept");
+            None
+        }
     }
 }
 
@@ -242,17 +284,7 @@ pub async fn platform_tokens_kept_in(
     let orgledger_projections::Database::Postgres(pool) = database else {
         bail!("a SQLite store keeps its platform token in a file beside it");
     };
-    let legacy_token = if legacy.exists() {
-        match kept_platform_token(legacy) {
-            Ok(mut tokens) => tokens.pop(),
-            Err(error) => {
-                tracing::warn!(%error, "ignoring a platform token file an earlier version kept");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let legacy_token = legacy_platform_token(legacy);
     let kept = "SELECT token_sha256 FROM generated_platform_token WHERE id = 1";
     let mut kept_digest: Option<String> = sqlx::query_scalar(kept).fetch_optional(pool).await?;
     if kept_digest.is_none() {
@@ -569,7 +601,7 @@ mod tests {
         assert_eq!(
             platform_tokens(&self::store("postgres://db/orgs"), None).unwrap(),
             PlatformTokenSource::KeptInDatabase {
-                legacy: PathBuf::from("orgledger.api-token")
+                legacy: PathBuf::from(LEGACY_TOKEN_FILE)
             }
         );
     }

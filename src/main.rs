@@ -7,7 +7,15 @@ use orgledger::cli::{run, Cli};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     orgledger::telemetry::init();
-    run(Cli::parse()).await
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, its causes after colons: what an operator and a log collector read.
+            // Never a backtrace (`RUST_BACKTRACE` set for other programs would print one).
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

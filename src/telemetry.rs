@@ -4,9 +4,17 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+const DEFAULT_FILTER: &str = "info,sqlx=warn";
+
 pub fn init() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // Unset, the default; set but not a filter, the default too, said once it logs.
+    let (filter, refused) = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Err(_) => (EnvFilter::new(DEFAULT_FILTER), None),
+        Ok(text) => match EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(error) => (EnvFilter::new(DEFAULT_FILTER), Some((text, error))),
+        },
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -17,6 +25,13 @@ pub fn init() {
     };
     // A second init (tests) keeps the first subscriber.
     drop(result);
+    if let Some((text, error)) = refused {
+        tracing::warn!(
+            rust_log = %text,
+            %error,
+            "RUST_LOG is not a log filter: logging with the default ({DEFAULT_FILTER})"
+        );
+    }
 }
 
 static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =

@@ -51,6 +51,43 @@ fn projections_status_on_a_mistyped_sqlite_path_fails_and_creates_nothing() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `serve` on an address it cannot listen on fails before it touches the store: no file,
+/// no master key and no platform token are made (a token printed by a start that then
+/// failed would be lost, since the next start prints none).
+#[test]
+fn serve_on_an_address_taken_fails_and_creates_nothing() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    for bind in [address.as_str(), "not-an-address"] {
+        let served = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+            .args(["serve", "--bind", bind])
+            .env("DATABASE_URL", &url)
+            .env_remove("ORGLEDGER_MASTER_KEY")
+            .env("RUST_LOG", "warn")
+            // Set for other programs, it prints no backtrace here.
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert_eq!(served.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&served.stderr);
+        // One line, its cause after a colon.
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("Error: cannot listen on {bind}: ")),
+            "{stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&served.stdout);
+        assert!(
+            !format!("{stdout}{stderr}").contains("Generated a platform token"),
+            "{stdout}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
 /// Only `serve` and `migrate` set a store up: `projections` refuses one never migrated, and
 /// a command refused for want of the master key leaves the store as it was.
 #[tokio::test]
@@ -196,6 +233,81 @@ async fn projections_rebuild_replays_an_older_schema_once() {
     assert!(String::from_utf8_lossy(&rebuilt.stdout).contains("rebuilt audit_log"));
     let after: i64 = sqlx::query_scalar(schema).fetch_one(&pool).await.unwrap();
     assert_eq!(after, current);
+}
+
+/// A rebuild stopped by a signal before its copies are swapped in drops them at once (they
+/// hold personal data in clear), leaves the live read models as they were, and says so with
+/// a failing exit status.
+#[tokio::test]
+async fn a_rebuild_stopped_by_a_signal_drops_its_copies_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    let key =
+        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
+    let database = orgledger::store::Database::connect(&url).await.unwrap();
+    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let org = support::acme_with_mia(&ledger).await;
+    ledger
+        .import(org, support::role_flips(40_000, "mia"), Default::default())
+        .await
+        .unwrap();
+    database.close().await;
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let copies = "SELECT (SELECT count(*) FROM projection_checkpoints WHERE name LIKE '%!_!_rb%' ESCAPE '!')
+                       + (SELECT count(*) FROM sqlite_master WHERE name LIKE '%!_!_rb%' ESCAPE '!')";
+    let live_rows = "SELECT count(*) FROM rm_members";
+    let members_before: i64 = sqlx::query_scalar(live_rows)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    let mut rebuild = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(["projections", "rebuild"])
+        .env("DATABASE_URL", &url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let made: i64 = sqlx::query_scalar(copies).fetch_one(&pool).await.unwrap();
+        if made > 0 {
+            break;
+        }
+        assert!(
+            rebuild.try_wait().unwrap().is_none(),
+            "it ended before its copies were seen"
+        );
+        assert!(Instant::now() < deadline, "no copy made within a minute");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &rebuild.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let stopped = rebuild.wait_with_output().unwrap();
+
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped before its copies were swapped in"),
+        "{stderr}"
+    );
+    let left: i64 = sqlx::query_scalar(copies).fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "copies left behind");
+    let members_after: i64 = sqlx::query_scalar(live_rows)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(members_after, members_before);
 }
 
 /// A rebuild draws its progress, stage by stage, on a terminal (here a pseudo-terminal made
@@ -374,6 +486,65 @@ impl Served {
         };
         (exit, self.stderr.join().unwrap())
     }
+}
+
+/// A `RUST_LOG` that is not a filter is said, not silently replaced by the default.
+#[test]
+fn a_rust_log_that_is_not_a_filter_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let migrated = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .env_remove("ORGLEDGER_MASTER_KEY")
+        .env("RUST_LOG", "bogus=[[[")
+        .output()
+        .unwrap();
+    assert!(migrated.status.success());
+    let stderr = String::from_utf8_lossy(&migrated.stderr);
+    assert!(
+        stderr.contains("RUST_LOG is not a log filter") && stderr.contains("bogus=[[["),
+        "{stderr}"
+    );
+}
+
+/// On SQLite too, a platform token an earlier version kept in its working directory is
+/// adopted by a store that keeps none yet (kept beside the data from then on, nothing
+/// printed), and still accepted by the process that finds it beside another one kept.
+#[tokio::test]
+async fn a_sqlite_store_adopts_the_token_an_earlier_version_kept_in_the_working_directory() {
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const LEGACY: &str = "olg_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let status = |server: &Served, token: &str| {
+        let request = reqwest::Client::new()
+            .get(format!("{}/v1/organizations", server.address))
+            .bearer_auth(token)
+            .send();
+        async move { request.await.unwrap().status() }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("orgledger.api-token"),
+        format!("{LEGACY}\n"),
+    )
+    .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    let adopting = serve_from(dir.path(), &url, &[], Some(KEY));
+    assert_eq!(status(&adopting, LEGACY).await, reqwest::StatusCode::OK);
+    let (printed, _) = adopting.stop();
+    assert!(!printed.contains("Generated a platform token"), "{printed}");
+    let kept = dir.path().join("orgledger.db.api-token");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap().trim(), LEGACY);
+
+    std::fs::write(&kept, "olg_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").unwrap();
+    let both = serve_from(dir.path(), &url, &[], Some(KEY));
+    assert_eq!(status(&both, LEGACY).await, reqwest::StatusCode::OK);
+    assert_eq!(
+        status(&both, "olg_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await,
+        reqwest::StatusCode::OK
+    );
+    let (_, log) = both.stop();
+    assert!(log.contains("accepted by this process only"), "{log}");
 }
 
 /// On PostgreSQL the platform token `serve` generates is kept beside the data, in the

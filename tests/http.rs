@@ -4662,6 +4662,90 @@ async fn a_purge_leaves_no_personal_data_in_clear_in_the_sqlite_files() {
     assert!(!in_clear("Zeldaquux"), "a name in clear after the purge");
 }
 
+/// A database that refuses connections (closed to them, as for maintenance) is
+/// `503 database_busy` with `Retry-After` for reads, commands and keyed commands alike,
+/// never a `500`; `/readyz` says it is unreachable, not that migrations are pending. Once it
+/// takes connections again, the keyed command runs: nothing was stored under its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_refusing_connections_is_503_and_the_service_recovers_on_postgres() {
+    use sqlx::Connection;
+    let app = spawn_app(Backend::Postgres).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let name = app
+        .service
+        .database
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut admin = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .unwrap();
+    let allow = |allowed: bool| format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allowed}");
+    sqlx::query(&allow(false))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let groups = format!("/v1/organizations/{org}/groups");
+    let keyed = || {
+        app.request(Method::POST, &groups, Some("olivia"))
+            .header("Idempotency-Key", "while-closed")
+            .json(&json!({"name": "Support"}))
+    };
+    let replies = [
+        app.call(
+            Method::GET,
+            &format!("/v1/organizations/{org}"),
+            Some("olivia"),
+            None,
+        )
+        .await,
+        app.call(
+            Method::POST,
+            &groups,
+            Some("olivia"),
+            Some(json!({"name": "Sales"})),
+        )
+        .await,
+        app.send(keyed()).await,
+    ];
+    for reply in &replies {
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.body
+        );
+        assert_eq!(reply.body["code"], "database_busy", "{}", reply.body);
+        assert_eq!(reply.headers["retry-after"], "1");
+    }
+    let ready = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.body["detail"], "database unreachable",
+        "{}",
+        ready.body
+    );
+
+    sqlx::query(&allow(true)).execute(&mut admin).await.unwrap();
+    let created = app.send(keyed()).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let listed = app.read(&groups, Some("olivia")).await;
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| group["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Support"], "the refused commands stored nothing");
+}
+
 /// The race the fence closes (PostgreSQL, where appends and retries run in parallel): a
 /// holder past its lease is still appending when a retry comes for its key. The holder's
 /// append holds the claim share-locked while its INSERT waits (here on a row of its key that

@@ -306,9 +306,9 @@ impl Database {
         };
         let applied = match applied {
             Ok(applied) => applied,
-            // The database answered, with an error: a store never migrated has no table
-            // of migrations yet.
-            Err(sqlx::Error::Database(_)) => 0,
+            // A store never migrated has no table of migrations yet; any other error (a
+            // server that refuses connections answers with one too) is not an answer.
+            Err(sqlx::Error::Database(error)) if is_missing_table(error.as_ref()) => 0,
             Err(error) => return Err(error.into()),
         };
         Ok(applied as usize >= known)
@@ -477,13 +477,31 @@ fn create_private(path: &std::path::Path) {
     drop(file.open(path));
 }
 
-/// Whether `error` says the database was too busy to take the statement in time: SQLite's
-/// write lock still held when its busy timeout ran out, or no pooled connection free within
-/// the pool's acquire timeout. Not a fault of the request, nor of the data: a retry may
-/// pass.
+/// Whether `error` says the database did not take the statement: too busy to in time
+/// (SQLite's write lock still held when its busy timeout ran out, no pooled connection free
+/// within the pool's acquire timeout), or not reachable (the connection broke, or the
+/// server refused a new one: shutting down, starting up, out of connections, or the
+/// database closed to connections). Not a fault of the request, nor of the data: a retry
+/// may pass.
 pub fn is_busy(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(error)
+            if error
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some() =>
+        {
+            // Class 08: connection exceptions; 57P01 to 57P03: shut down, crashed, cannot
+            // connect now; 53300: too many connections; 55000: what a database closed to
+            // connections (`ALLOW_CONNECTIONS false`) answers a new one.
+            error.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || matches!(
+                        code.as_ref(),
+                        "57P01" | "57P02" | "57P03" | "53300" | "55000"
+                    )
+            })
+        }
         // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte).
         sqlx::Error::Database(error)
             if error
@@ -496,6 +514,15 @@ pub fn is_busy(error: &sqlx::Error) -> bool {
                 .is_some_and(|code| matches!(code & 0xff, 5 | 6))
         }
         _ => false,
+    }
+}
+
+/// Whether the database said a table does not exist: PostgreSQL's `undefined_table`, or
+/// SQLite's "no such table" (its code is the generic `SQLITE_ERROR`).
+fn is_missing_table(error: &dyn sqlx::error::DatabaseError) -> bool {
+    match error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(error) => error.code() == "42P01",
+        None => error.message().starts_with("no such table"),
     }
 }
 

@@ -150,6 +150,8 @@ pub enum ProjectionError {
     Stalled(String),
     #[error("unknown projection {0:?}; known: organizations, members, invitations, audit_log, groups, service_accounts")]
     Unknown(String),
+    #[error("the rebuild was stopped before its copies were swapped in; they were dropped and the read models are as they were")]
+    Stopped,
 }
 
 /// Where a projection stands, for `projections status`, `/readyz` and metrics.
@@ -312,7 +314,10 @@ impl Projector {
                 projections = %outdated.join(","),
                 "read-model schema changed: rebuilding into new tables before serving"
             );
-            match self.rebuild_group(&outdated, false).await {
+            match self
+                .rebuild_unless_stopped(&outdated, false, std::future::pending())
+                .await
+            {
                 Ok(report) => tracing::info!(
                     projections = %report.projection,
                     events = report.events,
@@ -1194,19 +1199,26 @@ impl Projector {
         name: &str,
         show_progress: bool,
     ) -> Result<RebuildReport, ProjectionError> {
-        self.rebuild_group(&[name], show_progress).await
+        self.rebuild_unless_stopped(&[name], show_progress, std::future::pending())
+            .await
     }
 
     /// Rebuilds every projection at once: one read of the log feeds every fresh copy; each
     /// copy is then swapped in by its own transaction.
     pub async fn rebuild_all(&self, show_progress: bool) -> Result<RebuildReport, ProjectionError> {
-        self.rebuild_group(PROJECTION_NAMES, show_progress).await
+        self.rebuild_unless_stopped(PROJECTION_NAMES, show_progress, std::future::pending())
+            .await
     }
 
-    async fn rebuild_group(
+    /// Rebuilds `names` together, unless `stop` resolves before their copies are swapped in:
+    /// then the copies, which hold personal data in clear, are dropped at once (not left for
+    /// [`ABANDONED_COPY_AFTER`]) and the live read models stay as they were
+    /// ([`ProjectionError::Stopped`]). Once swapping has begun it finishes.
+    pub async fn rebuild_unless_stopped(
         &self,
         names: &[&str],
         show_progress: bool,
+        stop: impl std::future::Future<Output = ()>,
     ) -> Result<RebuildReport, ProjectionError> {
         let started = Instant::now();
         self.discard_abandoned_copies().await?;
@@ -1276,7 +1288,7 @@ impl Projector {
             }
         });
         let (mut replayed, mut indexed, mut analyzed) = (started, started, started);
-        let result = async {
+        let copied = async {
             while let Some(read) = batches.recv().await {
                 let (after, batch) = read?;
                 let read = batch.len();
@@ -1307,7 +1319,15 @@ impl Projector {
             stage("analyzing");
             self.analyze_copies(shadows.iter().copied()).await;
             analyzed = Instant::now();
-            stage("swapping in");
+            Ok::<(), ProjectionError>(())
+        };
+        let copied = tokio::select! {
+            copied = copied => copied,
+            () = stop => Err(ProjectionError::Stopped),
+        };
+        let result = async {
+            copied?;
+            bar.set_message(format!("{}: swapping in", names.join(", ")));
             let mut tail = 0;
             for (live, shadow) in &copies {
                 tail = tail.max(self.swap(live.as_ref(), shadow.as_ref()).await?);

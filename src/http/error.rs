@@ -430,6 +430,8 @@ mod tests {
         for api in [
             ApiError::from(locked),
             ApiError::from(sqlx::Error::PoolTimedOut),
+            // A connection that broke: the database was not reached.
+            ApiError::from(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into())),
             ApiError::from(LedgerError::from(busy_store)),
         ] {
             assert_eq!((api.status.as_u16(), api.code), (503, "database_busy"));

@@ -166,7 +166,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let claim_id = Uuid::now_v7().to_string();
     let claimed = match claim(&database, &scope, &key, &fingerprint, &claim_id).await {
         Ok(claimed) => claimed,
-        Err(error) => return ApiError::internal(error).into_response(),
+        Err(error) => return ApiError::from(error).into_response(),
     };
     if !claimed {
         if let Replay::Answer(response) =
@@ -673,7 +673,7 @@ async fn replay(
                     .into_response(),
                 )
             }
-            Err(error) => return answer(ApiError::internal(error).into_response()),
+            Err(error) => return answer(ApiError::from(error).into_response()),
         };
         if !fingerprints.contains(&stored.fingerprint.as_str()) {
             return answer(
@@ -733,7 +733,7 @@ async fn replay(
                 Ok(Some(replay)) => return replay,
                 // Settled by someone else meanwhile: look again.
                 Ok(None) => continue,
-                Err(error) => return answer(ApiError::internal(error).into_response()),
+                Err(error) => return answer(ApiError::from(error).into_response()),
             }
         }
         if tokio::time::Instant::now() >= deadline {

@@ -250,19 +250,44 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(extract::refuse_repeated_headers));
     recorded(routes)
         .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-                let request_id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    let request_id = request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or("-");
+                    let path = loggable_path(request.uri().path());
+                    tracing::info_span!("request", method = %request.method(), path, request_id)
+                })
+                // Every answer is logged once, by `record_request`, and a 5xx's cause by
+                // `ApiError`: not again at ERROR for each 503 a readiness probe gets.
+                .on_failure(()),
         )
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
-        .layer(axum::middleware::from_fn(extract::replace_unrecordable_request_id))
+        .layer(axum::middleware::from_fn(
+            extract::replace_unrecordable_request_id,
+        ))
         .with_state(state)
+}
+
+/// A request's path as logged: a user id (which an API layer may make an email) is shown as
+/// `{user_id}`; organizations, groups and the like keep their ids, which are not personal.
+fn loggable_path(path: &str) -> String {
+    let mut previous = "";
+    path.split('/')
+        .map(|segment| {
+            let shown = if matches!(previous, "users" | "members") && !segment.is_empty() {
+                "{user_id}"
+            } else {
+                segment
+            };
+            previous = segment;
+            shown
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Every answer counted, timed and logged (`record_request`), a handler's panic among them:
@@ -536,6 +561,34 @@ mod tests {
 
     async fn panics() -> StatusCode {
         panic!("deliberately")
+    }
+
+    #[test]
+    fn a_user_id_in_a_path_is_not_logged() {
+        for (path, logged) in [
+            (
+                "/v1/users/zoe@example.com/organizations",
+                "/v1/users/{user_id}/organizations",
+            ),
+            (
+                "/v1/organizations/0190/members/zoe@example.com",
+                "/v1/organizations/0190/members/{user_id}",
+            ),
+            (
+                "/v1/organizations/0190/groups/0191/members/zoe",
+                "/v1/organizations/0190/groups/0191/members/{user_id}",
+            ),
+            (
+                "/v1/organizations/0190/members",
+                "/v1/organizations/0190/members",
+            ),
+            (
+                "/v1/organizations/0190/members/",
+                "/v1/organizations/0190/members/",
+            ),
+        ] {
+            assert_eq!(loggable_path(path), logged);
+        }
     }
 
     #[tokio::test]
