@@ -52,6 +52,7 @@ pub enum Commands {
             long = "orgledger-bind",
             visible_alias = "bind",
             env = "ORGLEDGER_BIND",
+            hide_env_values = true,
             default_value = "127.0.0.1:8080"
         )]
         bind: String,
@@ -70,6 +71,7 @@ pub enum Commands {
         #[arg(
             long = "orgledger-consistency-wait-ms",
             env = "ORGLEDGER_CONSISTENCY_WAIT_MS",
+            hide_env_values = true,
             default_value_t = crate::service::DEFAULT_CONSISTENCY_WAIT.as_millis() as u64,
             value_parser = clap::value_parser!(u64).range(0..=60_000),
             value_name = "MS"
@@ -81,6 +83,7 @@ pub enum Commands {
         #[arg(
             long = "orgledger-shutdown-grace-ms",
             env = "ORGLEDGER_SHUTDOWN_GRACE_MS",
+            hide_env_values = true,
             default_value_t = 30_000,
             value_parser = clap::value_parser!(u64).range(0..=600_000),
             value_name = "MS"

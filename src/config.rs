@@ -106,9 +106,25 @@ impl StoreConfig {
             );
         }
         if let Some(encoded) = &self.master_key {
-            return MasterKey::from_base64(encoded)
-                .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes")
-                .map(|key| (key, None));
+            let key = MasterKey::from_base64(encoded)
+                .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes")?;
+            // Two keys for one store: data sealed under the configured one would not open
+            // under the kept one, the one backed up beside the data, at a later start.
+            let kept = self
+                .beside_data("master-key")
+                .and_then(|path| Some((std::fs::read_to_string(&path).ok()?, path)));
+            if let Some((kept, path)) = kept {
+                if MasterKey::from_base64(&kept)
+                    .is_some_and(|kept| kept.to_base64() != key.to_base64())
+                {
+                    bail!(
+                        "ORGLEDGER_MASTER_KEY is not the master key kept in {}: use that one, or \
+                         move the file away if this store was sealed under the configured key",
+                        path.display()
+                    );
+                }
+            }
+            return Ok((key, None));
         }
         let Some(path) = self.beside_data("master-key") else {
             bail!(
@@ -464,6 +480,25 @@ mod tests {
             database_url: url.to_owned(),
             master_key: None,
         }
+    }
+
+    #[test]
+    fn a_configured_master_key_that_is_not_the_one_kept_beside_the_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/org.db", dir.path().display());
+        let kept = MasterKey::generate().to_base64();
+        std::fs::write(dir.path().join("org.db.master-key"), &kept).unwrap();
+        let configured = |key: String| StoreConfig {
+            database_url: url.clone(),
+            master_key: Some(key),
+        };
+        let error = configured(MasterKey::generate().to_base64())
+            .master_key()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("is not the master key kept in"), "{error}");
+        let (same, _) = configured(kept.clone()).master_key().unwrap();
+        assert_eq!(same.to_base64(), kept);
     }
 
     #[test]

@@ -16,6 +16,9 @@ use super::AppState;
 /// Projections further behind than this make the service not ready.
 const READY_LAG_SECONDS: f64 = 5.0;
 
+/// How long `/readyz` waits for the database before calling it unreachable.
+const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
@@ -39,12 +42,20 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, 
     let not_ready =
         |detail: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", detail);
     let database = state.service.database();
-    match database.is_migrated().await {
-        Ok(true) => {}
-        Ok(false) => return Err(not_ready("migrations are pending".into())),
-        Err(error) => {
+    // A probe is answered within its bound, not the pool's 10 s wait for a connection.
+    match tokio::time::timeout(READY_CHECK, database.is_migrated()).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Err(not_ready("migrations are pending".into())),
+        Ok(Err(error)) => {
             // The cause names hosts and users; this route answers anyone.
             tracing::warn!(%error, "readiness: database unreachable");
+            return Err(not_ready("database unreachable".into()));
+        }
+        Err(_) => {
+            tracing::warn!(
+                seconds = READY_CHECK.as_secs(),
+                "readiness: database did not answer"
+            );
             return Err(not_ready("database unreachable".into()));
         }
     }
