@@ -242,10 +242,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_grace_ms,
         } => {
             // The address first: a start that cannot listen must fail before it creates a
-            // store, a master key or a platform token it would print and then lose.
-            let listener = tokio::net::TcpListener::bind(&bind)
-                .await
-                .with_context(|| format!("cannot listen on {bind}"))?;
+            // store, a master key or a platform token it would print and then lose. Not
+            // kept: connections would wait unanswered while migrations run.
+            let listen = || async {
+                tokio::net::TcpListener::bind(&bind)
+                    .await
+                    .with_context(|| format!("cannot listen on {bind}"))
+            };
+            drop(listen().await?);
             let service = Arc::new(open_store(&store, true, &[]).await?);
             service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
             let tokens = match platform_tokens(
@@ -267,6 +271,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));
+            let listener = listen().await?;
             let address = listener.local_addr()?;
             tracing::info!(
                 database = %redact_url(&store.database_url),
@@ -296,14 +301,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ProjectionsAction::Rebuild { name } => {
                     let show_progress = std::io::stderr().is_terminal();
                     // Ctrl-C, SIGTERM or a closed terminal drop the copies at once: they
-                    // hold personal data in clear.
+                    // hold personal data in clear. A second one ends the process there and
+                    // then (the copies left are dropped later, once untouched for 2 min).
+                    let first = signals_from_now(Stop::RequestedOrHungUp);
+                    let stop = async {
+                        first.await;
+                        let second = signals_from_now(Stop::RequestedOrHungUp);
+                        tokio::spawn(async move {
+                            second.await;
+                            eprintln!("Error: stopped twice: the rebuild's copies may be left");
+                            std::process::exit(1);
+                        });
+                    };
                     let report = service
                         .projector
-                        .rebuild_unless_stopped(
-                            &to_rebuild,
-                            show_progress,
-                            signals_from_now(Stop::RequestedOrHungUp),
-                        )
+                        .rebuild_unless_stopped(&to_rebuild, show_progress, stop)
                         .await;
                     let report = match report {
                         Ok(report) => report,

@@ -109,7 +109,9 @@ impl StoreConfig {
             let key = MasterKey::from_base64(encoded)
                 .context("ORGLEDGER_MASTER_KEY must be base64 of exactly 32 bytes")?;
             // Two keys for one store: data sealed under the configured one would not open
-            // under the kept one, the one backed up beside the data, at a later start.
+            // under the kept one, the one backed up beside the data, at a later start. Said,
+            // not refused: the store refuses a key that does not open its data, and a stale
+            // file beside a store sealed under the configured key is no fault.
             let kept = self
                 .beside_data("master-key")
                 .and_then(|path| Some((std::fs::read_to_string(&path).ok()?, path)));
@@ -117,10 +119,10 @@ impl StoreConfig {
                 if MasterKey::from_base64(&kept)
                     .is_some_and(|kept| kept.to_base64() != key.to_base64())
                 {
-                    bail!(
-                        "ORGLEDGER_MASTER_KEY is not the master key kept in {}: use that one, or \
-                         move the file away if this store was sealed under the configured key",
-                        path.display()
+                    tracing::warn!(
+                        path = %path.display(),
+                        "ORGLEDGER_MASTER_KEY is not the master key kept beside the data: what is \
+                         sealed under one does not open under the other; keep one of them"
                     );
                 }
             }
@@ -224,31 +226,30 @@ pub fn platform_tokens(
     let Some(path) = store.beside_data("api-token") else {
         return Ok(PlatformTokenSource::KeptInDatabase { legacy });
     };
-    // One an earlier version kept in the working directory is adopted (kept beside the data
-    // from now on) when the store keeps none yet, and otherwise still accepted by this
-    // process, as on PostgreSQL.
-    let legacy_token = legacy_platform_token(&legacy);
-    let with_legacy = |mut tokens: Vec<String>| {
-        if let Some(token) = &legacy_token {
-            if !tokens.contains(token) {
-                tracing::warn!(
-                    path = %legacy.display(),
-                    "the platform token in this file is not the one kept beside the data: accepted by this process only"
-                );
-                tokens.push(token.clone());
-            }
-        }
-        PlatformTokenSource::Tokens(tokens)
-    };
     if path.exists() {
-        return kept_platform_token(&path).map(with_legacy);
+        if legacy.exists() {
+            tracing::warn!(
+                path = %legacy.display(),
+                "ignoring the platform token an earlier version kept in the working directory: this store keeps its own"
+            );
+        }
+        return kept_platform_token(&path).map(PlatformTokenSource::Tokens);
     }
+    // One an earlier version kept in the working directory is adopted by a store that keeps
+    // none yet, once: the file is then renamed, so that deleting the kept one to replace a
+    // leaked token generates a new one rather than adopting the old one again.
+    let legacy_token = legacy_platform_token(&legacy);
     let token = legacy_token
         .clone()
         .unwrap_or_else(|| crate::tokens::issue("olg").secret);
     match write_secret_file(&path, &token)? {
         Written::Now if legacy_token.is_some() => {
-            tracing::info!(
+            let mut adopted = legacy.clone().into_os_string();
+            adopted.push(".adopted");
+            if let Err(error) = std::fs::rename(&legacy, &adopted) {
+                tracing::warn!(%error, path = %legacy.display(), "could not rename the adopted platform token file");
+            }
+            tracing::warn!(
                 from = %legacy.display(),
                 to = %path.display(),
                 "adopted the platform token an earlier version kept in the working directory"
@@ -263,7 +264,7 @@ pub fn platform_tokens(
             Ok(PlatformTokenSource::Tokens(vec![token]))
         }
         // Another process on the same new store generated one first: it is the one kept.
-        Written::Before => kept_platform_token(&path).map(with_legacy),
+        Written::Before => kept_platform_token(&path).map(PlatformTokenSource::Tokens),
     }
 }
 
@@ -480,25 +481,6 @@ mod tests {
             database_url: url.to_owned(),
             master_key: None,
         }
-    }
-
-    #[test]
-    fn a_configured_master_key_that_is_not_the_one_kept_beside_the_data_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/org.db", dir.path().display());
-        let kept = MasterKey::generate().to_base64();
-        std::fs::write(dir.path().join("org.db.master-key"), &kept).unwrap();
-        let configured = |key: String| StoreConfig {
-            database_url: url.clone(),
-            master_key: Some(key),
-        };
-        let error = configured(MasterKey::generate().to_base64())
-            .master_key()
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("is not the master key kept in"), "{error}");
-        let (same, _) = configured(kept.clone()).master_key().unwrap();
-        assert_eq!(same.to_base64(), kept);
     }
 
     #[test]

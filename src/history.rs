@@ -141,6 +141,7 @@ pub async fn state_as_of(
                 .await?
                 .into_iter()
                 .next()
+                .filter(|event| event.sequence == as_of_sequence + 1)
             else {
                 break;
             };

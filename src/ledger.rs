@@ -590,6 +590,7 @@ impl Ledger {
         after: &Arc<Organization>,
         events: Vec<OrganizationEvent>,
         metadata: &HashMap<String, String>,
+        commands: Commands,
     ) -> Result<Vec<EventEnvelope<Organization>>, PersistenceError> {
         let id = organization_id.to_string();
         // Every event of the command but its last says the command goes on: a past state
@@ -597,7 +598,7 @@ impl Ledger {
         let count = events.len();
         let metadata_at = |offset: usize| {
             let mut metadata = metadata.clone();
-            if offset + 1 < count {
+            if commands == Commands::One && offset + 1 < count {
                 metadata.insert(COMMAND_CONTINUES.to_owned(), "true".to_owned());
             }
             metadata
@@ -670,8 +671,19 @@ impl Ledger {
             after.apply(event.clone());
         }
         let after = Arc::new(after);
+        // Imported events say nothing of the commands that made them: none is marked, and a
+        // mark in the metadata given would join them all into one.
+        let mut metadata = metadata;
+        metadata.remove(COMMAND_CONTINUES);
         let committed = self
-            .commit(organization_id, &loaded, &after, events, &metadata)
+            .commit(
+                organization_id,
+                &loaded,
+                &after,
+                events,
+                &metadata,
+                Commands::Unknown,
+            )
             .await
             .map_err(store_failure)?;
         Ok(committed
@@ -738,7 +750,14 @@ impl Ledger {
             }
             let after = Arc::new(after);
             match self
-                .commit(organization_id, &loaded, &after, events, &metadata)
+                .commit(
+                    organization_id,
+                    &loaded,
+                    &after,
+                    events,
+                    &metadata,
+                    Commands::One,
+                )
                 .await
             {
                 Ok(committed) => {
@@ -1354,6 +1373,14 @@ fn decide(
 /// In the metadata of each event of a command but its last (events stored before
 /// 2026-12-07 do not say, nor do imported ones).
 pub const COMMAND_CONTINUES: &str = "command_continues";
+
+/// What the events a commit stores are: one command's, or history whose commands are not
+/// known (an import).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commands {
+    One,
+    Unknown,
+}
 
 /// Whether the command that appended the event with `metadata` appended more after it.
 pub fn continues_command(metadata: &HashMap<String, String>) -> bool {

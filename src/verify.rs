@@ -17,7 +17,7 @@ use orgledger_projections::organizations::{
     self, AiProviderView, CustomRoleView, IntBool, OrganizationView, SettingsView,
 };
 use orgledger_projections::service_accounts::{self, ServiceAccountView};
-use orgledger_projections::{Database, EventMetadata};
+use orgledger_projections::{fold, Database, EventMetadata};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -342,6 +342,7 @@ async fn verify_organization(
         .collect();
     let mut state = Organization::default();
     let mut entries = ExpectedEntries::new(organization_id, keyed);
+    let mut invitations = ExpectedInvitations::default();
     let mut at_snapshot = None;
     // The first event that could not be read: the replay after it is not the history.
     let mut unreadable = None;
@@ -409,6 +410,7 @@ async fn verify_organization(
             last = event.sequence;
             events += 1;
             entries.push(&event);
+            invitations.push(&event.payload);
             state.apply(event.payload);
             if snapshot.as_ref().is_some_and(|(_, at)| *at == last) {
                 at_snapshot = Some(state.clone());
@@ -499,6 +501,7 @@ async fn verify_organization(
         let replay = Replay {
             state: &state,
             entries: &entries,
+            invitations: &invitations,
             last,
             keyed,
         };
@@ -585,6 +588,7 @@ async fn verify_read_models_of(
     let Replay {
         state,
         entries: expected_entries,
+        invitations: expected_invitations,
         last,
         keyed,
     } = replay;
@@ -619,7 +623,7 @@ async fn verify_read_models_of(
         &before,
         "members",
         "SELECT user_id, role, email, first_name, last_name, title, image_url, joined_at_us,
-                group_ids, locked_fields
+                group_ids, locked_fields, first_name_folded, last_name_folded
            FROM rm_members WHERE organization_id = $1",
         &args![id.as_str()],
     )
@@ -637,9 +641,10 @@ async fn verify_read_models_of(
         database,
         &before,
         "invitations",
-        "SELECT id, role, email, first_name, last_name, title, group_id, invited_by_type,
-                invited_by_id, sent_at_us, expires_at_us, max_uses, uses, token_sha256
-           FROM rm_invitations WHERE organization_id = $1 AND status = 'pending'",
+        "SELECT id, role, email, first_name, last_name, title, group_id, status, invited_by_type,
+                invited_by_id, sent_at_us, expires_at_us, max_uses, uses, token_sha256,
+                accepted_at_us, revoked_at_us
+           FROM rm_invitations WHERE organization_id = $1",
         &args![id.as_str()],
     )
     .await?;
@@ -710,28 +715,14 @@ async fn verify_read_models_of(
         compare_shared_rows("members", held_fields, expected_fields, found);
     }
     if compared("invitations") {
-        let held_fields = invitations
+        // Every invitation, pending or ended (the replayed state keeps only the pending
+        // ones): each row as the events that made it say, who it was for only where the
+        // replay could open it.
+        let held = invitations
             .iter()
             .map(|invitation| (invitation.id.clone(), invitation.fields(keyed)))
             .collect();
-        let expected_fields = state
-            .invitations
-            .iter()
-            .map(|(id, invitation)| (id.to_string(), invitation_fields(invitation, keyed)))
-            .collect();
-        let held = invitations
-            .into_iter()
-            .map(|invitation| format!("{} for {}", invitation.id, invitation.role))
-            .collect();
-        let events_say = expected(
-            state
-                .invitations
-                .iter()
-                .map(|(id, invitation)| format!("{id} for {}", invitation.role.as_str()))
-                .collect(),
-        );
-        differs("pending invitations", held, events_say, found);
-        compare_shared_rows("pending invitations", held_fields, expected_fields, found);
+        compare_rows("invitations", held, expected_invitations.rows(keyed), found);
     }
     if compared("groups") {
         let held_fields = groups
@@ -834,18 +825,33 @@ struct HeldSettings {
 
 impl HeldSettings {
     async fn read(database: &Database, id: &str) -> Result<Self, sqlx::Error> {
+        use orgledger_projections::args;
         let organization = organizations::get(database, id).await?;
+        // Not shown, but what `q` searches.
+        let folded: Vec<(String,)> = database
+            .fetch_all(
+                "SELECT name_folded FROM rm_organizations WHERE id = $1",
+                &args![id],
+            )
+            .await?;
         let ai_providers = organizations::ai_providers(database, id).await?;
         let roles = organizations::custom_roles(database, id).await?;
+        let mut organization = rows(organization, |row| row.id.clone());
+        if let (Some(serde_json::Value::Object(fields)), Some((folded,))) =
+            (organization.get_mut(id), folded.into_iter().next())
+        {
+            fields.insert("name_folded".to_owned(), folded.into());
+        }
         Ok(Self {
-            organization: rows(organization, |row| row.id.clone()),
+            organization,
             ai_providers: rows(ai_providers, |provider| provider.id.clone()),
             roles: rows(roles, |role| role.key.clone()),
         })
     }
 
-    /// The same, as the replayed `state` makes them: nothing once purged, or for a history
-    /// that never created its organization (an import).
+    /// The same, as the replayed `state` makes them: nothing once purged; no directory row
+    /// for a history that never created its organization (an import), whose providers and
+    /// roles are still kept.
     fn of(state: &Organization, id: &str, last: usize) -> Self {
         let (status, deleted_at, purge_after) = match &state.lifecycle {
             Lifecycle::Active => ("active", None, None),
@@ -853,7 +859,8 @@ impl HeldSettings {
                 deleted_at,
                 purge_after,
             } => ("deleted", Some(*deleted_at), Some(*purge_after)),
-            Lifecycle::Unborn | Lifecycle::Purged => {
+            Lifecycle::Unborn => ("", None, None),
+            Lifecycle::Purged => {
                 return Self {
                     organization: Rows::new(),
                     ai_providers: Rows::new(),
@@ -904,8 +911,15 @@ impl HeldSettings {
                 .map(str::to_owned)
                 .collect(),
         });
+        let mut organization = rows([organization], |row| row.id.clone());
+        if let Some(serde_json::Value::Object(fields)) = organization.get_mut(id) {
+            fields.insert("name_folded".to_owned(), fold(&state.name).into());
+        }
+        if state.lifecycle == Lifecycle::Unborn {
+            organization.clear();
+        }
         Self {
-            organization: rows([organization], |row| row.id.clone()),
+            organization,
             ai_providers: rows(ai_providers, |provider| provider.id.clone()),
             roles: rows(roles, |role| role.key.clone()),
         }
@@ -1084,6 +1098,8 @@ struct HeldMember {
     joined_at_us: i64,
     group_ids: String,
     locked_fields: String,
+    first_name_folded: Option<String>,
+    last_name_folded: Option<String>,
 }
 
 impl HeldMember {
@@ -1103,6 +1119,9 @@ impl HeldMember {
                     ("last_name", self.last_name.as_ref()),
                     ("title", self.title.as_ref()),
                     ("image_url", self.image_url.as_ref()),
+                    // What `q` searches.
+                    ("first_name_folded", self.first_name_folded.as_ref()),
+                    ("last_name_folded", self.last_name_folded.as_ref()),
                 ],
             );
         }
@@ -1126,6 +1145,8 @@ fn member_fields(member: &orgledger_domain::Member, keyed: bool) -> serde_json::
         "locked_fields": locked_fields,
     });
     if keyed {
+        let first_name_folded = member.first_name.as_deref().map(fold);
+        let last_name_folded = member.last_name.as_deref().map(fold);
         add_profile(
             &mut fields,
             [
@@ -1134,14 +1155,15 @@ fn member_fields(member: &orgledger_domain::Member, keyed: bool) -> serde_json::
                 ("last_name", member.last_name.as_ref()),
                 ("title", member.title.as_ref()),
                 ("image_url", member.image_url.as_ref()),
+                ("first_name_folded", first_name_folded.as_ref()),
+                ("last_name_folded", last_name_folded.as_ref()),
             ],
         );
     }
     fields
 }
 
-/// A row of the invitations read model as compared (pending ones: the replay keeps no
-/// other).
+/// A row of the invitations read model as compared.
 #[derive(sqlx::FromRow)]
 struct HeldInvitation {
     id: String,
@@ -1151,6 +1173,7 @@ struct HeldInvitation {
     last_name: Option<String>,
     title: Option<String>,
     group_id: Option<String>,
+    status: String,
     invited_by_type: String,
     invited_by_id: String,
     sent_at_us: i64,
@@ -1158,19 +1181,25 @@ struct HeldInvitation {
     max_uses: i64,
     uses: i64,
     token_sha256: Option<String>,
+    accepted_at_us: Option<i64>,
+    revoked_at_us: Option<i64>,
 }
 
 impl HeldInvitation {
-    /// What is compared beside the role; who it is for only when `keyed`.
+    /// The compared fields; who it is for only when `keyed`.
     fn fields(&self, keyed: bool) -> serde_json::Value {
         let mut fields = serde_json::json!({
+            "role": self.role,
             "group_id": self.group_id,
+            "status": self.status,
             "invited_by": format!("{} {}", self.invited_by_type, self.invited_by_id),
             "sent_at": self.sent_at_us,
             "expires_at": self.expires_at_us,
             "max_uses": self.max_uses,
             "uses": self.uses,
             "token_sha256": self.token_sha256,
+            "accepted_at": self.accepted_at_us,
+            "revoked_at": self.revoked_at_us,
         });
         if keyed {
             add_profile(
@@ -1187,29 +1216,105 @@ impl HeldInvitation {
     }
 }
 
-/// The same fields of a pending invitation as its replay holds them.
-fn invitation_fields(invitation: &orgledger_domain::Invitation, keyed: bool) -> serde_json::Value {
-    let mut fields = serde_json::json!({
-        "group_id": invitation.group_id.map(|id| id.to_string()),
-        "invited_by": format!("{} {}", invitation.invited_by.kind(), invitation.invited_by.id()),
-        "sent_at": orgledger_projections::to_micros(invitation.sent_at),
-        "expires_at": orgledger_projections::to_micros(invitation.expires_at),
-        "max_uses": invitation.max_uses,
-        "uses": invitation.uses,
-        "token_sha256": invitation.token_sha256,
-    });
-    if keyed {
-        add_profile(
-            &mut fields,
-            [
-                ("email", invitation.email.as_ref()),
-                ("first_name", invitation.first_name.as_ref()),
-                ("last_name", invitation.last_name.as_ref()),
-                ("title", invitation.title.as_ref()),
-            ],
-        );
+/// Every invitation as its events leave it, pending or ended: what the invitations read
+/// model must hold. (The replayed state keeps only pending ones: the rules need no more.)
+#[derive(Default)]
+struct ExpectedInvitations(BTreeMap<Uuid, ExpectedInvitation>);
+
+struct ExpectedInvitation {
+    sent: orgledger_domain::InvitationSent,
+    uses: u32,
+    status: &'static str,
+    token_sha256: Option<String>,
+    sent_at: chrono::DateTime<chrono::Utc>,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    accepted_at: Option<chrono::DateTime<chrono::Utc>>,
+    revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl ExpectedInvitations {
+    fn push(&mut self, event: &OrganizationEvent) {
+        use OrganizationEvent as E;
+        match event {
+            E::InvitationSent(e) => {
+                self.0
+                    .entry(e.invitation_id)
+                    .or_insert_with(|| ExpectedInvitation {
+                        sent: e.clone(),
+                        uses: 0,
+                        status: "pending",
+                        token_sha256: Some(e.token_sha256.clone()),
+                        sent_at: e.sent_at,
+                        expires_at: e.expires_at,
+                        accepted_at: None,
+                        revoked_at: None,
+                    });
+            }
+            E::InvitationResent(e) => {
+                if let Some(invitation) = self.0.get_mut(&e.invitation_id) {
+                    invitation.token_sha256 = Some(e.token_sha256.clone());
+                    invitation.sent_at = e.sent_at;
+                    invitation.expires_at = e.expires_at;
+                }
+            }
+            E::InvitationRevoked(e) => {
+                if let Some(invitation) = self.0.get_mut(&e.invitation_id) {
+                    invitation.status = "revoked";
+                    invitation.revoked_at = Some(e.revoked_at);
+                    invitation.token_sha256 = None;
+                }
+            }
+            E::InvitationAccepted(e) => {
+                if let Some(invitation) = self.0.get_mut(&e.invitation_id) {
+                    invitation.uses += 1;
+                    invitation.accepted_at = Some(e.accepted_at);
+                    // A used-up invitation is accepted and its token dead.
+                    if invitation.uses >= invitation.sent.max_uses {
+                        invitation.status = "accepted";
+                        invitation.token_sha256 = None;
+                    }
+                }
+            }
+            E::OrganizationPurged(_) => self.0.clear(),
+            _ => {}
+        }
     }
-    fields
+
+    /// The rows, as [`HeldInvitation::fields`] renders the stored ones.
+    fn rows(&self, keyed: bool) -> Rows {
+        let micros = orgledger_projections::to_micros;
+        self.0
+            .iter()
+            .map(|(id, invitation)| {
+                let sent = &invitation.sent;
+                let mut fields = serde_json::json!({
+                    "role": sent.role.as_str(),
+                    "group_id": sent.group_id.map(|group| group.to_string()),
+                    "status": invitation.status,
+                    "invited_by": format!("{} {}", sent.invited_by.kind(), sent.invited_by.id()),
+                    "sent_at": micros(invitation.sent_at),
+                    "expires_at": micros(invitation.expires_at),
+                    "max_uses": sent.max_uses,
+                    "uses": invitation.uses,
+                    "token_sha256": invitation.token_sha256,
+                    "accepted_at": invitation.accepted_at.map(micros),
+                    "revoked_at": invitation.revoked_at.map(micros),
+                });
+                if keyed {
+                    add_profile(
+                        &mut fields,
+                        [
+                            ("email", sent.email.as_ref()),
+                            ("first_name", sent.first_name.as_ref()),
+                            ("last_name", sent.last_name.as_ref()),
+                            ("title", sent.title.as_ref()),
+                        ],
+                    );
+                }
+                (id.to_string(), fields)
+            })
+            .collect()
+    }
 }
 
 /// Adds personal fields to a compared row.
@@ -1236,6 +1341,7 @@ fn sorted_texts(stored: &str) -> Vec<String> {
 struct Replay<'r> {
     state: &'r Organization,
     entries: &'r ExpectedEntries,
+    invitations: &'r ExpectedInvitations,
     last: usize,
     /// Without its key the replay reads personal data as erased, which the entries written
     /// before hold: they are not compared (a finding says the key is missing), unless

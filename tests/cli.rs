@@ -508,9 +508,28 @@ fn a_rust_log_that_is_not_a_filter_is_reported() {
     );
 }
 
+/// A master key configured for a SQLite store that keeps another beside it is said at start:
+/// what one seals the other does not open.
+#[test]
+fn a_configured_master_key_other_than_the_kept_one_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger_with_key_beside_data(&["migrate"], &url)
+        .status
+        .success());
+    assert!(dir.path().join("orgledger.db.master-key").exists());
+    let other = orgledger(&["projections", "status"], &url);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("ORGLEDGER_MASTER_KEY is not the master key kept beside the data"),
+        "{stderr}"
+    );
+}
+
 /// On SQLite too, a platform token an earlier version kept in its working directory is
 /// adopted by a store that keeps none yet (kept beside the data from then on, nothing
-/// printed), and still accepted by the process that finds it beside another one kept.
+/// printed), once: its file is renamed, so that deleting the kept one (to replace a leaked
+/// token) generates a new one. A store that keeps its own ignores such a file.
 #[tokio::test]
 async fn a_sqlite_store_adopts_the_token_an_earlier_version_kept_in_the_working_directory() {
     const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -523,28 +542,34 @@ async fn a_sqlite_store_adopts_the_token_an_earlier_version_kept_in_the_working_
         async move { request.await.unwrap().status() }
     };
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("orgledger.api-token"),
-        format!("{LEGACY}\n"),
-    )
-    .unwrap();
+    let legacy = dir.path().join("orgledger.api-token");
+    std::fs::write(&legacy, format!("{LEGACY}\n")).unwrap();
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
     let adopting = serve_from(dir.path(), &url, &[], Some(KEY));
     assert_eq!(status(&adopting, LEGACY).await, reqwest::StatusCode::OK);
-    let (printed, _) = adopting.stop();
+    let (printed, log) = adopting.stop();
     assert!(!printed.contains("Generated a platform token"), "{printed}");
+    assert!(log.contains("adopted the platform token"), "{log}");
     let kept = dir.path().join("orgledger.db.api-token");
     assert_eq!(std::fs::read_to_string(&kept).unwrap().trim(), LEGACY);
+    assert!(!legacy.exists(), "adopted once");
+    assert!(dir.path().join("orgledger.api-token.adopted").exists());
 
+    // The leaked token replaced: a new one, printed; the old one refused.
+    std::fs::remove_file(&kept).unwrap();
+    std::fs::write(&legacy, format!("{LEGACY}\n")).unwrap();
     std::fs::write(&kept, "olg_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").unwrap();
-    let both = serve_from(dir.path(), &url, &[], Some(KEY));
-    assert_eq!(status(&both, LEGACY).await, reqwest::StatusCode::OK);
+    let own = serve_from(dir.path(), &url, &[], Some(KEY));
     assert_eq!(
-        status(&both, "olg_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await,
+        status(&own, "olg_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").await,
         reqwest::StatusCode::OK
     );
-    let (_, log) = both.stop();
-    assert!(log.contains("accepted by this process only"), "{log}");
+    assert_eq!(
+        status(&own, LEGACY).await,
+        reqwest::StatusCode::UNAUTHORIZED
+    );
+    let (_, log) = own.stop();
+    assert!(log.contains("this store keeps its own"), "{log}");
 }
 
 /// On PostgreSQL the platform token `serve` generates is kept beside the data, in the

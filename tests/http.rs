@@ -4692,6 +4692,10 @@ async fn a_database_refusing_connections_is_503_and_the_service_recovers_on_post
         .execute(&mut admin)
         .await
         .unwrap();
+    // Pooled connections idle this long are pinged before use, so the dead ones are
+    // replaced, and the new ones refused. (One used at once would fail its statement: a
+    // `500`, its outcome unknown to the pool.)
+    tokio::time::sleep(orgledger_projections::PING_IDLE_FOR * 3).await;
     let groups = format!("/v1/organizations/{org}/groups");
     let keyed = || {
         app.request(Method::POST, &groups, Some("olivia"))

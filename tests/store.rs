@@ -2257,10 +2257,32 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         confirm_name: "Gone".into(),
     });
     run(ledger, purged, "gail", purge).await;
+    // Purged with settings, providers, roles and service accounts: none of them is left.
+    let (settled, ..) = organization_with_settings_and_accounts(ledger).await;
+    let purge_settled = OrganizationCommand::PurgeOrganization(PurgeOrganization {
+        confirm_name: "Settled".into(),
+    });
+    run(ledger, settled, "olivia", purge_settled).await;
     // History imported as it was, with no rule checked: its first event is not a creation.
+    // Its providers and roles are kept without a directory row, by the replay as by the
+    // read models.
     let imported = Uuid::now_v7();
+    let mut history = role_flips(2, "ivy");
+    history.push(OrganizationEvent::AiProviderAdded(AiProviderAdded {
+        provider_id: Uuid::now_v7(),
+        name: "Main".into(),
+        kind: "openai".into(),
+        enabled: true,
+        api_key: Secret::from("sk-imported-1234".to_owned()),
+        api_key_last4: "1234".into(),
+    }));
+    history.push(OrganizationEvent::RoleDefined(RoleDefined {
+        key: "auditor".into(),
+        name: "Auditor".into(),
+        permissions: vec![Permission::ReadAudit],
+    }));
     ledger
-        .import(imported, role_flips(2, "ivy"), HashMap::new())
+        .import(imported, history, HashMap::new())
         .await
         .unwrap();
     service.catch_up().await;
@@ -2275,7 +2297,7 @@ async fn verify_passes_a_history_that_holds_together(backend: Backend) {
         problem: "the first event is MemberRoleChanged, not OrganizationCreated".into(),
     };
     assert_eq!(report.findings, [imported_finding], "{report:?}");
-    assert_eq!(report.organizations, 5);
+    assert_eq!(report.organizations, 6);
     let stored = count(service.db(), "SELECT count(*) FROM events").await;
     assert_eq!(report.events, stored as u64);
     assert_eq!(
@@ -2571,7 +2593,20 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
     let pending: Vec<(String,)> = db.fetch_all(&pending, &[]).await.unwrap();
     assert_eq!(pending.len(), 1, "pam's");
     let pending = &pending[0].0;
+    let ended = |status: &str| {
+        format!(
+            "SELECT id FROM rm_invitations WHERE organization_id = '{org}' AND status = '{status}' \
+              ORDER BY id LIMIT 1"
+        )
+    };
+    let accepted: Vec<(String,)> = db.fetch_all(&ended("accepted"), &[]).await.unwrap();
+    let accepted = &accepted[0].0;
+    let revoked: Vec<(String,)> = db.fetch_all(&ended("revoked"), &[]).await.unwrap();
+    let revoked = &revoked[0].0;
     for sql in [
+        // Ended invitations are compared too: the replayed state keeps only pending ones.
+        format!("UPDATE rm_invitations SET role = 'owner', uses = 0 WHERE id = '{accepted}'"),
+        format!("DELETE FROM rm_invitations WHERE id = '{revoked}'"),
         format!(
             "UPDATE rm_invitations SET role = 'admin', expires_at_us = expires_at_us + 86400000000 \
               WHERE id = '{pending}'"
@@ -2615,13 +2650,14 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
              (email, joined_at, title)"
                 .to_owned(),
             format!(
-                "its pending invitations read model differs from its history: it holds \
-                 [{pending} for admin] where the events say [{pending} for viewer]"
+                "its invitations read model holds {accepted} differing from its history \
+                 (role, uses)"
             ),
             format!(
-                "its pending invitations read model holds {pending} differing from its \
-                 history (expires_at)"
+                "its invitations read model holds {pending} differing from its history \
+                 (expires_at, role)"
             ),
+            format!("its invitations read model lacks {revoked}, which its history holds"),
             format!(
                 "its groups read model differs from its history: it holds [{group_id} \
                  \"Support \\\"Ω\\\"\" of [mia, omar]] where the events say [{group_id} \

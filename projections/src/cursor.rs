@@ -173,7 +173,7 @@ where
 /// Text as searches compare it: lower-cased by Unicode's rules. Read models keep a folded
 /// copy of what `q` searches, because SQLite's `lower()` and `LIKE` fold ASCII letters only
 /// (`É` stays `É`) where PostgreSQL's fold them all: both stores then match alike.
-pub(crate) fn fold(text: &str) -> String {
+pub fn fold(text: &str) -> String {
     text.to_lowercase()
 }
 

@@ -479,39 +479,34 @@ fn create_private(path: &std::path::Path) {
 
 /// Whether `error` says the database did not take the statement: too busy to in time
 /// (SQLite's write lock still held when its busy timeout ran out, no pooled connection free
-/// within the pool's acquire timeout), or not reachable (the connection broke, or the
-/// server refused a new one: shutting down, starting up, out of connections, or the
-/// database closed to connections). Not a fault of the request, nor of the data: a retry
-/// may pass.
+/// within the pool's acquire timeout), or refusing new connections (starting up or shutting
+/// down, out of connections, or the database closed to them). Not a fault of the request,
+/// nor of the data, and nothing of the statement ran: a retry may pass. A connection that
+/// broke while a statement ran is not among them: its outcome is unknown.
 pub fn is_busy(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(error)
-            if error
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .is_some() =>
-        {
-            // Class 08: connection exceptions; 57P01 to 57P03: shut down, crashed, cannot
-            // connect now; 53300: too many connections; 55000: what a database closed to
-            // connections (`ALLOW_CONNECTIONS false`) answers a new one.
-            error.code().is_some_and(|code| {
-                code.starts_with("08")
-                    || matches!(
-                        code.as_ref(),
-                        "57P01" | "57P02" | "57P03" | "53300" | "55000"
-                    )
-            })
-        }
-        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low byte).
-        sqlx::Error::Database(error)
-            if error
-                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
-                .is_some() =>
-        {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(error) => {
+            if let Some(error) = error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                // What a server answers a new connection it refuses: cannot connect now
+                // (starting up, shutting down), too many connections, could not establish
+                // or rejected; and, by its message (55000 is also raised for unrelated
+                // states), a database closed to connections (`ALLOW_CONNECTIONS false`).
+                return matches!(error.code(), "57P03" | "53300" | "08001" | "08004")
+                    || (error.code() == "55000"
+                        && error
+                            .message()
+                            .contains("not currently accepting connections"));
+            }
+            // SQLite: SQLITE_BUSY and SQLITE_LOCKED, with their extended codes (the low
+            // byte).
             error
-                .code()
-                .and_then(|code| code.parse::<i32>().ok())
-                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+                .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                .is_some()
+                && error
+                    .code()
+                    .and_then(|code| code.parse::<i32>().ok())
+                    .is_some_and(|code| matches!(code & 0xff, 5 | 6))
         }
         _ => false,
     }

@@ -19,7 +19,7 @@ mod projector;
 pub mod service_accounts;
 mod time;
 
-pub use cursor::{page_of, Cursor, CursorError, List, Page};
+pub use cursor::{fold, page_of, Cursor, CursorError, List, Page};
 pub use db::{is_busy, Arg, Backend, Conn, Database, DatabaseError, Transaction, PING_IDLE_FOR};
 pub use feed::{Checkpoint, EventFeed, EventMetadata, FeedError, RecordedEvent};
 pub use projector::{

@@ -152,6 +152,8 @@ pub enum ProjectionError {
     Unknown(String),
     #[error("the rebuild was stopped before its copies were swapped in; they were dropped and the read models are as they were")]
     Stopped,
+    #[error("the rebuild was stopped before its copies were swapped in; the read models are as they were, but its copies could not all be dropped: the next rebuild, or `serve`, drops them once untouched for 2 minutes")]
+    StoppedCopiesLeft,
 }
 
 /// Where a projection stands, for `projections status`, `/readyz` and metrics.
@@ -1339,10 +1341,14 @@ impl Projector {
         reader.abort();
         bar.finish_and_clear();
         if let Err(error) = result {
+            let mut dropped = true;
             for (_, shadow) in &copies {
-                self.discard(shadow.as_ref(), None).await;
+                dropped &= self.discard(shadow.as_ref(), None).await;
             }
-            return Err(error);
+            return Err(match error {
+                ProjectionError::Stopped if !dropped => ProjectionError::StoppedCopiesLeft,
+                error => error,
+            });
         }
         let finished = Instant::now();
         let seconds = (finished - started).as_secs_f64();
@@ -1498,7 +1504,9 @@ impl Projector {
     /// Drops a rebuild's copy: its tables, checkpoint and versions. With `untouched_since`,
     /// only if its checkpoint is still untouched since then, checked again in the
     /// transaction that drops it: a rebuild that touched it meanwhile keeps it.
-    async fn discard(&self, shadow: &dyn Projection, untouched_since: Option<i64>) {
+    /// Drops a rebuild's copy (one untouched since `untouched_since`, if given): whether it
+    /// is gone.
+    async fn discard(&self, shadow: &dyn Projection, untouched_since: Option<i64>) -> bool {
         let result = async {
             let mut tx = self.database.begin().await?;
             let mut conn = tx.conn();
@@ -1529,8 +1537,12 @@ impl Projector {
             tx.commit().await
         }
         .await;
-        if let Err(error) = result {
-            tracing::warn!(projection = shadow.name(), %error, "could not drop an abandoned rebuild");
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(projection = shadow.name(), %error, "could not drop an abandoned rebuild");
+                false
+            }
         }
     }
 }

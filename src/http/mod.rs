@@ -273,13 +273,16 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// A request's path as logged: a user id (which an API layer may make an email) is shown as
-/// `{user_id}`; organizations, groups and the like keep their ids, which are not personal.
+/// `{user_id}`, and any other segment that looks like an email (a path no route matched) as
+/// `{redacted}`; organizations, groups and the like keep their ids, which are not personal.
 fn loggable_path(path: &str) -> String {
     let mut previous = "";
     path.split('/')
         .map(|segment| {
             let shown = if matches!(previous, "users" | "members") && !segment.is_empty() {
                 "{user_id}"
+            } else if segment.contains('@') || segment.contains("%40") {
+                "{redacted}"
             } else {
                 segment
             };
@@ -586,6 +589,8 @@ mod tests {
                 "/v1/organizations/0190/members/",
                 "/v1/organizations/0190/members/",
             ),
+            ("/v1/user/zoe@example.com", "/v1/user/{redacted}"),
+            ("/v1/user/zoe%40example.com/x", "/v1/user/{redacted}/x"),
         ] {
             assert_eq!(loggable_path(path), logged);
         }

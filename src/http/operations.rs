@@ -39,39 +39,48 @@ async fn healthz() -> axum::Json<HealthDto> {
 #[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
     responses((status = 200, body = HealthDto), ProblemResponses))]
 async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, ApiError> {
-    let not_ready =
-        |detail: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", detail);
-    let database = state.service.database();
-    // A probe is answered within its bound, not the pool's 10 s wait for a connection.
-    match tokio::time::timeout(READY_CHECK, database.is_migrated()).await {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => return Err(not_ready("migrations are pending".into())),
-        Ok(Err(error)) => {
-            // The cause names hosts and users; this route answers anyone.
-            tracing::warn!(%error, "readiness: database unreachable");
-            return Err(not_ready("database unreachable".into()));
-        }
+    // A probe is answered within its bound, not after the pool's 10 s wait for a connection.
+    match tokio::time::timeout(READY_CHECK, readiness(&state)).await {
+        Ok(Ok(())) => Ok(axum::Json(HealthDto {
+            status: "ready".to_owned(),
+        })),
+        Ok(Err(detail)) => Err(not_ready(detail)),
         Err(_) => {
             tracing::warn!(
                 seconds = READY_CHECK.as_secs(),
                 "readiness: database did not answer"
             );
-            return Err(not_ready("database unreachable".into()));
+            Err(not_ready("database unreachable".into()))
+        }
+    }
+}
+
+fn not_ready(detail: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", detail)
+}
+
+/// Why the service is not ready, if it is not.
+async fn readiness(state: &AppState) -> Result<(), String> {
+    match state.service.database().is_migrated().await {
+        Ok(true) => {}
+        Ok(false) => return Err("migrations are pending".into()),
+        Err(error) => {
+            // The cause names hosts and users; this route answers anyone.
+            tracing::warn!(%error, "readiness: database unreachable");
+            return Err("database unreachable".into());
         }
     }
     let statuses = state.service.projector.status().await.map_err(|error| {
         tracing::warn!(%error, "readiness: projection status unavailable");
-        not_ready("projection status unavailable".into())
+        "projection status unavailable".to_owned()
     })?;
     if let Some(behind) = statuses.iter().find(|s| s.lag_seconds > READY_LAG_SECONDS) {
-        return Err(not_ready(format!(
+        return Err(format!(
             "projection {} is {:.1} s behind",
             behind.name, behind.lag_seconds
-        )));
+        ));
     }
-    Ok(axum::Json(HealthDto {
-        status: "ready".to_owned(),
-    }))
+    Ok(())
 }
 
 /// Prometheus text: requests, latency, commands by outcome, events appended, projection lag.
