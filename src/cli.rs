@@ -440,14 +440,25 @@ async fn export_to(
     let bar = spinner_on_terminal("{spinner} exporting: {bytes} written ({bytes_per_sec})");
     let mut stream = crate::exports::data_export(service, view);
     let mut written = 0_u64;
+    // A reader that left early (`| head`) leaves the export incomplete: said as such.
+    let closed = |error: std::io::Error, written: u64| -> anyhow::Error {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            anyhow::anyhow!(
+                "the reader closed the output after {written} bytes: the export is incomplete"
+            )
+        } else {
+            error.into()
+        }
+    };
     let copied = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            sink.write_all(&chunk)?;
+            sink.write_all(&chunk)
+                .map_err(|error| closed(error, written))?;
             written += chunk.len() as u64;
             bar.set_position(written);
         }
-        sink.flush()?;
+        sink.flush().map_err(|error| closed(error, written))?;
         Ok(())
     };
     // A signal must not leave half an export file behind: it holds personal data in clear.

@@ -206,6 +206,45 @@ fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_statu
     }
 }
 
+/// An export to standard output whose reader left early is incomplete, and says so: a
+/// failing exit status, no line claiming it was exported.
+#[tokio::test]
+async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    let key =
+        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
+    let database = orgledger::store::Database::connect(&url).await.unwrap();
+    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let org = support::acme_with_mia(&ledger).await;
+    database.close().await;
+    assert!(orgledger(&["projections", "rebuild"], &url)
+        .status
+        .success());
+
+    let org = org.to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
+        .args(["export", "--organization", &org, "-o", "-"])
+        .env("DATABASE_URL", &url)
+        .env(
+            "ORGLEDGER_MASTER_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the export is incomplete"), "{stderr}");
+    assert!(!stderr.contains("exported organization"), "{stderr}");
+}
+
 /// `projections rebuild` on a store whose audit log is in an older schema replays it once:
 /// the start-up rebuild that `serve` would run first is left to the rebuild asked for.
 #[tokio::test]

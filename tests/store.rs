@@ -2613,7 +2613,8 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
         ),
         format!(
             "UPDATE rm_members \
-                SET email = 'mia@elsewhere.example', title = 'CEO', joined_at_us = joined_at_us - 1 \
+                SET email = 'mia@elsewhere.example', title = 'CEO', joined_at_us = joined_at_us - 1, \
+                    last_name_folded = 'zorro' \
               WHERE organization_id = '{org}' AND user_id = 'mia'"
         ),
         format!(
@@ -2647,7 +2648,7 @@ async fn verify_finds_invitations_and_groups_that_differ_from_the_history(backen
         problems,
         [
             "its members read model holds mia differing from its history \
-             (email, joined_at, title)"
+             (email, joined_at, last_name_folded, title)"
                 .to_owned(),
             format!(
                 "its invitations read model holds {accepted} differing from its history \
@@ -2792,7 +2793,8 @@ async fn verify_finds_settings_roles_providers_and_service_accounts_that_differ_
     for sql in [
         format!(
             "UPDATE rm_organizations SET timezone = 'UTC', member_count = 7, \
-                    client_restrictions = '{{\"default\":\"allow\",\"clients\":{{}}}}' \
+                    client_restrictions = '{{\"default\":\"allow\",\"clients\":{{}}}}', \
+                    name_folded = 'zebra' \
               WHERE id = '{org}'"
         ),
         format!("DELETE FROM rm_ai_providers WHERE id = '{provider}'"),
@@ -2824,7 +2826,7 @@ async fn verify_finds_settings_roles_providers_and_service_accounts_that_differ_
         [
             format!(
                 "its organizations read model holds {org} differing from its history \
-                 (member_count, settings.client_restrictions.clients.cursor, \
+                 (member_count, name_folded, settings.client_restrictions.clients.cursor, \
                  settings.client_restrictions.default, settings.timezone)"
             ),
             format!("its AI providers read model lacks {provider}, which its history holds"),
