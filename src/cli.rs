@@ -324,21 +324,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             return Err(error.into());
                         }
                     };
-                    if let Some(name) = name {
-                        say(format_args!(
-                            "rebuilt {:<16} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
-                            name,
-                            report.events,
-                            report.seconds,
-                            report.events_per_second,
-                            phases(&report)
-                        ))?;
-                        service.close().await;
-                        return Ok(());
-                    }
+                    let what = match name {
+                        Some(name) => format!("{name:<16}"),
+                        None => format!(
+                            "all {} projections from one read of the log:",
+                            PROJECTION_NAMES.len()
+                        ),
+                    };
                     say(format_args!(
-                        "rebuilt all {} projections from one read of the log: {} events in {:.2} s  ({:.0} events/s; {})",
-                        PROJECTION_NAMES.len(),
+                        "rebuilt {what} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
                         report.events,
                         report.seconds,
                         report.events_per_second,

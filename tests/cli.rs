@@ -29,6 +29,25 @@ fn orgledger_with_key_beside_data(args: &[&str], database_url: &str) -> Output {
         .expect("the binary runs")
 }
 
+/// A SQLite store in `dir`, migrated by the binary, and a ledger on it under the master key
+/// [`orgledger`] passes (32 zero bytes): its URL, database and ledger.
+async fn sqlite_store_under_the_zero_key(
+    dir: &tempfile::TempDir,
+) -> (
+    String,
+    orgledger::store::Database,
+    orgledger::ledger::Ledger,
+) {
+    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
+    assert!(orgledger(&["migrate"], &url).status.success());
+    let key =
+        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+            .unwrap();
+    let database = orgledger::store::Database::connect(&url).await.unwrap();
+    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    (url, database, ledger)
+}
+
 #[test]
 fn projections_status_on_a_mistyped_sqlite_path_fails_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,13 +230,7 @@ fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_statu
 #[tokio::test]
 async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
-    assert!(orgledger(&["migrate"], &url).status.success());
-    let key =
-        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .unwrap();
-    let database = orgledger::store::Database::connect(&url).await.unwrap();
-    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
     let org = support::acme_with_mia(&ledger).await;
     database.close().await;
     assert!(orgledger(&["projections", "rebuild"], &url)
@@ -280,13 +293,7 @@ async fn projections_rebuild_replays_an_older_schema_once() {
 #[tokio::test]
 async fn a_rebuild_stopped_by_a_signal_drops_its_copies_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
-    assert!(orgledger(&["migrate"], &url).status.success());
-    let key =
-        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .unwrap();
-    let database = orgledger::store::Database::connect(&url).await.unwrap();
-    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
     let org = support::acme_with_mia(&ledger).await;
     ledger
         .import(org, support::role_flips(40_000, "mia"), Default::default())
@@ -1042,14 +1049,7 @@ async fn verify_passes_an_empty_store_and_fails_naming_an_event_it_cannot_read()
 #[tokio::test]
 async fn verify_tells_a_wrong_master_key_from_altered_events_once_every_organization_is_purged() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
-    assert!(orgledger(&["migrate"], &url).status.success());
-    // The key `orgledger` passes: 32 zero bytes.
-    let key =
-        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .unwrap();
-    let database = orgledger::store::Database::connect(&url).await.unwrap();
-    let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
     let org = support::acme_with_mia(&ledger).await;
     let purge = orgledger_domain::PurgeOrganization {
         confirm_name: "Acme".into(),
