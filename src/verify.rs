@@ -1105,27 +1105,20 @@ struct HeldMember {
 impl HeldMember {
     /// What is compared beside the role; the profile only when `keyed`.
     fn fields(&self, keyed: bool) -> serde_json::Value {
-        let mut fields = serde_json::json!({
-            "joined_at": self.joined_at_us,
-            "groups": sorted_texts(&self.group_ids),
-            "locked_fields": sorted_texts(&self.locked_fields),
-        });
-        if keyed {
-            add_profile(
-                &mut fields,
-                [
-                    ("email", Some(&self.email)),
-                    ("first_name", self.first_name.as_ref()),
-                    ("last_name", self.last_name.as_ref()),
-                    ("title", self.title.as_ref()),
-                    ("image_url", self.image_url.as_ref()),
-                    // What `q` searches.
-                    ("first_name_folded", self.first_name_folded.as_ref()),
-                    ("last_name_folded", self.last_name_folded.as_ref()),
-                ],
-            );
-        }
-        fields
+        compared(ComparedMember {
+            joined_at: self.joined_at_us,
+            groups: sorted_texts(&self.group_ids),
+            locked_fields: sorted_texts(&self.locked_fields),
+            profile: keyed.then(|| MemberProfile {
+                email: &self.email,
+                first_name: self.first_name.as_deref(),
+                last_name: self.last_name.as_deref(),
+                title: self.title.as_deref(),
+                image_url: self.image_url.as_deref(),
+                first_name_folded: self.first_name_folded.clone(),
+                last_name_folded: self.last_name_folded.clone(),
+            }),
+        })
     }
 }
 
@@ -1139,28 +1132,75 @@ fn member_fields(member: &orgledger_domain::Member, keyed: bool) -> serde_json::
         .map(|field| field.as_str().to_owned())
         .collect();
     locked_fields.sort();
-    let mut fields = serde_json::json!({
-        "joined_at": orgledger_projections::to_micros(member.joined_at),
-        "groups": groups,
-        "locked_fields": locked_fields,
-    });
-    if keyed {
-        let first_name_folded = member.first_name.as_deref().map(fold);
-        let last_name_folded = member.last_name.as_deref().map(fold);
-        add_profile(
-            &mut fields,
-            [
-                ("email", Some(&member.email)),
-                ("first_name", member.first_name.as_ref()),
-                ("last_name", member.last_name.as_ref()),
-                ("title", member.title.as_ref()),
-                ("image_url", member.image_url.as_ref()),
-                ("first_name_folded", first_name_folded.as_ref()),
-                ("last_name_folded", last_name_folded.as_ref()),
-            ],
-        );
-    }
-    fields
+    compared(ComparedMember {
+        joined_at: orgledger_projections::to_micros(member.joined_at),
+        groups,
+        locked_fields,
+        profile: keyed.then(|| MemberProfile {
+            email: &member.email,
+            first_name: member.first_name.as_deref(),
+            last_name: member.last_name.as_deref(),
+            title: member.title.as_deref(),
+            image_url: member.image_url.as_deref(),
+            first_name_folded: member.first_name.as_deref().map(fold),
+            last_name_folded: member.last_name.as_deref().map(fold),
+        }),
+    })
+}
+
+/// What is compared of a member beside its role, held or replayed: one shape for both sides.
+#[derive(Serialize)]
+struct ComparedMember<'a> {
+    joined_at: i64,
+    groups: Vec<String>,
+    locked_fields: Vec<String>,
+    /// Only where the replay could open it.
+    #[serde(flatten)]
+    profile: Option<MemberProfile<'a>>,
+}
+
+#[derive(Serialize)]
+struct MemberProfile<'a> {
+    email: &'a str,
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    title: Option<&'a str>,
+    image_url: Option<&'a str>,
+    /// What `q` searches.
+    first_name_folded: Option<String>,
+    last_name_folded: Option<String>,
+}
+
+/// What is compared of an invitation, held or made by its events: one shape for both sides.
+#[derive(Serialize)]
+struct ComparedInvitation<'a> {
+    role: &'a str,
+    group_id: Option<String>,
+    status: &'a str,
+    invited_by: String,
+    sent_at: i64,
+    expires_at: i64,
+    max_uses: i64,
+    uses: i64,
+    token_sha256: Option<&'a str>,
+    accepted_at: Option<i64>,
+    revoked_at: Option<i64>,
+    /// Whom it addresses, only where the replay could open it.
+    #[serde(flatten)]
+    profile: Option<InvitationProfile<'a>>,
+}
+
+#[derive(Serialize)]
+struct InvitationProfile<'a> {
+    email: Option<&'a str>,
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    title: Option<&'a str>,
+}
+
+/// A compared shape as JSON, for [`compare_rows`].
+fn compared(fields: impl Serialize) -> serde_json::Value {
+    serde_json::to_value(fields).unwrap_or_default()
 }
 
 /// A row of the invitations read model as compared.
@@ -1188,31 +1228,25 @@ struct HeldInvitation {
 impl HeldInvitation {
     /// The compared fields; who it is for only when `keyed`.
     fn fields(&self, keyed: bool) -> serde_json::Value {
-        let mut fields = serde_json::json!({
-            "role": self.role,
-            "group_id": self.group_id,
-            "status": self.status,
-            "invited_by": format!("{} {}", self.invited_by_type, self.invited_by_id),
-            "sent_at": self.sent_at_us,
-            "expires_at": self.expires_at_us,
-            "max_uses": self.max_uses,
-            "uses": self.uses,
-            "token_sha256": self.token_sha256,
-            "accepted_at": self.accepted_at_us,
-            "revoked_at": self.revoked_at_us,
-        });
-        if keyed {
-            add_profile(
-                &mut fields,
-                [
-                    ("email", self.email.as_ref()),
-                    ("first_name", self.first_name.as_ref()),
-                    ("last_name", self.last_name.as_ref()),
-                    ("title", self.title.as_ref()),
-                ],
-            );
-        }
-        fields
+        compared(ComparedInvitation {
+            role: &self.role,
+            group_id: self.group_id.clone(),
+            status: &self.status,
+            invited_by: format!("{} {}", self.invited_by_type, self.invited_by_id),
+            sent_at: self.sent_at_us,
+            expires_at: self.expires_at_us,
+            max_uses: self.max_uses,
+            uses: self.uses,
+            token_sha256: self.token_sha256.as_deref(),
+            accepted_at: self.accepted_at_us,
+            revoked_at: self.revoked_at_us,
+            profile: keyed.then_some(InvitationProfile {
+                email: self.email.as_deref(),
+                first_name: self.first_name.as_deref(),
+                last_name: self.last_name.as_deref(),
+                title: self.title.as_deref(),
+            }),
+        })
     }
 }
 
@@ -1280,52 +1314,35 @@ impl ExpectedInvitations {
         }
     }
 
-    /// The rows, as [`HeldInvitation::fields`] renders the stored ones.
+    /// The rows, in the shape [`HeldInvitation::fields`] gives the stored ones.
     fn rows(&self, keyed: bool) -> Rows {
         let micros = orgledger_projections::to_micros;
         self.0
             .iter()
             .map(|(id, invitation)| {
                 let sent = &invitation.sent;
-                let mut fields = serde_json::json!({
-                    "role": sent.role.as_str(),
-                    "group_id": sent.group_id.map(|group| group.to_string()),
-                    "status": invitation.status,
-                    "invited_by": format!("{} {}", sent.invited_by.kind(), sent.invited_by.id()),
-                    "sent_at": micros(invitation.sent_at),
-                    "expires_at": micros(invitation.expires_at),
-                    "max_uses": sent.max_uses,
-                    "uses": invitation.uses,
-                    "token_sha256": invitation.token_sha256,
-                    "accepted_at": invitation.accepted_at.map(micros),
-                    "revoked_at": invitation.revoked_at.map(micros),
+                let fields = compared(ComparedInvitation {
+                    role: sent.role.as_str(),
+                    group_id: sent.group_id.map(|group| group.to_string()),
+                    status: invitation.status,
+                    invited_by: format!("{} {}", sent.invited_by.kind(), sent.invited_by.id()),
+                    sent_at: micros(invitation.sent_at),
+                    expires_at: micros(invitation.expires_at),
+                    max_uses: i64::from(sent.max_uses),
+                    uses: i64::from(invitation.uses),
+                    token_sha256: invitation.token_sha256.as_deref(),
+                    accepted_at: invitation.accepted_at.map(micros),
+                    revoked_at: invitation.revoked_at.map(micros),
+                    profile: keyed.then_some(InvitationProfile {
+                        email: sent.email.as_deref(),
+                        first_name: sent.first_name.as_deref(),
+                        last_name: sent.last_name.as_deref(),
+                        title: sent.title.as_deref(),
+                    }),
                 });
-                if keyed {
-                    add_profile(
-                        &mut fields,
-                        [
-                            ("email", sent.email.as_ref()),
-                            ("first_name", sent.first_name.as_ref()),
-                            ("last_name", sent.last_name.as_ref()),
-                            ("title", sent.title.as_ref()),
-                        ],
-                    );
-                }
                 (id.to_string(), fields)
             })
             .collect()
-    }
-}
-
-/// Adds personal fields to a compared row.
-fn add_profile<const N: usize>(
-    fields: &mut serde_json::Value,
-    profile: [(&str, Option<&String>); N],
-) {
-    if let serde_json::Value::Object(fields) = fields {
-        for (name, value) in profile {
-            fields.insert(name.to_owned(), value.cloned().into());
-        }
     }
 }
 

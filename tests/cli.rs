@@ -5,26 +5,36 @@ mod support;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn orgledger(args: &[&str], database_url: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_orgledger"))
+/// The master key [`orgledger`] passes: 32 zero bytes.
+const ZERO_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// The binary with `args` on `database_url` under [`ZERO_KEY`], logging warnings only.
+fn orgledger_command(args: &[&str], database_url: &str) -> Command {
+    let mut command = key_beside_data_command(args, database_url);
+    command.env("ORGLEDGER_MASTER_KEY", ZERO_KEY);
+    command
+}
+
+/// The same with SQLite's defaults: the master key kept beside the data.
+fn key_beside_data_command(args: &[&str], database_url: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orgledger"));
+    command
         .args(args)
         .env("DATABASE_URL", database_url)
-        .env(
-            "ORGLEDGER_MASTER_KEY",
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        )
-        .env("RUST_LOG", "warn")
+        .env_remove("ORGLEDGER_MASTER_KEY")
+        .env("RUST_LOG", "warn");
+    command
+}
+
+fn orgledger(args: &[&str], database_url: &str) -> Output {
+    orgledger_command(args, database_url)
         .output()
         .expect("the binary runs")
 }
 
 /// As an operator runs it with SQLite's defaults: the master key kept beside the data.
 fn orgledger_with_key_beside_data(args: &[&str], database_url: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_orgledger"))
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env_remove("ORGLEDGER_MASTER_KEY")
-        .env("RUST_LOG", "warn")
+    key_beside_data_command(args, database_url)
         .output()
         .expect("the binary runs")
 }
@@ -40,9 +50,7 @@ async fn sqlite_store_under_the_zero_key(
 ) {
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
     assert!(orgledger(&["migrate"], &url).status.success());
-    let key =
-        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .unwrap();
+    let key = orgledger::store::MasterKey::from_base64(ZERO_KEY).unwrap();
     let database = orgledger::store::Database::connect(&url).await.unwrap();
     let ledger = orgledger::ledger::Ledger::new(database.clone(), key);
     (url, database, ledger)
@@ -80,11 +88,7 @@ fn serve_on_an_address_taken_fails_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
     for bind in [address.as_str(), "not-an-address"] {
-        let served = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-            .args(["serve", "--bind", bind])
-            .env("DATABASE_URL", &url)
-            .env_remove("ORGLEDGER_MASTER_KEY")
-            .env("RUST_LOG", "warn")
+        let served = key_beside_data_command(&["serve", "--bind", bind], &url)
             // Set for other programs, it prints no backtrace here.
             .env("RUST_BACKTRACE", "1")
             .output()
@@ -206,13 +210,7 @@ fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_statu
     assert!(orgledger(&["migrate"], &url).status.success());
     for args in [&["projections", "status"][..], &["verify", "--json"]] {
         // As `| head -0`: the pipe's reading end is closed before the command writes.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-            .args(args)
-            .env("DATABASE_URL", &url)
-            .env(
-                "ORGLEDGER_MASTER_KEY",
-                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-            )
+        let mut child = orgledger_command(args, &url)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -238,14 +236,7 @@ async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
         .success());
 
     let org = org.to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-        .args(["export", "--organization", &org, "-o", "-"])
-        .env("DATABASE_URL", &url)
-        .env(
-            "ORGLEDGER_MASTER_KEY",
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        )
-        .env("RUST_LOG", "warn")
+    let mut child = orgledger_command(&["export", "--organization", &org, "-o", "-"], &url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -309,14 +300,7 @@ async fn a_rebuild_stopped_by_a_signal_drops_its_copies_at_once() {
         .await
         .unwrap();
 
-    let mut rebuild = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-        .args(["projections", "rebuild"])
-        .env("DATABASE_URL", &url)
-        .env(
-            "ORGLEDGER_MASTER_KEY",
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        )
-        .env("RUST_LOG", "warn")
+    let mut rebuild = orgledger_command(&["projections", "rebuild"], &url)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -539,10 +523,7 @@ impl Served {
 fn a_rust_log_that_is_not_a_filter_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
-    let migrated = Command::new(env!("CARGO_BIN_EXE_orgledger"))
-        .arg("migrate")
-        .env("DATABASE_URL", &url)
-        .env_remove("ORGLEDGER_MASTER_KEY")
+    let migrated = key_beside_data_command(&["migrate"], &url)
         .env("RUST_LOG", "bogus=[[[")
         .output()
         .unwrap();
@@ -578,7 +559,7 @@ fn a_configured_master_key_other_than_the_kept_one_is_warned_about() {
 /// token) generates a new one. A store that keeps its own ignores such a file.
 #[tokio::test]
 async fn a_sqlite_store_adopts_the_token_an_earlier_version_kept_in_the_working_directory() {
-    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    const KEY: &str = ZERO_KEY;
     const LEGACY: &str = "olg_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     let status = |server: &Served, token: &str| {
         let request = reqwest::Client::new()
@@ -1225,9 +1206,7 @@ async fn an_export_stopped_by_a_signal_leaves_no_file_behind() {
     let database = orgledger::store::Database::connect(&url).await.unwrap();
     database.migrate().await.unwrap();
     // The key `orgledger()` runs the binary with.
-    let key =
-        orgledger::store::MasterKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
-            .unwrap();
+    let key = orgledger::store::MasterKey::from_base64(ZERO_KEY).unwrap();
     let service = orgledger::service::Orgledger::open(database, key)
         .await
         .unwrap();

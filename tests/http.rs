@@ -160,6 +160,25 @@ impl TestApp {
         reply.body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Soft-deletes organization `org`, named `name`, then purges it, as `by`: each `200`.
+    async fn delete_and_purge(&self, org: &str, name: &str, by: &str) {
+        let path = format!("/v1/organizations/{org}");
+        let confirm = json!({ "confirm_name": name });
+        let deleted = self
+            .call(Method::DELETE, &path, Some(by), Some(confirm.clone()))
+            .await;
+        assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
+        let purged = self
+            .call(
+                Method::POST,
+                &format!("{path}/purge"),
+                Some(by),
+                Some(confirm),
+            )
+            .await;
+        assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    }
+
     /// Creates a group of each name in `org`, in order, as `by`.
     async fn create_groups(&self, org: &str, by: &str, names: &[&str]) {
         for name in names {
@@ -1932,25 +1951,7 @@ async fn a_keyed_creation_retried_after_its_organization_was_purged_creates_noth
         ));
     }
     for (id, name) in &created {
-        let path = format!("/v1/organizations/{id}");
-        let deleted = app
-            .call(
-                Method::DELETE,
-                &path,
-                Some("olivia"),
-                Some(json!({"confirm_name": name})),
-            )
-            .await;
-        assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
-        let purged = app
-            .call(
-                Method::POST,
-                &format!("{path}/purge"),
-                Some("olivia"),
-                Some(json!({"confirm_name": name})),
-            )
-            .await;
-        assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+        app.delete_and_purge(id, name, "olivia").await;
     }
     let logged = || async { app.service.ledger.organization_ids().await.unwrap().len() };
     assert_eq!(logged().await, 2);
@@ -4630,24 +4631,7 @@ async fn a_purge_leaves_no_personal_data_in_clear_in_the_sqlite_files() {
         in_clear("zelda.quux@example.com") && in_clear("Zeldaquux"),
         "the read models hold them before"
     );
-    let deleted = app
-        .call(
-            Method::DELETE,
-            &path,
-            Some("olivia"),
-            Some(json!({"confirm_name": "Acme"})),
-        )
-        .await;
-    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.body);
-    let purged = app
-        .call(
-            Method::POST,
-            &format!("{path}/purge"),
-            Some("olivia"),
-            Some(json!({"confirm_name": "Acme"})),
-        )
-        .await;
-    assert_eq!(purged.status, StatusCode::OK, "{}", purged.body);
+    app.delete_and_purge(&org, "Acme", "olivia").await;
     // The log is truncated in the background once the read models have applied the purge.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while (in_clear("zelda.quux@example.com") || in_clear("Zeldaquux"))

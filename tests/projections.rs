@@ -1918,6 +1918,14 @@ async fn a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_even
     flips_at(org, 91, 7).await;
     let events = service.ledger.events(org).await.unwrap();
     let last = events.last().unwrap().sequence;
+    // Imported history says nothing of its commands: none of its events is marked as one
+    // that a command goes on after (only the first, the creation, is).
+    let marked: Vec<usize> = events
+        .iter()
+        .filter(|event| event.metadata.contains_key("command_continues"))
+        .map(|event| event.sequence)
+        .collect();
+    assert_eq!(marked, [1, 4], "the creation and mia's acceptance only");
     assert!(
         snapshot_at > 1_000 && snapshot_at < last,
         "snapshot at {snapshot_at} of {last}"
