@@ -209,6 +209,38 @@ async fn refuse_unmigrated(database: &Database) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `serve` does before it can answer: opens and migrates the store, reads the platform
+/// tokens, finishes purges a crash interrupted.
+async fn start_serving(
+    store: &StoreConfig,
+    api_token: Option<&orgledger_domain::Secret>,
+    consistency_wait_ms: u64,
+) -> anyhow::Result<(Arc<Orgledger>, AppState)> {
+    let service = Arc::new(open_store(store, true, &[]).await?);
+    service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
+    let tokens = match platform_tokens(store, api_token.map(orgledger_domain::Secret::expose))? {
+        PlatformTokenSource::Tokens(tokens) => {
+            PlatformTokens::new(tokens.iter().map(String::as_str))
+        }
+        PlatformTokenSource::KeptInDatabase { legacy } => {
+            platform_tokens_kept_in(service.database(), &legacy)
+                .await?
+                .into_iter()
+                .fold(PlatformTokens::new([]), PlatformTokens::with_digest)
+        }
+    };
+    let repaired = service.ledger.finish_interrupted_purges().await?;
+    if repaired > 0 {
+        tracing::info!(
+            repaired_purges = repaired,
+            "purges a crash interrupted finished"
+        );
+    }
+    crate::http::idempotency::forget_purged(service.database()).await?;
+    let state = AppState::new(service.clone(), tokens);
+    Ok((service, state))
+}
+
 /// How often the purge of organizations past their restore window runs.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -242,46 +274,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_grace_ms,
         } => {
             // The address first: a start that cannot listen must fail before it creates a
-            // store, a master key or a platform token it would print and then lose. Not
-            // kept: connections would wait unanswered while migrations run.
-            let listen = || async {
-                tokio::net::TcpListener::bind(&bind)
-                    .await
-                    .with_context(|| format!("cannot listen on {bind}"))
-            };
-            drop(listen().await?);
-            let service = Arc::new(open_store(&store, true, &[]).await?);
-            service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
-            let tokens = match platform_tokens(
-                &store,
-                api_token.as_ref().map(orgledger_domain::Secret::expose),
-            )? {
-                PlatformTokenSource::Tokens(tokens) => {
-                    PlatformTokens::new(tokens.iter().map(String::as_str))
+            // store, a master key or a platform token it would print and then lose. It
+            // listens from then on, answering `503 starting` (and `/healthz`) while the
+            // store is opened and migrated, so that a probe does not take a long migration
+            // for a dead process. A stop requested meanwhile takes effect once it is open.
+            let listener = tokio::net::TcpListener::bind(&bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind}"))?;
+            let address = listener.local_addr()?;
+            tracing::info!(%address, "orgledger starting");
+            let starting = crate::http::Starting::default();
+            let grace = Duration::from_millis(shutdown_grace_ms);
+            let server = tokio::spawn(crate::http::serve(
+                listener,
+                starting.router(),
+                signals_from_now(Stop::Requested),
+                grace,
+            ));
+            let started = start_serving(&store, api_token.as_ref(), consistency_wait_ms).await;
+            let (service, state) = match started {
+                Ok(started) => started,
+                Err(error) => {
+                    server.abort();
+                    return Err(error);
                 }
-                PlatformTokenSource::KeptInDatabase { legacy } => {
-                    platform_tokens_kept_in(service.database(), &legacy)
-                        .await?
-                        .into_iter()
-                        .fold(PlatformTokens::new([]), PlatformTokens::with_digest)
-                }
             };
-            let repaired = service.ledger.finish_interrupted_purges().await?;
-            crate::http::idempotency::forget_purged(service.database()).await?;
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));
-            let listener = listen().await?;
-            let address = listener.local_addr()?;
+            starting.ready(crate::http::app(state));
             tracing::info!(
                 database = %redact_url(&store.database_url),
                 %address,
-                repaired_purges = repaired,
-                "orgledger listening"
+                "orgledger ready"
             );
-            let state = AppState::new(service.clone(), tokens);
-            let grace = Duration::from_millis(shutdown_grace_ms);
-            crate::http::serve(listener, state, signals_from_now(Stop::Requested), grace).await?;
+            server.await??;
             tracing::info!("stopping projections");
             let _ = stop.send(true);
             for task in tasks {

@@ -427,13 +427,28 @@ fn serve_logging_everything(database_url: &str, flags: &[&str]) -> Served {
     serve_from(&std::env::current_dir().unwrap(), database_url, flags, None)
 }
 
-/// `serve` started in `directory`, with `master_key` (none: the one kept beside the data).
+/// `serve` started in `directory`, with `master_key` (none: the one kept beside the data),
+/// once it is ready.
 fn serve_from(
     directory: &std::path::Path,
     database_url: &str,
     flags: &[&str],
     master_key: Option<&str>,
 ) -> Served {
+    let (served, ready) = serve_starting(directory, database_url, flags, master_key);
+    ready
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server gets ready");
+    served
+}
+
+/// `serve` started, as soon as it listens: with what says when it is ready.
+fn serve_starting(
+    directory: &std::path::Path,
+    database_url: &str,
+    flags: &[&str],
+    master_key: Option<&str>,
+) -> (Served, std::sync::mpsc::Receiver<()>) {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let mut command = Command::new(env!("CARGO_BIN_EXE_orgledger"));
@@ -462,12 +477,16 @@ fn serve_from(
     });
     let err = child.stderr.take().unwrap();
     let (found, address) = std::sync::mpsc::channel();
+    let (got_ready, ready) = std::sync::mpsc::channel();
     let stderr = std::thread::spawn(move || {
         let mut all = String::new();
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             if let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) {
-                if entry["message"] == "orgledger listening" {
+                if entry["message"] == "orgledger starting" {
                     let _ = found.send(entry["address"].as_str().unwrap_or_default().to_owned());
+                }
+                if entry["message"] == "orgledger ready" {
+                    let _ = got_ready.send(());
                 }
             }
             all.push_str(&line);
@@ -478,12 +497,13 @@ fn serve_from(
     let address = address
         .recv_timeout(Duration::from_secs(60))
         .expect("the server listens");
-    Served {
+    let served = Served {
         child,
         address: format!("http://{address}"),
         stdout,
         stderr,
-    }
+    };
+    (served, ready)
 }
 
 impl Served {
@@ -515,6 +535,102 @@ impl Served {
             std::thread::sleep(Duration::from_millis(50));
         };
         (exit, self.stderr.join().unwrap())
+    }
+}
+
+/// While its store is being opened (here: held by another writer), `serve` already listens:
+/// the process is up, not ready, and a request is told to retry rather than refused a
+/// connection. Once the store is free it answers as usual.
+#[tokio::test]
+async fn serve_answers_while_its_store_is_being_opened() {
+    for backend in [support::Backend::Sqlite, support::Backend::Postgres] {
+        let database = support::fresh_database(backend).await;
+        assert!(orgledger(&["migrate"], &database.url).status.success());
+        let held = hold_the_store_at_startup(&database).await;
+        let directory = tempfile::tempdir().unwrap();
+        let (server, ready) = serve_starting(directory.path(), &database.url, &[], Some(ZERO_KEY));
+        let client = reqwest::Client::new();
+        let get = |path: &str| client.get(format!("{}{path}", server.address)).send();
+
+        let up = get("/healthz").await.unwrap();
+        assert_eq!(up.status(), reqwest::StatusCode::OK, "{backend:?}");
+        let not_ready = get("/readyz").await.unwrap();
+        assert_eq!(not_ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let problem: serde_json::Value = not_ready.json().await.unwrap();
+        assert_eq!(problem["code"], "not_ready", "{problem}");
+        let command = client
+            .post(format!("{}/v1/organizations", server.address))
+            .json(&serde_json::json!({"name": "Acme"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(command.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(command.headers()["retry-after"], "1");
+        assert_eq!(
+            command.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: serde_json::Value = command.json().await.unwrap();
+        assert_eq!(problem["code"], "starting", "{problem}");
+        assert!(
+            ready.try_recv().is_err(),
+            "{backend:?}: ready while the store was held"
+        );
+
+        held.release().await;
+        ready
+            .recv_timeout(Duration::from_secs(30))
+            .expect("ready once the store is free");
+        let ready_now = get("/readyz").await.unwrap();
+        assert_eq!(ready_now.status(), reqwest::StatusCode::OK, "{backend:?}");
+        // The API itself answers now: no token is a 401, not a 503.
+        let unauthenticated = get("/v1/organizations").await.unwrap();
+        assert_eq!(unauthenticated.status(), reqwest::StatusCode::UNAUTHORIZED);
+        server.stop();
+    }
+}
+
+/// A connection holding what `serve` must take at start-up: SQLite's write lock, or
+/// PostgreSQL's migrations table, which it reads first.
+enum HeldStore {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+async fn hold_the_store_at_startup(database: &support::TestDatabase) -> HeldStore {
+    use sqlx::{Connection, Executor};
+    match database.backend {
+        support::Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&database.url)
+                .await
+                .unwrap();
+            connection.execute("BEGIN IMMEDIATE").await.unwrap();
+            HeldStore::Sqlite(connection)
+        }
+        support::Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&database.url).await.unwrap();
+            connection
+                .execute("BEGIN; LOCK TABLE _sqlx_migrations IN ACCESS EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            HeldStore::Postgres(connection)
+        }
+    }
+}
+
+impl HeldStore {
+    async fn release(self) {
+        use sqlx::{Connection, Executor};
+        match self {
+            Self::Sqlite(mut connection) => {
+                connection.execute("ROLLBACK").await.unwrap();
+                connection.close().await.unwrap();
+            }
+            Self::Postgres(mut connection) => {
+                connection.execute("ROLLBACK").await.unwrap();
+                connection.close().await.unwrap();
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ struct Server {
     address: String,
 }
 
-/// Starts `orgledger serve` on a free port and waits for its "listening" line.
+/// Starts `orgledger serve` on a free port and waits for its "ready" line.
 fn start(url: &str, master_key: &str) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_orgledger"))
         .arg("serve")
@@ -36,7 +36,7 @@ fn start(url: &str, master_key: &str) -> Server {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(entry) = serde_json::from_str::<Value>(&line) {
-                if entry["message"] == "orgledger listening" {
+                if entry["message"] == "orgledger ready" {
                     let _ = found.send(entry["address"].as_str().unwrap_or_default().to_owned());
                 }
             }

@@ -34,7 +34,7 @@ async fn serve_app(service: TestService) -> TestApp {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(orgledger::http::serve(
         listener,
-        state,
+        orgledger::http::app(state),
         async {
             let _ = stopped.await;
         },
@@ -359,6 +359,7 @@ on_both_backends!(
     a_zero_consistency_wait_answers_pending_once_stored_and_the_read_models_follow,
     the_service_is_ready_only_while_projections_are_within_five_seconds,
     groups_follow_members_invitations_and_deletions,
+    group_members_and_a_members_groups_are_listed_as_the_state_lists_them,
     short_lists_are_paged_like_the_long_ones,
     a_cursor_is_refused_by_every_list_but_the_one_that_issued_it,
     the_events_list_pages_on_with_its_own_next_cursor,
@@ -802,6 +803,109 @@ async fn searches_fold_letters_beyond_ascii_alike_on_both_stores(backend: Backen
             .collect();
         assert_eq!(actions, expected, "audit entries matching {q}");
     }
+}
+
+/// Whatever order they joined in, a group's members and a member's groups are listed
+/// sorted, as the organization's state (current or past) and the data export list them.
+async fn group_members_and_a_members_groups_are_listed_as_the_state_lists_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let org = app.create_org("Acme", "olivia").await;
+    let base = format!("/v1/organizations/{org}");
+    app.add_member(&org, "olivia", "zoe", "member").await;
+    app.add_member(&org, "olivia", "adam", "member").await;
+    app.create_groups(&org, "olivia", &["First", "Second"])
+        .await;
+    let groups = app
+        .call(Method::GET, &format!("{base}/groups"), Some("olivia"), None)
+        .await;
+    let ids: Vec<String> = groups.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| group["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (first, second) = (&ids[0], &ids[1]);
+    // Joined out of order: zoe before adam, the later group before the earlier one.
+    for (group, user) in [
+        (first, "zoe"),
+        (second, "adam"),
+        (first, "adam"),
+        (first, "olivia"),
+    ] {
+        let put = app
+            .call(
+                Method::PUT,
+                &format!("{base}/groups/{group}/members/{user}"),
+                Some("olivia"),
+                None,
+            )
+            .await;
+        assert_eq!(put.status, StatusCode::NO_CONTENT, "{}", put.body);
+    }
+    let put = app
+        .call(
+            Method::PUT,
+            &format!("{base}/groups/{second}/members/zoe"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::NO_CONTENT);
+    let mut sorted_ids = ids.clone();
+    sorted_ids.sort();
+
+    let group = app
+        .call(
+            Method::GET,
+            &format!("{base}/groups/{first}"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(group.body["member_ids"], json!(["adam", "olivia", "zoe"]));
+    let state = app
+        .call(Method::GET, &format!("{base}/state"), Some("olivia"), None)
+        .await;
+    let in_state = state.body["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|group| group["id"] == json!(first))
+        .unwrap();
+    assert_eq!(in_state["member_ids"], group.body["member_ids"]);
+    let listed = app
+        .call(Method::GET, &format!("{base}/groups"), Some("olivia"), None)
+        .await;
+    assert_eq!(
+        listed.body["items"][0]["member_ids"],
+        group.body["member_ids"]
+    );
+
+    let adam = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/adam"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(adam.body["groups"], json!(sorted_ids));
+    let zoe = app
+        .call(
+            Method::GET,
+            &format!("{base}/members/zoe"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(zoe.body["groups"], json!(sorted_ids));
+    let zoe_in_state = state.body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|member| member["user_id"] == "zoe")
+        .unwrap();
+    assert_eq!(zoe_in_state["groups"], zoe.body["groups"]);
 }
 
 async fn groups_follow_members_invitations_and_deletions(backend: Backend) {
@@ -2242,7 +2346,7 @@ async fn an_organization_whose_snapshots_no_longer_open_keeps_answering(backend:
     let reopened = Arc::new(app.service.reopen().await);
     tokio::spawn(orgledger::http::serve(
         listener,
-        AppState::new(reopened, PlatformTokens::new([TOKEN])),
+        orgledger::http::app(AppState::new(reopened, PlatformTokens::new([TOKEN]))),
         std::future::pending(),
         Duration::from_secs(1),
     ));

@@ -190,7 +190,13 @@ fn view((id, name, description, member_ids, created_at_us): GroupRow) -> GroupVi
         id,
         name,
         description,
-        member_ids: serde_json::from_str(&member_ids).unwrap_or_default(),
+        // Sorted, as the organization's state and past states list them; stored in the
+        // order they joined.
+        member_ids: {
+            let mut member_ids: Vec<String> = serde_json::from_str(&member_ids).unwrap_or_default();
+            member_ids.sort_unstable();
+            member_ids
+        },
         created_at: from_micros(created_at_us),
     }
 }

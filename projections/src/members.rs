@@ -400,7 +400,14 @@ impl From<MemberRow> for MemberView {
             image_url: row.image_url,
             role: row.role,
             joined_at: from_micros(row.joined_at_us),
-            groups: serde_json::from_str(&row.group_ids).unwrap_or_default(),
+            // Sorted, as the organization's state and past states list them; stored in
+            // the order the member joined them.
+            groups: {
+                let mut groups: Vec<String> =
+                    serde_json::from_str(&row.group_ids).unwrap_or_default();
+                groups.sort_unstable();
+                groups
+            },
             locked_fields: serde_json::from_str(&row.locked_fields).unwrap_or_default(),
         }
     }

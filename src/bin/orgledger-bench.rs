@@ -822,7 +822,7 @@ async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
     let state = AppState::new(service, PlatformTokens::new([TOKEN]));
     tokio::spawn(orgledger::http::serve(
         listener,
-        state,
+        orgledger::http::app(state),
         std::future::pending(),
         Duration::from_secs(30),
     ));

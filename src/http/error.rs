@@ -40,6 +40,7 @@ const CONTENDED: &str = "conflict";
 
 /// The code of a request the database was too busy to take in time.
 const BUSY: &str = "database_busy";
+const STARTING: &str = "starting";
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -140,6 +141,16 @@ impl ApiError {
         )
     }
 
+    /// Any request but `/healthz` while `serve` opens and migrates its store: it listens from
+    /// the start, so that a probe sees the process up and a client a clear answer.
+    pub fn starting() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            STARTING,
+            "the service is starting: its store is being opened and migrated; retry shortly",
+        )
+    }
+
     /// A failure that is ours, not the caller's: logged in full, shown as a bare 500.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(%cause, "internal error");
@@ -166,7 +177,7 @@ impl IntoResponse for ApiError {
         let transient = self.code == CONTENDED;
         // Not `Transient`: a busy database may refuse a read after the command committed,
         // so an Idempotency-Key's claim is settled from the log, as after any 5xx.
-        let busy = self.code == BUSY;
+        let retry_after = self.code == BUSY || self.code == STARTING;
         let problem = Problem {
             kind: format!("urn:orgledger:problem:{}", self.code),
             title: self.title().to_owned(),
@@ -183,7 +194,7 @@ impl IntoResponse for ApiError {
         if transient {
             response.extensions_mut().insert(Transient);
         }
-        if busy {
+        if retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -330,7 +341,7 @@ impl utoipa::IntoResponses for ProblemResponses {
             ("415", "unsupported_media_type: send application/json"),
             ("422", "validation_failed (with errors per field), cannot_remove_self, target_not_admin, confirmation_mismatch, personal_organization, idempotency_key_reused"),
             ("500", "internal_error: logged, never detailed"),
-            ("503", "not_ready (/readyz); database_busy: retry after `Retry-After`"),
+            ("503", "not_ready (/readyz); database_busy or starting: retry after `Retry-After`"),
         ]
         .into_iter()
         .map(|(status, description)| {

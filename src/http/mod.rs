@@ -303,13 +303,40 @@ fn recorded<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
         .layer(axum::middleware::from_fn(operations::record_request))
 }
 
+/// What `serve` answers while it opens and migrates its store, listening from the start: a
+/// probe sees the process up (`/healthz`) and not ready (`/readyz`), any other request gets
+/// `503 starting`. Once [`Starting::ready`] hands it the app, every request goes there.
+#[derive(Clone, Default)]
+pub struct Starting(Arc<std::sync::OnceLock<Router>>);
+
+impl Starting {
+    pub fn router(&self) -> Router {
+        use tower::ServiceExt;
+        let app = self.0.clone();
+        Router::new().fallback_service(tower::service_fn(move |request: axum::extract::Request| {
+            let app = app.get().cloned();
+            async move {
+                match app {
+                    Some(app) => app.oneshot(request).await,
+                    None => Ok(operations::while_starting(request.uri().path())),
+                }
+            }
+        }))
+    }
+
+    pub fn ready(&self, app: Router) {
+        // Set once, by the one `serve` that made it.
+        let _ = self.0.set(app);
+    }
+}
+
 /// Serves until `shutdown` resolves; in-flight requests then have `grace` to finish. Past it,
 /// returns without waiting for them (a client that never completes its request would hold
 /// the stop up for good): they end with the process, as in a crash, which loses no committed
 /// event and leaves a keyed command's answer to be settled as after one.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: AppState,
+    app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> std::io::Result<()> {
@@ -324,7 +351,7 @@ pub async fn serve(
     });
     let server = axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown.await;

@@ -30,6 +30,10 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
     responses((status = 200, body = HealthDto)))]
 async fn healthz() -> axum::Json<HealthDto> {
+    healthz_body()
+}
+
+fn healthz_body() -> axum::Json<HealthDto> {
     axum::Json(HealthDto {
         status: "ok".to_owned(),
     })
@@ -52,6 +56,17 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, 
             );
             Err(not_ready("database unreachable".into()))
         }
+    }
+}
+
+/// The answer to `path` while the service starts (see [`super::Starting`]).
+pub(super) fn while_starting(path: &str) -> Response {
+    match path {
+        "/healthz" => healthz_body().into_response(),
+        "/readyz" => {
+            not_ready("starting: the store is being opened and migrated".into()).into_response()
+        }
+        _ => ApiError::starting().into_response(),
     }
 }
 
