@@ -170,6 +170,122 @@ async fn the_copy_of_a_rebuild_that_died_is_dropped_by_the_next_one(backend: Bac
         .is_ok());
 }
 
+/// PostgreSQL: a rebuild stopped while an index build of its copy runs (here, waits for a
+/// lock the test holds) cancels the build on the server, rather than leaving it to run to
+/// its end before the copy, personal data in clear, can be dropped.
+#[tokio::test]
+async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
+    use sqlx::{Connection, Executor};
+    let service = spawn_service(Backend::Postgres).await;
+    acme_with_mia(&service.ledger).await;
+    service.catch_up().await;
+    let url = service.database.url.clone();
+    let entries = "SELECT count(*) FROM rm_audit_log";
+    let entries_before = count(service.db(), entries).await;
+    // The log held: the rebuild makes its copy, then waits to read it.
+    let mut log_held = sqlx::PgConnection::connect(&url).await.unwrap();
+    log_held
+        .execute("BEGIN; LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let projector = service.projector.clone();
+    let rebuild = tokio::spawn(async move {
+        projector
+            .rebuild_unless_stopped(&["audit_log"], false, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+    let waited = |what: &str| format!("no {what} within 30 s");
+    let copy: String = poll(&mut watcher, &waited("copy"), |watcher| {
+        Box::pin(async move {
+            sqlx::query_scalar(
+                "SELECT relname::text FROM pg_class
+                  WHERE relname LIKE 'rm!_audit!_log!_!_rb%' ESCAPE '!' AND relkind = 'r'",
+            )
+            .fetch_optional(watcher)
+            .await
+            .unwrap()
+        })
+    })
+    .await;
+    // The copy held against index builds only (inserts share the lock), then the log freed.
+    let mut copy_held = sqlx::PgConnection::connect(&url).await.unwrap();
+    copy_held
+        .execute(format!("BEGIN; LOCK TABLE {copy} IN ROW EXCLUSIVE MODE").as_str())
+        .await
+        .unwrap();
+    log_held.execute("ROLLBACK").await.unwrap();
+    let index_builds = format!(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, '{copy}') > 0 AND state = 'active'"
+    );
+    let builds = index_builds.clone();
+    poll(&mut watcher, &waited("index build"), move |watcher| {
+        let builds = builds.clone();
+        Box::pin(async move {
+            let running: i64 = sqlx::query_scalar(&builds)
+                .fetch_one(watcher)
+                .await
+                .unwrap();
+            (running > 0).then_some(())
+        })
+    })
+    .await;
+
+    stop.send(()).unwrap();
+    // Gone while the test still holds its lock: cancelled, not finished.
+    let builds = index_builds.clone();
+    poll(
+        &mut watcher,
+        "index builds still running 30 s after the stop",
+        move |watcher| {
+            let builds = builds.clone();
+            Box::pin(async move {
+                let running: i64 = sqlx::query_scalar(&builds)
+                    .fetch_one(watcher)
+                    .await
+                    .unwrap();
+                (running == 0).then_some(())
+            })
+        },
+    )
+    .await;
+    copy_held.execute("ROLLBACK").await.unwrap();
+    let stopped = rebuild.await.unwrap();
+    assert!(
+        matches!(
+            stopped,
+            Err(orgledger_projections::ProjectionError::Stopped)
+        ),
+        "{stopped:?}"
+    );
+    let copies = "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE '%!_!_rb%' ESCAPE '!')
+                       + (SELECT count(*) FROM projection_checkpoints WHERE name LIKE '%!_!_rb%' ESCAPE '!')";
+    assert_eq!(count(service.db(), copies).await, 0, "copies left behind");
+    assert_eq!(count(service.db(), entries).await, entries_before);
+}
+
+/// Asks `check` every 10 ms until it answers something; fails with `what` after 30 s.
+async fn poll<'c, T>(
+    connection: &'c mut sqlx::PgConnection,
+    what: &str,
+    check: impl Fn(
+        &mut sqlx::PgConnection,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<T>> + Send + '_>>,
+) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(found) = check(connection).await {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Makes the copy `name` + `suffix` of a read model, holding the live table's rows, as a
 /// rebuild leaves it, last touched at `touched_at_us`.
 async fn leave_copy(service: &TestService, name: &str, suffix: &str, touched_at_us: i64) {

@@ -1341,6 +1341,9 @@ impl Projector {
         reader.abort();
         bar.finish_and_clear();
         if let Err(error) = result {
+            if matches!(error, ProjectionError::Stopped) {
+                self.cancel_statements_on_copies(&suffix).await;
+            }
             let mut dropped = true;
             for (_, shadow) in &copies {
                 dropped &= self.discard(shadow.as_ref(), None).await;
@@ -1485,6 +1488,30 @@ impl Projector {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A stopped rebuild's statements still running on PostgreSQL, an index build above all:
+    /// the futures dropped with the stop do not end them on the server, and the copies'
+    /// `DROP TABLE` would wait for them. Only statements naming a table of this rebuild's
+    /// copies (`suffix` is its own) are cancelled; best effort.
+    async fn cancel_statements_on_copies(&self, suffix: &str) {
+        let Database::Postgres(pool) = &self.database else {
+            return;
+        };
+        let cancel = "SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity
+                       WHERE datname = current_database() AND pid <> pg_backend_pid()
+                         AND state = 'active' AND strpos(query, $1) > 0";
+        match sqlx::query_scalar::<_, i64>(cancel)
+            .bind(suffix)
+            .fetch_one(pool)
+            .await
+        {
+            Ok(0) => {}
+            Ok(cancelled) => tracing::info!(cancelled, "a stopped rebuild's statements cancelled"),
+            Err(error) => {
+                tracing::warn!(%error, "a stopped rebuild's statements could not be cancelled");
+            }
+        }
     }
 
     /// Gathers the replayed copies' planner statistics before their swap (PostgreSQL). A
