@@ -198,18 +198,13 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
             .await
     });
     let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
-    let waited = |what: &str| format!("no {what} within 30 s");
-    let copy: String = poll(&mut watcher, &waited("copy"), |watcher| {
-        Box::pin(async move {
-            sqlx::query_scalar(
-                "SELECT relname::text FROM pg_class
-                  WHERE relname LIKE 'rm!_audit!_log!_!_rb%' ESCAPE '!' AND relkind = 'r'",
-            )
-            .fetch_optional(watcher)
-            .await
-            .unwrap()
-        })
-    })
+    let copy: String = poll_until(
+        &mut watcher,
+        "no copy within 30 s",
+        "SELECT coalesce(max(relname::text), '') FROM pg_class
+          WHERE relname LIKE 'rm!_audit!_log!_!_rb%' ESCAPE '!' AND relkind = 'r'",
+        |name: &String| !name.is_empty(),
+    )
     .await;
     // The copy held against index builds only (inserts share the lock), then the log freed.
     let mut copy_held = sqlx::PgConnection::connect(&url).await.unwrap();
@@ -222,35 +217,21 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
         "SELECT count(*) FROM pg_stat_activity
           WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, '{copy}') > 0 AND state = 'active'"
     );
-    let builds = index_builds.clone();
-    poll(&mut watcher, &waited("index build"), move |watcher| {
-        let builds = builds.clone();
-        Box::pin(async move {
-            let running: i64 = sqlx::query_scalar(&builds)
-                .fetch_one(watcher)
-                .await
-                .unwrap();
-            (running > 0).then_some(())
-        })
-    })
+    poll_until(
+        &mut watcher,
+        "no index build within 30 s",
+        &index_builds,
+        |running: &i64| *running > 0,
+    )
     .await;
 
     stop.send(()).unwrap();
     // Gone while the test still holds its lock: cancelled, not finished.
-    let builds = index_builds.clone();
-    poll(
+    poll_until(
         &mut watcher,
         "index builds still running 30 s after the stop",
-        move |watcher| {
-            let builds = builds.clone();
-            Box::pin(async move {
-                let running: i64 = sqlx::query_scalar(&builds)
-                    .fetch_one(watcher)
-                    .await
-                    .unwrap();
-                (running == 0).then_some(())
-            })
-        },
+        &index_builds,
+        |running: &i64| *running == 0,
     )
     .await;
     copy_held.execute("ROLLBACK").await.unwrap();
@@ -268,18 +249,25 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
     assert_eq!(count(service.db(), entries).await, entries_before);
 }
 
-/// Asks `check` every 10 ms until it answers something; fails with `what` after 30 s.
-async fn poll<'c, T>(
-    connection: &'c mut sqlx::PgConnection,
+/// Runs `sql` (one value) every 10 ms until `wanted` takes its value; fails with `what`
+/// after 30 s.
+async fn poll_until<T>(
+    connection: &mut sqlx::PgConnection,
     what: &str,
-    check: impl Fn(
-        &mut sqlx::PgConnection,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<T>> + Send + '_>>,
-) -> T {
+    sql: &str,
+    wanted: impl Fn(&T) -> bool,
+) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(found) = check(connection).await {
-            return found;
+        let value: T = sqlx::query_scalar(sql)
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        if wanted(&value) {
+            return value;
         }
         assert!(std::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
