@@ -2510,6 +2510,36 @@ async fn a_zero_consistency_wait_answers_pending_once_stored_and_the_read_models
     assert_eq!(renamed.headers["x-consistency"], "pending");
 }
 
+/// PostgreSQL: a database that takes the readiness check but does not answer it (here, the
+/// projections' checkpoints locked) gets `/readyz` a `503` within its 2 s bound, not after
+/// the pool's 10 s; ready again once the lock goes.
+#[tokio::test]
+async fn readiness_is_answered_within_its_bound_when_the_database_does_not_answer() {
+    use sqlx::{Connection, Executor};
+    let app = spawn_app(Backend::Postgres).await;
+    let readyz = format!("{}/readyz", app.address);
+    let ready = app.send(app.client.get(&readyz)).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    let mut holder = sqlx::PgConnection::connect(&app.service.database.url)
+        .await
+        .unwrap();
+    holder
+        .execute("BEGIN; LOCK TABLE projection_checkpoints IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let asked = std::time::Instant::now();
+    let stalled = app.send(app.client.get(&readyz)).await;
+    let took = asked.elapsed();
+    assert_problem(&stalled, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+    holder.execute("ROLLBACK").await.unwrap();
+    let ready = app.send(app.client.get(&readyz)).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+}
+
 /// `/readyz` says "not ready" while an event committed more than 5 s ago is not yet in the
 /// read models, and "ready" again once the runner has caught up.
 async fn the_service_is_ready_only_while_projections_are_within_five_seconds(backend: Backend) {
