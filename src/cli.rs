@@ -277,21 +277,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // store, a master key or a platform token it would print and then lose. It
             // listens from then on, answering `503 starting` (and `/healthz`) while the
             // store is opened and migrated, so that a probe does not take a long migration
-            // for a dead process. A stop requested meanwhile takes effect once it is open.
+            // for a dead process.
             let listener = tokio::net::TcpListener::bind(&bind)
                 .await
                 .with_context(|| format!("cannot listen on {bind}"))?;
             let address = listener.local_addr()?;
             tracing::info!(%address, "orgledger starting");
+            let (requested, stop_requested) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                signals_from_now(Stop::Requested).await;
+                let _ = requested.send(true);
+            });
+            let on_stop = || {
+                let mut stop_requested = stop_requested.clone();
+                async move {
+                    let _ = stop_requested.wait_for(|requested| *requested).await;
+                }
+            };
             let starting = crate::http::Starting::default();
             let grace = Duration::from_millis(shutdown_grace_ms);
             let server = tokio::spawn(crate::http::serve(
                 listener,
                 starting.router(),
-                signals_from_now(Stop::Requested),
+                on_stop(),
                 grace,
             ));
-            let started = start_serving(&store, api_token.as_ref(), consistency_wait_ms).await;
+            // A stop during the start ends it there: its migrations are transactional, and
+            // a store left unopened is opened by the next start as if never touched.
+            let started = tokio::select! {
+                started = start_serving(&store, api_token.as_ref(), consistency_wait_ms) => started,
+                () = on_stop() => {
+                    tracing::info!("stopped before the store was open");
+                    server.await??;
+                    return Ok(());
+                }
+            };
             let (service, state) = match started {
                 Ok(started) => started,
                 Err(error) => {

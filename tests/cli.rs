@@ -572,6 +572,20 @@ async fn serve_answers_while_its_store_is_being_opened() {
         );
         let problem: serde_json::Value = command.json().await.unwrap();
         assert_eq!(problem["code"], "starting", "{problem}");
+        // Through the same layers as once ready: request ids, methods.
+        let identified = client
+            .get(format!("{}/v1/organizations", server.address))
+            .header("X-Request-Id", "probe-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(identified.headers()["x-request-id"], "probe-1");
+        let posted = client
+            .post(format!("{}/healthz", server.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(posted.status(), reqwest::StatusCode::METHOD_NOT_ALLOWED);
         assert!(
             ready.try_recv().is_err(),
             "{backend:?}: ready while the store was held"
@@ -587,6 +601,34 @@ async fn serve_answers_while_its_store_is_being_opened() {
         let unauthenticated = get("/v1/organizations").await.unwrap();
         assert_eq!(unauthenticated.status(), reqwest::StatusCode::UNAUTHORIZED);
         server.stop();
+    }
+}
+
+/// A stop (SIGTERM) while the store is still being opened ends `serve` there, cleanly, however
+/// long the store would have kept it waiting; the next start opens the store as usual.
+#[tokio::test]
+async fn serve_stopped_while_its_store_is_being_opened_stops_at_once() {
+    for backend in [support::Backend::Sqlite, support::Backend::Postgres] {
+        let database = support::fresh_database(backend).await;
+        assert!(orgledger(&["migrate"], &database.url).status.success());
+        let held = hold_the_store_at_startup(&database).await;
+        let directory = tempfile::tempdir().unwrap();
+        let (server, ready) = serve_starting(directory.path(), &database.url, &[], Some(ZERO_KEY));
+        let starting = reqwest::get(format!("{}/v1/organizations", server.address))
+            .await
+            .unwrap();
+        assert_eq!(starting.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let (exit, log) = server.terminate(Duration::from_secs(5));
+        assert!(exit.success(), "{backend:?}: {exit:?}\n{log}");
+        assert!(log.contains("stopped before the store was open"), "{log}");
+        assert!(ready.try_recv().is_err(), "{backend:?}: got ready");
+        held.release().await;
+        let again = serve_from(directory.path(), &database.url, &[], Some(ZERO_KEY));
+        let ready_now = reqwest::get(format!("{}/readyz", again.address))
+            .await
+            .unwrap();
+        assert_eq!(ready_now.status(), reqwest::StatusCode::OK, "{backend:?}");
+        again.stop();
     }
 }
 

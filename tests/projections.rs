@@ -202,7 +202,8 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
         &mut watcher,
         "no copy within 30 s",
         "SELECT coalesce(max(relname::text), '') FROM pg_class
-          WHERE relname LIKE 'rm!_audit!_log!_!_rb%' ESCAPE '!' AND relkind = 'r'",
+          WHERE relname LIKE $1 ESCAPE '!' AND relkind = 'r'",
+        "rm!_audit!_log!_!_rb%",
         |name: &String| !name.is_empty(),
     )
     .await;
@@ -213,14 +214,15 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
         .await
         .unwrap();
     log_held.execute("ROLLBACK").await.unwrap();
-    let index_builds = format!(
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, '{copy}') > 0 AND state = 'active'"
-    );
+    // The copy's name bound, not written in: the watcher's own query must not name it, or
+    // the rebuild's cancel would take it for one of its statements.
+    let index_builds = "SELECT count(*) FROM pg_stat_activity
+          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, $1) > 0 AND state = 'active'";
     poll_until(
         &mut watcher,
         "no index build within 30 s",
-        &index_builds,
+        index_builds,
+        &copy,
         |running: &i64| *running > 0,
     )
     .await;
@@ -230,7 +232,8 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
     poll_until(
         &mut watcher,
         "index builds still running 30 s after the stop",
-        &index_builds,
+        index_builds,
+        &copy,
         |running: &i64| *running == 0,
     )
     .await;
@@ -249,12 +252,13 @@ async fn a_rebuild_stopped_during_an_index_build_cancels_it_on_the_server() {
     assert_eq!(count(service.db(), entries).await, entries_before);
 }
 
-/// Runs `sql` (one value) every 10 ms until `wanted` takes its value; fails with `what`
-/// after 30 s.
+/// Runs `sql` (one value, `argument` bound as `$1`) every 10 ms until `wanted` takes its
+/// value; fails with `what` after 30 s.
 async fn poll_until<T>(
     connection: &mut sqlx::PgConnection,
     what: &str,
     sql: &str,
+    argument: &str,
     wanted: impl Fn(&T) -> bool,
 ) -> T
 where
@@ -263,6 +267,7 @@ where
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let value: T = sqlx::query_scalar(sql)
+            .bind(argument)
             .fetch_one(&mut *connection)
             .await
             .unwrap();

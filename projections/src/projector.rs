@@ -1492,14 +1492,16 @@ impl Projector {
 
     /// A stopped rebuild's statements still running on PostgreSQL, an index build above all:
     /// the futures dropped with the stop do not end them on the server, and the copies'
-    /// `DROP TABLE` would wait for them. Only statements naming a table of this rebuild's
-    /// copies (`suffix` is its own) are cancelled; best effort.
+    /// `DROP TABLE` would wait for them. Cancelled: the client backends of this role whose
+    /// statement names this rebuild's copies (`suffix` is its own). Another role's, or an
+    /// autovacuum worker's, would make `pg_cancel_backend` fail the whole query. Best effort.
     async fn cancel_statements_on_copies(&self, suffix: &str) {
         let Database::Postgres(pool) = &self.database else {
             return;
         };
         let cancel = "SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity
                        WHERE datname = current_database() AND pid <> pg_backend_pid()
+                         AND usename = current_user AND backend_type = 'client backend'
                          AND state = 'active' AND strpos(query, $1) > 0";
         match sqlx::query_scalar::<_, i64>(cancel)
             .bind(suffix)

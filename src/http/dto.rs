@@ -275,7 +275,13 @@ impl MemberDto {
             image_url: member.image_url.clone(),
             role: member.role.as_str().to_owned(),
             joined_at: member.joined_at,
-            groups: member.group_ids.iter().map(Uuid::to_string).collect(),
+            // Sorted, as the members read model lists them; the state keeps joining order.
+            groups: {
+                let mut groups: Vec<String> =
+                    member.group_ids.iter().map(Uuid::to_string).collect();
+                groups.sort_unstable();
+                groups
+            },
             locked_fields: member
                 .locked_fields
                 .iter()

@@ -223,7 +223,6 @@ fn describe_command_headers(openapi: &mut utoipa::openapi::OpenApi) {
 pub fn app(state: AppState) -> Router {
     let (routes, openapi) = described_with_itself(api());
     let openapi = Arc::new(openapi);
-    let x_request_id = HeaderName::from_static("x-request-id");
     // Per route, so requests that match no route or method never reach the idempotency store.
     let routes = routes
         .route_layer(axum::middleware::from_fn_with_state(
@@ -238,16 +237,25 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .fallback(|| async { ApiError::not_found("route") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(extract::refuse_nul_in_url))
         .layer(axum::middleware::from_fn(extract::refuse_repeated_headers));
+    served(routes).with_state(state)
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+/// The layers every answer passes, the app's and those given while it starts: request ids,
+/// a span, the request's record (log line and metrics), panics as problem+json.
+fn served<S: Clone + Send + Sync + 'static>(routes: Router<S>) -> Router<S> {
+    let x_request_id = HeaderName::from_static("x-request-id");
     recorded(routes)
         .layer(
             TraceLayer::new_for_http()
@@ -269,7 +277,6 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(
             extract::replace_unrecordable_request_id,
         ))
-        .with_state(state)
 }
 
 /// A request's path as logged: a user id (which an API layer may make an email) is shown as
@@ -313,14 +320,13 @@ impl Starting {
     pub fn router(&self) -> Router {
         use tower::ServiceExt;
         let app = self.0.clone();
+        let starting = served(
+            operations::while_starting()
+                .method_not_allowed_fallback(|| async { method_not_allowed() }),
+        );
         Router::new().fallback_service(tower::service_fn(move |request: axum::extract::Request| {
-            let app = app.get().cloned();
-            async move {
-                match app {
-                    Some(app) => app.oneshot(request).await,
-                    None => Ok(operations::while_starting(request.uri().path())),
-                }
-            }
+            let answering = app.get().unwrap_or(&starting).clone();
+            answering.oneshot(request)
         }))
     }
 

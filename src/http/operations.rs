@@ -30,10 +30,6 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
     responses((status = 200, body = HealthDto)))]
 async fn healthz() -> axum::Json<HealthDto> {
-    healthz_body()
-}
-
-fn healthz_body() -> axum::Json<HealthDto> {
     axum::Json(HealthDto {
         status: "ok".to_owned(),
     })
@@ -59,15 +55,17 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<HealthDto>, 
     }
 }
 
-/// The answer to `path` while the service starts (see [`super::Starting`]).
-pub(super) fn while_starting(path: &str) -> Response {
-    match path {
-        "/healthz" => healthz_body().into_response(),
-        "/readyz" => {
-            not_ready("starting: the store is being opened and migrated".into()).into_response()
-        }
-        _ => ApiError::starting().into_response(),
-    }
+/// The routes while the service starts (see [`super::Starting`]): the process is up, not
+/// ready, and anything else is to be retried.
+pub(super) fn while_starting() -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(|| async { not_ready("starting: the store is being opened and migrated".into()) }),
+        )
+        .fallback(|| async { ApiError::starting() })
 }
 
 fn not_ready(detail: String) -> ApiError {
