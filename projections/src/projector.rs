@@ -50,6 +50,8 @@ const POLL: Duration = Duration::from_millis(1_000);
 /// touches its copies every [`COPY_HEARTBEAT`], whatever step it is at.
 const ABANDONED_COPY_AFTER: Duration = Duration::from_secs(120);
 const COPY_HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long dropping a copy waits for another session's lock on it (PostgreSQL).
+const DISCARD_LOCK_WAIT: Duration = Duration::from_secs(5);
 /// How often the live runner looks for the copies of rebuilds that died.
 const COPY_CHECK: Duration = Duration::from_secs(60);
 /// How long the server lets the projector's lock session sit idle before ending it, and how
@@ -1539,6 +1541,19 @@ impl Projector {
         let result = async {
             let mut tx = self.database.begin().await?;
             let mut conn = tx.conn();
+            // Another session's lock on a copy must not hold a stopped rebuild (or the
+            // runner's sweep) for good: past it, the copy is left to a later sweep. SQLite's
+            // busy timeout bounds the same wait.
+            if conn.backend() == Backend::Postgres {
+                conn.execute(
+                    &format!(
+                        "SET LOCAL lock_timeout = '{}ms'",
+                        DISCARD_LOCK_WAIT.as_millis()
+                    ),
+                    &[],
+                )
+                .await?;
+            }
             let claimed = conn
                 .execute(
                     "DELETE FROM projection_checkpoints WHERE name = $1 AND updated_at_us < $2",
