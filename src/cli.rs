@@ -209,14 +209,15 @@ async fn refuse_unmigrated(database: &Database) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What `serve` does before it can answer: opens and migrates the store, reads the platform
+/// What `serve` does, once its store is open, before it can answer: reads the platform
 /// tokens, finishes purges a crash interrupted.
-async fn start_serving(
+async fn ready_to_serve(
+    service: Orgledger,
     store: &StoreConfig,
     api_token: Option<&orgledger_domain::Secret>,
     consistency_wait_ms: u64,
 ) -> anyhow::Result<(Arc<Orgledger>, AppState)> {
-    let service = Arc::new(open_store(store, true, &[]).await?);
+    let service = Arc::new(service);
     service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
     let tokens = match platform_tokens(store, api_token.map(orgledger_domain::Secret::expose))? {
         PlatformTokenSource::Tokens(tokens) => {
@@ -273,6 +274,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             consistency_wait_ms,
             shutdown_grace_ms,
         } => {
+            // Signals are taken from here on: a stop is never the default action's death.
+            let signalled = signals_from_now(Stop::Requested);
             // The address first: a start that cannot listen must fail before it creates a
             // store, a master key or a platform token it would print and then lose. It
             // listens from then on, answering `503 starting` (and `/healthz`) while the
@@ -285,7 +288,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(%address, "orgledger starting");
             let (requested, stop_requested) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
-                signals_from_now(Stop::Requested).await;
+                signalled.await;
                 let _ = requested.send(true);
             });
             let on_stop = || {
@@ -302,15 +305,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 on_stop(),
                 grace,
             ));
-            // A stop during the start ends it there: its migrations are transactional, and
-            // a store left unopened is opened by the next start as if never touched.
-            let started = tokio::select! {
-                started = start_serving(&store, api_token.as_ref(), consistency_wait_ms) => started,
+            // A stop while the store is opened gives the opening up: the migrations are
+            // transactional, a statement already sent runs to its end on the server and
+            // is rolled back, and a start-up rebuild's copies are left to the sweep. The
+            // steps after it are short and not cut: one may print a new platform token.
+            let opened = tokio::select! {
+                opened = open_store(&store, true, &[]) => opened,
                 () = on_stop() => {
                     tracing::info!("stopped before the store was open");
                     server.await??;
                     return Ok(());
                 }
+            };
+            let started = match opened {
+                Ok(service) => {
+                    ready_to_serve(service, &store, api_token.as_ref(), consistency_wait_ms).await
+                }
+                Err(error) => Err(error),
             };
             let (service, state) = match started {
                 Ok(started) => started,
@@ -319,6 +330,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(error);
                 }
             };
+            if *stop_requested.borrow() {
+                tracing::info!("stopped before it was ready");
+                server.await??;
+                service.close().await;
+                return Ok(());
+            }
             let (stop, stopped) = tokio::sync::watch::channel(false);
             let mut tasks = service.projector.spawn(stopped.clone());
             tasks.push(tokio::spawn(purge_periodically(service.clone(), stopped)));

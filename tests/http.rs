@@ -2522,7 +2522,10 @@ async fn readiness_is_answered_within_its_bound_when_the_database_does_not_answe
         .await
         .unwrap();
     let asked = std::time::Instant::now();
-    let stalled = app.send(app.client.get(&readyz)).await;
+    // Bounded here too: a probe that waited on the lock would otherwise hang the test.
+    let stalled = app
+        .send(app.client.get(&readyz).timeout(Duration::from_secs(10)))
+        .await;
     let took = asked.elapsed();
     assert_problem(&stalled, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
     assert!(

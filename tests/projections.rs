@@ -261,7 +261,10 @@ async fn stopped_during_an_index_build(lock_kept: bool) {
         assert!(count(service.db(), copies).await > 0, "the copy is left");
     } else {
         copy_held.execute("ROLLBACK").await.unwrap();
-        let stopped = rebuild.await.unwrap();
+        let stopped = tokio::time::timeout(Duration::from_secs(30), rebuild)
+            .await
+            .expect("the copies dropped once the lock went")
+            .unwrap();
         assert!(
             matches!(stopped, Err(ProjectionError::Stopped)),
             "{stopped:?}"

@@ -1343,9 +1343,8 @@ impl Projector {
         reader.abort();
         bar.finish_and_clear();
         if let Err(error) = result {
-            if matches!(error, ProjectionError::Stopped) {
-                self.cancel_statements_on_copies(&suffix).await;
-            }
+            // Stopped or failed: an index build beside the one that failed runs on too.
+            self.cancel_statements_on_copies(&suffix).await;
             let mut dropped = true;
             for (_, shadow) in &copies {
                 dropped &= self.discard(shadow.as_ref(), None).await;
@@ -1492,9 +1491,9 @@ impl Projector {
         Ok(())
     }
 
-    /// A stopped rebuild's statements still running on PostgreSQL, an index build above all:
-    /// the futures dropped with the stop do not end them on the server, and the copies'
-    /// `DROP TABLE` would wait for them. Cancelled: the client backends of this role whose
+    /// A stopped or failed rebuild's statements still running on PostgreSQL, an index build
+    /// above all: the futures dropped with the stop or the failure do not end them on the
+    /// server, and the copies' `DROP TABLE` would wait for them. Cancelled: the client backends of this role whose
     /// statement names this rebuild's copies (`suffix` is its own). Another role's, or an
     /// autovacuum worker's, would make `pg_cancel_backend` fail the whole query. Best effort.
     async fn cancel_statements_on_copies(&self, suffix: &str) {
@@ -1534,8 +1533,7 @@ impl Projector {
 
     /// Drops a rebuild's copy: its tables, checkpoint and versions. With `untouched_since`,
     /// only if its checkpoint is still untouched since then, checked again in the
-    /// transaction that drops it: a rebuild that touched it meanwhile keeps it.
-    /// Drops a rebuild's copy (one untouched since `untouched_since`, if given): whether it
+    /// transaction that drops it: a rebuild that touched it meanwhile keeps it. Whether it
     /// is gone.
     async fn discard(&self, shadow: &dyn Projection, untouched_since: Option<i64>) -> bool {
         let result = async {
@@ -1584,7 +1582,7 @@ impl Projector {
         match result {
             Ok(()) => true,
             Err(error) => {
-                tracing::warn!(projection = shadow.name(), %error, "could not drop an abandoned rebuild");
+                tracing::warn!(projection = shadow.name(), %error, "could not drop a rebuild's copy; it is dropped once untouched for 2 minutes");
                 false
             }
         }
