@@ -544,10 +544,7 @@ impl Served {
 #[tokio::test]
 async fn serve_answers_while_its_store_is_being_opened() {
     for backend in [support::Backend::Sqlite, support::Backend::Postgres] {
-        let database = support::fresh_database(backend).await;
-        assert!(orgledger(&["migrate"], &database.url).status.success());
-        let held = hold_the_store_at_startup(&database).await;
-        let directory = tempfile::tempdir().unwrap();
+        let (database, held, directory) = a_migrated_store_held_at_startup(backend).await;
         let (server, ready) = serve_starting(directory.path(), &database.url, &[], Some(ZERO_KEY));
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{}{path}", server.address)).send();
@@ -609,10 +606,7 @@ async fn serve_answers_while_its_store_is_being_opened() {
 #[tokio::test]
 async fn serve_stopped_while_its_store_is_being_opened_stops_at_once() {
     for backend in [support::Backend::Sqlite, support::Backend::Postgres] {
-        let database = support::fresh_database(backend).await;
-        assert!(orgledger(&["migrate"], &database.url).status.success());
-        let held = hold_the_store_at_startup(&database).await;
-        let directory = tempfile::tempdir().unwrap();
+        let (database, held, directory) = a_migrated_store_held_at_startup(backend).await;
         let (server, ready) = serve_starting(directory.path(), &database.url, &[], Some(ZERO_KEY));
         let starting = reqwest::get(format!("{}/v1/organizations", server.address))
             .await
@@ -630,6 +624,16 @@ async fn serve_stopped_while_its_store_is_being_opened_stops_at_once() {
         assert_eq!(ready_now.status(), reqwest::StatusCode::OK, "{backend:?}");
         again.stop();
     }
+}
+
+/// A migrated store on `backend`, held as `serve` would open it, and a working directory.
+async fn a_migrated_store_held_at_startup(
+    backend: support::Backend,
+) -> (support::TestDatabase, HeldStore, tempfile::TempDir) {
+    let database = support::fresh_database(backend).await;
+    assert!(orgledger(&["migrate"], &database.url).status.success());
+    let held = hold_the_store_at_startup(&database).await;
+    (database, held, tempfile::tempdir().unwrap())
 }
 
 /// A connection holding what `serve` must take at start-up: SQLite's write lock, or
