@@ -325,6 +325,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let (service, state) = match started {
                 Ok(started) => started,
+                // A database stopped along with the service (a node drained) fails the
+                // start of a stop already asked for: still a clean stop.
+                Err(error) if *stop_requested.borrow() => {
+                    tracing::info!(error = format!("{error:#}"), "stopped while starting");
+                    server.await??;
+                    return Ok(());
+                }
                 Err(error) => {
                     server.abort();
                     return Err(error);
@@ -332,8 +339,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if *stop_requested.borrow() {
                 tracing::info!("stopped before it was ready");
-                server.await??;
+                let served = server.await;
                 service.close().await;
+                served??;
                 return Ok(());
             }
             let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -345,13 +353,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 %address,
                 "orgledger ready"
             );
-            server.await??;
+            let served = server.await;
             tracing::info!("stopping projections");
             let _ = stop.send(true);
             for task in tasks {
                 let _ = task.await;
             }
             service.close().await;
+            served??;
         }
         Commands::Projections { store, action } => {
             let to_rebuild = match &action {

@@ -1510,9 +1510,12 @@ impl Projector {
             .await
         {
             Ok(0) => {}
-            Ok(cancelled) => tracing::info!(cancelled, "a stopped rebuild's statements cancelled"),
+            Ok(cancelled) => tracing::info!(
+                cancelled,
+                "a stopped or failed rebuild's statements cancelled"
+            ),
             Err(error) => {
-                tracing::warn!(%error, "a stopped rebuild's statements could not be cancelled");
+                tracing::warn!(%error, "a stopped or failed rebuild's statements could not be cancelled");
             }
         }
     }
