@@ -161,8 +161,12 @@ pub async fn open_store(
     let database = database.map_err(|error| {
         anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
     })?;
+    let url = redact_url(&store.database_url);
     if create {
-        database.migrate().await?;
+        database
+            .migrate()
+            .await
+            .with_context(|| format!("cannot migrate {url}"))?;
     } else {
         refuse_unmigrated(&database).await?;
     }
@@ -174,7 +178,10 @@ pub async fn open_store(
                 // Another process on this new store kept its key, and wrote under it, after
                 // this one generated its own: open again under the kept one.
                 Err(_) if generated.as_ref().is_some_and(GeneratedKey::kept_elsewhere) => continue,
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    return Err(anyhow::Error::from(error))
+                        .with_context(|| format!("cannot open the store {url}"))
+                }
             };
         match generated.map(GeneratedKey::keep).transpose()? {
             None | Some(true) => return Ok(service),
@@ -210,7 +217,7 @@ async fn refuse_unmigrated(database: &Database) -> anyhow::Result<()> {
 }
 
 /// What `serve` does, once its store is open, before it can answer: reads the platform
-/// tokens, finishes purges a crash interrupted.
+/// tokens, finishes purges a crash interrupted. On failure the store is closed.
 async fn ready_to_serve(
     service: Orgledger,
     store: &StoreConfig,
@@ -218,6 +225,26 @@ async fn ready_to_serve(
     consistency_wait_ms: u64,
 ) -> anyhow::Result<(Arc<Orgledger>, AppState)> {
     let service = Arc::new(service);
+    let ready = tokens_and_repairs(&service, store, api_token, consistency_wait_ms).await;
+    match ready {
+        Ok(tokens) => {
+            let state = AppState::new(service.clone(), tokens);
+            Ok((service, state))
+        }
+        Err(error) => {
+            service.close().await;
+            Err(error)
+        }
+    }
+}
+
+/// The platform tokens, once the purges a crash interrupted are finished.
+async fn tokens_and_repairs(
+    service: &Orgledger,
+    store: &StoreConfig,
+    api_token: Option<&orgledger_domain::Secret>,
+    consistency_wait_ms: u64,
+) -> anyhow::Result<PlatformTokens> {
     service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
     let tokens = match platform_tokens(store, api_token.map(orgledger_domain::Secret::expose))? {
         PlatformTokenSource::Tokens(tokens) => {
@@ -238,8 +265,7 @@ async fn ready_to_serve(
         );
     }
     crate::http::idempotency::forget_purged(service.database()).await?;
-    let state = AppState::new(service.clone(), tokens);
-    Ok((service, state))
+    Ok(tokens)
 }
 
 /// How often the purge of organizations past their restore window runs.
