@@ -340,6 +340,96 @@ async fn a_rebuild_stopped_by_a_signal_drops_its_copies_at_once() {
     assert_eq!(members_after, members_before);
 }
 
+/// A second signal to a rebuild that is dropping its copies ends the process there, exit 1,
+/// saying the copies may be left (the sweep drops them once untouched for 2 minutes). Here
+/// the drop waits on a lock the test holds on a copy (PostgreSQL).
+#[tokio::test]
+async fn a_second_signal_ends_a_stopping_rebuild_at_once() {
+    use sqlx::{Connection, Executor};
+    let database = support::fresh_database(support::Backend::Postgres).await;
+    let url = database.url.clone();
+    assert!(orgledger(&["migrate"], &url).status.success());
+    let key = orgledger::store::MasterKey::from_base64(ZERO_KEY).unwrap();
+    let store = orgledger::store::Database::connect(&url).await.unwrap();
+    support::acme_with_mia(&orgledger::ledger::Ledger::new(store.clone(), key)).await;
+    store.close().await;
+    // The log held against the rebuild's `ANALYZE` only: it makes its copies, then waits.
+    let mut log_held = sqlx::PgConnection::connect(&url).await.unwrap();
+    log_held
+        .execute("BEGIN; LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let rebuild = orgledger_command(&["projections", "rebuild", "audit_log"], &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+    let copy: String = support::poll_until(
+        &mut watcher,
+        "no copy within 30 s",
+        "SELECT coalesce(max(relname::text), '') FROM pg_class
+          WHERE relname LIKE $1 ESCAPE '!' AND relkind = 'r'",
+        "rm!_audit!_log!_!_rb%",
+        |name: &String| !name.is_empty(),
+    )
+    .await;
+    let mut copy_held = sqlx::PgConnection::connect(&url).await.unwrap();
+    copy_held
+        .execute(format!("BEGIN; LOCK TABLE {copy} IN ROW EXCLUSIVE MODE").as_str())
+        .await
+        .unwrap();
+    log_held.execute("ROLLBACK").await.unwrap();
+    let index_builds = "SELECT count(*) FROM pg_stat_activity
+          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, $1) > 0 AND state = 'active'";
+    support::poll_until(
+        &mut watcher,
+        "no index build",
+        index_builds,
+        &copy,
+        |n: &i64| *n > 0,
+    )
+    .await;
+    let signal = || {
+        let sent = Command::new("kill")
+            .args(["-TERM", &rebuild.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal();
+    // The first stop has run once its index builds are cancelled; its drop now waits on the
+    // test's lock (5 s at most), and the second signal ends it.
+    support::poll_until(
+        &mut watcher,
+        "index builds not cancelled",
+        index_builds,
+        &copy,
+        |n: &i64| *n == 0,
+    )
+    .await;
+    let drops = "SELECT count(*) FROM pg_stat_activity
+          WHERE query LIKE 'DROP TABLE%' AND strpos(query, $1) > 0 AND wait_event_type = 'Lock'";
+    support::poll_until(&mut watcher, "no drop waiting", drops, &copy, |n: &i64| {
+        *n > 0
+    })
+    .await;
+    let signalled = Instant::now();
+    signal();
+    let ended = tokio::task::spawn_blocking(move || rebuild.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let took = signalled.elapsed();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped twice"), "{stderr}");
+    assert!(
+        took < Duration::from_secs(3),
+        "ended {took:?} after the second signal"
+    );
+    copy_held.execute("ROLLBACK").await.unwrap();
+}
+
 /// A rebuild draws its progress, stage by stage, on a terminal (here a pseudo-terminal made
 /// by util-linux's `script`), and nothing of it into a pipe or a log file.
 #[test]

@@ -274,33 +274,6 @@ async fn stopped_during_an_index_build(lock_kept: bool) {
     assert_eq!(count(service.db(), entries).await, entries_before);
 }
 
-/// Runs `sql` (one value, `argument` bound as `$1`) every 10 ms until `wanted` takes its
-/// value; fails with `what` after 30 s.
-async fn poll_until<T>(
-    connection: &mut sqlx::PgConnection,
-    what: &str,
-    sql: &str,
-    argument: &str,
-    wanted: impl Fn(&T) -> bool,
-) -> T
-where
-    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
-{
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let value: T = sqlx::query_scalar(sql)
-            .bind(argument)
-            .fetch_one(&mut *connection)
-            .await
-            .unwrap();
-        if wanted(&value) {
-            return value;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Makes the copy `name` + `suffix` of a read model, holding the live table's rows, as a
 /// rebuild leaves it, last touched at `touched_at_us`.
 async fn leave_copy(service: &TestService, name: &str, suffix: &str, touched_at_us: i64) {

@@ -629,3 +629,30 @@ pub async fn dump_read_models(db: &Database) -> Vec<String> {
     }
     rows
 }
+
+/// Runs `sql` (one value, `argument` bound as `$1`) every 10 ms until `wanted` takes its
+/// value; fails with `what` after 30 s.
+pub async fn poll_until<T>(
+    connection: &mut sqlx::PgConnection,
+    what: &str,
+    sql: &str,
+    argument: &str,
+    wanted: impl Fn(&T) -> bool,
+) -> T
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let value: T = sqlx::query_scalar(sql)
+            .bind(argument)
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        if wanted(&value) {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
