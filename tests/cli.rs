@@ -365,31 +365,9 @@ async fn a_second_signal_ends_a_stopping_rebuild_at_once() {
         .spawn()
         .unwrap();
     let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
-    let copy: String = support::poll_until(
-        &mut watcher,
-        "no copy within 30 s",
-        "SELECT coalesce(max(relname::text), '') FROM pg_class
-          WHERE relname LIKE $1 ESCAPE '!' AND relkind = 'r'",
-        "rm!_audit!_log!_!_rb%",
-        |name: &String| !name.is_empty(),
-    )
-    .await;
-    let mut copy_held = sqlx::PgConnection::connect(&url).await.unwrap();
-    copy_held
-        .execute(format!("BEGIN; LOCK TABLE {copy} IN ROW EXCLUSIVE MODE").as_str())
-        .await
-        .unwrap();
-    log_held.execute("ROLLBACK").await.unwrap();
-    let index_builds = "SELECT count(*) FROM pg_stat_activity
-          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, $1) > 0 AND state = 'active'";
-    support::poll_until(
-        &mut watcher,
-        "no index build",
-        index_builds,
-        &copy,
-        |n: &i64| *n > 0,
-    )
-    .await;
+    let (copy, mut copy_held) =
+        support::hold_the_audit_copy_at_its_index_build(&url, &mut watcher, &mut log_held).await;
+    let index_builds = support::INDEX_BUILDS_ON;
     let signal = || {
         let sent = Command::new("kill")
             .args(["-TERM", &rebuild.id().to_string()])

@@ -207,34 +207,9 @@ async fn stopped_during_an_index_build(lock_kept: bool) {
             .await
     });
     let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
-    let copy: String = poll_until(
-        &mut watcher,
-        "no copy within 30 s",
-        "SELECT coalesce(max(relname::text), '') FROM pg_class
-          WHERE relname LIKE $1 ESCAPE '!' AND relkind = 'r'",
-        "rm!_audit!_log!_!_rb%",
-        |name: &String| !name.is_empty(),
-    )
-    .await;
-    // The copy held against index builds only (inserts share the lock), then the log freed.
-    let mut copy_held = sqlx::PgConnection::connect(&url).await.unwrap();
-    copy_held
-        .execute(format!("BEGIN; LOCK TABLE {copy} IN ROW EXCLUSIVE MODE").as_str())
-        .await
-        .unwrap();
-    log_held.execute("ROLLBACK").await.unwrap();
-    // The copy's name bound, not written in: the watcher's own query must not name it, or
-    // the rebuild's cancel would take it for one of its statements.
-    let index_builds = "SELECT count(*) FROM pg_stat_activity
-          WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, $1) > 0 AND state = 'active'";
-    poll_until(
-        &mut watcher,
-        "no index build within 30 s",
-        index_builds,
-        &copy,
-        |running: &i64| *running > 0,
-    )
-    .await;
+    let (copy, mut copy_held) =
+        hold_the_audit_copy_at_its_index_build(&url, &mut watcher, &mut log_held).await;
+    let index_builds = INDEX_BUILDS_ON;
 
     stop.send(()).unwrap();
     // Gone while the test still holds its lock: cancelled, not finished.

@@ -656,3 +656,45 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Index builds running on the table named `$1` (PostgreSQL). The name is bound, not written
+/// in: a query naming a rebuild's copy would be taken for one of the rebuild's statements
+/// and cancelled with them.
+pub const INDEX_BUILDS_ON: &str = "SELECT count(*) FROM pg_stat_activity
+      WHERE query LIKE 'CREATE %INDEX%' AND strpos(query, $1) > 0 AND state = 'active'";
+
+/// PostgreSQL, while a rebuild of the audit log waits behind `log_held` (a transaction
+/// holding a lock on the events): finds its copy, holds the copy against index builds only
+/// (inserts share the lock), frees the log, and waits until an index build of the copy waits
+/// on that lock. The copy's name and the connection holding it.
+pub async fn hold_the_audit_copy_at_its_index_build(
+    url: &str,
+    watcher: &mut sqlx::PgConnection,
+    log_held: &mut sqlx::PgConnection,
+) -> (String, sqlx::PgConnection) {
+    use sqlx::Executor;
+    let copy: String = poll_until(
+        watcher,
+        "no copy within 30 s",
+        "SELECT coalesce(max(relname::text), '') FROM pg_class
+          WHERE relname LIKE $1 ESCAPE '!' AND relkind = 'r'",
+        "rm!_audit!_log!_!_rb%",
+        |name: &String| !name.is_empty(),
+    )
+    .await;
+    let mut copy_held = sqlx::PgConnection::connect(url).await.unwrap();
+    copy_held
+        .execute(format!("BEGIN; LOCK TABLE {copy} IN ROW EXCLUSIVE MODE").as_str())
+        .await
+        .unwrap();
+    log_held.execute("ROLLBACK").await.unwrap();
+    poll_until(
+        watcher,
+        "no index build within 30 s",
+        INDEX_BUILDS_ON,
+        &copy,
+        |running: &i64| *running > 0,
+    )
+    .await;
+    (copy, copy_held)
+}
