@@ -225,7 +225,8 @@ async fn ready_to_serve(
     consistency_wait_ms: u64,
 ) -> anyhow::Result<(Arc<Orgledger>, AppState)> {
     let service = Arc::new(service);
-    let ready = tokens_and_repairs(&service, store, api_token, consistency_wait_ms).await;
+    service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
+    let ready = tokens_and_repairs(&service, store, api_token).await;
     match ready {
         Ok(tokens) => {
             let state = AppState::new(service.clone(), tokens);
@@ -243,9 +244,7 @@ async fn tokens_and_repairs(
     service: &Orgledger,
     store: &StoreConfig,
     api_token: Option<&orgledger_domain::Secret>,
-    consistency_wait_ms: u64,
 ) -> anyhow::Result<PlatformTokens> {
-    service.set_consistency_wait(Duration::from_millis(consistency_wait_ms));
     let tokens = match platform_tokens(store, api_token.map(orgledger_domain::Secret::expose))? {
         PlatformTokenSource::Tokens(tokens) => {
             PlatformTokens::new(tokens.iter().map(String::as_str))
