@@ -820,9 +820,12 @@ async fn serve(service: Arc<Orgledger>) -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
     let state = AppState::new(service, PlatformTokens::new([TOKEN]));
+    // Through `Starting`, as `serve` answers: its hand-over is on every request's path.
+    let starting = orgledger::http::Starting::default();
+    starting.ready(orgledger::http::app(state));
     tokio::spawn(orgledger::http::serve(
         listener,
-        orgledger::http::app(state),
+        starting.router(),
         std::future::pending(),
         Duration::from_secs(30),
     ));
