@@ -172,6 +172,15 @@ struct Unopened {
 }
 
 impl Loaded {
+    /// The state once `events` are applied to this one.
+    fn after(&self, events: &[OrganizationEvent]) -> Arc<Organization> {
+        let mut after = (*self.state).clone();
+        for event in events {
+            after.apply(event.clone());
+        }
+        Arc::new(after)
+    }
+
     /// Nothing from stored snapshot `number`, which is not used: every event is replayed,
     /// and the next commit replaces it.
     fn replacing(number: usize) -> Self {
@@ -666,11 +675,7 @@ impl Ledger {
     ) -> Result<usize, LedgerError> {
         let _turn = self.turns.take(organization_id).await;
         let loaded = self.load_latest(organization_id).await?;
-        let mut after = (*loaded.state).clone();
-        for event in &events {
-            after.apply(event.clone());
-        }
-        let after = Arc::new(after);
+        let after = loaded.after(&events);
         // Imported events say nothing of the commands that made them: none is marked, and a
         // mark in the metadata given would join them all into one.
         let mut metadata = metadata;
@@ -744,11 +749,7 @@ impl Ledger {
                 }
                 Err(error) => return Err(error),
             };
-            let mut after = (*loaded.state).clone();
-            for event in &events {
-                after.apply(event.clone());
-            }
-            let after = Arc::new(after);
+            let after = loaded.after(&events);
             match self
                 .commit(
                     organization_id,

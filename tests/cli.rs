@@ -209,18 +209,22 @@ fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_statu
     let url = format!("sqlite://{}", dir.path().join("orgledger.db").display());
     assert!(orgledger(&["migrate"], &url).status.success());
     for args in [&["projections", "status"][..], &["verify", "--json"]] {
-        // As `| head -0`: the pipe's reading end is closed before the command writes.
-        let mut child = orgledger_command(args, &url)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        drop(child.stdout.take());
-        let output = child.wait_with_output().unwrap();
+        let output = with_its_reader_gone(orgledger_command(args, &url));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// Runs `command` as `| head -0` would: its standard output's reader gone before it writes.
+fn with_its_reader_gone(mut command: Command) -> Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
 }
 
 /// An export to standard output whose reader left early is incomplete, and says so: a
@@ -236,13 +240,10 @@ async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
         .success());
 
     let org = org.to_string();
-    let mut child = orgledger_command(&["export", "--organization", &org, "-o", "-"], &url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let output = child.wait_with_output().unwrap();
+    let output = with_its_reader_gone(orgledger_command(
+        &["export", "--organization", &org, "-o", "-"],
+        &url,
+    ));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the export is incomplete"), "{stderr}");
@@ -935,6 +936,10 @@ async fn a_lost_key_file_is_not_replaced_by_a_key_that_cannot_open_the_store() {
     assert!(!status.status.success());
     let stderr = String::from_utf8_lossy(&status.stderr);
     assert!(stderr.contains("master key"), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("Error: cannot open the store {url}: ")),
+        "the store is named: {stderr}"
+    );
     assert!(
         !key_file.exists(),
         "a key that does not open the store was kept"
