@@ -4232,7 +4232,8 @@ async fn a_slug_change_is_refused_for_its_own_reason_before_any_slug_is_looked_a
 
 /// A caller who may not issue a command is told so (`403`, or `400 actor_required` for
 /// `system`) before anything about its body's values, on every route, whichever layer checks
-/// those values; a caller who may is told what was wrong (`422`). Nothing is appended.
+/// those values; a caller who may is told what was wrong (`422`). A body that cannot be read
+/// as the command at all is `422` to anyone. Nothing is appended.
 async fn a_caller_who_may_not_act_is_refused_before_its_values_are_judged(backend: Backend) {
     let app = spawn_app(backend).await;
     let org = app.create_org("Acme", "olivia").await;
@@ -4303,6 +4304,26 @@ async fn a_caller_who_may_not_act_is_refused_before_its_values_are_judged(backen
             .call(method.clone(), path, Some("olivia"), Some(body.clone()))
             .await;
         assert_validation_failed(&owner, &context);
+    }
+    // A body that cannot be read as the command at all is refused as such to anyone: its
+    // shape is the published schema's, not the organization's.
+    let unreadable = [
+        (
+            Method::PATCH,
+            format!("{base}/members/vic"),
+            json!({"locked_fields": ["x"]}),
+        ),
+        (
+            Method::PUT,
+            format!("{base}/plan"),
+            json!({"plan": null, "seats": null}),
+        ),
+    ];
+    for (method, path, body) in &unreadable {
+        let refused = app
+            .call(method.clone(), path, Some("stranger"), Some(body.clone()))
+            .await;
+        assert_validation_failed(&refused, &format!("{method} {path} as stranger"));
     }
     assert_eq!(app.event_count(&org).await, before);
 

@@ -376,6 +376,13 @@ impl Organization {
 
     fn delete_role(&self, actor: &Actor, c: &RoleRef) -> Decision {
         self.authorize(actor, Permission::ManageRoles)?;
+        // Listed beside the custom ones, so named for what it is rather than "not found".
+        if Role::BUILT_IN.iter().any(|role| role.as_str() == c.key) {
+            return Err(OrganizationError::validation(
+                "key",
+                "is a built-in role, which cannot be deleted",
+            ));
+        }
         if !self.roles.contains_key(&c.key) {
             return Err(OrganizationError::NotFound("role"));
         }

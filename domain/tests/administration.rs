@@ -1060,6 +1060,38 @@ fn a_custom_role_is_assignable_once_defined_and_deletable_only_when_unused() {
         })]);
 }
 
+/// A built-in role is listed beside the custom ones but is no custom role: deleting it is
+/// refused as such, for an owner, while an unknown key is not found.
+#[test]
+fn deleting_a_built_in_role_is_refused_as_built_in_not_as_unknown() {
+    for key in ["owner", "admin", "member", "viewer"] {
+        let refused = error_of(
+            acme(),
+            by(
+                "olivia",
+                OrganizationCommand::DeleteRole(RoleRef { key: key.into() }),
+            ),
+        );
+        assert_eq!(
+            refused,
+            OrganizationError::validation("key", "is a built-in role, which cannot be deleted"),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        error_of(
+            acme(),
+            by(
+                "olivia",
+                OrganizationCommand::DeleteRole(RoleRef {
+                    key: "organizer".into()
+                })
+            )
+        ),
+        OrganizationError::NotFound("role")
+    );
+}
+
 /// A custom role is usable wherever a role is: an invitation with it makes a member holding
 /// it, an undefined one is refused, and a pending invitation keeps its role in use. Only an
 /// owner resends an invitation to be an owner.

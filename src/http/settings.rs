@@ -479,7 +479,8 @@ async fn define_role(
     Ok(committed(&outcome, StatusCode::CREATED, axum::Json(body)))
 }
 
-/// Delete a custom role no member or pending invitation holds (owners only).
+/// Delete a custom role no member or pending invitation holds (owners only); a built-in role
+/// is `422 validation_failed`, held custom role `409 role_in_use`.
 #[utoipa::path(delete, path = "/v1/organizations/{org_id}/roles/{key}", tag = "settings",
     params(("org_id" = String, Path), ("key" = String, Path), ActorHeaders, CommandHeaders),
     responses((status = 204, description = "Deleted"), ProblemResponses))]
