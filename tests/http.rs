@@ -2495,6 +2495,57 @@ async fn a_zero_consistency_wait_answers_pending_once_stored_and_the_read_models
     assert_eq!(renamed.headers["x-consistency"], "pending");
 }
 
+/// PostgreSQL: a write transaction left open in another database of the same server (another
+/// service's, an idle session's) holds no command back: it is answered consistent, at once,
+/// and the read models show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_open_in_another_database_holds_no_command_back_on_postgres() {
+    use sqlx::Connection;
+    let mut service = spawn_service_waiting(Backend::Postgres, Duration::from_secs(5)).await;
+    service.start_projections();
+    let app = serve_app(service).await;
+    let mut elsewhere = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut elsewhere)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let created = app
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            Some("olivia"),
+            Some(json!({"name": "Acme"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert!(
+        created.headers.get("x-consistency").is_none(),
+        "answered pending after {:?}",
+        started.elapsed()
+    );
+    let own = app
+        .call(
+            Method::GET,
+            "/v1/users/olivia/organizations",
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        own.body["items"][0]["organization"]["id"], created.body["id"],
+        "{}",
+        own.body
+    );
+    let ready = app.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    elsewhere.close().await.unwrap();
+}
+
 /// PostgreSQL: a database that takes the readiness check but does not answer it (here, the
 /// projections' checkpoints locked) gets `/readyz` a `503` within its 2 s bound, not after
 /// the pool's 10 s; ready again once the lock goes.

@@ -5,6 +5,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::Connection;
+
 use futures::StreamExt;
 use orgledger::exports::data_export;
 use orgledger::history::{raw_events, state_as_of, AsOf};
@@ -782,7 +784,7 @@ async fn a_failing_projection_stops_reports_and_resumes_without_skipping(backend
     add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
 
     let members_projection = projection_named("members", "").unwrap();
-    // On PostgreSQL a write in flight anywhere in the cluster can hold the feed back for a
+    // On PostgreSQL a write in flight in this database can hold the feed back for a
     // moment; the failing event is reached within a few batches.
     let mut attempts = 0;
     let error = loop {
@@ -2310,8 +2312,24 @@ async fn status_reports_positions_and_backlog(backend: Backend) {
         .all(|s| s.backlog == 0 && s.events_applied == 2 && s.position > 0));
 }
 
+/// A write transaction held open in another database of the server, as another service's
+/// or an idle session's would be: it has a transaction id older than every event to come.
+async fn a_write_held_open_in_another_database() -> sqlx::PgConnection {
+    let mut elsewhere = sqlx::PgConnection::connect(&support::postgres_admin_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut elsewhere)
+        .await
+        .unwrap();
+    elsewhere
+}
+
 /// PostgreSQL assigns positions at insert, so a transaction can commit after a later one.
-/// (SQLite admits one writer at a time: no such interleaving exists there.)
+/// (SQLite admits one writer at a time: no such interleaving exists there.) A write held
+/// open in another database all along neither lets the late one be skipped nor holds the
+/// rest back once it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
     let service = spawn_service(Backend::Postgres).await;
@@ -2321,6 +2339,7 @@ async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
     let Database::Postgres(pool) = service.db() else {
         unreachable!()
     };
+    let elsewhere = a_write_held_open_in_another_database().await;
 
     // A writer takes the next position and holds its transaction open...
     let mut slow = pool.begin().await.unwrap();
@@ -2362,6 +2381,33 @@ async fn a_transaction_that_commits_late_is_not_skipped_on_postgres() {
         .await
         .unwrap()
         .is_some());
+    elsewhere.close().await.unwrap();
+}
+
+/// A write transaction open in another database of the same server is no transaction of
+/// this log: the projections read past it, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_open_in_another_database_holds_no_read_model_back() {
+    let service = spawn_service(Backend::Postgres).await;
+    let elsewhere = a_write_held_open_in_another_database().await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    let applied = service.projector.apply_available().await.unwrap();
+    assert!(
+        applied > 0,
+        "nothing was read past the other database's write"
+    );
+    assert!(organizations::get(service.db(), &org.to_string())
+        .await
+        .unwrap()
+        .is_some());
+    let statuses = service.projector.status().await.unwrap();
+    assert!(
+        statuses.iter().all(|status| status.backlog == 0),
+        "{statuses:?}"
+    );
+    elsewhere.close().await.unwrap();
 }
 
 /// The live runner reads an organization's versions in the statement that locks the

@@ -6,7 +6,7 @@ use orgledger_domain::OrganizationEvent;
 use serde::Deserialize;
 
 /// A place in the global log. On PostgreSQL, `(commit_txid, position)` orders events by
-/// transaction and stays below the oldest transaction in flight; on SQLite `commit_txid` is 0
+/// transaction and stays below the oldest transaction of its database in flight; on SQLite `commit_txid` is 0
 /// and `position` alone is commit order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Checkpoint {

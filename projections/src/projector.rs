@@ -790,7 +790,7 @@ impl Projector {
     }
 
     /// Applies every live projection until each has applied every committed event. On
-    /// PostgreSQL an in-flight write anywhere on the server can briefly hold events back, so
+    /// PostgreSQL an in-flight write in this database can briefly hold events back, so
     /// an empty batch is not enough: the backlog must be zero.
     pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -951,7 +951,7 @@ impl Projector {
                     }
                     // Committed events a transaction in flight holds back (PostgreSQL): the
                     // wake-up for them is already spent, so look again in a moment, and less
-                    // often while a long transaction anywhere on the server holds them.
+                    // often while a long transaction in this database holds them.
                     let held_back = match &lowest {
                         Some((_, at)) => self
                             .feed

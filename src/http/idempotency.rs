@@ -27,9 +27,11 @@ const LARGEST_STORED_RESPONSE: usize = 1024 * 1024;
 const SEAL_PURPOSE: &str = "orgledger.idempotent-response";
 /// How long a claim may go unrenewed before a retry settles it from the log: its holder
 /// renews it every [`RENEW_EVERY`] while the command runs, so only a claim whose process died
-/// goes that long.
-const CLAIM_LEASE: chrono::Duration = chrono::Duration::minutes(5);
-const RENEW_EVERY: Duration = Duration::from_secs(30);
+/// goes that long. Short, because a retry of a command cut short by a crash waits that long
+/// to be settled; six renewals fit in it, so a slow database does not cost a live holder its
+/// claim (which would only fence its append: nothing is ever applied twice).
+const CLAIM_LEASE: chrono::Duration = chrono::Duration::seconds(30);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How long a holder whose command failed waits before settling its claim from the log: a
 /// commit whose outcome the failure left unknown is visible by then.
 const SETTLE_GRACE: Duration = Duration::from_secs(2);
