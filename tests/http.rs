@@ -2504,14 +2504,7 @@ async fn a_write_open_in_another_database_holds_no_command_back_on_postgres() {
     let mut service = spawn_service_waiting(Backend::Postgres, Duration::from_secs(5)).await;
     service.start_projections();
     let app = serve_app(service).await;
-    let mut elsewhere = sqlx::PgConnection::connect(&postgres_admin_url())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut elsewhere)
-        .await
-        .unwrap();
+    let elsewhere = a_write_held_open_in_another_database().await;
 
     let started = std::time::Instant::now();
     let created = app

@@ -2312,20 +2312,6 @@ async fn status_reports_positions_and_backlog(backend: Backend) {
         .all(|s| s.backlog == 0 && s.events_applied == 2 && s.position > 0));
 }
 
-/// A write transaction held open in another database of the server, as another service's
-/// or an idle session's would be: it has a transaction id older than every event to come.
-async fn a_write_held_open_in_another_database() -> sqlx::PgConnection {
-    let mut elsewhere = sqlx::PgConnection::connect(&support::postgres_admin_url())
-        .await
-        .unwrap();
-    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
-    sqlx::query("SELECT pg_current_xact_id()")
-        .execute(&mut elsewhere)
-        .await
-        .unwrap();
-    elsewhere
-}
-
 /// PostgreSQL assigns positions at insert, so a transaction can commit after a later one.
 /// (SQLite admits one writer at a time: no such interleaving exists there.) A write held
 /// open in another database all along neither lets the late one be skipped nor holds the

@@ -47,6 +47,20 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// A write transaction held open in another database of the server, as another service's
+/// or an idle session's would be: it has a transaction id older than every event to come.
+pub async fn a_write_held_open_in_another_database() -> sqlx::PgConnection {
+    let mut elsewhere = sqlx::PgConnection::connect(&postgres_admin_url())
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut elsewhere).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut elsewhere)
+        .await
+        .unwrap();
+    elsewhere
+}
+
 pub async fn fresh_database(backend: Backend) -> TestDatabase {
     match backend {
         Backend::Postgres => {
