@@ -158,10 +158,8 @@ pub async fn open_store(
     } else {
         Database::connect_existing(&store.database_url).await
     };
-    let database = database.map_err(|error| {
-        anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
-    })?;
     let url = redact_url(&store.database_url);
+    let database = database.map_err(|error| anyhow::anyhow!("cannot open {url}: {error}"))?;
     if create {
         database
             .migrate()

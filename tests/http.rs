@@ -1723,6 +1723,16 @@ async fn custom_roles_grant_exactly_their_permissions(backend: Backend) {
         .call(Method::POST, &base, Some("adam"), Some(role.clone()))
         .await;
     assert_problem(&by_admin, StatusCode::FORBIDDEN, "permission_denied");
+    // Listed beside the custom ones, a built-in role is refused as such, not as unknown.
+    let built_in = app
+        .call(
+            Method::DELETE,
+            &format!("{base}/admin"),
+            Some("olivia"),
+            None,
+        )
+        .await;
+    assert_validation_failed(&built_in, "DELETE a built-in role");
     let owner_power = app
         .call(
             Method::POST,
