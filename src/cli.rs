@@ -200,8 +200,13 @@ async fn open_store_to_read(store: &StoreConfig) -> anyhow::Result<Orgledger> {
             anyhow::anyhow!("cannot open {}: {error}", redact_url(&store.database_url))
         })?;
     refuse_unmigrated(&database).await?;
-    let master_key = store.existing_master_key()?;
-    Ok(Orgledger::open_to_read(database, master_key).await?)
+    let url = redact_url(&store.database_url);
+    let master_key = store
+        .existing_master_key()
+        .with_context(|| format!("cannot open the store {url}"))?;
+    Orgledger::open_to_read(database, master_key)
+        .await
+        .with_context(|| format!("cannot open the store {url}"))
 }
 
 /// For the commands that only `serve` and `migrate` set a store up for: refuses another
@@ -385,57 +390,77 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             service.close().await;
             served??;
         }
-        Commands::Projections { store, action } => {
-            let to_rebuild = match &action {
-                ProjectionsAction::Status => Vec::new(),
-                ProjectionsAction::Rebuild { name: Some(name) } => vec![name.as_str()],
-                ProjectionsAction::Rebuild { name: None } => PROJECTION_NAMES.to_vec(),
+        // Reads only, as `verify` and `export` do: it works on a read-only store, and leaves
+        // the sweep of a dead rebuild's copies to `serve` and `rebuild`.
+        Commands::Projections {
+            store,
+            action: ProjectionsAction::Status,
+        } => {
+            let service = open_store_to_read(&store).await?;
+            let printed = print_status(&service).await;
+            service.close().await;
+            printed?;
+        }
+        Commands::Projections {
+            store,
+            action: ProjectionsAction::Rebuild { name },
+        } => {
+            let to_rebuild = match &name {
+                Some(name) => vec![name.as_str()],
+                None => PROJECTION_NAMES.to_vec(),
             };
             let service = open_store(&store, false, &to_rebuild).await?;
-            match &action {
-                ProjectionsAction::Status => print_status(&service).await?,
-                ProjectionsAction::Rebuild { name } => {
-                    let show_progress = std::io::stderr().is_terminal();
-                    // Ctrl-C, SIGTERM or a closed terminal drop the copies at once: they
-                    // hold personal data in clear. A second one ends the process there and
-                    // then (the copies left are dropped later, once untouched for 2 min).
-                    let first = signals_from_now(Stop::RequestedOrHungUp);
-                    let stop = async {
-                        first.await;
-                        let second = signals_from_now(Stop::RequestedOrHungUp);
-                        tokio::spawn(async move {
-                            second.await;
-                            eprintln!("Error: stopped twice: the rebuild's copies may be left");
-                            std::process::exit(1);
-                        });
-                    };
-                    let report = service
-                        .projector
-                        .rebuild_unless_stopped(&to_rebuild, show_progress, stop)
-                        .await;
-                    let report = match report {
-                        Ok(report) => report,
-                        Err(error) => {
-                            service.close().await;
-                            return Err(error.into());
-                        }
-                    };
-                    let what = match name {
-                        Some(name) => format!("{name:<16}"),
-                        None => format!(
-                            "all {} projections from one read of the log:",
-                            PROJECTION_NAMES.len()
-                        ),
-                    };
-                    say(format_args!(
-                        "rebuilt {what} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
-                        report.events,
-                        report.seconds,
-                        report.events_per_second,
-                        phases(&report)
-                    ))?;
+            let show_progress = std::io::stderr().is_terminal();
+            // Ctrl-C, SIGTERM or a closed terminal drop the copies at once: they
+            // hold personal data in clear. A second one ends the process there and
+            // then (the copies left are dropped later, once untouched for 2 min).
+            let first = signals_from_now(Stop::RequestedOrHungUp);
+            let stop = async {
+                first.await;
+                let second = signals_from_now(Stop::RequestedOrHungUp);
+                tokio::spawn(async move {
+                    second.await;
+                    stderr_line!("Error: stopped twice: the rebuild's copies may be left");
+                    std::process::exit(1);
+                });
+            };
+            let report = service
+                .projector
+                .rebuild_unless_stopped(&to_rebuild, show_progress, stop)
+                .await;
+            let report = match report {
+                Ok(report) => report,
+                Err(error) => {
+                    service.close().await;
+                    let stopped = matches!(
+                        error,
+                        orgledger_projections::ProjectionError::Stopped
+                            | orgledger_projections::ProjectionError::StoppedCopiesLeft
+                    );
+                    if stopped {
+                        return Err(error.into());
+                    }
+                    return Err(anyhow::Error::from(error).context(
+                        "the rebuild failed; the read models are as they were (a copy it could \
+                         not drop goes with the next rebuild, or `serve`, once untouched for 2 \
+                         minutes)",
+                    ));
                 }
-            }
+            };
+            let what = match name {
+                Some(name) => format!("{name:<16}"),
+                None => format!(
+                    "all {} projections from one read of the log:",
+                    PROJECTION_NAMES.len()
+                ),
+            };
+            say(format_args!(
+                "rebuilt {what} {:>9} events in {:>7.2} s  ({:.0} events/s; {})",
+                report.events,
+                report.seconds,
+                report.events_per_second,
+                phases(&report)
+            ))?;
             service.close().await;
         }
         Commands::Verify {
@@ -454,7 +479,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match checked.await {
                 Ok(report) => print_verification(&report, json)?,
                 Err(error) => {
-                    eprintln!("Error: could not verify: {error:#}");
+                    stderr_line!("Error: could not verify: {error:#}");
                     std::process::exit(2);
                 }
             }
@@ -468,7 +493,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let written = export_to(service.clone(), organization, &output).await;
             service.close().await;
             let written = written?;
-            eprintln!("exported organization {organization}: {written} bytes");
+            stderr_line!("exported organization {organization}: {written} bytes");
         }
         Commands::MasterKey => say(format_args!("{}", MasterKey::generate().to_base64()))?,
     }
@@ -486,11 +511,15 @@ async fn export_to(
     use futures::StreamExt;
     use std::io::Write;
 
+    let to_stdout = output.as_os_str() == "-";
+    if !to_stdout {
+        refuse_unless_a_regular_file(output)?;
+    }
     // Only for the warning: an export without it is still an export.
     let behind = match service.projector.status().await {
         Ok(statuses) => statuses.iter().map(|status| status.backlog).max(),
         Err(error) => {
-            eprintln!("warning: the read models' positions could not be read: {error}");
+            stderr_line!("warning: the read models' positions could not be read: {error}");
             None
         }
     };
@@ -502,16 +531,20 @@ async fn export_to(
         if behind > 0 {
             bail!("no organization {organization} in the read models, which are {behind} events behind the log");
         }
-        bail!("no organization {organization} in the read models");
+        let history = service.ledger.current(organization).await;
+        if history.is_ok_and(|state| state.id.is_some()) {
+            bail!("organization {organization} was purged: its read models are dropped and its personal data erased (`orgledger verify --organization {organization}` still checks its history)");
+        }
+        bail!("no organization {organization}");
     };
     if behind > 0 {
-        eprintln!("warning: the read models are {behind} events behind the log; the export shows them as they stand");
+        stderr_line!("warning: the read models are {behind} events behind the log; the export shows them as they stand");
     }
     let mut file = None;
     // Listened for before the file exists: a signal between its creation and the first look
     // for one would leave it behind.
     let mut interruption = None;
-    let mut sink: Box<dyn Write> = if output.as_os_str() == "-" {
+    let mut sink: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
     } else {
         interruption = Some(signals_from_now(Stop::RequestedOrHungUp));
@@ -519,10 +552,16 @@ async fn export_to(
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => std::path::Path::new("."),
         };
+        remove_dead_exports(directory);
         let made = tempfile::Builder::new()
-            .prefix(".orgledger-export-")
+            .prefix(EXPORT_IN_PROGRESS)
             .tempfile_in(directory)
             .with_context(|| format!("creating a file in {}", directory.display()))?;
+        // Held while it is written: an export killed outright (SIGKILL) releases it, and the
+        // next export into the directory removes the file it left.
+        made.as_file()
+            .try_lock()
+            .with_context(|| format!("locking {}", made.path().display()))?;
         let writer = made.reopen()?;
         file = Some(made);
         Box::new(std::io::BufWriter::new(writer))
@@ -572,6 +611,57 @@ async fn export_to(
             .with_context(|| format!("writing {}", output.display()))?;
     }
     Ok(written)
+}
+
+/// How a data export's file begins while it is written, beside the file it will become.
+const EXPORT_IN_PROGRESS: &str = ".orgledger-export-";
+
+/// The export is renamed over `output` once complete, which would replace a FIFO, a device
+/// or a symbolic link (not what it points to) with a file: only a regular file, or a path
+/// where nothing is yet, is taken.
+fn refuse_unless_a_regular_file(output: &std::path::Path) -> anyhow::Result<()> {
+    let shown = output.display();
+    let kind = match std::fs::symlink_metadata(output) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error).with_context(|| format!("looking at {shown}")),
+        Ok(found) if found.is_file() => return Ok(()),
+        Ok(found) if found.is_dir() => "a directory",
+        Ok(found) if found.is_symlink() => "a symbolic link (name the file it points to)",
+        Ok(_) => "not a regular file (a FIFO, a socket or a device; - writes to standard output)",
+    };
+    bail!("{shown} is {kind}: --output names the file to write")
+}
+
+/// Removes the files exports killed outright left in `directory`: personal data in clear.
+/// A file still locked is being written by a live export, and stays. Best effort: what
+/// cannot be looked at is left.
+fn remove_dead_exports(directory: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_export = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(EXPORT_IN_PROGRESS));
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if !is_export || !is_file {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(entry.path()) else {
+            continue;
+        };
+        if file.try_lock().is_ok() {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed the file of an export that was killed")
+                }
+                Err(error) => {
+                    tracing::warn!(file = %entry.path().display(), %error, "could not remove the file of an export that was killed")
+                }
+            }
+        }
+    }
 }
 
 /// A spinner drawn with `template` when standard error is a terminal; otherwise hidden.

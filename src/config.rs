@@ -257,10 +257,10 @@ pub fn platform_tokens(
             Ok(PlatformTokenSource::Tokens(vec![token]))
         }
         Written::Now => {
-            println!(
+            show_generated_token(&format!(
                 "Generated a platform token (shown once; kept in {}):\n{token}",
                 path.display()
-            );
+            ));
             Ok(PlatformTokenSource::Tokens(vec![token]))
         }
         // Another process on the same new store generated one first: it is the one kept.
@@ -318,9 +318,9 @@ pub async fn platform_tokens_kept_in(
         .rows_affected()
             == 1;
         if taken && legacy_token.is_none() {
-            println!(
+            show_generated_token(&format!(
                 "Generated a platform token (shown once; the database keeps only its SHA-256):\n{token}"
-            );
+            ));
         }
         kept_digest = Some(sqlx::query_scalar(kept).fetch_one(pool).await?);
     }
@@ -469,6 +469,15 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    }
+}
+
+/// Prints a generated platform token on standard output; one that cannot be printed (no
+/// standard output) is logged as lost, never as itself, and the start goes on.
+fn show_generated_token(message: &str) {
+    use std::io::Write as _;
+    if let Err(error) = writeln!(std::io::stdout().lock(), "{message}") {
+        tracing::warn!(%error, "the generated platform token could not be printed: configure ORGLEDGER_API_TOKEN, or delete the kept token to have another generated at the next start");
     }
 }
 

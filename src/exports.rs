@@ -10,6 +10,7 @@ use orgledger_projections::exports::{channel_stream, ByteStream, ExportError};
 use orgledger_projections::invitations::{self, InvitationFilter};
 use orgledger_projections::members::{self, MemberFilter};
 use orgledger_projections::organizations::OrganizationView;
+use orgledger_projections::Database;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc::Sender;
@@ -82,19 +83,36 @@ async fn send(sender: &Chunks, chunk: Vec<u8>) -> bool {
     sender.send(Ok(chunk)).await.is_ok()
 }
 
+/// The export reads every read model in one snapshot of them, and the log up to the version
+/// the organization has in it: the document is the organization at one version, with as many
+/// audit entries and events, however many commands land while it streams.
 async fn write_export(
     service: &Orgledger,
     organization: &OrganizationView,
     sender: &Chunks,
 ) -> Result<(), ExportError> {
-    let database = service.database();
-    let id = organization.id.as_str();
+    let snapshot = service.database().snapshot().await?;
+    let written = write_snapshot(service, &snapshot, &organization.id, sender).await;
+    snapshot.close().await;
+    written
+}
+
+async fn write_snapshot(
+    service: &Orgledger,
+    database: &Database,
+    id: &str,
+    sender: &Chunks,
+) -> Result<(), ExportError> {
+    let organization = orgledger_projections::organizations::get(database, id)
+        .await?
+        .ok_or(ExportError::Purged)?;
+    let version = organization.version;
     let mut head = format!(
         "{{\"format_version\":{FORMAT_VERSION},\"exported_at\":{},\"organization\":",
         serde_json::to_string(&Utc::now()).expect("time serializes")
     )
     .into_bytes();
-    head.extend(json(organization));
+    head.extend(json(&organization));
     head.extend(b",\"members\":[");
     if !send(sender, head).await {
         return Ok(());
@@ -177,6 +195,7 @@ async fn write_export(
             .raw_events(organization_id, after, PAGE)
             .await
             .map_err(|error| ExportError::Database(sqlx::Error::Protocol(error.to_string())))?;
+        events.retain(|event| event.sequence <= version);
         let Some(last) = events.last() else { break };
         after = last.sequence as usize;
         for event in &mut events {

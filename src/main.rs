@@ -14,7 +14,7 @@ async fn main() -> std::process::ExitCode {
         Err(error) => {
             // One line, its causes after colons: what an operator and a log collector read.
             // Never a backtrace (`RUST_BACKTRACE` set for other programs would print one).
-            eprintln!("Error: {error:#}");
+            orgledger::stderr_line!("Error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }

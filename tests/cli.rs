@@ -216,6 +216,21 @@ fn a_reader_that_leaves_early_costs_a_command_neither_a_panic_nor_its_exit_statu
     }
 }
 
+/// A failing command whose standard error is gone (its terminal closed) still exits 1 with
+/// its own status, not 101 from a panic while printing its error.
+#[test]
+fn a_command_whose_standard_error_is_gone_still_ends_with_its_own_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("missing.db").display());
+    let mut child = orgledger_command(&["projections", "status"], &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(1));
+}
+
 /// Runs `command` as `| head -0` would: its standard output's reader gone before it writes.
 fn with_its_reader_gone(mut command: Command) -> Output {
     let mut child = command
@@ -248,6 +263,116 @@ async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("the export is incomplete"), "{stderr}");
     assert!(!stderr.contains("exported organization"), "{stderr}");
+}
+
+/// The export is renamed over its output once complete: a FIFO, a symbolic link or a
+/// directory there is refused and left as it was.
+#[tokio::test]
+async fn an_export_is_written_only_over_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
+    let org = support::acme_with_mia(&ledger).await.to_string();
+    database.close().await;
+    assert!(orgledger(&["projections", "rebuild"], &url)
+        .status
+        .success());
+    let fifo = dir.path().join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let target = dir.path().join("target.json");
+    std::fs::write(&target, "kept").unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let export_to = |output: &std::path::Path| {
+        orgledger(
+            &[
+                "export",
+                "--organization",
+                &org,
+                "-o",
+                output.to_str().unwrap(),
+            ],
+            &url,
+        )
+    };
+    for (output, kind) in [
+        (&fifo, "not a regular file"),
+        (&link, "a symbolic link"),
+        (&dir.path().to_path_buf(), "a directory"),
+    ] {
+        let refused = export_to(output);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(kind), "{output:?}: {stderr}");
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept");
+}
+
+/// An export killed outright leaves its file, personal data in clear, beside the target: the
+/// next export into that directory removes it, and leaves one still being written (locked).
+#[tokio::test]
+async fn an_export_removes_the_file_a_killed_export_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
+    let org = support::acme_with_mia(&ledger).await.to_string();
+    database.close().await;
+    assert!(orgledger(&["projections", "rebuild"], &url)
+        .status
+        .success());
+    let dead = dir.path().join(".orgledger-export-dead01");
+    std::fs::write(&dead, "mia@example.com").unwrap();
+    let live = dir.path().join(".orgledger-export-live01");
+    std::fs::write(&live, "{").unwrap();
+    let held = std::fs::File::open(&live).unwrap();
+    held.lock().unwrap();
+    let output = dir.path().join("acme.json");
+    let exported = orgledger(
+        &[
+            "export",
+            "--organization",
+            &org,
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        &url,
+    );
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    assert!(!dead.exists(), "the killed export's file is removed");
+    assert!(live.exists(), "a file still being written stays");
+    assert!(output.exists());
+    drop(held);
+}
+
+/// `projections status` only reads: it answers on a PostgreSQL session that may not write.
+#[tokio::test]
+async fn projections_status_reads_a_store_it_may_not_write() {
+    let database = support::fresh_database(support::Backend::Postgres).await;
+    assert!(orgledger(&["migrate"], &database.url).status.success());
+    let separator = if database.url.contains('?') { '&' } else { '?' };
+    let read_only = format!(
+        "{}{separator}options=-c%20default_transaction_read_only%3Don",
+        database.url
+    );
+    let status = orgledger(&["projections", "status"], &read_only);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stdout).contains("audit_log"));
 }
 
 /// `projections rebuild` on a store whose audit log is in an older schema replays it once:

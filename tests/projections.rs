@@ -41,6 +41,7 @@ on_both_backends!(
     audit_log_filters_select_the_right_entries,
     audit_exports_parse_back_as_csv_and_json,
     the_data_export_is_complete_and_holds_no_secret,
+    a_data_export_is_one_version_whatever_lands_while_it_streams,
     raw_events_and_past_states_come_from_the_log,
     a_past_state_read_from_a_snapshot_equals_the_replay_from_the_first_event,
     organizations_past_their_restore_window_are_purged_by_system,
@@ -1831,6 +1832,74 @@ async fn audit_exports_parse_back_as_csv_and_json(backend: Backend) {
     assert_eq!(
         entries.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         [4, 5]
+    );
+}
+
+/// An export is the organization at one version: a command that lands while it streams is
+/// in none of its sections. The stream's channel holds four chunks, so once the head is
+/// taken the writer is held with the log still unread while the organization changes.
+async fn a_data_export_is_one_version_whatever_lands_while_it_streams(backend: Backend) {
+    let service = spawn_service(backend).await;
+    let org = create_org(&service.ledger, "Acme", "acme", "olivia")
+        .await
+        .organization_id;
+    add_member(&service.ledger, org, "olivia", "mia", Role::Member).await;
+    service.catch_up().await;
+    let view = organizations::get(service.db(), &org.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    let version = view.version;
+    let mut stream = data_export(service.service.clone(), view);
+    let mut bytes = stream.next().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    add_member(&service.ledger, org, "olivia", "max", Role::Member).await;
+    run(
+        &service.ledger,
+        org,
+        "olivia",
+        OrganizationCommand::CreateGroup(CreateGroup {
+            group_id: Uuid::now_v7(),
+            name: "Late".into(),
+            description: None,
+        }),
+    )
+    .await;
+    service.catch_up().await;
+    while let Some(chunk) = stream.next().await {
+        bytes.extend(chunk.unwrap());
+    }
+    let export: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(export["organization"]["version"], version);
+    assert_eq!(export["organization"]["member_count"], 2);
+    let members: Vec<&str> = export["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| member["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["olivia", "mia"]);
+    assert_eq!(export["groups"], serde_json::json!([]));
+    for section in ["audit_log", "events"] {
+        let sequences: Vec<i64> = export[section]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| item["sequence"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            sequences,
+            (1..=version).collect::<Vec<_>>(),
+            "{section} ends at the organization's version"
+        );
+    }
+    let later = organizations::get(service.db(), &org.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        later.version > version,
+        "the organization moved on meanwhile"
     );
 }
 

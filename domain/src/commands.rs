@@ -16,6 +16,11 @@ pub struct Command {
     pub actor: Actor,
     pub at: DateTime<Utc>,
     pub body: OrganizationCommand,
+    /// For a service account: the SHA-256 (hex) of the key it presented. The key is checked
+    /// when the request is authenticated, and again here when the command is decided, so a
+    /// rotation or deletion stored in between refuses it: no event carries a key's authority
+    /// past the event that ended it.
+    pub key_sha256: Option<String>,
 }
 
 impl Command {
@@ -26,7 +31,14 @@ impl Command {
             actor,
             at: at.trunc_subsecs(6),
             body,
+            key_sha256: None,
         }
+    }
+
+    /// The command as issued with the service-account key whose SHA-256 is `key_sha256`.
+    pub fn with_key_sha256(mut self, key_sha256: Option<String>) -> Self {
+        self.key_sha256 = key_sha256;
+        self
     }
 }
 

@@ -24,6 +24,10 @@ pub enum OrganizationError {
     ActorRequired,
     #[error("the actor is not allowed to do this")]
     PermissionDenied,
+    /// A service account's command whose key was rotated or deleted after the request was
+    /// authenticated and before the command was decided.
+    #[error("the service account's key was rotated or deleted; a valid bearer token is required")]
+    KeyRevoked,
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("the organization already exists")]
@@ -82,7 +86,10 @@ impl OrganizationError {
     pub fn precedes_preconditions(&self) -> bool {
         matches!(
             self,
-            Self::ActorRequired | Self::PermissionDenied | Self::NotFound("organization")
+            Self::ActorRequired
+                | Self::PermissionDenied
+                | Self::KeyRevoked
+                | Self::NotFound("organization")
         )
     }
 
@@ -91,6 +98,7 @@ impl OrganizationError {
         match self {
             Self::ActorRequired => "actor_required",
             Self::PermissionDenied => "permission_denied",
+            Self::KeyRevoked => "unauthenticated",
             Self::NotFound(_) => "not_found",
             Self::AlreadyExists => "organization_exists",
             Self::LastOwner => "last_owner",
@@ -134,7 +142,12 @@ mod tests {
 
     #[test]
     fn only_refusals_of_the_caller_precede_an_if_match() {
-        for refusal in [ActorRequired, PermissionDenied, NotFound("organization")] {
+        for refusal in [
+            ActorRequired,
+            PermissionDenied,
+            KeyRevoked,
+            NotFound("organization"),
+        ] {
             assert!(refusal.precedes_preconditions(), "{refusal:?}");
         }
         for refusal in [

@@ -543,6 +543,7 @@ impl Organization {
     /// same events.
     pub fn decide(&self, command: &Command) -> Decision {
         let (actor, at) = (&command.actor, command.at);
+        self.ensure_key_still_opens(command)?;
         match &command.body {
             OrganizationCommand::CreateOrganization(c) => self.create(actor, at, c),
             OrganizationCommand::RestoreOrganization => self.restore(actor, at),
@@ -622,6 +623,21 @@ impl Organization {
             .values()
             .filter(|member| member.role == Role::Owner)
             .count()
+    }
+
+    /// A service account acts only with its current key: one rotated or deleted since the
+    /// request was authenticated refuses the command. An account this organization does not
+    /// hold is left to the authorization that follows (it is refused as a stranger).
+    fn ensure_key_still_opens(&self, command: &Command) -> Result<(), OrganizationError> {
+        let Actor::ServiceAccount(id) = &command.actor else {
+            return Ok(());
+        };
+        match self.service_accounts.get(id) {
+            Some(account) if command.key_sha256.as_deref() != Some(&account.key_sha256) => {
+                Err(OrganizationError::KeyRevoked)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Refuses everything on an organization that is not live.

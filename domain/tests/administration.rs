@@ -279,7 +279,7 @@ fn account_created(scopes: Vec<Scope>) -> OrganizationEvent {
         description: None,
         scopes,
         key_prefix: "sa_abcd".into(),
-        key_sha256: "h".into(),
+        key_sha256: ACCOUNT_KEY_SHA256.into(),
         created_at: t0(),
     })
 }
@@ -376,6 +376,41 @@ fn a_service_account_acts_only_within_its_scopes() {
         OrganizationError::PermissionDenied,
         "another organization's account"
     );
+}
+
+/// The key is checked when a request is authenticated and again when its command is
+/// decided: a rotation or deletion stored in between leaves nothing done with the old key.
+#[test]
+fn a_service_account_command_with_a_key_rotated_since_it_was_checked_is_refused() {
+    let rotated = OrganizationEvent::ServiceAccountKeyRotated(ServiceAccountKeyRotated {
+        service_account_id: id(7),
+        key_prefix: "sa_efgh".into(),
+        key_sha256: "h2".into(),
+        rotated_at: t0(),
+    });
+    let given = with(
+        acme(),
+        vec![account_created(vec![Scope::InvitationsWrite]), rotated],
+    );
+    let account = Actor::ServiceAccount(id(7));
+    let invite =
+        |n| OrganizationCommand::SendInvitation(send(n, Some("new@example.com"), Role::Member));
+    test()
+        .given(given.clone())
+        .when(command(account.clone(), invite(1)))
+        .then_expect_error(OrganizationError::KeyRevoked);
+    let without_key = Command::new(account.clone(), t0(), invite(2));
+    assert_eq!(
+        error_of(given.clone(), without_key),
+        OrganizationError::KeyRevoked,
+        "a service account's command names the key it was issued with"
+    );
+    let with_new_key = command(account, invite(3)).with_key_sha256(Some("h2".into()));
+    test()
+        .given(given)
+        .when(with_new_key)
+        .inspect_result()
+        .expect("the current key opens");
 }
 
 #[test]
@@ -1487,7 +1522,7 @@ fn the_permission_table_holds_for_every_command() {
                 description: None,
                 scopes: vec![Scope::MembersRead, scope],
                 key_prefix: "sa_mnop".into(),
-                key_sha256: "h4".into(),
+                key_sha256: ACCOUNT_KEY_SHA256.into(),
                 created_at: t0(),
             },
         ));

@@ -704,6 +704,7 @@ fn every_error_maps_to_one_contract_code() {
     let codes = [
         (OrganizationError::ActorRequired, "actor_required"),
         (OrganizationError::PermissionDenied, "permission_denied"),
+        (OrganizationError::KeyRevoked, "unauthenticated"),
         (OrganizationError::NotFound("organization"), "not_found"),
         (OrganizationError::LastOwner, "last_owner"),
         (OrganizationError::CannotRemoveSelf, "cannot_remove_self"),

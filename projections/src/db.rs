@@ -349,6 +349,80 @@ impl Database {
         }
     }
 
+    /// This database as it stands now, for a reader of many statements that must agree with
+    /// each other (the data export): a pool of one connection holding a read-only
+    /// transaction, so every statement through it sees the one snapshot taken here (the
+    /// runner writes all read models of a batch in one transaction, so they agree in it).
+    /// Write nothing through it, and [`close`](Self::close) it when done: while it is open it
+    /// holds PostgreSQL's vacuum, and SQLite's checkpoints, back. On PostgreSQL the server
+    /// ends it once idle for [`SNAPSHOT_IDLE_LIMIT`] (a reader that stopped reading). Its
+    /// connection, once lost, is not replaced: another would see another moment.
+    pub async fn snapshot(&self) -> Result<Self, sqlx::Error> {
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let once = move || {
+            if opened.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(sqlx::Error::Protocol(
+                    "the snapshot's connection was lost; a new one would see another moment".into(),
+                ));
+            }
+            Ok(())
+        };
+        match self {
+            Self::Postgres(pool) => {
+                let idle_limit = SNAPSHOT_IDLE_LIMIT.as_millis().to_string();
+                let options = (*pool.connect_options())
+                    .clone()
+                    .options([("idle_in_transaction_session_timeout", idle_limit)]);
+                let snapshot = PgPoolOptions::new()
+                    .max_connections(1)
+                    .max_lifetime(None)
+                    .idle_timeout(None)
+                    .acquire_timeout(CONNECT_TIMEOUT)
+                    .test_before_acquire(false)
+                    .after_connect(move |connection, _| {
+                        let opened = once();
+                        Box::pin(async move {
+                            opened?;
+                            // The first statement takes the transaction's snapshot.
+                            sqlx::Executor::execute(
+                                &mut *connection,
+                                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await?;
+                Ok(Self::Postgres(snapshot))
+            }
+            Self::Sqlite(pool) => {
+                let snapshot = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .max_lifetime(None)
+                    .idle_timeout(None)
+                    .acquire_timeout(CONNECT_TIMEOUT)
+                    .test_before_acquire(false)
+                    .after_connect(move |connection, _| {
+                        let opened = once();
+                        Box::pin(async move {
+                            opened?;
+                            // A deferred transaction takes its snapshot at its first read.
+                            sqlx::Executor::execute(
+                                &mut *connection,
+                                "BEGIN; SELECT count(*) FROM sqlite_schema",
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with((*pool.connect_options()).clone())
+                    .await?;
+                Ok(Self::Sqlite(snapshot))
+            }
+        }
+    }
+
     pub async fn close(&self) {
         match self {
             Self::Postgres(pool) => pool.close().await,
@@ -356,6 +430,10 @@ impl Database {
         }
     }
 }
+
+/// How long a [`Database::snapshot`] on PostgreSQL may sit idle in its transaction before
+/// the server ends it.
+pub const SNAPSHOT_IDLE_LIMIT: Duration = Duration::from_secs(600);
 
 /// A transaction on either backend.
 pub enum Transaction {
@@ -483,6 +561,28 @@ fn create_private(path: &std::path::Path) {
 /// down, out of connections, or the database closed to them). Not a fault of the request,
 /// nor of the data, and nothing of the statement ran: a retry may pass. A connection that
 /// broke while a statement ran is not among them: its outcome is unknown.
+/// Whether `error` is about the connection or the server rather than the statement's data:
+/// the connection lost or refused, the server shutting down or out of resources, the
+/// statement cancelled, or the database busy ([`is_busy`]).
+pub fn is_about_the_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(database_error) => {
+            // SQLSTATE classes 08 (connection exception), 53 (insufficient resources), 57
+            // (operator intervention: shutdown, cancel) and 58 (system error).
+            let class = database_error
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .map(|error| &error.code()[..2]);
+            matches!(class, Some("08" | "53" | "57" | "58")) || is_busy(error)
+        }
+        _ => false,
+    }
+}
+
 pub fn is_busy(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,

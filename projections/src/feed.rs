@@ -77,8 +77,12 @@ impl RecordedEvent {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} #{} of organization {} at {:?}",
-            self.event_type, self.sequence, self.organization_id, self.checkpoint
+            "{} #{} of organization {} (log position {}, commit {})",
+            self.event_type,
+            self.sequence,
+            self.organization_id,
+            self.checkpoint.position,
+            self.checkpoint.commit_txid
         )
     }
 }

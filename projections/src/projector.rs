@@ -661,12 +661,19 @@ impl Projector {
             projection
                 .apply_all(&mut conn, &to_apply)
                 .await
-                .map_err(|(index, error)| ProjectionError::Apply {
-                    projection: name.to_owned(),
-                    event: to_apply
-                        .get(index)
-                        .map_or_else(String::new, |event| event.describe()),
-                    error,
+                .map_err(|(index, error)| {
+                    // A connection lost, a statement cancelled or the database busy says
+                    // nothing of the event it was applying: the batch failed, not the event.
+                    if crate::db::is_about_the_connection(&error) {
+                        return ProjectionError::Database(error);
+                    }
+                    ProjectionError::Apply {
+                        projection: name.to_owned(),
+                        event: to_apply
+                            .get(index)
+                            .map_or_else(String::new, |event| event.describe()),
+                        error,
+                    }
                 })?;
             version_rows.extend(
                 versions

@@ -11,7 +11,7 @@ pub fn to_micros(at: DateTime<Utc>) -> i64 {
 /// bound finer than a microsecond compares as the next one, not the one it is cut to.
 pub fn ceil_micros(at: DateTime<Utc>) -> i64 {
     let micros = at.timestamp_micros();
-    if at.timestamp_subsec_nanos() % 1_000 == 0 {
+    if at.timestamp_subsec_nanos().is_multiple_of(1_000) {
         micros
     } else {
         micros + 1

@@ -992,7 +992,7 @@ async fn http_commands(
             while Instant::now() < deadline {
                 let start = Instant::now();
                 let key = keys.as_ref().map(|run| format!("{run}-{client_id}-{n}"));
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     post_keyed(&client, format!("{address}/v1/organizations/{org}/invitations"), &owner,
                         json!({"email": format!("g{client_id}-{n}@example.com"), "role": "viewer"}), key).await?;
                 } else {
@@ -1444,7 +1444,7 @@ async fn projection_lag(service: &Arc<Orgledger>, seconds: f64) -> anyhow::Resul
         let service = service.clone();
         let org = orgs[n % orgs.len()];
         tasks.push(tokio::spawn(async move {
-            let role = if (n / orgs_len()) % 2 == 0 {
+            let role = if (n / orgs_len()).is_multiple_of(2) {
                 Role::Viewer
             } else {
                 Role::Member

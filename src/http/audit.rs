@@ -106,7 +106,7 @@ async fn audit_log(
         actor: query.actor,
         action: query.action,
         resource_type: query.resource_type,
-        q: query.q,
+        q: super::search_text(query.q)?,
         ..bounds(query.from.as_deref(), query.to.as_deref())?
     };
     let limit = page_limit(query.limit)?;

@@ -236,6 +236,7 @@ impl From<OrganizationError> for ApiError {
         let status = match &error {
             E::Validation(errors) => return errors.clone().into(),
             E::ActorRequired => StatusCode::BAD_REQUEST,
+            E::KeyRevoked => StatusCode::UNAUTHORIZED,
             E::PermissionDenied | E::FieldLocked(_) | E::EmailMismatch => StatusCode::FORBIDDEN,
             E::NotFound(_) | E::InvalidInvitation => StatusCode::NOT_FOUND,
             E::InvitationExpired => StatusCode::GONE,
@@ -330,7 +331,7 @@ impl utoipa::IntoResponses for ProblemResponses {
         use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         [
             ("400", "malformed_request (unparseable body) or actor_required"),
-            ("401", "unauthenticated: no or unknown token"),
+            ("401", "unauthenticated: no or unknown token, or a service account's key rotated or deleted while its command ran"),
             ("403", "permission_denied, field_locked or email_mismatch"),
             ("404", "not_found or invalid_invitation"),
             ("405", "method_not_allowed"),
@@ -370,6 +371,7 @@ mod tests {
         let cases = [
             (E::ActorRequired, 400),
             (E::PermissionDenied, 403),
+            (E::KeyRevoked, 401),
             (E::FieldLocked("title"), 403),
             (E::EmailMismatch, 403),
             (E::NotFound("member"), 404),

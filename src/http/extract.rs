@@ -338,6 +338,8 @@ pub struct Caller {
 pub struct AccountCaller {
     pub organization_id: String,
     pub scopes: Vec<orgledger_domain::Scope>,
+    /// The SHA-256 (hex) of the key presented, which the command carries into its decision.
+    pub key_sha256: String,
 }
 
 impl Caller {
@@ -414,6 +416,7 @@ async fn service_account(
         account: Some(AccountCaller {
             organization_id,
             scopes,
+            key_sha256: hash,
         }),
     })
 }

@@ -115,12 +115,15 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     if !known && !old_account_key {
         return next.run(Request::from_parts(parts, body)).await;
     }
+    // `to_str` takes a tab too: printable ASCII (space to `~`) only.
     let key = match key.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) => key.to_owned(),
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|byte| byte != b'\t') => {
+            key.to_owned()
+        }
         _ => {
             return ApiError::field(
                 "Idempotency-Key",
-                "must be 1 to 255 visible ASCII characters",
+                "must be 1 to 255 printable ASCII characters (space to ~)",
             )
             .into_response()
         }
@@ -166,16 +169,17 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     }
 
     let claim_id = Uuid::now_v7().to_string();
-    let claimed = match claim(&database, &scope, &key, &fingerprint, &claim_id).await {
-        Ok(claimed) => claimed,
-        Err(error) => return ApiError::from(error).into_response(),
-    };
-    if !claimed {
-        if let Replay::Answer(response) =
-            replay(&state, &database, &scope, &key, &same, &claim_id).await
-        {
-            return response;
-        }
+    let claimed = claim_or_replay(
+        &state,
+        &database,
+        (&scope, &key),
+        &fingerprint,
+        &same,
+        &claim_id,
+    )
+    .await;
+    if let Err(response) = claimed {
+        return response;
     }
     // In a task of its own: a client that goes away must not cancel the command midway,
     // after its events are stored but before its response is, or a retry would run it again.
@@ -643,10 +647,48 @@ async fn load(database: &Database, scope: &str, key: &str) -> Result<Option<Stor
     })
 }
 
+/// Claims the key for `claim_id`, or answers the request from the claim already held:
+/// `Err` with the answer. A key released while this request waited (its first request failed
+/// and stored nothing) is claimed again: the retry runs the command rather than being asked
+/// to retry once more.
+async fn claim_or_replay(
+    state: &AppState,
+    database: &Database,
+    (scope, key): (&str, &str),
+    fingerprint: &str,
+    fingerprints: &[&str],
+    claim_id: &str,
+) -> Result<(), Response> {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    loop {
+        let claimed = claim(database, scope, key, fingerprint, claim_id)
+            .await
+            .map_err(|error| ApiError::from(error).into_response())?;
+        if claimed {
+            return Ok(());
+        }
+        match replay(state, database, scope, key, fingerprints, claim_id).await {
+            Replay::Answer(response) => return Err(response),
+            Replay::TakenOver => return Ok(()),
+            Replay::Released if tokio::time::Instant::now() < deadline => {}
+            Replay::Released => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_key_in_use",
+                    "the first request with this key failed; retry it",
+                )
+                .into_response())
+            }
+        }
+    }
+}
+
 enum Replay {
     Answer(Response),
     /// The claim was abandoned without its command being applied: this request holds it now.
     TakenOver,
+    /// The key was released (its first request failed, storing nothing): free to claim.
+    Released,
 }
 
 /// Answers a request whose key is already held: the first response, once it is known. A
@@ -665,16 +707,7 @@ async fn replay(
     loop {
         let stored = match load(database, scope, key).await {
             Ok(Some(stored)) => stored,
-            Ok(None) => {
-                return answer(
-                    ApiError::new(
-                        StatusCode::CONFLICT,
-                        "idempotency_key_in_use",
-                        "the first request with this key failed; retry it",
-                    )
-                    .into_response(),
-                )
-            }
+            Ok(None) => return Replay::Released,
             Err(error) => return answer(ApiError::from(error).into_response()),
         };
         if !fingerprints.contains(&stored.fingerprint.as_str()) {
@@ -858,6 +891,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(released, "a retry may claim the key again");
+    }
+
+    /// A retry that arrives while its first request is failing waits, and once the failure
+    /// is settled (nothing stored: the key released) runs the command itself, instead of
+    /// being answered `409 idempotency_key_in_use` and asked to retry again.
+    #[tokio::test]
+    async fn a_retry_waiting_on_a_first_request_that_failed_runs_once_the_key_is_released() {
+        let (_dir, database) = scratch_store().await;
+        let master_key = crate::store::MasterKey::generate();
+        let service = crate::service::Orgledger::open(database.clone(), master_key.clone())
+            .await
+            .unwrap();
+        let state = AppState::new(Arc::new(service), super::super::PlatformTokens::new([]));
+        assert!(claim(&database, "scope", "key", "print", "claim-1")
+            .await
+            .unwrap());
+        let failed = Claim {
+            responses: Some(state.responses.clone()),
+            keys: DataKeys::new(database.clone(), master_key),
+            scope: "scope".into(),
+            key: "key".into(),
+            claim_id: "claim-1".into(),
+            renewing: tokio::spawn(async {}).abort_handle(),
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(failed);
+        });
+        let retried = claim_or_replay(
+            &state,
+            &database,
+            ("scope", "key"),
+            "print",
+            &["print"],
+            "claim-2",
+        )
+        .await;
+        assert!(retried.is_ok(), "the retry holds the key and runs");
+        let stored = load(&database, "scope", "key").await.unwrap().unwrap();
+        assert_eq!(stored.claim_id.as_deref(), Some("claim-2"));
     }
 
     #[test]

@@ -65,7 +65,7 @@ async fn list_members(
     }
     let filter = MemberFilter {
         role: query.role,
-        q: query.q,
+        q: super::search_text(query.q)?,
         limit: page_limit(query.limit)?,
         cursor: query.cursor,
     };

@@ -486,7 +486,9 @@ pub(crate) async fn execute(
     organization_id: Uuid,
     body: orgledger_domain::OrganizationCommand,
 ) -> Result<Outcome, ApiError> {
-    let command = orgledger_domain::Command::new(caller.actor, chrono::Utc::now(), body);
+    let key_sha256 = caller.account.map(|account| account.key_sha256);
+    let command = orgledger_domain::Command::new(caller.actor, chrono::Utc::now(), body)
+        .with_key_sha256(key_sha256);
     Ok(state
         .service
         .run(organization_id, command, context, expected)
@@ -570,6 +572,22 @@ pub(crate) fn page_limit(limit: Option<i64>) -> Result<usize, ApiError> {
         None => Ok(50),
         Some(limit) if (1..=500).contains(&limit) => Ok(limit as usize),
         Some(_) => Err(ApiError::field("limit", "must be between 1 and 500")),
+    }
+}
+
+/// The longest `q` a search takes, in characters: longer than any name, email or slug it can
+/// match, and far inside SQLite's limit on a `LIKE` pattern (50,000 bytes, which a longer
+/// `q` reached and answered with a 500).
+const LONGEST_SEARCH: usize = 256;
+
+/// A search's `q`, refused when it is longer than [`LONGEST_SEARCH`] characters.
+pub(crate) fn search_text(q: Option<String>) -> Result<Option<String>, ApiError> {
+    match q {
+        Some(q) if q.chars().count() > LONGEST_SEARCH => Err(ApiError::field(
+            "q",
+            &format!("must be at most {LONGEST_SEARCH} characters"),
+        )),
+        q => Ok(q),
     }
 }
 

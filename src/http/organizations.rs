@@ -132,7 +132,7 @@ async fn list_organizations(
         }
     }
     let filter = OrganizationFilter {
-        q: query.q,
+        q: super::search_text(query.q)?,
         status: query.status,
         limit: page_limit(query.limit)?,
         cursor: query.cursor,

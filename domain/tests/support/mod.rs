@@ -40,12 +40,17 @@ pub fn email(raw: &str) -> Email {
     Email::parse("email", raw).unwrap()
 }
 
+/// The SHA-256 the fixtures give a service account's key: a service account's command is
+/// issued with it, as the HTTP edge issues one with the hash of the key it presented.
+pub const ACCOUNT_KEY_SHA256: &str = "h";
+
 pub fn command(actor: Actor, body: OrganizationCommand) -> Command {
-    Command::new(actor, t0(), body)
+    command_at(actor, t0(), body)
 }
 
 pub fn command_at(actor: Actor, at: DateTime<Utc>, body: OrganizationCommand) -> Command {
-    Command::new(actor, at, body)
+    let key = matches!(actor, Actor::ServiceAccount(_)).then(|| ACCOUNT_KEY_SHA256.to_owned());
+    Command::new(actor, at, body).with_key_sha256(key)
 }
 
 pub fn created() -> OrganizationEvent {
