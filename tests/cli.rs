@@ -247,14 +247,7 @@ fn with_its_reader_gone(mut command: Command) -> Output {
 #[tokio::test]
 async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
-    let org = support::acme_with_mia(&ledger).await;
-    database.close().await;
-    assert!(orgledger(&["projections", "rebuild"], &url)
-        .status
-        .success());
-
-    let org = org.to_string();
+    let (url, org) = an_organization_to_export(&dir).await;
     let output = with_its_reader_gone(orgledger_command(
         &["export", "--organization", &org, "-o", "-"],
         &url,
@@ -265,17 +258,30 @@ async fn an_export_whose_reader_left_early_says_it_is_incomplete() {
     assert!(!stderr.contains("exported organization"), "{stderr}");
 }
 
-/// The export is renamed over its output once complete: a FIFO, a symbolic link or a
-/// directory there is refused and left as it was.
-#[tokio::test]
-async fn an_export_is_written_only_over_a_regular_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
+/// A SQLite store in `dir` holding Acme (Olivia and Mia), its read models built by the
+/// binary: its URL and Acme's id.
+async fn an_organization_to_export(dir: &tempfile::TempDir) -> (String, String) {
+    let (url, database, ledger) = sqlite_store_under_the_zero_key(dir).await;
     let org = support::acme_with_mia(&ledger).await.to_string();
     database.close().await;
     assert!(orgledger(&["projections", "rebuild"], &url)
         .status
         .success());
+    (url, org)
+}
+
+/// `orgledger export` of `org` to `output`.
+fn export(org: &str, output: &std::path::Path, url: &str) -> Output {
+    let output = output.to_str().unwrap();
+    orgledger(&["export", "--organization", org, "-o", output], url)
+}
+
+/// The export is renamed over its output once complete: a FIFO, a symbolic link or a
+/// directory there is refused and left as it was.
+#[tokio::test]
+async fn an_export_is_written_only_over_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, org) = an_organization_to_export(&dir).await;
     let fifo = dir.path().join("fifo");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
@@ -286,24 +292,12 @@ async fn an_export_is_written_only_over_a_regular_file() {
     std::fs::write(&target, "kept").unwrap();
     let link = dir.path().join("link.json");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    let export_to = |output: &std::path::Path| {
-        orgledger(
-            &[
-                "export",
-                "--organization",
-                &org,
-                "-o",
-                output.to_str().unwrap(),
-            ],
-            &url,
-        )
-    };
     for (output, kind) in [
         (&fifo, "not a regular file"),
         (&link, "a symbolic link"),
         (&dir.path().to_path_buf(), "a directory"),
     ] {
-        let refused = export_to(output);
+        let refused = export(&org, output, &url);
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert_eq!(refused.status.code(), Some(1), "{stderr}");
         assert!(stderr.contains(kind), "{output:?}: {stderr}");
@@ -322,12 +316,7 @@ async fn an_export_is_written_only_over_a_regular_file() {
 #[tokio::test]
 async fn an_export_removes_the_file_a_killed_export_left() {
     let dir = tempfile::tempdir().unwrap();
-    let (url, database, ledger) = sqlite_store_under_the_zero_key(&dir).await;
-    let org = support::acme_with_mia(&ledger).await.to_string();
-    database.close().await;
-    assert!(orgledger(&["projections", "rebuild"], &url)
-        .status
-        .success());
+    let (url, org) = an_organization_to_export(&dir).await;
     let dead = dir.path().join(".orgledger-export-dead01");
     std::fs::write(&dead, "mia@example.com").unwrap();
     let live = dir.path().join(".orgledger-export-live01");
@@ -335,16 +324,7 @@ async fn an_export_removes_the_file_a_killed_export_left() {
     let held = std::fs::File::open(&live).unwrap();
     held.lock().unwrap();
     let output = dir.path().join("acme.json");
-    let exported = orgledger(
-        &[
-            "export",
-            "--organization",
-            &org,
-            "-o",
-            output.to_str().unwrap(),
-        ],
-        &url,
-    );
+    let exported = export(&org, &output, &url);
     assert!(
         exported.status.success(),
         "{}",

@@ -358,67 +358,23 @@ impl Database {
     /// ends it once idle for [`SNAPSHOT_IDLE_LIMIT`] (a reader that stopped reading). Its
     /// connection, once lost, is not replaced: another would see another moment.
     pub async fn snapshot(&self) -> Result<Self, sqlx::Error> {
-        let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let once = move || {
-            if opened.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return Err(sqlx::Error::Protocol(
-                    "the snapshot's connection was lost; a new one would see another moment".into(),
-                ));
-            }
-            Ok(())
-        };
         match self {
             Self::Postgres(pool) => {
                 let idle_limit = SNAPSHOT_IDLE_LIMIT.as_millis().to_string();
                 let options = (*pool.connect_options())
                     .clone()
                     .options([("idle_in_transaction_session_timeout", idle_limit)]);
-                let snapshot = PgPoolOptions::new()
-                    .max_connections(1)
-                    .max_lifetime(None)
-                    .idle_timeout(None)
-                    .acquire_timeout(CONNECT_TIMEOUT)
-                    .test_before_acquire(false)
-                    .after_connect(move |connection, _| {
-                        let opened = once();
-                        Box::pin(async move {
-                            opened?;
-                            // The first statement takes the transaction's snapshot.
-                            sqlx::Executor::execute(
-                                &mut *connection,
-                                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1",
-                            )
-                            .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with(options)
-                    .await?;
-                Ok(Self::Postgres(snapshot))
+                // The first statement takes the transaction's snapshot.
+                let begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1";
+                Ok(Self::Postgres(
+                    one_reading_connection(options, begin).await?,
+                ))
             }
             Self::Sqlite(pool) => {
-                let snapshot = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .max_lifetime(None)
-                    .idle_timeout(None)
-                    .acquire_timeout(CONNECT_TIMEOUT)
-                    .test_before_acquire(false)
-                    .after_connect(move |connection, _| {
-                        let opened = once();
-                        Box::pin(async move {
-                            opened?;
-                            // A deferred transaction takes its snapshot at its first read.
-                            sqlx::Executor::execute(
-                                &mut *connection,
-                                "BEGIN; SELECT count(*) FROM sqlite_schema",
-                            )
-                            .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect_with((*pool.connect_options()).clone())
-                    .await?;
-                Ok(Self::Sqlite(snapshot))
+                let options = (*pool.connect_options()).clone();
+                // A deferred transaction takes its snapshot at its first read.
+                let begin = "BEGIN; SELECT count(*) FROM sqlite_schema";
+                Ok(Self::Sqlite(one_reading_connection(options, begin).await?))
             }
         }
     }
@@ -429,6 +385,39 @@ impl Database {
             Self::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+/// A pool of one connection, put in a read transaction by `begin` as it opens, and never
+/// replaced: once lost, its statements fail rather than read another moment.
+async fn one_reading_connection<DB: sqlx::Database>(
+    options: <DB::Connection as sqlx::Connection>::Options,
+    begin: &'static str,
+) -> Result<sqlx::Pool<DB>, sqlx::Error>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+{
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .test_before_acquire(false)
+        .after_connect(move |connection, _| {
+            let first = !opened.swap(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if !first {
+                    return Err(sqlx::Error::Protocol(
+                        "the snapshot's connection was lost; a new one would see another moment"
+                            .into(),
+                    ));
+                }
+                sqlx::Executor::execute(connection, begin).await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
 }
 
 /// How long a [`Database::snapshot`] on PostgreSQL may sit idle in its transaction before
