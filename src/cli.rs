@@ -552,13 +552,16 @@ async fn export_to(
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => std::path::Path::new("."),
         };
+        #[cfg(unix)]
         remove_dead_exports(directory);
         let made = tempfile::Builder::new()
             .prefix(EXPORT_IN_PROGRESS)
             .tempfile_in(directory)
             .with_context(|| format!("creating a file in {}", directory.display()))?;
         // Held while it is written: an export killed outright (SIGKILL) releases it, and the
-        // next export into the directory removes the file it left.
+        // next export into the directory removes the file it left. (Unix only: Windows locks
+        // are mandatory, and would refuse the writes through the second handle below.)
+        #[cfg(unix)]
         made.as_file()
             .try_lock()
             .with_context(|| format!("locking {}", made.path().display()))?;
@@ -633,9 +636,14 @@ fn refuse_unless_a_regular_file(output: &std::path::Path) -> anyhow::Result<()> 
 }
 
 /// Removes the files exports killed outright left in `directory`: personal data in clear.
-/// A file still locked is being written by a live export, and stays. Best effort: what
-/// cannot be looked at is left.
+/// Only a regular file untouched for [`DEAD_EXPORT_AFTER`] and not locked is removed: a live
+/// export holds its lock from just after it makes its file, and writes to it as it goes. The
+/// file is opened without following a link and without waiting (a FIFO put in its place in a
+/// shared directory neither blocks nor is removed). Best effort: what cannot be looked at is
+/// left.
+#[cfg(unix)]
 fn remove_dead_exports(directory: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
     let Ok(entries) = std::fs::read_dir(directory) else {
         return;
     };
@@ -644,25 +652,41 @@ fn remove_dead_exports(directory: &std::path::Path) {
             .file_name()
             .to_str()
             .is_some_and(|name| name.starts_with(EXPORT_IN_PROGRESS));
-        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
-        if !is_export || !is_file {
+        if !is_export {
             continue;
         }
-        let Ok(file) = std::fs::File::open(entry.path()) else {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(entry.path())
+        else {
             continue;
         };
-        if file.try_lock().is_ok() {
-            match std::fs::remove_file(entry.path()) {
+        let dead = file.metadata().is_ok_and(|found| {
+            found.is_file()
+                && found
+                    .modified()
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .is_some_and(|untouched| untouched >= DEAD_EXPORT_AFTER)
+        });
+        if dead && file.try_lock().is_ok() {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
                 Ok(()) => {
-                    tracing::info!(file = %entry.path().display(), "removed the file of an export that was killed")
+                    tracing::info!(file = %path.display(), "removed the file of an export that was killed")
                 }
                 Err(error) => {
-                    tracing::warn!(file = %entry.path().display(), %error, "could not remove the file of an export that was killed")
+                    tracing::warn!(file = %path.display(), %error, "could not remove the file of an export that was killed")
                 }
             }
         }
     }
 }
+
+/// How long the file of an export must go untouched before another export may remove it.
+#[cfg(unix)]
+const DEAD_EXPORT_AFTER: Duration = Duration::from_secs(60);
 
 /// A spinner drawn with `template` when standard error is a terminal; otherwise hidden.
 fn spinner_on_terminal(template: &str) -> indicatif::ProgressBar {

@@ -10,7 +10,6 @@ use orgledger_projections::exports::{channel_stream, ByteStream, ExportError};
 use orgledger_projections::invitations::{self, InvitationFilter};
 use orgledger_projections::members::{self, MemberFilter};
 use orgledger_projections::organizations::OrganizationView;
-use orgledger_projections::Database;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc::Sender;
@@ -83,36 +82,27 @@ async fn send(sender: &Chunks, chunk: Vec<u8>) -> bool {
     sender.send(Ok(chunk)).await.is_ok()
 }
 
-/// The export reads every read model in one snapshot of them, and the log up to the version
-/// the organization has in it: the document is the organization at one version, with as many
-/// audit entries and events, however many commands land while it streams.
+/// The organization, its audit entries and its events stand at one version: the one the
+/// organization has as the export begins; entries and events past it (commands landing while
+/// the export streams) are left out. Members, invitations, groups and service accounts are
+/// read page by page as they stand when each page is read, so a change landing meanwhile may
+/// show there. One snapshot of every read model would make those agree too, but its
+/// transaction would hold every table it read for as long as the client takes to read the
+/// export, and a rebuild's swap, and every read behind it, would wait that long.
 async fn write_export(
     service: &Orgledger,
     organization: &OrganizationView,
     sender: &Chunks,
 ) -> Result<(), ExportError> {
-    let snapshot = service.database().snapshot().await?;
-    let written = write_snapshot(service, &snapshot, &organization.id, sender).await;
-    snapshot.close().await;
-    written
-}
-
-async fn write_snapshot(
-    service: &Orgledger,
-    database: &Database,
-    id: &str,
-    sender: &Chunks,
-) -> Result<(), ExportError> {
-    let organization = orgledger_projections::organizations::get(database, id)
-        .await?
-        .ok_or(ExportError::Purged)?;
+    let database = service.database();
+    let id = organization.id.as_str();
     let version = organization.version;
     let mut head = format!(
         "{{\"format_version\":{FORMAT_VERSION},\"exported_at\":{},\"organization\":",
         serde_json::to_string(&Utc::now()).expect("time serializes")
     )
     .into_bytes();
-    head.extend(json(&organization));
+    head.extend(json(organization));
     head.extend(b",\"members\":[");
     if !send(sender, head).await {
         return Ok(());
@@ -174,7 +164,8 @@ async fn write_snapshot(
     let mut after = 0;
     let mut first = true;
     loop {
-        let entries = audit::page(database, id, &AuditFilter::default(), after, PAGE).await?;
+        let mut entries = audit::page(database, id, &AuditFilter::default(), after, PAGE).await?;
+        entries.retain(|entry| entry.sequence <= version);
         let Some(last) = entries.last() else { break };
         after = last.sequence;
         if !send(sender, items(&entries, &mut first)).await {

@@ -312,17 +312,25 @@ async fn an_export_is_written_only_over_a_regular_file() {
 }
 
 /// An export killed outright leaves its file, personal data in clear, beside the target: the
-/// next export into that directory removes it, and leaves one still being written (locked).
+/// next export into that directory removes it once untouched for a minute, and leaves one
+/// still being written (locked) or just made.
 #[tokio::test]
 async fn an_export_removes_the_file_a_killed_export_left() {
     let dir = tempfile::tempdir().unwrap();
     let (url, org) = an_organization_to_export(&dir).await;
-    let dead = dir.path().join(".orgledger-export-dead01");
-    std::fs::write(&dead, "mia@example.com").unwrap();
-    let live = dir.path().join(".orgledger-export-live01");
-    std::fs::write(&live, "{").unwrap();
-    let held = std::fs::File::open(&live).unwrap();
+    let two_minutes_ago = std::time::SystemTime::now() - Duration::from_secs(120);
+    let left_at = |name: &str, touched: std::time::SystemTime| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "mia@example.com").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(touched).unwrap();
+        (path, file)
+    };
+    let (dead, _) = left_at(".orgledger-export-dead01", two_minutes_ago);
+    let (live, held) = left_at(".orgledger-export-live01", two_minutes_ago);
     held.lock().unwrap();
+    // Just made, not yet locked by the export making it.
+    let (new, _) = left_at(".orgledger-export-new001", std::time::SystemTime::now());
     let output = dir.path().join("acme.json");
     let exported = export(&org, &output, &url);
     assert!(
@@ -332,6 +340,7 @@ async fn an_export_removes_the_file_a_killed_export_left() {
     );
     assert!(!dead.exists(), "the killed export's file is removed");
     assert!(live.exists(), "a file still being written stays");
+    assert!(new.exists(), "a file just made stays");
     assert!(output.exists());
     drop(held);
 }

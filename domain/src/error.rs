@@ -24,9 +24,10 @@ pub enum OrganizationError {
     ActorRequired,
     #[error("the actor is not allowed to do this")]
     PermissionDenied,
-    /// A service account's command whose key was rotated or deleted after the request was
-    /// authenticated and before the command was decided.
-    #[error("the service account's key was rotated or deleted; a valid bearer token is required")]
+    /// A service account's command whose key was rotated after the request was
+    /// authenticated and before the command was decided (an account deleted meanwhile is
+    /// refused as a stranger: `PermissionDenied`).
+    #[error("the service account's key was rotated; a valid bearer token is required")]
     KeyRevoked,
     #[error("{0} not found")]
     NotFound(&'static str),

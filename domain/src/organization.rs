@@ -625,9 +625,10 @@ impl Organization {
             .count()
     }
 
-    /// A service account acts only with its current key: one rotated or deleted since the
-    /// request was authenticated refuses the command. An account this organization does not
-    /// hold is left to the authorization that follows (it is refused as a stranger).
+    /// A service account acts only with its current key: one rotated since the request was
+    /// authenticated refuses the command. An account this organization does not hold (deleted
+    /// meanwhile, or another's) is left to the authorization that follows, which refuses it
+    /// as a stranger.
     fn ensure_key_still_opens(&self, command: &Command) -> Result<(), OrganizationError> {
         let Actor::ServiceAccount(id) = &command.actor else {
             return Ok(());

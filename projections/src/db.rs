@@ -349,36 +349,6 @@ impl Database {
         }
     }
 
-    /// This database as it stands now, for a reader of many statements that must agree with
-    /// each other (the data export): a pool of one connection holding a read-only
-    /// transaction, so every statement through it sees the one snapshot taken here (the
-    /// runner writes all read models of a batch in one transaction, so they agree in it).
-    /// Write nothing through it, and [`close`](Self::close) it when done: while it is open it
-    /// holds PostgreSQL's vacuum, and SQLite's checkpoints, back. On PostgreSQL the server
-    /// ends it once idle for [`SNAPSHOT_IDLE_LIMIT`] (a reader that stopped reading). Its
-    /// connection, once lost, is not replaced: another would see another moment.
-    pub async fn snapshot(&self) -> Result<Self, sqlx::Error> {
-        match self {
-            Self::Postgres(pool) => {
-                let idle_limit = SNAPSHOT_IDLE_LIMIT.as_millis().to_string();
-                let options = (*pool.connect_options())
-                    .clone()
-                    .options([("idle_in_transaction_session_timeout", idle_limit)]);
-                // The first statement takes the transaction's snapshot.
-                let begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1";
-                Ok(Self::Postgres(
-                    one_reading_connection(options, begin).await?,
-                ))
-            }
-            Self::Sqlite(pool) => {
-                let options = (*pool.connect_options()).clone();
-                // A deferred transaction takes its snapshot at its first read.
-                let begin = "BEGIN; SELECT count(*) FROM sqlite_schema";
-                Ok(Self::Sqlite(one_reading_connection(options, begin).await?))
-            }
-        }
-    }
-
     pub async fn close(&self) {
         match self {
             Self::Postgres(pool) => pool.close().await,
@@ -386,43 +356,6 @@ impl Database {
         }
     }
 }
-
-/// A pool of one connection, put in a read transaction by `begin` as it opens, and never
-/// replaced: once lost, its statements fail rather than read another moment.
-async fn one_reading_connection<DB: sqlx::Database>(
-    options: <DB::Connection as sqlx::Connection>::Options,
-    begin: &'static str,
-) -> Result<sqlx::Pool<DB>, sqlx::Error>
-where
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-{
-    let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    sqlx::pool::PoolOptions::<DB>::new()
-        .max_connections(1)
-        .max_lifetime(None)
-        .idle_timeout(None)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .test_before_acquire(false)
-        .after_connect(move |connection, _| {
-            let first = !opened.swap(true, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async move {
-                if !first {
-                    return Err(sqlx::Error::Protocol(
-                        "the snapshot's connection was lost; a new one would see another moment"
-                            .into(),
-                    ));
-                }
-                sqlx::Executor::execute(connection, begin).await?;
-                Ok(())
-            })
-        })
-        .connect_with(options)
-        .await
-}
-
-/// How long a [`Database::snapshot`] on PostgreSQL may sit idle in its transaction before
-/// the server ends it.
-pub const SNAPSHOT_IDLE_LIMIT: Duration = Duration::from_secs(600);
 
 /// A transaction on either backend.
 pub enum Transaction {
@@ -544,12 +477,6 @@ fn create_private(path: &std::path::Path) {
     drop(file.open(path));
 }
 
-/// Whether `error` says the database did not take the statement: too busy to in time
-/// (SQLite's write lock still held when its busy timeout ran out, no pooled connection free
-/// within the pool's acquire timeout), or refusing new connections (starting up or shutting
-/// down, out of connections, or the database closed to them). Not a fault of the request,
-/// nor of the data, and nothing of the statement ran: a retry may pass. A connection that
-/// broke while a statement ran is not among them: its outcome is unknown.
 /// Whether `error` is about the connection or the server rather than the statement's data:
 /// the connection lost or refused, the server shutting down or out of resources, the
 /// statement cancelled, or the database busy ([`is_busy`]).
@@ -572,6 +499,12 @@ pub fn is_about_the_connection(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `error` says the database did not take the statement: too busy to in time
+/// (SQLite's write lock still held when its busy timeout ran out, no pooled connection free
+/// within the pool's acquire timeout), or refusing new connections (starting up or shutting
+/// down, out of connections, or the database closed to them). Not a fault of the request,
+/// nor of the data, and nothing of the statement ran: a retry may pass. A connection that
+/// broke while a statement ran is not among them: its outcome is unknown.
 pub fn is_busy(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,

@@ -28,10 +28,6 @@ pub enum ExportError {
     Database(#[from] sqlx::Error),
     #[error("csv error: {0}")]
     Csv(#[from] csv::Error),
-    /// The organization was purged between the request's authorization and the export's
-    /// first read.
-    #[error("the organization was purged as its export began")]
-    Purged,
     /// The task writing the export ended without finishing it (it panicked): what was sent
     /// is not the whole export.
     #[error("the export stopped before its end: {0}")]

@@ -331,7 +331,7 @@ impl utoipa::IntoResponses for ProblemResponses {
         use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         [
             ("400", "malformed_request (unparseable body) or actor_required"),
-            ("401", "unauthenticated: no or unknown token, or a service account's key rotated or deleted while its command ran"),
+            ("401", "unauthenticated: no or unknown token, or a service account's key rotated while its command ran"),
             ("403", "permission_denied, field_locked or email_mismatch"),
             ("404", "not_found or invalid_invitation"),
             ("405", "method_not_allowed"),
