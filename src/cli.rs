@@ -432,12 +432,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(report) => report,
                 Err(error) => {
                     service.close().await;
-                    let stopped = matches!(
-                        error,
-                        orgledger_projections::ProjectionError::Stopped
-                            | orgledger_projections::ProjectionError::StoppedCopiesLeft
-                    );
-                    if stopped {
+                    use orgledger_projections::ProjectionError::{Stopped, StoppedCopiesLeft};
+                    // A stop says what became of the copies itself.
+                    if matches!(error, Stopped | StoppedCopiesLeft) {
                         return Err(error.into());
                     }
                     return Err(anyhow::Error::from(error).context(

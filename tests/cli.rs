@@ -1395,6 +1395,32 @@ async fn verify_tells_a_wrong_master_key_from_altered_events_once_every_organiza
 
     let right_key = orgledger(&["verify"], &url);
     assert_eq!(right_key.status.code(), Some(0), "{right_key:?}");
+    // An export of it says it was purged, not that there is no such organization.
+    assert!(orgledger(&["projections", "rebuild"], &url)
+        .status
+        .success());
+    let exported = orgledger(
+        &["export", "--organization", &org.to_string(), "-o", "-"],
+        &url,
+    );
+    let stderr = String::from_utf8_lossy(&exported.stderr);
+    assert_eq!(exported.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("was purged"), "{stderr}");
+    let unknown = orgledger(
+        &[
+            "export",
+            "--organization",
+            &uuid::Uuid::now_v7().to_string(),
+            "-o",
+            "-",
+        ],
+        &url,
+    );
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("no organization") && !stderr.contains("purged"),
+        "{stderr}"
+    );
 
     // No data key is left to try a key on: the events' MACs tell it is the key, not them.
     let wrong_key = Command::new(env!("CARGO_BIN_EXE_orgledger"))

@@ -17,9 +17,8 @@ pub struct Command {
     pub at: DateTime<Utc>,
     pub body: OrganizationCommand,
     /// For a service account: the SHA-256 (hex) of the key it presented. The key is checked
-    /// when the request is authenticated, and again here when the command is decided, so a
-    /// rotation or deletion stored in between refuses it: no event carries a key's authority
-    /// past the event that ended it.
+    /// when the request is authenticated, and again when the command is decided, so a rotation
+    /// stored in between refuses it: no event carries a key's authority past its rotation.
     pub key_sha256: Option<String>,
 }
 

@@ -1071,6 +1071,32 @@ async fn applied_migrations(pool: &SqlitePool) -> i64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_lost_connection_or_a_busy_pool_is_about_the_connection_not_the_data() {
+        let lost = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for about_the_connection in [
+            sqlx::Error::Io(lost()),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+        ] {
+            assert!(
+                is_about_the_connection(&about_the_connection),
+                "{about_the_connection}"
+            );
+        }
+        for about_the_data in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+            sqlx::Error::Protocol("unexpected".into()),
+        ] {
+            assert!(
+                !is_about_the_connection(&about_the_data),
+                "{about_the_data}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_unsupported_url_is_refused_by_its_scheme_alone() {
         for (url, scheme) in [

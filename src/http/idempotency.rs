@@ -117,9 +117,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     }
     // `to_str` takes a tab too: printable ASCII (space to `~`) only.
     let key = match key.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|byte| byte != b'\t') => {
-            key.to_owned()
-        }
+        Ok(key) if (1..=255).contains(&key.len()) && !key.contains('\t') => key.to_owned(),
         _ => {
             return ApiError::field(
                 "Idempotency-Key",
